@@ -1,0 +1,169 @@
+//! `shipper receive` configuration (`examples/receiver.toml`, documented in `docs/config.md`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::shipper::MetricsSection;
+use super::{online_cpus, Problems, Seg, Validate};
+use crate::protocol::limits::FRAME_BYTES_MAX;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverConfig {
+    pub receiver: ReceiverSection,
+    pub tls: ServerTlsSection,
+    pub output: OutputSection,
+    #[serde(default = "receiver_metrics")]
+    pub metrics: MetricsSection,
+}
+
+fn receiver_metrics() -> MetricsSection {
+    MetricsSection {
+        listen: "127.0.0.1:9181".into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverSection {
+    /// Address to accept shippers on.
+    pub listen: String,
+    /// Worker threads; each owns the (shipper, core) streams hashed to it. Default: online CPUs.
+    #[serde(default = "online_cpus")]
+    pub workers: usize,
+    /// Concurrent connections accepted; more are closed at once and counted. Default: 4096.
+    #[serde(default = "default_connections_max")]
+    pub connections_max: usize,
+    /// TLS handshake plus HELLO must finish within this, in ms. Default: 5000.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// A connection with no frame (heartbeats included) for this long is closed, in ms.
+    /// Default: 30000.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Largest frame payload accepted on the wire, in bytes. Default: 16777216.
+    #[serde(default = "default_frame_bytes_max")]
+    pub frame_bytes_max: u32,
+    /// Largest decompressed DATA payload accepted, in bytes. Default: 67108864.
+    #[serde(default = "default_frame_raw_bytes_max")]
+    pub frame_raw_bytes_max: u32,
+}
+
+fn default_connections_max() -> usize {
+    4096
+}
+fn default_handshake_timeout_ms() -> u64 {
+    5000
+}
+fn default_idle_timeout_ms() -> u64 {
+    30_000
+}
+fn default_frame_bytes_max() -> u32 {
+    16 << 20
+}
+fn default_frame_raw_bytes_max() -> u32 {
+    64 << 20
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsSection {
+    /// PEM file of the CA whose client certificates are accepted.
+    pub ca: PathBuf,
+    /// PEM file of this receiver's certificate (chain).
+    pub cert: PathBuf,
+    /// PEM file of the private key of `cert`.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Directory of the output streams (one sub-directory per stream) and the commit logs.
+    pub directory: PathBuf,
+    /// A stream file is rotated once it reaches this size, in bytes. Default: 134217728.
+    #[serde(default = "default_file_bytes_max")]
+    pub file_bytes_max: u64,
+    /// fdatasync output and commit log before acknowledging a frame. Default: true.
+    #[serde(default = "default_fsync")]
+    pub fsync: bool,
+    /// Distinct streams a worker keeps open; records of further streams go to `_other`.
+    /// Default: 1024.
+    #[serde(default = "default_streams_max")]
+    pub streams_max: usize,
+}
+
+fn default_file_bytes_max() -> u64 {
+    128 << 20
+}
+fn default_fsync() -> bool {
+    true
+}
+fn default_streams_max() -> usize {
+    1024
+}
+
+const K: fn(&'static str) -> Seg = Seg::Key;
+
+impl Validate for ReceiverConfig {
+    fn validate(&self, p: &mut Problems) {
+        let r = &self.receiver;
+        let at = |k| [K("receiver"), K(k)];
+        p.check(
+            r.listen.parse::<SocketAddr>().is_ok(),
+            &at("listen"),
+            || format!("{:?} is not an address:port", r.listen),
+        );
+        p.range(r.workers as u64, 1, 1024, &at("workers"));
+        p.range(r.connections_max as u64, 1, 1 << 20, &at("connections_max"));
+        p.range(
+            r.handshake_timeout_ms,
+            1,
+            600_000,
+            &at("handshake_timeout_ms"),
+        );
+        p.range(r.idle_timeout_ms, 1, 3_600_000, &at("idle_timeout_ms"));
+        p.range(
+            r.frame_bytes_max.into(),
+            1024,
+            FRAME_BYTES_MAX.into(),
+            &at("frame_bytes_max"),
+        );
+        p.range(
+            r.frame_raw_bytes_max.into(),
+            1024,
+            1 << 30,
+            &at("frame_raw_bytes_max"),
+        );
+        for (key, path) in [
+            ("ca", &self.tls.ca),
+            ("cert", &self.tls.cert),
+            ("key", &self.tls.key),
+        ] {
+            p.check(path.is_file(), &[K("tls"), K(key)], || {
+                format!("{} is not a readable file", path.display())
+            });
+        }
+        let o = &self.output;
+        p.check(
+            !o.directory.as_os_str().is_empty(),
+            &[K("output"), K("directory")],
+            || "must not be empty".into(),
+        );
+        p.range(
+            o.file_bytes_max,
+            4096,
+            1 << 40,
+            &[K("output"), K("file_bytes_max")],
+        );
+        p.range(
+            o.streams_max as u64,
+            1,
+            1 << 20,
+            &[K("output"), K("streams_max")],
+        );
+        self.metrics.check(&[K("metrics"), K("listen")], p);
+    }
+}

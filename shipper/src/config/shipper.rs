@@ -1,0 +1,485 @@
+//! `shipper run` configuration (`examples/edge.toml`, documented in `docs/config.md`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{online_cpus, parse_mode, Problems, Seg, Validate};
+
+/// Largest line a pipe source accepts before truncating (`line_bytes_max` upper bound).
+pub const LINE_BYTES_LIMIT: u64 = 16 << 20;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipperConfig {
+    #[serde(default)]
+    pub shipper: ShipperSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default)]
+    pub sources: Sources,
+    #[serde(default)]
+    pub ratelimit: RateLimitSection,
+    #[serde(default)]
+    pub batch: BatchSection,
+    pub receivers: ReceiversSection,
+    pub tls: ClientTlsSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShipperSection {
+    /// Name sent to receivers in HELLO and shown in their logs. Default: the host name.
+    pub name: String,
+    /// Worker threads, one io_uring loop each. Default: the number of online CPUs.
+    pub workers: usize,
+    /// Pin worker N to the N-th CPU of the process's affinity set. Default: true.
+    pub pin_workers: bool,
+    /// How long SIGTERM waits for outstanding acknowledgements, in ms. Default: 10000.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ShipperSection {
+    fn default() -> Self {
+        ShipperSection {
+            name: hostname(),
+            workers: online_cpus(),
+            pin_workers: true,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "shipper".to_string())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Address of the Prometheus `/metrics` endpoint; empty disables it.
+    /// Default: "127.0.0.1:9180" for the shipper, "127.0.0.1:9181" for the receiver.
+    pub listen: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            listen: "127.0.0.1:9180".into(),
+        }
+    }
+}
+
+impl MetricsSection {
+    pub(crate) fn check(&self, path: &[Seg], p: &mut Problems) {
+        p.check(
+            self.listen.is_empty() || self.listen.parse::<SocketAddr>().is_ok(),
+            path,
+            || format!("{:?} is not an address:port", self.listen),
+        );
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sources {
+    #[serde(default)]
+    pub pipe: Vec<PipeSource>,
+}
+
+/// How the lines of a source are framed.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One JSON object per line; the rate-limit key is read from it.
+    #[default]
+    Json,
+    /// JSON with a `format` field naming the log type; output streams follow it.
+    Cfjs1,
+    /// Opaque text lines under the source's `service`.
+    Text,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipeSource {
+    /// Path of the FIFO; created if missing.
+    pub path: PathBuf,
+    /// Permission bits when the FIFO is created, octal string. Default: "0660".
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Service for lines that carry no key field, and for text lines. Default: the file stem.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// json | cfjs1 | text. Default: json.
+    #[serde(default)]
+    pub format: Format,
+    /// Longest line kept, in bytes; longer lines are truncated and counted. Default: 65536.
+    #[serde(default = "default_line_bytes_max")]
+    pub line_bytes_max: u64,
+    /// Pipe buffer size set with F_SETPIPE_SZ, in bytes. Default: 1048576.
+    #[serde(default = "default_pipe_bytes")]
+    pub pipe_bytes: u64,
+    /// Bytes asked of one read. Default: 262144.
+    #[serde(default = "default_read_bytes")]
+    pub read_bytes: u64,
+    /// Worker that owns this pipe. Default: pipes are dealt round-robin.
+    #[serde(default)]
+    pub worker: Option<usize>,
+}
+
+fn default_mode() -> String {
+    "0660".into()
+}
+fn default_line_bytes_max() -> u64 {
+    64 << 10
+}
+fn default_pipe_bytes() -> u64 {
+    1 << 20
+}
+fn default_read_bytes() -> u64 {
+    256 << 10
+}
+
+impl PipeSource {
+    pub fn mode_bits(&self) -> u32 {
+        parse_mode(&self.mode).expect("validated")
+    }
+
+    /// The service of lines without a key field.
+    pub fn service_name(&self) -> String {
+        self.service.clone().unwrap_or_else(|| {
+            self.path
+                .file_stem()
+                .map_or("default".into(), |s| s.to_string_lossy().into_owned())
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSection {
+    /// Top-level JSON field whose value is the rate-limit key. Default: "service".
+    pub key_field: String,
+    /// Events per second allowed per key across all workers; 0 means unlimited. Default: 0.
+    pub rate: u64,
+    /// Events a key may send at once above its rate. Default: equal to `rate`.
+    pub burst: Option<u64>,
+    /// How often workers' shares of each key's rate follow their demand, in ms. Default: 100.
+    pub rebalance_interval_ms: u64,
+    /// Distinct keys tracked per worker; further keys share the bucket `_other`. Default: 1024.
+    pub services_max: usize,
+    /// Per-key overrides of `rate` and `burst`.
+    pub services: BTreeMap<String, RateOverride>,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        RateLimitSection {
+            key_field: "service".into(),
+            rate: 0,
+            burst: None,
+            rebalance_interval_ms: 100,
+            services_max: 1024,
+            services: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateOverride {
+    /// Events per second for this key; 0 means unlimited.
+    pub rate: u64,
+    /// Burst for this key. Default: its `rate`.
+    pub burst: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSection {
+    /// A batch is sealed when its records reach this many bytes (uncompressed). Default: 1048576.
+    pub batch_bytes_max: u64,
+    /// A batch is sealed when it holds this many records. Default: 10000.
+    pub batch_events_max: u32,
+    /// A non-empty batch is sealed after this long, in ms. Default: 200.
+    pub flush_interval_ms: u64,
+    /// zstd compression level (1..=19). Default: 1.
+    pub zstd_level: i32,
+}
+
+impl Default for BatchSection {
+    fn default() -> Self {
+        BatchSection {
+            batch_bytes_max: 1 << 20,
+            batch_events_max: 10_000,
+            flush_interval_ms: 200,
+            zstd_level: 1,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiversSection {
+    /// Receiver addresses (`host:port`); frames are spread across them.
+    pub primary: Vec<String>,
+    /// TLS connections per receiver per worker. Default: 2.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+    /// TCP connect timeout, in ms. Default: 2000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// TLS handshake plus HELLO/WELCOME timeout, in ms. Default: 2000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// A frame not acknowledged this long after it was sent is resent elsewhere and its
+    /// connection closed, in ms. Default: 5000.
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// An idle connection sends a heartbeat this often, in ms. Default: 1000.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// Sent but unacknowledged frames per worker. Default: 32.
+    #[serde(default = "default_inflight_frames_max")]
+    pub inflight_frames_max: usize,
+    /// Compressed bytes of frames a worker holds until acknowledged (queued and in flight);
+    /// when full, new batches are dropped and counted. Default: 8388608.
+    #[serde(default = "default_outbox_bytes_max")]
+    pub outbox_bytes_max: u64,
+    /// First reconnect delay, doubled per failure with jitter, in ms. Default: 100.
+    #[serde(default = "default_backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    /// Largest reconnect delay, in ms. Default: 5000.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+}
+
+fn default_connections() -> usize {
+    2
+}
+fn default_connect_timeout_ms() -> u64 {
+    2000
+}
+fn default_ack_timeout_ms() -> u64 {
+    5000
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    1000
+}
+fn default_inflight_frames_max() -> usize {
+    32
+}
+fn default_outbox_bytes_max() -> u64 {
+    8 << 20
+}
+fn default_backoff_initial_ms() -> u64 {
+    100
+}
+fn default_backoff_max_ms() -> u64 {
+    5000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsSection {
+    /// PEM file of the CA that signed the receivers' certificates.
+    pub ca: PathBuf,
+    /// PEM file of this shipper's client certificate (chain).
+    pub cert: PathBuf,
+    /// PEM file of the private key of `cert`.
+    pub key: PathBuf,
+    /// Name the receivers' certificates must carry. Default: the host part of each address.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+const K: fn(&'static str) -> Seg = Seg::Key;
+
+impl Validate for ShipperConfig {
+    fn validate(&self, p: &mut Problems) {
+        let s = &self.shipper;
+        p.range(s.workers as u64, 1, 1024, &[K("shipper"), K("workers")]);
+        p.check(
+            !s.name.is_empty() && s.name.len() <= 255,
+            &[K("shipper"), K("name")],
+            || "must be 1 to 255 bytes".into(),
+        );
+        p.range(
+            s.shutdown_timeout_ms,
+            0,
+            3_600_000,
+            &[K("shipper"), K("shutdown_timeout_ms")],
+        );
+        self.metrics.check(&[K("metrics"), K("listen")], p);
+        for (i, pipe) in self.sources.pipe.iter().enumerate() {
+            pipe.check(i, s.workers, p);
+        }
+        self.ratelimit.check(p);
+        let b = &self.batch;
+        let at = |k| [K("batch"), K(k)];
+        p.range(b.batch_bytes_max, 1024, 32 << 20, &at("batch_bytes_max"));
+        p.range(
+            b.batch_events_max.into(),
+            1,
+            1_000_000,
+            &at("batch_events_max"),
+        );
+        p.range(b.flush_interval_ms, 1, 60_000, &at("flush_interval_ms"));
+        p.range(b.zstd_level as u64, 1, 19, &at("zstd_level"));
+        self.receivers.check(p);
+        let t = &self.tls;
+        for (key, path) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {
+            p.check(path.is_file(), &[K("tls"), K(key)], || {
+                format!("{} is not a readable file", path.display())
+            });
+        }
+    }
+}
+
+impl PipeSource {
+    fn check(&self, i: usize, workers: usize, p: &mut Problems) {
+        let at = |k| [K("sources"), K("pipe"), Seg::Index(i), K(k)];
+        p.check(!self.path.as_os_str().is_empty(), &at("path"), || {
+            "must not be empty".into()
+        });
+        p.check(parse_mode(&self.mode).is_some(), &at("mode"), || {
+            format!("{:?} is not an octal file mode like \"0660\"", self.mode)
+        });
+        p.range(
+            self.line_bytes_max,
+            64,
+            LINE_BYTES_LIMIT,
+            &at("line_bytes_max"),
+        );
+        p.range(self.pipe_bytes, 4096, 1 << 30, &at("pipe_bytes"));
+        p.range(self.read_bytes, 4096, 16 << 20, &at("read_bytes"));
+        if let Some(w) = self.worker {
+            p.check(w < workers, &at("worker"), || {
+                format!("{w} is not a worker index (workers = {workers})")
+            });
+        }
+        let service = self.service_name();
+        p.check(
+            !service.is_empty() && service.len() <= 255,
+            &at("service"),
+            || "must be 1 to 255 bytes".into(),
+        );
+    }
+}
+
+impl RateLimitSection {
+    fn check(&self, p: &mut Problems) {
+        let at = |k| [K("ratelimit"), K(k)];
+        p.check(!self.key_field.is_empty(), &at("key_field"), || {
+            "must not be empty".into()
+        });
+        p.range(
+            self.rebalance_interval_ms,
+            10,
+            10_000,
+            &at("rebalance_interval_ms"),
+        );
+        p.range(self.services_max as u64, 1, 1 << 20, &at("services_max"));
+        if let Some(b) = self.burst {
+            p.check(self.rate == 0 || b >= 1, &at("burst"), || {
+                "must be at least 1".into()
+            });
+        }
+        for (name, o) in &self.services {
+            let path = [
+                K("ratelimit"),
+                K("services"),
+                Seg::Name(name.clone()),
+                K("burst"),
+            ];
+            if let Some(b) = o.burst {
+                p.check(o.rate == 0 || b >= 1, &path, || "must be at least 1".into());
+            }
+        }
+    }
+
+    /// `(rate, burst)` for `service`; rate 0 means unlimited.
+    pub fn limit_for(&self, service: &str) -> (u64, u64) {
+        match self.services.get(service) {
+            Some(o) => (o.rate, o.burst.unwrap_or(o.rate)),
+            None => (self.rate, self.burst.unwrap_or(self.rate)),
+        }
+    }
+}
+
+impl ReceiversSection {
+    fn check(&self, p: &mut Problems) {
+        let at = |k| [K("receivers"), K(k)];
+        p.check(!self.primary.is_empty(), &at("primary"), || {
+            "needs at least one address".into()
+        });
+        for (i, a) in self.primary.iter().enumerate() {
+            p.check(
+                split_host_port(a).is_some(),
+                &[K("receivers"), K("primary"), Seg::Index(i)],
+                || format!("{a:?} is not host:port"),
+            );
+        }
+        p.range(self.connections as u64, 1, 64, &at("connections"));
+        p.range(
+            self.connect_timeout_ms,
+            1,
+            600_000,
+            &at("connect_timeout_ms"),
+        );
+        p.range(
+            self.handshake_timeout_ms,
+            1,
+            600_000,
+            &at("handshake_timeout_ms"),
+        );
+        p.range(self.ack_timeout_ms, 1, 3_600_000, &at("ack_timeout_ms"));
+        p.range(
+            self.heartbeat_interval_ms,
+            1,
+            600_000,
+            &at("heartbeat_interval_ms"),
+        );
+        p.range(
+            self.inflight_frames_max as u64,
+            1,
+            4096,
+            &at("inflight_frames_max"),
+        );
+        p.range(
+            self.outbox_bytes_max,
+            64 << 10,
+            16 << 30,
+            &at("outbox_bytes_max"),
+        );
+        p.range(
+            self.backoff_initial_ms,
+            1,
+            600_000,
+            &at("backoff_initial_ms"),
+        );
+        p.check(
+            self.backoff_max_ms >= self.backoff_initial_ms,
+            &at("backoff_max_ms"),
+            || format!("{} is below backoff_initial_ms", self.backoff_max_ms),
+        );
+    }
+}
+
+/// Splits `host:port` (`[v6]:port` too) into its parts.
+pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then_some((host, port))
+}

@@ -1,0 +1,18 @@
+//! `shipper`: a per-core log shipper. Applications write JSON lines into named pipes; each
+//! worker thread reads its pipes through io_uring, finds the fields it needs, rate-limits per
+//! service, batches and zstd-compresses records into frames, and sends them over mutual TLS
+//! to `shipper receive`, which writes them out and acknowledges them.
+//!
+//! The modules follow the data path: [`sources`] → [`transforms`] → [`sinks`] (over
+//! [`protocol`] and [`tls`]) → [`receiver`]; [`runtime`] owns the per-core workers and
+//! [`metrics`] what they count. `docs/` has the architecture, protocol and configuration.
+
+pub mod config;
+pub mod metrics;
+pub mod protocol;
+pub mod receiver;
+pub mod runtime;
+pub mod sinks;
+pub mod sources;
+pub mod tls;
+pub mod transforms;

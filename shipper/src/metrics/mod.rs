@@ -1,0 +1,66 @@
+//! Per-core statistics and their Prometheus exposition.
+//!
+//! # Design constraints
+//! - Counters are plain integers owned by their worker: nothing shared is touched per record.
+//!   Each worker publishes a copy of its counters into its own slot of a [`Registry`] at the
+//!   control-plane pace (every `PUBLISH_INTERVAL_MS`); a scrape renders the latest copies.
+//! - Every series has a `core` label; `service` labels are capped by `services_max`.
+//!
+//! # Format
+//! Prometheus text format 0.0.4; hdrhistogram distributions are exposed as summaries
+//! (quantiles 0.5, 0.9, 0.99, 0.999 and 1, plus `_sum` and `_count`).
+
+pub mod http;
+pub mod receiver;
+pub mod shipper;
+pub mod text;
+
+use std::sync::{Arc, Mutex};
+
+pub use text::Exposition;
+
+/// How often workers copy their counters into the registry, in ms.
+pub const PUBLISH_INTERVAL_MS: u64 = 250;
+
+/// Something that renders itself as Prometheus series.
+pub trait Render: Send {
+    fn render(&self, out: &mut Exposition);
+}
+
+/// The latest published snapshot of each core, plus process-wide series.
+pub struct Registry<T> {
+    slots: Vec<Mutex<Option<T>>>,
+}
+
+impl<T: Clone + Send> Registry<T> {
+    pub fn new(cores: usize) -> Arc<Registry<T>> {
+        Arc::new(Registry {
+            slots: (0..cores).map(|_| Mutex::new(None)).collect(),
+        })
+    }
+
+    /// Called by worker `core` with a copy of its counters.
+    pub fn publish(&self, core: usize, snapshot: T) {
+        *self.slots[core].lock().expect("metrics slot poisoned") = Some(snapshot);
+    }
+
+    /// Copies of every published snapshot, in core order.
+    pub fn snapshots(&self) -> Vec<T> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.lock().expect("metrics slot poisoned").clone())
+            .collect()
+    }
+}
+
+/// Renders all cores' snapshots, family by family, via `render_all`.
+pub fn scrape<T, F>(registry: &Registry<T>, render_all: F) -> String
+where
+    T: Clone + Send,
+    F: Fn(&[T], &mut Exposition),
+{
+    let snaps = registry.snapshots();
+    let mut out = Exposition::default();
+    render_all(&snaps, &mut out);
+    out.finish()
+}

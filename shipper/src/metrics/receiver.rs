@@ -1,0 +1,197 @@
+//! The receiver's per-core counters and how they are exposed.
+
+use hdrhistogram::Histogram;
+
+use super::text::{histogram, Exposition};
+
+/// Why a connection or frame was refused (label `reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// TLS handshake failed (no client certificate, unknown CA, not TLS at all...).
+    Tls = 0,
+    /// HELLO missing, malformed, or late.
+    Hello = 1,
+    /// Over `connections_max`.
+    Limit = 2,
+    /// A frame that is not valid: bad magic, version, checksum, size, or records.
+    Frame = 3,
+    /// No frame for `idle_timeout_ms`.
+    Idle = 4,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Tls,
+        Refusal::Hello,
+        Refusal::Limit,
+        Refusal::Frame,
+        Refusal::Idle,
+    ];
+    pub fn label(self) -> &'static str {
+        ["tls", "hello", "limit", "frame", "idle"][self as usize]
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ReceiverCounters {
+    /// `0`, `1`, ... for workers, `acceptor` for the accepting thread.
+    pub core: String,
+    pub connections_accepted: u64,
+    pub connections_refused: [u64; Refusal::ALL.len()],
+    pub connections_open: u64,
+    pub frames_received: u64,
+    pub frames_duplicate: u64,
+    pub frames_acked: u64,
+    pub records_written: u64,
+    pub bytes_written: u64,
+    pub write_errors: u64,
+    pub streams_open: u64,
+    /// Time to write (and fsync) one frame, µs.
+    pub write_us: Histogram<u64>,
+    pub frame_records: Histogram<u64>,
+}
+
+impl ReceiverCounters {
+    pub fn new(core: String) -> ReceiverCounters {
+        ReceiverCounters {
+            core,
+            connections_accepted: 0,
+            connections_refused: [0; Refusal::ALL.len()],
+            connections_open: 0,
+            frames_received: 0,
+            frames_duplicate: 0,
+            frames_acked: 0,
+            records_written: 0,
+            bytes_written: 0,
+            write_errors: 0,
+            streams_open: 0,
+            write_us: histogram(3_600_000_000),
+            frame_records: histogram(10_000_000),
+        }
+    }
+}
+
+fn family(
+    out: &mut Exposition,
+    cores: &[ReceiverCounters],
+    name: &str,
+    kind: &str,
+    help: &str,
+    get: fn(&ReceiverCounters) -> u64,
+) {
+    out.family(name, kind, help);
+    for c in cores {
+        out.sample(name, &[("core", &c.core)], get(c) as f64);
+    }
+}
+
+/// Renders every core's counters.
+pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
+    out.family(
+        "shipper_receiver_build_info",
+        "gauge",
+        "Version of the running receiver.",
+    )
+    .sample(
+        "shipper_receiver_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1.0,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_connections_accepted_total",
+        "counter",
+        "Connections that completed TLS and HELLO.",
+        |c| c.connections_accepted,
+    );
+    let name = "shipper_receiver_connections_refused_total";
+    out.family(
+        name,
+        "counter",
+        "Connections closed by the receiver, per reason.",
+    );
+    for c in cores {
+        for r in Refusal::ALL {
+            out.sample(
+                name,
+                &[("core", &c.core), ("reason", r.label())],
+                c.connections_refused[r as usize] as f64,
+            );
+        }
+    }
+    family(
+        out,
+        cores,
+        "shipper_receiver_connections_open",
+        "gauge",
+        "Connections being served.",
+        |c| c.connections_open,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_frames_received_total",
+        "counter",
+        "DATA frames received (duplicates included).",
+        |c| c.frames_received,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_frames_duplicate_total",
+        "counter",
+        "DATA frames already written, acknowledged again and not written.",
+        |c| c.frames_duplicate,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_frames_acked_total",
+        "counter",
+        "ACKs sent.",
+        |c| c.frames_acked,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_records_written_total",
+        "counter",
+        "Records written to output streams.",
+        |c| c.records_written,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_bytes_written_total",
+        "counter",
+        "Bytes written to output streams.",
+        |c| c.bytes_written,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_write_errors_total",
+        "counter",
+        "Frames that could not be written (not acknowledged).",
+        |c| c.write_errors,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_streams_open",
+        "gauge",
+        "Output stream files open.",
+        |c| c.streams_open,
+    );
+    let name = "shipper_receiver_write_latency_seconds";
+    out.family(name, "summary", "Time to write and commit one frame.");
+    for c in cores {
+        out.summary(name, &[("core", &c.core)], &c.write_us, 1e-6);
+    }
+    let name = "shipper_receiver_frame_records";
+    out.family(name, "summary", "Records per DATA frame.");
+    for c in cores {
+        out.summary(name, &[("core", &c.core)], &c.frame_records, 1.0);
+    }
+}

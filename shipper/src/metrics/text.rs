@@ -1,0 +1,114 @@
+//! A small writer for the Prometheus text exposition format.
+
+use std::fmt::Write;
+
+use hdrhistogram::Histogram;
+
+/// Quantiles exposed for every distribution.
+pub const QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
+
+#[derive(Default)]
+pub struct Exposition {
+    out: String,
+}
+
+/// Escapes a label value (`\`, `"` and newlines).
+fn escape(v: &str, out: &mut String) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+impl Exposition {
+    /// Starts a metric family.
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+        self
+    }
+
+    /// One sample with `labels` (name, value) pairs.
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                self.out.push_str(k);
+                self.out.push_str("=\"");
+                escape(v, &mut self.out);
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+        self
+    }
+
+    /// A summary from a histogram, values scaled by `scale` (e.g. µs → s with 1e-6).
+    pub fn summary(&mut self, name: &str, labels: &[(&str, &str)], h: &Histogram<u64>, scale: f64) {
+        for q in QUANTILES {
+            let qs = q.to_string();
+            let mut with_q: Vec<(&str, &str)> = labels.to_vec();
+            with_q.push(("quantile", &qs));
+            let v = if h.is_empty() {
+                0.0
+            } else {
+                h.value_at_quantile(q) as f64 * scale
+            };
+            self.sample(name, &with_q, v);
+        }
+        let sum: f64 = h
+            .iter_recorded()
+            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+            .sum();
+        self.sample(&format!("{name}_sum"), labels, sum * scale);
+        self.sample(&format!("{name}_count"), labels, h.len() as f64);
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+/// A histogram for latencies in µs (1 µs to 1 h) or sizes, 3 significant digits.
+pub fn histogram(max: u64) -> Histogram<u64> {
+    Histogram::new_with_bounds(1, max, 3).expect("valid histogram bounds")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_families_and_summaries() {
+        let mut e = Exposition::default();
+        e.family("x_total", "counter", "Things.").sample(
+            "x_total",
+            &[("core", "0"), ("s", "a\"b")],
+            3.0,
+        );
+        let mut h = histogram(1000);
+        h.record(10).unwrap();
+        h.record(20).unwrap();
+        e.summary("lat_seconds", &[("core", "1")], &h, 1.0);
+        let text = e.finish();
+        assert!(
+            text.contains("# TYPE x_total counter\nx_total{core=\"0\",s=\"a\\\"b\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds{core=\"1\",quantile=\"1\"} 20\n"),
+            "{text}"
+        );
+        assert!(text.contains("lat_seconds_count{core=\"1\"} 2\n"), "{text}");
+        assert!(text.contains("lat_seconds_sum{core=\"1\"} 30\n"), "{text}");
+    }
+}

@@ -1,0 +1,296 @@
+//! Frame header encoding, incremental decoding and validation.
+
+use std::fmt;
+
+use thiserror::Error;
+
+use super::limits::FRAME_BYTES_MAX;
+
+pub const MAGIC: [u8; 4] = *b"SHPR";
+pub const VERSION: u8 = 1;
+pub const HEADER_BYTES: usize = 32;
+/// Flag: the payload is one zstd frame.
+pub const FLAG_ZSTD: u16 = 1 << 0;
+
+/// What a frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Shipper → receiver, first frame of a connection: identity.
+    Hello = 1,
+    /// Receiver → shipper: the HELLO is accepted.
+    Welcome = 2,
+    /// Shipper → receiver: a batch of records.
+    Data = 3,
+    /// Receiver → shipper: the DATA frame `seq` is written.
+    Ack = 4,
+    /// Either way, when idle; the receiver echoes it.
+    Heartbeat = 5,
+    /// Either way: a fatal protocol error, UTF-8 text payload; the sender closes after it.
+    Error = 6,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::Welcome,
+            3 => Kind::Data,
+            4 => Kind::Ack,
+            5 => Kind::Heartbeat,
+            6 => Kind::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// The fixed frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub flags: u16,
+    /// DATA: the frame's sequence number in its (run, core) stream; ACK/HEARTBEAT: echoed.
+    pub seq: u64,
+    /// DATA: number of records.
+    pub count: u32,
+    /// Payload length after decompression (equal to `len` when not compressed).
+    pub raw_len: u32,
+    /// Payload length on the wire.
+    pub len: u32,
+}
+
+/// Why bytes from a peer are not a valid frame. All of these close the connection.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("bad magic {0:02x?} (not a shipper peer)")]
+    Magic([u8; 4]),
+    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
+    Version(u8),
+    #[error("unknown frame kind {0}")]
+    Kind(u8),
+    #[error("frame payload of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: u64, max: u32 },
+    #[error("frame checksum mismatch (header says {expected:08x}, computed {actual:08x})")]
+    Checksum { expected: u32, actual: u32 },
+}
+
+impl Header {
+    /// Encodes the header for `payload` into `out` (appending 32 bytes).
+    pub fn encode(&self, payload: &[u8], out: &mut Vec<u8>) {
+        debug_assert_eq!(
+            self.len as usize,
+            payload.len(),
+            "header len must match payload"
+        );
+        let start = out.len();
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(&self.raw_len.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 28]), payload);
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Parses a header; `max` is the largest payload the caller accepts.
+    pub fn decode(b: &[u8; HEADER_BYTES], max: u32) -> Result<(Header, u32), FrameError> {
+        let magic = [b[0], b[1], b[2], b[3]];
+        if magic != MAGIC {
+            return Err(FrameError::Magic(magic));
+        }
+        if b[4] != VERSION {
+            return Err(FrameError::Version(b[4]));
+        }
+        let kind = Kind::from_u8(b[5]).ok_or(FrameError::Kind(b[5]))?;
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let header = Header {
+            kind,
+            flags: u16::from_le_bytes([b[6], b[7]]),
+            seq: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            count: u32_at(16),
+            raw_len: u32_at(20),
+            len: u32_at(24),
+        };
+        let max = max.min(FRAME_BYTES_MAX);
+        if header.len > max {
+            return Err(FrameError::TooLarge {
+                len: header.len.into(),
+                max,
+            });
+        }
+        Ok((header, u32_at(28)))
+    }
+}
+
+/// One decoded frame.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub header: Header,
+    pub payload: Vec<u8>,
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Frame")
+            .field("header", &self.header)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+impl Frame {
+    /// Builds a control frame (no records) with `payload`.
+    pub fn control(kind: Kind, seq: u64, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).expect("control payloads are small");
+        let header = Header {
+            kind,
+            flags: 0,
+            seq,
+            count: 0,
+            raw_len: len,
+            len,
+        };
+        let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+        header.encode(payload, &mut out);
+        out.extend_from_slice(payload);
+        out
+    }
+}
+
+/// Splits a byte stream into frames, checking each header and checksum.
+///
+/// Bytes are pushed in as they arrive; the decoder never holds more than one frame plus one
+/// read's worth of bytes.
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+    max: u32,
+}
+
+impl FrameDecoder {
+    /// `max` is the largest payload accepted.
+    pub fn new(max: u32) -> FrameDecoder {
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            max,
+        }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet returned as a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Returns the next complete frame, `Ok(None)` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let avail = &self.buf[self.start..];
+        // Refuse a stranger (HTTP, TLS to the wrong port...) as soon as its first bytes arrive.
+        if avail.len() >= 4 && avail[..4] != MAGIC {
+            return Err(FrameError::Magic(avail[..4].try_into().expect("4 bytes")));
+        }
+        if avail.len() < HEADER_BYTES {
+            self.compact();
+            return Ok(None);
+        }
+        let head: &[u8; HEADER_BYTES] = avail[..HEADER_BYTES].try_into().expect("32 bytes");
+        let (header, crc) = Header::decode(head, self.max)?;
+        let total = HEADER_BYTES + header.len as usize;
+        if avail.len() < total {
+            self.compact();
+            return Ok(None);
+        }
+        let payload = &avail[HEADER_BYTES..total];
+        let actual = crc32c::crc32c_append(crc32c::crc32c(&avail[..28]), payload);
+        if actual != crc {
+            return Err(FrameError::Checksum {
+                expected: crc,
+                actual,
+            });
+        }
+        let frame = Frame {
+            header,
+            payload: payload.to_vec(),
+        };
+        self.start += total;
+        Ok(Some(frame))
+    }
+
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_frame(seq: u64, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let h = Header {
+            kind: Kind::Data,
+            flags: 0,
+            seq,
+            count: 1,
+            raw_len: len,
+            len,
+        };
+        let mut out = Vec::new();
+        h.encode(payload, &mut out);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn round_trip_byte_by_byte() {
+        let mut wire = data_frame(7, b"hello");
+        wire.extend(Frame::control(Kind::Ack, 7, b""));
+        let mut dec = FrameDecoder::new(1024);
+        let mut frames = Vec::new();
+        for b in &wire {
+            dec.push(std::slice::from_ref(b));
+            while let Some(f) = dec.next_frame().unwrap() {
+                frames.push(f);
+            }
+        }
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].header.seq, 7);
+        assert_eq!(frames[0].payload, b"hello");
+        assert_eq!(frames[1].header.kind, Kind::Ack);
+        assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn rejects_corruption_and_oversize() {
+        let mut wire = data_frame(1, b"payload");
+        wire[HEADER_BYTES + 2] ^= 0x40;
+        let mut dec = FrameDecoder::new(1024);
+        dec.push(&wire);
+        assert!(matches!(dec.next_frame(), Err(FrameError::Checksum { .. })));
+
+        let mut dec = FrameDecoder::new(4);
+        dec.push(&data_frame(1, b"payload"));
+        assert_eq!(
+            dec.next_frame(),
+            Err(FrameError::TooLarge { len: 7, max: 4 })
+        );
+
+        let mut dec = FrameDecoder::new(1024);
+        dec.push(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n....");
+        assert!(matches!(dec.next_frame(), Err(FrameError::Magic(_))));
+    }
+}

@@ -1,0 +1,411 @@
+//! The receiver's commit log: which frames are written, and up to where each output file holds
+//! committed data. It is what makes "acknowledged once written" and "written exactly once"
+//! survive a crash of the receiver.
+//!
+//! # Design constraints
+//! - A frame is acknowledged only after its commit record is appended (and fdatasync'd when
+//!   `fsync` is on). Each worker appends to its own log; a log over [`LOG_BYTES_MAX`] is
+//!   compacted into a snapshot of that worker's windows and open files.
+//! - Only the newest file of a (stream, worker) can hold uncommitted bytes: files rotate
+//!   between frames, and a failed write is cut back before the worker goes on.
+//!
+//! # Format
+//! ```text
+//! .state/base          Gen { gen } then Window records: the state at the last start
+//! .state/core-N.log    records appended by worker N during generation `gen`
+//! Record  { len: u32, crc32c: u32 (of kind and body), kind: u8, body: [u8; len] }
+//! Commit  (1) { run_id: u64, core: u16, seq: u64, files: u16, [path_len: u16, path, end: u64] }
+//! Window  (2) { run_id: u64, core: u16, below: u64, above: u32, [seq: u64] }
+//! Gen     (3) { gen: u64 }
+//! FileEnd (4) { path_len: u16, path, end: u64 }
+//! ```
+//! Paths are relative to the output directory: `STREAM/gGEN-cCORE-INDEX.log`.
+//!
+//! # Operation (recovery, before any worker starts)
+//! 1. Read `base` and every worker log; a record that is truncated or fails its checksum ends
+//!    that log (a torn tail), and is logged.
+//! 2. For the generation that was running, cut the newest file of each (stream, worker) back
+//!    to its last committed end (removing it when nothing in it was committed).
+//! 3. Write a new `base` (generation + 1, merged windows) atomically, then remove the logs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::dedup::{StreamId, Window};
+
+/// A worker log larger than this is compacted.
+pub const LOG_BYTES_MAX: u64 = 64 << 20;
+
+const COMMIT: u8 = 1;
+const WINDOW: u8 = 2;
+const GEN: u8 = 3;
+const FILE_END: u8 = 4;
+
+pub fn state_dir(out: &Path) -> PathBuf {
+    out.join(".state")
+}
+
+fn log_path(out: &Path, core: usize) -> PathBuf {
+    state_dir(out).join(format!("core-{core}.log"))
+}
+
+/// Name of an output file, relative to the output directory.
+pub fn file_name(stream: &str, gen: u64, core: usize, index: u64) -> String {
+    format!("{stream}/g{gen:06}-c{core:03}-{index:06}.log")
+}
+
+/// Parses `gGEN-cCORE-INDEX.log`.
+fn parse_file_name(name: &str) -> Option<(u64, usize, u64)> {
+    let rest = name.strip_prefix('g')?.strip_suffix(".log")?;
+    let mut parts = rest.split('-');
+    let gen = parts.next()?.parse().ok()?;
+    let core = parts.next()?.strip_prefix('c')?.parse().ok()?;
+    let index = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((gen, core, index))
+}
+
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn path(&mut self, p: &str) -> &mut Self {
+        self.u16(p.len() as u16);
+        self.0.extend_from_slice(p.as_bytes());
+        self
+    }
+}
+
+fn record(kind: u8, body: &[u8], out: &mut Vec<u8>) {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&[kind]), body);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(body);
+}
+
+fn window_record(id: StreamId, w: &Window, out: &mut Vec<u8>) {
+    let mut e = Enc(Vec::new());
+    e.u64(id.0).u16(id.1).u64(w.below).u32(w.above.len() as u32);
+    for &s in &w.above {
+        e.u64(s);
+    }
+    record(WINDOW, &e.0, out);
+}
+
+fn file_end_record(path: &str, end: u64, out: &mut Vec<u8>) {
+    let mut e = Enc(Vec::new());
+    e.path(path).u64(end);
+    record(FILE_END, &e.0, out);
+}
+
+/// What a set of logs says.
+#[derive(Default, Debug)]
+pub struct LogState {
+    pub gen: u64,
+    pub windows: HashMap<StreamId, Window>,
+    /// Committed end of each output file named in the logs.
+    pub ends: HashMap<String, u64>,
+}
+
+struct Dec<'a>(&'a [u8]);
+
+impl Dec<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn path(&mut self) -> Option<String> {
+        let n = self.u16()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+}
+
+impl LogState {
+    /// Applies every valid record of `bytes`; returns the offset where a torn or corrupt tail
+    /// starts, if any.
+    pub fn apply(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut off = 0;
+        while off < bytes.len() {
+            let rest = &bytes[off..];
+            if rest.len() < 9 {
+                return Some(off);
+            }
+            let len = u32::from_le_bytes(rest[..4].try_into().expect("4")) as usize;
+            let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4"));
+            if rest.len() < 9 + len {
+                return Some(off);
+            }
+            let (kind, body) = (rest[8], &rest[9..9 + len]);
+            if crc32c::crc32c_append(crc32c::crc32c(&[kind]), body) != crc
+                || self.one(kind, body).is_none()
+            {
+                return Some(off);
+            }
+            off += 9 + len;
+        }
+        None
+    }
+
+    fn one(&mut self, kind: u8, body: &[u8]) -> Option<()> {
+        let mut d = Dec(body);
+        match kind {
+            COMMIT => {
+                let id = (d.u64()?, d.u16()?);
+                let seq = d.u64()?;
+                for _ in 0..d.u16()? {
+                    let (path, end) = (d.path()?, d.u64()?);
+                    let e = self.ends.entry(path).or_default();
+                    *e = (*e).max(end);
+                }
+                self.windows.entry(id).or_default().insert(seq);
+            }
+            WINDOW => {
+                let id = (d.u64()?, d.u16()?);
+                let below = d.u64()?;
+                let n = d.u32()? as usize;
+                let mut w = Window {
+                    below,
+                    above: Default::default(),
+                };
+                for _ in 0..n.min(body.len() / 8) {
+                    w.above.insert(d.u64()?);
+                }
+                self.windows.entry(id).or_default().merge(&w);
+            }
+            GEN => self.gen = self.gen.max(d.u64()?),
+            FILE_END => {
+                let (path, end) = (d.path()?, d.u64()?);
+                let e = self.ends.entry(path).or_default();
+                *e = (*e).max(end);
+            }
+            _ => return None,
+        }
+        d.0.is_empty().then_some(())
+    }
+}
+
+fn read_log(path: &Path, state: &mut LogState) -> io::Result<()> {
+    let mut bytes = Vec::new();
+    File::open(path)?.read_to_end(&mut bytes)?;
+    if let Some(off) = state.apply(&bytes) {
+        tracing::warn!(path = %path.display(), offset = off, dropped = bytes.len() - off, "commit log ends in a torn or corrupt record; ignoring the rest");
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Recovers the output directory after any stop, clean or not; returns the new generation
+/// and every stream's window.
+pub fn recover(out: &Path) -> io::Result<LogState> {
+    let state_dir = state_dir(out);
+    fs::create_dir_all(&state_dir)?;
+    let mut state = LogState::default();
+    let base = state_dir.join("base");
+    if base.exists() {
+        read_log(&base, &mut state)?;
+    }
+    let mut logs = Vec::new();
+    for entry in fs::read_dir(&state_dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with("core-") && name.ends_with(".log") {
+            read_log(&path, &mut state)?;
+            logs.push(path);
+        }
+    }
+    cut_uncommitted(out, state.gen, &state.ends)?;
+    state.gen += 1;
+    let mut bytes = Vec::new();
+    record(GEN, &state.gen.to_le_bytes(), &mut bytes);
+    let ordered: BTreeMap<_, _> = state.windows.iter().collect();
+    for (id, w) in ordered {
+        window_record(*id, w, &mut bytes);
+    }
+    let tmp = state_dir.join("base.tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, &base)?;
+    sync_dir(&state_dir)?;
+    for log in logs {
+        fs::remove_file(log)?;
+    }
+    state.ends.clear();
+    Ok(state)
+}
+
+/// Cuts the newest file of each (stream, worker) of generation `gen` back to its committed end.
+fn cut_uncommitted(out: &Path, gen: u64, ends: &HashMap<String, u64>) -> io::Result<()> {
+    let mut newest: HashMap<(String, usize), (u64, String)> = HashMap::new();
+    for entry in fs::read_dir(out)? {
+        let entry = entry?;
+        let stream = entry.file_name().to_string_lossy().into_owned();
+        if stream.starts_with('.') || !entry.file_type()?.is_dir() {
+            continue;
+        }
+        for f in fs::read_dir(entry.path())? {
+            let name = f?.file_name().to_string_lossy().into_owned();
+            let Some((g, core, index)) = parse_file_name(&name) else {
+                continue;
+            };
+            if g != gen {
+                continue;
+            }
+            let slot = newest
+                .entry((stream.clone(), core))
+                .or_insert((index, name.clone()));
+            if index >= slot.0 {
+                *slot = (index, name);
+            }
+        }
+    }
+    for ((stream, _), (_, name)) in newest {
+        let rel = format!("{stream}/{name}");
+        let path = out.join(&rel);
+        let end = ends.get(&rel).copied().unwrap_or(0);
+        let len = fs::metadata(&path)?.len();
+        if end == 0 {
+            tracing::info!(file = %rel, bytes = len, "removing output file with no committed frame");
+            fs::remove_file(&path)?;
+        } else if len > end {
+            tracing::info!(file = %rel, cut = len - end, "cutting uncommitted tail");
+            let f = OpenOptions::new().write(true).open(&path)?;
+            f.set_len(end)?;
+            f.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+/// A worker's append-only commit log.
+pub struct CommitLog {
+    out: PathBuf,
+    core: usize,
+    file: File,
+    bytes: u64,
+    fsync: bool,
+    scratch: Vec<u8>,
+}
+
+impl CommitLog {
+    pub fn create(out: &Path, core: usize, fsync: bool) -> io::Result<CommitLog> {
+        let path = log_path(out, core);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let bytes = file.metadata()?.len();
+        Ok(CommitLog {
+            out: out.to_path_buf(),
+            core,
+            file,
+            bytes,
+            fsync,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Appends the commit of frame `seq` of `id`, which wrote `files` up to the given ends.
+    pub fn commit(&mut self, id: StreamId, seq: u64, files: &[(&str, u64)]) -> io::Result<()> {
+        let mut e = Enc(Vec::with_capacity(32 + files.len() * 48));
+        e.u64(id.0).u16(id.1).u64(seq).u16(files.len() as u16);
+        for (path, end) in files {
+            e.path(path).u64(*end);
+        }
+        self.scratch.clear();
+        record(COMMIT, &e.0, &mut self.scratch);
+        self.file.write_all(&self.scratch)?;
+        self.bytes += self.scratch.len() as u64;
+        if self.fsync {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    pub fn needs_compaction(&self) -> bool {
+        self.bytes > LOG_BYTES_MAX
+    }
+
+    /// Replaces the log with a snapshot of `windows` and the ends of the open `files`.
+    pub fn compact<'a>(
+        &mut self,
+        windows: impl Iterator<Item = (&'a StreamId, &'a Window)>,
+        files: &[(String, u64)],
+    ) -> io::Result<()> {
+        let mut bytes = Vec::new();
+        for (id, w) in windows {
+            window_record(*id, w, &mut bytes);
+        }
+        for (path, end) in files {
+            file_end_record(path, *end, &mut bytes);
+        }
+        let path = log_path(&self.out, self.core);
+        let tmp = path.with_extension("tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        sync_dir(&state_dir(&self.out))?;
+        self.file = OpenOptions::new().append(true).open(&path)?;
+        self.bytes = bytes.len() as u64;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torn_and_corrupt_tails_end_the_log() {
+        let mut bytes = Vec::new();
+        let mut e = Enc(Vec::new());
+        e.u64(7)
+            .u16(1)
+            .u64(1)
+            .u16(1)
+            .path("s/g000001-c000-000000.log")
+            .u64(100);
+        record(COMMIT, &e.0, &mut bytes);
+        let good = bytes.len();
+        record(COMMIT, &e.0, &mut bytes);
+        let mut s = LogState::default();
+        assert_eq!(s.apply(&bytes[..bytes.len() - 3]), Some(good));
+        assert!(s.windows[&(7, 1)].contains(1));
+        assert_eq!(s.ends["s/g000001-c000-000000.log"], 100);
+        bytes[good + 12] ^= 1;
+        let mut s = LogState::default();
+        assert_eq!(s.apply(&bytes), Some(good));
+        assert_eq!(parse_file_name("g000002-c001-000003.log"), Some((2, 1, 3)));
+        assert_eq!(parse_file_name("g2-c1.log"), None);
+    }
+}

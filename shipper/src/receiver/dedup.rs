@@ -1,0 +1,105 @@
+//! Which frames of a sender stream (run id, core) have been written.
+//!
+//! # Design constraints
+//! - Per stream: a watermark below which every sequence number is written, plus the written
+//!   numbers above it. The shipper keeps at most `inflight_frames_max` frames unacknowledged,
+//!   so the set above the watermark stays that small.
+
+use std::collections::BTreeSet;
+
+/// (run id, shipper core).
+pub type StreamId = (u64, u16);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Every seq below this is written. Sequence numbers start at 1.
+    pub below: u64,
+    pub above: BTreeSet<u64>,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            below: 1,
+            above: BTreeSet::new(),
+        }
+    }
+}
+
+impl Window {
+    pub fn contains(&self, seq: u64) -> bool {
+        seq < self.below || self.above.contains(&seq)
+    }
+
+    pub fn insert(&mut self, seq: u64) {
+        if seq < self.below {
+            return;
+        }
+        if seq > self.below {
+            self.above.insert(seq);
+            return;
+        }
+        self.below += 1;
+        while self.above.remove(&self.below) {
+            self.below += 1;
+        }
+    }
+
+    /// Merges what another record of the same stream says (union of written sets).
+    pub fn merge(&mut self, other: &Window) {
+        if other.below > self.below {
+            self.below = other.below;
+            let below = self.below;
+            self.above.retain(|&s| s >= below);
+            while self.above.remove(&self.below) {
+                self.below += 1;
+            }
+        }
+        for &s in &other.above {
+            self.insert(s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_advances_over_gaps() {
+        let mut w = Window::default();
+        w.insert(2);
+        w.insert(3);
+        assert!(!w.contains(1) && w.contains(3));
+        w.insert(1);
+        assert_eq!((w.below, w.above.len()), (4, 0));
+        w.insert(2);
+        assert_eq!(w.below, 4);
+        let mut o = Window::default();
+        o.insert(1);
+        o.insert(5);
+        let mut m = Window {
+            below: 3,
+            above: [4].into(),
+        };
+        m.merge(&o);
+        assert_eq!(
+            m,
+            Window {
+                below: 3,
+                above: [4, 5].into()
+            }
+        );
+        m.merge(&Window {
+            below: 5,
+            above: [7].into(),
+        });
+        assert_eq!(
+            m,
+            Window {
+                below: 6,
+                above: [7].into()
+            }
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! A receiver worker's output streams: one directory per stream (cfjs1 `format`, or service),
+//! newline-delimited records exactly as the application wrote them, rotated by size.
+//!
+//! # Design constraints
+//! - A worker owns its files (`STREAM/gGEN-cCORE-INDEX.log`), so no two threads append to
+//!   one file. At most `streams_max` streams per worker; records of further streams go to
+//!   `_other`. Stream names are the key with every byte outside `[A-Za-z0-9._-]` replaced by
+//!   `_` (and `.`/`..`/empty names replaced by `_`).
+//!
+//! # Operation
+//! `write_frame` groups a frame's records by stream, appends each group with one write, and
+//! on any failure cuts every touched file back to where it was, so a frame is in the output
+//! entirely or not at all; then [`super::commit::CommitLog`] records it.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::commit::file_name;
+use crate::protocol::RecordIter;
+
+pub const OTHER_STREAM: &str = "_other";
+/// Capacity a per-stream grouping buffer keeps between frames.
+const GROUP_KEEP_BYTES_MAX: usize = 4 << 20;
+
+struct StreamFile {
+    rel: String,
+    file: File,
+    size: u64,
+    index: u64,
+}
+
+pub struct Output {
+    dir: PathBuf,
+    gen: u64,
+    core: usize,
+    file_bytes_max: u64,
+    fsync: bool,
+    streams_max: usize,
+    streams: HashMap<String, StreamFile>,
+    names: HashMap<Vec<u8>, String>,
+    groups: Vec<(String, Vec<u8>)>,
+}
+
+/// Maps a record key to a safe directory name.
+pub fn stream_name(key: &[u8]) -> String {
+    let s: String = key
+        .iter()
+        .map(|&b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => b as char,
+            _ => '_',
+        })
+        .collect();
+    if s.is_empty() || s == "." || s == ".." || s.starts_with('.') {
+        format!("_{s}")
+    } else {
+        s
+    }
+}
+
+/// What a written frame touched: relative path and new end of each file.
+pub type Touched = Vec<(String, u64)>;
+
+impl Output {
+    pub fn new(
+        dir: &Path,
+        gen: u64,
+        core: usize,
+        file_bytes_max: u64,
+        fsync: bool,
+        streams_max: usize,
+    ) -> Output {
+        Output {
+            dir: dir.to_path_buf(),
+            gen,
+            core,
+            file_bytes_max,
+            fsync,
+            streams_max,
+            streams: HashMap::new(),
+            names: HashMap::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    pub fn streams_open(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Ends of the files currently open, for commit-log compaction.
+    pub fn open_files(&self) -> Vec<(String, u64)> {
+        self.streams
+            .values()
+            .map(|s| (s.rel.clone(), s.size))
+            .collect()
+    }
+
+    fn stream_for(&mut self, key: &[u8]) -> String {
+        if let Some(n) = self.names.get(key) {
+            return n.clone();
+        }
+        if self.names.len() >= self.streams_max {
+            return OTHER_STREAM.to_string();
+        }
+        let name = stream_name(key);
+        self.names.insert(key.to_vec(), name.clone());
+        name
+    }
+
+    /// Writes every record of a validated payload; returns the files touched and the bytes.
+    pub fn write_frame(&mut self, payload: &[u8], count: u32) -> io::Result<(Touched, u64)> {
+        let mut groups = std::mem::take(&mut self.groups);
+        for g in &mut groups {
+            g.1.clear();
+        }
+        for rec in RecordIter::new(payload, count) {
+            let (key, body) = rec.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let name = self.stream_for(key);
+            let slot = match groups.iter().position(|g| g.0 == name) {
+                Some(i) => i,
+                None => {
+                    groups.push((name, Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            groups[slot].1.extend_from_slice(body);
+            groups[slot].1.push(b'\n');
+        }
+        let result = self.append_groups(&groups);
+        // Keep the buffers for the next frame, but not a large frame's worth of them.
+        for g in &mut groups {
+            if g.1.capacity() > GROUP_KEEP_BYTES_MAX {
+                g.1 = Vec::new();
+            }
+        }
+        self.groups = groups;
+        result
+    }
+
+    fn append_groups(&mut self, groups: &[(String, Vec<u8>)]) -> io::Result<(Touched, u64)> {
+        let mut touched: Vec<(String, u64, u64)> = Vec::new();
+        let mut bytes = 0;
+        for (name, data) in groups.iter().filter(|g| !g.1.is_empty()) {
+            let res = self.append(name, data);
+            match res {
+                Ok((rel, before, after)) => {
+                    touched.push((rel, before, after));
+                    bytes += data.len() as u64;
+                }
+                Err(e) => {
+                    self.undo(&touched);
+                    return Err(e);
+                }
+            }
+        }
+        if self.fsync {
+            for (rel, ..) in &touched {
+                let s = self.streams.values().find(|s| &s.rel == rel).expect("open");
+                if let Err(e) = s.file.sync_data() {
+                    self.undo(&touched);
+                    return Err(e);
+                }
+            }
+        }
+        Ok((
+            touched
+                .into_iter()
+                .map(|(rel, _, after)| (rel, after))
+                .collect(),
+            bytes,
+        ))
+    }
+
+    /// Appends to stream `name`, rotating first if its file is full.
+    fn append(&mut self, name: &str, data: &[u8]) -> io::Result<(String, u64, u64)> {
+        let rotate = self
+            .streams
+            .get(name)
+            .is_none_or(|s| s.size >= self.file_bytes_max);
+        if rotate {
+            let index = self.streams.get(name).map_or(0, |s| s.index + 1);
+            let rel = file_name(name, self.gen, self.core, index);
+            let path = self.dir.join(&rel);
+            fs::create_dir_all(path.parent().expect("stream dir"))?;
+            let file = OpenOptions::new().create(true).append(true).open(&path)?;
+            let size = file.metadata()?.len();
+            self.streams.insert(
+                name.to_string(),
+                StreamFile {
+                    rel,
+                    file,
+                    size,
+                    index,
+                },
+            );
+        }
+        let s = self.streams.get_mut(name).expect("opened above");
+        let before = s.size;
+        if let Err(e) = s.file.write_all(data) {
+            let _ = s.file.set_len(before);
+            return Err(e);
+        }
+        s.size += data.len() as u64;
+        Ok((s.rel.clone(), before, s.size))
+    }
+
+    /// Cuts files back to their size before a failed frame.
+    fn undo(&mut self, touched: &[(String, u64, u64)]) {
+        for (rel, before, _) in touched {
+            if let Some(s) = self.streams.values_mut().find(|s| &s.rel == rel) {
+                if let Err(e) = s.file.set_len(*before) {
+                    panic!("cannot cut {rel} back to {before} bytes after a failed write: {e}; refusing to go on with a corrupt output");
+                }
+                s.size = *before;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_are_safe() {
+        assert_eq!(stream_name(b"nginx_access"), "nginx_access");
+        assert_eq!(stream_name(b"../etc"), "_.._etc");
+        assert_eq!(stream_name(b"a/b c"), "a_b_c");
+        assert_eq!(stream_name(b""), "_");
+        assert_eq!(stream_name("é".as_bytes()), "__");
+    }
+}

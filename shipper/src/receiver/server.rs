@@ -1,0 +1,438 @@
+//! Accepting shippers and serving their frames.
+//!
+//! # Design constraints
+//! - One acceptor thread takes connections, runs the TLS handshake and reads HELLO within
+//!   `handshake_timeout_ms`, then hands the connection to the worker that owns its sender
+//!   stream (hash of run id and core), so all frames of one sequence space are written, and
+//!   de-duplicated, by one thread without locks. At most `connections_max` connections.
+//!
+//! # Operation (per connection, on its worker)
+//! Read frames (each within `idle_timeout_ms`); for a DATA frame: check flags and sizes,
+//! decompress into a buffer of exactly the declared size, validate every record, then either
+//! (already written) count a duplicate, or write, commit and mark it; then ACK. HEARTBEATs
+//! are echoed. Anything invalid gets an ERROR frame naming the problem, and the connection is
+//! closed; a write failure closes the connection without an ACK, so the shipper resends.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::commit::CommitLog;
+use super::dedup::{StreamId, Window};
+use super::output::Output;
+use crate::config::ReceiverConfig;
+use crate::metrics::receiver::{ReceiverCounters, Refusal};
+use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
+use crate::protocol::frame::FLAG_ZSTD;
+use crate::protocol::{Frame, FrameDecoder, Hello, Kind, RecordIter};
+use crate::tls::stream::{handshake, TlsStream, READ_BYTES};
+
+/// A connection on its way from the acceptor to its worker.
+pub struct HandOff {
+    pub tcp: std::net::TcpStream,
+    pub tls: rustls::Connection,
+    pub hello: Hello,
+    /// Plaintext received after HELLO.
+    pub pending: Vec<u8>,
+    pub peer: std::net::SocketAddr,
+}
+
+/// The worker that owns sender stream `id`.
+pub fn owner(id: StreamId, workers: usize) -> usize {
+    let h = id.0 ^ (u64::from(id.1)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h.wrapping_mul(0xff51_afd7_ed55_8ccd) >> 32) as usize % workers
+}
+
+/// Runs the acceptor on the current thread until the listener fails.
+pub fn accept(
+    listener: std::net::TcpListener,
+    config: Arc<ReceiverConfig>,
+    tls: Arc<rustls::ServerConfig>,
+    workers: Vec<mpsc::UnboundedSender<HandOff>>,
+    open: Arc<AtomicUsize>,
+    registry: Arc<Registry<ReceiverCounters>>,
+) -> io::Result<()> {
+    tokio_uring::start(async move {
+        let listener = tokio_uring::net::TcpListener::from_std(listener);
+        let counters = Rc::new(RefCell::new(ReceiverCounters::new("acceptor".into())));
+        let slot = workers.len();
+        let c = counters.clone();
+        let r = registry.clone();
+        tokio_uring::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(PUBLISH_INTERVAL_MS)).await;
+                r.publish(slot, c.borrow().clone());
+            }
+        });
+        loop {
+            let (tcp, peer) = listener.accept().await?;
+            if open.load(Ordering::Relaxed) >= config.receiver.connections_max {
+                counters.borrow_mut().connections_refused[Refusal::Limit as usize] += 1;
+                tracing::warn!(%peer, "refusing connection: connections_max reached");
+                continue;
+            }
+            let _ = tcp.set_nodelay(true);
+            let (config, tls, workers, open, counters) = (
+                config.clone(),
+                tls.clone(),
+                workers.clone(),
+                open.clone(),
+                counters.clone(),
+            );
+            tokio_uring::spawn(async move {
+                match greet(tcp, &config, tls).await {
+                    Ok((stream, hello, pending)) => {
+                        let w = owner((hello.run_id, hello.core), workers.len());
+                        match stream.into_parts() {
+                            Ok((tcp, tls)) => {
+                                counters.borrow_mut().connections_accepted += 1;
+                                open.fetch_add(1, Ordering::Relaxed);
+                                let _ = workers[w].send(HandOff {
+                                    tcp,
+                                    tls,
+                                    hello,
+                                    pending,
+                                    peer,
+                                });
+                            }
+                            Err(e) => tracing::error!(%peer, "hand-off failed: {e}"),
+                        }
+                    }
+                    Err((reason, e)) => {
+                        counters.borrow_mut().connections_refused[reason as usize] += 1;
+                        tracing::warn!(%peer, "refused: {e}");
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// TLS handshake and HELLO. Returns the stream, the HELLO and bytes that followed it.
+async fn greet(
+    tcp: tokio_uring::net::TcpStream,
+    config: &ReceiverConfig,
+    tls: Arc<rustls::ServerConfig>,
+) -> Result<(TlsStream, Hello, Vec<u8>), (Refusal, String)> {
+    let timeout = Duration::from_millis(config.receiver.handshake_timeout_ms);
+    let deadline = Instant::now() + timeout;
+    let conn = rustls::ServerConnection::new(tls).map_err(|e| (Refusal::Tls, e.to_string()))?;
+    let stream = handshake(tcp, conn.into(), timeout)
+        .await
+        .map_err(|e| (Refusal::Tls, format!("TLS handshake failed: {e}")))?;
+    let mut dec = FrameDecoder::new(1024);
+    let hello = tokio::time::timeout_at(deadline.into(), async {
+        let mut buf = Vec::with_capacity(READ_BYTES);
+        let mut plain = Vec::new();
+        loop {
+            let (res, b) = stream.recv(buf, &mut plain).await;
+            buf = b;
+            let open = res.map_err(|e| e.to_string())?;
+            dec.push(&plain);
+            plain.clear();
+            match dec.next_frame() {
+                Ok(Some(f)) if f.header.kind == Kind::Hello => {
+                    return Hello::decode(&f.payload).map_err(|e| e.to_string())
+                }
+                Ok(Some(f)) => return Err(format!("expected HELLO, got {:?}", f.header.kind)),
+                Ok(None) if !open => return Err("closed before HELLO".into()),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no HELLO within handshake_timeout_ms".to_string());
+    let hello = match hello.and_then(|h| h) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = stream
+                .send(&Frame::control(Kind::Error, 0, e.as_bytes()))
+                .await;
+            return Err((Refusal::Hello, e));
+        }
+    };
+    stream
+        .send(&Frame::control(Kind::Welcome, 0, &[]))
+        .await
+        .map_err(|e| (Refusal::Hello, e.to_string()))?;
+    let mut pending = Vec::new();
+    while let Ok(Some(f)) = dec.next_frame() {
+        // Frames pipelined behind HELLO: re-encode for the worker's decoder.
+        pending.extend_from_slice(&reencode(&f));
+    }
+    Ok((stream, hello, pending))
+}
+
+fn reencode(f: &Frame) -> Vec<u8> {
+    let mut out = Vec::with_capacity(f.payload.len() + 32);
+    f.header.encode(&f.payload, &mut out);
+    out.extend_from_slice(&f.payload);
+    out
+}
+
+/// A receiver worker's state, owned by its thread.
+pub struct Worker {
+    pub core: usize,
+    pub output: Output,
+    pub commits: CommitLog,
+    pub windows: HashMap<StreamId, Window>,
+    pub counters: ReceiverCounters,
+    pub config: Arc<ReceiverConfig>,
+    scratch: Vec<u8>,
+}
+
+impl Worker {
+    pub fn new(
+        core: usize,
+        output: Output,
+        commits: CommitLog,
+        windows: HashMap<StreamId, Window>,
+        config: Arc<ReceiverConfig>,
+    ) -> Worker {
+        let counters = ReceiverCounters::new(core.to_string());
+        Worker {
+            core,
+            output,
+            commits,
+            windows,
+            counters,
+            config,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Handles one DATA frame; `Ok(())` means it may be acknowledged.
+    fn data(&mut self, id: StreamId, f: &Frame) -> Result<(), FrameFault> {
+        self.counters.frames_received += 1;
+        if self
+            .windows
+            .get(&id)
+            .is_some_and(|w| w.contains(f.header.seq))
+        {
+            self.counters.frames_duplicate += 1;
+            return Ok(());
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = self.decode_and_write(id, f, &mut scratch);
+        self.scratch = scratch;
+        result
+    }
+
+    fn decode_and_write(
+        &mut self,
+        id: StreamId,
+        f: &Frame,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), FrameFault> {
+        let h = f.header;
+        let invalid = |what: String| FrameFault::Invalid(format!("frame {}: {what}", h.seq));
+        let raw_max = self.config.receiver.frame_raw_bytes_max;
+        if h.raw_len > raw_max {
+            return Err(invalid(format!(
+                "{} decompressed bytes is over frame_raw_bytes_max {raw_max}",
+                h.raw_len
+            )));
+        }
+        let payload: &[u8] = match h.flags {
+            FLAG_ZSTD => {
+                scratch.clear();
+                scratch.reserve(h.raw_len as usize);
+                zstd::bulk::Decompressor::new()
+                    .and_then(|mut d| d.decompress_to_buffer(&f.payload, scratch))
+                    .map_err(|e| invalid(format!("zstd: {e}")))?;
+                if scratch.len() != h.raw_len as usize {
+                    return Err(invalid(format!(
+                        "decompressed to {} bytes, header says {}",
+                        scratch.len(),
+                        h.raw_len
+                    )));
+                }
+                scratch
+            }
+            0 => &f.payload,
+            other => return Err(invalid(format!("unknown flags {other:#x}"))),
+        };
+        RecordIter::validate(payload, h.count).map_err(|e| invalid(e.to_string()))?;
+        let started = Instant::now();
+        self.write(id, h.seq, payload, h.count)?;
+        let _ = self
+            .counters
+            .write_us
+            .record((started.elapsed().as_micros() as u64).max(1));
+        let _ = self
+            .counters
+            .frame_records
+            .record(u64::from(h.count).max(1));
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        id: StreamId,
+        seq: u64,
+        payload: &[u8],
+        count: u32,
+    ) -> Result<(), FrameFault> {
+        let (touched, bytes) = self
+            .output
+            .write_frame(payload, count)
+            .map_err(FrameFault::Write)?;
+        let files: Vec<(&str, u64)> = touched.iter().map(|(p, e)| (p.as_str(), *e)).collect();
+        self.commits
+            .commit(id, seq, &files)
+            .map_err(FrameFault::Write)?;
+        self.windows.entry(id).or_default().insert(seq);
+        self.counters.records_written += u64::from(count);
+        self.counters.bytes_written += bytes;
+        self.counters.streams_open = self.output.streams_open() as u64;
+        if self.commits.needs_compaction() {
+            let core = self.core;
+            let workers = self.config.receiver.workers;
+            let mine = self
+                .windows
+                .iter()
+                .filter(|(id, _)| super::server::owner(**id, workers) == core);
+            self.commits
+                .compact(mine, &self.output.open_files())
+                .map_err(FrameFault::Write)?;
+        }
+        Ok(())
+    }
+}
+
+enum FrameFault {
+    /// The peer sent something wrong: tell it and close.
+    Invalid(String),
+    /// We could not write: close without ACK, the shipper will resend.
+    Write(io::Error),
+}
+
+/// Serves connections handed to worker `core` until the process exits.
+pub async fn serve_worker(
+    worker: Rc<RefCell<Worker>>,
+    mut inbox: mpsc::UnboundedReceiver<HandOff>,
+    open: Arc<AtomicUsize>,
+    registry: Arc<Registry<ReceiverCounters>>,
+) {
+    let (w, r) = (worker.clone(), registry.clone());
+    tokio_uring::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(PUBLISH_INTERVAL_MS)).await;
+            let w = w.borrow();
+            r.publish(w.core, w.counters.clone());
+        }
+    });
+    while let Some(h) = inbox.recv().await {
+        let worker = worker.clone();
+        let open = open.clone();
+        tokio_uring::spawn(async move {
+            let peer = h.peer;
+            let name = h.hello.name.clone();
+            worker.borrow_mut().counters.connections_open += 1;
+            if let Err(e) = connection(&worker, h).await {
+                tracing::warn!(%peer, shipper = %name, "connection closed: {e}");
+            }
+            worker.borrow_mut().counters.connections_open -= 1;
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn connection(worker: &Rc<RefCell<Worker>>, h: HandOff) -> io::Result<()> {
+    let stream = TlsStream::from_parts(h.tcp, h.tls);
+    let id = (h.hello.run_id, h.hello.core);
+    let (frame_max, idle) = {
+        let w = worker.borrow();
+        (
+            w.config.receiver.frame_bytes_max,
+            Duration::from_millis(w.config.receiver.idle_timeout_ms),
+        )
+    };
+    let mut dec = FrameDecoder::new(frame_max);
+    dec.push(&h.pending);
+    let mut buf = Vec::with_capacity(READ_BYTES);
+    let mut plain = Vec::new();
+    let mut replies = Vec::new();
+    let mut open = true;
+    loop {
+        loop {
+            let f = match dec.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return refuse(worker, &stream, Refusal::Frame, e.to_string()).await,
+            };
+            match f.header.kind {
+                Kind::Data => {
+                    let result = worker.borrow_mut().data(id, &f);
+                    match result {
+                        Ok(()) => {
+                            replies.extend(Frame::control(Kind::Ack, f.header.seq, &[]));
+                            worker.borrow_mut().counters.frames_acked += 1;
+                        }
+                        Err(FrameFault::Invalid(e)) => {
+                            return refuse(worker, &stream, Refusal::Frame, e).await
+                        }
+                        Err(FrameFault::Write(e)) => {
+                            worker.borrow_mut().counters.write_errors += 1;
+                            tracing::error!(
+                                "cannot write frame {} of {:016x}/{}: {e}",
+                                f.header.seq,
+                                id.0,
+                                id.1
+                            );
+                            let _ = stream.send(&replies).await;
+                            return Err(e);
+                        }
+                    }
+                }
+                Kind::Heartbeat => {
+                    replies.extend(Frame::control(Kind::Heartbeat, f.header.seq, &[]))
+                }
+                k => {
+                    let e = format!("unexpected {k:?} frame");
+                    return refuse(worker, &stream, Refusal::Frame, e).await;
+                }
+            }
+        }
+        if !replies.is_empty() {
+            let sent = stream.send(&replies).await;
+            replies.clear();
+            if open {
+                sent?;
+            }
+        }
+        if !open {
+            // The peer closed; what it sent before is written and would have been acked.
+            return Ok(());
+        }
+        let read = tokio::time::timeout(idle, stream.recv(buf, &mut plain)).await;
+        let Ok((res, b)) = read else {
+            let e = "no frame within idle_timeout_ms".to_string();
+            return refuse(worker, &stream, Refusal::Idle, e).await;
+        };
+        buf = b;
+        open = res?;
+        dec.push(&plain);
+        plain.clear();
+    }
+}
+
+async fn refuse(
+    worker: &Rc<RefCell<Worker>>,
+    stream: &TlsStream,
+    reason: Refusal,
+    message: String,
+) -> io::Result<()> {
+    worker.borrow_mut().counters.connections_refused[reason as usize] += 1;
+    let _ = stream
+        .send(&Frame::control(Kind::Error, 0, message.as_bytes()))
+        .await;
+    Err(io::Error::new(io::ErrorKind::InvalidData, message))
+}

@@ -1,0 +1,285 @@
+//! The state one worker owns, and the per-record path through it.
+//!
+//! # Design constraints
+//! - Everything here belongs to one thread (`Rc<RefCell<Core>>` shared by that thread's tasks
+//!   only): no lock, no atomic, no allocation per record in the steady state. A `RefCell`
+//!   borrow is never held across an `.await`.
+//!
+//! # Operation
+//! For each line: count it, find its key (and cfjs1 format), intern the service, ask its
+//! bucket, append it to the batch; a full batch is sealed into a frame and queued in the
+//! outbox, or dropped and counted per service if the outbox is full.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::config::shipper::{Format, RateLimitSection, ShipperConfig};
+use crate::metrics::shipper::{DropReason, ServiceCounters, ShipperCounters, SourceCounters};
+use crate::sinks::receiver::{BatchBuilder, Outbox, Sealed};
+use crate::tls::stream::TlsStream;
+use crate::transforms::parse::Parser;
+use crate::transforms::ratelimit::RateLimiter;
+use crate::transforms::services::ServiceTable;
+
+/// What the core knows of one of its sources.
+pub struct SourceInfo {
+    pub format: Format,
+    /// Service id of lines without a key.
+    pub service: u32,
+}
+
+/// A live connection, so the ticker can close it on an ack or heartbeat timeout.
+pub struct ConnHandle {
+    pub stream: TlsStream,
+    pub destination: usize,
+    /// When a heartbeat was sent that has not been answered yet.
+    pub heartbeat_sent_ns: Option<u64>,
+}
+
+pub struct Core {
+    pub id: usize,
+    pub config: Arc<ShipperConfig>,
+    pub workers: usize,
+    clock: Instant,
+    pub sources: Vec<SourceInfo>,
+    parser: Parser,
+    pub services: ServiceTable,
+    pub limiter: RateLimiter,
+    batch: BatchBuilder,
+    zstd: zstd::bulk::Compressor<'static>,
+    pub outbox: Outbox,
+    pub counters: ShipperCounters,
+    /// Woken when the outbox has something to send or room in its window.
+    pub wake: Rc<Notify>,
+    pub conns: std::collections::BTreeMap<u64, ConnHandle>,
+    next_conn: u64,
+    pub stopping: bool,
+}
+
+impl Core {
+    pub fn new(id: usize, config: Arc<ShipperConfig>) -> std::io::Result<Core> {
+        let b = &config.batch;
+        let r = &config.receivers;
+        let mut counters = ShipperCounters::new(id);
+        counters.destinations = r
+            .primary
+            .iter()
+            .map(|a| crate::metrics::shipper::DestinationCounters {
+                receiver: a.clone(),
+                ..Default::default()
+            })
+            .collect();
+        counters.services.push(ServiceCounters {
+            service: crate::transforms::services::OTHER_NAME.into(),
+            ..Default::default()
+        });
+        let mut core = Core {
+            id,
+            workers: config.shipper.workers,
+            clock: Instant::now(),
+            sources: Vec::new(),
+            parser: Parser::default(),
+            services: ServiceTable::new(config.ratelimit.services_max),
+            limiter: RateLimiter::default(),
+            batch: BatchBuilder::new(b.batch_bytes_max as usize, b.batch_events_max),
+            zstd: zstd::bulk::Compressor::new(b.zstd_level)?,
+            outbox: Outbox::new(r.outbox_bytes_max as usize, r.inflight_frames_max),
+            counters,
+            wake: Rc::new(Notify::new()),
+            conns: Default::default(),
+            next_conn: 1,
+            stopping: false,
+            config,
+        };
+        let (rate, burst) = core
+            .config
+            .ratelimit
+            .limit_for(crate::transforms::services::OTHER_NAME);
+        core.limiter
+            .add(0, rate, burst, 1.0 / core.workers as f64, 0);
+        Ok(core)
+    }
+
+    /// Monotonic nanoseconds since the worker started.
+    pub fn now_ns(&self) -> u64 {
+        self.clock.elapsed().as_nanos() as u64
+    }
+
+    /// Registers a source; returns its index.
+    pub fn add_source(&mut self, name: String, format: Format, service: &str) -> usize {
+        let service = self.intern(service.as_bytes());
+        self.sources.push(SourceInfo { format, service });
+        self.counters.sources.push(SourceCounters {
+            source: name,
+            ..Default::default()
+        });
+        self.sources.len() - 1
+    }
+
+    /// The id of service `name`, creating its bucket and counters on first sight.
+    pub fn intern(&mut self, name: &[u8]) -> u32 {
+        let now = self.now_ns();
+        let rl = &self.config.ratelimit;
+        let Core {
+            services,
+            limiter,
+            counters,
+            workers,
+            ..
+        } = self;
+        intern(
+            services,
+            limiter,
+            &mut counters.services,
+            rl,
+            *workers,
+            now,
+            name,
+        )
+    }
+
+    pub fn next_conn_id(&mut self) -> u64 {
+        self.next_conn += 1;
+        self.next_conn
+    }
+
+    /// The per-record path: one line from source `src`, read at `now_ns`.
+    #[inline]
+    pub fn on_line(&mut self, src: usize, line: &[u8], truncated: bool, now_ns: u64) {
+        let Core {
+            config,
+            parser,
+            services,
+            limiter,
+            counters,
+            batch,
+            workers,
+            ..
+        } = self;
+        let sc = &mut counters.sources[src];
+        sc.lines_read += 1;
+        sc.bytes_read += line.len() as u64 + 1;
+        sc.lines_truncated += u64::from(truncated);
+        if line.is_empty() {
+            sc.lines_empty += 1;
+            return;
+        }
+        let SourceInfo {
+            format,
+            service: default,
+        } = self.sources[src];
+        let rl = &config.ratelimit;
+        let (service, format_key) = match parser.extract(line, format, &rl.key_field) {
+            Ok(fields) => {
+                let service = match fields.key {
+                    Some(k) => intern(
+                        services,
+                        limiter,
+                        &mut counters.services,
+                        rl,
+                        *workers,
+                        now_ns,
+                        k,
+                    ),
+                    None => default,
+                };
+                (service, fields.format)
+            }
+            Err(failure) => {
+                sc.parse_failures[failure as usize] += 1;
+                (default, None)
+            }
+        };
+        let svc = &mut counters.services[service as usize];
+        if !limiter.admit(service, now_ns) {
+            svc.lines_dropped[DropReason::RateLimit as usize] += 1;
+            return;
+        }
+        svc.lines_admitted += 1;
+        let key = format_key.unwrap_or_else(|| services.name(service));
+        if batch.push(key, line, service, now_ns) {
+            self.seal();
+        }
+    }
+
+    /// Seals the current batch (if any) into the outbox, or drops it when the outbox is full.
+    pub fn seal(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let seq = self.outbox.next_seq();
+        let frame = match self.batch.seal(&mut self.zstd, seq) {
+            Ok(f) => f,
+            Err(e) => panic!("zstd failed on an in-memory batch: {e}"),
+        };
+        let _ = self.counters.batch_records.record(frame.records.into());
+        let _ = self.counters.batch_bytes.record(frame.raw_bytes.into());
+        match self.outbox.push(frame) {
+            Ok(()) => self.wake.notify_waiters(),
+            Err(frame) => self.count_dropped(&frame, DropReason::OutboxFull),
+        }
+    }
+
+    /// Counts every record of `frame` as dropped for `reason`.
+    pub fn count_dropped(&mut self, frame: &Sealed, reason: DropReason) {
+        for &(service, n) in &frame.services {
+            self.counters.services[service as usize].lines_dropped[reason as usize] += u64::from(n);
+        }
+    }
+
+    /// The batch's first record is older than the flush interval.
+    pub fn batch_due(&self, now_ns: u64) -> bool {
+        let interval = self.config.batch.flush_interval_ms * 1_000_000;
+        !self.batch.is_empty() && now_ns.saturating_sub(self.batch.first_ns()) >= interval
+    }
+
+    /// Frame `seq` was acknowledged.
+    pub fn on_ack(&mut self, seq: u64, now_ns: u64) {
+        if let Some(done) = self.outbox.ack(seq) {
+            self.counters.frames_acked += 1;
+            self.counters.records_acked += u64::from(done.frame.records);
+            let us = now_ns.saturating_sub(done.frame.first_ns) / 1000;
+            let _ = self.counters.latency_us.record(us.max(1));
+            self.wake.notify_waiters();
+        }
+    }
+
+    /// Copies gauges into the counters before they are published.
+    pub fn refresh_gauges(&mut self) {
+        self.counters.outbox_frames = self.outbox.frames() as u64;
+        self.counters.outbox_bytes = self.outbox.bytes() as u64;
+        self.counters.inflight_frames = self.outbox.inflight() as u64;
+    }
+}
+
+/// Interns `name`, creating its bucket (with an even share until the control plane says
+/// otherwise) and its counters on first sight.
+fn intern(
+    services: &mut ServiceTable,
+    limiter: &mut RateLimiter,
+    counters: &mut Vec<ServiceCounters>,
+    rl: &RateLimitSection,
+    workers: usize,
+    now_ns: u64,
+    name: &[u8],
+) -> u32 {
+    let (id, added) = services.intern(name);
+    if added {
+        let name = String::from_utf8_lossy(services.name(id)).into_owned();
+        let (rate, burst) = rl.limit_for(&name);
+        limiter.add(id, rate, burst, 1.0 / workers as f64, now_ns);
+        counters.push(ServiceCounters {
+            service: name,
+            ..Default::default()
+        });
+        debug_assert_eq!(
+            counters.len(),
+            services.len(),
+            "one counter set per service id"
+        );
+    }
+    id
+}

@@ -1,0 +1,191 @@
+//! `shipper run`: start-up, the per-core workers, the control plane, and shutdown.
+//!
+//! # Design constraints
+//! - `workers` threads, each pinned to one CPU, each owning its pipes, buckets, batch, zstd
+//!   context, connections and counters ([`core::Core`]). Threads meet only in the control
+//!   plane ([`control`]) and the metrics registry, at ~100 ms pace.
+//!
+//! # Operation
+//! 1. Validate TLS material and open (create) every pipe on the main thread, so a bad path
+//!    or certificate fails start-up with its name, before any worker runs.
+//! 2. Spawn the control thread, the metrics endpoint and the workers.
+//! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` here) or a
+//!    worker's exit; then tell every worker to stop and join them.
+
+pub mod control;
+pub mod core;
+pub mod signals;
+pub mod worker;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::config::shipper::split_host_port;
+use crate::config::ShipperConfig;
+use crate::metrics::shipper::{render, ShipperCounters};
+use crate::metrics::{http, scrape, Registry};
+use crate::sinks::receiver::connection::Target;
+use worker::{PipeHandle, WorkerPlan};
+
+/// Runs the shipper until SIGTERM/SIGINT; returns once every worker has flushed or given up.
+pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
+    signals::block_termination()?;
+    let config = Arc::new(config);
+    let workers = config.shipper.workers;
+    let t = &config.tls;
+    let tls = Arc::new(crate::tls::client_config(&t.ca, &t.cert, &t.key)?);
+    let run_id = signals::random_u64();
+    let targets = targets(&config, tls, run_id)?;
+    let mut pipes: Vec<Vec<PipeHandle>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, p) in config.sources.pipe.iter().enumerate() {
+        let open = crate::sources::pipe::open(&p.path, p.mode_bits(), p.pipe_bytes as usize)?;
+        if open.pipe_bytes < p.pipe_bytes as usize {
+            tracing::warn!(path = %p.path.display(), granted = open.pipe_bytes, asked = p.pipe_bytes, "pipe buffer smaller than pipe_bytes (see /proc/sys/fs/pipe-max-size)");
+        }
+        let w = p.worker.unwrap_or(i % workers);
+        pipes[w].push(PipeHandle {
+            file: open.file,
+            config_index: i,
+        });
+    }
+    let registry = Registry::<ShipperCounters>::new(workers);
+    if !config.metrics.listen.is_empty() {
+        let r = registry.clone();
+        let addr = http::serve(&config.metrics.listen, move || scrape(&r, render))
+            .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    let (report_tx, report_rx) = mpsc::channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (exit_tx, exit_rx) = mpsc::channel::<Event>();
+    let cpus = core_affinity::get_core_ids().unwrap_or_default();
+    let mut share_txs = Vec::new();
+    let mut handles = Vec::new();
+    for (core, pipes) in pipes.into_iter().enumerate() {
+        let (share_tx, share_rx) = mpsc::channel();
+        share_txs.push(share_tx);
+        let plan = WorkerPlan {
+            core,
+            cpu: (config.shipper.pin_workers && !cpus.is_empty()).then(|| cpus[core % cpus.len()]),
+            pipes,
+            config: config.clone(),
+            targets: targets.clone(),
+            registry: registry.clone(),
+            reports: report_tx.clone(),
+            shares: share_rx,
+            stop: stop_rx.clone(),
+        };
+        let exit = exit_tx.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("worker-{core}"))
+                .spawn(move || {
+                    let result = worker::run(plan);
+                    let _ = exit.send(Event::WorkerExit(
+                        core,
+                        result.as_ref().err().map(|e| format!("{e:#}")),
+                    ));
+                })?,
+        );
+    }
+    drop(report_tx);
+    let plane = control::ControlPlane {
+        reports: report_rx,
+        shares: share_txs,
+        interval: std::time::Duration::from_millis(config.ratelimit.rebalance_interval_ms),
+    };
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || control::run(plane))?;
+    let signal_tx = exit_tx.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            while let Ok(sig) = signals::wait_termination() {
+                if signal_tx.send(Event::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+        })?;
+    tracing::info!(
+        workers,
+        run_id = format!("{run_id:016x}"),
+        pipes = config.sources.pipe.len(),
+        "shipper running"
+    );
+    let failed = supervise(exit_rx, &stop_tx, workers);
+    for h in handles {
+        let _ = h.join();
+    }
+    match failed {
+        Some(e) => Err(anyhow::anyhow!("worker failed: {e}")),
+        None => Ok(()),
+    }
+}
+
+enum Event {
+    Signal(i32),
+    WorkerExit(usize, Option<String>),
+}
+
+/// Waits until every worker has exited; returns the first worker error.
+fn supervise(
+    events: mpsc::Receiver<Event>,
+    stop: &watch::Sender<bool>,
+    workers: usize,
+) -> Option<String> {
+    let mut running = workers;
+    let mut failed = None;
+    while running > 0 {
+        match events.recv() {
+            Ok(Event::Signal(sig)) => {
+                tracing::info!(
+                    signal = sig,
+                    "stopping: no more reads, flushing and waiting for acknowledgements"
+                );
+                let _ = stop.send(true);
+            }
+            Ok(Event::WorkerExit(core, err)) => {
+                running -= 1;
+                if let Some(e) = err {
+                    tracing::error!(core, "worker failed: {e}");
+                    failed.get_or_insert(e);
+                    let _ = stop.send(true);
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    failed
+}
+
+fn targets(
+    config: &ShipperConfig,
+    tls: Arc<rustls::ClientConfig>,
+    run_id: u64,
+) -> anyhow::Result<Vec<Arc<Target>>> {
+    let mut out = Vec::new();
+    for (i, address) in config.receivers.primary.iter().enumerate() {
+        let (host, _) = split_host_port(address).context("validated address")?;
+        let name = config
+            .tls
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host.to_string());
+        let server_name =
+            rustls::pki_types::ServerName::try_from(name.clone()).with_context(|| {
+                format!("tls.server_name: {name:?} is not a DNS name or IP address")
+            })?;
+        out.push(Arc::new(Target {
+            destination: i,
+            address: address.clone(),
+            server_name,
+            tls: tls.clone(),
+            run_id,
+        }));
+    }
+    Ok(out)
+}

@@ -1,0 +1,252 @@
+//! One worker thread: pinned to a CPU, running its own io_uring loop with the tasks of its
+//! pipes, its connection pool and its ticker.
+//!
+//! # Design constraints
+//! - The ticker runs every `min(flush_interval_ms, 50)` ms: it seals overdue batches, closes
+//!   connections whose acks or heartbeats are overdue, and, at the control-plane pace, trades
+//!   demand for shares with the control thread and publishes counters.
+//!
+//! # Operation
+//! On stop: pipe readers stop reading, the open batch is sealed, and the worker waits for the
+//! outbox to drain or `shutdown_timeout_ms` to pass; what is still unacknowledged then is
+//! counted as dropped (reason `shutdown`) and logged.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::control::{DemandReport, Shares};
+use super::core::Core;
+use crate::config::shipper::PipeSource;
+use crate::config::ShipperConfig;
+use crate::metrics::shipper::{DropReason, ShipperCounters};
+use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
+use crate::sinks::receiver::connection::{run_slot, Target};
+use crate::sources::lines::LineSplitter;
+
+/// A pipe opened by the main thread, handed to its worker.
+pub struct PipeHandle {
+    pub file: std::fs::File,
+    pub config_index: usize,
+}
+
+/// Everything a worker thread starts with.
+pub struct WorkerPlan {
+    pub core: usize,
+    pub cpu: Option<core_affinity::CoreId>,
+    pub pipes: Vec<PipeHandle>,
+    pub config: Arc<ShipperConfig>,
+    pub targets: Vec<Arc<Target>>,
+    pub registry: Arc<Registry<ShipperCounters>>,
+    pub reports: Sender<DemandReport>,
+    pub shares: Receiver<Shares>,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Runs the worker on the current thread until it has stopped.
+pub fn run(plan: WorkerPlan) -> anyhow::Result<()> {
+    if let Some(cpu) = plan.cpu {
+        if !core_affinity::set_for_current(cpu) {
+            tracing::warn!(core = plan.core, "could not pin worker to CPU {}", cpu.id);
+        }
+    }
+    let ring_entries = 256;
+    tokio_uring::builder()
+        .entries(ring_entries)
+        .start(work(plan))
+}
+
+async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
+    let core = Rc::new(RefCell::new(Core::new(plan.core, plan.config.clone())?));
+    for pipe in plan.pipes {
+        let cfg = &plan.config.sources.pipe[pipe.config_index];
+        let name = cfg.path.display().to_string();
+        let src = core
+            .borrow_mut()
+            .add_source(name, cfg.format, &cfg.service_name());
+        tokio_uring::spawn(read_pipe(
+            core.clone(),
+            src,
+            pipe.file,
+            cfg_limits(cfg),
+            plan.stop.clone(),
+        ));
+    }
+    for target in &plan.targets {
+        for _ in 0..plan.config.receivers.connections {
+            tokio_uring::spawn(run_slot(core.clone(), target.clone(), plan.stop.clone()));
+        }
+    }
+    tick(core, plan.stop, plan.reports, plan.shares, plan.registry).await;
+    Ok(())
+}
+
+fn cfg_limits(cfg: &PipeSource) -> (usize, usize) {
+    (cfg.read_bytes as usize, cfg.line_bytes_max as usize)
+}
+
+async fn read_pipe(
+    core: Rc<RefCell<Core>>,
+    src: usize,
+    file: std::fs::File,
+    (read_bytes, line_max): (usize, usize),
+    mut stop: watch::Receiver<bool>,
+) {
+    let file = tokio_uring::fs::File::from_std(file);
+    let mut splitter = LineSplitter::new(line_max);
+    let mut buf = Vec::with_capacity(read_bytes);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        buf.clear();
+        // Offset 0: a FIFO has no position; the kernel ignores it for streams.
+        let (res, b) = tokio::select! {
+            r = file.read_at(buf, 0) => r,
+            _ = stop.changed() => return,
+        };
+        buf = b;
+        match res {
+            Ok(n) => {
+                let mut c = core.borrow_mut();
+                let now = c.now_ns();
+                splitter.split(&buf[..n], |line| {
+                    c.on_line(src, line.bytes, line.truncated, now)
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let path = core.borrow().counters.sources[src].source.clone();
+                tracing::error!(%path, "pipe read failed: {e}; retrying in 100 ms");
+                core.borrow_mut().counters.sources[src].read_errors += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn tick(
+    core: Rc<RefCell<Core>>,
+    stop: watch::Receiver<bool>,
+    reports: Sender<DemandReport>,
+    shares: Receiver<Shares>,
+    registry: Arc<Registry<ShipperCounters>>,
+) {
+    let (tick_ms, rebalance_ms, ack_timeout_ns, shutdown_ms) = {
+        let c = core.borrow();
+        let cfg = &c.config;
+        (
+            cfg.batch.flush_interval_ms.clamp(1, 50),
+            cfg.ratelimit.rebalance_interval_ms,
+            cfg.receivers.ack_timeout_ms * 1_000_000,
+            cfg.shipper.shutdown_timeout_ms,
+        )
+    };
+    let mut interval = tokio::time::interval(Duration::from_millis(tick_ms));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last_rebalance, mut last_publish) = (0u64, 0u64);
+    let mut deadline_ns = None;
+    loop {
+        interval.tick().await;
+        let mut c = core.borrow_mut();
+        let now = c.now_ns();
+        if c.batch_due(now) {
+            c.seal();
+        }
+        close_overdue(&mut c, now, ack_timeout_ns);
+        if now - last_rebalance >= rebalance_ms * 1_000_000 {
+            last_rebalance = now;
+            exchange_demand(&mut c, &reports, &shares, now);
+        }
+        if now - last_publish >= PUBLISH_INTERVAL_MS * 1_000_000 || deadline_ns.is_some() {
+            last_publish = now;
+            c.refresh_gauges();
+            registry.publish(c.id, c.counters.clone());
+        }
+        if *stop.borrow() && deadline_ns.is_none() {
+            c.stopping = true;
+            c.seal();
+            c.wake.notify_waiters();
+            deadline_ns = Some(now + shutdown_ms * 1_000_000);
+            tracing::info!(
+                core = c.id,
+                frames = c.outbox.frames(),
+                "stopping: flushing"
+            );
+        }
+        let Some(deadline) = deadline_ns else {
+            continue;
+        };
+        if c.outbox.is_empty() {
+            tracing::info!(core = c.id, "stopped: everything acknowledged");
+            break;
+        }
+        if now >= deadline {
+            let left = c.outbox.drain();
+            let records: u64 = left.iter().map(|f| u64::from(f.records)).sum();
+            for f in &left {
+                c.count_dropped(f, DropReason::Shutdown);
+            }
+            tracing::error!(
+                core = c.id,
+                frames = left.len(),
+                records,
+                "shutdown deadline passed with unacknowledged frames"
+            );
+            break;
+        }
+    }
+    let mut c = core.borrow_mut();
+    c.refresh_gauges();
+    registry.publish(c.id, c.counters.clone());
+    for h in c.conns.values() {
+        h.stream.shutdown();
+    }
+}
+
+/// Closes connections with an ack or heartbeat overdue; their frames are resent elsewhere.
+fn close_overdue(c: &mut Core, now: u64, ack_timeout_ns: u64) {
+    let mut overdue = c.outbox.overdue(now.saturating_sub(ack_timeout_ns));
+    for (id, h) in &c.conns {
+        if h.heartbeat_sent_ns
+            .is_some_and(|t| now.saturating_sub(t) > ack_timeout_ns)
+        {
+            overdue.push(*id);
+        }
+    }
+    overdue.sort_unstable();
+    overdue.dedup();
+    for id in overdue {
+        if let Some(h) = c.conns.get(&id) {
+            tracing::warn!(core = c.id, receiver = %c.config.receivers.primary[h.destination], "no acknowledgement within ack_timeout_ms: closing the connection");
+            h.stream.shutdown();
+            c.counters.ack_timeouts += 1;
+        }
+    }
+}
+
+fn exchange_demand(
+    c: &mut Core,
+    reports: &Sender<DemandReport>,
+    shares: &Receiver<Shares>,
+    now: u64,
+) {
+    let demand = c
+        .limiter
+        .take_demand()
+        .into_iter()
+        .map(|(id, n)| (c.services.name(id).into(), n))
+        .collect();
+    let _ = reports.send(DemandReport { core: c.id, demand });
+    while let Ok(update) = shares.try_recv() {
+        for (name, share) in update {
+            if let Some(id) = c.services.get(&name) {
+                c.limiter.set_share(id, share, now);
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Where batches go. `receiver` is the sink to `shipper receive` over the framed protocol.
+
+pub mod receiver;

@@ -1,0 +1,133 @@
+//! Accumulates records into a payload and seals it into a compressed DATA frame.
+
+use std::io;
+
+use crate::protocol::frame::{Header, Kind, FLAG_ZSTD, HEADER_BYTES};
+use crate::protocol::RecordWriter;
+
+/// A batch turned into a frame, waiting for its sequence number and acknowledgement.
+#[derive(Debug)]
+pub struct Sealed {
+    /// The complete frame: header and compressed payload.
+    pub wire: Vec<u8>,
+    pub records: u32,
+    pub raw_bytes: u32,
+    /// Monotonic ns when the first record of the batch was read.
+    pub first_ns: u64,
+    /// Records per service id, for counting drops of the whole frame.
+    pub services: Vec<(u32, u32)>,
+    pub seq: u64,
+}
+
+pub struct BatchBuilder {
+    payload: Vec<u8>,
+    count: u32,
+    first_ns: u64,
+    services: Vec<(u32, u32)>,
+    bytes_max: usize,
+    events_max: u32,
+    compressed: Vec<u8>,
+}
+
+impl BatchBuilder {
+    pub fn new(bytes_max: usize, events_max: u32) -> BatchBuilder {
+        BatchBuilder {
+            payload: Vec::with_capacity(bytes_max + 4096),
+            count: 0,
+            first_ns: 0,
+            services: Vec::new(),
+            bytes_max,
+            events_max,
+            compressed: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Monotonic ns of the first record, when not empty.
+    pub fn first_ns(&self) -> u64 {
+        self.first_ns
+    }
+
+    /// Appends a record; returns true when the batch is full and must be sealed.
+    #[inline]
+    pub fn push(&mut self, key: &[u8], body: &[u8], service: u32, now_ns: u64) -> bool {
+        if self.count == 0 {
+            self.first_ns = now_ns;
+        }
+        RecordWriter::push(&mut self.payload, key, body);
+        self.count += 1;
+        match self.services.iter_mut().find(|(s, _)| *s == service) {
+            Some((_, n)) => *n += 1,
+            None => self.services.push((service, 1)),
+        }
+        self.payload.len() >= self.bytes_max || self.count >= self.events_max
+    }
+
+    /// Compresses the batch into a frame and empties the builder.
+    pub fn seal(
+        &mut self,
+        zstd: &mut zstd::bulk::Compressor<'static>,
+        seq: u64,
+    ) -> io::Result<Sealed> {
+        debug_assert!(self.count > 0, "sealing an empty batch");
+        let bound = zstd::zstd_safe::compress_bound(self.payload.len());
+        self.compressed.clear();
+        self.compressed.reserve(bound);
+        zstd.compress_to_buffer(&self.payload, &mut self.compressed)?;
+        let raw_len = u32::try_from(self.payload.len()).expect("batch_bytes_max < 4 GiB");
+        let len = u32::try_from(self.compressed.len()).expect("bounded by compress_bound");
+        let header = Header {
+            kind: Kind::Data,
+            flags: FLAG_ZSTD,
+            seq,
+            count: self.count,
+            raw_len,
+            len,
+        };
+        let mut wire = Vec::with_capacity(HEADER_BYTES + self.compressed.len());
+        header.encode(&self.compressed, &mut wire);
+        wire.extend_from_slice(&self.compressed);
+        let sealed = Sealed {
+            wire,
+            records: self.count,
+            raw_bytes: raw_len,
+            first_ns: self.first_ns,
+            services: std::mem::take(&mut self.services),
+            seq,
+        };
+        self.payload.clear();
+        self.count = 0;
+        Ok(sealed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{FrameDecoder, RecordIter};
+
+    #[test]
+    fn seals_a_decodable_frame() {
+        let mut b = BatchBuilder::new(1 << 20, 3);
+        assert!(!b.push(b"a", b"{\"x\":1}", 1, 5));
+        assert!(!b.push(b"b", b"line two", 2, 6));
+        assert!(b.push(b"a", b"three", 1, 7));
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let s = b.seal(&mut z, 42).unwrap();
+        assert!(b.is_empty());
+        assert_eq!((s.records, s.first_ns), (3, 5));
+        assert_eq!(s.services, vec![(1, 2), (2, 1)]);
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&s.wire);
+        let f = dec.next_frame().unwrap().unwrap();
+        assert_eq!(f.header.seq, 42);
+        let raw = zstd::bulk::decompress(&f.payload, f.header.raw_len as usize).unwrap();
+        let recs: Vec<_> = RecordIter::new(&raw, f.header.count)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(recs[1], (&b"b"[..], &b"line two"[..]));
+    }
+}

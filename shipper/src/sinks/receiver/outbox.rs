@@ -1,0 +1,203 @@
+//! Frames owned by a worker until a receiver acknowledges them.
+//!
+//! # Design constraints
+//! - At most `bytes_max` bytes of frames held (queued plus in flight), at most
+//!   `inflight_max` frames sent and unacknowledged. Sequence numbers are dense: one is taken
+//!   only when a frame is accepted, so the receiver's de-duplication window stays contiguous.
+//!
+//! # Operation
+//! `push` queues a sealed frame; `next` hands the lowest queued frame to a connection and
+//! records it as in flight on that connection; `ack` releases it; `fail` puts every frame in
+//! flight on a failed connection back at the front of the queue, in sequence order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+
+use super::batch::Sealed;
+
+#[derive(Debug)]
+pub struct InFlight {
+    pub frame: Rc<Sealed>,
+    pub conn: u64,
+    pub sent_ns: u64,
+}
+
+pub struct Outbox {
+    next_seq: u64,
+    queue: VecDeque<Rc<Sealed>>,
+    inflight: BTreeMap<u64, InFlight>,
+    bytes: usize,
+    bytes_max: usize,
+    inflight_max: usize,
+}
+
+impl Outbox {
+    pub fn new(bytes_max: usize, inflight_max: usize) -> Outbox {
+        Outbox {
+            next_seq: 1,
+            queue: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            bytes: 0,
+            bytes_max,
+            inflight_max,
+        }
+    }
+
+    /// The sequence number the next accepted frame must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Whether a frame of `bytes` would fit.
+    pub fn has_room(&self, bytes: usize) -> bool {
+        self.bytes + bytes <= self.bytes_max || self.is_empty()
+    }
+
+    /// Queues `frame` (sealed with [`Outbox::next_seq`]); gives it back when there is no room.
+    pub fn push(&mut self, frame: Sealed) -> Result<(), Sealed> {
+        assert_eq!(
+            frame.seq, self.next_seq,
+            "frame sealed with a stale sequence number"
+        );
+        if !self.has_room(frame.wire.len()) {
+            return Err(frame);
+        }
+        self.next_seq += 1;
+        self.bytes += frame.wire.len();
+        self.queue.push_back(Rc::new(frame));
+        Ok(())
+    }
+
+    /// The next frame to send on connection `conn`, if any is queued and the in-flight window
+    /// has room. Returns the frame and whether it is a resend.
+    pub fn next(&mut self, conn: u64, now_ns: u64) -> Option<Rc<Sealed>> {
+        if self.inflight.len() >= self.inflight_max {
+            return None;
+        }
+        let frame = self.queue.pop_front()?;
+        self.inflight.insert(
+            frame.seq,
+            InFlight {
+                frame: frame.clone(),
+                conn,
+                sent_ns: now_ns,
+            },
+        );
+        Some(frame)
+    }
+
+    /// Releases frame `seq`; `None` if it was not in flight (a late duplicate ack).
+    pub fn ack(&mut self, seq: u64) -> Option<InFlight> {
+        let done = self.inflight.remove(&seq)?;
+        self.bytes -= done.frame.wire.len();
+        Some(done)
+    }
+
+    /// Puts the frames in flight on `conn` back at the front of the queue; returns how many.
+    pub fn fail(&mut self, conn: u64) -> usize {
+        let seqs: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.conn == conn)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in seqs.iter().rev() {
+            let f = self.inflight.remove(seq).expect("listed above");
+            self.queue.push_front(f.frame);
+        }
+        seqs.len()
+    }
+
+    /// Connections holding a frame sent before `deadline_ns` and still unacknowledged.
+    pub fn overdue(&self, deadline_ns: u64) -> Vec<u64> {
+        let mut conns: Vec<u64> = self
+            .inflight
+            .values()
+            .filter(|f| f.sent_ns < deadline_ns)
+            .map(|f| f.conn)
+            .collect();
+        conns.sort_unstable();
+        conns.dedup();
+        conns
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    pub fn can_send(&self) -> bool {
+        self.has_queued() && self.inflight.len() < self.inflight_max
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.inflight.is_empty()
+    }
+
+    pub fn frames(&self) -> usize {
+        self.queue.len() + self.inflight.len()
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Everything still held, for counting at shutdown.
+    pub fn drain(&mut self) -> Vec<Rc<Sealed>> {
+        let mut all: Vec<Rc<Sealed>> = self.inflight.values().map(|f| f.frame.clone()).collect();
+        all.extend(self.queue.drain(..));
+        self.inflight.clear();
+        self.bytes = 0;
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u64, bytes: usize) -> Sealed {
+        Sealed {
+            wire: vec![0; bytes],
+            records: 1,
+            raw_bytes: 1,
+            first_ns: 0,
+            services: vec![],
+            seq,
+        }
+    }
+
+    #[test]
+    fn window_failures_and_resend_order() {
+        let mut o = Outbox::new(1000, 2);
+        for s in 1..=3 {
+            o.push(frame(s, 100)).unwrap();
+        }
+        assert_eq!(o.next(7, 0).unwrap().seq, 1);
+        assert_eq!(o.next(8, 0).unwrap().seq, 2);
+        assert!(o.next(7, 0).is_none(), "window of 2 is full");
+        assert_eq!(o.overdue(1), vec![7, 8]);
+        assert_eq!(o.fail(7), 1);
+        // Frame 1 goes out again before frame 3.
+        assert_eq!(o.next(8, 5).unwrap().seq, 1);
+        assert!(o.ack(2).is_some());
+        assert!(o.ack(2).is_none(), "a duplicate ack releases nothing");
+        assert_eq!(o.next(8, 5).unwrap().seq, 3);
+        assert_eq!((o.frames(), o.bytes()), (2, 200));
+    }
+
+    #[test]
+    fn bounded_by_bytes_and_dense_sequence() {
+        let mut o = Outbox::new(250, 8);
+        o.push(frame(1, 100)).unwrap();
+        o.push(frame(2, 100)).unwrap();
+        assert!(o.push(frame(3, 100)).is_err());
+        assert_eq!(o.next_seq(), 3, "a refused frame takes no sequence number");
+        // An empty outbox takes one frame even over the limit, so a huge batch is not stuck.
+        let mut o = Outbox::new(10, 8);
+        assert!(o.push(frame(1, 100)).is_ok());
+    }
+}

@@ -1,0 +1,4 @@
+//! Where records come from. Each source is owned by one worker and feeds it whole lines.
+
+pub mod lines;
+pub mod pipe;

@@ -1,0 +1,98 @@
+//! Named-pipe source: the FIFO applications write their JSON lines into.
+//!
+//! # Design constraints
+//! - A writer must never block because of the shipper: the FIFO exists before writers come
+//!   (created here with the configured mode), always has a reader (so `open(O_WRONLY)` never
+//!   blocks), and is drained continuously into a buffer of `pipe_bytes` (F_SETPIPE_SZ).
+//! - Memory per pipe: one read buffer of `read_bytes` plus a carry of `line_bytes_max`.
+//!
+//! # Operation
+//! The FIFO is opened `O_RDWR`: the shipper itself counts as a writer, so the reader never
+//! sees EOF when the last application closes it, and as a reader, so writers' opens succeed at
+//! once. Reads go through io_uring (an owned buffer handed to the kernel and back); a read on
+//! an empty pipe parks in the ring until data arrives, costing no thread.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Why a pipe source could not be opened.
+#[derive(Debug, Error)]
+pub enum PipeError {
+    #[error("{path}: exists and is not a FIFO")]
+    NotFifo { path: PathBuf },
+    #[error("{path}: cannot create FIFO: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("{path}: cannot open FIFO: {source}")]
+    Open { path: PathBuf, source: io::Error },
+}
+
+/// An open FIFO and the buffer size the kernel granted.
+pub struct OpenPipe {
+    pub file: std::fs::File,
+    pub pipe_bytes: usize,
+}
+
+/// Creates the FIFO at `path` with `mode` if it is missing, opens it read-write and raises its
+/// buffer towards `pipe_bytes` (the kernel may grant less: `/proc/sys/fs/pipe-max-size` caps
+/// unprivileged processes; what was granted is returned and logged by the caller).
+pub fn open(path: &Path, mode: u32, pipe_bytes: usize) -> Result<OpenPipe, PipeError> {
+    let err_path = || path.to_path_buf();
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_fifo() => {}
+        Ok(_) => return Err(PipeError::NotFifo { path: err_path() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| {
+                PipeError::Create {
+                    path: err_path(),
+                    source: e.into(),
+                }
+            })?;
+            // SAFETY: a valid NUL-terminated path.
+            if unsafe { libc::mkfifo(c.as_ptr(), mode) } != 0 {
+                let source = io::Error::last_os_error();
+                if source.kind() != io::ErrorKind::AlreadyExists {
+                    return Err(PipeError::Create {
+                        path: err_path(),
+                        source,
+                    });
+                }
+            }
+            // mkfifo applies the umask; set exactly the configured bits.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+                |source| PipeError::Create {
+                    path: err_path(),
+                    source,
+                },
+            )?;
+        }
+        Err(source) => {
+            return Err(PipeError::Open {
+                path: err_path(),
+                source,
+            })
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| PipeError::Open {
+            path: err_path(),
+            source,
+        })?;
+    let fd = file.as_raw_fd();
+    let want = libc::c_int::try_from(pipe_bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: fcntl on a descriptor we own; failure (EPERM above pipe-max-size) leaves the
+    // buffer as it was, which F_GETPIPE_SZ then reports.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, want) };
+    let granted = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    Ok(OpenPipe {
+        file,
+        pipe_bytes: usize::try_from(granted).unwrap_or(0),
+    })
+}
