@@ -1,0 +1,330 @@
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shipper::protocol::frame::{Header, Kind, FLAG_ZSTD, HEADER_BYTES};
+use shipper::protocol::{Frame, FrameDecoder, Hello, RecordWriter};
+
+use crate::harness::*;
+
+/// Deterministic garbage lines: random bytes, no newline.
+fn garbage(n: usize, len: usize) -> Vec<Vec<u8>> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    match (x >> 24) as u8 {
+                        b'\n' => b'.',
+                        b => b,
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn pipe_garbage_is_passed_as_text_truncated_and_counted() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let pipe = env.path("app.pipe");
+    let body =
+        format!("[[sources.pipe]]\npath = {pipe:?}\nservice = \"junk\"\nline_bytes_max = 1024\n");
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    let big = format!(
+        "{{\"service\":\"big\",\"pad\":\"{}\"}}",
+        "x".repeat(10 << 20)
+    );
+    let junk = garbage(100, 200);
+    let mut expect_junk: Vec<Vec<u8>> = vec![
+        big.as_bytes()[..1024].to_vec(),
+        b"{\"service\":\"ok\",\"m\":\"\xff\xfe\"}".to_vec(),
+        b"{\"service\":\"ok\",\"m\":".to_vec(),
+    ];
+    expect_junk.extend(junk.iter().cloned());
+    let mut input = b"{\"service\":\"ok\",\"n\":1}\n".to_vec();
+    for l in &[big.as_bytes().to_vec()][..] {
+        input.extend_from_slice(l);
+        input.push(b'\n');
+    }
+    for l in &expect_junk[1..] {
+        input.extend_from_slice(l);
+        input.push(b'\n');
+    }
+    input.extend_from_slice(b"\n{\"service\":\"ok\",\"n\":2}\n");
+    open_writer(&pipe).write_all(&input).unwrap();
+    shipper.wait_alive("all lines acknowledged", || {
+        metric(
+            &scrape(sm).unwrap_or_default(),
+            "shipper_records_acked_total",
+            &[],
+        ) >= 105.0
+    });
+    let lines = output_lines(&env.out());
+    let stream = |s: &str| -> Vec<Vec<u8>> {
+        lines
+            .iter()
+            .filter(|(n, _)| n == s)
+            .map(|(_, l)| l.clone())
+            .collect()
+    };
+    assert_eq!(
+        stream("ok"),
+        vec![
+            b"{\"service\":\"ok\",\"n\":1}".to_vec(),
+            b"{\"service\":\"ok\",\"n\":2}".to_vec()
+        ]
+    );
+    assert_eq!(stream("junk"), expect_junk);
+    let utf8_bad = junk
+        .iter()
+        .filter(|l| std::str::from_utf8(l).is_err())
+        .count() as f64;
+    let m = |name: &str, labels: &[(&str, &str)]| shipper.metric(name, labels);
+    assert_eq!(m("shipper_source_lines_read_total", &[]), 106.0);
+    assert_eq!(m("shipper_source_lines_empty_total", &[]), 1.0);
+    assert_eq!(m("shipper_source_lines_truncated_total", &[]), 1.0);
+    assert_eq!(
+        m(
+            "shipper_source_parse_failures_total",
+            &[("reason", "invalid_utf8")]
+        ),
+        1.0 + utf8_bad
+    );
+    assert_eq!(
+        m(
+            "shipper_source_parse_failures_total",
+            &[("reason", "invalid_json")]
+        ),
+        2.0 + 100.0 - utf8_bad
+    );
+    assert!(shipper.stop(Duration::from_secs(30)).success());
+}
+
+/// A blocking TLS client speaking the protocol by hand.
+struct RawClient {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    dec: FrameDecoder,
+}
+
+impl RawClient {
+    fn connect(port: u16, config: rustls::ClientConfig) -> RawClient {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        RawClient {
+            tls: rustls::StreamOwned::new(conn, tcp),
+            dec: FrameDecoder::new(1 << 20),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.tls.write_all(bytes)?;
+        self.tls.flush()
+    }
+
+    /// The next frame, or the error that ended the connection.
+    fn read(&mut self) -> std::io::Result<Option<Frame>> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(f) = self.dec.next_frame().unwrap() {
+                return Ok(Some(f));
+            }
+            let n = self.tls.read(&mut buf)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.dec.push(&buf[..n]);
+        }
+    }
+
+    fn hello(&mut self, run_id: u64) {
+        let hello = Hello {
+            run_id,
+            core: 0,
+            name: "raw".into(),
+        };
+        self.send(&Frame::control(Kind::Hello, 0, &hello.encode()))
+            .unwrap();
+        assert_eq!(self.read().unwrap().unwrap().header.kind, Kind::Welcome);
+    }
+
+    /// Expects an ERROR frame containing `text`, then the end of the connection.
+    fn expect_error(&mut self, text: &str) {
+        let f = self.read().unwrap().expect("an ERROR frame");
+        assert_eq!(f.header.kind, Kind::Error);
+        let msg = String::from_utf8_lossy(&f.payload);
+        assert!(msg.contains(text), "ERROR {msg:?} should contain {text:?}");
+        assert!(
+            matches!(self.read(), Ok(None) | Err(_)),
+            "connection closed after ERROR"
+        );
+    }
+}
+
+fn data_frame(seq: u64, records: &[(&[u8], &[u8])], declared_count: u32) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for (k, b) in records {
+        RecordWriter::push(&mut raw, k, b);
+    }
+    let z = zstd::bulk::compress(&raw, 1).unwrap();
+    let h = Header {
+        kind: Kind::Data,
+        flags: FLAG_ZSTD,
+        seq,
+        count: declared_count,
+        raw_len: raw.len() as u32,
+        len: z.len() as u32,
+    };
+    let mut out = Vec::new();
+    h.encode(&z, &mut out);
+    out.extend_from_slice(&z);
+    out
+}
+
+#[test]
+fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
+    let env = Env::new();
+    let (port, rm) = (free_port(), free_port());
+    let receiver = start_receiver(
+        &env,
+        port,
+        rm,
+        "frame_bytes_max = 65536\nframe_raw_bytes_max = 65536\n",
+    );
+    let p = &env.pki;
+    let good = || shipper::tls::client_config(&p.ca, &p.shipper_cert, &p.shipper_key).unwrap();
+    let refused = |reason| {
+        receiver.metric(
+            "shipper_receiver_connections_refused_total",
+            &[("reason", reason)],
+        )
+    };
+
+    // No client certificate at all.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&p.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    use rustls::pki_types::pem::PemObject;
+    let anonymous = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut c = RawClient::connect(port, anonymous);
+    let _ = c.send(&Frame::control(
+        Kind::Hello,
+        0,
+        &Hello {
+            run_id: 1,
+            core: 0,
+            name: "x".into(),
+        }
+        .encode(),
+    ));
+    assert!(
+        c.read().is_err(),
+        "a client without certificate is refused by TLS"
+    );
+    // A certificate from another CA.
+    let other = shipper::tls::pki::generate(&env.path("other-pki"), &["localhost".into()]).unwrap();
+    let mut foreign =
+        shipper::tls::client_config(&p.ca, &other.shipper_cert, &other.shipper_key).unwrap();
+    foreign.alpn_protocols.clear();
+    let mut c = RawClient::connect(port, foreign);
+    let _ = c.send(&Frame::control(
+        Kind::Hello,
+        0,
+        &Hello {
+            run_id: 1,
+            core: 0,
+            name: "x".into(),
+        }
+        .encode(),
+    ));
+    assert!(
+        c.read().is_err(),
+        "a certificate from another CA is refused by TLS"
+    );
+    // The third: start_receiver's own probe of the port, a TCP connect without TLS.
+    wait_for("three TLS refusals counted", Duration::from_secs(5), || {
+        refused("tls") == 3.0
+    });
+
+    // DATA before HELLO.
+    let mut c = RawClient::connect(port, good());
+    c.send(&data_frame(1, &[(b"s", b"x")], 1)).unwrap();
+    c.expect_error("expected HELLO");
+    // Not a frame at all.
+    let mut c = RawClient::connect(port, good());
+    c.hello(2);
+    c.send(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    c.expect_error("bad magic");
+    // Oversized frame: the header alone is refused, the payload is never read.
+    let mut c = RawClient::connect(port, good());
+    c.hello(3);
+    let mut h = data_frame(1, &[(b"s", b"x")], 1);
+    h[24..28].copy_from_slice(&(100u32 << 20).to_le_bytes());
+    c.send(&h[..HEADER_BYTES]).unwrap();
+    c.expect_error("exceeds the limit of 65536 bytes");
+    // Flipped payload byte.
+    let mut c = RawClient::connect(port, good());
+    c.hello(4);
+    let mut f = data_frame(1, &[(b"s", b"x")], 1);
+    let last = f.len() - 1;
+    f[last] ^= 0xff;
+    c.send(&f).unwrap();
+    c.expect_error("checksum mismatch");
+    // Declared record count does not match the payload.
+    let mut c = RawClient::connect(port, good());
+    c.hello(5);
+    c.send(&data_frame(1, &[(b"s", b"x")], 2)).unwrap();
+    c.expect_error("header declares 2");
+    // A decompression bomb: more than frame_raw_bytes_max once inflated.
+    let mut c = RawClient::connect(port, good());
+    c.hello(6);
+    let zeros = vec![0u8; 1 << 20];
+    let z = zstd::bulk::compress(&zeros, 19).unwrap();
+    let hd = Header {
+        kind: Kind::Data,
+        flags: FLAG_ZSTD,
+        seq: 1,
+        count: 1,
+        raw_len: 60_000,
+        len: z.len() as u32,
+    };
+    let mut bomb = Vec::new();
+    hd.encode(&z, &mut bomb);
+    bomb.extend_from_slice(&z);
+    c.send(&bomb).unwrap();
+    c.expect_error("zstd");
+    wait_for("frame refusals counted", Duration::from_secs(5), || {
+        refused("frame") == 5.0
+    });
+    assert_eq!(refused("hello"), 1.0);
+
+    // After all that, a well-behaved client is served, and its frame written exactly once
+    // even when sent twice.
+    let mut c = RawClient::connect(port, good());
+    c.hello(7);
+    let f = data_frame(1, &[(b"svc", b"{\"ok\":true}")], 1);
+    c.send(&f).unwrap();
+    c.send(&f).unwrap();
+    for _ in 0..2 {
+        let ack = c.read().unwrap().unwrap();
+        assert_eq!((ack.header.kind, ack.header.seq), (Kind::Ack, 1));
+    }
+    assert_eq!(
+        output_lines(&env.out()),
+        vec![("svc".to_string(), b"{\"ok\":true}".to_vec())]
+    );
+    wait_for("the duplicate counted", Duration::from_secs(5), || {
+        receiver.metric("shipper_receiver_frames_duplicate_total", &[]) == 1.0
+    });
+}

@@ -1,0 +1,89 @@
+use std::process::Command;
+
+use crate::harness::*;
+
+fn shipper(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (
+        out.status.code().unwrap(),
+        text(out.stdout),
+        text(out.stderr),
+    )
+}
+
+#[test]
+fn version_and_help() {
+    let (code, out, _) = shipper(&["--version"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, concat!("shipper ", env!("CARGO_PKG_VERSION")))
+    );
+    for sub in ["run", "receive", "validate", "dev-certs"] {
+        let (code, out, _) = shipper(&[sub, "--help"]);
+        assert_eq!(code, 0, "{sub} --help");
+        assert!(out.contains("Usage: shipper"), "{sub} --help: {out}");
+    }
+    let (code, _, err) = shipper(&["run"]);
+    assert_eq!(code, 2, "missing --config is a usage error: {err}");
+}
+
+/// The shipped examples validate once their certificate paths exist.
+#[test]
+fn examples_are_valid() {
+    let env = Env::new();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let pki = env.pki.ca.parent().unwrap().to_str().unwrap().to_string() + "/";
+    for name in ["edge.toml", "receiver.toml"] {
+        let text = std::fs::read_to_string(format!("{root}/{name}")).unwrap();
+        let path = env.write(name, &text.replace("/etc/shipper/tls/", &pki));
+        let (code, out, err) = shipper(&["validate", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "{name}: {err}");
+        assert!(out.contains("valid"), "{out}");
+    }
+}
+
+/// Each kind of mistake names the file, the line and the key.
+#[test]
+fn invalid_configurations_name_file_line_and_key() {
+    let env = Env::new();
+    let base = env.shipper_toml(7000, 9000, "");
+    let cases = [
+        (
+            "[batch]\nbatch_byte_max = 5\n",
+            "batch_byte_max",
+            "unknown field `batch_byte_max`",
+        ),
+        (
+            "[ratelimit]\nrate = \"fast\"\n",
+            "rate",
+            "invalid type: string \"fast\"",
+        ),
+        (
+            "[[sources.pipe]]\npath = \"/tmp/x.pipe\"\nmode = \"999\"\n",
+            "sources.pipe[0].mode",
+            "\"999\" is not an octal file mode",
+        ),
+        (
+            "[batch]\nzstd_level = 40\n",
+            "batch.zstd_level",
+            "40 is out of range (allowed: 1 to 19)",
+        ),
+    ];
+    for (extra, key, message) in cases {
+        let text = format!("{base}{extra}");
+        let leaf = format!("{} =", key.rsplit('.').next().unwrap());
+        let line = text.lines().position(|l| l.starts_with(&leaf)).unwrap() + 1;
+        let path = env.write("bad.toml", &text);
+        let (code, _, err) = shipper(&["validate", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 1, "{extra}");
+        let want = format!("{}:{line}: {key}: {message}", path.display());
+        assert!(err.contains(&want), "expected {want:?} in:\n{err}");
+    }
+    let (code, _, err) = shipper(&["validate", "--config", "/nonexistent.toml"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/nonexistent.toml: cannot read configuration"),
+        "{err}"
+    );
+}

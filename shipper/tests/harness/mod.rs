@@ -1,0 +1,290 @@
+//! Real processes for the integration tests: a PKI, `shipper receive` and `shipper run`
+//! started from the built binary, FIFO writers, and polling with deadlines.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shipper");
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes; panics with `what` on timeout.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub pki: shipper::tls::pki::DevPki,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("shipper-test-")
+            .tempdir()
+            .unwrap();
+        let pki =
+            shipper::tls::pki::generate(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+        Env { dir, pki }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn out(&self) -> PathBuf {
+        self.path("out")
+    }
+
+    /// A receiver configuration on `port` writing to `out()`.
+    pub fn receiver_toml(&self, port: u16, metrics: u16, extra: &str) -> String {
+        format!(
+            "[receiver]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n{extra}\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+             [output]\ndirectory = {:?}\nfsync = false\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+            self.pki.ca,
+            self.pki.receiver_cert,
+            self.pki.receiver_key,
+            self.out()
+        )
+    }
+
+    /// A shipper configuration sending to `port`; `body` adds sources and sections.
+    pub fn shipper_toml(&self, port: u16, metrics: u16, body: &str) -> String {
+        format!(
+            "[shipper]\nname = \"test\"\nworkers = 2\nshutdown_timeout_ms = 20000\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
+             [receivers]\nprimary = [\"127.0.0.1:{port}\"]\nack_timeout_ms = 3000\n\
+             backoff_initial_ms = 20\nbackoff_max_ms = 200\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\nserver_name = \"localhost\"\n{body}",
+            self.pki.ca, self.pki.shipper_cert, self.pki.shipper_key
+        )
+    }
+
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+/// A child process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub metrics: u16,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn start(name: &str, args: &[&str], metrics: u16, log: PathBuf) -> Proc {
+        let err = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .env("SHIPPER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let mut p = Proc {
+            child,
+            name: name.into(),
+            metrics,
+            log,
+        };
+        p.wait_alive("its metrics endpoint", || scrape(metrics).is_some());
+        p
+    }
+
+    /// Waits for `cond`, failing at once (with the log) if the process exits meanwhile.
+    pub fn wait_alive(&mut self, what: &str, mut cond: impl FnMut() -> bool) {
+        self.wait_alive_for(what, Duration::from_secs(20), &mut cond)
+    }
+
+    pub fn wait_alive_for(&mut self, what: &str, limit: Duration, cond: &mut dyn FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !cond() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited ({status}) while waiting for {what}:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for {what}:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGTERM, then the exit status within `limit`.
+    pub fn stop(&mut self, limit: Duration) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit after SIGTERM:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&scrape(self.metrics).unwrap_or_default(), name, labels)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn start_receiver(env: &Env, port: u16, metrics: u16, extra: &str) -> Proc {
+    let cfg = env.write(
+        &format!("receiver-{port}.toml"),
+        &env.receiver_toml(port, metrics, extra),
+    );
+    let log = unique(env.path("receiver"));
+    let p = Proc::start(
+        "receiver",
+        &["receive", "--config", cfg.to_str().unwrap()],
+        metrics,
+        log,
+    );
+    wait_for("receiver port", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    p
+}
+
+pub fn start_shipper(env: &Env, port: u16, metrics: u16, body: &str) -> Proc {
+    let cfg = env.write("edge.toml", &env.shipper_toml(port, metrics, body));
+    let log = unique(env.path("shipper"));
+    Proc::start(
+        "shipper",
+        &["run", "--config", cfg.to_str().unwrap()],
+        metrics,
+        log,
+    )
+}
+
+fn unique(p: PathBuf) -> PathBuf {
+    (0..)
+        .map(|n| p.with_extension(format!("{n}.log")))
+        .find(|c| !c.exists())
+        .expect("some name is free")
+}
+
+/// GET /metrics, or `None` if nothing answers.
+pub fn scrape(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// Sum of the samples of `name` whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, l) = series.split_once('{').unwrap_or((series, ""));
+        if n == name
+            && labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        {
+            sum += value.parse::<f64>().unwrap();
+        }
+    }
+    sum
+}
+
+/// Every output line of every stream file, with its stream name.
+pub fn output_lines(out: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut lines = Vec::new();
+    let Ok(streams) = std::fs::read_dir(out) else {
+        return lines;
+    };
+    for s in streams.flatten() {
+        let stream = s.file_name().to_string_lossy().into_owned();
+        if stream.starts_with('.') {
+            continue;
+        }
+        let mut files: Vec<_> = std::fs::read_dir(s.path())
+            .unwrap()
+            .flatten()
+            .map(|f| f.path())
+            .collect();
+        files.sort();
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap();
+            let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+            if body.is_empty() {
+                continue;
+            }
+            lines.extend(
+                body.split(|&b| b == b'\n')
+                    .map(|l| (stream.clone(), l.to_vec())),
+            );
+        }
+    }
+    lines
+}
+
+/// Opens a FIFO for writing (blocking, as nginx does).
+pub fn open_writer(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new().write(true).open(path).unwrap()
+}

@@ -1,0 +1,103 @@
+use std::io::{BufWriter, Write};
+use std::time::Duration;
+
+use crate::harness::*;
+
+pub fn line(writer: usize, seq: usize) -> String {
+    format!(
+        r#"{{"ts":"2026-11-21T00:00:00Z","level":"info","service":"w{writer}","seq":{seq},"msg":"request served","http":{{"status":200,"path":"/a/b?c={seq}"}}}}"#
+    )
+}
+
+/// Parses (writer, seq) back out of a line made by [`line`].
+fn ids(l: &[u8]) -> (usize, usize) {
+    let s = std::str::from_utf8(l).unwrap();
+    let w = s
+        .split("\"service\":\"w")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let q = s
+        .split("\"seq\":")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap();
+    (w.parse().unwrap(), q.parse().unwrap())
+}
+
+#[test]
+fn million_lines_from_four_writers_arrive_once_byte_identical() {
+    const WRITERS: usize = 4;
+    const PER_WRITER: usize = 250_000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let mut pipes = String::new();
+    for w in 0..WRITERS {
+        let p = env.path(&format!("p{w}.pipe"));
+        pipes += &format!("[[sources.pipe]]\npath = {p:?}\nmode = \"0600\"\n");
+    }
+    let mut shipper = start_shipper(&env, port, sm, &pipes);
+    for w in 0..WRITERS {
+        let meta = std::fs::metadata(env.path(&format!("p{w}.pipe"))).unwrap();
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        assert!(meta.file_type().is_fifo());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    }
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let path = env.path(&format!("p{w}.pipe"));
+            std::thread::spawn(move || {
+                let mut out = BufWriter::with_capacity(64 << 10, open_writer(&path));
+                for seq in 0..PER_WRITER {
+                    out.write_all(line(w, seq).as_bytes()).unwrap();
+                    out.write_all(b"\n").unwrap();
+                }
+                out.flush().unwrap();
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let total = (WRITERS * PER_WRITER) as f64;
+    shipper.wait_alive_for(
+        "all lines acknowledged",
+        Duration::from_secs(180),
+        &mut || {
+            crate::harness::metric(
+                &scrape(sm).unwrap_or_default(),
+                "shipper_records_acked_total",
+                &[],
+            ) >= total
+        },
+    );
+    let lines = output_lines(&env.out());
+    assert_eq!(lines.len(), WRITERS * PER_WRITER, "output line count");
+    let mut seen = vec![vec![false; PER_WRITER]; WRITERS];
+    for (stream, l) in &lines {
+        let (w, seq) = ids(l);
+        assert_eq!(stream, &format!("w{w}"), "stream of writer {w}");
+        assert_eq!(
+            l.as_slice(),
+            line(w, seq).as_bytes(),
+            "bytes of line {w}/{seq}"
+        );
+        assert!(!seen[w][seq], "line {w}/{seq} written twice");
+        seen[w][seq] = true;
+    }
+    assert_eq!(
+        shipper.metric("shipper_source_lines_read_total", &[]),
+        total
+    );
+    assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
+    assert!(
+        shipper.stop(Duration::from_secs(30)).success(),
+        "{}",
+        shipper.log_text()
+    );
+}

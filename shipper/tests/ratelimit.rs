@@ -1,0 +1,80 @@
+use std::io::{BufWriter, Write};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// One service written as fast as possible into two pipes owned by different workers; a
+/// quiet service alongside. The noisy service's admitted total over t seconds must be within
+/// 5% of rate·t + burst; the quiet one loses nothing.
+#[test]
+fn one_service_on_two_cores_stays_within_its_global_rate() {
+    const RATE: f64 = 2000.0;
+    const BURST: f64 = 500.0;
+    const QUIET: usize = 300;
+    let run_for = Duration::from_secs(3);
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let (a, b, q) = (env.path("a.pipe"), env.path("b.pipe"), env.path("q.pipe"));
+    let body = format!(
+        "[[sources.pipe]]\npath = {a:?}\nworker = 0\npipe_bytes = 65536\n\
+         [[sources.pipe]]\npath = {b:?}\nworker = 1\npipe_bytes = 65536\n\
+         [[sources.pipe]]\npath = {q:?}\nworker = 0\n\
+         [ratelimit]\nrate = {RATE}\nburst = {BURST}\n\
+         [ratelimit.services.quiet]\nrate = 1000\nburst = 1000\n"
+    );
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    let noisy = |path: std::path::PathBuf| {
+        std::thread::spawn(move || {
+            let mut w = BufWriter::with_capacity(4096, open_writer(&path));
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < run_for {
+                writeln!(w, r#"{{"service":"noisy","n":{n}}}"#).unwrap();
+                n += 1;
+            }
+            w.flush().unwrap();
+            (start, Instant::now(), n)
+        })
+    };
+    let (ta, tb) = (noisy(a), noisy(b));
+    let quiet = std::thread::spawn(move || {
+        let mut w = open_writer(&q);
+        for n in 0..QUIET {
+            writeln!(w, r#"{{"service":"quiet","n":{n}}}"#).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let (sa, ea, na) = ta.join().unwrap();
+    let (sb, eb, nb) = tb.join().unwrap();
+    quiet.join().unwrap();
+    let t = (ea.max(eb) - sa.min(sb)).as_secs_f64();
+    let written = (na + nb) as f64;
+    shipper.wait_alive("every noisy line counted", || {
+        let text = scrape(sm).unwrap_or_default();
+        let seen = metric(
+            &text,
+            "shipper_lines_admitted_total",
+            &[("service", "noisy")],
+        ) + metric(
+            &text,
+            "shipper_lines_dropped_total",
+            &[("service", "noisy")],
+        );
+        seen >= written
+    });
+    assert!(shipper.stop(Duration::from_secs(30)).success());
+    let lines = output_lines(&env.out());
+    let count = |s: &str| lines.iter().filter(|(stream, _)| stream == s).count();
+    let admitted = count("noisy") as f64;
+    let expected = RATE * t + BURST;
+    let error = (admitted - expected).abs() / expected;
+    assert!(error <= 0.05, "admitted {admitted} of {written} in {t:.3} s; expected {expected:.0} ±5% (error {error:.3})");
+    assert!(
+        written > 2.0 * expected,
+        "the writers must outpace the limit for the test to mean anything"
+    );
+    assert_eq!(count("quiet"), QUIET, "the quiet service is unaffected");
+    let text = scrape(sm);
+    assert!(text.is_none(), "shipper has exited");
+}

@@ -1,0 +1,14 @@
+//! Integration tests: real FIFOs, real TLS, real `shipper run` and `shipper receive` processes.
+
+mod harness;
+
+/// Bad input on either side gets its documented outcome, never a crash or a hang.
+mod bad_input;
+/// The CLI: validate, version, help, configuration errors with file, line and key.
+mod cli;
+/// Pipes to receiver: a million lines from four writers arrive byte-identical, once each.
+mod pipe;
+/// One service fed from two cores stays within its global rate; others are unaffected.
+mod ratelimit;
+/// The receiver killed mid-stream and restarted: nothing lost, nothing duplicated.
+mod restart;
