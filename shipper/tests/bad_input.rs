@@ -37,10 +37,7 @@ fn pipe_garbage_is_passed_as_text_truncated_and_counted() {
     let body =
         format!("[[sources.pipe]]\npath = {pipe:?}\nservice = \"junk\"\nline_bytes_max = 1024\n");
     let mut shipper = start_shipper(&env, port, sm, &body);
-    let big = format!(
-        "{{\"service\":\"big\",\"pad\":\"{}\"}}",
-        "x".repeat(10 << 20)
-    );
+    let big = format!("{{\"service\":\"big\",\"pad\":\"{}\"}}", "x".repeat(10 << 20));
     let junk = garbage(100, 200);
     let mut expect_junk: Vec<Vec<u8>> = vec![
         big.as_bytes()[..1024].to_vec(),
@@ -60,48 +57,28 @@ fn pipe_garbage_is_passed_as_text_truncated_and_counted() {
     input.extend_from_slice(b"\n{\"service\":\"ok\",\"n\":2}\n");
     open_writer(&pipe).write_all(&input).unwrap();
     shipper.wait_alive("all lines acknowledged", || {
-        metric(
-            &scrape(sm).unwrap_or_default(),
-            "shipper_records_acked_total",
-            &[],
-        ) >= 105.0
+        metric(&scrape(sm).unwrap_or_default(), "shipper_records_acked_total", &[]) >= 105.0
     });
     let lines = output_lines(&env.out());
     let stream = |s: &str| -> Vec<Vec<u8>> {
-        lines
-            .iter()
-            .filter(|(n, _)| n == s)
-            .map(|(_, l)| l.clone())
-            .collect()
+        lines.iter().filter(|(n, _)| n == s).map(|(_, l)| l.clone()).collect()
     };
     assert_eq!(
         stream("ok"),
-        vec![
-            b"{\"service\":\"ok\",\"n\":1}".to_vec(),
-            b"{\"service\":\"ok\",\"n\":2}".to_vec()
-        ]
+        vec![b"{\"service\":\"ok\",\"n\":1}".to_vec(), b"{\"service\":\"ok\",\"n\":2}".to_vec()]
     );
     assert_eq!(stream("junk"), expect_junk);
-    let utf8_bad = junk
-        .iter()
-        .filter(|l| std::str::from_utf8(l).is_err())
-        .count() as f64;
+    let utf8_bad = junk.iter().filter(|l| std::str::from_utf8(l).is_err()).count() as f64;
     let m = |name: &str, labels: &[(&str, &str)]| shipper.metric(name, labels);
     assert_eq!(m("shipper_source_lines_read_total", &[]), 106.0);
     assert_eq!(m("shipper_source_lines_empty_total", &[]), 1.0);
     assert_eq!(m("shipper_source_lines_truncated_total", &[]), 1.0);
     assert_eq!(
-        m(
-            "shipper_source_parse_failures_total",
-            &[("reason", "invalid_utf8")]
-        ),
+        m("shipper_source_parse_failures_total", &[("reason", "invalid_utf8")]),
         1.0 + utf8_bad
     );
     assert_eq!(
-        m(
-            "shipper_source_parse_failures_total",
-            &[("reason", "invalid_json")]
-        ),
+        m("shipper_source_parse_failures_total", &[("reason", "invalid_json")]),
         2.0 + 100.0 - utf8_bad
     );
     assert!(shipper.stop(Duration::from_secs(30)).success());
@@ -119,10 +96,7 @@ impl RawClient {
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-        RawClient {
-            tls: rustls::StreamOwned::new(conn, tcp),
-            dec: FrameDecoder::new(1 << 20),
-        }
+        RawClient { tls: rustls::StreamOwned::new(conn, tcp), dec: FrameDecoder::new(1 << 20) }
     }
 
     fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -146,13 +120,8 @@ impl RawClient {
     }
 
     fn hello(&mut self, run_id: u64) {
-        let hello = Hello {
-            run_id,
-            core: 0,
-            name: "raw".into(),
-        };
-        self.send(&Frame::control(Kind::Hello, 0, &hello.encode()))
-            .unwrap();
+        let hello = Hello { run_id, core: 0, name: "raw".into() };
+        self.send(&Frame::control(Kind::Hello, 0, &hello.encode())).unwrap();
         assert_eq!(self.read().unwrap().unwrap().header.kind, Kind::Welcome);
     }
 
@@ -162,10 +131,7 @@ impl RawClient {
         assert_eq!(f.header.kind, Kind::Error);
         let msg = String::from_utf8_lossy(&f.payload);
         assert!(msg.contains(text), "ERROR {msg:?} should contain {text:?}");
-        assert!(
-            matches!(self.read(), Ok(None) | Err(_)),
-            "connection closed after ERROR"
-        );
+        assert!(matches!(self.read(), Ok(None) | Err(_)), "connection closed after ERROR");
     }
 }
 
@@ -193,19 +159,12 @@ fn data_frame(seq: u64, records: &[(&[u8], &[u8])], declared_count: u32) -> Vec<
 fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
     let env = Env::new();
     let (port, rm) = (free_port(), free_port());
-    let receiver = start_receiver(
-        &env,
-        port,
-        rm,
-        "frame_bytes_max = 65536\nframe_raw_bytes_max = 65536\n",
-    );
+    let receiver =
+        start_receiver(&env, port, rm, "frame_bytes_max = 65536\nframe_raw_bytes_max = 65536\n");
     let p = &env.pki;
     let good = || shipper::tls::client_config(&p.ca, &p.shipper_cert, &p.shipper_key).unwrap();
     let refused = |reason| {
-        receiver.metric(
-            "shipper_receiver_connections_refused_total",
-            &[("reason", reason)],
-        )
+        receiver.metric("shipper_receiver_connections_refused_total", &[("reason", reason)])
     };
 
     // No client certificate at all.
@@ -214,24 +173,15 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
         roots.add(c.unwrap()).unwrap();
     }
     use rustls::pki_types::pem::PemObject;
-    let anonymous = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let anonymous =
+        rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     let mut c = RawClient::connect(port, anonymous);
     let _ = c.send(&Frame::control(
         Kind::Hello,
         0,
-        &Hello {
-            run_id: 1,
-            core: 0,
-            name: "x".into(),
-        }
-        .encode(),
+        &Hello { run_id: 1, core: 0, name: "x".into() }.encode(),
     ));
-    assert!(
-        c.read().is_err(),
-        "a client without certificate is refused by TLS"
-    );
+    assert!(c.read().is_err(), "a client without certificate is refused by TLS");
     // A certificate from another CA.
     let other = shipper::tls::pki::generate(&env.path("other-pki"), &["localhost".into()]).unwrap();
     let mut foreign =
@@ -241,21 +191,11 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
     let _ = c.send(&Frame::control(
         Kind::Hello,
         0,
-        &Hello {
-            run_id: 1,
-            core: 0,
-            name: "x".into(),
-        }
-        .encode(),
+        &Hello { run_id: 1, core: 0, name: "x".into() }.encode(),
     ));
-    assert!(
-        c.read().is_err(),
-        "a certificate from another CA is refused by TLS"
-    );
+    assert!(c.read().is_err(), "a certificate from another CA is refused by TLS");
     // The third: start_receiver's own probe of the port, a TCP connect without TLS.
-    wait_for("three TLS refusals counted", Duration::from_secs(5), || {
-        refused("tls") == 3.0
-    });
+    wait_for("three TLS refusals counted", Duration::from_secs(5), || refused("tls") == 3.0);
 
     // DATA before HELLO.
     let mut c = RawClient::connect(port, good());
@@ -304,9 +244,7 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
     bomb.extend_from_slice(&z);
     c.send(&bomb).unwrap();
     c.expect_error("zstd");
-    wait_for("frame refusals counted", Duration::from_secs(5), || {
-        refused("frame") == 5.0
-    });
+    wait_for("frame refusals counted", Duration::from_secs(5), || refused("frame") == 5.0);
     assert_eq!(refused("hello"), 1.0);
 
     // After all that, a well-behaved client is served, and its frame written exactly once
@@ -320,10 +258,7 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
         let ack = c.read().unwrap().unwrap();
         assert_eq!((ack.header.kind, ack.header.seq), (Kind::Ack, 1));
     }
-    assert_eq!(
-        output_lines(&env.out()),
-        vec![("svc".to_string(), b"{\"ok\":true}".to_vec())]
-    );
+    assert_eq!(output_lines(&env.out()), vec![("svc".to_string(), b"{\"ok\":true}".to_vec())]);
     wait_for("the duplicate counted", Duration::from_secs(5), || {
         receiver.metric("shipper_receiver_frames_duplicate_total", &[]) == 1.0
     });

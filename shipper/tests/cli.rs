@@ -5,20 +5,13 @@ use crate::harness::*;
 fn shipper(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().unwrap();
     let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
-    (
-        out.status.code().unwrap(),
-        text(out.stdout),
-        text(out.stderr),
-    )
+    (out.status.code().unwrap(), text(out.stdout), text(out.stderr))
 }
 
 #[test]
 fn version_and_help() {
     let (code, out, _) = shipper(&["--version"]);
-    assert_eq!(
-        (code, out.trim()),
-        (0, concat!("shipper ", env!("CARGO_PKG_VERSION")))
-    );
+    assert_eq!((code, out.trim()), (0, concat!("shipper ", env!("CARGO_PKG_VERSION"))));
     for sub in ["run", "receive", "validate", "dev-certs"] {
         let (code, out, _) = shipper(&[sub, "--help"]);
         assert_eq!(code, 0, "{sub} --help");
@@ -49,26 +42,14 @@ fn invalid_configurations_name_file_line_and_key() {
     let env = Env::new();
     let base = env.shipper_toml(7000, 9000, "");
     let cases = [
-        (
-            "[batch]\nbatch_byte_max = 5\n",
-            "batch_byte_max",
-            "unknown field `batch_byte_max`",
-        ),
-        (
-            "[ratelimit]\nrate = \"fast\"\n",
-            "rate",
-            "invalid type: string \"fast\"",
-        ),
+        ("[batch]\nbatch_byte_max = 5\n", "batch_byte_max", "unknown field `batch_byte_max`"),
+        ("[ratelimit]\nrate = \"fast\"\n", "rate", "invalid type: string \"fast\""),
         (
             "[[sources.pipe]]\npath = \"/tmp/x.pipe\"\nmode = \"999\"\n",
             "sources.pipe[0].mode",
             "\"999\" is not an octal file mode",
         ),
-        (
-            "[batch]\nzstd_level = 40\n",
-            "batch.zstd_level",
-            "40 is out of range (allowed: 1 to 19)",
-        ),
+        ("[batch]\nzstd_level = 40\n", "batch.zstd_level", "40 is out of range (allowed: 1 to 19)"),
     ];
     for (extra, key, message) in cases {
         let text = format!("{base}{extra}");
@@ -82,8 +63,5 @@ fn invalid_configurations_name_file_line_and_key() {
     }
     let (code, _, err) = shipper(&["validate", "--config", "/nonexistent.toml"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("/nonexistent.toml: cannot read configuration"),
-        "{err}"
-    );
+    assert!(err.contains("/nonexistent.toml: cannot read configuration"), "{err}");
 }

@@ -12,20 +12,8 @@ pub fn line(writer: usize, seq: usize) -> String {
 /// Parses (writer, seq) back out of a line made by [`line`].
 fn ids(l: &[u8]) -> (usize, usize) {
     let s = std::str::from_utf8(l).unwrap();
-    let w = s
-        .split("\"service\":\"w")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
-    let q = s
-        .split("\"seq\":")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap();
+    let w = s.split("\"service\":\"w").nth(1).unwrap().split('"').next().unwrap();
+    let q = s.split("\"seq\":").nth(1).unwrap().split(',').next().unwrap();
     (w.parse().unwrap(), q.parse().unwrap())
 }
 
@@ -65,39 +53,21 @@ fn million_lines_from_four_writers_arrive_once_byte_identical() {
         w.join().unwrap();
     }
     let total = (WRITERS * PER_WRITER) as f64;
-    shipper.wait_alive_for(
-        "all lines acknowledged",
-        Duration::from_secs(180),
-        &mut || {
-            crate::harness::metric(
-                &scrape(sm).unwrap_or_default(),
-                "shipper_records_acked_total",
-                &[],
-            ) >= total
-        },
-    );
+    shipper.wait_alive_for("all lines acknowledged", Duration::from_secs(180), &mut || {
+        crate::harness::metric(&scrape(sm).unwrap_or_default(), "shipper_records_acked_total", &[])
+            >= total
+    });
     let lines = output_lines(&env.out());
     assert_eq!(lines.len(), WRITERS * PER_WRITER, "output line count");
     let mut seen = vec![vec![false; PER_WRITER]; WRITERS];
     for (stream, l) in &lines {
         let (w, seq) = ids(l);
         assert_eq!(stream, &format!("w{w}"), "stream of writer {w}");
-        assert_eq!(
-            l.as_slice(),
-            line(w, seq).as_bytes(),
-            "bytes of line {w}/{seq}"
-        );
+        assert_eq!(l.as_slice(), line(w, seq).as_bytes(), "bytes of line {w}/{seq}");
         assert!(!seen[w][seq], "line {w}/{seq} written twice");
         seen[w][seq] = true;
     }
-    assert_eq!(
-        shipper.metric("shipper_source_lines_read_total", &[]),
-        total
-    );
+    assert_eq!(shipper.metric("shipper_source_lines_read_total", &[]), total);
     assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
-    assert!(
-        shipper.stop(Duration::from_secs(30)).success(),
-        "{}",
-        shipper.log_text()
-    );
+    assert!(shipper.stop(Duration::from_secs(30)).success(), "{}", shipper.log_text());
 }

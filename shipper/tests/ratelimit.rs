@@ -52,15 +52,8 @@ fn one_service_on_two_cores_stays_within_its_global_rate() {
     let written = (na + nb) as f64;
     shipper.wait_alive("every noisy line counted", || {
         let text = scrape(sm).unwrap_or_default();
-        let seen = metric(
-            &text,
-            "shipper_lines_admitted_total",
-            &[("service", "noisy")],
-        ) + metric(
-            &text,
-            "shipper_lines_dropped_total",
-            &[("service", "noisy")],
-        );
+        let seen = metric(&text, "shipper_lines_admitted_total", &[("service", "noisy")])
+            + metric(&text, "shipper_lines_dropped_total", &[("service", "noisy")]);
         seen >= written
     });
     assert!(shipper.stop(Duration::from_secs(30)).success());

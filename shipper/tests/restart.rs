@@ -37,9 +37,8 @@ fn receiver_killed_mid_stream_loses_and_duplicates_nothing() {
             done.store(true, Ordering::SeqCst);
         })
     };
-    receiver.wait_alive("a third of the lines written", || {
-        receiver_written(rm) >= (LINES / 3) as f64
-    });
+    receiver
+        .wait_alive("a third of the lines written", || receiver_written(rm) >= (LINES / 3) as f64);
     receiver.signal(libc::SIGKILL);
     let _ = receiver.child.wait();
     // The shipper keeps reading (and buffering) while no receiver is up.
@@ -47,49 +46,26 @@ fn receiver_killed_mid_stream_loses_and_duplicates_nothing() {
     let _receiver = start_receiver(&env, port, rm, "");
     writer.join().unwrap();
     assert!(done.load(Ordering::SeqCst));
-    shipper.wait_alive_for(
-        "every line acknowledged",
-        Duration::from_secs(120),
-        &mut || {
-            metric(
-                &scrape(sm).unwrap_or_default(),
-                "shipper_records_acked_total",
-                &[],
-            ) >= LINES as f64
-        },
-    );
+    shipper.wait_alive_for("every line acknowledged", Duration::from_secs(120), &mut || {
+        metric(&scrape(sm).unwrap_or_default(), "shipper_records_acked_total", &[]) >= LINES as f64
+    });
     let lines = output_lines(&env.out());
     let mut seen = vec![0u32; LINES];
     for (_, l) in &lines {
         let s = std::str::from_utf8(l).unwrap();
-        let seq: usize = s
-            .split("\"seq\":")
-            .nth(1)
-            .unwrap()
-            .split(',')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let seq: usize =
+            s.split("\"seq\":").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
         assert_eq!(l.as_slice(), line(0, seq).as_bytes());
         seen[seq] += 1;
     }
     let missing = seen.iter().filter(|&&n| n == 0).count();
     let doubled = seen.iter().filter(|&&n| n > 1).count();
-    assert_eq!(
-        (missing, doubled),
-        (0, 0),
-        "lines missing / written more than once"
-    );
+    assert_eq!((missing, doubled), (0, 0), "lines missing / written more than once");
     assert_eq!(lines.len(), LINES);
     assert!(shipper.metric("shipper_receiver_connections_lost_total", &[]) >= 1.0);
     assert!(shipper.stop(Duration::from_secs(30)).success());
 }
 
 fn receiver_written(port: u16) -> f64 {
-    metric(
-        &scrape(port).unwrap_or_default(),
-        "shipper_receiver_records_written_total",
-        &[],
-    )
+    metric(&scrape(port).unwrap_or_default(), "shipper_receiver_records_written_total", &[])
 }

@@ -137,11 +137,7 @@ pub fn locate(text: &str, path: &[Seg]) -> Option<usize> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 /// Implemented by the two top-level configs.
@@ -152,12 +148,7 @@ pub trait Validate {
 /// Reads, parses and validates the configuration at `file`.
 pub fn load<C: DeserializeOwned + Validate>(file: &Path) -> Result<C, ConfigErrors> {
     let one = |line, key, message| {
-        ConfigErrors(vec![ConfigError {
-            file: file.to_path_buf(),
-            line,
-            key,
-            message,
-        }])
+        ConfigErrors(vec![ConfigError { file: file.to_path_buf(), line, key, message }])
     };
     let text = std::fs::read_to_string(file)
         .map_err(|e| one(None, None, format!("cannot read configuration: {e}")))?;
@@ -198,9 +189,7 @@ pub fn parse<C: DeserializeOwned + Validate>(text: &str, file: &Path) -> Result<
 /// The key written on the line holding `offset` (`key = value` or `[table]`), for errors toml
 /// reports with a span only.
 fn key_at(text: &str, offset: usize) -> Option<String> {
-    let start = text[..offset.min(text.len())]
-        .rfind('\n')
-        .map_or(0, |i| i + 1);
+    let start = text[..offset.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
     let line = text[start..].lines().next()?.trim();
     if let Some((k, _)) = line.split_once('=') {
         return Some(k.trim().to_string());
@@ -239,12 +228,7 @@ mod tests {
     #[test]
     fn locate_finds_nested_lines() {
         let text = "a = 1\n[[sources.pipe]]\npath = \"x\"\n[[sources.pipe]]\nmode = \"9\"\n";
-        let path = [
-            Seg::Key("sources"),
-            Seg::Key("pipe"),
-            Seg::Index(1),
-            Seg::Key("mode"),
-        ];
+        let path = [Seg::Key("sources"), Seg::Key("pipe"), Seg::Index(1), Seg::Key("mode")];
         assert_eq!(locate(text, &path), Some(5));
         assert_eq!(path_text(&path), "sources.pipe[1].mode");
     }

@@ -20,9 +20,7 @@ pub struct ReceiverConfig {
 }
 
 fn receiver_metrics() -> MetricsSection {
-    MetricsSection {
-        listen: "127.0.0.1:9181".into(),
-    }
+    MetricsSection { listen: "127.0.0.1:9181".into() }
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,59 +109,27 @@ impl Validate for ReceiverConfig {
     fn validate(&self, p: &mut Problems) {
         let r = &self.receiver;
         let at = |k| [K("receiver"), K(k)];
-        p.check(
-            r.listen.parse::<SocketAddr>().is_ok(),
-            &at("listen"),
-            || format!("{:?} is not an address:port", r.listen),
-        );
+        p.check(r.listen.parse::<SocketAddr>().is_ok(), &at("listen"), || {
+            format!("{:?} is not an address:port", r.listen)
+        });
         p.range(r.workers as u64, 1, 1024, &at("workers"));
         p.range(r.connections_max as u64, 1, 1 << 20, &at("connections_max"));
-        p.range(
-            r.handshake_timeout_ms,
-            1,
-            600_000,
-            &at("handshake_timeout_ms"),
-        );
+        p.range(r.handshake_timeout_ms, 1, 600_000, &at("handshake_timeout_ms"));
         p.range(r.idle_timeout_ms, 1, 3_600_000, &at("idle_timeout_ms"));
-        p.range(
-            r.frame_bytes_max.into(),
-            1024,
-            FRAME_BYTES_MAX.into(),
-            &at("frame_bytes_max"),
-        );
-        p.range(
-            r.frame_raw_bytes_max.into(),
-            1024,
-            1 << 30,
-            &at("frame_raw_bytes_max"),
-        );
-        for (key, path) in [
-            ("ca", &self.tls.ca),
-            ("cert", &self.tls.cert),
-            ("key", &self.tls.key),
-        ] {
+        p.range(r.frame_bytes_max.into(), 1024, FRAME_BYTES_MAX.into(), &at("frame_bytes_max"));
+        p.range(r.frame_raw_bytes_max.into(), 1024, 1 << 30, &at("frame_raw_bytes_max"));
+        for (key, path) in [("ca", &self.tls.ca), ("cert", &self.tls.cert), ("key", &self.tls.key)]
+        {
             p.check(path.is_file(), &[K("tls"), K(key)], || {
                 format!("{} is not a readable file", path.display())
             });
         }
         let o = &self.output;
-        p.check(
-            !o.directory.as_os_str().is_empty(),
-            &[K("output"), K("directory")],
-            || "must not be empty".into(),
-        );
-        p.range(
-            o.file_bytes_max,
-            4096,
-            1 << 40,
-            &[K("output"), K("file_bytes_max")],
-        );
-        p.range(
-            o.streams_max as u64,
-            1,
-            1 << 20,
-            &[K("output"), K("streams_max")],
-        );
+        p.check(!o.directory.as_os_str().is_empty(), &[K("output"), K("directory")], || {
+            "must not be empty".into()
+        });
+        p.range(o.file_bytes_max, 4096, 1 << 40, &[K("output"), K("file_bytes_max")]);
+        p.range(o.streams_max as u64, 1, 1 << 20, &[K("output"), K("streams_max")]);
         self.metrics.check(&[K("metrics"), K("listen")], p);
     }
 }

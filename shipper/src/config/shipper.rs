@@ -70,19 +70,15 @@ pub struct MetricsSection {
 
 impl Default for MetricsSection {
     fn default() -> Self {
-        MetricsSection {
-            listen: "127.0.0.1:9180".into(),
-        }
+        MetricsSection { listen: "127.0.0.1:9180".into() }
     }
 }
 
 impl MetricsSection {
     pub(crate) fn check(&self, path: &[Seg], p: &mut Problems) {
-        p.check(
-            self.listen.is_empty() || self.listen.parse::<SocketAddr>().is_ok(),
-            path,
-            || format!("{:?} is not an address:port", self.listen),
-        );
+        p.check(self.listen.is_empty() || self.listen.parse::<SocketAddr>().is_ok(), path, || {
+            format!("{:?} is not an address:port", self.listen)
+        });
     }
 }
 
@@ -155,9 +151,7 @@ impl PipeSource {
     /// The service of lines without a key field.
     pub fn service_name(&self) -> String {
         self.service.clone().unwrap_or_else(|| {
-            self.path
-                .file_stem()
-                .map_or("default".into(), |s| s.to_string_lossy().into_owned())
+            self.path.file_stem().map_or("default".into(), |s| s.to_string_lossy().into_owned())
         })
     }
 }
@@ -306,17 +300,10 @@ impl Validate for ShipperConfig {
     fn validate(&self, p: &mut Problems) {
         let s = &self.shipper;
         p.range(s.workers as u64, 1, 1024, &[K("shipper"), K("workers")]);
-        p.check(
-            !s.name.is_empty() && s.name.len() <= 255,
-            &[K("shipper"), K("name")],
-            || "must be 1 to 255 bytes".into(),
-        );
-        p.range(
-            s.shutdown_timeout_ms,
-            0,
-            3_600_000,
-            &[K("shipper"), K("shutdown_timeout_ms")],
-        );
+        p.check(!s.name.is_empty() && s.name.len() <= 255, &[K("shipper"), K("name")], || {
+            "must be 1 to 255 bytes".into()
+        });
+        p.range(s.shutdown_timeout_ms, 0, 3_600_000, &[K("shipper"), K("shutdown_timeout_ms")]);
         self.metrics.check(&[K("metrics"), K("listen")], p);
         for (i, pipe) in self.sources.pipe.iter().enumerate() {
             pipe.check(i, s.workers, p);
@@ -325,12 +312,7 @@ impl Validate for ShipperConfig {
         let b = &self.batch;
         let at = |k| [K("batch"), K(k)];
         p.range(b.batch_bytes_max, 1024, 32 << 20, &at("batch_bytes_max"));
-        p.range(
-            b.batch_events_max.into(),
-            1,
-            1_000_000,
-            &at("batch_events_max"),
-        );
+        p.range(b.batch_events_max.into(), 1, 1_000_000, &at("batch_events_max"));
         p.range(b.flush_interval_ms, 1, 60_000, &at("flush_interval_ms"));
         p.range(b.zstd_level as u64, 1, 19, &at("zstd_level"));
         self.receivers.check(p);
@@ -346,18 +328,11 @@ impl Validate for ShipperConfig {
 impl PipeSource {
     fn check(&self, i: usize, workers: usize, p: &mut Problems) {
         let at = |k| [K("sources"), K("pipe"), Seg::Index(i), K(k)];
-        p.check(!self.path.as_os_str().is_empty(), &at("path"), || {
-            "must not be empty".into()
-        });
+        p.check(!self.path.as_os_str().is_empty(), &at("path"), || "must not be empty".into());
         p.check(parse_mode(&self.mode).is_some(), &at("mode"), || {
             format!("{:?} is not an octal file mode like \"0660\"", self.mode)
         });
-        p.range(
-            self.line_bytes_max,
-            64,
-            LINE_BYTES_LIMIT,
-            &at("line_bytes_max"),
-        );
+        p.range(self.line_bytes_max, 64, LINE_BYTES_LIMIT, &at("line_bytes_max"));
         p.range(self.pipe_bytes, 4096, 1 << 30, &at("pipe_bytes"));
         p.range(self.read_bytes, 4096, 16 << 20, &at("read_bytes"));
         if let Some(w) = self.worker {
@@ -366,39 +341,23 @@ impl PipeSource {
             });
         }
         let service = self.service_name();
-        p.check(
-            !service.is_empty() && service.len() <= 255,
-            &at("service"),
-            || "must be 1 to 255 bytes".into(),
-        );
+        p.check(!service.is_empty() && service.len() <= 255, &at("service"), || {
+            "must be 1 to 255 bytes".into()
+        });
     }
 }
 
 impl RateLimitSection {
     fn check(&self, p: &mut Problems) {
         let at = |k| [K("ratelimit"), K(k)];
-        p.check(!self.key_field.is_empty(), &at("key_field"), || {
-            "must not be empty".into()
-        });
-        p.range(
-            self.rebalance_interval_ms,
-            10,
-            10_000,
-            &at("rebalance_interval_ms"),
-        );
+        p.check(!self.key_field.is_empty(), &at("key_field"), || "must not be empty".into());
+        p.range(self.rebalance_interval_ms, 10, 10_000, &at("rebalance_interval_ms"));
         p.range(self.services_max as u64, 1, 1 << 20, &at("services_max"));
         if let Some(b) = self.burst {
-            p.check(self.rate == 0 || b >= 1, &at("burst"), || {
-                "must be at least 1".into()
-            });
+            p.check(self.rate == 0 || b >= 1, &at("burst"), || "must be at least 1".into());
         }
         for (name, o) in &self.services {
-            let path = [
-                K("ratelimit"),
-                K("services"),
-                Seg::Name(name.clone()),
-                K("burst"),
-            ];
+            let path = [K("ratelimit"), K("services"), Seg::Name(name.clone()), K("burst")];
             if let Some(b) = o.burst {
                 p.check(o.rate == 0 || b >= 1, &path, || "must be at least 1".into());
             }
@@ -417,9 +376,7 @@ impl RateLimitSection {
 impl ReceiversSection {
     fn check(&self, p: &mut Problems) {
         let at = |k| [K("receivers"), K(k)];
-        p.check(!self.primary.is_empty(), &at("primary"), || {
-            "needs at least one address".into()
-        });
+        p.check(!self.primary.is_empty(), &at("primary"), || "needs at least one address".into());
         for (i, a) in self.primary.iter().enumerate() {
             p.check(
                 split_host_port(a).is_some(),
@@ -428,58 +385,23 @@ impl ReceiversSection {
             );
         }
         p.range(self.connections as u64, 1, 64, &at("connections"));
-        p.range(
-            self.connect_timeout_ms,
-            1,
-            600_000,
-            &at("connect_timeout_ms"),
-        );
-        p.range(
-            self.handshake_timeout_ms,
-            1,
-            600_000,
-            &at("handshake_timeout_ms"),
-        );
+        p.range(self.connect_timeout_ms, 1, 600_000, &at("connect_timeout_ms"));
+        p.range(self.handshake_timeout_ms, 1, 600_000, &at("handshake_timeout_ms"));
         p.range(self.ack_timeout_ms, 1, 3_600_000, &at("ack_timeout_ms"));
-        p.range(
-            self.heartbeat_interval_ms,
-            1,
-            600_000,
-            &at("heartbeat_interval_ms"),
-        );
-        p.range(
-            self.inflight_frames_max as u64,
-            1,
-            4096,
-            &at("inflight_frames_max"),
-        );
-        p.range(
-            self.outbox_bytes_max,
-            64 << 10,
-            16 << 30,
-            &at("outbox_bytes_max"),
-        );
-        p.range(
-            self.backoff_initial_ms,
-            1,
-            600_000,
-            &at("backoff_initial_ms"),
-        );
-        p.check(
-            self.backoff_max_ms >= self.backoff_initial_ms,
-            &at("backoff_max_ms"),
-            || format!("{} is below backoff_initial_ms", self.backoff_max_ms),
-        );
+        p.range(self.heartbeat_interval_ms, 1, 600_000, &at("heartbeat_interval_ms"));
+        p.range(self.inflight_frames_max as u64, 1, 4096, &at("inflight_frames_max"));
+        p.range(self.outbox_bytes_max, 64 << 10, 16 << 30, &at("outbox_bytes_max"));
+        p.range(self.backoff_initial_ms, 1, 600_000, &at("backoff_initial_ms"));
+        p.check(self.backoff_max_ms >= self.backoff_initial_ms, &at("backoff_max_ms"), || {
+            format!("{} is below backoff_initial_ms", self.backoff_max_ms)
+        });
     }
 }
 
 /// Splits `host:port` (`[v6]:port` too) into its parts.
 pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
     let (host, port) = s.rsplit_once(':')?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     let port = port.parse().ok()?;
     (!host.is_empty()).then_some((host, port))
 }

@@ -20,15 +20,13 @@ where
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     let render = Arc::new(render);
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(e) = answer(stream, &*render) {
-                    tracing::debug!("metrics request failed: {e}");
-                }
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if let Err(e) = answer(stream, &*render) {
+                tracing::debug!("metrics request failed: {e}");
             }
-        })?;
+        }
+    })?;
     Ok(local)
 }
 
@@ -44,27 +42,16 @@ fn answer(mut stream: TcpStream, render: &dyn Fn() -> String) -> io::Result<()> 
         }
         head.extend_from_slice(&buf[..n]);
         if head.len() > REQUEST_BYTES_MAX {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "",
-            );
+            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "");
         }
     }
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
+    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     match (method, path) {
-        (b"GET", b"/metrics") => respond(
-            &mut stream,
-            "200 OK",
-            "text/plain; version=0.0.4",
-            &render(),
-        ),
+        (b"GET", b"/metrics") => {
+            respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &render())
+        }
         (b"GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "try /metrics\n"),
         _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", ""),
     }
@@ -77,4 +64,15 @@ fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &str) -> io:
         body.len()
     )?;
     stream.flush()
+}
+
+/// Fetches `/metrics` from `addr` (for tests, the demo and the perf suite). `None` if nothing
+/// answers within 5 s.
+pub fn get(addr: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: shipper\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }

@@ -34,9 +34,7 @@ pub struct Registry<T> {
 
 impl<T: Clone + Send> Registry<T> {
     pub fn new(cores: usize) -> Arc<Registry<T>> {
-        Arc::new(Registry {
-            slots: (0..cores).map(|_| Mutex::new(None)).collect(),
-        })
+        Arc::new(Registry { slots: (0..cores).map(|_| Mutex::new(None)).collect() })
     }
 
     /// Called by worker `core` with a copy of its counters.
@@ -46,10 +44,7 @@ impl<T: Clone + Send> Registry<T> {
 
     /// Copies of every published snapshot, in core order.
     pub fn snapshots(&self) -> Vec<T> {
-        self.slots
-            .iter()
-            .filter_map(|s| s.lock().expect("metrics slot poisoned").clone())
-            .collect()
+        self.slots.iter().filter_map(|s| s.lock().expect("metrics slot poisoned").clone()).collect()
     }
 }
 

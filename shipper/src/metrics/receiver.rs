@@ -20,13 +20,8 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 5] = [
-        Refusal::Tls,
-        Refusal::Hello,
-        Refusal::Limit,
-        Refusal::Frame,
-        Refusal::Idle,
-    ];
+    pub const ALL: [Refusal; 5] =
+        [Refusal::Tls, Refusal::Hello, Refusal::Limit, Refusal::Frame, Refusal::Idle];
     pub fn label(self) -> &'static str {
         ["tls", "hello", "limit", "frame", "idle"][self as usize]
     }
@@ -87,12 +82,7 @@ fn family(
 
 /// Renders every core's counters.
 pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
-    out.family(
-        "shipper_receiver_build_info",
-        "gauge",
-        "Version of the running receiver.",
-    )
-    .sample(
+    out.family("shipper_receiver_build_info", "gauge", "Version of the running receiver.").sample(
         "shipper_receiver_build_info",
         &[("version", env!("CARGO_PKG_VERSION"))],
         1.0,
@@ -106,11 +96,7 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
         |c| c.connections_accepted,
     );
     let name = "shipper_receiver_connections_refused_total";
-    out.family(
-        name,
-        "counter",
-        "Connections closed by the receiver, per reason.",
-    );
+    out.family(name, "counter", "Connections closed by the receiver, per reason.");
     for c in cores {
         for r in Refusal::ALL {
             out.sample(
@@ -144,14 +130,9 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
         "DATA frames already written, acknowledged again and not written.",
         |c| c.frames_duplicate,
     );
-    family(
-        out,
-        cores,
-        "shipper_receiver_frames_acked_total",
-        "counter",
-        "ACKs sent.",
-        |c| c.frames_acked,
-    );
+    family(out, cores, "shipper_receiver_frames_acked_total", "counter", "ACKs sent.", |c| {
+        c.frames_acked
+    });
     family(
         out,
         cores,

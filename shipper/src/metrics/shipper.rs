@@ -29,11 +29,8 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] = [
-        DropReason::RateLimit,
-        DropReason::OutboxFull,
-        DropReason::Shutdown,
-    ];
+    pub const ALL: [DropReason; 3] =
+        [DropReason::RateLimit, DropReason::OutboxFull, DropReason::Shutdown];
     pub fn label(self) -> &'static str {
         ["ratelimit", "outbox_full", "shutdown"][self as usize]
     }
@@ -153,10 +150,7 @@ fn per_destination(
     out.family(name, kind, help);
     for c in cores {
         for d in &c.destinations {
-            let labels = [
-                ("core", c.core.to_string()),
-                ("receiver", d.receiver.clone()),
-            ];
+            let labels = [("core", c.core.to_string()), ("receiver", d.receiver.clone())];
             let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
             out.sample(name, &labels, get(d) as f64);
         }
@@ -165,30 +159,17 @@ fn per_destination(
 
 /// Renders every core's counters.
 pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
-    out.family(
-        "shipper_build_info",
-        "gauge",
-        "Version of the running shipper.",
-    )
-    .sample(
+    out.family("shipper_build_info", "gauge", "Version of the running shipper.").sample(
         "shipper_build_info",
         &[("version", env!("CARGO_PKG_VERSION"))],
         1.0,
     );
-    per_source(
-        out,
-        cores,
-        "shipper_source_lines_read_total",
-        "Lines read per source.",
-        |s| s.lines_read,
-    );
-    per_source(
-        out,
-        cores,
-        "shipper_source_bytes_read_total",
-        "Bytes read per source.",
-        |s| s.bytes_read,
-    );
+    per_source(out, cores, "shipper_source_lines_read_total", "Lines read per source.", |s| {
+        s.lines_read
+    });
+    per_source(out, cores, "shipper_source_bytes_read_total", "Bytes read per source.", |s| {
+        s.bytes_read
+    });
     per_source(
         out,
         cores,
@@ -196,45 +177,26 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         "Lines cut at line_bytes_max.",
         |s| s.lines_truncated,
     );
-    per_source(
-        out,
-        cores,
-        "shipper_source_lines_empty_total",
-        "Empty lines skipped.",
-        |s| s.lines_empty,
-    );
-    per_source(
-        out,
-        cores,
-        "shipper_source_read_errors_total",
-        "Failed reads of a source.",
-        |s| s.read_errors,
-    );
+    per_source(out, cores, "shipper_source_lines_empty_total", "Empty lines skipped.", |s| {
+        s.lines_empty
+    });
+    per_source(out, cores, "shipper_source_read_errors_total", "Failed reads of a source.", |s| {
+        s.read_errors
+    });
     let name = "shipper_source_parse_failures_total";
-    out.family(
-        name,
-        "counter",
-        "Lines passed on as text because they did not parse.",
-    );
+    out.family(name, "counter", "Lines passed on as text because they did not parse.");
     for c in cores {
         for s in &c.sources {
             for f in Failure::ALL {
                 let core = c.core.to_string();
-                let labels = [
-                    ("core", core.as_str()),
-                    ("source", &s.source),
-                    ("reason", f.label()),
-                ];
+                let labels =
+                    [("core", core.as_str()), ("source", &s.source), ("reason", f.label())];
                 out.sample(name, &labels, s.parse_failures[f as usize] as f64);
             }
         }
     }
     let name = "shipper_lines_admitted_total";
-    out.family(
-        name,
-        "counter",
-        "Lines admitted by the rate limiter, per service.",
-    );
+    out.family(name, "counter", "Lines admitted by the rate limiter, per service.");
     for c in cores {
         for s in &c.services {
             out.sample(
@@ -245,20 +207,13 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         }
     }
     let name = "shipper_lines_dropped_total";
-    out.family(
-        name,
-        "counter",
-        "Lines dropped by the shipper, per service and reason.",
-    );
+    out.family(name, "counter", "Lines dropped by the shipper, per service and reason.");
     for c in cores {
         for s in &c.services {
             for r in DropReason::ALL {
                 let core = c.core.to_string();
-                let labels = [
-                    ("core", core.as_str()),
-                    ("service", &s.service),
-                    ("reason", r.label()),
-                ];
+                let labels =
+                    [("core", core.as_str()), ("service", &s.service), ("reason", r.label())];
                 out.sample(name, &labels, s.lines_dropped[r as usize] as f64);
             }
         }
@@ -319,14 +274,9 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         "Frames held until acknowledged (queued and in flight).",
         |c| c.outbox_frames,
     );
-    per_core(
-        out,
-        cores,
-        "shipper_outbox_bytes",
-        "gauge",
-        "Bytes held until acknowledged.",
-        |c| c.outbox_bytes,
-    );
+    per_core(out, cores, "shipper_outbox_bytes", "gauge", "Bytes held until acknowledged.", |c| {
+        c.outbox_bytes
+    });
     per_core(
         out,
         cores,
@@ -368,23 +318,14 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         |d| d.connections_up,
     );
     let name = "shipper_read_to_ack_latency_seconds";
-    out.family(
-        name,
-        "summary",
-        "Time from reading a frame's first line to its acknowledgement.",
-    );
+    out.family(name, "summary", "Time from reading a frame's first line to its acknowledgement.");
     for c in cores {
         out.summary(name, &[("core", &c.core.to_string())], &c.latency_us, 1e-6);
     }
     let name = "shipper_batch_records";
     out.family(name, "summary", "Records per sealed batch.");
     for c in cores {
-        out.summary(
-            name,
-            &[("core", &c.core.to_string())],
-            &c.batch_records,
-            1.0,
-        );
+        out.summary(name, &[("core", &c.core.to_string())], &c.batch_records, 1.0);
     }
     let name = "shipper_batch_bytes";
     out.family(name, "summary", "Uncompressed bytes per sealed batch.");

@@ -58,11 +58,7 @@ impl Exposition {
             let qs = q.to_string();
             let mut with_q: Vec<(&str, &str)> = labels.to_vec();
             with_q.push(("quantile", &qs));
-            let v = if h.is_empty() {
-                0.0
-            } else {
-                h.value_at_quantile(q) as f64 * scale
-            };
+            let v = if h.is_empty() { 0.0 } else { h.value_at_quantile(q) as f64 * scale };
             self.sample(name, &with_q, v);
         }
         let sum: f64 = h
@@ -81,6 +77,19 @@ impl Exposition {
 /// A histogram for latencies in µs (1 µs to 1 h) or sizes, 3 significant digits.
 pub fn histogram(max: u64) -> Histogram<u64> {
     Histogram::new_with_bounds(1, max, 3).expect("valid histogram bounds")
+}
+
+/// Sum of the samples of `name` in exposition `text` whose labels include all of `labels`.
+pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (n, l) = series.split_once('{').unwrap_or((series, ""));
+        if n == name && labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))) {
+            total += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    total
 }
 
 #[cfg(test)]
@@ -104,10 +113,7 @@ mod tests {
             text.contains("# TYPE x_total counter\nx_total{core=\"0\",s=\"a\\\"b\"} 3\n"),
             "{text}"
         );
-        assert!(
-            text.contains("lat_seconds{core=\"1\",quantile=\"1\"} 20\n"),
-            "{text}"
-        );
+        assert!(text.contains("lat_seconds{core=\"1\",quantile=\"1\"} 20\n"), "{text}");
         assert!(text.contains("lat_seconds_count{core=\"1\"} 2\n"), "{text}");
         assert!(text.contains("lat_seconds_sum{core=\"1\"} 30\n"), "{text}");
     }

@@ -77,11 +77,7 @@ pub enum FrameError {
 impl Header {
     /// Encodes the header for `payload` into `out` (appending 32 bytes).
     pub fn encode(&self, payload: &[u8], out: &mut Vec<u8>) {
-        debug_assert_eq!(
-            self.len as usize,
-            payload.len(),
-            "header len must match payload"
-        );
+        debug_assert_eq!(self.len as usize, payload.len(), "header len must match payload");
         let start = out.len();
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
@@ -116,10 +112,7 @@ impl Header {
         };
         let max = max.min(FRAME_BYTES_MAX);
         if header.len > max {
-            return Err(FrameError::TooLarge {
-                len: header.len.into(),
-                max,
-            });
+            return Err(FrameError::TooLarge { len: header.len.into(), max });
         }
         Ok((header, u32_at(28)))
     }
@@ -145,14 +138,7 @@ impl Frame {
     /// Builds a control frame (no records) with `payload`.
     pub fn control(kind: Kind, seq: u64, payload: &[u8]) -> Vec<u8> {
         let len = u32::try_from(payload.len()).expect("control payloads are small");
-        let header = Header {
-            kind,
-            flags: 0,
-            seq,
-            count: 0,
-            raw_len: len,
-            len,
-        };
+        let header = Header { kind, flags: 0, seq, count: 0, raw_len: len, len };
         let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
         header.encode(payload, &mut out);
         out.extend_from_slice(payload);
@@ -173,11 +159,7 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// `max` is the largest payload accepted.
     pub fn new(max: u32) -> FrameDecoder {
-        FrameDecoder {
-            buf: Vec::new(),
-            start: 0,
-            max,
-        }
+        FrameDecoder { buf: Vec::new(), start: 0, max }
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
@@ -214,15 +196,9 @@ impl FrameDecoder {
         let payload = &avail[HEADER_BYTES..total];
         let actual = crc32c::crc32c_append(crc32c::crc32c(&avail[..28]), payload);
         if actual != crc {
-            return Err(FrameError::Checksum {
-                expected: crc,
-                actual,
-            });
+            return Err(FrameError::Checksum { expected: crc, actual });
         }
-        let frame = Frame {
-            header,
-            payload: payload.to_vec(),
-        };
+        let frame = Frame { header, payload: payload.to_vec() };
         self.start += total;
         Ok(Some(frame))
     }
@@ -241,14 +217,7 @@ mod tests {
 
     fn data_frame(seq: u64, payload: &[u8]) -> Vec<u8> {
         let len = payload.len() as u32;
-        let h = Header {
-            kind: Kind::Data,
-            flags: 0,
-            seq,
-            count: 1,
-            raw_len: len,
-            len,
-        };
+        let h = Header { kind: Kind::Data, flags: 0, seq, count: 1, raw_len: len, len };
         let mut out = Vec::new();
         h.encode(payload, &mut out);
         out.extend_from_slice(payload);
@@ -284,10 +253,7 @@ mod tests {
 
         let mut dec = FrameDecoder::new(4);
         dec.push(&data_frame(1, b"payload"));
-        assert_eq!(
-            dec.next_frame(),
-            Err(FrameError::TooLarge { len: 7, max: 4 })
-        );
+        assert_eq!(dec.next_frame(), Err(FrameError::TooLarge { len: 7, max: 4 }));
 
         let mut dec = FrameDecoder::new(1024);
         dec.push(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n....");

@@ -42,9 +42,7 @@ impl Hello {
         Ok(Hello {
             run_id: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
             core: u16::from_le_bytes([b[8], b[9]]),
-            name: std::str::from_utf8(&b[11..])
-                .map_err(|_| HelloError::Name)?
-                .to_string(),
+            name: std::str::from_utf8(&b[11..]).map_err(|_| HelloError::Name)?.to_string(),
         })
     }
 }
@@ -55,19 +53,10 @@ mod tests {
 
     #[test]
     fn round_trip_and_malformed() {
-        let h = Hello {
-            run_id: 9,
-            core: 3,
-            name: "edge-1".into(),
-        };
+        let h = Hello { run_id: 9, core: 3, name: "edge-1".into() };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
         assert_eq!(Hello::decode(&[0; 10]), Err(HelloError::Malformed(10)));
-        let mut bad = Hello {
-            run_id: 1,
-            core: 0,
-            name: "ab".into(),
-        }
-        .encode();
+        let mut bad = Hello { run_id: 1, core: 0, name: "ab".into() }.encode();
         bad[11] = 0xff;
         assert_eq!(Hello::decode(&bad), Err(HelloError::Name));
     }

@@ -16,10 +16,7 @@ impl RecordWriter {
     /// so exceeding it here is a broken invariant.
     #[inline]
     pub fn push(out: &mut Vec<u8>, key: &[u8], body: &[u8]) {
-        debug_assert!(
-            key.len() <= KEY_BYTES_MAX,
-            "record key longer than {KEY_BYTES_MAX}"
-        );
+        debug_assert!(key.len() <= KEY_BYTES_MAX, "record key longer than {KEY_BYTES_MAX}");
         let len = u32::try_from(body.len()).expect("record bodies are bounded by line_bytes_max");
         out.reserve(RECORD_HEADER_BYTES + key.len() + body.len());
         out.extend_from_slice(&len.to_le_bytes());
@@ -50,12 +47,7 @@ pub struct RecordIter<'a> {
 
 impl<'a> RecordIter<'a> {
     pub fn new(buf: &'a [u8], count: u32) -> RecordIter<'a> {
-        RecordIter {
-            buf,
-            offset: 0,
-            index: 0,
-            count,
-        }
+        RecordIter { buf, offset: 0, index: 0, count }
     }
 
     /// Checks the whole payload without yielding, so a frame is accepted or refused as a unit.
@@ -65,10 +57,7 @@ impl<'a> RecordIter<'a> {
             r?;
         }
         if it.index != count {
-            return Err(RecordError::CountMismatch {
-                count,
-                found: it.index,
-            });
+            return Err(RecordError::CountMismatch { count, found: it.index });
         }
         Ok(())
     }
@@ -85,10 +74,7 @@ impl<'a> Iterator for RecordIter<'a> {
             self.offset = self.buf.len();
             return Some(Err(RecordError::TooMany { count: self.count }));
         }
-        let err = RecordError::Truncated {
-            index: self.index,
-            offset: self.offset,
-        };
+        let err = RecordError::Truncated { index: self.index, offset: self.offset };
         let rest = &self.buf[self.offset..];
         if rest.len() < RECORD_HEADER_BYTES {
             self.offset = self.buf.len();
@@ -119,25 +105,16 @@ mod tests {
         RecordWriter::push(&mut buf, b"nginx", b"{\"a\":1}");
         RecordWriter::push(&mut buf, b"", b"");
         let got: Vec<_> = RecordIter::new(&buf, 2).map(Result::unwrap).collect();
-        assert_eq!(
-            got,
-            vec![(&b"nginx"[..], &b"{\"a\":1}"[..]), (&b""[..], &b""[..])]
-        );
+        assert_eq!(got, vec![(&b"nginx"[..], &b"{\"a\":1}"[..]), (&b""[..], &b""[..])]);
         assert_eq!(RecordIter::validate(&buf, 2), Ok(()));
         assert_eq!(
             RecordIter::validate(&buf, 3),
             Err(RecordError::CountMismatch { count: 3, found: 2 })
         );
-        assert_eq!(
-            RecordIter::validate(&buf, 1),
-            Err(RecordError::TooMany { count: 1 })
-        );
+        assert_eq!(RecordIter::validate(&buf, 1), Err(RecordError::TooMany { count: 1 }));
         assert_eq!(
             RecordIter::validate(&buf[..buf.len() - 1], 2),
-            Err(RecordError::Truncated {
-                index: 1,
-                offset: 17
-            })
+            Err(RecordError::Truncated { index: 1, offset: 17 })
         );
     }
 }

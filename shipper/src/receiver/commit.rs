@@ -189,10 +189,7 @@ impl LogState {
                 let id = (d.u64()?, d.u16()?);
                 let below = d.u64()?;
                 let n = d.u32()? as usize;
-                let mut w = Window {
-                    below,
-                    above: Default::default(),
-                };
+                let mut w = Window { below, above: Default::default() };
                 for _ in 0..n.min(body.len() / 8) {
                     w.above.insert(d.u64()?);
                 }
@@ -236,10 +233,7 @@ pub fn recover(out: &Path) -> io::Result<LogState> {
     let mut logs = Vec::new();
     for entry in fs::read_dir(&state_dir)? {
         let path = entry?.path();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if name.starts_with("core-") && name.ends_with(".log") {
             read_log(&path, &mut state)?;
             logs.push(path);
@@ -283,9 +277,7 @@ fn cut_uncommitted(out: &Path, gen: u64, ends: &HashMap<String, u64>) -> io::Res
             if g != gen {
                 continue;
             }
-            let slot = newest
-                .entry((stream.clone(), core))
-                .or_insert((index, name.clone()));
+            let slot = newest.entry((stream.clone(), core)).or_insert((index, name.clone()));
             if index >= slot.0 {
                 *slot = (index, name);
             }
@@ -324,14 +316,7 @@ impl CommitLog {
         let path = log_path(out, core);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let bytes = file.metadata()?.len();
-        Ok(CommitLog {
-            out: out.to_path_buf(),
-            core,
-            file,
-            bytes,
-            fsync,
-            scratch: Vec::new(),
-        })
+        Ok(CommitLog { out: out.to_path_buf(), core, file, bytes, fsync, scratch: Vec::new() })
     }
 
     /// Appends the commit of frame `seq` of `id`, which wrote `files` up to the given ends.
@@ -389,12 +374,7 @@ mod tests {
     fn torn_and_corrupt_tails_end_the_log() {
         let mut bytes = Vec::new();
         let mut e = Enc(Vec::new());
-        e.u64(7)
-            .u16(1)
-            .u64(1)
-            .u16(1)
-            .path("s/g000001-c000-000000.log")
-            .u64(100);
+        e.u64(7).u16(1).u64(1).u16(1).path("s/g000001-c000-000000.log").u64(100);
         record(COMMIT, &e.0, &mut bytes);
         let good = bytes.len();
         record(COMMIT, &e.0, &mut bytes);

@@ -19,10 +19,7 @@ pub struct Window {
 
 impl Default for Window {
     fn default() -> Self {
-        Window {
-            below: 1,
-            above: BTreeSet::new(),
-        }
+        Window { below: 1, above: BTreeSet::new() }
     }
 }
 
@@ -78,28 +75,10 @@ mod tests {
         let mut o = Window::default();
         o.insert(1);
         o.insert(5);
-        let mut m = Window {
-            below: 3,
-            above: [4].into(),
-        };
+        let mut m = Window { below: 3, above: [4].into() };
         m.merge(&o);
-        assert_eq!(
-            m,
-            Window {
-                below: 3,
-                above: [4, 5].into()
-            }
-        );
-        m.merge(&Window {
-            below: 5,
-            above: [7].into(),
-        });
-        assert_eq!(
-            m,
-            Window {
-                below: 6,
-                above: [7].into()
-            }
-        );
+        assert_eq!(m, Window { below: 3, above: [4, 5].into() });
+        m.merge(&Window { below: 5, above: [7].into() });
+        assert_eq!(m, Window { below: 6, above: [7].into() });
     }
 }

@@ -70,30 +70,26 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
             o.streams_max,
         );
         let commits = commit::CommitLog::create(&o.directory, core, o.fsync)?;
-        std::thread::Builder::new()
-            .name(format!("receiver-{core}"))
-            .spawn(move || {
-                if let Some(cpu) = cpu {
-                    core_affinity::set_for_current(cpu);
-                }
-                let worker = server::Worker::new(core, output, commits, windows, config);
-                tokio_uring::start(server::serve_worker(
-                    Rc::new(RefCell::new(worker)),
-                    rx,
-                    open,
-                    registry,
-                ));
-            })?;
+        std::thread::Builder::new().name(format!("receiver-{core}")).spawn(move || {
+            if let Some(cpu) = cpu {
+                core_affinity::set_for_current(cpu);
+            }
+            let worker = server::Worker::new(core, output, commits, windows, config);
+            tokio_uring::start(server::serve_worker(
+                Rc::new(RefCell::new(worker)),
+                rx,
+                open,
+                registry,
+            ));
+        })?;
     }
     let addr = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("acceptor".into())
-        .spawn(move || {
-            if let Err(e) = server::accept(listener, config, tls, inboxes, open, registry) {
-                tracing::error!("acceptor failed: {e}");
-                std::process::exit(1);
-            }
-        })?;
+    std::thread::Builder::new().name("acceptor".into()).spawn(move || {
+        if let Err(e) = server::accept(listener, config, tls, inboxes, open, registry) {
+            tracing::error!("acceptor failed: {e}");
+            std::process::exit(1);
+        }
+    })?;
     tracing::info!(%addr, workers, generation = state.gen, "receiver listening");
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "receiver stopping");

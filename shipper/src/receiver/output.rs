@@ -90,10 +90,7 @@ impl Output {
 
     /// Ends of the files currently open, for commit-log compaction.
     pub fn open_files(&self) -> Vec<(String, u64)> {
-        self.streams
-            .values()
-            .map(|s| (s.rel.clone(), s.size))
-            .collect()
+        self.streams.values().map(|s| (s.rel.clone(), s.size)).collect()
     }
 
     fn stream_for(&mut self, key: &[u8]) -> String {
@@ -163,21 +160,12 @@ impl Output {
                 }
             }
         }
-        Ok((
-            touched
-                .into_iter()
-                .map(|(rel, _, after)| (rel, after))
-                .collect(),
-            bytes,
-        ))
+        Ok((touched.into_iter().map(|(rel, _, after)| (rel, after)).collect(), bytes))
     }
 
     /// Appends to stream `name`, rotating first if its file is full.
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<(String, u64, u64)> {
-        let rotate = self
-            .streams
-            .get(name)
-            .is_none_or(|s| s.size >= self.file_bytes_max);
+        let rotate = self.streams.get(name).is_none_or(|s| s.size >= self.file_bytes_max);
         if rotate {
             let index = self.streams.get(name).map_or(0, |s| s.index + 1);
             let rel = file_name(name, self.gen, self.core, index);
@@ -185,15 +173,7 @@ impl Output {
             fs::create_dir_all(path.parent().expect("stream dir"))?;
             let file = OpenOptions::new().create(true).append(true).open(&path)?;
             let size = file.metadata()?.len();
-            self.streams.insert(
-                name.to_string(),
-                StreamFile {
-                    rel,
-                    file,
-                    size,
-                    index,
-                },
-            );
+            self.streams.insert(name.to_string(), StreamFile { rel, file, size, index });
         }
         let s = self.streams.get_mut(name).expect("opened above");
         let before = s.size;

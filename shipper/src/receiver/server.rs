@@ -78,13 +78,8 @@ pub fn accept(
                 continue;
             }
             let _ = tcp.set_nodelay(true);
-            let (config, tls, workers, open, counters) = (
-                config.clone(),
-                tls.clone(),
-                workers.clone(),
-                open.clone(),
-                counters.clone(),
-            );
+            let (config, tls, workers, open, counters) =
+                (config.clone(), tls.clone(), workers.clone(), open.clone(), counters.clone());
             tokio_uring::spawn(async move {
                 match greet(tcp, &config, tls).await {
                     Ok((stream, hello, pending)) => {
@@ -93,13 +88,7 @@ pub fn accept(
                             Ok((tcp, tls)) => {
                                 counters.borrow_mut().connections_accepted += 1;
                                 open.fetch_add(1, Ordering::Relaxed);
-                                let _ = workers[w].send(HandOff {
-                                    tcp,
-                                    tls,
-                                    hello,
-                                    pending,
-                                    peer,
-                                });
+                                let _ = workers[w].send(HandOff { tcp, tls, hello, pending, peer });
                             }
                             Err(e) => tracing::error!(%peer, "hand-off failed: {e}"),
                         }
@@ -152,9 +141,7 @@ async fn greet(
     let hello = match hello.and_then(|h| h) {
         Ok(h) => h,
         Err(e) => {
-            let _ = stream
-                .send(&Frame::control(Kind::Error, 0, e.as_bytes()))
-                .await;
+            let _ = stream.send(&Frame::control(Kind::Error, 0, e.as_bytes())).await;
             return Err((Refusal::Hello, e));
         }
     };
@@ -197,25 +184,13 @@ impl Worker {
         config: Arc<ReceiverConfig>,
     ) -> Worker {
         let counters = ReceiverCounters::new(core.to_string());
-        Worker {
-            core,
-            output,
-            commits,
-            windows,
-            counters,
-            config,
-            scratch: Vec::new(),
-        }
+        Worker { core, output, commits, windows, counters, config, scratch: Vec::new() }
     }
 
     /// Handles one DATA frame; `Ok(())` means it may be acknowledged.
     fn data(&mut self, id: StreamId, f: &Frame) -> Result<(), FrameFault> {
         self.counters.frames_received += 1;
-        if self
-            .windows
-            .get(&id)
-            .is_some_and(|w| w.contains(f.header.seq))
-        {
+        if self.windows.get(&id).is_some_and(|w| w.contains(f.header.seq)) {
             self.counters.frames_duplicate += 1;
             return Ok(());
         }
@@ -262,14 +237,8 @@ impl Worker {
         RecordIter::validate(payload, h.count).map_err(|e| invalid(e.to_string()))?;
         let started = Instant::now();
         self.write(id, h.seq, payload, h.count)?;
-        let _ = self
-            .counters
-            .write_us
-            .record((started.elapsed().as_micros() as u64).max(1));
-        let _ = self
-            .counters
-            .frame_records
-            .record(u64::from(h.count).max(1));
+        let _ = self.counters.write_us.record((started.elapsed().as_micros() as u64).max(1));
+        let _ = self.counters.frame_records.record(u64::from(h.count).max(1));
         Ok(())
     }
 
@@ -280,14 +249,10 @@ impl Worker {
         payload: &[u8],
         count: u32,
     ) -> Result<(), FrameFault> {
-        let (touched, bytes) = self
-            .output
-            .write_frame(payload, count)
-            .map_err(FrameFault::Write)?;
+        let (touched, bytes) =
+            self.output.write_frame(payload, count).map_err(FrameFault::Write)?;
         let files: Vec<(&str, u64)> = touched.iter().map(|(p, e)| (p.as_str(), *e)).collect();
-        self.commits
-            .commit(id, seq, &files)
-            .map_err(FrameFault::Write)?;
+        self.commits.commit(id, seq, &files).map_err(FrameFault::Write)?;
         self.windows.entry(id).or_default().insert(seq);
         self.counters.records_written += u64::from(count);
         self.counters.bytes_written += bytes;
@@ -295,13 +260,9 @@ impl Worker {
         if self.commits.needs_compaction() {
             let core = self.core;
             let workers = self.config.receiver.workers;
-            let mine = self
-                .windows
-                .iter()
-                .filter(|(id, _)| super::server::owner(**id, workers) == core);
-            self.commits
-                .compact(mine, &self.output.open_files())
-                .map_err(FrameFault::Write)?;
+            let mine =
+                self.windows.iter().filter(|(id, _)| super::server::owner(**id, workers) == core);
+            self.commits.compact(mine, &self.output.open_files()).map_err(FrameFault::Write)?;
         }
         Ok(())
     }
@@ -431,8 +392,6 @@ async fn refuse(
     message: String,
 ) -> io::Result<()> {
     worker.borrow_mut().counters.connections_refused[reason as usize] += 1;
-    let _ = stream
-        .send(&Frame::control(Kind::Error, 0, message.as_bytes()))
-        .await;
+    let _ = stream.send(&Frame::control(Kind::Error, 0, message.as_bytes())).await;
     Err(io::Error::new(io::ErrorKind::InvalidData, message))
 }

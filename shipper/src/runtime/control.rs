@@ -66,9 +66,7 @@ pub fn compute(latest: &[HashMap<Name, u64>]) -> Vec<Shares> {
     let mut arrivals: BTreeMap<&Name, Vec<u64>> = BTreeMap::new();
     for (core, report) in latest.iter().enumerate() {
         for (name, &n) in report {
-            arrivals
-                .entry(name)
-                .or_insert_with(|| vec![0; latest.len()])[core] = n;
+            arrivals.entry(name).or_insert_with(|| vec![0; latest.len()])[core] = n;
         }
     }
     let mut out = vec![Vec::new(); latest.len()];

@@ -94,12 +94,9 @@ impl Core {
             stopping: false,
             config,
         };
-        let (rate, burst) = core
-            .config
-            .ratelimit
-            .limit_for(crate::transforms::services::OTHER_NAME);
-        core.limiter
-            .add(0, rate, burst, 1.0 / core.workers as f64, 0);
+        let (rate, burst) =
+            core.config.ratelimit.limit_for(crate::transforms::services::OTHER_NAME);
+        core.limiter.add(0, rate, burst, 1.0 / core.workers as f64, 0);
         Ok(core)
     }
 
@@ -112,10 +109,7 @@ impl Core {
     pub fn add_source(&mut self, name: String, format: Format, service: &str) -> usize {
         let service = self.intern(service.as_bytes());
         self.sources.push(SourceInfo { format, service });
-        self.counters.sources.push(SourceCounters {
-            source: name,
-            ..Default::default()
-        });
+        self.counters.sources.push(SourceCounters { source: name, ..Default::default() });
         self.sources.len() - 1
     }
 
@@ -123,22 +117,8 @@ impl Core {
     pub fn intern(&mut self, name: &[u8]) -> u32 {
         let now = self.now_ns();
         let rl = &self.config.ratelimit;
-        let Core {
-            services,
-            limiter,
-            counters,
-            workers,
-            ..
-        } = self;
-        intern(
-            services,
-            limiter,
-            &mut counters.services,
-            rl,
-            *workers,
-            now,
-            name,
-        )
+        let Core { services, limiter, counters, workers, .. } = self;
+        intern(services, limiter, &mut counters.services, rl, *workers, now, name)
     }
 
     pub fn next_conn_id(&mut self) -> u64 {
@@ -149,16 +129,7 @@ impl Core {
     /// The per-record path: one line from source `src`, read at `now_ns`.
     #[inline]
     pub fn on_line(&mut self, src: usize, line: &[u8], truncated: bool, now_ns: u64) {
-        let Core {
-            config,
-            parser,
-            services,
-            limiter,
-            counters,
-            batch,
-            workers,
-            ..
-        } = self;
+        let Core { config, parser, services, limiter, counters, batch, workers, .. } = self;
         let sc = &mut counters.sources[src];
         sc.lines_read += 1;
         sc.bytes_read += line.len() as u64 + 1;
@@ -167,23 +138,14 @@ impl Core {
             sc.lines_empty += 1;
             return;
         }
-        let SourceInfo {
-            format,
-            service: default,
-        } = self.sources[src];
+        let SourceInfo { format, service: default } = self.sources[src];
         let rl = &config.ratelimit;
         let (service, format_key) = match parser.extract(line, format, &rl.key_field) {
             Ok(fields) => {
                 let service = match fields.key {
-                    Some(k) => intern(
-                        services,
-                        limiter,
-                        &mut counters.services,
-                        rl,
-                        *workers,
-                        now_ns,
-                        k,
-                    ),
+                    Some(k) => {
+                        intern(services, limiter, &mut counters.services, rl, *workers, now_ns, k)
+                    }
                     None => default,
                 };
                 (service, fields.format)
@@ -271,15 +233,8 @@ fn intern(
         let name = String::from_utf8_lossy(services.name(id)).into_owned();
         let (rate, burst) = rl.limit_for(&name);
         limiter.add(id, rate, burst, 1.0 / workers as f64, now_ns);
-        counters.push(ServiceCounters {
-            service: name,
-            ..Default::default()
-        });
-        debug_assert_eq!(
-            counters.len(),
-            services.len(),
-            "one counter set per service id"
-        );
+        counters.push(ServiceCounters { service: name, ..Default::default() });
+        debug_assert_eq!(counters.len(), services.len(), "one counter set per service id");
     }
     id
 }

@@ -46,10 +46,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
             tracing::warn!(path = %p.path.display(), granted = open.pipe_bytes, asked = p.pipe_bytes, "pipe buffer smaller than pipe_bytes (see /proc/sys/fs/pipe-max-size)");
         }
         let w = p.worker.unwrap_or(i % workers);
-        pipes[w].push(PipeHandle {
-            file: open.file,
-            config_index: i,
-        });
+        pipes[w].push(PipeHandle { file: open.file, config_index: i });
     }
     let registry = Registry::<ShipperCounters>::new(workers);
     if !config.metrics.listen.is_empty() {
@@ -79,17 +76,13 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
             stop: stop_rx.clone(),
         };
         let exit = exit_tx.clone();
-        handles.push(
-            std::thread::Builder::new()
-                .name(format!("worker-{core}"))
-                .spawn(move || {
-                    let result = worker::run(plan);
-                    let _ = exit.send(Event::WorkerExit(
-                        core,
-                        result.as_ref().err().map(|e| format!("{e:#}")),
-                    ));
-                })?,
-        );
+        handles.push(std::thread::Builder::new().name(format!("worker-{core}")).spawn(
+            move || {
+                let result = worker::run(plan);
+                let _ = exit
+                    .send(Event::WorkerExit(core, result.as_ref().err().map(|e| format!("{e:#}"))));
+            },
+        )?);
     }
     drop(report_tx);
     let plane = control::ControlPlane {
@@ -97,19 +90,15 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         shares: share_txs,
         interval: std::time::Duration::from_millis(config.ratelimit.rebalance_interval_ms),
     };
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || control::run(plane))?;
+    std::thread::Builder::new().name("control".into()).spawn(move || control::run(plane))?;
     let signal_tx = exit_tx.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            while let Ok(sig) = signals::wait_termination() {
-                if signal_tx.send(Event::Signal(sig)).is_err() {
-                    return;
-                }
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        while let Ok(sig) = signals::wait_termination() {
+            if signal_tx.send(Event::Signal(sig)).is_err() {
+                return;
             }
-        })?;
+        }
+    })?;
     tracing::info!(
         workers,
         run_id = format!("{run_id:016x}"),
@@ -170,11 +159,7 @@ fn targets(
     let mut out = Vec::new();
     for (i, address) in config.receivers.primary.iter().enumerate() {
         let (host, _) = split_host_port(address).context("validated address")?;
-        let name = config
-            .tls
-            .server_name
-            .clone()
-            .unwrap_or_else(|| host.to_string());
+        let name = config.tls.server_name.clone().unwrap_or_else(|| host.to_string());
         let server_name =
             rustls::pki_types::ServerName::try_from(name.clone()).with_context(|| {
                 format!("tls.server_name: {name:?} is not a DNS name or IP address")

@@ -55,9 +55,7 @@ pub fn run(plan: WorkerPlan) -> anyhow::Result<()> {
         }
     }
     let ring_entries = 256;
-    tokio_uring::builder()
-        .entries(ring_entries)
-        .start(work(plan))
+    tokio_uring::builder().entries(ring_entries).start(work(plan))
 }
 
 async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
@@ -65,9 +63,7 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     for pipe in plan.pipes {
         let cfg = &plan.config.sources.pipe[pipe.config_index];
         let name = cfg.path.display().to_string();
-        let src = core
-            .borrow_mut()
-            .add_source(name, cfg.format, &cfg.service_name());
+        let src = core.borrow_mut().add_source(name, cfg.format, &cfg.service_name());
         tokio_uring::spawn(read_pipe(
             core.clone(),
             src,
@@ -114,9 +110,7 @@ async fn read_pipe(
             Ok(n) => {
                 let mut c = core.borrow_mut();
                 let now = c.now_ns();
-                splitter.split(&buf[..n], |line| {
-                    c.on_line(src, line.bytes, line.truncated, now)
-                });
+                splitter.split(&buf[..n], |line| c.on_line(src, line.bytes, line.truncated, now));
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -172,11 +166,7 @@ async fn tick(
             c.seal();
             c.wake.notify_waiters();
             deadline_ns = Some(now + shutdown_ms * 1_000_000);
-            tracing::info!(
-                core = c.id,
-                frames = c.outbox.frames(),
-                "stopping: flushing"
-            );
+            tracing::info!(core = c.id, frames = c.outbox.frames(), "stopping: flushing");
         }
         let Some(deadline) = deadline_ns else {
             continue;
@@ -212,9 +202,7 @@ async fn tick(
 fn close_overdue(c: &mut Core, now: u64, ack_timeout_ns: u64) {
     let mut overdue = c.outbox.overdue(now.saturating_sub(ack_timeout_ns));
     for (id, h) in &c.conns {
-        if h.heartbeat_sent_ns
-            .is_some_and(|t| now.saturating_sub(t) > ack_timeout_ns)
-        {
+        if h.heartbeat_sent_ns.is_some_and(|t| now.saturating_sub(t) > ack_timeout_ns) {
             overdue.push(*id);
         }
     }

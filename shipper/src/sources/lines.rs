@@ -29,11 +29,7 @@ pub struct LineSplitter {
 impl LineSplitter {
     pub fn new(line_bytes_max: usize) -> LineSplitter {
         assert!(line_bytes_max > 0, "line_bytes_max must be positive");
-        LineSplitter {
-            carry: Vec::new(),
-            max: line_bytes_max,
-            discarding: false,
-        }
+        LineSplitter { carry: Vec::new(), max: line_bytes_max, discarding: false }
     }
 
     /// Bytes of a partial line held since the last read.
@@ -58,20 +54,13 @@ impl LineSplitter {
         }
         if self.carry.is_empty() {
             let truncated = piece.len() > self.max;
-            emit(Line {
-                bytes: &piece[..piece.len().min(self.max)],
-                truncated,
-            });
+            emit(Line { bytes: &piece[..piece.len().min(self.max)], truncated });
             return;
         }
         let room = self.max - self.carry.len();
         let truncated = piece.len() > room;
-        self.carry
-            .extend_from_slice(&piece[..piece.len().min(room)]);
-        emit(Line {
-            bytes: &self.carry,
-            truncated,
-        });
+        self.carry.extend_from_slice(&piece[..piece.len().min(room)]);
+        emit(Line { bytes: &self.carry, truncated });
         self.carry.clear();
     }
 
@@ -85,10 +74,7 @@ impl LineSplitter {
             return;
         }
         self.carry.extend_from_slice(&tail[..room]);
-        emit(Line {
-            bytes: &self.carry,
-            truncated: true,
-        });
+        emit(Line { bytes: &self.carry, truncated: true });
         self.carry.clear();
         self.discarding = true;
     }
@@ -102,9 +88,7 @@ mod tests {
         let mut s = LineSplitter::new(max);
         let mut out = Vec::new();
         for c in chunks {
-            s.split(c, |l| {
-                out.push((String::from_utf8_lossy(l.bytes).into_owned(), l.truncated))
-            });
+            s.split(c, |l| out.push((String::from_utf8_lossy(l.bytes).into_owned(), l.truncated)));
         }
         (out, s.pending())
     }

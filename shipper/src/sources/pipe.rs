@@ -45,54 +45,32 @@ pub fn open(path: &Path, mode: u32, pipe_bytes: usize) -> Result<OpenPipe, PipeE
         Ok(meta) if meta.file_type().is_fifo() => {}
         Ok(_) => return Err(PipeError::NotFifo { path: err_path() }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| {
-                PipeError::Create {
-                    path: err_path(),
-                    source: e.into(),
-                }
-            })?;
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+                .map_err(|e| PipeError::Create { path: err_path(), source: e.into() })?;
             // SAFETY: a valid NUL-terminated path.
             if unsafe { libc::mkfifo(c.as_ptr(), mode) } != 0 {
                 let source = io::Error::last_os_error();
                 if source.kind() != io::ErrorKind::AlreadyExists {
-                    return Err(PipeError::Create {
-                        path: err_path(),
-                        source,
-                    });
+                    return Err(PipeError::Create { path: err_path(), source });
                 }
             }
             // mkfifo applies the umask; set exactly the configured bits.
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
-                |source| PipeError::Create {
-                    path: err_path(),
-                    source,
-                },
-            )?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|source| PipeError::Create { path: err_path(), source })?;
         }
-        Err(source) => {
-            return Err(PipeError::Open {
-                path: err_path(),
-                source,
-            })
-        }
+        Err(source) => return Err(PipeError::Open { path: err_path(), source }),
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(path)
-        .map_err(|source| PipeError::Open {
-            path: err_path(),
-            source,
-        })?;
+        .map_err(|source| PipeError::Open { path: err_path(), source })?;
     let fd = file.as_raw_fd();
     let want = libc::c_int::try_from(pipe_bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: fcntl on a descriptor we own; failure (EPERM above pipe-max-size) leaves the
     // buffer as it was, which F_GETPIPE_SZ then reports.
     unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, want) };
     let granted = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
-    Ok(OpenPipe {
-        file,
-        pipe_bytes: usize::try_from(granted).unwrap_or(0),
-    })
+    Ok(OpenPipe { file, pipe_bytes: usize::try_from(granted).unwrap_or(0) })
 }

@@ -25,10 +25,7 @@ pub enum TlsError {
     #[error("{path}: holds no certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path}: certificate not usable as a trust anchor: {source}")]
-    Anchor {
-        path: PathBuf,
-        source: rustls::Error,
-    },
+    Anchor { path: PathBuf, source: rustls::Error },
     #[error("TLS configuration rejected: {0}")]
     Config(#[from] rustls::Error),
     #[error("client verifier: {0}")]
@@ -49,27 +46,20 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem)?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: path.to_path_buf(),
-        });
+        return Err(TlsError::NoCertificate { path: path.to_path_buf() });
     }
     Ok(certs)
 }
 
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| TlsError::Pem { path: path.to_path_buf(), message: e.to_string() })
 }
 
 fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in certs(path)? {
-        roots.add(cert).map_err(|source| TlsError::Anchor {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        roots.add(cert).map_err(|source| TlsError::Anchor { path: path.to_path_buf(), source })?;
     }
     Ok(roots)
 }

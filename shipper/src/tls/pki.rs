@@ -37,9 +37,7 @@ pub fn generate(dir: &Path, receiver_names: &[String]) -> anyhow::Result<DevPki>
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "shipper development CA");
+    ca_params.distinguished_name.push(DnType::CommonName, "shipper development CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca = ca_params.self_signed(&ca_key)?;
 
@@ -52,16 +50,9 @@ pub fn generate(dir: &Path, receiver_names: &[String]) -> anyhow::Result<DevPki>
         Ok((cert.pem(), key.serialize_pem()))
     };
     let pki = DevPki::paths(dir);
-    let (rc, rk) = leaf(
-        receiver_names.to_vec(),
-        "shipper receiver",
-        ExtendedKeyUsagePurpose::ServerAuth,
-    )?;
-    let (sc, sk) = leaf(
-        vec!["shipper".into()],
-        "shipper",
-        ExtendedKeyUsagePurpose::ClientAuth,
-    )?;
+    let (rc, rk) =
+        leaf(receiver_names.to_vec(), "shipper receiver", ExtendedKeyUsagePurpose::ServerAuth)?;
+    let (sc, sk) = leaf(vec!["shipper".into()], "shipper", ExtendedKeyUsagePurpose::ClientAuth)?;
     std::fs::write(&pki.ca, ca.pem())?;
     std::fs::write(&pki.receiver_cert, rc)?;
     write_secret(&pki.receiver_key, &rk)?;

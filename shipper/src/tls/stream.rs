@@ -69,15 +69,9 @@ pub async fn handshake(
         Ok(())
     };
     match tokio::time::timeout(timeout, run).await {
-        Ok(Ok(())) => Ok(TlsStream {
-            tcp: Rc::new(tcp),
-            conn: Rc::new(RefCell::new(conn)),
-        }),
+        Ok(Ok(())) => Ok(TlsStream { tcp: Rc::new(tcp), conn: Rc::new(RefCell::new(conn)) }),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "TLS handshake timed out",
-        )),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")),
     }
 }
 
@@ -202,9 +196,6 @@ impl TlsStream {
 
     /// Rebuilds a stream from hand-off parts on the receiving thread's ring.
     pub fn from_parts(tcp: std::net::TcpStream, conn: Connection) -> TlsStream {
-        TlsStream {
-            tcp: Rc::new(TcpStream::from_std(tcp)),
-            conn: Rc::new(RefCell::new(conn)),
-        }
+        TlsStream { tcp: Rc::new(TcpStream::from_std(tcp)), conn: Rc::new(RefCell::new(conn)) }
     }
 }

@@ -27,12 +27,8 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub const ALL: [Failure; 4] = [
-        Failure::Utf8,
-        Failure::Json,
-        Failure::NotObject,
-        Failure::NoFormat,
-    ];
+    pub const ALL: [Failure; 4] =
+        [Failure::Utf8, Failure::Json, Failure::NotObject, Failure::NoFormat];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -83,10 +79,7 @@ impl Parser {
         key_field: &str,
     ) -> Result<Fields<'_>, Failure> {
         if format == Format::Text {
-            return Ok(Fields {
-                key: None,
-                format: None,
-            });
+            return Ok(Fields { key: None, format: None });
         }
         self.scratch.clear();
         self.scratch.extend_from_slice(line);
@@ -139,77 +132,31 @@ mod tests {
     #[test]
     fn extracts_key_and_format() {
         let mut p = Parser::default();
-        let f = p.extract(
-            br#"{"service":"nginx","msg":"a\"b"}"#,
-            Format::Json,
-            "service",
-        );
-        assert_eq!(
-            f,
-            Ok(Fields {
-                key: Some(b"nginx"),
-                format: None
-            })
-        );
+        let f = p.extract(br#"{"service":"nginx","msg":"a\"b"}"#, Format::Json, "service");
+        assert_eq!(f, Ok(Fields { key: Some(b"nginx"), format: None }));
         let f = p.extract(br#"{"msg":"x"}"#, Format::Json, "service");
-        assert_eq!(
-            f,
-            Ok(Fields {
-                key: None,
-                format: None
-            })
-        );
+        assert_eq!(f, Ok(Fields { key: None, format: None }));
         let f = p.extract(
             br#"{"format":"dns","dns":{"q":"a"},"service":"s\u00e9"}"#,
             Format::Cfjs1,
             "service",
         );
-        assert_eq!(
-            f,
-            Ok(Fields {
-                key: Some("sé".as_bytes()),
-                format: Some(b"dns")
-            })
-        );
+        assert_eq!(f, Ok(Fields { key: Some("sé".as_bytes()), format: Some(b"dns") }));
         let f = p.extract(br#"{"service":7}"#, Format::Json, "service");
-        assert_eq!(
-            f,
-            Ok(Fields {
-                key: None,
-                format: None
-            })
-        );
+        assert_eq!(f, Ok(Fields { key: None, format: None }));
     }
 
     #[test]
     fn classifies_failures() {
         let mut p = Parser::default();
-        assert_eq!(
-            p.extract(b"{\"a\":", Format::Json, "service"),
-            Err(Failure::Json)
-        );
-        assert_eq!(
-            p.extract(b"{\"a\":\"\xff\"}", Format::Json, "service"),
-            Err(Failure::Utf8)
-        );
-        assert_eq!(
-            p.extract(b"[1,2]", Format::Json, "service"),
-            Err(Failure::NotObject)
-        );
-        assert_eq!(
-            p.extract(b"plain text", Format::Json, "service"),
-            Err(Failure::Json)
-        );
-        assert_eq!(
-            p.extract(br#"{"a":1}"#, Format::Cfjs1, "service"),
-            Err(Failure::NoFormat)
-        );
+        assert_eq!(p.extract(b"{\"a\":", Format::Json, "service"), Err(Failure::Json));
+        assert_eq!(p.extract(b"{\"a\":\"\xff\"}", Format::Json, "service"), Err(Failure::Utf8));
+        assert_eq!(p.extract(b"[1,2]", Format::Json, "service"), Err(Failure::NotObject));
+        assert_eq!(p.extract(b"plain text", Format::Json, "service"), Err(Failure::Json));
+        assert_eq!(p.extract(br#"{"a":1}"#, Format::Cfjs1, "service"), Err(Failure::NoFormat));
         assert_eq!(
             p.extract(b"\xff anything", Format::Text, "service"),
-            Ok(Fields {
-                key: None,
-                format: None
-            })
+            Ok(Fields { key: None, format: None })
         );
     }
 }

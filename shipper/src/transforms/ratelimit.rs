@@ -52,23 +52,12 @@ impl RateLimiter {
     pub fn add(&mut self, id: u32, rate: u64, burst: u64, share: f64, now_ns: u64) {
         let id = id as usize;
         if id >= self.buckets.len() {
-            let fill = Bucket {
-                rate: 0.0,
-                burst: 0.0,
-                share,
-                tokens: 0.0,
-                last_ns: now_ns,
-            };
+            let fill = Bucket { rate: 0.0, burst: 0.0, share, tokens: 0.0, last_ns: now_ns };
             self.buckets.resize(id + 1, fill);
             self.demand.resize(id + 1, 0);
         }
-        let mut b = Bucket {
-            rate: rate as f64,
-            burst: burst as f64,
-            share,
-            tokens: 0.0,
-            last_ns: now_ns,
-        };
+        let mut b =
+            Bucket { rate: rate as f64, burst: burst as f64, share, tokens: 0.0, last_ns: now_ns };
         b.tokens = b.local_burst();
         self.buckets[id] = b;
     }
@@ -138,12 +127,7 @@ pub fn rebalance(arrivals: &[u64]) -> Option<Vec<f64>> {
     }
     let floor = SHARE_FLOOR_TOTAL / n as f64;
     let spread = 1.0 - SHARE_FLOOR_TOTAL;
-    Some(
-        arrivals
-            .iter()
-            .map(|&a| floor + spread * a as f64 / total as f64)
-            .collect(),
-    )
+    Some(arrivals.iter().map(|&a| floor + spread * a as f64 / total as f64).collect())
 }
 
 #[cfg(test)]
@@ -210,10 +194,8 @@ mod tests {
             admitted += u64::from(cores[core].admit(0, now));
             now += step;
             if now % (SEC / 10) == 0 {
-                let d: Vec<u64> = cores
-                    .iter_mut()
-                    .map(|c| c.take_demand().first().map_or(0, |x| x.1))
-                    .collect();
+                let d: Vec<u64> =
+                    cores.iter_mut().map(|c| c.take_demand().first().map_or(0, |x| x.1)).collect();
                 for (c, s) in cores.iter_mut().zip(rebalance(&d).unwrap()) {
                     c.set_share(0, s, now);
                 }
@@ -221,9 +203,6 @@ mod tests {
         }
         let expected = (rate * 10 + burst) as f64;
         let err = (admitted as f64 - expected).abs() / expected;
-        assert!(
-            err < 0.05,
-            "admitted {admitted}, expected {expected}, error {err:.3}"
-        );
+        assert!(err < 0.05, "admitted {admitted}, expected {expected}, error {err:.3}");
     }
 }

@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,21 +14,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_shipper");
 pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub struct Env {
@@ -39,10 +31,7 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        let dir = tempfile::Builder::new()
-            .prefix("shipper-test-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("shipper-test-").tempdir().unwrap();
         let pki =
             shipper::tls::pki::generate(&dir.path().join("pki"), &["localhost".into()]).unwrap();
         Env { dir, pki }
@@ -108,12 +97,7 @@ impl Proc {
             .stderr(err)
             .spawn()
             .unwrap();
-        let mut p = Proc {
-            child,
-            name: name.into(),
-            metrics,
-            log,
-        };
+        let mut p = Proc { child, name: name.into(), metrics, log };
         p.wait_alive("its metrics endpoint", || scrape(metrics).is_some());
         p
     }
@@ -187,17 +171,9 @@ impl Drop for Proc {
 }
 
 pub fn start_receiver(env: &Env, port: u16, metrics: u16, extra: &str) -> Proc {
-    let cfg = env.write(
-        &format!("receiver-{port}.toml"),
-        &env.receiver_toml(port, metrics, extra),
-    );
+    let cfg = env.write(&format!("receiver-{port}.toml"), &env.receiver_toml(port, metrics, extra));
     let log = unique(env.path("receiver"));
-    let p = Proc::start(
-        "receiver",
-        &["receive", "--config", cfg.to_str().unwrap()],
-        metrics,
-        log,
-    );
+    let p = Proc::start("receiver", &["receive", "--config", cfg.to_str().unwrap()], metrics, log);
     wait_for("receiver port", Duration::from_secs(10), || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
@@ -207,12 +183,7 @@ pub fn start_receiver(env: &Env, port: u16, metrics: u16, extra: &str) -> Proc {
 pub fn start_shipper(env: &Env, port: u16, metrics: u16, body: &str) -> Proc {
     let cfg = env.write("edge.toml", &env.shipper_toml(port, metrics, body));
     let log = unique(env.path("shipper"));
-    Proc::start(
-        "shipper",
-        &["run", "--config", cfg.to_str().unwrap()],
-        metrics,
-        log,
-    )
+    Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], metrics, log)
 }
 
 fn unique(p: PathBuf) -> PathBuf {
@@ -224,33 +195,10 @@ fn unique(p: PathBuf) -> PathBuf {
 
 /// GET /metrics, or `None` if nothing answers.
 pub fn scrape(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    shipper::metrics::http::get(&format!("127.0.0.1:{port}"))
 }
 
-/// Sum of the samples of `name` whose labels include all of `labels`.
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, l) = series.split_once('{').unwrap_or((series, ""));
-        if n == name
-            && labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        {
-            sum += value.parse::<f64>().unwrap();
-        }
-    }
-    sum
-}
+pub use shipper::metrics::text::sum as metric;
 
 /// Every output line of every stream file, with its stream name.
 pub fn output_lines(out: &Path) -> Vec<(String, Vec<u8>)> {
@@ -263,11 +211,8 @@ pub fn output_lines(out: &Path) -> Vec<(String, Vec<u8>)> {
         if stream.starts_with('.') {
             continue;
         }
-        let mut files: Vec<_> = std::fs::read_dir(s.path())
-            .unwrap()
-            .flatten()
-            .map(|f| f.path())
-            .collect();
+        let mut files: Vec<_> =
+            std::fs::read_dir(s.path()).unwrap().flatten().map(|f| f.path()).collect();
         files.sort();
         for f in files {
             let bytes = std::fs::read(&f).unwrap();
@@ -275,10 +220,7 @@ pub fn output_lines(out: &Path) -> Vec<(String, Vec<u8>)> {
             if body.is_empty() {
                 continue;
             }
-            lines.extend(
-                body.split(|&b| b == b'\n')
-                    .map(|l| (stream.clone(), l.to_vec())),
-            );
+            lines.extend(body.split(|&b| b == b'\n').map(|l| (stream.clone(), l.to_vec())));
         }
     }
     lines

@@ -79,14 +79,8 @@ impl BatchBuilder {
         zstd.compress_to_buffer(&self.payload, &mut self.compressed)?;
         let raw_len = u32::try_from(self.payload.len()).expect("batch_bytes_max < 4 GiB");
         let len = u32::try_from(self.compressed.len()).expect("bounded by compress_bound");
-        let header = Header {
-            kind: Kind::Data,
-            flags: FLAG_ZSTD,
-            seq,
-            count: self.count,
-            raw_len,
-            len,
-        };
+        let header =
+            Header { kind: Kind::Data, flags: FLAG_ZSTD, seq, count: self.count, raw_len, len };
         let mut wire = Vec::with_capacity(HEADER_BYTES + self.compressed.len());
         header.encode(&self.compressed, &mut wire);
         wire.extend_from_slice(&self.compressed);
@@ -125,9 +119,7 @@ mod tests {
         let f = dec.next_frame().unwrap().unwrap();
         assert_eq!(f.header.seq, 42);
         let raw = zstd::bulk::decompress(&f.payload, f.header.raw_len as usize).unwrap();
-        let recs: Vec<_> = RecordIter::new(&raw, f.header.count)
-            .map(Result::unwrap)
-            .collect();
+        let recs: Vec<_> = RecordIter::new(&raw, f.header.count).map(Result::unwrap).collect();
         assert_eq!(recs[1], (&b"b"[..], &b"line two"[..]));
     }
 }

@@ -96,10 +96,7 @@ fn jitter(d: u64, core: &Rc<RefCell<Core>>) -> u64 {
 
 fn resolve(address: &str) -> io::Result<SocketAddr> {
     address.to_socket_addrs()?.next().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{address} resolves to nothing"),
-        )
+        io::Error::new(io::ErrorKind::NotFound, format!("{address} resolves to nothing"))
     })
 }
 
@@ -125,9 +122,7 @@ async fn connect(
         core: core.borrow().id as u16,
         name: core.borrow().config.shipper.name.clone(),
     };
-    stream
-        .send(&Frame::control(Kind::Hello, 0, &hello.encode()))
-        .await?;
+    stream.send(&Frame::control(Kind::Hello, 0, &hello.encode())).await?;
     let mut dec = FrameDecoder::new(REPLY_BYTES_MAX);
     let welcome = tokio::time::timeout(timeout, async {
         let mut buf = Vec::with_capacity(READ_BYTES);
@@ -153,9 +148,7 @@ async fn connect(
             }
         }
     });
-    welcome
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no WELCOME in time"))??;
+    welcome.await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no WELCOME in time"))??;
     Ok((stream, dec))
 }
 
@@ -264,9 +257,7 @@ async fn send_heartbeat(core: &Rc<RefCell<Core>>, stream: &TlsStream, id: u64) -
         }
         now
     };
-    stream
-        .send(&Frame::control(Kind::Heartbeat, now, &[]))
-        .await
+    stream.send(&Frame::control(Kind::Heartbeat, now, &[])).await
 }
 
 async fn read_replies(

@@ -55,10 +55,7 @@ impl Outbox {
 
     /// Queues `frame` (sealed with [`Outbox::next_seq`]); gives it back when there is no room.
     pub fn push(&mut self, frame: Sealed) -> Result<(), Sealed> {
-        assert_eq!(
-            frame.seq, self.next_seq,
-            "frame sealed with a stale sequence number"
-        );
+        assert_eq!(frame.seq, self.next_seq, "frame sealed with a stale sequence number");
         if !self.has_room(frame.wire.len()) {
             return Err(frame);
         }
@@ -75,14 +72,7 @@ impl Outbox {
             return None;
         }
         let frame = self.queue.pop_front()?;
-        self.inflight.insert(
-            frame.seq,
-            InFlight {
-                frame: frame.clone(),
-                conn,
-                sent_ns: now_ns,
-            },
-        );
+        self.inflight.insert(frame.seq, InFlight { frame: frame.clone(), conn, sent_ns: now_ns });
         Some(frame)
     }
 
@@ -95,12 +85,8 @@ impl Outbox {
 
     /// Puts the frames in flight on `conn` back at the front of the queue; returns how many.
     pub fn fail(&mut self, conn: u64) -> usize {
-        let seqs: Vec<u64> = self
-            .inflight
-            .iter()
-            .filter(|(_, f)| f.conn == conn)
-            .map(|(s, _)| *s)
-            .collect();
+        let seqs: Vec<u64> =
+            self.inflight.iter().filter(|(_, f)| f.conn == conn).map(|(s, _)| *s).collect();
         for seq in seqs.iter().rev() {
             let f = self.inflight.remove(seq).expect("listed above");
             self.queue.push_front(f.frame);
@@ -110,12 +96,8 @@ impl Outbox {
 
     /// Connections holding a frame sent before `deadline_ns` and still unacknowledged.
     pub fn overdue(&self, deadline_ns: u64) -> Vec<u64> {
-        let mut conns: Vec<u64> = self
-            .inflight
-            .values()
-            .filter(|f| f.sent_ns < deadline_ns)
-            .map(|f| f.conn)
-            .collect();
+        let mut conns: Vec<u64> =
+            self.inflight.values().filter(|f| f.sent_ns < deadline_ns).map(|f| f.conn).collect();
         conns.sort_unstable();
         conns.dedup();
         conns

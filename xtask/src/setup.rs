@@ -1,0 +1,44 @@
+//! Installs what is missing, idempotently. Today the core pipeline needs only the Rust
+//! toolchain the machine has (rustfmt and clippy components are checked); the journal,
+//! eBPF and perf capabilities add their packages here.
+
+use std::process::Command;
+
+use anyhow::bail;
+
+/// Debian packages the build and tests need: (command to probe, package).
+const PACKAGES: &[(&str, &str)] = &[];
+
+pub fn run() -> anyhow::Result<()> {
+    for component in ["rustfmt", "clippy"] {
+        let probe = if component == "rustfmt" { "fmt" } else { "clippy" };
+        let ok = Command::new("cargo")
+            .args([probe, "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            crate::run("rustup", &["component", "add", component])?;
+        }
+    }
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(cmd, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {cmd}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("missing packages {missing:?}: run `cargo xtask setup` as root, or `apt-get install {}`", missing.join(" "));
+    }
+    crate::run("apt-get", &["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(missing);
+    crate::run("apt-get", &args)
+}
