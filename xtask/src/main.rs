@@ -5,8 +5,11 @@
 //! - `test`: setup, then formatting, lints and every test; the CI command (`.ci/run`).
 //! - `demo`: setup, release build, then a receiver and a shipper on loopback with a
 //!   throw-away CA, sample logs written into the pipes, live progress, and what arrived.
+//! - `perf [CASE...] [--quick]`: end-to-end benchmark cases from `perf/cases/`.
 
 mod demo;
+mod loadgen;
+mod perf;
 mod setup;
 
 use std::process::Command;
@@ -19,8 +22,9 @@ fn main() -> anyhow::Result<()> {
         Some("setup") => setup::run(),
         Some("test") => test(),
         Some("demo") => demo::run(),
+        Some("perf") => perf::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <setup|test|demo>");
+            eprintln!("usage: cargo xtask <setup|test|demo|perf [CASE...] [--quick]>");
             std::process::exit(2);
         }
     }
@@ -51,10 +55,13 @@ fn test() -> anyhow::Result<()> {
     run("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     let (passed, failed) = run_counting("cargo", &["test", "--workspace", "--all-targets"])?;
     // One closing line for the whole suite (cargo prints one per test binary).
-    println!("tests: {passed} passed, {failed} failed");
     if failed > 0 {
+        println!("tests: {passed} passed, {failed} failed");
         bail!("{failed} tests failed");
     }
+    // The benchmark suite runs briefly too, so that it cannot rot.
+    perf::run(&["--quick".to_string()])?;
+    println!("tests: {passed} passed, {failed} failed");
     Ok(())
 }
 

@@ -94,9 +94,21 @@ impl Parser {
             Ok(()) => match tape.as_value().as_object() {
                 None => Err(Failure::NotObject),
                 Some(obj) => {
-                    copy_str(obj.get(key_field), &mut self.key);
-                    let has_format = copy_str(obj.get("format"), &mut self.format);
-                    let has_key = obj.get(key_field).is_some_and(|v| v.as_str().is_some());
+                    let want_format = format == Format::Cfjs1;
+                    let (mut has_key, mut has_format) = (false, false);
+                    self.key.clear();
+                    self.format.clear();
+                    // One pass over the top-level keys, stopping once all wanted are found.
+                    for (k, v) in obj.iter() {
+                        if !has_key && k == key_field {
+                            has_key = copy_str(v, &mut self.key);
+                        } else if want_format && !has_format && k == "format" {
+                            has_format = copy_str(v, &mut self.format);
+                        }
+                        if has_key && (has_format || !want_format) {
+                            break;
+                        }
+                    }
                     Ok((has_key, has_format))
                 }
             },
@@ -113,9 +125,8 @@ impl Parser {
     }
 }
 
-fn copy_str(v: Option<simd_json::tape::Value<'_, '_>>, out: &mut Vec<u8>) -> bool {
-    out.clear();
-    let Some(v) = v else { return false };
+/// Copies `v` into `out` if it is a string.
+fn copy_str(v: simd_json::tape::Value<'_, '_>, out: &mut Vec<u8>) -> bool {
     match v.as_str() {
         Some(s) => {
             out.extend_from_slice(s.as_bytes());
