@@ -49,7 +49,9 @@ fn extract(c: &mut Criterion) {
         let mut p = Parser::default();
         b.iter(|| {
             for l in &lines {
-                black_box(p.extract(l, Format::Json, "service").map(|f| f.key.map(<[u8]>::len)).ok());
+                black_box(
+                    p.extract(l, Format::Json, "service").map(|f| f.key.map(<[u8]>::len)).ok(),
+                );
             }
         })
     });

@@ -16,10 +16,21 @@ impl Rng {
     }
 }
 
-const PATHS: [&str; 6] = ["/api/v1/items", "/api/v1/users", "/static/app.js", "/", "/health", "/api/v2/search"];
+const PATHS: [&str; 6] =
+    ["/api/v1/items", "/api/v1/users", "/static/app.js", "/", "/health", "/api/v2/search"];
 const WORDS: [&str; 12] = [
-    "cache ", "miss ", "upstream ", "retry ", "tls ", "handshake ", "ok ", "slow ", "origin ",
-    "pool ", "warm ", "evicted ",
+    "cache ",
+    "miss ",
+    "upstream ",
+    "retry ",
+    "tls ",
+    "handshake ",
+    "ok ",
+    "slow ",
+    "origin ",
+    "pool ",
+    "warm ",
+    "evicted ",
 ];
 const AGENTS: [&str; 3] = [
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)",

@@ -82,7 +82,9 @@ fn run_counting(program: &str, args: &[&str]) -> anyhow::Result<(u64, u64)> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |word: &str| {
                 rest.split(';')
-                    .find_map(|p| p.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                    .find_map(|p| {
+                        p.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse::<u64>().ok()
+                    })
                     .unwrap_or(0)
             };
             passed += count("passed");

@@ -73,7 +73,13 @@ fn run_case(name: &str, case: &Case, quick: bool) -> anyhow::Result<()> {
     let per_pipe: Vec<Vec<u8>> = (0..case.pipes)
         .map(|p| {
             let mut buf = Vec::new();
-            crate::loadgen::lines(0x5eed + p as u64, lines / case.pipes, case.line_bytes, case.services, &mut buf);
+            crate::loadgen::lines(
+                0x5eed + p as u64,
+                lines / case.pipes,
+                case.line_bytes,
+                case.services,
+                &mut buf,
+            );
             buf
         })
         .collect();
@@ -90,11 +96,21 @@ fn run_case(name: &str, case: &Case, quick: bool) -> anyhow::Result<()> {
     let (mut baseline, mut shipper) = (baseline, shipper);
     fill(&mut baseline);
     fill(&mut shipper);
-    println!("   {:<10} {:>9} {:>12} {:>8} {:>9} {:>14} {:>10} {:>9} {:>9}", "run", "wall s", "lines/s", "MB/s", "CPU s", "lines/CPU-s", "peak RSS", "p50 ms", "p99 ms");
+    println!(
+        "   {:<10} {:>9} {:>12} {:>8} {:>9} {:>14} {:>10} {:>9} {:>9}",
+        "run", "wall s", "lines/s", "MB/s", "CPU s", "lines/CPU-s", "peak RSS", "p50 ms", "p99 ms"
+    );
     for (label, m) in [("cat", &baseline), ("shipper", &shipper)] {
         println!(
             "   {label:<10} {:>9.3} {:>12.0} {:>8.1} {:>9.3} {:>14.0} {:>7} MiB {:>9.2} {:>9.2}",
-            m.wall_s, m.lines_per_s, m.mb_per_s, m.cpu_s, m.lines_per_cpu_s, m.peak_rss_kib / 1024, m.latency_p50_ms, m.latency_p99_ms
+            m.wall_s,
+            m.lines_per_s,
+            m.mb_per_s,
+            m.cpu_s,
+            m.lines_per_cpu_s,
+            m.peak_rss_kib / 1024,
+            m.latency_p50_ms,
+            m.latency_p99_ms
         );
     }
     println!(
@@ -144,7 +160,10 @@ fn mkfifo(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Writes each buffer into its FIFO from its own thread (blocking writes, 64 KiB at a time).
-fn write_all(paths: &[PathBuf], data: &[Vec<u8>]) -> Vec<std::thread::JoinHandle<std::io::Result<()>>> {
+fn write_all(
+    paths: &[PathBuf],
+    data: &[Vec<u8>],
+) -> Vec<std::thread::JoinHandle<std::io::Result<()>>> {
     paths
         .iter()
         .cloned()
@@ -211,14 +230,18 @@ fn proc_cpu(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 fn proc_hwm_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 struct Killed(Child);
@@ -250,7 +273,9 @@ fn spawn(bin: &Path, cmd: &str, cfg: &Path, log: &Path, metrics: &str) -> anyhow
 fn shipper(dir: &Path, case: &Case, data: &[Vec<u8>]) -> anyhow::Result<Measure> {
     let bin = crate::root().join("target/release/shipper");
     let pki = shipper::tls::pki::generate(&dir.join("tls"), &["localhost".into()])?;
-    let port = |_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
+    let port = |_| {
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port())
+    };
     let (rx, rm, sm) = (port(0)?, port(1)?, port(2)?);
     let rcfg = dir.join("receiver.toml");
     std::fs::write(&rcfg, format!(
@@ -270,7 +295,8 @@ fn shipper(dir: &Path, case: &Case, data: &[Vec<u8>]) -> anyhow::Result<Measure>
     let ship = spawn(&bin, "run", &scfg, &dir.join("shipper.log"), &smetrics)?;
     let (spid, rpid) = (ship.0.id(), receiver.0.id());
     let (cpu0, rcpu0) = (proc_cpu(spid), proc_cpu(rpid));
-    let total = data.iter().map(|d| d.iter().filter(|&&b| b == b'\n').count()).sum::<usize>() as f64;
+    let total =
+        data.iter().map(|d| d.iter().filter(|&&b| b == b'\n').count()).sum::<usize>() as f64;
     let start = Instant::now();
     let writers = write_all(&paths, data);
     let deadline = start + Duration::from_secs(600);
@@ -289,7 +315,11 @@ fn shipper(dir: &Path, case: &Case, data: &[Vec<u8>]) -> anyhow::Result<Measure>
     for w in writers {
         w.join().expect("writer")?;
     }
-    let q = |q: &str| sum(&text, "shipper_read_to_ack_latency_seconds", &[("quantile", q)]) / case.workers.max(1) as f64 * 1e3;
+    let q = |q: &str| {
+        sum(&text, "shipper_read_to_ack_latency_seconds", &[("quantile", q)])
+            / case.workers.max(1) as f64
+            * 1e3
+    };
     let m = Measure {
         wall_s,
         cpu_s: proc_cpu(spid) - cpu0,
@@ -320,7 +350,9 @@ fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_default()
 }
 
