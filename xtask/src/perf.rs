@@ -5,6 +5,7 @@
 //! - the baseline: `cat FIFO > /dev/null` (the cost of moving the bytes out of the pipe);
 //! - the shipper: FIFO → `shipper run` → mutual TLS → `shipper receive` (fsync off), waiting
 //!   until every line is acknowledged;
+//!
 //! and reports wall time, lines/s, MB/s, CPU-seconds per process (from /proc), lines per
 //! shipper CPU-second, peak RSS (VmHWM) and read→ack latency quantiles (shipper histograms).
 
