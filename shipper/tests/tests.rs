@@ -12,3 +12,5 @@ mod pipe;
 mod ratelimit;
 /// The receiver killed mid-stream and restarted: nothing lost, nothing duplicated.
 mod restart;
+/// SIGTERM flushes and exits 0; with no receiver the writer is never blocked.
+mod shutdown;

@@ -69,6 +69,7 @@ pub struct ShipperCounters {
     pub ack_timeouts: u64,
     pub outbox_frames: u64,
     pub outbox_bytes: u64,
+    pub outbox_records: u64,
     pub inflight_frames: u64,
     /// Read of a frame's first line to its acknowledgement, µs.
     pub latency_us: Histogram<u64>,
@@ -91,6 +92,7 @@ impl ShipperCounters {
             ack_timeouts: 0,
             outbox_frames: 0,
             outbox_bytes: 0,
+            outbox_records: 0,
             inflight_frames: 0,
             latency_us: histogram(3_600_000_000),
             batch_records: histogram(10_000_000),
@@ -104,56 +106,95 @@ impl ShipperCounters {
     }
 }
 
-type Get<T> = fn(&T) -> u64;
+/// A family with one sample per item: (name, type, help, value).
+type Series<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
 
-fn per_core(
+const PER_SOURCE: &[Series<SourceCounters>] = &[
+    ("shipper_source_lines_read_total", "counter", "Lines read per source.", |s| s.lines_read),
+    ("shipper_source_bytes_read_total", "counter", "Bytes read per source.", |s| s.bytes_read),
+    ("shipper_source_lines_truncated_total", "counter", "Lines cut at line_bytes_max.", |s| {
+        s.lines_truncated
+    }),
+    ("shipper_source_lines_empty_total", "counter", "Empty lines skipped.", |s| s.lines_empty),
+    ("shipper_source_read_errors_total", "counter", "Failed reads of a source.", |s| s.read_errors),
+];
+
+const PER_CORE: &[Series<ShipperCounters>] = &[
+    ("shipper_frames_sent_total", "counter", "DATA frames written (resends included).", |c| {
+        c.frames_sent
+    }),
+    (
+        "shipper_frame_bytes_sent_total",
+        "counter",
+        "Bytes of DATA frames written (before TLS).",
+        |c| c.frame_bytes_sent,
+    ),
+    ("shipper_frames_acked_total", "counter", "DATA frames acknowledged.", |c| c.frames_acked),
+    ("shipper_records_acked_total", "counter", "Records in acknowledged frames.", |c| {
+        c.records_acked
+    }),
+    (
+        "shipper_frames_resent_total",
+        "counter",
+        "Frames requeued after a failure, to resend.",
+        |c| c.frames_resent,
+    ),
+    (
+        "shipper_ack_timeouts_total",
+        "counter",
+        "Connections closed for a late ack or heartbeat.",
+        |c| c.ack_timeouts,
+    ),
+    ("shipper_outbox_frames", "gauge", "Frames held until acknowledged.", |c| c.outbox_frames),
+    ("shipper_outbox_bytes", "gauge", "Bytes held until acknowledged.", |c| c.outbox_bytes),
+    ("shipper_outbox_records", "gauge", "Records held until acknowledged.", |c| c.outbox_records),
+    ("shipper_inflight_frames", "gauge", "Frames sent, not yet acknowledged.", |c| {
+        c.inflight_frames
+    }),
+];
+
+const PER_DESTINATION: &[Series<DestinationCounters>] = &[
+    ("shipper_receiver_connects_total", "counter", "Connections established.", |d| d.connects),
+    ("shipper_receiver_connect_failures_total", "counter", "Failed connection attempts.", |d| {
+        d.connect_failures
+    }),
+    ("shipper_receiver_connections_lost_total", "counter", "Established connections lost.", |d| {
+        d.connections_lost
+    }),
+    ("shipper_receiver_connections_up", "gauge", "Connections established now.", |d| {
+        d.connections_up
+    }),
+];
+
+/// Renders one family per series, one sample per (core, item) with `label` naming the item.
+fn families<T>(
     out: &mut Exposition,
     cores: &[ShipperCounters],
-    name: &str,
-    kind: &str,
-    help: &str,
-    get: Get<ShipperCounters>,
+    series: &[Series<T>],
+    items: fn(&ShipperCounters) -> Vec<(&str, &T)>,
+    label: &str,
 ) {
-    out.family(name, kind, help);
-    for c in cores {
-        out.sample(name, &[("core", &c.core.to_string())], get(c) as f64);
+    for (name, kind, help, get) in series {
+        out.family(name, kind, help);
+        for c in cores {
+            let core = c.core.to_string();
+            for (item, t) in items(c) {
+                let labels: &[(&str, &str)] = if label.is_empty() {
+                    &[("core", &core)]
+                } else {
+                    &[("core", &core), (label, item)]
+                };
+                out.sample(name, labels, get(t) as f64);
+            }
+        }
     }
 }
 
-fn per_source(
-    out: &mut Exposition,
-    cores: &[ShipperCounters],
-    name: &str,
-    help: &str,
-    get: Get<SourceCounters>,
-) {
+/// Renders a counter per (core, item, reason).
+fn reasons(out: &mut Exposition, name: &str, help: &str, rows: Vec<[&str; 4]>, values: Vec<u64>) {
     out.family(name, "counter", help);
-    for c in cores {
-        for s in &c.sources {
-            out.sample(
-                name,
-                &[("core", &c.core.to_string()), ("source", &s.source)],
-                get(s) as f64,
-            );
-        }
-    }
-}
-
-fn per_destination(
-    out: &mut Exposition,
-    cores: &[ShipperCounters],
-    name: &str,
-    kind: &str,
-    help: &str,
-    get: Get<DestinationCounters>,
-) {
-    out.family(name, kind, help);
-    for c in cores {
-        for d in &c.destinations {
-            let labels = [("core", c.core.to_string()), ("receiver", d.receiver.clone())];
-            let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            out.sample(name, &labels, get(d) as f64);
-        }
+    for (r, v) in rows.iter().zip(values) {
+        out.sample(name, &[("core", r[0]), (r[1], r[2]), ("reason", r[3])], v as f64);
     }
 }
 
@@ -164,172 +205,75 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         &[("version", env!("CARGO_PKG_VERSION"))],
         1.0,
     );
-    per_source(out, cores, "shipper_source_lines_read_total", "Lines read per source.", |s| {
-        s.lines_read
-    });
-    per_source(out, cores, "shipper_source_bytes_read_total", "Bytes read per source.", |s| {
-        s.bytes_read
-    });
-    per_source(
+    families(
         out,
         cores,
-        "shipper_source_lines_truncated_total",
-        "Lines cut at line_bytes_max.",
-        |s| s.lines_truncated,
+        PER_SOURCE,
+        |c| c.sources.iter().map(|s| (s.source.as_str(), s)).collect(),
+        "source",
     );
-    per_source(out, cores, "shipper_source_lines_empty_total", "Empty lines skipped.", |s| {
-        s.lines_empty
-    });
-    per_source(out, cores, "shipper_source_read_errors_total", "Failed reads of a source.", |s| {
-        s.read_errors
-    });
-    let name = "shipper_source_parse_failures_total";
-    out.family(name, "counter", "Lines passed on as text because they did not parse.");
-    for c in cores {
+    families(out, cores, PER_CORE, |c| vec![("", c)], "");
+    families(
+        out,
+        cores,
+        PER_DESTINATION,
+        |c| c.destinations.iter().map(|d| (d.receiver.as_str(), d)).collect(),
+        "receiver",
+    );
+    let core_names: Vec<String> = cores.iter().map(|c| c.core.to_string()).collect();
+    let (mut rows, mut values) = (Vec::new(), Vec::new());
+    for (c, core) in cores.iter().zip(&core_names) {
         for s in &c.sources {
             for f in Failure::ALL {
-                let core = c.core.to_string();
-                let labels =
-                    [("core", core.as_str()), ("source", &s.source), ("reason", f.label())];
-                out.sample(name, &labels, s.parse_failures[f as usize] as f64);
+                rows.push([core.as_str(), "source", s.source.as_str(), f.label()]);
+                values.push(s.parse_failures[f as usize]);
             }
         }
     }
-    let name = "shipper_lines_admitted_total";
-    out.family(name, "counter", "Lines admitted by the rate limiter, per service.");
-    for c in cores {
-        for s in &c.services {
-            out.sample(
-                name,
-                &[("core", &c.core.to_string()), ("service", &s.service)],
-                s.lines_admitted as f64,
-            );
-        }
-    }
-    let name = "shipper_lines_dropped_total";
-    out.family(name, "counter", "Lines dropped by the shipper, per service and reason.");
-    for c in cores {
+    reasons(
+        out,
+        "shipper_source_parse_failures_total",
+        "Lines passed on as text: did not parse.",
+        rows,
+        values,
+    );
+    let (mut rows, mut values) = (Vec::new(), Vec::new());
+    for (c, core) in cores.iter().zip(&core_names) {
         for s in &c.services {
             for r in DropReason::ALL {
-                let core = c.core.to_string();
-                let labels =
-                    [("core", core.as_str()), ("service", &s.service), ("reason", r.label())];
-                out.sample(name, &labels, s.lines_dropped[r as usize] as f64);
+                rows.push([core.as_str(), "service", s.service.as_str(), r.label()]);
+                values.push(s.lines_dropped[r as usize]);
             }
         }
     }
-    per_core(
+    reasons(
         out,
-        cores,
-        "shipper_frames_sent_total",
-        "counter",
-        "DATA frames written to a connection (resends included).",
-        |c| c.frames_sent,
+        "shipper_lines_dropped_total",
+        "Lines dropped, per service and reason.",
+        rows,
+        values,
     );
-    per_core(
-        out,
-        cores,
-        "shipper_frame_bytes_sent_total",
-        "counter",
-        "Bytes of DATA frames written (compressed, before TLS).",
-        |c| c.frame_bytes_sent,
-    );
-    per_core(
-        out,
-        cores,
-        "shipper_frames_acked_total",
-        "counter",
-        "DATA frames acknowledged by a receiver.",
-        |c| c.frames_acked,
-    );
-    per_core(
-        out,
-        cores,
-        "shipper_records_acked_total",
-        "counter",
-        "Records in acknowledged frames.",
-        |c| c.records_acked,
-    );
-    per_core(
-        out,
-        cores,
-        "shipper_frames_resent_total",
-        "counter",
-        "Frames sent again after a connection failed or an ack timed out.",
-        |c| c.frames_resent,
-    );
-    per_core(
-        out,
-        cores,
-        "shipper_ack_timeouts_total",
-        "counter",
-        "Connections closed because an ack or heartbeat missed ack_timeout_ms.",
-        |c| c.ack_timeouts,
-    );
-    per_core(
-        out,
-        cores,
-        "shipper_outbox_frames",
-        "gauge",
-        "Frames held until acknowledged (queued and in flight).",
-        |c| c.outbox_frames,
-    );
-    per_core(out, cores, "shipper_outbox_bytes", "gauge", "Bytes held until acknowledged.", |c| {
-        c.outbox_bytes
-    });
-    per_core(
-        out,
-        cores,
-        "shipper_inflight_frames",
-        "gauge",
-        "Frames sent and not yet acknowledged.",
-        |c| c.inflight_frames,
-    );
-    per_destination(
-        out,
-        cores,
-        "shipper_receiver_connects_total",
-        "counter",
-        "Connections established (TLS and HELLO done).",
-        |d| d.connects,
-    );
-    per_destination(
-        out,
-        cores,
-        "shipper_receiver_connect_failures_total",
-        "counter",
-        "Failed connection attempts.",
-        |d| d.connect_failures,
-    );
-    per_destination(
-        out,
-        cores,
-        "shipper_receiver_connections_lost_total",
-        "counter",
-        "Established connections that failed.",
-        |d| d.connections_lost,
-    );
-    per_destination(
-        out,
-        cores,
-        "shipper_receiver_connections_up",
-        "gauge",
-        "Connections currently established.",
-        |d| d.connections_up,
-    );
-    let name = "shipper_read_to_ack_latency_seconds";
-    out.family(name, "summary", "Time from reading a frame's first line to its acknowledgement.");
-    for c in cores {
-        out.summary(name, &[("core", &c.core.to_string())], &c.latency_us, 1e-6);
+    let name = "shipper_lines_admitted_total";
+    out.family(name, "counter", "Lines admitted by the rate limiter, per service.");
+    for (c, core) in cores.iter().zip(&core_names) {
+        for s in &c.services {
+            out.sample(name, &[("core", core), ("service", &s.service)], s.lines_admitted as f64);
+        }
     }
-    let name = "shipper_batch_records";
-    out.family(name, "summary", "Records per sealed batch.");
-    for c in cores {
-        out.summary(name, &[("core", &c.core.to_string())], &c.batch_records, 1.0);
-    }
-    let name = "shipper_batch_bytes";
-    out.family(name, "summary", "Uncompressed bytes per sealed batch.");
-    for c in cores {
-        out.summary(name, &[("core", &c.core.to_string())], &c.batch_bytes, 1.0);
+    let summaries: [(&str, &str, fn(&ShipperCounters) -> &Histogram<u64>, f64); 3] = [
+        (
+            "shipper_read_to_ack_latency_seconds",
+            "From reading a frame's first line to its ack.",
+            |c| &c.latency_us,
+            1e-6,
+        ),
+        ("shipper_batch_records", "Records per sealed batch.", |c| &c.batch_records, 1.0),
+        ("shipper_batch_bytes", "Uncompressed bytes per sealed batch.", |c| &c.batch_bytes, 1.0),
+    ];
+    for (name, help, hist, scale) in summaries {
+        out.family(name, "summary", help);
+        for (c, core) in cores.iter().zip(&core_names) {
+            out.summary(name, &[("core", core)], hist(c), scale);
+        }
     }
 }

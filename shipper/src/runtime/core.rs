@@ -213,6 +213,7 @@ impl Core {
     pub fn refresh_gauges(&mut self) {
         self.counters.outbox_frames = self.outbox.frames() as u64;
         self.counters.outbox_bytes = self.outbox.bytes() as u64;
+        self.counters.outbox_records = self.outbox.records();
         self.counters.inflight_frames = self.outbox.inflight() as u64;
     }
 }

@@ -119,6 +119,12 @@ impl Outbox {
         self.queue.len() + self.inflight.len()
     }
 
+    /// Records in every frame held.
+    pub fn records(&self) -> u64 {
+        let queued = self.queue.iter().map(|f| u64::from(f.records));
+        queued.chain(self.inflight.values().map(|f| u64::from(f.frame.records))).sum()
+    }
+
     pub fn inflight(&self) -> usize {
         self.inflight.len()
     }
