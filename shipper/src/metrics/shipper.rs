@@ -106,6 +106,9 @@ impl ShipperCounters {
     }
 }
 
+/// A distribution: (name, help, histogram, scale of its values to the unit in the name).
+type Summary = (&'static str, &'static str, fn(&ShipperCounters) -> &Histogram<u64>, f64);
+
 /// A family with one sample per item: (name, type, help, value).
 type Series<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
 
@@ -260,7 +263,7 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
             out.sample(name, &[("core", core), ("service", &s.service)], s.lines_admitted as f64);
         }
     }
-    let summaries: [(&str, &str, fn(&ShipperCounters) -> &Histogram<u64>, f64); 3] = [
+    let summaries: [Summary; 3] = [
         (
             "shipper_read_to_ack_latency_seconds",
             "From reading a frame's first line to its ack.",
