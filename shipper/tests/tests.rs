@@ -8,6 +8,8 @@ mod bad_input;
 mod cli;
 /// Pipes to receiver: a million lines from four writers arrive byte-identical, once each.
 mod pipe;
+/// A real Prometheus scrapes both endpoints; promtool lints them.
+mod prometheus;
 /// One service fed from two cores stays within its global rate; others are unaffected.
 mod ratelimit;
 /// The receiver killed mid-stream and restarted: nothing lost, nothing duplicated.

@@ -1,13 +1,13 @@
-//! Installs what is missing, idempotently. Today the core pipeline needs only the Rust
-//! toolchain the machine has (rustfmt and clippy components are checked); the journal,
-//! eBPF and perf capabilities add their packages here.
+//! Installs what is missing, idempotently: the rustfmt and clippy components, and the Debian
+//! packages the tests use (a real Prometheus scrapes the metrics endpoints in the tests). The
+//! journal, eBPF and perf capabilities add their packages here.
 
 use std::process::Command;
 
 use anyhow::bail;
 
 /// Debian packages the build and tests need: (command to probe, package).
-const PACKAGES: &[(&str, &str)] = &[];
+const PACKAGES: &[(&str, &str)] = &[("prometheus", "prometheus"), ("promtool", "prometheus")];
 
 pub fn run() -> anyhow::Result<()> {
     for component in ["rustfmt", "clippy"] {
@@ -20,7 +20,7 @@ pub fn run() -> anyhow::Result<()> {
             crate::run("rustup", &["component", "add", component])?;
         }
     }
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(cmd, _)| {
             !Command::new("sh")
@@ -30,6 +30,7 @@ pub fn run() -> anyhow::Result<()> {
         })
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }

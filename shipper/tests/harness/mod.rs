@@ -87,19 +87,26 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts the shipper binary with `args`, and waits for its metrics endpoint.
     pub fn start(name: &str, args: &[&str], metrics: u16, log: PathBuf) -> Proc {
+        let mut p = Proc::start_any(name, BIN, args, log);
+        p.metrics = metrics;
+        p.wait_alive("its metrics endpoint", || scrape(metrics).is_some());
+        p
+    }
+
+    /// Starts any program, its standard error into `log`.
+    pub fn start_any(name: &str, program: &str, args: &[&str], log: PathBuf) -> Proc {
         let err = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(program)
             .args(args)
             .env("SHIPPER_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
             .spawn()
-            .unwrap();
-        let mut p = Proc { child, name: name.into(), metrics, log };
-        p.wait_alive("its metrics endpoint", || scrape(metrics).is_some());
-        p
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Proc { child, name: name.into(), metrics: 0, log }
     }
 
     /// Waits for `cond`, failing at once (with the log) if the process exits meanwhile.
