@@ -206,6 +206,8 @@ pub struct BatchSection {
     pub flush_interval_ms: u64,
     /// zstd compression level (1..=19). Default: 1.
     pub zstd_level: i32,
+    /// zstd hash table size as a power of two (6..=26); 0 keeps the level's own. Default: 12.
+    pub zstd_hash_log: u32,
 }
 
 impl Default for BatchSection {
@@ -215,6 +217,7 @@ impl Default for BatchSection {
             batch_events_max: 10_000,
             flush_interval_ms: 200,
             zstd_level: 1,
+            zstd_hash_log: 12,
         }
     }
 }
@@ -315,6 +318,9 @@ impl Validate for ShipperConfig {
         p.range(b.batch_events_max.into(), 1, 1_000_000, &at("batch_events_max"));
         p.range(b.flush_interval_ms, 1, 60_000, &at("flush_interval_ms"));
         p.range(b.zstd_level as u64, 1, 19, &at("zstd_level"));
+        p.check(b.zstd_hash_log == 0 || (6..=26).contains(&b.zstd_hash_log), &at("zstd_hash_log"), || {
+            format!("{} is out of range (allowed: 0, or 6 to 26)", b.zstd_hash_log)
+        });
         self.receivers.check(p);
         let t = &self.tls;
         for (key, path) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {

@@ -1,8 +1,6 @@
 //! The receiver's per-core counters and how they are exposed.
 
-use hdrhistogram::Histogram;
-
-use super::text::{histogram, Exposition};
+use super::text::{Distribution, Exposition};
 
 /// Why a connection or frame was refused (label `reason`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,8 +40,8 @@ pub struct ReceiverCounters {
     pub write_errors: u64,
     pub streams_open: u64,
     /// Time to write (and fsync) one frame, µs.
-    pub write_us: Histogram<u64>,
-    pub frame_records: Histogram<u64>,
+    pub write_us: Distribution,
+    pub frame_records: Distribution,
 }
 
 impl ReceiverCounters {
@@ -60,8 +58,8 @@ impl ReceiverCounters {
             bytes_written: 0,
             write_errors: 0,
             streams_open: 0,
-            write_us: histogram(3_600_000_000),
-            frame_records: histogram(10_000_000),
+            write_us: Distribution::new(3_600_000_000),
+            frame_records: Distribution::new(10_000_000),
         }
     }
 }

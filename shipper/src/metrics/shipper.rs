@@ -1,8 +1,6 @@
 //! The shipper's per-core counters and how they are exposed.
 
-use hdrhistogram::Histogram;
-
-use super::text::{histogram, Exposition};
+use super::text::{Distribution, Exposition};
 use crate::transforms::parse::Failure;
 
 /// Counters of one pipe source.
@@ -72,9 +70,9 @@ pub struct ShipperCounters {
     pub outbox_records: u64,
     pub inflight_frames: u64,
     /// Read of a frame's first line to its acknowledgement, µs.
-    pub latency_us: Histogram<u64>,
-    pub batch_records: Histogram<u64>,
-    pub batch_bytes: Histogram<u64>,
+    pub latency_us: Distribution,
+    pub batch_records: Distribution,
+    pub batch_bytes: Distribution,
 }
 
 impl ShipperCounters {
@@ -94,9 +92,9 @@ impl ShipperCounters {
             outbox_bytes: 0,
             outbox_records: 0,
             inflight_frames: 0,
-            latency_us: histogram(3_600_000_000),
-            batch_records: histogram(10_000_000),
-            batch_bytes: histogram(1 << 32),
+            latency_us: Distribution::new(3_600_000_000),
+            batch_records: Distribution::new(10_000_000),
+            batch_bytes: Distribution::new(1 << 32),
         }
     }
 
@@ -107,7 +105,7 @@ impl ShipperCounters {
 }
 
 /// A distribution: (name, help, histogram, scale of its values to the unit in the name).
-type Summary = (&'static str, &'static str, fn(&ShipperCounters) -> &Histogram<u64>, f64);
+type Summary = (&'static str, &'static str, fn(&ShipperCounters) -> &Distribution, f64);
 
 /// A family with one sample per item: (name, type, help, value).
 type Series<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);

@@ -52,8 +52,9 @@ impl Exposition {
         self
     }
 
-    /// A summary from a histogram, values scaled by `scale` (e.g. µs → s with 1e-6).
-    pub fn summary(&mut self, name: &str, labels: &[(&str, &str)], h: &Histogram<u64>, scale: f64) {
+    /// A summary from a distribution, values scaled by `scale` (e.g. µs → s with 1e-6).
+    pub fn summary(&mut self, name: &str, labels: &[(&str, &str)], d: &Distribution, scale: f64) {
+        let h = &d.hist;
         for q in QUANTILES {
             let qs = q.to_string();
             let mut with_q: Vec<(&str, &str)> = labels.to_vec();
@@ -61,11 +62,7 @@ impl Exposition {
             let v = if h.is_empty() { 0.0 } else { h.value_at_quantile(q) as f64 * scale };
             self.sample(name, &with_q, v);
         }
-        let sum: f64 = h
-            .iter_recorded()
-            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-            .sum();
-        self.sample(&format!("{name}_sum"), labels, sum * scale);
+        self.sample(&format!("{name}_sum"), labels, d.sum as f64 * scale);
         self.sample(&format!("{name}_count"), labels, h.len() as f64);
     }
 
@@ -74,9 +71,27 @@ impl Exposition {
     }
 }
 
-/// A histogram for latencies in µs (1 µs to 1 h) or sizes, 3 significant digits.
-pub fn histogram(max: u64) -> Histogram<u64> {
-    Histogram::new_with_bounds(1, max, 3).expect("valid histogram bounds")
+/// A distribution: an hdrhistogram (2 significant digits, values 1..=`max`) and the exact sum
+/// of what was recorded, so a scrape never walks the buckets to add them up.
+#[derive(Clone, Debug)]
+pub struct Distribution {
+    pub hist: Histogram<u64>,
+    pub sum: u64,
+}
+
+impl Distribution {
+    pub fn new(max: u64) -> Distribution {
+        let hist = Histogram::new_with_bounds(1, max, 2).expect("valid histogram bounds");
+        Distribution { hist, sum: 0 }
+    }
+
+    /// Records `v`, clamped into the histogram's range.
+    #[inline]
+    pub fn record(&mut self, v: u64) {
+        let v = v.clamp(1, self.hist.high());
+        self.hist.record(v).expect("clamped into range");
+        self.sum += v;
+    }
 }
 
 /// Sum of the samples of `name` in exposition `text` whose labels include all of `labels`.
@@ -104,9 +119,9 @@ mod tests {
             &[("core", "0"), ("s", "a\"b")],
             3.0,
         );
-        let mut h = histogram(1000);
-        h.record(10).unwrap();
-        h.record(20).unwrap();
+        let mut h = Distribution::new(1000);
+        h.record(10);
+        h.record(20);
         e.summary("lat_seconds", &[("core", "1")], &h, 1.0);
         let text = e.finish();
         assert!(

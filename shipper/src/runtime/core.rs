@@ -85,7 +85,7 @@ impl Core {
             services: ServiceTable::new(config.ratelimit.services_max),
             limiter: RateLimiter::default(),
             batch: BatchBuilder::new(b.batch_bytes_max as usize, b.batch_events_max),
-            zstd: zstd::bulk::Compressor::new(b.zstd_level)?,
+            zstd: compressor(b.zstd_level, b.zstd_hash_log)?,
             outbox: Outbox::new(r.outbox_bytes_max as usize, r.inflight_frames_max),
             counters,
             wake: Rc::new(Notify::new()),
@@ -177,8 +177,8 @@ impl Core {
             Ok(f) => f,
             Err(e) => panic!("zstd failed on an in-memory batch: {e}"),
         };
-        let _ = self.counters.batch_records.record(frame.records.into());
-        let _ = self.counters.batch_bytes.record(frame.raw_bytes.into());
+        self.counters.batch_records.record(frame.records.into());
+        self.counters.batch_bytes.record(frame.raw_bytes.into());
         match self.outbox.push(frame) {
             Ok(()) => self.wake.notify_waiters(),
             Err(frame) => self.count_dropped(&frame, DropReason::OutboxFull),
@@ -204,7 +204,7 @@ impl Core {
             self.counters.frames_acked += 1;
             self.counters.records_acked += u64::from(done.frame.records);
             let us = now_ns.saturating_sub(done.frame.first_ns) / 1000;
-            let _ = self.counters.latency_us.record(us.max(1));
+            self.counters.latency_us.record(us);
             self.wake.notify_waiters();
         }
     }
@@ -238,4 +238,14 @@ fn intern(
         debug_assert_eq!(counters.len(), services.len(), "one counter set per service id");
     }
     id
+}
+
+/// A zstd context at `level`, with `hash_log` when not 0 (see `docs/perf.md`: a 4K-entry hash
+/// table stays in cache and compresses 1 MiB JSON batches ~18% faster at the same ratio).
+fn compressor(level: i32, hash_log: u32) -> std::io::Result<zstd::bulk::Compressor<'static>> {
+    let mut z = zstd::bulk::Compressor::new(level)?;
+    if hash_log != 0 {
+        z.set_parameter(zstd::zstd_safe::CParameter::HashLog(hash_log))?;
+    }
+    Ok(z)
 }
