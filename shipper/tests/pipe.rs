@@ -10,7 +10,7 @@ pub fn line(writer: usize, seq: usize) -> String {
 }
 
 /// Parses (writer, seq) back out of a line made by [`line`].
-fn ids(l: &[u8]) -> (usize, usize) {
+pub fn ids(l: &[u8]) -> (usize, usize) {
     let s = std::str::from_utf8(l).unwrap();
     let w = s.split("\"service\":\"w").nth(1).unwrap().split('"').next().unwrap();
     let q = s.split("\"seq\":").nth(1).unwrap().split(',').next().unwrap();

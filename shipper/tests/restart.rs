@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::pipe::line;
+use crate::pipe::{ids, line};
 
 /// Frames the dead receiver wrote but never acknowledged are resent, and either cut from its
 /// output at recovery (not committed) or recognised as duplicates (committed).
@@ -52,9 +52,7 @@ fn receiver_killed_mid_stream_loses_and_duplicates_nothing() {
     let lines = output_lines(&env.out());
     let mut seen = vec![0u32; LINES];
     for (_, l) in &lines {
-        let s = std::str::from_utf8(l).unwrap();
-        let seq: usize =
-            s.split("\"seq\":").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+        let (_, seq) = ids(l);
         assert_eq!(l.as_slice(), line(0, seq).as_bytes());
         seen[seq] += 1;
     }

@@ -6,6 +6,8 @@ mod harness;
 mod bad_input;
 /// The CLI: validate, version, help, configuration errors with file, line and key.
 mod cli;
+/// Ack timeouts on a hung receiver; the shipper refuses receivers it cannot verify.
+mod delivery;
 /// Pipes to receiver: a million lines from four writers arrive byte-identical, once each.
 mod pipe;
 /// A real Prometheus scrapes both endpoints; promtool lints them.

@@ -318,9 +318,11 @@ impl Validate for ShipperConfig {
         p.range(b.batch_events_max.into(), 1, 1_000_000, &at("batch_events_max"));
         p.range(b.flush_interval_ms, 1, 60_000, &at("flush_interval_ms"));
         p.range(b.zstd_level as u64, 1, 19, &at("zstd_level"));
-        p.check(b.zstd_hash_log == 0 || (6..=26).contains(&b.zstd_hash_log), &at("zstd_hash_log"), || {
-            format!("{} is out of range (allowed: 0, or 6 to 26)", b.zstd_hash_log)
-        });
+        p.check(
+            b.zstd_hash_log == 0 || (6..=26).contains(&b.zstd_hash_log),
+            &at("zstd_hash_log"),
+            || format!("{} is out of range (allowed: 0, or 6 to 26)", b.zstd_hash_log),
+        );
         self.receivers.check(p);
         let t = &self.tls;
         for (key, path) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {

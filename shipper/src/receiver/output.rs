@@ -211,3 +211,33 @@ mod tests {
         assert_eq!(stream_name("é".as_bytes()), "__");
     }
 }
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+    use crate::protocol::RecordWriter;
+
+    #[test]
+    fn rotates_between_frames_and_keeps_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Output::new(dir.path(), 3, 1, 4096, false, 8);
+        let body = [b'x'; 1000];
+        for _ in 0..10 {
+            let mut payload = Vec::new();
+            for _ in 0..3 {
+                RecordWriter::push(&mut payload, b"web", &body);
+            }
+            let (touched, bytes) = out.write_frame(&payload, 3).unwrap();
+            assert_eq!(bytes, 3003);
+            assert_eq!(touched.len(), 1);
+        }
+        let mut files: Vec<_> = fs::read_dir(dir.path().join("web")).unwrap().flatten().collect();
+        files.sort_by_key(|f| f.file_name());
+        let names: Vec<String> =
+            files.iter().map(|f| f.file_name().into_string().unwrap()).collect();
+        // 3003 bytes per frame, rotated once a file reaches 4096: two frames per file.
+        assert_eq!(names, (0..5).map(|i| format!("g000003-c001-{i:06}.log")).collect::<Vec<_>>());
+        let total: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+        assert_eq!(total, 30 * 1001);
+    }
+}
