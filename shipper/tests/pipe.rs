@@ -35,6 +35,11 @@ fn million_lines_from_four_writers_arrive_once_byte_identical() {
         use std::os::unix::fs::{FileTypeExt, PermissionsExt};
         assert!(meta.file_type().is_fifo());
         assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        // The buffer was raised to pipe_bytes (default 1 MiB); a writer sees the same pipe.
+        let w = open_writer(&env.path(&format!("p{w}.pipe")));
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on a descriptor we own.
+        assert_eq!(unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) }, 1 << 20);
     }
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {

@@ -191,11 +191,29 @@ fn families<T>(
     }
 }
 
-/// Renders a counter per (core, item, reason).
-fn reasons(out: &mut Exposition, name: &str, help: &str, rows: Vec<[&str; 4]>, values: Vec<u64>) {
+/// Per-reason counts of one item (a source or a service): its label value and its counts.
+type Reasons<'a, const N: usize> = Vec<(&'a str, [u64; N])>;
+
+/// Renders a counter family with one sample per (core, item, reason).
+fn per_reason<const N: usize>(
+    out: &mut Exposition,
+    cores: &[ShipperCounters],
+    (name, help): (&str, &str),
+    (item_label, reasons): (&str, [&str; N]),
+    items: fn(&ShipperCounters) -> Reasons<'_, N>,
+) {
     out.family(name, "counter", help);
-    for (r, v) in rows.iter().zip(values) {
-        out.sample(name, &[("core", r[0]), (r[1], r[2]), ("reason", r[3])], v as f64);
+    for c in cores {
+        let core = c.core.to_string();
+        for (item, counts) in items(c) {
+            for (reason, n) in reasons.iter().zip(counts) {
+                out.sample(
+                    name,
+                    &[("core", &core), (item_label, item), ("reason", reason)],
+                    n as f64,
+                );
+            }
+        }
     }
 }
 
@@ -221,39 +239,21 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         |c| c.destinations.iter().map(|d| (d.receiver.as_str(), d)).collect(),
         "receiver",
     );
+    per_reason(
+        out,
+        cores,
+        ("shipper_source_parse_failures_total", "Lines passed on as text: did not parse."),
+        ("source", Failure::ALL.map(Failure::label)),
+        |c| c.sources.iter().map(|s| (s.source.as_str(), s.parse_failures)).collect(),
+    );
+    per_reason(
+        out,
+        cores,
+        ("shipper_lines_dropped_total", "Lines dropped, per service and reason."),
+        ("service", DropReason::ALL.map(DropReason::label)),
+        |c| c.services.iter().map(|s| (s.service.as_str(), s.lines_dropped)).collect(),
+    );
     let core_names: Vec<String> = cores.iter().map(|c| c.core.to_string()).collect();
-    let (mut rows, mut values) = (Vec::new(), Vec::new());
-    for (c, core) in cores.iter().zip(&core_names) {
-        for s in &c.sources {
-            for f in Failure::ALL {
-                rows.push([core.as_str(), "source", s.source.as_str(), f.label()]);
-                values.push(s.parse_failures[f as usize]);
-            }
-        }
-    }
-    reasons(
-        out,
-        "shipper_source_parse_failures_total",
-        "Lines passed on as text: did not parse.",
-        rows,
-        values,
-    );
-    let (mut rows, mut values) = (Vec::new(), Vec::new());
-    for (c, core) in cores.iter().zip(&core_names) {
-        for s in &c.services {
-            for r in DropReason::ALL {
-                rows.push([core.as_str(), "service", s.service.as_str(), r.label()]);
-                values.push(s.lines_dropped[r as usize]);
-            }
-        }
-    }
-    reasons(
-        out,
-        "shipper_lines_dropped_total",
-        "Lines dropped, per service and reason.",
-        rows,
-        values,
-    );
     let name = "shipper_lines_admitted_total";
     out.family(name, "counter", "Lines admitted by the rate limiter, per service.");
     for (c, core) in cores.iter().zip(&core_names) {
