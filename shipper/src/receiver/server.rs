@@ -77,6 +77,8 @@ pub fn accept(
                 tracing::warn!(%peer, "refusing connection: connections_max reached");
                 continue;
             }
+            // Counted from accept, so connections still in their handshake count too.
+            open.fetch_add(1, Ordering::Relaxed);
             let _ = tcp.set_nodelay(true);
             let (config, tls, workers, open, counters) =
                 (config.clone(), tls.clone(), workers.clone(), open.clone(), counters.clone());
@@ -87,13 +89,16 @@ pub fn accept(
                         match stream.into_parts() {
                             Ok((tcp, tls)) => {
                                 counters.borrow_mut().connections_accepted += 1;
-                                open.fetch_add(1, Ordering::Relaxed);
                                 let _ = workers[w].send(HandOff { tcp, tls, hello, pending, peer });
                             }
-                            Err(e) => tracing::error!(%peer, "hand-off failed: {e}"),
+                            Err(e) => {
+                                open.fetch_sub(1, Ordering::Relaxed);
+                                tracing::error!(%peer, "hand-off failed: {e}");
+                            }
                         }
                     }
                     Err((reason, e)) => {
+                        open.fetch_sub(1, Ordering::Relaxed);
                         counters.borrow_mut().connections_refused[reason as usize] += 1;
                         tracing::warn!(%peer, "refused: {e}");
                     }
