@@ -13,7 +13,9 @@ fn receiver_killed_mid_stream_loses_and_duplicates_nothing() {
     const LINES: usize = 120_000;
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
-    let mut receiver = start_receiver(&env, port, rm, "");
+    // With fsync on, as in production: acks wait for the output and the commit log on disk.
+    let config = env.receiver_toml(port, rm, "").replace("fsync = false", "fsync = true");
+    let mut receiver = start_receiver_toml(&env, port, rm, &config);
     let pipe = env.path("app.pipe");
     let body = format!(
         "[[sources.pipe]]\npath = {pipe:?}\n[batch]\nbatch_events_max = 500\nflush_interval_ms = 10\n"
@@ -43,7 +45,7 @@ fn receiver_killed_mid_stream_loses_and_duplicates_nothing() {
     let _ = receiver.child.wait();
     // The shipper keeps reading (and buffering) while no receiver is up.
     std::thread::sleep(Duration::from_millis(300));
-    let _receiver = start_receiver(&env, port, rm, "");
+    let _receiver = start_receiver_toml(&env, port, rm, &config);
     writer.join().unwrap();
     assert!(done.load(Ordering::SeqCst));
     shipper.wait_alive_for("every line acknowledged", Duration::from_secs(120), &mut || {

@@ -178,7 +178,12 @@ impl Drop for Proc {
 }
 
 pub fn start_receiver(env: &Env, port: u16, metrics: u16, extra: &str) -> Proc {
-    let cfg = env.write(&format!("receiver-{port}.toml"), &env.receiver_toml(port, metrics, extra));
+    start_receiver_toml(env, port, metrics, &env.receiver_toml(port, metrics, extra))
+}
+
+/// Starts a receiver from configuration `text` (which must listen on `port`).
+pub fn start_receiver_toml(env: &Env, port: u16, metrics: u16, text: &str) -> Proc {
+    let cfg = env.write(&format!("receiver-{port}.toml"), text);
     let log = unique(env.path("receiver"));
     let p = Proc::start("receiver", &["receive", "--config", cfg.to_str().unwrap()], metrics, log);
     wait_for("receiver port", Duration::from_secs(10), || {
