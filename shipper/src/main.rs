@@ -40,6 +40,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Read journald's files natively.
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
     /// Write a development CA and certificates (for demos and tests, not production).
     DevCerts {
         /// Directory to write ca.pem, receiver.pem/.key and shipper.pem/.key into.
@@ -48,6 +53,20 @@ enum Command {
         /// Names (DNS or IP) the receiver certificate is valid for.
         #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Print the entries of journal files as JSON lines, like `journalctl -o json --all`,
+    /// merged in journalctl's order.
+    Cat {
+        /// Print only the entries after this cursor.
+        #[arg(long)]
+        since: Option<String>,
+        /// Journal files, or directories searched (two levels deep) for *.journal and *.journal~.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -80,6 +99,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             shipper::receiver::run(cfg)?;
         }
         Command::Validate { config } => return Ok(validate(&config)),
+        Command::Journal { command: JournalCommand::Cat { since, paths } } => {
+            return shipper::sources::journal::cat(&paths, since.as_deref());
+        }
         Command::DevCerts { dir, names } => {
             let pki = shipper::tls::pki::generate(&dir, &names)?;
             println!(

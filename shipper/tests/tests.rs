@@ -8,6 +8,8 @@ mod bad_input;
 mod cli;
 /// Ack timeouts on a hung receiver; the shipper refuses receivers it cannot verify.
 mod delivery;
+/// The journal reader against journalctl, on files written by systemd's own tools.
+mod journal;
 /// Pipes to receiver: a million lines from four writers arrive byte-identical, once each.
 mod pipe;
 /// A real Prometheus scrapes both endpoints; promtool lints them.

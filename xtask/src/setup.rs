@@ -7,7 +7,12 @@ use std::process::Command;
 use anyhow::bail;
 
 /// Debian packages the build and tests need: (command to probe, package).
-const PACKAGES: &[(&str, &str)] = &[("prometheus", "prometheus"), ("promtool", "prometheus")];
+const PACKAGES: &[(&str, &str)] = &[
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+    // Journal files for the journal tests are written by systemd's own tool.
+    ("/lib/systemd/systemd-journal-remote", "systemd-journal-remote"),
+];
 
 pub fn run() -> anyhow::Result<()> {
     for component in ["rustfmt", "clippy"] {

@@ -1,0 +1,276 @@
+//! Bounded, checked access to one journal file: header, objects, block cache.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+pub const SIGNATURE: &[u8; 8] = b"LPKSHHRH";
+/// Largest object accepted (journald's own limit for a field is far below this).
+pub const OBJECT_BYTES_MAX: u64 = 256 << 20;
+/// Smallest header any journald version wrote (systemd 187 and later).
+const HEADER_BYTES_MIN: u64 = 208;
+const OBJECT_HEADER_BYTES: u64 = 16;
+
+pub const INCOMPAT_XZ: u32 = 1;
+pub const INCOMPAT_LZ4: u32 = 2;
+pub const INCOMPAT_KEYED_HASH: u32 = 4;
+pub const INCOMPAT_ZSTD: u32 = 8;
+pub const INCOMPAT_COMPACT: u32 = 16;
+const INCOMPAT_KNOWN: u32 = 31;
+
+pub const OBJECT_XZ: u8 = 1;
+pub const OBJECT_LZ4: u8 = 2;
+pub const OBJECT_ZSTD: u8 = 4;
+
+/// Object types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectType {
+    Data = 1,
+    Field = 2,
+    Entry = 3,
+    DataHashTable = 4,
+    FieldHashTable = 5,
+    EntryArray = 6,
+    Tag = 7,
+}
+
+/// What can be wrong with a journal file, always with the file and offset.
+#[derive(Debug, Error)]
+pub enum JournalError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a journal file (signature {found:02x?})")]
+    Signature { path: PathBuf, found: [u8; 8] },
+    #[error("{path}: unsupported incompatible flags {flags:#x}")]
+    Incompatible { path: PathBuf, flags: u32 },
+    #[error("{path}: header: {what}")]
+    Header { path: PathBuf, what: String },
+    #[error("{path}: object at offset {offset}: {what}")]
+    Object { path: PathBuf, offset: u64, what: String },
+}
+
+/// The fields of the header the reader uses.
+#[derive(Clone, Debug)]
+pub struct Header {
+    pub incompatible_flags: u32,
+    pub state: u8,
+    pub file_id: [u8; 16],
+    pub machine_id: [u8; 16],
+    pub seqnum_id: [u8; 16],
+    pub header_size: u64,
+    pub arena_size: u64,
+    pub tail_object_offset: u64,
+    pub n_entries: u64,
+    pub tail_entry_seqnum: u64,
+    pub head_entry_seqnum: u64,
+    pub entry_array_offset: u64,
+    pub head_entry_realtime: u64,
+    pub tail_entry_realtime: u64,
+}
+
+impl Header {
+    pub fn compact(&self) -> bool {
+        self.incompatible_flags & INCOMPAT_COMPACT != 0
+    }
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// A read cache of fixed-size blocks, bounded in count, evicting the least recently used.
+pub struct BlockCache {
+    blocks: Vec<(u64, u64, Box<[u8]>)>,
+    tick: u64,
+    max: usize,
+}
+
+/// Bytes per cached block.
+pub const BLOCK_BYTES: u64 = 256 << 10;
+
+impl BlockCache {
+    pub fn new(max_blocks: usize) -> BlockCache {
+        BlockCache { blocks: Vec::new(), tick: 0, max: max_blocks.max(2) }
+    }
+
+    fn block(&mut self, file: &File, index: u64, len: u64) -> std::io::Result<usize> {
+        self.tick += 1;
+        if let Some(i) = self.blocks.iter().position(|b| b.0 == index) {
+            self.blocks[i].1 = self.tick;
+            return Ok(i);
+        }
+        let mut data = vec![0u8; len as usize].into_boxed_slice();
+        file.read_exact_at(&mut data, index * BLOCK_BYTES)?;
+        if self.blocks.len() < self.max {
+            self.blocks.push((index, self.tick, data));
+            return Ok(self.blocks.len() - 1);
+        }
+        let lru = (0..self.blocks.len()).min_by_key(|&i| self.blocks[i].1).expect("not empty");
+        self.blocks[lru] = (index, self.tick, data);
+        Ok(lru)
+    }
+
+    /// Forgets every block (after the file grew or was replaced).
+    pub fn clear(&mut self) {
+        self.blocks.clear();
+    }
+}
+
+/// One open journal file.
+pub struct JournalFile {
+    pub path: PathBuf,
+    file: File,
+    /// File size when last checked; no read goes past it.
+    pub size: u64,
+    pub header: Header,
+    cache: BlockCache,
+    scratch: Vec<u8>,
+}
+
+impl JournalFile {
+    pub fn open(path: &Path) -> Result<JournalFile, JournalError> {
+        let io = |source| JournalError::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let mut head = [0u8; 272];
+        let n = read_up_to(&file, &mut head, 0).map_err(io)?;
+        let header = parse_header(path, &head[..n], size)?;
+        Ok(JournalFile {
+            path: path.to_path_buf(),
+            file,
+            size,
+            header,
+            cache: BlockCache::new(64),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Re-reads the header and size (the file may have grown). Returns true if it changed.
+    pub fn refresh(&mut self) -> Result<bool, JournalError> {
+        let io = |source| JournalError::Io { path: self.path.clone(), source };
+        let size = self.file.metadata().map_err(io)?.len();
+        let mut head = [0u8; 272];
+        let n = read_up_to(&self.file, &mut head, 0).map_err(io)?;
+        let header = parse_header(&self.path, &head[..n], size)?;
+        let changed = size != self.size || header.n_entries != self.header.n_entries;
+        if changed {
+            // The last block may have been cached short, or rewritten (hash chains, arrays).
+            self.cache.clear();
+        }
+        self.size = size;
+        self.header = header;
+        Ok(changed)
+    }
+
+    pub fn error(&self, offset: u64, what: impl Into<String>) -> JournalError {
+        JournalError::Object { path: self.path.clone(), offset, what: what.into() }
+    }
+
+    /// Reads `len` bytes at `offset`, checked against the file size.
+    pub fn read(&mut self, offset: u64, len: u64) -> Result<&[u8], JournalError> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.size);
+        let Some(end) = end else {
+            return Err(self.error(
+                offset,
+                format!("{len} bytes run past the end of the file ({})", self.size),
+            ));
+        };
+        let io = |source| JournalError::Io { path: self.path.clone(), source };
+        let first = offset / BLOCK_BYTES;
+        let last = (end.max(1) - 1) / BLOCK_BYTES;
+        if first == last && len > 0 {
+            let block_len = BLOCK_BYTES.min(self.size - first * BLOCK_BYTES);
+            let i = self.cache.block(&self.file, first, block_len).map_err(io)?;
+            let start = (offset - first * BLOCK_BYTES) as usize;
+            return Ok(&self.cache.blocks[i].2[start..start + len as usize]);
+        }
+        self.scratch.resize(len as usize, 0);
+        self.file.read_exact_at(&mut self.scratch, offset).map_err(io)?;
+        Ok(&self.scratch)
+    }
+
+    /// Checks the object header at `offset` and returns `(type, flags, size)`.
+    pub fn object_header(
+        &mut self,
+        offset: u64,
+        want: ObjectType,
+    ) -> Result<(u8, u64), JournalError> {
+        if offset % 8 != 0 || offset < self.header.header_size {
+            return Err(self.error(offset, "offset is not an aligned offset inside the arena"));
+        }
+        let h = self.read(offset, OBJECT_HEADER_BYTES)?;
+        let (kind, flags, size) = (h[0], h[1], le64(h, 8));
+        if kind != want as u8 {
+            return Err(
+                self.error(offset, format!("expected a {want:?} object, found type {kind}"))
+            );
+        }
+        if size < OBJECT_HEADER_BYTES || size > OBJECT_BYTES_MAX {
+            return Err(self.error(offset, format!("object size {size} out of bounds")));
+        }
+        Ok((flags, size))
+    }
+
+    /// Reads a whole object of type `want` at `offset`; returns its flags and bytes.
+    pub fn object(&mut self, offset: u64, want: ObjectType) -> Result<(u8, &[u8]), JournalError> {
+        let (flags, size) = self.object_header(offset, want)?;
+        let bytes = self.read(offset, size)?;
+        Ok((flags, bytes))
+    }
+}
+
+fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], offset + n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn parse_header(path: &Path, b: &[u8], size: u64) -> Result<Header, JournalError> {
+    let bad = |what: String| JournalError::Header { path: path.to_path_buf(), what };
+    if b.len() < HEADER_BYTES_MIN as usize {
+        return Err(bad(format!("file of {size} bytes is shorter than a journal header")));
+    }
+    let sig: [u8; 8] = b[..8].try_into().expect("8 bytes");
+    if &sig != SIGNATURE {
+        return Err(JournalError::Signature { path: path.to_path_buf(), found: sig });
+    }
+    let incompatible_flags = le32(b, 12);
+    if incompatible_flags & !INCOMPAT_KNOWN != 0 {
+        return Err(JournalError::Incompatible {
+            path: path.to_path_buf(),
+            flags: incompatible_flags,
+        });
+    }
+    let id = |at: usize| -> [u8; 16] { b[at..at + 16].try_into().expect("16 bytes") };
+    let h = Header {
+        incompatible_flags,
+        state: b[16],
+        file_id: id(24),
+        machine_id: id(40),
+        seqnum_id: id(72),
+        header_size: le64(b, 88),
+        arena_size: le64(b, 96),
+        tail_object_offset: le64(b, 136),
+        n_entries: le64(b, 152),
+        tail_entry_seqnum: le64(b, 160),
+        head_entry_seqnum: le64(b, 168),
+        entry_array_offset: le64(b, 176),
+        head_entry_realtime: le64(b, 184),
+        tail_entry_realtime: le64(b, 192),
+    };
+    if h.header_size < HEADER_BYTES_MIN || h.header_size % 8 != 0 || h.header_size > size {
+        return Err(bad(format!("header size {} is not plausible", h.header_size)));
+    }
+    Ok(h)
+}

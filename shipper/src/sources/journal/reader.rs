@@ -1,0 +1,306 @@
+//! Walks one file's entries in order and decodes them into fields.
+
+use std::io::Write;
+
+use super::file::{
+    JournalError, JournalFile, ObjectType, OBJECT_BYTES_MAX, OBJECT_LZ4, OBJECT_XZ, OBJECT_ZSTD,
+};
+
+/// Warnings logged per file before they are only counted.
+const WARNINGS_MAX: u64 = 10;
+
+/// One decoded entry. Buffers are reused from entry to entry.
+#[derive(Clone, Debug, Default)]
+pub struct Entry {
+    /// Offset of the ENTRY object in its file.
+    pub offset: u64,
+    pub seqnum: u64,
+    pub realtime: u64,
+    pub monotonic: u64,
+    pub boot_id: [u8; 16],
+    pub xor_hash: u64,
+    /// Every field's `NAME=value` payload, back to back.
+    pub data: Vec<u8>,
+    /// Per field: (start, position of '=', end) in `data`.
+    pub fields: Vec<(u32, u32, u32)>,
+}
+
+impl Entry {
+    /// `(name, value)` of every field, in the entry's order.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter().map(|&(s, e, end)| {
+            (&self.data[s as usize..e as usize], &self.data[e as usize + 1..end as usize])
+        })
+    }
+
+    /// The first value of field `name`.
+    pub fn field(&self, name: &[u8]) -> Option<&[u8]> {
+        self.fields().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+}
+
+/// Where the reader is in the file's global entry-array chain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Position {
+    /// Offset of the current ENTRY_ARRAY object (0: not started).
+    array: u64,
+    /// Index of the next item in it.
+    index: u64,
+    /// Entries returned so far.
+    seen: u64,
+    /// Offset of the last entry returned; entries only move forward.
+    last_entry: u64,
+}
+
+pub struct JournalReader {
+    pub file: JournalFile,
+    pos: Position,
+    /// Objects skipped as corrupt (bad offsets, types, sizes, compression, payloads).
+    pub corrupt: u64,
+    /// The chain is broken beyond repair (it went backwards): nothing more is read.
+    pub broken: bool,
+    unpacked: Vec<u8>,
+}
+
+impl JournalReader {
+    pub fn new(file: JournalFile) -> JournalReader {
+        JournalReader {
+            file,
+            pos: Position::default(),
+            corrupt: 0,
+            broken: false,
+            unpacked: Vec::new(),
+        }
+    }
+
+    fn warn(&mut self, e: &JournalError) {
+        self.corrupt += 1;
+        if self.corrupt <= WARNINGS_MAX {
+            tracing::warn!("skipping corrupt journal object: {e}");
+        } else if self.corrupt == WARNINGS_MAX + 1 {
+            tracing::warn!(path = %self.file.path.display(), "more corrupt objects in this file; counting them silently");
+        }
+    }
+
+    /// The next entry's offset, or `None` at the current end of the file.
+    fn next_offset(&mut self) -> Result<Option<u64>, JournalError> {
+        let compact = self.file.header.compact();
+        let item_bytes = if compact { 4 } else { 8 };
+        loop {
+            if self.pos.seen >= self.file.header.n_entries {
+                return Ok(None);
+            }
+            if self.pos.array == 0 {
+                let first = self.file.header.entry_array_offset;
+                if first == 0 {
+                    return Ok(None);
+                }
+                self.pos.array = first;
+                self.pos.index = 0;
+            }
+            let array = self.pos.array;
+            let (_, size) = self.file.object_header(array, ObjectType::EntryArray)?;
+            let items = size.saturating_sub(24) / item_bytes;
+            if self.pos.index < items {
+                let at = array + 24 + self.pos.index * item_bytes;
+                let b = self.file.read(at, item_bytes)?;
+                let offset = if compact {
+                    u64::from(u32::from_le_bytes(b.try_into().expect("4 bytes")))
+                } else {
+                    u64::from_le_bytes(b.try_into().expect("8 bytes"))
+                };
+                if offset == 0 {
+                    // Unused tail of the last array: nothing more yet.
+                    return Ok(None);
+                }
+                self.pos.index += 1;
+                return Ok(Some(offset));
+            }
+            let b = self.file.read(array + 16, 8)?;
+            let next = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            if next == 0 {
+                return Ok(None);
+            }
+            if next <= array {
+                self.broken = true;
+                return Err(self
+                    .file
+                    .error(array, format!("entry array chain goes back to offset {next}")));
+            }
+            self.pos.array = next;
+            self.pos.index = 0;
+        }
+    }
+
+    /// Decodes the next entry into `entry`. `Ok(false)` at the current end of the file.
+    pub fn next(&mut self, entry: &mut Entry) -> Result<bool, JournalError> {
+        loop {
+            if self.broken {
+                return Ok(false);
+            }
+            let offset = match self.next_offset() {
+                Ok(Some(o)) => o,
+                Ok(None) => return Ok(false),
+                Err(e) => {
+                    // A chain we cannot follow ends this file; what came before stands.
+                    self.broken = true;
+                    self.warn(&e);
+                    return Ok(false);
+                }
+            };
+            self.pos.seen += 1;
+            if offset <= self.pos.last_entry {
+                let e = self.file.error(offset, "entry array points backwards");
+                self.warn(&e);
+                continue;
+            }
+            self.pos.last_entry = offset;
+            match self.decode(offset, entry) {
+                Ok(()) => return Ok(true),
+                Err(e) => self.warn(&e),
+            }
+        }
+    }
+
+    fn decode(&mut self, offset: u64, entry: &mut Entry) -> Result<(), JournalError> {
+        let compact = self.file.header.compact();
+        let (_, bytes) = self.file.object(offset, ObjectType::Entry)?;
+        if bytes.len() < 64 {
+            return Err(self.file.error(offset, "ENTRY object shorter than its fixed part"));
+        }
+        let le = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        entry.offset = offset;
+        entry.seqnum = le(16);
+        entry.realtime = le(24);
+        entry.monotonic = le(32);
+        entry.boot_id = bytes[40..56].try_into().expect("16 bytes");
+        entry.xor_hash = le(56);
+        let item_bytes = if compact { 4 } else { 16 };
+        let items: Vec<u64> = bytes[64..]
+            .chunks_exact(item_bytes)
+            .map(|c| {
+                if compact {
+                    u64::from(u32::from_le_bytes(c[..4].try_into().expect("4")))
+                } else {
+                    u64::from_le_bytes(c[..8].try_into().expect("8"))
+                }
+            })
+            .collect();
+        entry.data.clear();
+        entry.fields.clear();
+        for data in items {
+            if let Err(e) = self.field(data, entry) {
+                self.warn(&e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the DATA object at `offset` to `entry`.
+    fn field(&mut self, offset: u64, entry: &mut Entry) -> Result<(), JournalError> {
+        let payload_at = if self.file.header.compact() { 72 } else { 64 };
+        let (flags, bytes) = self.file.object(offset, ObjectType::Data)?;
+        if bytes.len() < payload_at {
+            return Err(self.file.error(offset, "DATA object shorter than its fixed part"));
+        }
+        let start = entry.data.len();
+        let compression = flags & (OBJECT_XZ | OBJECT_LZ4 | OBJECT_ZSTD);
+        if compression == 0 {
+            entry.data.extend_from_slice(&bytes[payload_at..]);
+        } else {
+            let packed = bytes[payload_at..].to_vec();
+            let unpacked = &mut self.unpacked;
+            if let Err(what) = decompress(compression, &packed, unpacked) {
+                return Err(self.file.error(offset, what));
+            }
+            entry.data.extend_from_slice(unpacked);
+        }
+        let eq = entry.data[start..].iter().position(|&b| b == b'=');
+        let Some(eq) = eq else {
+            entry.data.truncate(start);
+            return Err(self.file.error(offset, "DATA payload has no '='"));
+        };
+        let end = entry.data.len();
+        let fits = u32::try_from(end).is_ok();
+        if !fits {
+            entry.data.truncate(start);
+            return Err(self.file.error(offset, "entry larger than 4 GiB"));
+        }
+        entry.fields.push((start as u32, (start + eq) as u32, end as u32));
+        Ok(())
+    }
+}
+
+/// Decompresses a DATA payload into `out`, bounded by [`OBJECT_BYTES_MAX`].
+pub fn decompress(kind: u8, src: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    out.clear();
+    match kind {
+        OBJECT_ZSTD => {
+            let size = zstd::zstd_safe::get_frame_content_size(src)
+                .map_err(|_| "zstd: not a zstd frame".to_string())?;
+            match size {
+                Some(n) if n <= OBJECT_BYTES_MAX => {
+                    *out = zstd::bulk::decompress(src, n as usize)
+                        .map_err(|e| format!("zstd: {e}"))?;
+                    if out.len() as u64 != n {
+                        return Err("zstd: size differs from the frame's".into());
+                    }
+                    Ok(())
+                }
+                Some(n) => Err(format!("zstd: {n} bytes is over the limit")),
+                None => {
+                    let mut dec =
+                        zstd::stream::read::Decoder::new(src).map_err(|e| format!("zstd: {e}"))?;
+                    copy_bounded(&mut dec, out).map_err(|e| format!("zstd: {e}"))
+                }
+            }
+        }
+        OBJECT_LZ4 => {
+            if src.len() < 8 {
+                return Err("lz4: payload shorter than its size prefix".into());
+            }
+            let n = u64::from_le_bytes(src[..8].try_into().expect("8 bytes"));
+            if n > OBJECT_BYTES_MAX {
+                return Err(format!("lz4: {n} bytes is over the limit"));
+            }
+            out.resize(n as usize, 0);
+            let got = lz4_flex::block::decompress_into(&src[8..], out)
+                .map_err(|e| format!("lz4: {e}"))?;
+            if got != out.len() {
+                return Err(format!("lz4: decompressed {got} bytes, expected {n}"));
+            }
+            Ok(())
+        }
+        OBJECT_XZ => {
+            let mut w = Bounded { out, max: OBJECT_BYTES_MAX as usize };
+            lzma_rs::xz_decompress(&mut std::io::BufReader::new(src), &mut w)
+                .map_err(|e| format!("xz: {e:?}"))
+        }
+        other => Err(format!("several compression flags at once ({other:#x})")),
+    }
+}
+
+fn copy_bounded(r: &mut impl std::io::Read, out: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut w = Bounded { out, max: OBJECT_BYTES_MAX as usize };
+    std::io::copy(r, &mut w).map(|_| ())
+}
+
+/// A writer that refuses to grow past `max`.
+struct Bounded<'a> {
+    out: &'a mut Vec<u8>,
+    max: usize,
+}
+
+impl Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.max {
+            return Err(std::io::Error::other("decompressed data over the limit"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
