@@ -211,7 +211,7 @@ impl JournalFile {
                 self.error(offset, format!("expected a {want:?} object, found type {kind}"))
             );
         }
-        if size < OBJECT_HEADER_BYTES || size > OBJECT_BYTES_MAX {
+        if !(OBJECT_HEADER_BYTES..=OBJECT_BYTES_MAX).contains(&size) {
             return Err(self.error(offset, format!("object size {size} out of bounds")));
         }
         Ok((flags, size))

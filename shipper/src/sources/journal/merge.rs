@@ -19,6 +19,9 @@ pub fn compare(a: (&[u8; 16], &Entry), b: (&[u8; 16], &Entry)) -> Ordering {
     ea.realtime.cmp(&eb.realtime).then(ea.xor_hash.cmp(&eb.xor_hash))
 }
 
+/// An entry from a [`Merge`]: its reader's index, its file's sequence-number id, the entry.
+pub type Merged<'a> = (usize, [u8; 16], &'a Entry);
+
 /// A merge over readers, each with its next entry peeked.
 pub struct Merge {
     pub readers: Vec<JournalReader>,
@@ -35,7 +38,7 @@ impl Merge {
     /// The next entry over all files, with the index of its reader and its file's
     /// sequence-number id, or `None` when every file is at its end for now. The entry stays
     /// valid until the next call.
-    pub fn next(&mut self) -> Result<Option<(usize, [u8; 16], &Entry)>, JournalError> {
+    pub fn next_entry(&mut self) -> Result<Option<Merged<'_>>, JournalError> {
         for (r, head) in self.readers.iter_mut().zip(self.heads.iter_mut()) {
             if head.is_none() {
                 let mut e = std::mem::take(&mut self.spare);

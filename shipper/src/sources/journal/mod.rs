@@ -85,7 +85,7 @@ pub fn cat(paths: &[PathBuf], since: Option<&str>) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
     let mut line = Vec::with_capacity(4096);
-    while let Some((_, seqnum_id, entry)) = merge.next()? {
+    while let Some((_, seqnum_id, entry)) = merge.next_entry()? {
         if since.as_ref().is_some_and(|c| c.covers(&seqnum_id, entry)) {
             continue;
         }
