@@ -158,6 +158,10 @@ fn header_flags(file: &Path) -> String {
     text.lines().find(|l| l.starts_with("Incompatible flags:")).unwrap_or_default().to_string()
 }
 
+/// A way of writing a journal: name, environment, journal-remote arguments, and the header's
+/// incompatible flags it must produce.
+type Variant<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+
 /// Every variant systemd 252 can write here: compact or regular entries, keyed (siphash) or
 /// legacy (Jenkins) hash tables, DATA objects zstd-compressed or plain.
 #[test]
@@ -166,7 +170,7 @@ fn journal_cat_equals_journalctl_in_every_variant() {
     const N: usize = 100_000;
     let dir = tempfile::Builder::new().prefix("shipper-journal-").tempdir().unwrap();
     let stream = export(N);
-    let variants: [(&str, &[(&str, &str)], &[&str], &str); 4] = [
+    let variants: [Variant; 4] = [
         ("default", &[], &[], "COMPRESSED-ZSTD KEYED-HASH COMPACT"),
         ("regular", &[("SYSTEMD_JOURNAL_COMPACT", "0")], &[], "COMPRESSED-ZSTD KEYED-HASH"),
         ("legacy-hash", &[("SYSTEMD_JOURNAL_KEYED_HASH", "0")], &[], "COMPRESSED-ZSTD COMPACT"),
