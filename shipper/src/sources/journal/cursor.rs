@@ -1,22 +1,39 @@
 //! journald cursors: `s=SEQNUM_ID;i=SEQNUM;b=BOOT_ID;m=MONOTONIC;t=REALTIME;x=XOR_HASH`
 //! (ids as 32 lowercase hex digits, numbers in lowercase hex), as journalctl prints them.
 
-use std::fmt::Write;
-
 use super::reader::Entry;
 
-/// Formats `entry`'s cursor into `out`.
-pub fn format(seqnum_id: &[u8; 16], entry: &Entry, out: &mut String) {
-    out.push_str("s=");
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Appends `entry`'s cursor to `out`.
+pub fn format(seqnum_id: &[u8; 16], entry: &Entry, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"s=");
     hex(seqnum_id, out);
-    let _ = write!(out, ";i={:x};b=", entry.seqnum);
+    out.extend_from_slice(b";i=");
+    number(entry.seqnum, out);
+    out.extend_from_slice(b";b=");
     hex(&entry.boot_id, out);
-    let _ = write!(out, ";m={:x};t={:x};x={:x}", entry.monotonic, entry.realtime, entry.xor_hash);
+    out.extend_from_slice(b";m=");
+    number(entry.monotonic, out);
+    out.extend_from_slice(b";t=");
+    number(entry.realtime, out);
+    out.extend_from_slice(b";x=");
+    number(entry.xor_hash, out);
 }
 
-pub fn hex(id: &[u8; 16], out: &mut String) {
+/// Appends a 128-bit id as 32 lowercase hex digits.
+pub fn hex(id: &[u8; 16], out: &mut Vec<u8>) {
     for b in id {
-        let _ = write!(out, "{b:02x}");
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 15)]);
+    }
+}
+
+/// Appends `n` in lowercase hex without leading zeros.
+fn number(n: u64, out: &mut Vec<u8>) {
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(HEX[((n >> (4 * i)) & 15) as usize]);
     }
 }
 
@@ -97,8 +114,9 @@ mod tests {
             xor_hash: 7,
             ..Entry::default()
         };
-        let mut s = String::new();
+        let mut s = Vec::new();
         format(&[1; 16], &e, &mut s);
+        let s = String::from_utf8(s).unwrap();
         assert_eq!(s, "s=01010101010101010101010101010101;i=2a;b=abababababababababababababababab;m=3e8;t=60a2;x=7");
         let c = Cursor::parse(&s).unwrap();
         assert_eq!((c.seqnum, c.realtime, c.boot_id), (0x2a, 0x60a2, [0xab; 16]));

@@ -92,7 +92,7 @@ pub struct BlockCache {
 }
 
 /// Bytes per cached block.
-pub const BLOCK_BYTES: u64 = 256 << 10;
+pub const BLOCK_BYTES: u64 = 64 << 10;
 
 impl BlockCache {
     pub fn new(max_blocks: usize) -> BlockCache {

@@ -5,13 +5,15 @@
 //! string; any other value is an array of its bytes. A field present several times becomes
 //! an array of its values, in the entry's order.
 
-use std::io::Write;
-
 use super::cursor;
 use super::reader::Entry;
 
 /// Whether journalctl prints `v` as a string (systemd's `utf8_is_printable`).
 pub fn printable(v: &[u8]) -> bool {
+    // Fast path: printable ASCII, tab and newline (nearly every value).
+    if v.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\t' || b == b'\n') {
+        return true;
+    }
     match std::str::from_utf8(v) {
         Ok(s) => s
             .chars()
@@ -20,29 +22,57 @@ pub fn printable(v: &[u8]) -> bool {
     }
 }
 
+/// Bytes that need escaping inside a JSON string: control characters, `"` and `\\`.
+const ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
 fn string(s: &[u8], out: &mut Vec<u8>) {
     out.push(b'"');
     let mut start = 0;
-    for (i, &b) in s.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\t' => b"\\t",
-            0..=0x1f => {
-                out.extend_from_slice(&s[start..i]);
-                let _ = write!(out, "\\u{b:04x}");
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
+    while let Some(k) = s[start..].iter().position(|&b| ESCAPE[b as usize]) {
+        let i = start + k;
         out.extend_from_slice(&s[start..i]);
-        out.extend_from_slice(esc);
+        match s[i] {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 15)]);
+            }
+        }
         start = i + 1;
     }
     out.extend_from_slice(&s[start..]);
     out.push(b'"');
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Appends `n` in decimal.
+pub fn decimal(mut n: u64, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 fn value(v: &[u8], out: &mut Vec<u8>) {
@@ -55,25 +85,21 @@ fn value(v: &[u8], out: &mut Vec<u8>) {
         if i > 0 {
             out.push(b',');
         }
-        let _ = write!(out, "{b}");
+        decimal(u64::from(*b), out);
     }
     out.push(b']');
 }
 
 /// Appends `entry` as a JSON object (no newline) to `out`.
 pub fn render(seqnum_id: &[u8; 16], entry: &Entry, out: &mut Vec<u8>) {
-    let mut head = String::with_capacity(160);
-    cursor::format(seqnum_id, entry, &mut head);
-    out.extend_from_slice(b"{\"__CURSOR\":");
-    string(head.as_bytes(), out);
-    let _ = write!(
-        out,
-        ",\"__REALTIME_TIMESTAMP\":\"{}\",\"__MONOTONIC_TIMESTAMP\":\"{}\",\"_BOOT_ID\":\"",
-        entry.realtime, entry.monotonic
-    );
-    head.clear();
-    cursor::hex(&entry.boot_id, &mut head);
-    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(b"{\"__CURSOR\":\"");
+    cursor::format(seqnum_id, entry, out);
+    out.extend_from_slice(b"\",\"__REALTIME_TIMESTAMP\":\"");
+    decimal(entry.realtime, out);
+    out.extend_from_slice(b"\",\"__MONOTONIC_TIMESTAMP\":\"");
+    decimal(entry.monotonic, out);
+    out.extend_from_slice(b"\",\"_BOOT_ID\":\"");
+    cursor::hex(&entry.boot_id, out);
     out.push(b'"');
     let fields: Vec<(&[u8], &[u8])> = entry.fields().collect();
     for (i, (name, v)) in fields.iter().enumerate() {
