@@ -220,6 +220,10 @@ impl JournalReader {
             entry.data.truncate(start);
             return Err(self.file.error(offset, "DATA payload has no '='"));
         };
+        if !field_name_valid(&entry.data[start..start + eq]) {
+            entry.data.truncate(start);
+            return Err(self.file.error(offset, "DATA payload has no valid field name"));
+        }
         let end = entry.data.len();
         let fits = u32::try_from(end).is_ok();
         if !fits {
@@ -229,6 +233,15 @@ impl JournalReader {
         entry.fields.push((start as u32, (start + eq) as u32, end as u32));
         Ok(())
     }
+}
+
+/// journald's rule for field names: 1 to 64 of `A-Z`, `0-9` and `_`, not starting with a
+/// digit. A name breaking it can only come from corruption.
+pub fn field_name_valid(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name[0].is_ascii_digit()
+        && name.iter().all(|&b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// Decompresses a DATA payload into `out`, bounded by [`OBJECT_BYTES_MAX`].
