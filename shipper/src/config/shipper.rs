@@ -87,6 +87,123 @@ impl MetricsSection {
 pub struct Sources {
     #[serde(default)]
     pub pipe: Vec<PipeSource>,
+    #[serde(default)]
+    pub journal: Vec<JournalSource>,
+}
+
+/// Where a journal source starts when it has no checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Since {
+    /// The oldest entry still on disk.
+    #[default]
+    Oldest,
+    /// Only entries written after the shipper started.
+    Now,
+    /// The entries after this cursor.
+    Cursor(String),
+}
+
+impl<'de> Deserialize<'de> for Since {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "oldest" => Since::Oldest,
+            "now" => Since::Now,
+            _ => Since::Cursor(s),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSource {
+    /// Directory of journal files (searched two levels deep). Default: /var/log/journal if it
+    /// exists, else /run/log/journal.
+    #[serde(default)]
+    pub directory: Option<PathBuf>,
+    /// Explicit journal files instead of a directory.
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
+    /// "oldest", "now", or a cursor; used only when there is no checkpoint. Default: "oldest".
+    #[serde(default)]
+    pub since: Since,
+    /// Only entries whose _SYSTEMD_UNIT is one of these (empty: all).
+    #[serde(default)]
+    pub units: Vec<String>,
+    /// Never entries whose _SYSTEMD_UNIT is one of these.
+    #[serde(default)]
+    pub exclude_units: Vec<String>,
+    /// Only entries whose SYSLOG_IDENTIFIER is one of these (empty: all).
+    #[serde(default)]
+    pub identifiers: Vec<String>,
+    /// Never entries whose SYSLOG_IDENTIFIER is one of these.
+    #[serde(default)]
+    pub exclude_identifiers: Vec<String>,
+    /// Field whose value is the record's service. Default: "SYSLOG_IDENTIFIER", falling back
+    /// to _SYSTEMD_UNIT, then to "journal".
+    #[serde(default = "default_service_field")]
+    pub service_field: String,
+    /// How often files are checked for new entries and new files, in ms. Default: 250.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// File holding the cursor of the last acknowledged entry. Default: none (no checkpoint:
+    /// every start begins at `since`).
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+    /// Worker that owns this source. Default: dealt round-robin after the pipes.
+    #[serde(default)]
+    pub worker: Option<usize>,
+}
+
+fn default_service_field() -> String {
+    "SYSLOG_IDENTIFIER".into()
+}
+fn default_poll_interval_ms() -> u64 {
+    250
+}
+
+impl JournalSource {
+    /// The directory searched when no files are given.
+    pub fn directory_or_default(&self) -> PathBuf {
+        self.directory.clone().unwrap_or_else(|| {
+            let var = PathBuf::from("/var/log/journal");
+            if var.is_dir() {
+                var
+            } else {
+                PathBuf::from("/run/log/journal")
+            }
+        })
+    }
+
+    /// A name for metrics and logs.
+    pub fn name(&self) -> String {
+        match self.files.as_slice() {
+            [] => format!("journal:{}", self.directory_or_default().display()),
+            [one] => format!("journal:{}", one.display()),
+            [first, ..] => format!("journal:{}+{}", first.display(), self.files.len() - 1),
+        }
+    }
+
+    fn check(&self, i: usize, workers: usize, p: &mut Problems) {
+        let at = |k| [K("sources"), K("journal"), Seg::Index(i), K(k)];
+        p.check(self.directory.is_none() || self.files.is_empty(), &at("files"), || {
+            "give either directory or files, not both".into()
+        });
+        p.range(self.poll_interval_ms, 10, 60_000, &at("poll_interval_ms"));
+        p.check(crate::sources::journal::reader::field_name_valid(self.service_field.as_bytes()), &at("service_field"), || {
+            format!("{:?} is not a journal field name (A-Z, 0-9, _)", self.service_field)
+        });
+        if let Since::Cursor(c) = &self.since {
+            p.check(crate::sources::journal::cursor::Cursor::parse(c).is_some(), &at("since"), || {
+                format!("{c:?} is neither \"oldest\", \"now\" nor a journal cursor")
+            });
+        }
+        if let Some(w) = self.worker {
+            p.check(w < workers, &at("worker"), || {
+                format!("{w} is not a worker index (workers = {workers})")
+            });
+        }
+    }
 }
 
 /// How the lines of a source are framed.
@@ -310,6 +427,9 @@ impl Validate for ShipperConfig {
         self.metrics.check(&[K("metrics"), K("listen")], p);
         for (i, pipe) in self.sources.pipe.iter().enumerate() {
             pipe.check(i, s.workers, p);
+        }
+        for (i, journal) in self.sources.journal.iter().enumerate() {
+            journal.check(i, s.workers, p);
         }
         self.ratelimit.check(p);
         let b = &self.batch;

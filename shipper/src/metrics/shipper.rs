@@ -15,6 +15,22 @@ pub struct SourceCounters {
     pub read_errors: u64,
 }
 
+/// Counters of one journal source.
+#[derive(Clone, Debug, Default)]
+pub struct JournalCounters {
+    pub source: String,
+    pub entries_read: u64,
+    pub bytes_read: u64,
+    pub entries_filtered: u64,
+    pub files_open: u64,
+    pub corrupt_objects: u64,
+    /// Entries in the files not read yet.
+    pub lag_entries: u64,
+    /// Seconds between the newest entry in the files and the last entry read.
+    pub lag_seconds: u64,
+    pub checkpoint_write_errors: u64,
+}
+
 /// Why a line was dropped (label `reason`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
@@ -57,6 +73,7 @@ pub struct DestinationCounters {
 pub struct ShipperCounters {
     pub core: usize,
     pub sources: Vec<SourceCounters>,
+    pub journals: Vec<JournalCounters>,
     pub services: Vec<ServiceCounters>,
     pub destinations: Vec<DestinationCounters>,
     pub frames_sent: u64,
@@ -80,6 +97,7 @@ impl ShipperCounters {
         ShipperCounters {
             core,
             sources: Vec::new(),
+            journals: Vec::new(),
             services: Vec::new(),
             destinations: Vec::new(),
             frames_sent: 0,
@@ -118,6 +136,27 @@ const PER_SOURCE: &[Series<SourceCounters>] = &[
     }),
     ("shipper_source_lines_empty_total", "counter", "Empty lines skipped.", |s| s.lines_empty),
     ("shipper_source_read_errors_total", "counter", "Failed reads of a source.", |s| s.read_errors),
+];
+
+const PER_JOURNAL: &[Series<JournalCounters>] = &[
+    ("shipper_journal_entries_read_total", "counter", "Journal entries read.", |j| j.entries_read),
+    ("shipper_journal_bytes_read_total", "counter", "Bytes of JSON records made from entries.", |j| {
+        j.bytes_read
+    }),
+    ("shipper_journal_entries_filtered_total", "counter", "Entries left out by unit/identifier filters.", |j| {
+        j.entries_filtered
+    }),
+    ("shipper_journal_files_open", "gauge", "Journal files open.", |j| j.files_open),
+    ("shipper_journal_corrupt_objects_total", "counter", "Corrupt journal objects skipped.", |j| {
+        j.corrupt_objects
+    }),
+    ("shipper_journal_lag_entries", "gauge", "Entries in the files not read yet.", |j| j.lag_entries),
+    ("shipper_journal_lag_seconds", "gauge", "Newest entry's time minus the last read entry's.", |j| {
+        j.lag_seconds
+    }),
+    ("shipper_journal_checkpoint_write_errors_total", "counter", "Checkpoint writes that failed.", |j| {
+        j.checkpoint_write_errors
+    }),
 ];
 
 const PER_CORE: &[Series<ShipperCounters>] = &[
@@ -229,6 +268,13 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         cores,
         PER_SOURCE,
         |c| c.sources.iter().map(|s| (s.source.as_str(), s)).collect(),
+        "source",
+    );
+    families(
+        out,
+        cores,
+        PER_JOURNAL,
+        |c| c.journals.iter().map(|j| (j.source.as_str(), j)).collect(),
         "source",
     );
     families(out, cores, PER_CORE, |c| vec![("", c)], "");

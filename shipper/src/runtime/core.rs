@@ -17,7 +17,10 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use crate::config::shipper::{Format, RateLimitSection, ShipperConfig};
-use crate::metrics::shipper::{DropReason, ServiceCounters, ShipperCounters, SourceCounters};
+use crate::metrics::shipper::{
+    DropReason, JournalCounters, ServiceCounters, ShipperCounters, SourceCounters,
+};
+use crate::sources::journal::checkpoint::Checkpoint;
 use crate::sinks::receiver::{BatchBuilder, Outbox, Sealed};
 use crate::tls::stream::TlsStream;
 use crate::transforms::parse::Parser;
@@ -55,6 +58,8 @@ pub struct Core {
     /// Woken when the outbox has something to send or room in its window.
     pub wake: Rc<Notify>,
     pub conns: std::collections::BTreeMap<u64, ConnHandle>,
+    /// Checkpoints of this worker's journal sources, by journal index.
+    pub journals: Vec<Checkpoint>,
     next_conn: u64,
     pub stopping: bool,
 }
@@ -90,6 +95,7 @@ impl Core {
             counters,
             wake: Rc::new(Notify::new()),
             conns: Default::default(),
+            journals: Vec::new(),
             next_conn: 1,
             stopping: false,
             config,
@@ -119,6 +125,37 @@ impl Core {
         let rl = &self.config.ratelimit;
         let Core { services, limiter, counters, workers, .. } = self;
         intern(services, limiter, &mut counters.services, rl, *workers, now, name)
+    }
+
+    /// Registers a journal source; returns its journal index.
+    pub fn add_journal(&mut self, name: String, checkpoint: Checkpoint) -> usize {
+        self.counters.journals.push(JournalCounters { source: name, ..Default::default() });
+        self.journals.push(checkpoint);
+        self.journals.len() - 1
+    }
+
+    /// Whether a durable source may read: the outbox has room for two more full batches (the
+    /// open one and the next), so nothing it reads can be refused.
+    pub fn journal_room(&self) -> bool {
+        self.outbox.fits(2 * self.config.batch.batch_bytes_max as usize)
+    }
+
+    /// One journal entry, rendered as `record`, for `service`, positioned at `cursor`.
+    pub fn on_journal_entry(&mut self, j: usize, record: &[u8], service: &[u8], cursor: &[u8], now_ns: u64) {
+        let jc = &mut self.counters.journals[j];
+        jc.entries_read += 1;
+        jc.bytes_read += record.len() as u64;
+        let service = self.intern(service);
+        if !self.limiter.admit(service, now_ns) {
+            self.counters.services[service as usize].lines_dropped[DropReason::RateLimit as usize] += 1;
+            return;
+        }
+        self.counters.services[service as usize].lines_admitted += 1;
+        let full = self.batch.push(self.services.name(service), record, service, now_ns);
+        self.batch.mark(j, cursor);
+        if full {
+            self.seal();
+        }
     }
 
     pub fn next_conn_id(&mut self) -> u64 {
@@ -177,6 +214,9 @@ impl Core {
             Ok(f) => f,
             Err(e) => panic!("zstd failed on an in-memory batch: {e}"),
         };
+        for (j, cursor) in &frame.marks {
+            self.journals[*j].sealed(frame.seq, cursor.clone());
+        }
         self.counters.batch_records.record(frame.records.into());
         self.counters.batch_bytes.record(frame.raw_bytes.into());
         match self.outbox.push(frame) {
@@ -205,6 +245,10 @@ impl Core {
             self.counters.records_acked += u64::from(done.frame.records);
             let us = now_ns.saturating_sub(done.frame.first_ns) / 1000;
             self.counters.latency_us.record(us);
+            for (j, _) in &done.frame.marks {
+                self.journals[*j].acked(seq);
+                self.counters.journals[*j].checkpoint_write_errors = self.journals[*j].write_errors;
+            }
             self.wake.notify_waiters();
         }
     }

@@ -28,7 +28,7 @@ use crate::config::ShipperConfig;
 use crate::metrics::shipper::{render, ShipperCounters};
 use crate::metrics::{http, scrape, Registry};
 use crate::sinks::receiver::connection::Target;
-use worker::{PipeHandle, WorkerPlan};
+use worker::{JournalHandle, PipeHandle, WorkerPlan};
 
 /// Runs the shipper until SIGTERM/SIGINT; returns once every worker has flushed or given up.
 pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
@@ -48,6 +48,13 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         let w = p.worker.unwrap_or(i % workers);
         pipes[w].push(PipeHandle { file: open.file, config_index: i });
     }
+    let mut journals: Vec<Vec<JournalHandle>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, j) in config.sources.journal.iter().enumerate() {
+        let checkpoint = crate::sources::journal::checkpoint::Checkpoint::open(j.checkpoint.as_deref())
+            .with_context(|| format!("sources.journal[{i}].checkpoint"))?;
+        let w = j.worker.unwrap_or((config.sources.pipe.len() + i) % workers);
+        journals[w].push(JournalHandle { config_index: i, checkpoint });
+    }
     let registry = Registry::<ShipperCounters>::new(workers);
     if !config.metrics.listen.is_empty() {
         let r = registry.clone();
@@ -61,13 +68,14 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let cpus = core_affinity::get_core_ids().unwrap_or_default();
     let mut share_txs = Vec::new();
     let mut handles = Vec::new();
-    for (core, pipes) in pipes.into_iter().enumerate() {
+    for (core, (pipes, journals)) in pipes.into_iter().zip(journals).enumerate() {
         let (share_tx, share_rx) = mpsc::channel();
         share_txs.push(share_tx);
         let plan = WorkerPlan {
             core,
             cpu: (config.shipper.pin_workers && !cpus.is_empty()).then(|| cpus[core % cpus.len()]),
             pipes,
+            journals,
             config: config.clone(),
             targets: targets.clone(),
             registry: registry.clone(),

@@ -26,6 +26,7 @@ use crate::config::ShipperConfig;
 use crate::metrics::shipper::{DropReason, ShipperCounters};
 use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
 use crate::sinks::receiver::connection::{run_slot, Target};
+use crate::sources::journal::checkpoint::Checkpoint;
 use crate::sources::lines::LineSplitter;
 
 /// A pipe opened by the main thread, handed to its worker.
@@ -34,11 +35,18 @@ pub struct PipeHandle {
     pub config_index: usize,
 }
 
+/// A journal source and its checkpoint, opened by the main thread, handed to its worker.
+pub struct JournalHandle {
+    pub config_index: usize,
+    pub checkpoint: Checkpoint,
+}
+
 /// Everything a worker thread starts with.
 pub struct WorkerPlan {
     pub core: usize,
     pub cpu: Option<core_affinity::CoreId>,
     pub pipes: Vec<PipeHandle>,
+    pub journals: Vec<JournalHandle>,
     pub config: Arc<ShipperConfig>,
     pub targets: Vec<Arc<Target>>,
     pub registry: Arc<Registry<ShipperCounters>>,
@@ -71,6 +79,11 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
             cfg_limits(cfg),
             plan.stop.clone(),
         ));
+    }
+    for handle in plan.journals {
+        let cfg = Rc::new(plan.config.sources.journal[handle.config_index].clone());
+        let j = core.borrow_mut().add_journal(cfg.name(), handle.checkpoint);
+        tokio_uring::spawn(crate::sources::journal::source::run(core.clone(), j, cfg, plan.stop.clone()));
     }
     for target in &plan.targets {
         for _ in 0..plan.config.receivers.connections {
@@ -191,6 +204,11 @@ async fn tick(
         }
     }
     let mut c = core.borrow_mut();
+    for cp in &c.journals {
+        if let Err(e) = cp.sync() {
+            tracing::error!("journal checkpoint not synced at shutdown: {e}");
+        }
+    }
     c.refresh_gauges();
     registry.publish(c.id, c.counters.clone());
     for h in c.conns.values() {

@@ -16,6 +16,9 @@ pub struct Sealed {
     pub first_ns: u64,
     /// Records per service id, for counting drops of the whole frame.
     pub services: Vec<(u32, u32)>,
+    /// Durable sources in the frame: (journal source index, cursor of its last entry here).
+    /// A frame with marks is never dropped: its source pauses instead.
+    pub marks: Vec<(usize, String)>,
     pub seq: u64,
 }
 
@@ -24,6 +27,7 @@ pub struct BatchBuilder {
     count: u32,
     first_ns: u64,
     services: Vec<(u32, u32)>,
+    marks: Vec<(usize, String)>,
     bytes_max: usize,
     events_max: u32,
     compressed: Vec<u8>,
@@ -36,6 +40,7 @@ impl BatchBuilder {
             count: 0,
             first_ns: 0,
             services: Vec::new(),
+            marks: Vec::new(),
             bytes_max,
             events_max,
             compressed: Vec::new(),
@@ -66,6 +71,18 @@ impl BatchBuilder {
         self.payload.len() >= self.bytes_max || self.count >= self.events_max
     }
 
+    /// Records that the batch now holds `source`'s entries up to `cursor`.
+    pub fn mark(&mut self, source: usize, cursor: &[u8]) {
+        let cursor = String::from_utf8_lossy(cursor);
+        match self.marks.iter_mut().find(|(s, _)| *s == source) {
+            Some((_, c)) => {
+                c.clear();
+                c.push_str(&cursor);
+            }
+            None => self.marks.push((source, cursor.into_owned())),
+        }
+    }
+
     /// Compresses the batch into a frame and empties the builder.
     pub fn seal(
         &mut self,
@@ -90,6 +107,7 @@ impl BatchBuilder {
             raw_bytes: raw_len,
             first_ns: self.first_ns,
             services: std::mem::take(&mut self.services),
+            marks: std::mem::take(&mut self.marks),
             seq,
         };
         self.payload.clear();

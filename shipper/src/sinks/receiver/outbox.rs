@@ -53,10 +53,12 @@ impl Outbox {
         self.bytes + bytes <= self.bytes_max || self.is_empty()
     }
 
-    /// Queues `frame` (sealed with [`Outbox::next_seq`]); gives it back when there is no room.
+    /// Queues `frame` (sealed with [`Outbox::next_seq`]); gives it back when there is no room,
+    /// unless it carries entries of a durable source, which pauses before the outbox is full
+    /// (so such a frame overshoots the bound by at most one batch).
     pub fn push(&mut self, frame: Sealed) -> Result<(), Sealed> {
         assert_eq!(frame.seq, self.next_seq, "frame sealed with a stale sequence number");
-        if !self.has_room(frame.wire.len()) {
+        if !self.has_room(frame.wire.len()) && frame.marks.is_empty() {
             return Err(frame);
         }
         self.next_seq += 1;
@@ -131,6 +133,11 @@ impl Outbox {
 
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Bytes held plus `more` stay within the bound (a durable source reads only then).
+    pub fn fits(&self, more: usize) -> bool {
+        self.bytes + more <= self.bytes_max
     }
 
     /// Everything still held, for counting at shutdown.

@@ -70,6 +70,9 @@ pub struct Header {
     pub tail_entry_realtime: u64,
 }
 
+/// Header state of a file journald has finished with.
+pub const STATE_ARCHIVED: u8 = 2;
+
 impl Header {
     pub fn compact(&self) -> bool {
         self.incompatible_flags & INCOMPAT_COMPACT != 0
@@ -125,6 +128,8 @@ impl BlockCache {
 /// One open journal file.
 pub struct JournalFile {
     pub path: PathBuf,
+    /// (device, inode): the same file under another name (archived) is not opened twice.
+    pub id: (u64, u64),
     file: File,
     /// File size when last checked; no read goes past it.
     pub size: u64,
@@ -137,12 +142,15 @@ impl JournalFile {
     pub fn open(path: &Path) -> Result<JournalFile, JournalError> {
         let io = |source| JournalError::Io { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
+        let meta = file.metadata().map_err(io)?;
+        let size = meta.len();
         let mut head = [0u8; 272];
         let n = read_up_to(&file, &mut head, 0).map_err(io)?;
         let header = parse_header(path, &head[..n], size)?;
+        use std::os::unix::fs::MetadataExt;
         Ok(JournalFile {
             path: path.to_path_buf(),
+            id: (meta.dev(), meta.ino()),
             file,
             size,
             header,

@@ -35,6 +35,25 @@ impl Merge {
         Merge { readers, heads, spare: Entry::default() }
     }
 
+    /// Adds a file to the merge.
+    pub fn add(&mut self, reader: JournalReader) {
+        self.readers.push(reader);
+        self.heads.push(None);
+    }
+
+    /// Closes the files for which `done` holds and whose next entry is not waiting here.
+    pub fn close_if(&mut self, mut done: impl FnMut(&JournalReader) -> bool) {
+        let mut i = 0;
+        while i < self.readers.len() {
+            if self.heads[i].is_none() && done(&self.readers[i]) {
+                self.readers.swap_remove(i);
+                self.heads.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     /// The next entry over all files, with the index of its reader and its file's
     /// sequence-number id, or `None` when every file is at its end for now. The entry stays
     /// valid until the next call.

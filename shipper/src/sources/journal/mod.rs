@@ -21,11 +21,13 @@
 //! entry into fields; [`json`] renders an entry as `journalctl -o json --all` does;
 //! [`merge`] interleaves several files in journalctl's order.
 
+pub mod checkpoint;
 pub mod cursor;
 pub mod file;
 pub mod json;
 pub mod merge;
 pub mod reader;
+pub mod source;
 
 pub use file::JournalError;
 pub use reader::{Entry, JournalReader};

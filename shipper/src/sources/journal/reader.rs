@@ -132,6 +132,29 @@ impl JournalReader {
         }
     }
 
+    /// Moves past every entry now in the file without decoding them (for `since = "now"`).
+    pub fn skip_to_end(&mut self) {
+        loop {
+            match self.next_offset() {
+                Ok(Some(offset)) => {
+                    self.pos.seen += 1;
+                    self.pos.last_entry = self.pos.last_entry.max(offset);
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.broken = true;
+                    self.warn(&e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Entries the header counts that this reader has not returned yet.
+    pub fn behind(&self) -> u64 {
+        self.file.header.n_entries.saturating_sub(self.pos.seen)
+    }
+
     /// Decodes the next entry into `entry`. `Ok(false)` at the current end of the file.
     pub fn next(&mut self, entry: &mut Entry) -> Result<bool, JournalError> {
         loop {

@@ -1,0 +1,189 @@
+//! The journal source in a worker: follows a directory (or files) of journal files and feeds
+//! their entries, as JSON records, into the worker's pipeline.
+//!
+//! # Design constraints
+//! - Follow by polling every `poll_interval_ms`: each open file's header (one `pread`) says
+//!   whether entries were added; the directory listing says whether a file appeared. journald
+//!   writes through mmap, which inotify does not report reliably, and a poll bounds the work
+//!   whatever the write rate. Files are told apart by (device, inode), so a file archived
+//!   under a new name (rotation) is not opened twice, and one deleted while open (vacuum) is
+//!   read to its end through the descriptor held.
+//! - Durable: the source reads only while the outbox has room for two full batches, so its
+//!   entries are never dropped for lack of room; it pauses, and its data waits on disk.
+//!
+//! # Operation
+//! Start after the checkpoint's cursor (or at `since`); read up to [`ROUND`] entries, then
+//! yield to the worker's other tasks; at the end of every file, refresh headers, look for new
+//! files, close archived files read to their end, update the lag gauges, and sleep one poll.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::cursor::{self, Cursor};
+use super::file::{JournalFile, STATE_ARCHIVED};
+use super::merge::Merge;
+use super::{files, json, JournalReader};
+use crate::config::shipper::{JournalSource, Since};
+use crate::runtime::core::Core;
+
+/// Entries read before yielding to the worker's other tasks.
+pub const ROUND: usize = 512;
+
+struct Follow {
+    cfg: Rc<JournalSource>,
+    merge: Merge,
+    open: HashSet<(u64, u64)>,
+    /// Corrupt objects counted in files since closed.
+    closed_corrupt: u64,
+}
+
+impl Follow {
+    fn paths(&self) -> Vec<PathBuf> {
+        if !self.cfg.files.is_empty() {
+            return self.cfg.files.clone();
+        }
+        let dir = self.cfg.directory_or_default();
+        files(&dir).unwrap_or_else(|e| {
+            tracing::warn!(dir = %dir.display(), "cannot list journal directory: {e}");
+            Vec::new()
+        })
+    }
+
+    /// Opens files not open yet; returns how many were added.
+    fn scan(&mut self, skip_existing: bool) -> usize {
+        let mut added = 0;
+        for p in self.paths() {
+            match JournalFile::open(&p) {
+                Ok(f) if self.open.contains(&f.id) => {}
+                Ok(f) => {
+                    self.open.insert(f.id);
+                    let mut r = JournalReader::new(f);
+                    if skip_existing {
+                        r.skip_to_end();
+                    }
+                    tracing::info!(file = %p.display(), "journal file opened");
+                    self.merge.add(r);
+                    added += 1;
+                }
+                // A file being created may not have its header yet: retried next poll.
+                Err(e) => tracing::debug!("journal file not opened (yet): {e}"),
+            }
+        }
+        added
+    }
+
+    /// Refreshes every header; closes archived files read to their end.
+    fn refresh(&mut self) {
+        for r in &mut self.merge.readers {
+            if let Err(e) = r.file.refresh() {
+                tracing::warn!("journal file not refreshed: {e}");
+            }
+        }
+        let (open, closed) = (&mut self.open, &mut self.closed_corrupt);
+        self.merge.close_if(|r| {
+            let done = (r.file.header.state == STATE_ARCHIVED && r.behind() == 0) || r.broken;
+            if done {
+                tracing::info!(file = %r.file.path.display(), "journal file read to its end; closed");
+                open.remove(&r.file.id);
+                *closed += r.corrupt;
+            }
+            done
+        });
+    }
+}
+
+/// Runs journal source `j` (configuration `cfg`) on this worker until `stop`.
+pub async fn run(core: Rc<RefCell<Core>>, j: usize, cfg: Rc<JournalSource>, mut stop: watch::Receiver<bool>) {
+    let poll = Duration::from_millis(cfg.poll_interval_ms);
+    let checkpoint = core.borrow().journals[j].cursor.clone();
+    let mut after: Option<Cursor> = match (&checkpoint, &cfg.since) {
+        (Some(c), _) | (None, Since::Cursor(c)) => Cursor::parse(c),
+        _ => None,
+    };
+    let mut follow = Follow {
+        cfg: cfg.clone(),
+        merge: Merge::new(Vec::new()),
+        open: HashSet::new(),
+        closed_corrupt: 0,
+    };
+    follow.scan(checkpoint.is_none() && cfg.since == Since::Now);
+    let (mut line, mut cur) = (Vec::with_capacity(4096), Vec::with_capacity(160));
+    let mut last_realtime = 0u64;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if !core.borrow().journal_room() {
+            let wake = core.borrow().wake.clone();
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = stop.changed() => return,
+            }
+            continue;
+        }
+        let mut n = 0;
+        while n < ROUND {
+            let next = follow.merge.next_entry();
+            let Ok(Some((_, sid, entry))) = next else { break };
+            if after.as_ref().is_some_and(|c| c.covers(&sid, entry)) {
+                continue;
+            }
+            after = None;
+            n += 1;
+            last_realtime = entry.realtime;
+            let mut c = core.borrow_mut();
+            if !wanted(&cfg, entry) {
+                c.counters.journals[j].entries_filtered += 1;
+                continue;
+            }
+            line.clear();
+            json::render(&sid, entry, &mut line);
+            cur.clear();
+            cursor::format(&sid, entry, &mut cur);
+            let service = entry
+                .field(cfg.service_field.as_bytes())
+                .or_else(|| entry.field(b"_SYSTEMD_UNIT"))
+                .unwrap_or(b"journal");
+            let now = c.now_ns();
+            c.on_journal_entry(j, &line, service, &cur, now);
+        }
+        if n > 0 {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        follow.refresh();
+        follow.scan(false);
+        gauges(&core, j, &follow, last_realtime);
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn wanted(cfg: &JournalSource, entry: &super::Entry) -> bool {
+    let check = |field: &[u8], include: &[String], exclude: &[String]| {
+        let v = entry.field(field).unwrap_or_default();
+        (include.is_empty() || include.iter().any(|u| u.as_bytes() == v))
+            && !exclude.iter().any(|u| u.as_bytes() == v)
+    };
+    check(b"_SYSTEMD_UNIT", &cfg.units, &cfg.exclude_units)
+        && check(b"SYSLOG_IDENTIFIER", &cfg.identifiers, &cfg.exclude_identifiers)
+}
+
+fn gauges(core: &Rc<RefCell<Core>>, j: usize, follow: &Follow, last_realtime: u64) {
+    let readers = &follow.merge.readers;
+    let newest = readers.iter().map(|r| r.file.header.tail_entry_realtime).max().unwrap_or(0);
+    let mut c = core.borrow_mut();
+    let jc = &mut c.counters.journals[j];
+    jc.files_open = readers.len() as u64;
+    jc.corrupt_objects = follow.closed_corrupt + readers.iter().map(|r| r.corrupt).sum::<u64>();
+    jc.lag_entries = readers.iter().map(JournalReader::behind).sum();
+    jc.lag_seconds = newest.saturating_sub(last_realtime) / 1_000_000;
+}
