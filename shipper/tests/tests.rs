@@ -10,6 +10,8 @@ mod cli;
 mod delivery;
 /// The journal reader against journalctl, on files written by systemd's own tools.
 mod journal;
+/// The journal source following live files across rotations, and resuming after SIGKILL.
+mod journal_follow;
 /// Pipes to receiver: a million lines from four writers arrive byte-identical, once each.
 mod pipe;
 /// A real Prometheus scrapes both endpoints; promtool lints them.

@@ -190,13 +190,17 @@ impl JournalSource {
             "give either directory or files, not both".into()
         });
         p.range(self.poll_interval_ms, 10, 60_000, &at("poll_interval_ms"));
-        p.check(crate::sources::journal::reader::field_name_valid(self.service_field.as_bytes()), &at("service_field"), || {
-            format!("{:?} is not a journal field name (A-Z, 0-9, _)", self.service_field)
-        });
+        p.check(
+            crate::sources::journal::reader::field_name_valid(self.service_field.as_bytes()),
+            &at("service_field"),
+            || format!("{:?} is not a journal field name (A-Z, 0-9, _)", self.service_field),
+        );
         if let Since::Cursor(c) = &self.since {
-            p.check(crate::sources::journal::cursor::Cursor::parse(c).is_some(), &at("since"), || {
-                format!("{c:?} is neither \"oldest\", \"now\" nor a journal cursor")
-            });
+            p.check(
+                crate::sources::journal::cursor::Cursor::parse(c).is_some(),
+                &at("since"),
+                || format!("{c:?} is neither \"oldest\", \"now\" nor a journal cursor"),
+            );
         }
         if let Some(w) = self.worker {
             p.check(w < workers, &at("worker"), || {

@@ -140,23 +140,37 @@ const PER_SOURCE: &[Series<SourceCounters>] = &[
 
 const PER_JOURNAL: &[Series<JournalCounters>] = &[
     ("shipper_journal_entries_read_total", "counter", "Journal entries read.", |j| j.entries_read),
-    ("shipper_journal_bytes_read_total", "counter", "Bytes of JSON records made from entries.", |j| {
-        j.bytes_read
-    }),
-    ("shipper_journal_entries_filtered_total", "counter", "Entries left out by unit/identifier filters.", |j| {
-        j.entries_filtered
-    }),
+    (
+        "shipper_journal_bytes_read_total",
+        "counter",
+        "Bytes of JSON records made from entries.",
+        |j| j.bytes_read,
+    ),
+    (
+        "shipper_journal_entries_filtered_total",
+        "counter",
+        "Entries left out by unit/identifier filters.",
+        |j| j.entries_filtered,
+    ),
     ("shipper_journal_files_open", "gauge", "Journal files open.", |j| j.files_open),
     ("shipper_journal_corrupt_objects_total", "counter", "Corrupt journal objects skipped.", |j| {
         j.corrupt_objects
     }),
-    ("shipper_journal_lag_entries", "gauge", "Entries in the files not read yet.", |j| j.lag_entries),
-    ("shipper_journal_lag_seconds", "gauge", "Newest entry's time minus the last read entry's.", |j| {
-        j.lag_seconds
+    ("shipper_journal_lag_entries", "gauge", "Entries in the files not read yet.", |j| {
+        j.lag_entries
     }),
-    ("shipper_journal_checkpoint_write_errors_total", "counter", "Checkpoint writes that failed.", |j| {
-        j.checkpoint_write_errors
-    }),
+    (
+        "shipper_journal_lag_seconds",
+        "gauge",
+        "Newest entry's time minus the last read entry's.",
+        |j| j.lag_seconds,
+    ),
+    (
+        "shipper_journal_checkpoint_write_errors_total",
+        "counter",
+        "Checkpoint writes that failed.",
+        |j| j.checkpoint_write_errors,
+    ),
 ];
 
 const PER_CORE: &[Series<ShipperCounters>] = &[

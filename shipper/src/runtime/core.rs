@@ -20,8 +20,8 @@ use crate::config::shipper::{Format, RateLimitSection, ShipperConfig};
 use crate::metrics::shipper::{
     DropReason, JournalCounters, ServiceCounters, ShipperCounters, SourceCounters,
 };
-use crate::sources::journal::checkpoint::Checkpoint;
 use crate::sinks::receiver::{BatchBuilder, Outbox, Sealed};
+use crate::sources::journal::checkpoint::Checkpoint;
 use crate::tls::stream::TlsStream;
 use crate::transforms::parse::Parser;
 use crate::transforms::ratelimit::RateLimiter;
@@ -141,13 +141,21 @@ impl Core {
     }
 
     /// One journal entry, rendered as `record`, for `service`, positioned at `cursor`.
-    pub fn on_journal_entry(&mut self, j: usize, record: &[u8], service: &[u8], cursor: &[u8], now_ns: u64) {
+    pub fn on_journal_entry(
+        &mut self,
+        j: usize,
+        record: &[u8],
+        service: &[u8],
+        cursor: &[u8],
+        now_ns: u64,
+    ) {
         let jc = &mut self.counters.journals[j];
         jc.entries_read += 1;
         jc.bytes_read += record.len() as u64;
         let service = self.intern(service);
         if !self.limiter.admit(service, now_ns) {
-            self.counters.services[service as usize].lines_dropped[DropReason::RateLimit as usize] += 1;
+            self.counters.services[service as usize].lines_dropped
+                [DropReason::RateLimit as usize] += 1;
             return;
         }
         self.counters.services[service as usize].lines_admitted += 1;

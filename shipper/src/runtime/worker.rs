@@ -83,7 +83,12 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     for handle in plan.journals {
         let cfg = Rc::new(plan.config.sources.journal[handle.config_index].clone());
         let j = core.borrow_mut().add_journal(cfg.name(), handle.checkpoint);
-        tokio_uring::spawn(crate::sources::journal::source::run(core.clone(), j, cfg, plan.stop.clone()));
+        tokio_uring::spawn(crate::sources::journal::source::run(
+            core.clone(),
+            j,
+            cfg,
+            plan.stop.clone(),
+        ));
     }
     for target in &plan.targets {
         for _ in 0..plan.config.receivers.connections {

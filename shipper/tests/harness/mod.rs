@@ -126,12 +126,21 @@ impl Proc {
             }
             assert!(
                 Instant::now() < deadline,
-                "{}: timed out waiting for {what}:\n{}",
+                "{}: timed out waiting for {what}:\n{}\nnon-zero metrics:\n{}",
                 self.name,
-                self.log_text()
+                self.log_text(),
+                self.nonzero_metrics()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process's metric samples that are not zero, for failure messages.
+    pub fn nonzero_metrics(&self) -> String {
+        let text = if self.metrics == 0 { None } else { scrape(self.metrics) };
+        let lines = text.unwrap_or_default();
+        let keep = lines.lines().filter(|l| !l.starts_with('#') && !l.ends_with(" 0"));
+        keep.collect::<Vec<_>>().join("\n")
     }
 
     pub fn log_text(&self) -> String {

@@ -161,6 +161,7 @@ mod tests {
             raw_bytes: 1,
             first_ns: 0,
             services: vec![],
+            marks: vec![],
             seq,
         }
     }
@@ -194,5 +195,10 @@ mod tests {
         // An empty outbox takes one frame even over the limit, so a huge batch is not stuck.
         let mut o = Outbox::new(10, 8);
         assert!(o.push(frame(1, 100)).is_ok());
+        // A frame of a durable source is never refused (its source pauses before this).
+        let mut durable = frame(2, 100);
+        durable.marks.push((0, "cursor".into()));
+        assert!(o.push(durable).is_ok());
+        assert!(!o.fits(1));
     }
 }

@@ -36,7 +36,12 @@ impl Checkpoint {
             },
             None => None,
         };
-        Ok(Checkpoint { path: path.map(Path::to_path_buf), pending: VecDeque::new(), cursor, write_errors: 0 })
+        Ok(Checkpoint {
+            path: path.map(Path::to_path_buf),
+            pending: VecDeque::new(),
+            cursor,
+            write_errors: 0,
+        })
     }
 
     /// Frame `seq` holds entries up to `cursor`.

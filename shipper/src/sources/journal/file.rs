@@ -104,7 +104,8 @@ impl BlockCache {
 
     fn block(&mut self, file: &File, index: u64, len: u64) -> std::io::Result<usize> {
         self.tick += 1;
-        if let Some(i) = self.blocks.iter().position(|b| b.0 == index) {
+        let cached = self.blocks.iter().position(|b| b.0 == index && b.2.len() as u64 >= len);
+        if let Some(i) = cached {
             self.blocks[i].1 = self.tick;
             return Ok(i);
         }
@@ -119,6 +120,21 @@ impl BlockCache {
         Ok(lru)
     }
 
+    /// The cached block `index` if it holds at least `len` bytes.
+    fn find(&self, index: u64, len: u64) -> Option<&[u8]> {
+        self.blocks.iter().find(|b| b.0 == index && b.2.len() as u64 >= len).map(|b| &*b.2)
+    }
+
+    /// Forgets blocks reaching past `size` (the file shrank).
+    pub fn drop_beyond(&mut self, size: u64) {
+        self.blocks.retain(|b| b.0 * BLOCK_BYTES + b.2.len() as u64 <= size);
+    }
+
+    /// Forgets blocks cached shorter than a full block (the file's tail, before it grew).
+    pub fn drop_short(&mut self) {
+        self.blocks.retain(|b| b.2.len() as u64 == BLOCK_BYTES);
+    }
+
     /// Forgets every block (after the file grew or was replaced).
     pub fn clear(&mut self) {
         self.blocks.clear();
@@ -128,8 +144,6 @@ impl BlockCache {
 /// One open journal file.
 pub struct JournalFile {
     pub path: PathBuf,
-    /// (device, inode): the same file under another name (archived) is not opened twice.
-    pub id: (u64, u64),
     file: File,
     /// File size when last checked; no read goes past it.
     pub size: u64,
@@ -147,10 +161,8 @@ impl JournalFile {
         let mut head = [0u8; 272];
         let n = read_up_to(&file, &mut head, 0).map_err(io)?;
         let header = parse_header(path, &head[..n], size)?;
-        use std::os::unix::fs::MetadataExt;
         Ok(JournalFile {
             path: path.to_path_buf(),
-            id: (meta.dev(), meta.ino()),
             file,
             size,
             header,
@@ -180,8 +192,43 @@ impl JournalFile {
         JournalError::Object { path: self.path.clone(), offset, what: what.into() }
     }
 
-    /// Reads `len` bytes at `offset`, checked against the file size.
+    /// Reads `len` bytes at `offset`, checked against the file size. The size changes under a
+    /// reader of a live file: it grows as journald writes, and shrinks when journald trims the
+    /// preallocated tail as it archives the file; a read that meets either looks again once.
     pub fn read(&mut self, offset: u64, len: u64) -> Result<&[u8], JournalError> {
+        let past_end = offset.checked_add(len).is_none_or(|e| e > self.size);
+        let fresh = if past_end { self.restat()? } else { false };
+        match self.read_once(offset, len) {
+            Err(JournalError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::UnexpectedEof
+                    && !fresh
+                    && self.restat()? =>
+            {
+                self.read_once(offset, len)?
+            }
+            result => result?,
+        }
+        Ok(self.last_read(offset, len))
+    }
+
+    /// Re-reads the file size; drops cached blocks it no longer matches. True if it changed.
+    fn restat(&mut self) -> Result<bool, JournalError> {
+        let size = self
+            .file
+            .metadata()
+            .map_err(|source| JournalError::Io { path: self.path.clone(), source })?
+            .len();
+        if size == self.size {
+            return Ok(false);
+        }
+        self.size = size;
+        self.cache.drop_short();
+        self.cache.drop_beyond(size);
+        Ok(true)
+    }
+
+    /// Loads `len` bytes at `offset` into the cache or the scratch buffer.
+    fn read_once(&mut self, offset: u64, len: u64) -> Result<(), JournalError> {
         let end = offset.checked_add(len).filter(|&e| e <= self.size);
         let Some(end) = end else {
             return Err(self.error(
@@ -190,17 +237,27 @@ impl JournalFile {
             ));
         };
         let io = |source| JournalError::Io { path: self.path.clone(), source };
-        let first = offset / BLOCK_BYTES;
-        let last = (end.max(1) - 1) / BLOCK_BYTES;
+        let (first, last) = (offset / BLOCK_BYTES, (end.max(1) - 1) / BLOCK_BYTES);
         if first == last && len > 0 {
             let block_len = BLOCK_BYTES.min(self.size - first * BLOCK_BYTES);
-            let i = self.cache.block(&self.file, first, block_len).map_err(io)?;
-            let start = (offset - first * BLOCK_BYTES) as usize;
-            return Ok(&self.cache.blocks[i].2[start..start + len as usize]);
+            self.cache.block(&self.file, first, block_len).map_err(io)?;
+            return Ok(());
         }
         self.scratch.resize(len as usize, 0);
-        self.file.read_exact_at(&mut self.scratch, offset).map_err(io)?;
-        Ok(&self.scratch)
+        self.file.read_exact_at(&mut self.scratch, offset).map_err(io)
+    }
+
+    /// The bytes [`Self::read_once`] just loaded.
+    fn last_read(&self, offset: u64, len: u64) -> &[u8] {
+        let first = offset / BLOCK_BYTES;
+        let single = len > 0 && first == (offset + len - 1) / BLOCK_BYTES;
+        if !single {
+            return &self.scratch[..len as usize];
+        }
+        let block =
+            self.cache.find(first, len + offset - first * BLOCK_BYTES).expect("just loaded");
+        let start = (offset - first * BLOCK_BYTES) as usize;
+        &block[start..start + len as usize]
     }
 
     /// Checks the object header at `offset` and returns `(type, flags, size)`.

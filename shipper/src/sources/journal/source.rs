@@ -5,9 +5,10 @@
 //! - Follow by polling every `poll_interval_ms`: each open file's header (one `pread`) says
 //!   whether entries were added; the directory listing says whether a file appeared. journald
 //!   writes through mmap, which inotify does not report reliably, and a poll bounds the work
-//!   whatever the write rate. Files are told apart by (device, inode), so a file archived
-//!   under a new name (rotation) is not opened twice, and one deleted while open (vacuum) is
-//!   read to its end through the descriptor held.
+//!   whatever the write rate. Files are told apart by the 128-bit file id in their header, so
+//!   a file archived under a new name (rotation) is not opened twice, an archived file read to
+//!   its end is never opened again, and one deleted while open (vacuum) is read to its end
+//!   through the descriptor held.
 //! - Durable: the source reads only while the outbox has room for two full batches, so its
 //!   entries are never dropped for lack of room; it pauses, and its data waits on disk.
 //!
@@ -37,7 +38,10 @@ pub const ROUND: usize = 512;
 struct Follow {
     cfg: Rc<JournalSource>,
     merge: Merge,
-    open: HashSet<(u64, u64)>,
+    /// File ids of the files open.
+    open: HashSet<[u8; 16]>,
+    /// File ids of archived files read to their end (pruned when they leave the directory).
+    done: HashSet<[u8; 16]>,
     /// Corrupt objects counted in files since closed.
     closed_corrupt: u64,
 }
@@ -57,11 +61,18 @@ impl Follow {
     /// Opens files not open yet; returns how many were added.
     fn scan(&mut self, skip_existing: bool) -> usize {
         let mut added = 0;
+        let mut present = HashSet::new();
         for p in self.paths() {
             match JournalFile::open(&p) {
-                Ok(f) if self.open.contains(&f.id) => {}
+                Ok(f)
+                    if self.open.contains(&f.header.file_id)
+                        || self.done.contains(&f.header.file_id) =>
+                {
+                    present.insert(f.header.file_id);
+                }
                 Ok(f) => {
-                    self.open.insert(f.id);
+                    present.insert(f.header.file_id);
+                    self.open.insert(f.header.file_id);
                     let mut r = JournalReader::new(f);
                     if skip_existing {
                         r.skip_to_end();
@@ -74,6 +85,7 @@ impl Follow {
                 Err(e) => tracing::debug!("journal file not opened (yet): {e}"),
             }
         }
+        self.done.retain(|id| present.contains(id));
         added
     }
 
@@ -84,12 +96,13 @@ impl Follow {
                 tracing::warn!("journal file not refreshed: {e}");
             }
         }
-        let (open, closed) = (&mut self.open, &mut self.closed_corrupt);
+        let (open, done_ids, closed) = (&mut self.open, &mut self.done, &mut self.closed_corrupt);
         self.merge.close_if(|r| {
             let done = (r.file.header.state == STATE_ARCHIVED && r.behind() == 0) || r.broken;
             if done {
                 tracing::info!(file = %r.file.path.display(), "journal file read to its end; closed");
-                open.remove(&r.file.id);
+                open.remove(&r.file.header.file_id);
+                done_ids.insert(r.file.header.file_id);
                 *closed += r.corrupt;
             }
             done
@@ -98,7 +111,12 @@ impl Follow {
 }
 
 /// Runs journal source `j` (configuration `cfg`) on this worker until `stop`.
-pub async fn run(core: Rc<RefCell<Core>>, j: usize, cfg: Rc<JournalSource>, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    core: Rc<RefCell<Core>>,
+    j: usize,
+    cfg: Rc<JournalSource>,
+    mut stop: watch::Receiver<bool>,
+) {
     let poll = Duration::from_millis(cfg.poll_interval_ms);
     let checkpoint = core.borrow().journals[j].cursor.clone();
     let mut after: Option<Cursor> = match (&checkpoint, &cfg.since) {
@@ -109,6 +127,7 @@ pub async fn run(core: Rc<RefCell<Core>>, j: usize, cfg: Rc<JournalSource>, mut 
         cfg: cfg.clone(),
         merge: Merge::new(Vec::new()),
         open: HashSet::new(),
+        done: HashSet::new(),
         closed_corrupt: 0,
     };
     follow.scan(checkpoint.is_none() && cfg.since == Since::Now);

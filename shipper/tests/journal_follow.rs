@@ -1,0 +1,169 @@
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// Export-format entries `from..to`, each with four unique fields, so that journal-remote's
+/// data hash table fills (and the file rotates) every ~44,000 entries.
+fn entries(from: usize, to: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in from..to {
+        let _ = write!(
+            out,
+            "__REALTIME_TIMESTAMP={}\n__MONOTONIC_TIMESTAMP={}\n_BOOT_ID=0123456789abcdef0123456789abcdef\n\
+             SYSLOG_IDENTIFIER=follow\nMESSAGE=entry {i}\nREQ={i:x}\nA={}\nB={}\n\n",
+            1_700_000_000_000_000u64 + i as u64,
+            1_000_000 + i as u64,
+            i * 3,
+            i * 7
+        );
+    }
+    out
+}
+
+/// The index in `MESSAGE` of an output record.
+fn index(line: &[u8]) -> usize {
+    let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+    v["MESSAGE"].as_str().unwrap().strip_prefix("entry ").unwrap().parse().unwrap()
+}
+
+fn shipper_body(dir: &Path, checkpoint: &Path) -> String {
+    format!(
+        "[[sources.journal]]\ndirectory = {dir:?}\npoll_interval_ms = 50\ncheckpoint = {checkpoint:?}\n\
+         [batch]\nbatch_events_max = 500\nflush_interval_ms = 20\n"
+    )
+}
+
+/// Entries written while the shipper runs, across journal-remote's rotations, arrive once
+/// each and in order (one connection per worker keeps frames in order).
+#[test]
+fn follows_live_journal_across_rotations_exactly_once_in_order() {
+    const N: usize = 120_000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let jdir = env.path("journal");
+    std::fs::create_dir_all(&jdir).unwrap();
+    let mut remote = Command::new("/lib/systemd/systemd-journal-remote")
+        .arg(format!("--output={}", jdir.join("live.journal").display()))
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-journal-remote (run `cargo xtask setup`)");
+    let mut feed = remote.stdin.take().unwrap();
+    feed.write_all(&entries(0, 1000)).unwrap();
+    feed.flush().unwrap();
+    let body = shipper_body(&jdir, &env.path("cursor")).replace("[batch]", "[batch]\n");
+    let cfg = env
+        .shipper_toml(port, sm, &body)
+        .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 3000\nconnections = 1");
+    let cfg_path = env.write("edge.toml", &cfg);
+    let mut shipper = Proc::start(
+        "shipper",
+        &["run", "--config", cfg_path.to_str().unwrap()],
+        sm,
+        env.path("s.log"),
+    );
+    for chunk in (1000..N).step_by(5000) {
+        feed.write_all(&entries(chunk, (chunk + 5000).min(N))).unwrap();
+        feed.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(feed);
+    assert!(remote.wait().unwrap().success());
+    let files = std::fs::read_dir(&jdir).unwrap().count();
+    assert!(files >= 3, "journal-remote rotated {} times", files - 1);
+    let checkpoint = env.path("cursor");
+    shipper.wait_alive_for(
+        "the checkpoint at the last entry",
+        Duration::from_secs(120),
+        &mut || checkpoint_at(&checkpoint, N),
+    );
+    let lines = output_lines(&env.out());
+    let got: Vec<usize> = lines.iter().map(|(_, l)| index(l)).collect();
+    if got.len() != N {
+        let set: std::collections::HashSet<usize> = got.iter().copied().collect();
+        let missing: Vec<usize> = (0..N).filter(|i| !set.contains(i)).collect();
+        panic!(
+            "{} entries received; missing {} from {:?} to {:?}\n{}\n{}",
+            got.len(),
+            missing.len(),
+            missing.first(),
+            missing.last(),
+            shipper.nonzero_metrics(),
+            shipper.log_text()
+        );
+    }
+    assert!(got.iter().enumerate().all(|(i, &g)| g == i), "entries in order, each once");
+    let text = scrape(sm).unwrap();
+    assert_eq!(metric(&text, "shipper_journal_lag_entries", &[]), 0.0);
+    assert_eq!(metric(&text, "shipper_journal_corrupt_objects_total", &[]), 0.0);
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+}
+
+/// Whether the checkpoint at `path` has reached entry seqnum `n` (the last one).
+fn checkpoint_at(path: &Path, n: usize) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|c| c.contains(&format!(";i={n:x};")))
+}
+
+/// SIGKILL mid-stream, then a restart from the checkpoint: every entry arrives, and the only
+/// repeats are entries after the checkpoint written at the kill (frames that were in flight).
+#[test]
+fn shipper_killed_mid_stream_resumes_from_its_checkpoint() {
+    const N: usize = 60_000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let jdir = env.path("journal");
+    std::fs::create_dir_all(&jdir).unwrap();
+    let mut remote = Command::new("/lib/systemd/systemd-journal-remote")
+        .arg(format!("--output={}", jdir.join("live.journal").display()))
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-journal-remote (run `cargo xtask setup`)");
+    let mut feed = remote.stdin.take().unwrap();
+    let checkpoint = env.path("cursor");
+    let body = shipper_body(&jdir, &checkpoint);
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    let half = N / 2;
+    feed.write_all(&entries(0, half)).unwrap();
+    feed.flush().unwrap();
+    shipper.wait_alive("some entries acknowledged", || checkpoint.exists());
+    shipper.signal(libc::SIGKILL);
+    let _ = shipper.child.wait();
+    let saved = std::fs::read_to_string(&checkpoint).unwrap();
+    let seqnum = saved.split(";i=").nth(1).unwrap().split(';').next().unwrap();
+    let saved_seqnum = u64::from_str_radix(seqnum, 16).unwrap();
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    feed.write_all(&entries(half, N)).unwrap();
+    drop(feed);
+    assert!(remote.wait().unwrap().success());
+    shipper.wait_alive_for(
+        "the checkpoint at the last entry",
+        Duration::from_secs(60),
+        &mut || checkpoint_at(&checkpoint, N),
+    );
+    let mut seen = vec![0u32; N];
+    for (_, l) in output_lines(&env.out()) {
+        seen[index(&l)] += 1;
+    }
+    let missing: Vec<usize> = (0..N).filter(|&i| seen[i] == 0).collect();
+    assert!(missing.is_empty(), "{} entries missing, first {:?}", missing.len(), missing.first());
+    // Entry i has seqnum i + 1: repeats only after the checkpoint.
+    for (i, &n) in seen.iter().enumerate() {
+        if n > 1 {
+            assert!(
+                i as u64 + 1 > saved_seqnum,
+                "entry {i} repeated though checkpointed at {saved_seqnum}"
+            );
+        }
+    }
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+}
