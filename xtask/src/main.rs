@@ -2,12 +2,14 @@
 //!
 //! - `setup`: installs what the build and tests need on a fresh Debian 12 machine
 //!   (idempotent; a no-op when everything is present).
-//! - `test`: setup, then formatting, lints and every test; the CI command (`.ci/run`).
+//! - `test`: setup, then formatting, lints, every test, bounded fuzzing and the quick perf
+//!   suite; the CI command (`.ci/run`).
 //! - `demo`: setup, release build, then a receiver and a shipper on loopback with a
 //!   throw-away CA, sample logs written into the pipes, live progress, and what arrived.
 //! - `perf [CASE...] [--quick]`: end-to-end benchmark cases from `perf/cases/`.
 
 mod demo;
+mod fuzz;
 mod loadgen;
 mod perf;
 mod setup;
@@ -59,7 +61,8 @@ fn test() -> anyhow::Result<()> {
         println!("tests: {passed} passed, {failed} failed");
         bail!("{failed} tests failed");
     }
-    // The benchmark suite runs briefly too, so that it cannot rot.
+    // The fuzz targets and the benchmark suite run briefly too, so that they cannot rot.
+    fuzz::run()?;
     perf::run(&["--quick".to_string()])?;
     println!("tests: {passed} passed, {failed} failed");
     Ok(())

@@ -1,5 +1,6 @@
-//! Installs what is missing, idempotently: the rustfmt and clippy components, and the Debian
-//! packages the tests use (a real Prometheus scrapes the metrics endpoints in the tests). The
+//! Installs what is missing, idempotently: the rustfmt and clippy components, cargo-fuzz
+//! (the fuzz targets run on the machine's nightly toolchain), and the Debian packages the
+//! tests use (a real Prometheus scrapes the metrics endpoints in the tests). The
 //! journal, eBPF and perf capabilities add their packages here.
 
 use std::process::Command;
@@ -24,6 +25,17 @@ pub fn run() -> anyhow::Result<()> {
         if !ok {
             crate::run("rustup", &["component", "add", component])?;
         }
+    }
+    let fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !fuzz {
+        crate::run("cargo", &["install", "cargo-fuzz", "--version", "0.13.2", "--locked"])?;
+    }
+    let nightly = Command::new("rustup").args(["run", "nightly", "rustc", "--version"]).output();
+    if !nightly.is_ok_and(|o| o.status.success()) {
+        bail!("the fuzz targets need a nightly toolchain (`rustup toolchain install nightly`)");
     }
     let mut missing: Vec<&str> = PACKAGES
         .iter()

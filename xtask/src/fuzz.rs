@@ -1,0 +1,79 @@
+//! Bounded fuzzing in the test command: every fuzz target of `shipper/fuzz` runs for a few
+//! seconds with cargo-fuzz (libFuzzer, nightly toolchain), from seeds made here: a real journal
+//! file written by systemd-journal-remote (trimmed to its used part) and a real frame.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+/// (target, seconds).
+const TARGETS: &[(&str, u32)] = &[("journal_file", 20), ("frames", 10)];
+
+pub fn run() -> anyhow::Result<()> {
+    let fuzz = crate::root().join("shipper/fuzz");
+    let corpus = fuzz.join("corpus");
+    std::fs::create_dir_all(corpus.join("journal_file"))?;
+    std::fs::create_dir_all(corpus.join("frames"))?;
+    std::fs::write(corpus.join("journal_file/seed.journal"), journal_seed()?)?;
+    let frame = shipper::protocol::Frame::control(shipper::protocol::Kind::Heartbeat, 7, b"");
+    std::fs::write(corpus.join("frames/seed.frame"), frame)?;
+    for (target, secs) in TARGETS {
+        let dir = corpus.join(target);
+        let args = [
+            "+nightly",
+            "fuzz",
+            "run",
+            target,
+            dir.to_str().context("utf-8 path")?,
+            "--",
+            &format!("-max_total_time={secs}"),
+            "-rss_limit_mb=2048",
+            "-print_final_stats=1",
+        ];
+        println!("$ cargo {}", args.join(" "));
+        let status =
+            Command::new("cargo").args(args).current_dir(crate::root().join("shipper")).status()?;
+        if !status.success() {
+            bail!("fuzz target {target} found a failure (see shipper/fuzz/artifacts/{target}/)");
+        }
+    }
+    Ok(())
+}
+
+/// A 3-entry journal file from systemd-journal-remote, cut after its last object.
+fn journal_seed() -> anyhow::Result<Vec<u8>> {
+    let dir = std::env::temp_dir().join(format!("shipper-fuzz-seed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("seed.journal");
+    let mut child = Command::new("/lib/systemd/systemd-journal-remote")
+        .arg(format!("--output={}", file.display()))
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("systemd-journal-remote")?;
+    let mut export = Vec::new();
+    for i in 0..3 {
+        write!(
+            export,
+            "__REALTIME_TIMESTAMP={}\n__MONOTONIC_TIMESTAMP={}\n_BOOT_ID=0123456789abcdef0123456789abcdef\nMESSAGE=seed {i}\nSYSLOG_IDENTIFIER=fuzz\nBIN\n",
+            1_700_000_000_000_000u64 + i,
+            1000 + i
+        )?;
+        export.extend_from_slice(&3u64.to_le_bytes());
+        export.extend_from_slice(b"a\x00b\n\n");
+    }
+    child.stdin.take().context("stdin")?.write_all(&export)?;
+    if !child.wait()?.success() {
+        bail!("systemd-journal-remote failed to write the seed");
+    }
+    let b = std::fs::read(&file)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let le = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes")) as usize;
+    let tail = le(136);
+    let end = (tail + le(tail + 8)).div_ceil(8) * 8;
+    Ok(b[..end.min(b.len())].to_vec())
+}
