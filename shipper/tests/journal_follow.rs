@@ -23,6 +23,22 @@ fn entries(from: usize, to: usize) -> Vec<u8> {
     out
 }
 
+/// A systemd-journal-remote writing `dir/live.journal` from what is written to the returned
+/// stdin, rotating as its files fill.
+fn live_journal(dir: &Path) -> (std::process::Child, std::process::ChildStdin) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut remote = Command::new("/lib/systemd/systemd-journal-remote")
+        .arg(format!("--output={}", dir.join("live.journal").display()))
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-journal-remote (run `cargo xtask setup`)");
+    let feed = remote.stdin.take().unwrap();
+    (remote, feed)
+}
+
 /// The index in `MESSAGE` of an output record.
 fn index(line: &[u8]) -> usize {
     let v: serde_json::Value = serde_json::from_slice(line).unwrap();
@@ -45,19 +61,10 @@ fn follows_live_journal_across_rotations_exactly_once_in_order() {
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let _receiver = start_receiver(&env, port, rm, "");
     let jdir = env.path("journal");
-    std::fs::create_dir_all(&jdir).unwrap();
-    let mut remote = Command::new("/lib/systemd/systemd-journal-remote")
-        .arg(format!("--output={}", jdir.join("live.journal").display()))
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("systemd-journal-remote (run `cargo xtask setup`)");
-    let mut feed = remote.stdin.take().unwrap();
+    let (mut remote, mut feed) = live_journal(&jdir);
     feed.write_all(&entries(0, 1000)).unwrap();
     feed.flush().unwrap();
-    let body = shipper_body(&jdir, &env.path("cursor")).replace("[batch]", "[batch]\n");
+    let body = shipper_body(&jdir, &env.path("cursor"));
     let cfg = env
         .shipper_toml(port, sm, &body)
         .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 3000\nconnections = 1");
@@ -119,16 +126,7 @@ fn shipper_killed_mid_stream_resumes_from_its_checkpoint() {
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let _receiver = start_receiver(&env, port, rm, "");
     let jdir = env.path("journal");
-    std::fs::create_dir_all(&jdir).unwrap();
-    let mut remote = Command::new("/lib/systemd/systemd-journal-remote")
-        .arg(format!("--output={}", jdir.join("live.journal").display()))
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("systemd-journal-remote (run `cargo xtask setup`)");
-    let mut feed = remote.stdin.take().unwrap();
+    let (mut remote, mut feed) = live_journal(&jdir);
     let checkpoint = env.path("cursor");
     let body = shipper_body(&jdir, &checkpoint);
     let mut shipper = start_shipper(&env, port, sm, &body);
