@@ -22,11 +22,6 @@ pub use text::Exposition;
 /// How often workers copy their counters into the registry, in ms.
 pub const PUBLISH_INTERVAL_MS: u64 = 250;
 
-/// Something that renders itself as Prometheus series.
-pub trait Render: Send {
-    fn render(&self, out: &mut Exposition);
-}
-
 /// The latest published snapshot of each core, plus process-wide series.
 pub struct Registry<T> {
     slots: Vec<Mutex<Option<T>>>,
