@@ -75,3 +75,30 @@ pub fn lines(seed: u64, n: usize, line_bytes: usize, services: usize, out: &mut 
         out.extend_from_slice(b"\"}\n");
     }
 }
+
+/// Appends entries `first..first + n` in systemd's journal export format, like a busy edge server's journal:
+/// identifier, unit, priority, pid, host, transport and a message, on one boot.
+pub fn journal_export(seed: u64, first: usize, n: usize, out: &mut Vec<u8>) {
+    use std::io::Write;
+    const IDENTS: [&str; 6] = ["nginx", "sshd", "cron", "kernel", "haproxy", "systemd"];
+    let mut rng = Rng::new(seed ^ first as u64);
+    for i in first..first + n {
+        let r = rng.next();
+        let ident = IDENTS[(r % IDENTS.len() as u64) as usize];
+        let _ = write!(
+            out,
+            "__REALTIME_TIMESTAMP={}\n__MONOTONIC_TIMESTAMP={}\n_BOOT_ID=0123456789abcdef0123456789abcdef\n\
+             SYSLOG_IDENTIFIER={ident}\n_SYSTEMD_UNIT={ident}.service\nPRIORITY={}\n_PID={}\n\
+             _HOSTNAME=edge-12.ams\n_TRANSPORT=journal\nMESSAGE={} {}/{} {} in {} ms\n\n",
+            1_700_000_000_000_000u64 + i as u64 * 10,
+            1_000_000 + i as u64 * 10,
+            r % 8,
+            1000 + (r >> 8) % 300,
+            if r.is_multiple_of(50) { "error" } else { "served" },
+            PATHS[(r >> 16) as usize % PATHS.len()],
+            i,
+            (r >> 24) % 500,
+            (r >> 32) % 900,
+        );
+    }
+}

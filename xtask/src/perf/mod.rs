@@ -1,7 +1,8 @@
 //! `cargo xtask perf [CASE...] [--quick]`: end-to-end cases from `perf/cases/<case>/case.toml`,
 //! each run beside its baseline in the same invocation, results in `perf/results/`.
+//! A case's `kind` says what it runs: `pipe` (below, the default) or `journal` ([`journal`]).
 //!
-//! A case sends the same deterministic lines (see `loadgen.rs`) through
+//! A pipe case sends the same deterministic lines (see `loadgen.rs`) through
 //! - the baseline: `cat FIFO > /dev/null` (the cost of moving the bytes out of the pipe);
 //! - the shipper: FIFO → `shipper run` → mutual TLS → `shipper receive` (fsync off), waiting
 //!   until every line is acknowledged;
@@ -19,9 +20,14 @@ use serde::{Deserialize, Serialize};
 use shipper::metrics::http::get;
 use shipper::metrics::text::sum;
 
+mod journal;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Case {
+    #[serde(default)]
+    #[allow(dead_code)]
+    kind: Option<String>,
     description: String,
     optimises: String,
     lines: usize,
@@ -62,8 +68,20 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     for name in names {
         let path = cases_dir.join(&name).join("case.toml");
         let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-        let case: Case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        run_case(&name, &case, quick)?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        match table.get("kind").and_then(|k| k.as_str()).unwrap_or("pipe") {
+            "pipe" => {
+                let case: Case =
+                    toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+                run_case(&name, &case, quick)?;
+            }
+            "journal" => {
+                let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+                journal::run_case(&name, &case, quick)?;
+            }
+            other => bail!("{}: unknown kind {other:?} (pipe or journal)", path.display()),
+        }
     }
     Ok(())
 }
@@ -136,15 +154,20 @@ fn run_case(name: &str, case: &Case, quick: bool) -> anyhow::Result<()> {
         "baseline_cat": baseline,
         "shipper": shipper,
     });
+    save(name, quick, &result)
+}
+
+/// Writes `perf/results/<date>-<case>[-quick].json`.
+pub(crate) fn save(name: &str, quick: bool, result: &serde_json::Value) -> anyhow::Result<()> {
     let out = crate::root().join("perf/results");
     std::fs::create_dir_all(&out)?;
     let file = out.join(format!("{}-{name}{}.json", today(), if quick { "-quick" } else { "" }));
-    std::fs::write(&file, serde_json::to_string_pretty(&result)?)?;
+    std::fs::write(&file, serde_json::to_string_pretty(result)?)?;
     println!("   results: {}", file.display());
     Ok(())
 }
 
-fn tempdir() -> anyhow::Result<PathBuf> {
+pub(crate) fn tempdir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("shipper-perf-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -210,12 +233,14 @@ fn baseline(dir: &Path, data: &[Vec<u8>]) -> anyhow::Result<Measure> {
     m.peak_rss_kib = cats.iter().map(|c| proc_hwm_kib(c.id())).max().unwrap_or(0);
     drop(holds);
     for c in cats {
-        m.cpu_s += wait_rusage(c)?;
+        m.cpu_s += wait_rusage(c)?.0;
     }
     Ok(m)
 }
 
-fn wait_rusage(child: Child) -> anyhow::Result<f64> {
+/// Waits for `child`; returns its CPU-seconds and peak RSS in KiB (which, for a child forked
+/// from this process, includes what it inherited before exec: keep this process small first).
+pub(crate) fn wait_rusage(child: Child) -> anyhow::Result<(f64, u64)> {
     let mut status = 0;
     // SAFETY: rusage is plain data filled by wait4 for our own child.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -223,7 +248,7 @@ fn wait_rusage(child: Child) -> anyhow::Result<f64> {
         bail!("wait4: {}", std::io::Error::last_os_error());
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok(tv(ru.ru_utime) + tv(ru.ru_stime))
+    Ok((tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss as u64))
 }
 
 /// utime + stime of a live process, in seconds.
@@ -338,7 +363,7 @@ fn shipper(dir: &Path, case: &Case, data: &[Vec<u8>]) -> anyhow::Result<Measure>
     Ok(m)
 }
 
-fn git_revision() -> String {
+pub(crate) fn git_revision() -> String {
     Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .current_dir(crate::root())
@@ -348,7 +373,7 @@ fn git_revision() -> String {
         .unwrap_or_default()
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -358,7 +383,7 @@ fn cpu_model() -> String {
         .unwrap_or_default()
 }
 
-fn today() -> String {
+pub(crate) fn today() -> String {
     let out = Command::new("date").arg("+%Y-%m-%d").output().ok();
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
