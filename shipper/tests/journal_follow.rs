@@ -165,3 +165,49 @@ fn shipper_killed_mid_stream_resumes_from_its_checkpoint() {
     }
     assert!(shipper.stop(Duration::from_secs(20)).success());
 }
+
+/// With no receiver, a journal source fills its outbox and then pauses (nothing dropped, the
+/// rest waits on disk); once a receiver appears, every entry arrives exactly once.
+#[test]
+fn journal_source_pauses_instead_of_dropping() {
+    const N: usize = 40_000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let jdir = env.path("journal");
+    let (mut remote, mut feed) = live_journal(&jdir);
+    feed.write_all(&entries(0, N)).unwrap();
+    drop(feed);
+    assert!(remote.wait().unwrap().success());
+    let checkpoint = env.path("cursor");
+    let body =
+        shipper_body(&jdir, &checkpoint).replace("[batch]\n", "[batch]\nbatch_bytes_max = 65536\n");
+    let cfg = env
+        .shipper_toml(port, sm, &body)
+        .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 3000\noutbox_bytes_max = 262144");
+    let path = env.write("edge.toml", &cfg);
+    let mut shipper =
+        Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, env.path("s.log"));
+    let read =
+        || metric(&scrape(sm).unwrap_or_default(), "shipper_journal_entries_read_total", &[]);
+    shipper.wait_alive("the outbox to fill", || {
+        metric(&scrape(sm).unwrap_or_default(), "shipper_outbox_records", &[]) > 0.0 && read() > 0.0
+    });
+    // Observe a second of metrics (four publications): the source must stay paused.
+    let before = read();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(read(), before, "the source kept reading with a full outbox");
+    assert!(before < N as f64, "paused before the end ({before} of {N})");
+    assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
+    let _receiver = start_receiver(&env, port, rm, "");
+    shipper.wait_alive_for(
+        "the checkpoint at the last entry",
+        Duration::from_secs(60),
+        &mut || checkpoint_at(&checkpoint, N),
+    );
+    let mut seen = vec![0u32; N];
+    for (_, l) in output_lines(&env.out()) {
+        seen[index(&l)] += 1;
+    }
+    assert!(seen.iter().all(|&n| n == 1), "every entry exactly once");
+    assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
+}

@@ -139,11 +139,7 @@ mod tests {
             ..Entry::default()
         };
         for (n, v) in fields {
-            let s = e.data.len() as u32;
-            e.data.extend_from_slice(n.as_bytes());
-            e.data.push(b'=');
-            e.data.extend_from_slice(v);
-            e.fields.push((s, s + n.len() as u32, e.data.len() as u32));
+            e.push_field(n, v);
         }
         e
     }

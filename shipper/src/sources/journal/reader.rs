@@ -33,6 +33,15 @@ impl Entry {
         })
     }
 
+    /// Appends a field (for building entries by hand: tests and tools).
+    pub fn push_field(&mut self, name: &str, value: &[u8]) {
+        let start = self.data.len() as u32;
+        self.data.extend_from_slice(name.as_bytes());
+        self.data.push(b'=');
+        self.data.extend_from_slice(value);
+        self.fields.push((start, start + name.len() as u32, self.data.len() as u32));
+    }
+
     /// The first value of field `name`.
     pub fn field(&self, name: &[u8]) -> Option<&[u8]> {
         self.fields().find(|(n, _)| *n == name).map(|(_, v)| v)

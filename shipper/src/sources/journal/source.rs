@@ -206,3 +206,25 @@ fn gauges(core: &Rc<RefCell<Core>>, j: usize, follow: &Follow, last_realtime: u6
     jc.lag_entries = readers.iter().map(JournalReader::behind).sum();
     jc.lag_seconds = newest.saturating_sub(last_realtime) / 1_000_000;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_and_identifier_filters() {
+        let text = "files = [\"/x\"]\nunits = [\"a.service\", \"b.service\"]\nexclude_identifiers = [\"noisy\"]\n";
+        let cfg: JournalSource = toml::from_str(text).unwrap();
+        let entry = |unit: &str, ident: &str| {
+            let mut e = super::super::Entry::default();
+            e.push_field("_SYSTEMD_UNIT", unit.as_bytes());
+            e.push_field("SYSLOG_IDENTIFIER", ident.as_bytes());
+            e
+        };
+        assert!(wanted(&cfg, &entry("a.service", "app")));
+        assert!(!wanted(&cfg, &entry("c.service", "app")), "unit not included");
+        assert!(!wanted(&cfg, &entry("b.service", "noisy")), "identifier excluded");
+        let all: JournalSource = toml::from_str("files = [\"/x\"]").unwrap();
+        assert!(wanted(&all, &super::super::Entry::default()), "no filter keeps everything");
+    }
+}
