@@ -211,3 +211,56 @@ fn journal_source_pauses_instead_of_dropping() {
     assert!(seen.iter().all(|&n| n == 1), "every entry exactly once");
     assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
 }
+
+/// `since = "now"` skips what is on disk at start, and archived files deleted under the
+/// running source (vacuum) disturb nothing: exactly the entries written after start arrive.
+#[test]
+fn since_now_and_vacuum() {
+    const OLD: usize = 50_000;
+    const NEW: usize = 2_000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let jdir = env.path("journal");
+    let (mut remote, mut feed) = live_journal(&jdir);
+    feed.write_all(&entries(0, OLD)).unwrap();
+    feed.flush().unwrap();
+    // Wait until journal-remote has written every old entry (rotating once on the way).
+    let on_disk = || {
+        let out = Command::new(BIN).args(["journal", "cat"]).arg(&jdir).output().unwrap();
+        out.stdout.iter().filter(|&&b| b == b'\n').count()
+    };
+    wait_for("the old entries on disk", Duration::from_secs(30), || on_disk() == OLD);
+    assert!(std::fs::read_dir(&jdir).unwrap().count() >= 2, "the old entries span two files");
+    let checkpoint = env.path("cursor");
+    let body = shipper_body(&jdir, &checkpoint)
+        .replace("poll_interval_ms = 50", "poll_interval_ms = 50\nsince = \"now\"");
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    shipper.wait_alive("the files opened", || {
+        metric(&scrape(sm).unwrap_or_default(), "shipper_journal_files_open", &[]) >= 1.0
+    });
+    // Vacuum: the archived files go away while the shipper runs.
+    for f in std::fs::read_dir(&jdir).unwrap().flatten() {
+        if f.file_name().to_string_lossy().contains('@') {
+            std::fs::remove_file(f.path()).unwrap();
+        }
+    }
+    feed.write_all(&entries(OLD, OLD + NEW)).unwrap();
+    drop(feed);
+    assert!(remote.wait().unwrap().success());
+    let _receiver = start_receiver(&env, port, rm, "");
+    shipper.wait_alive_for(
+        "the checkpoint at the last entry",
+        Duration::from_secs(60),
+        &mut || checkpoint_at(&checkpoint, OLD + NEW),
+    );
+    let got: Vec<usize> = output_lines(&env.out()).iter().map(|(_, l)| index(l)).collect();
+    let want: Vec<usize> = (OLD..OLD + NEW).collect();
+    assert!(
+        got == want,
+        "expected entries {OLD}..{}, got {} from {:?} to {:?}",
+        OLD + NEW,
+        got.len(),
+        got.first(),
+        got.last()
+    );
+}
