@@ -149,10 +149,7 @@ fn data_frame(seq: u64, records: &[(&[u8], &[u8])], declared_count: u32) -> Vec<
         raw_len: raw.len() as u32,
         len: z.len() as u32,
     };
-    let mut out = Vec::new();
-    h.encode(&z, &mut out);
-    out.extend_from_slice(&z);
-    out
+    h.wire(&z)
 }
 
 #[test]
@@ -239,9 +236,7 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
         raw_len: 60_000,
         len: z.len() as u32,
     };
-    let mut bomb = Vec::new();
-    hd.encode(&z, &mut bomb);
-    bomb.extend_from_slice(&z);
+    let bomb = hd.wire(&z);
     c.send(&bomb).unwrap();
     c.expect_error("zstd");
     wait_for("frame refusals counted", Duration::from_secs(5), || refused("frame") == 5.0);

@@ -91,6 +91,14 @@ impl Header {
         out.extend_from_slice(&crc.to_le_bytes());
     }
 
+    /// The whole frame on the wire: this header (for `payload`) followed by `payload`.
+    pub fn wire(&self, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+        self.encode(payload, &mut out);
+        out.extend_from_slice(payload);
+        out
+    }
+
     /// Parses a header; `max` is the largest payload the caller accepts.
     pub fn decode(b: &[u8; HEADER_BYTES], max: u32) -> Result<(Header, u32), FrameError> {
         let magic = [b[0], b[1], b[2], b[3]];
@@ -138,11 +146,7 @@ impl Frame {
     /// Builds a control frame (no records) with `payload`.
     pub fn control(kind: Kind, seq: u64, payload: &[u8]) -> Vec<u8> {
         let len = u32::try_from(payload.len()).expect("control payloads are small");
-        let header = Header { kind, flags: 0, seq, count: 0, raw_len: len, len };
-        let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
-        header.encode(payload, &mut out);
-        out.extend_from_slice(payload);
-        out
+        Header { kind, flags: 0, seq, count: 0, raw_len: len, len }.wire(payload)
     }
 }
 
@@ -217,11 +221,7 @@ mod tests {
 
     fn data_frame(seq: u64, payload: &[u8]) -> Vec<u8> {
         let len = payload.len() as u32;
-        let h = Header { kind: Kind::Data, flags: 0, seq, count: 1, raw_len: len, len };
-        let mut out = Vec::new();
-        h.encode(payload, &mut out);
-        out.extend_from_slice(payload);
-        out
+        Header { kind: Kind::Data, flags: 0, seq, count: 1, raw_len: len, len }.wire(payload)
     }
 
     #[test]

@@ -157,16 +157,9 @@ async fn greet(
     let mut pending = Vec::new();
     while let Ok(Some(f)) = dec.next_frame() {
         // Frames pipelined behind HELLO: re-encode for the worker's decoder.
-        pending.extend_from_slice(&reencode(&f));
+        pending.extend_from_slice(&f.header.wire(&f.payload));
     }
     Ok((stream, hello, pending))
-}
-
-fn reencode(f: &Frame) -> Vec<u8> {
-    let mut out = Vec::with_capacity(f.payload.len() + 32);
-    f.header.encode(&f.payload, &mut out);
-    out.extend_from_slice(&f.payload);
-    out
 }
 
 /// A receiver worker's state, owned by its thread.
@@ -265,8 +258,7 @@ impl Worker {
         if self.commits.needs_compaction() {
             let core = self.core;
             let workers = self.config.receiver.workers;
-            let mine =
-                self.windows.iter().filter(|(id, _)| super::server::owner(**id, workers) == core);
+            let mine = self.windows.iter().filter(|(id, _)| owner(**id, workers) == core);
             self.commits.compact(mine, &self.output.open_files()).map_err(FrameFault::Write)?;
         }
         Ok(())

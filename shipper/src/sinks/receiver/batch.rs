@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::protocol::frame::{Header, Kind, FLAG_ZSTD, HEADER_BYTES};
+use crate::protocol::frame::{Header, Kind, FLAG_ZSTD};
 use crate::protocol::RecordWriter;
 
 /// A batch turned into a frame, waiting for its sequence number and acknowledgement.
@@ -98,9 +98,7 @@ impl BatchBuilder {
         let len = u32::try_from(self.compressed.len()).expect("bounded by compress_bound");
         let header =
             Header { kind: Kind::Data, flags: FLAG_ZSTD, seq, count: self.count, raw_len, len };
-        let mut wire = Vec::with_capacity(HEADER_BYTES + self.compressed.len());
-        header.encode(&self.compressed, &mut wire);
-        wire.extend_from_slice(&self.compressed);
+        let wire = header.wire(&self.compressed);
         let sealed = Sealed {
             wire,
             records: self.count,
