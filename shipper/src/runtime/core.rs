@@ -152,17 +152,19 @@ impl Core {
         let jc = &mut self.counters.journals[j];
         jc.entries_read += 1;
         jc.bytes_read += record.len() as u64;
-        let service = self.intern(service);
-        if !self.limiter.admit(service, now_ns) {
-            self.counters.services[service as usize].lines_dropped
-                [DropReason::RateLimit as usize] += 1;
-            return;
-        }
-        self.counters.services[service as usize].lines_admitted += 1;
-        let full = self.batch.push(self.services.name(service), record, service, now_ns);
-        self.batch.mark(j, cursor);
-        if full {
-            self.seal();
+        let Core { config, services, limiter, counters, batch, workers, .. } = self;
+        let rl = &config.ratelimit;
+        let service =
+            intern(services, limiter, &mut counters.services, rl, *workers, now_ns, service);
+        let key = services.name(service);
+        match admit(limiter, &mut counters.services, batch, service, key, record, now_ns) {
+            Admitted::Dropped => {}
+            Admitted::Batched { full } => {
+                self.batch.mark(j, cursor);
+                if full {
+                    self.seal();
+                }
+            }
         }
     }
 
@@ -200,14 +202,9 @@ impl Core {
                 (default, None)
             }
         };
-        let svc = &mut counters.services[service as usize];
-        if !limiter.admit(service, now_ns) {
-            svc.lines_dropped[DropReason::RateLimit as usize] += 1;
-            return;
-        }
-        svc.lines_admitted += 1;
         let key = format_key.unwrap_or_else(|| services.name(service));
-        if batch.push(key, line, service, now_ns) {
+        let admitted = admit(limiter, &mut counters.services, batch, service, key, line, now_ns);
+        if let Admitted::Batched { full: true } = admitted {
             self.seal();
         }
     }
@@ -268,6 +265,35 @@ impl Core {
         self.counters.outbox_records = self.outbox.records();
         self.counters.inflight_frames = self.outbox.inflight() as u64;
     }
+}
+
+/// What the rate limiter made of a record.
+enum Admitted {
+    Dropped,
+    /// In the batch; `full` when the batch must be sealed now.
+    Batched {
+        full: bool,
+    },
+}
+
+/// The tail of every source's per-record path: the service's bucket, then the batch.
+#[inline]
+fn admit(
+    limiter: &mut RateLimiter,
+    counters: &mut [ServiceCounters],
+    batch: &mut BatchBuilder,
+    service: u32,
+    key: &[u8],
+    record: &[u8],
+    now_ns: u64,
+) -> Admitted {
+    let svc = &mut counters[service as usize];
+    if !limiter.admit(service, now_ns) {
+        svc.lines_dropped[DropReason::RateLimit as usize] += 1;
+        return Admitted::Dropped;
+    }
+    svc.lines_admitted += 1;
+    Admitted::Batched { full: batch.push(key, record, service, now_ns) }
 }
 
 /// Interns `name`, creating its bucket (with an even share until the control plane says

@@ -89,9 +89,12 @@ fn le32(b: &[u8], at: usize) -> u32 {
 
 /// A read cache of fixed-size blocks, bounded in count, evicting the least recently used.
 pub struct BlockCache {
+    /// (block index, last use, bytes).
     blocks: Vec<(u64, u64, Box<[u8]>)>,
     tick: u64,
     max: usize,
+    /// Slot of the last block used: most reads fall in the same block as the one before.
+    last: usize,
 }
 
 /// Bytes per cached block.
@@ -99,30 +102,33 @@ pub const BLOCK_BYTES: u64 = 64 << 10;
 
 impl BlockCache {
     pub fn new(max_blocks: usize) -> BlockCache {
-        BlockCache { blocks: Vec::new(), tick: 0, max: max_blocks.max(2) }
+        BlockCache { blocks: Vec::new(), tick: 0, max: max_blocks.max(2), last: 0 }
     }
 
     fn block(&mut self, file: &File, index: u64, len: u64) -> std::io::Result<usize> {
         self.tick += 1;
-        let cached = self.blocks.iter().position(|b| b.0 == index && b.2.len() as u64 >= len);
+        let fits = |b: &(u64, u64, Box<[u8]>)| b.0 == index && b.2.len() as u64 >= len;
+        let cached = match self.blocks.get(self.last) {
+            Some(b) if fits(b) => Some(self.last),
+            _ => self.blocks.iter().position(fits),
+        };
         if let Some(i) = cached {
             self.blocks[i].1 = self.tick;
+            self.last = i;
             return Ok(i);
         }
         let mut data = vec![0u8; len as usize].into_boxed_slice();
         file.read_exact_at(&mut data, index * BLOCK_BYTES)?;
-        if self.blocks.len() < self.max {
+        let slot = if self.blocks.len() < self.max {
             self.blocks.push((index, self.tick, data));
-            return Ok(self.blocks.len() - 1);
-        }
-        let lru = (0..self.blocks.len()).min_by_key(|&i| self.blocks[i].1).expect("not empty");
-        self.blocks[lru] = (index, self.tick, data);
-        Ok(lru)
-    }
-
-    /// The cached block `index` if it holds at least `len` bytes.
-    fn find(&self, index: u64, len: u64) -> Option<&[u8]> {
-        self.blocks.iter().find(|b| b.0 == index && b.2.len() as u64 >= len).map(|b| &*b.2)
+            self.blocks.len() - 1
+        } else {
+            let lru = (0..self.blocks.len()).min_by_key(|&i| self.blocks[i].1).expect("not empty");
+            self.blocks[lru] = (index, self.tick, data);
+            lru
+        };
+        self.last = slot;
+        Ok(slot)
     }
 
     /// Forgets blocks reaching past `size` (the file shrank).
@@ -198,7 +204,7 @@ impl JournalFile {
     pub fn read(&mut self, offset: u64, len: u64) -> Result<&[u8], JournalError> {
         let past_end = offset.checked_add(len).is_none_or(|e| e > self.size);
         let fresh = if past_end { self.restat()? } else { false };
-        match self.read_once(offset, len) {
+        let block = match self.read_once(offset, len) {
             Err(JournalError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::UnexpectedEof
                     && !fresh
@@ -207,8 +213,14 @@ impl JournalFile {
                 self.read_once(offset, len)?
             }
             result => result?,
-        }
-        Ok(self.last_read(offset, len))
+        };
+        Ok(match block {
+            Some(i) => {
+                let start = (offset % BLOCK_BYTES) as usize;
+                &self.cache.blocks[i].2[start..start + len as usize]
+            }
+            None => &self.scratch[..len as usize],
+        })
     }
 
     /// Re-reads the file size; drops cached blocks it no longer matches. True if it changed.
@@ -227,8 +239,9 @@ impl JournalFile {
         Ok(true)
     }
 
-    /// Loads `len` bytes at `offset` into the cache or the scratch buffer.
-    fn read_once(&mut self, offset: u64, len: u64) -> Result<(), JournalError> {
+    /// Loads `len` bytes at `offset`: into a cached block (its index is returned) when they lie
+    /// in one block, else into the scratch buffer.
+    fn read_once(&mut self, offset: u64, len: u64) -> Result<Option<usize>, JournalError> {
         let end = offset.checked_add(len).filter(|&e| e <= self.size);
         let Some(end) = end else {
             return Err(self.error(
@@ -240,24 +253,11 @@ impl JournalFile {
         let (first, last) = (offset / BLOCK_BYTES, (end.max(1) - 1) / BLOCK_BYTES);
         if first == last && len > 0 {
             let block_len = BLOCK_BYTES.min(self.size - first * BLOCK_BYTES);
-            self.cache.block(&self.file, first, block_len).map_err(io)?;
-            return Ok(());
+            return self.cache.block(&self.file, first, block_len).map(Some).map_err(io);
         }
         self.scratch.resize(len as usize, 0);
-        self.file.read_exact_at(&mut self.scratch, offset).map_err(io)
-    }
-
-    /// The bytes [`Self::read_once`] just loaded.
-    fn last_read(&self, offset: u64, len: u64) -> &[u8] {
-        let first = offset / BLOCK_BYTES;
-        let single = len > 0 && first == (offset + len - 1) / BLOCK_BYTES;
-        if !single {
-            return &self.scratch[..len as usize];
-        }
-        let block =
-            self.cache.find(first, len + offset - first * BLOCK_BYTES).expect("just loaded");
-        let start = (offset - first * BLOCK_BYTES) as usize;
-        &block[start..start + len as usize]
+        self.file.read_exact_at(&mut self.scratch, offset).map_err(io)?;
+        Ok(None)
     }
 
     /// Checks the object header at `offset` and returns `(type, flags, size)`.

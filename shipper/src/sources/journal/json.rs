@@ -5,6 +5,8 @@
 //! string; any other value is an array of its bytes. A field present several times becomes
 //! an array of its values, in the entry's order.
 
+use std::ops::Range;
+
 use super::cursor;
 use super::reader::Entry;
 
@@ -90,10 +92,13 @@ fn value(v: &[u8], out: &mut Vec<u8>) {
     out.push(b']');
 }
 
-/// Appends `entry` as a JSON object (no newline) to `out`.
-pub fn render(seqnum_id: &[u8; 16], entry: &Entry, out: &mut Vec<u8>) {
+/// Appends `entry` as a JSON object (no newline) to `out`; returns where in `out` its cursor
+/// is (plain ASCII, written unescaped), so callers need not format it again.
+pub fn render(seqnum_id: &[u8; 16], entry: &Entry, out: &mut Vec<u8>) -> Range<usize> {
     out.extend_from_slice(b"{\"__CURSOR\":\"");
+    let cursor_start = out.len();
     cursor::format(seqnum_id, entry, out);
+    let cursor = cursor_start..out.len();
     out.extend_from_slice(b"\",\"__REALTIME_TIMESTAMP\":\"");
     decimal(entry.realtime, out);
     out.extend_from_slice(b"\",\"__MONOTONIC_TIMESTAMP\":\"");
@@ -101,29 +106,31 @@ pub fn render(seqnum_id: &[u8; 16], entry: &Entry, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\",\"_BOOT_ID\":\"");
     cursor::hex(&entry.boot_id, out);
     out.push(b'"');
-    let fields: Vec<(&[u8], &[u8])> = entry.fields().collect();
-    for (i, (name, v)) in fields.iter().enumerate() {
-        if *name == b"_BOOT_ID" || fields[..i].iter().any(|(n, _)| n == name) {
+    let n = entry.fields.len();
+    let name_at = |k: usize| entry.field_at(k).0;
+    for i in 0..n {
+        let (name, v) = entry.field_at(i);
+        if name == b"_BOOT_ID" || (0..i).any(|k| name_at(k) == name) {
             continue;
         }
         out.push(b',');
         string(name, out);
         out.push(b':');
-        let repeats = fields[i + 1..].iter().any(|(n, _)| n == name);
-        if !repeats {
+        if !(i + 1..n).any(|k| name_at(k) == name) {
             value(v, out);
             continue;
         }
         out.push(b'[');
-        for (j, (_, w)) in fields[i..].iter().filter(|(n, _)| n == name).enumerate() {
+        for (j, k) in (i..n).filter(|&k| name_at(k) == name).enumerate() {
             if j > 0 {
                 out.push(b',');
             }
-            value(w, out);
+            value(entry.field_at(k).1, out);
         }
         out.push(b']');
     }
     out.push(b'}');
+    cursor
 }
 
 #[cfg(test)]

@@ -6,6 +6,10 @@ use super::file::{
     JournalError, JournalFile, ObjectType, OBJECT_BYTES_MAX, OBJECT_LZ4, OBJECT_XZ, OBJECT_ZSTD,
 };
 
+/// Largest decoded entry (all its fields together); fields past it are skipped as corrupt.
+pub const ENTRY_BYTES_MAX: u64 = OBJECT_BYTES_MAX;
+const _: () = assert!(ENTRY_BYTES_MAX <= u32::MAX as u64, "field offsets are u32");
+
 /// Warnings logged per file before they are only counted.
 const WARNINGS_MAX: u64 = 10;
 
@@ -28,9 +32,13 @@ pub struct Entry {
 impl Entry {
     /// `(name, value)` of every field, in the entry's order.
     pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.fields.iter().map(|&(s, e, end)| {
-            (&self.data[s as usize..e as usize], &self.data[e as usize + 1..end as usize])
-        })
+        (0..self.fields.len()).map(|i| self.field_at(i))
+    }
+
+    /// `(name, value)` of the `i`-th field.
+    pub fn field_at(&self, i: usize) -> (&[u8], &[u8]) {
+        let (s, e, end) = self.fields[i];
+        (&self.data[s as usize..e as usize], &self.data[e as usize + 1..end as usize])
     }
 
     /// Appends a field (for building entries by hand: tests and tools).
@@ -69,6 +77,8 @@ pub struct JournalReader {
     /// The chain is broken beyond repair (it went backwards): nothing more is read.
     pub broken: bool,
     unpacked: Vec<u8>,
+    /// DATA offsets of the entry being decoded (reused from entry to entry).
+    items: Vec<u64>,
 }
 
 impl JournalReader {
@@ -79,6 +89,7 @@ impl JournalReader {
             corrupt: 0,
             broken: false,
             unpacked: Vec::new(),
+            items: Vec::new(),
         }
     }
 
@@ -208,45 +219,49 @@ impl JournalReader {
         entry.boot_id = bytes[40..56].try_into().expect("16 bytes");
         entry.xor_hash = le(56);
         let item_bytes = if compact { 4 } else { 16 };
-        let items: Vec<u64> = bytes[64..]
-            .chunks_exact(item_bytes)
-            .map(|c| {
-                if compact {
-                    u64::from(u32::from_le_bytes(c[..4].try_into().expect("4")))
-                } else {
-                    u64::from_le_bytes(c[..8].try_into().expect("8"))
-                }
-            })
-            .collect();
+        let mut items = std::mem::take(&mut self.items);
+        items.clear();
+        items.extend(bytes[64..].chunks_exact(item_bytes).map(|c| {
+            if compact {
+                u64::from(u32::from_le_bytes(c[..4].try_into().expect("4")))
+            } else {
+                u64::from_le_bytes(c[..8].try_into().expect("8"))
+            }
+        }));
         entry.data.clear();
         entry.fields.clear();
-        for data in items {
+        for &data in &items {
             if let Err(e) = self.field(data, entry) {
                 self.warn(&e);
             }
         }
+        self.items = items;
         Ok(())
     }
 
     /// Appends the DATA object at `offset` to `entry`.
     fn field(&mut self, offset: u64, entry: &mut Entry) -> Result<(), JournalError> {
         let payload_at = if self.file.header.compact() { 72 } else { 64 };
-        let (flags, bytes) = self.file.object(offset, ObjectType::Data)?;
-        if bytes.len() < payload_at {
-            return Err(self.file.error(offset, "DATA object shorter than its fixed part"));
-        }
         let start = entry.data.len();
-        let compression = flags & (OBJECT_XZ | OBJECT_LZ4 | OBJECT_ZSTD);
-        if compression == 0 {
-            entry.data.extend_from_slice(&bytes[payload_at..]);
-        } else {
-            let packed = bytes[payload_at..].to_vec();
-            let unpacked = &mut self.unpacked;
-            if let Err(what) = decompress(compression, &packed, unpacked) {
-                return Err(self.file.error(offset, what));
-            }
-            entry.data.extend_from_slice(unpacked);
+        let JournalReader { file, unpacked, .. } = self;
+        let (flags, bytes) = file.object(offset, ObjectType::Data)?;
+        if bytes.len() < payload_at {
+            return Err(file.error(offset, "DATA object shorter than its fixed part"));
         }
+        let compression = flags & (OBJECT_XZ | OBJECT_LZ4 | OBJECT_ZSTD);
+        let payload = if compression == 0 {
+            Ok(&bytes[payload_at..])
+        } else {
+            decompress(compression, &bytes[payload_at..], unpacked).map(|()| &unpacked[..])
+        };
+        let payload = match payload {
+            Ok(p) => p,
+            Err(what) => return Err(file.error(offset, what)),
+        };
+        if (start + payload.len()) as u64 > ENTRY_BYTES_MAX {
+            return Err(file.error(offset, format!("entry over {ENTRY_BYTES_MAX} bytes")));
+        }
+        entry.data.extend_from_slice(payload);
         let eq = entry.data[start..].iter().position(|&b| b == b'=');
         let Some(eq) = eq else {
             entry.data.truncate(start);
@@ -257,11 +272,6 @@ impl JournalReader {
             return Err(self.file.error(offset, "DATA payload has no valid field name"));
         }
         let end = entry.data.len();
-        let fits = u32::try_from(end).is_ok();
-        if !fits {
-            entry.data.truncate(start);
-            return Err(self.file.error(offset, "entry larger than 4 GiB"));
-        }
         entry.fields.push((start as u32, (start + eq) as u32, end as u32));
         Ok(())
     }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::cursor::{self, Cursor};
+use super::cursor::Cursor;
 use super::file::{JournalFile, STATE_ARCHIVED};
 use super::merge::Merge;
 use super::{files, json, JournalReader};
@@ -131,7 +131,7 @@ pub async fn run(
         closed_corrupt: 0,
     };
     follow.scan(checkpoint.is_none() && cfg.since == Since::Now);
-    let (mut line, mut cur) = (Vec::with_capacity(4096), Vec::with_capacity(160));
+    let mut line = Vec::with_capacity(4096);
     let mut last_realtime = 0u64;
     loop {
         if *stop.borrow() {
@@ -162,15 +162,13 @@ pub async fn run(
                 continue;
             }
             line.clear();
-            json::render(&sid, entry, &mut line);
-            cur.clear();
-            cursor::format(&sid, entry, &mut cur);
+            let cursor = json::render(&sid, entry, &mut line);
             let service = entry
                 .field(cfg.service_field.as_bytes())
                 .or_else(|| entry.field(b"_SYSTEMD_UNIT"))
                 .unwrap_or(b"journal");
             let now = c.now_ns();
-            c.on_journal_entry(j, &line, service, &cur, now);
+            c.on_journal_entry(j, &line, service, &line[cursor], now);
         }
         if n > 0 {
             tokio::task::yield_now().await;
