@@ -39,6 +39,15 @@ fn live_journal(dir: &Path) -> (std::process::Child, std::process::ChildStdin) {
     (remote, feed)
 }
 
+/// How many times each of entries `0..n` is in the receiver's output at `out`.
+fn arrivals(out: &Path, n: usize) -> Vec<u32> {
+    let mut seen = vec![0u32; n];
+    for (_, l) in output_lines(out) {
+        seen[index(&l)] += 1;
+    }
+    seen
+}
+
 /// The index in `MESSAGE` of an output record.
 fn index(line: &[u8]) -> usize {
     let v: serde_json::Value = serde_json::from_slice(line).unwrap();
@@ -148,10 +157,7 @@ fn shipper_killed_mid_stream_resumes_from_its_checkpoint() {
         Duration::from_secs(60),
         &mut || checkpoint_at(&checkpoint, N),
     );
-    let mut seen = vec![0u32; N];
-    for (_, l) in output_lines(&env.out()) {
-        seen[index(&l)] += 1;
-    }
+    let seen = arrivals(&env.out(), N);
     let missing: Vec<usize> = (0..N).filter(|&i| seen[i] == 0).collect();
     assert!(missing.is_empty(), "{} entries missing, first {:?}", missing.len(), missing.first());
     // Entry i has seqnum i + 1: repeats only after the checkpoint.
@@ -204,10 +210,7 @@ fn journal_source_pauses_instead_of_dropping() {
         Duration::from_secs(60),
         &mut || checkpoint_at(&checkpoint, N),
     );
-    let mut seen = vec![0u32; N];
-    for (_, l) in output_lines(&env.out()) {
-        seen[index(&l)] += 1;
-    }
+    let seen = arrivals(&env.out(), N);
     assert!(seen.iter().all(|&n| n == 1), "every entry exactly once");
     assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
 }

@@ -43,8 +43,11 @@ fn receiver_killed_mid_stream_loses_and_duplicates_nothing() {
         .wait_alive("a third of the lines written", || receiver_written(rm) >= (LINES / 3) as f64);
     receiver.signal(libc::SIGKILL);
     let _ = receiver.child.wait();
-    // The shipper keeps reading (and buffering) while no receiver is up.
-    std::thread::sleep(Duration::from_millis(300));
+    // The receiver restarts only once the shipper has seen it go (and kept reading meanwhile).
+    shipper.wait_alive("the shipper to see the receiver gone", || {
+        metric(&scrape(sm).unwrap_or_default(), "shipper_receiver_connections_lost_total", &[])
+            >= 1.0
+    });
     let _receiver = start_receiver_toml(&env, port, rm, &config);
     writer.join().unwrap();
     assert!(done.load(Ordering::SeqCst));
