@@ -39,6 +39,7 @@ pub struct ReceiverCounters {
     pub bytes_written: u64,
     pub write_errors: u64,
     pub streams_open: u64,
+    pub records_folded: u64,
     /// Time to write (and fsync) one frame, µs.
     pub write_us: Distribution,
     pub frame_records: Distribution,
@@ -58,6 +59,7 @@ impl ReceiverCounters {
             bytes_written: 0,
             write_errors: 0,
             streams_open: 0,
+            records_folded: 0,
             write_us: Distribution::new(3_600_000_000),
             frame_records: Distribution::new(10_000_000),
         }
@@ -162,6 +164,14 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
         "gauge",
         "Output stream files open.",
         |c| c.streams_open,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_records_folded_total",
+        "counter",
+        "Records written to the _other stream because streams_max streams were open.",
+        |c| c.records_folded,
     );
     let name = "shipper_receiver_write_latency_seconds";
     out.family(name, "summary", "Time to write and commit one frame.");

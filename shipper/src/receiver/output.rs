@@ -40,6 +40,8 @@ pub struct Output {
     streams_max: usize,
     streams: HashMap<String, StreamFile>,
     names: HashMap<Vec<u8>, String>,
+    /// Records written to `_other` because `streams_max` streams were open.
+    pub records_folded: u64,
     groups: Vec<(String, Vec<u8>)>,
 }
 
@@ -80,6 +82,7 @@ impl Output {
             streams_max,
             streams: HashMap::new(),
             names: HashMap::new(),
+            records_folded: 0,
             groups: Vec::new(),
         }
     }
@@ -93,16 +96,16 @@ impl Output {
         self.streams.values().map(|s| (s.rel.clone(), s.size)).collect()
     }
 
-    fn stream_for(&mut self, key: &[u8]) -> String {
-        if let Some(n) = self.names.get(key) {
-            return n.clone();
+    /// The stream of records with `key`; past `streams_max` streams, `_other` (counted).
+    fn stream_for(&mut self, key: &[u8]) -> &str {
+        if !self.names.contains_key(key) {
+            if self.names.len() >= self.streams_max {
+                self.records_folded += 1;
+                return OTHER_STREAM;
+            }
+            self.names.insert(key.to_vec(), stream_name(key));
         }
-        if self.names.len() >= self.streams_max {
-            return OTHER_STREAM.to_string();
-        }
-        let name = stream_name(key);
-        self.names.insert(key.to_vec(), name.clone());
-        name
+        &self.names[key]
     }
 
     /// Writes every record of a validated payload; returns the files touched and the bytes.
@@ -117,7 +120,7 @@ impl Output {
             let slot = match groups.iter().position(|g| g.0 == name) {
                 Some(i) => i,
                 None => {
-                    groups.push((name, Vec::new()));
+                    groups.push((name.to_string(), Vec::new()));
                     groups.len() - 1
                 }
             };
@@ -239,5 +242,22 @@ mod rotation_tests {
         assert_eq!(names, (0..5).map(|i| format!("g000003-c001-{i:06}.log")).collect::<Vec<_>>());
         let total: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
         assert_eq!(total, 30 * 1001);
+    }
+
+    #[test]
+    fn streams_past_the_limit_fold_into_other_and_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Output::new(dir.path(), 1, 0, 1 << 20, false, 2);
+        let mut payload = Vec::new();
+        for key in [&b"a"[..], b"b", b"c", b"d", b"a"] {
+            RecordWriter::push(&mut payload, key, b"x");
+        }
+        out.write_frame(&payload, 5).unwrap();
+        assert_eq!(out.records_folded, 2);
+        let lines = |s: &str| {
+            let f = dir.path().join(s).join("g000001-c000-000000.log");
+            fs::read_to_string(f).unwrap().lines().count()
+        };
+        assert_eq!((lines("a"), lines("b"), lines(OTHER_STREAM)), (2, 1, 2));
     }
 }

@@ -255,6 +255,7 @@ impl Worker {
         self.counters.records_written += u64::from(count);
         self.counters.bytes_written += bytes;
         self.counters.streams_open = self.output.streams_open() as u64;
+        self.counters.records_folded = self.output.records_folded;
         if self.commits.needs_compaction() {
             let core = self.core;
             let workers = self.config.receiver.workers;
