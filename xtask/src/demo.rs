@@ -2,12 +2,13 @@
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use shipper::metrics::http::get;
 use shipper::metrics::text::sum;
+
+use crate::daemon::{free_port, Daemon};
 
 const LINES_PER_PIPE: usize = 100_000;
 const SERVICES: [&str; 4] = ["nginx", "api", "db", "chatty"];
@@ -41,8 +42,14 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::write(dir.join("receiver.toml"), receiver_cfg)?;
     std::fs::write(dir.join("edge.toml"), shipper_cfg)?;
     println!("\n== demo in {}", dir.display());
-    let mut receiver = start(&bin, "receive", &dir, "receiver", rm)?;
-    let mut shipper = start(&bin, "run", &dir, "edge", sm)?;
+    let start = |cmd, name: &str, metrics: u16| {
+        let (cfg, log) = (dir.join(format!("{name}.toml")), dir.join(format!("{name}.log")));
+        let d = Daemon::start(&bin, cmd, &cfg, &log, &format!("127.0.0.1:{metrics}"))?;
+        println!("   started {name} (metrics on 127.0.0.1:{metrics})");
+        anyhow::Ok(d)
+    };
+    let receiver = start("receive", "receiver", rm)?;
+    let shipper = start("run", "edge", sm)?;
     let started = Instant::now();
     let writers = [
         std::thread::spawn(move || write_json(&app)),
@@ -72,42 +79,8 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("\n   done in {:.2} s\n", started.elapsed().as_secs_f64());
     report(&dir.join("received"), &get(&shipper_metrics).unwrap_or_default())?;
-    stop(&mut shipper, "shipper")?;
-    stop(&mut receiver, "receiver")?;
-    Ok(())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn start(bin: &Path, cmd: &str, dir: &Path, name: &str, metrics: u16) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let mut child = Command::new(bin)
-        .args([cmd, "--config", &dir.join(format!("{name}.toml")).to_string_lossy()])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&format!("127.0.0.1:{metrics}")).is_none() {
-        if let Some(status) = child.try_wait()? {
-            bail!("{name} exited ({status}); see {}/{name}.log", dir.display());
-        }
-        if Instant::now() > deadline {
-            bail!("{name} did not start; see {}/{name}.log", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    println!("   started {name} (metrics on 127.0.0.1:{metrics})");
-    Ok(child)
-}
-
-fn stop(child: &mut Child, name: &str) -> anyhow::Result<()> {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait()?;
-    println!("   {name} stopped: {status}");
+    println!("   shipper stopped: {}", shipper.stop()?);
+    println!("   receiver stopped: {}", receiver.stop()?);
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //!   throw-away CA, sample logs written into the pipes, live progress, and what arrived.
 //! - `perf [CASE...] [--quick]`: end-to-end benchmark cases from `perf/cases/`.
 
+mod daemon;
 mod demo;
 mod fuzz;
 mod loadgen;

@@ -22,6 +22,8 @@ use shipper::metrics::text::sum;
 
 mod journal;
 
+use crate::daemon::{free_port, Daemon};
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Case {
@@ -270,39 +272,10 @@ fn proc_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(bin: &Path, cmd: &str, cfg: &Path, log: &Path, metrics: &str) -> anyhow::Result<Killed> {
-    let child = Command::new(bin)
-        .args([cmd, "--config", &cfg.to_string_lossy()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()?;
-    let k = Killed(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(metrics).is_none() {
-        if Instant::now() > deadline {
-            bail!("{cmd} did not start; see {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(k)
-}
-
 fn shipper(dir: &Path, case: &Case, data: &[Vec<u8>]) -> anyhow::Result<Measure> {
     let bin = crate::root().join("target/release/shipper");
     let pki = shipper::tls::pki::generate(&dir.join("tls"), &["localhost".into()])?;
-    let port = |_| {
-        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port())
-    };
-    let (rx, rm, sm) = (port(0)?, port(1)?, port(2)?);
+    let (rx, rm, sm) = (free_port()?, free_port()?, free_port()?);
     let rcfg = dir.join("receiver.toml");
     std::fs::write(&rcfg, format!(
         "[receiver]\nlisten = \"127.0.0.1:{rx}\"\nworkers = {w}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[output]\ndirectory = {:?}\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n",
@@ -317,8 +290,8 @@ fn shipper(dir: &Path, case: &Case, data: &[Vec<u8>]) -> anyhow::Result<Measure>
     ))?;
     let rmetrics = format!("127.0.0.1:{rm}");
     let smetrics = format!("127.0.0.1:{sm}");
-    let receiver = spawn(&bin, "receive", &rcfg, &dir.join("receiver.log"), &rmetrics)?;
-    let ship = spawn(&bin, "run", &scfg, &dir.join("shipper.log"), &smetrics)?;
+    let receiver = Daemon::start(&bin, "receive", &rcfg, &dir.join("receiver.log"), &rmetrics)?;
+    let ship = Daemon::start(&bin, "run", &scfg, &dir.join("shipper.log"), &smetrics)?;
     let (spid, rpid) = (ship.0.id(), receiver.0.id());
     let (cpu0, rcpu0) = (proc_cpu(spid), proc_cpu(rpid));
     let total =

@@ -1,0 +1,60 @@
+//! `shipper run` / `shipper receive` started by the demo and the perf suite.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// A started shipper process, killed when dropped (unless stopped first).
+pub struct Daemon(pub Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Daemon {
+    /// Runs `bin cmd --config cfg`, standard error into `log`, and waits (10 s at most) until
+    /// its metrics endpoint `metrics` answers.
+    pub fn start(
+        bin: &Path,
+        cmd: &str,
+        cfg: &Path,
+        log: &Path,
+        metrics: &str,
+    ) -> anyhow::Result<Daemon> {
+        let child = Command::new(bin)
+            .args([cmd, "--config", &cfg.to_string_lossy()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut d = Daemon(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shipper::metrics::http::get(metrics).is_none() {
+            if let Some(status) = d.0.try_wait()? {
+                bail!("{cmd} exited ({status}); see {}", log.display());
+            }
+            if Instant::now() > deadline {
+                bail!("{cmd} did not start; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        Ok(self.0.wait()?)
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
