@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{online_cpus, parse_mode, Problems, Seg, Validate};
+use crate::protocol::limits::INFLIGHT_FRAMES_LIMIT;
 
 /// Largest line a pipe source accepts before truncating (`line_bytes_max` upper bound).
 pub const LINE_BYTES_LIMIT: u64 = 16 << 20;
@@ -25,6 +26,8 @@ pub struct ShipperConfig {
     #[serde(default)]
     pub batch: BatchSection,
     pub receivers: ReceiversSection,
+    #[serde(default)]
+    pub buffer: BufferSection,
     pub tls: ClientTlsSection,
 }
 
@@ -346,8 +349,15 @@ impl Default for BatchSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiversSection {
-    /// Receiver addresses (`host:port`); frames are spread across them.
+    /// Receiver addresses (`host:port`); frames are spread across the healthy ones.
     pub primary: Vec<String>,
+    /// Receivers used only while no primary is healthy. Default: none.
+    #[serde(default)]
+    pub standby: Vec<String>,
+    /// Receivers (in another place) used only while no primary and no standby is healthy;
+    /// frames sent there carry the dead-letter flag. Default: none.
+    #[serde(default)]
+    pub dead_letter: Vec<String>,
     /// TLS connections per receiver per worker. Default: 2.
     #[serde(default = "default_connections")]
     pub connections: usize,
@@ -357,8 +367,12 @@ pub struct ReceiversSection {
     /// TLS handshake plus HELLO/WELCOME timeout, in ms. Default: 2000.
     #[serde(default = "default_connect_timeout_ms")]
     pub handshake_timeout_ms: u64,
-    /// A frame not acknowledged this long after it was sent is resent elsewhere and its
-    /// connection closed, in ms. Default: 5000.
+    /// One write of a frame to a connection must complete within this, in ms. Default: 2000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// A frame not acknowledged (or a heartbeat not answered) this long after it was sent makes
+    /// its receiver unhealthy: every connection to it is closed and its frames are resent
+    /// elsewhere, in ms. Default: 5000.
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
     /// An idle connection sends a heartbeat this often, in ms. Default: 1000.
@@ -371,10 +385,11 @@ pub struct ReceiversSection {
     /// when full, new batches are dropped and counted. Default: 8388608.
     #[serde(default = "default_outbox_bytes_max")]
     pub outbox_bytes_max: u64,
-    /// First reconnect delay, doubled per failure with jitter, in ms. Default: 100.
+    /// First delay before probing an unhealthy receiver again, doubled (with jitter) per
+    /// failed probe until an acknowledgement arrives, in ms. Default: 100.
     #[serde(default = "default_backoff_initial_ms")]
     pub backoff_initial_ms: u64,
-    /// Largest reconnect delay, in ms. Default: 5000.
+    /// Largest delay between probes, in ms. Default: 5000.
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
 }
@@ -402,6 +417,62 @@ fn default_backoff_initial_ms() -> u64 {
 }
 fn default_backoff_max_ms() -> u64 {
     5000
+}
+
+/// Which frames a full disk buffer gives up.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// The frame that does not fit.
+    #[default]
+    DropNewest,
+    /// The oldest segment not being replayed yet, to make room.
+    DropOldest,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferSection {
+    /// Directory of the disk buffer (one sub-directory per worker); none disables it, and
+    /// frames that find the outbox full are dropped. Default: none.
+    pub directory: Option<PathBuf>,
+    /// Bytes of frames the disk buffer holds, all workers together (each gets an equal
+    /// share). Default: 1073741824.
+    pub bytes_max: u64,
+    /// A segment file is closed and a new one started past this size, in bytes.
+    /// Default: 8388608.
+    pub segment_bytes: u64,
+    /// Appended frames are fdatasync'd at most this long after being written, in ms; 0 syncs
+    /// after every frame. Default: 1000.
+    pub fsync_interval_ms: u64,
+    /// drop_newest | drop_oldest. Default: drop_newest.
+    pub when_full: WhenFull,
+}
+
+impl Default for BufferSection {
+    fn default() -> Self {
+        BufferSection {
+            directory: None,
+            bytes_max: 1 << 30,
+            segment_bytes: 8 << 20,
+            fsync_interval_ms: 1000,
+            when_full: WhenFull::DropNewest,
+        }
+    }
+}
+
+impl BufferSection {
+    fn check(&self, p: &mut Problems) {
+        let at = |k| [K("buffer"), K(k)];
+        if let Some(d) = &self.directory {
+            p.check(!d.as_os_str().is_empty(), &at("directory"), || "must not be empty".into());
+        }
+        p.range(self.segment_bytes, 64 << 10, 1 << 30, &at("segment_bytes"));
+        p.check(self.bytes_max >= 2 * self.segment_bytes, &at("bytes_max"), || {
+            format!("{} is below twice segment_bytes ({})", self.bytes_max, self.segment_bytes)
+        });
+        p.range(self.fsync_interval_ms, 0, 60_000, &at("fsync_interval_ms"));
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -448,6 +519,7 @@ impl Validate for ShipperConfig {
             || format!("{} is out of range (allowed: 0, or 6 to 26)", b.zstd_hash_log),
         );
         self.receivers.check(p);
+        self.buffer.check(p);
         let t = &self.tls;
         for (key, path) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {
             p.check(path.is_file(), &[K("tls"), K(key)], || {
@@ -509,24 +581,61 @@ impl ReceiversSection {
     fn check(&self, p: &mut Problems) {
         let at = |k| [K("receivers"), K(k)];
         p.check(!self.primary.is_empty(), &at("primary"), || "needs at least one address".into());
-        for (i, a) in self.primary.iter().enumerate() {
-            p.check(
-                split_host_port(a).is_some(),
-                &[K("receivers"), K("primary"), Seg::Index(i)],
-                || format!("{a:?} is not host:port"),
-            );
+        for (tier, addresses) in [
+            ("primary", &self.primary),
+            ("standby", &self.standby),
+            ("dead_letter", &self.dead_letter),
+        ] {
+            for (i, a) in addresses.iter().enumerate() {
+                p.check(
+                    split_host_port(a).is_some(),
+                    &[K("receivers"), K(tier), Seg::Index(i)],
+                    || format!("{a:?} is not host:port"),
+                );
+            }
         }
         p.range(self.connections as u64, 1, 64, &at("connections"));
         p.range(self.connect_timeout_ms, 1, 600_000, &at("connect_timeout_ms"));
         p.range(self.handshake_timeout_ms, 1, 600_000, &at("handshake_timeout_ms"));
+        p.range(self.write_timeout_ms, 1, 600_000, &at("write_timeout_ms"));
         p.range(self.ack_timeout_ms, 1, 3_600_000, &at("ack_timeout_ms"));
         p.range(self.heartbeat_interval_ms, 1, 600_000, &at("heartbeat_interval_ms"));
-        p.range(self.inflight_frames_max as u64, 1, 4096, &at("inflight_frames_max"));
+        p.range(
+            self.inflight_frames_max as u64,
+            1,
+            INFLIGHT_FRAMES_LIMIT as u64,
+            &at("inflight_frames_max"),
+        );
         p.range(self.outbox_bytes_max, 64 << 10, 16 << 30, &at("outbox_bytes_max"));
         p.range(self.backoff_initial_ms, 1, 600_000, &at("backoff_initial_ms"));
         p.check(self.backoff_max_ms >= self.backoff_initial_ms, &at("backoff_max_ms"), || {
             format!("{} is below backoff_initial_ms", self.backoff_max_ms)
         });
+    }
+}
+
+impl ReceiversSection {
+    /// Every destination with its tier, primaries first; a destination's index here is its
+    /// index everywhere (counters, connection slots).
+    pub fn destinations(&self) -> Vec<(Tier, &str)> {
+        let tiers = [(Tier::Primary, &self.primary), (Tier::Standby, &self.standby)];
+        let tiers = tiers.into_iter().chain([(Tier::DeadLetter, &self.dead_letter)]);
+        tiers.flat_map(|(t, list)| list.iter().map(move |a| (t, a.as_str()))).collect()
+    }
+}
+
+/// The tier of a destination: a lower tier is preferred whenever one of its receivers is
+/// healthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    Primary = 0,
+    Standby = 1,
+    DeadLetter = 2,
+}
+
+impl Tier {
+    pub fn label(self) -> &'static str {
+        ["primary", "standby", "dead_letter"][self as usize]
     }
 }
 

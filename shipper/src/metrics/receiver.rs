@@ -40,6 +40,8 @@ pub struct ReceiverCounters {
     pub write_errors: u64,
     pub streams_open: u64,
     pub records_folded: u64,
+    /// Records of frames a shipper sent here as its dead-letter destination.
+    pub records_dead_letter: u64,
     /// Time to write (and fsync) one frame, µs.
     pub write_us: Distribution,
     pub frame_records: Distribution,
@@ -60,6 +62,7 @@ impl ReceiverCounters {
             write_errors: 0,
             streams_open: 0,
             records_folded: 0,
+            records_dead_letter: 0,
             write_us: Distribution::new(3_600_000_000),
             frame_records: Distribution::new(10_000_000),
         }
@@ -172,6 +175,14 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
         "counter",
         "Records written to the _other stream because streams_max streams were open.",
         |c| c.records_folded,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_records_dead_letter_total",
+        "counter",
+        "Records written to STREAM@dead_letter: sent here because the shipper's primary and standby receivers were down.",
+        |c| c.records_dead_letter,
     );
     let name = "shipper_receiver_write_latency_seconds";
     out.family(name, "summary", "Time to write and commit one frame.");

@@ -66,6 +66,17 @@ pub struct DestinationCounters {
     pub connect_failures: u64,
     pub connections_lost: u64,
     pub connections_up: u64,
+    /// 1 while the receiver is up (welcomed us and has not missed an ack since).
+    pub healthy: u64,
+    /// Times the receiver went down (unhealthy) after being up or unknown.
+    pub failures: u64,
+    /// Frames that were in flight to it when it failed, requeued to go elsewhere.
+    pub frames_resent: u64,
+    pub frames_sent: u64,
+    /// Milliseconds spent down in closed periods.
+    pub unhealthy_ms: u64,
+    /// Milliseconds of the current down period (0 when up).
+    pub unhealthy_ms_open: u64,
 }
 
 /// Everything one worker counts.
@@ -82,6 +93,11 @@ pub struct ShipperCounters {
     pub records_acked: u64,
     pub frames_resent: u64,
     pub ack_timeouts: u64,
+    /// Times frames moved to a lower tier (or nowhere) because the tier taking them failed.
+    pub failovers: u64,
+    /// Times frames moved back to a higher tier that recovered.
+    pub failbacks: u64,
+    pub frames_dead_lettered: u64,
     pub outbox_frames: u64,
     pub outbox_bytes: u64,
     pub outbox_records: u64,
@@ -106,6 +122,9 @@ impl ShipperCounters {
             records_acked: 0,
             frames_resent: 0,
             ack_timeouts: 0,
+            failovers: 0,
+            failbacks: 0,
+            frames_dead_lettered: 0,
             outbox_frames: 0,
             outbox_bytes: 0,
             outbox_records: 0,
@@ -199,6 +218,24 @@ const PER_CORE: &[Series<ShipperCounters>] = &[
         "Connections closed for a late ack or heartbeat.",
         |c| c.ack_timeouts,
     ),
+    (
+        "shipper_failovers_total",
+        "counter",
+        "Times the tier taking frames failed and frames moved to a lower one (or to the buffer).",
+        |c| c.failovers,
+    ),
+    (
+        "shipper_failbacks_total",
+        "counter",
+        "Times frames moved back to a recovered higher tier.",
+        |c| c.failbacks,
+    ),
+    (
+        "shipper_frames_dead_lettered_total",
+        "counter",
+        "DATA frames written to dead-letter receivers.",
+        |c| c.frames_dead_lettered,
+    ),
     ("shipper_outbox_frames", "gauge", "Frames held until acknowledged.", |c| c.outbox_frames),
     ("shipper_outbox_bytes", "gauge", "Bytes held until acknowledged.", |c| c.outbox_bytes),
     ("shipper_outbox_records", "gauge", "Records held until acknowledged.", |c| c.outbox_records),
@@ -217,6 +254,24 @@ const PER_DESTINATION: &[Series<DestinationCounters>] = &[
     }),
     ("shipper_receiver_connections_up", "gauge", "Connections established now.", |d| {
         d.connections_up
+    }),
+    ("shipper_receiver_healthy", "gauge", "1 while the receiver acknowledges in time.", |d| {
+        d.healthy
+    }),
+    ("shipper_receiver_failures_total", "counter", "Times the receiver was declared down.", |d| {
+        d.failures
+    }),
+    (
+        "shipper_receiver_frames_resent_total",
+        "counter",
+        "Frames in flight to the receiver when it failed, sent elsewhere.",
+        |d| d.frames_resent,
+    ),
+    ("shipper_receiver_frames_sent_total", "counter", "DATA frames written to it.", |d| {
+        d.frames_sent
+    }),
+    ("shipper_receiver_unhealthy_seconds_total", "counter", "Time the receiver spent down.", |d| {
+        (d.unhealthy_ms + d.unhealthy_ms_open) / 1000
     }),
 ];
 

@@ -11,6 +11,9 @@ pub const VERSION: u8 = 1;
 pub const HEADER_BYTES: usize = 32;
 /// Flag: the payload is one zstd frame.
 pub const FLAG_ZSTD: u16 = 1 << 0;
+/// Flag: the frame went to a dead-letter destination because no primary or standby receiver
+/// was healthy; the receiver keeps its records apart so they can be re-mirrored.
+pub const FLAG_DEAD_LETTER: u16 = 1 << 1;
 
 /// What a frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +100,16 @@ impl Header {
         self.encode(payload, &mut out);
         out.extend_from_slice(payload);
         out
+    }
+
+    /// Rewrites the sequence number and flags of the complete frame `wire` in place, and its
+    /// checksum to match.
+    pub fn restamp(wire: &mut [u8], seq: u64, flags: u16) {
+        assert!(wire.len() >= HEADER_BYTES, "restamping a truncated frame");
+        wire[6..8].copy_from_slice(&flags.to_le_bytes());
+        wire[8..16].copy_from_slice(&seq.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&wire[..28]), &wire[HEADER_BYTES..]);
+        wire[28..32].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// Parses a header; `max` is the largest payload the caller accepts.

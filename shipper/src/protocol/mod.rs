@@ -35,6 +35,10 @@ pub mod limits {
     pub const FRAME_BYTES_MAX: u32 = 64 << 20;
     /// Longest stream key (cfjs1 `format` or service) a record may carry.
     pub const KEY_BYTES_MAX: usize = u8::MAX as usize;
+    /// Most frames a shipper core keeps sent and unacknowledged (`inflight_frames_max` upper
+    /// bound), and the most written sequence numbers above a gap a receiver remembers per
+    /// stream for de-duplication (gaps are normal when frames go to several receivers).
+    pub const INFLIGHT_FRAMES_LIMIT: usize = 4096;
     /// Longest shipper name in HELLO.
     pub const NAME_BYTES_MAX: usize = 255;
 }

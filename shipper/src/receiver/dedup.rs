@@ -3,9 +3,15 @@
 //! # Design constraints
 //! - Per stream: a watermark below which every sequence number is written, plus the written
 //!   numbers above it. The shipper keeps at most `inflight_frames_max` frames unacknowledged,
-//!   so the set above the watermark stays that small.
+//!   so the set above the watermark stays that small while this receiver gets every frame.
+//!   When frames of the stream also go to other receivers (load balancing, failover), the gaps
+//!   they leave never fill: the set is then capped at `INFLIGHT_FRAMES_LIMIT` numbers, and the
+//!   lowest are forgotten first. Forgetting can only let a late resend be written twice, never
+//!   make a frame count as written when it was not.
 
 use std::collections::BTreeSet;
+
+use crate::protocol::limits::INFLIGHT_FRAMES_LIMIT;
 
 /// (run id, shipper core).
 pub type StreamId = (u64, u16);
@@ -34,6 +40,9 @@ impl Window {
         }
         if seq > self.below {
             self.above.insert(seq);
+            if self.above.len() > INFLIGHT_FRAMES_LIMIT {
+                self.above.pop_first();
+            }
             return;
         }
         self.below += 1;
@@ -80,5 +89,17 @@ mod tests {
         assert_eq!(m, Window { below: 3, above: [4, 5].into() });
         m.merge(&Window { below: 5, above: [7].into() });
         assert_eq!(m, Window { below: 6, above: [7].into() });
+    }
+
+    // Guards against unbounded memory when a stream's frames are spread over receivers.
+    #[test]
+    fn gaps_that_never_fill_keep_the_window_bounded() {
+        let mut w = Window::default();
+        for seq in (2..).step_by(2).take(3 * INFLIGHT_FRAMES_LIMIT) {
+            w.insert(seq);
+        }
+        assert_eq!((w.below, w.above.len()), (1, INFLIGHT_FRAMES_LIMIT));
+        let newest = 2 * (3 * INFLIGHT_FRAMES_LIMIT as u64);
+        assert!(w.contains(newest) && !w.contains(2), "the lowest are forgotten first");
     }
 }

@@ -4,7 +4,7 @@
 //! # Design constraints
 //! - A worker owns its files (`STREAM/gGEN-cCORE-INDEX.log`), so no two threads append to
 //!   one file. At most `streams_max` streams per worker; records of further streams go to
-//!   `_other`. Stream names are the key with every byte outside `[A-Za-z0-9._-]` replaced by
+//!   `_other`. Records of frames flagged dead-letter go to `STREAM@dead_letter`. Stream names are the key with every byte outside `[A-Za-z0-9._-]` replaced by
 //!   `_` (and `.`/`..`/empty names replaced by `_`).
 //!
 //! # Operation
@@ -21,6 +21,7 @@ use super::commit::file_name;
 use crate::protocol::RecordIter;
 
 pub const OTHER_STREAM: &str = "_other";
+pub const OTHER_STREAM_DEAD_LETTER: &str = "_other@dead_letter";
 /// Capacity a per-stream grouping buffer keeps between frames.
 const GROUP_KEEP_BYTES_MAX: usize = 4 << 20;
 
@@ -40,6 +41,7 @@ pub struct Output {
     streams_max: usize,
     streams: HashMap<String, StreamFile>,
     names: HashMap<Vec<u8>, String>,
+    names_dead_letter: HashMap<Vec<u8>, String>,
     /// Records written to `_other` because `streams_max` streams were open.
     pub records_folded: u64,
     groups: Vec<(String, Vec<u8>)>,
@@ -82,6 +84,7 @@ impl Output {
             streams_max,
             streams: HashMap::new(),
             names: HashMap::new(),
+            names_dead_letter: HashMap::new(),
             records_folded: 0,
             groups: Vec::new(),
         }
@@ -97,26 +100,39 @@ impl Output {
     }
 
     /// The stream of records with `key`; past `streams_max` streams, `_other` (counted).
-    fn stream_for(&mut self, key: &[u8]) -> &str {
-        if !self.names.contains_key(key) {
-            if self.names.len() >= self.streams_max {
+    /// Dead-lettered records go to `STREAM@dead_letter` (`@` never occurs in a stream name).
+    fn stream_for(&mut self, key: &[u8], dead_letter: bool) -> &str {
+        let names = if dead_letter { &mut self.names_dead_letter } else { &mut self.names };
+        if !names.contains_key(key) {
+            if self.names.len() + self.names_dead_letter.len() >= self.streams_max {
                 self.records_folded += 1;
-                return OTHER_STREAM;
+                return if dead_letter { OTHER_STREAM_DEAD_LETTER } else { OTHER_STREAM };
             }
-            self.names.insert(key.to_vec(), stream_name(key));
+            let names = if dead_letter { &mut self.names_dead_letter } else { &mut self.names };
+            let name = stream_name(key);
+            names.insert(
+                key.to_vec(),
+                if dead_letter { format!("{name}@dead_letter") } else { name },
+            );
         }
-        &self.names[key]
+        let names = if dead_letter { &self.names_dead_letter } else { &self.names };
+        &names[key]
     }
 
     /// Writes every record of a validated payload; returns the files touched and the bytes.
-    pub fn write_frame(&mut self, payload: &[u8], count: u32) -> io::Result<(Touched, u64)> {
+    pub fn write_frame(
+        &mut self,
+        payload: &[u8],
+        count: u32,
+        dead_letter: bool,
+    ) -> io::Result<(Touched, u64)> {
         let mut groups = std::mem::take(&mut self.groups);
         for g in &mut groups {
             g.1.clear();
         }
         for rec in RecordIter::new(payload, count) {
             let (key, body) = rec.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let name = self.stream_for(key);
+            let name = self.stream_for(key, dead_letter);
             let slot = match groups.iter().position(|g| g.0 == name) {
                 Some(i) => i,
                 None => {
@@ -230,7 +246,7 @@ mod rotation_tests {
             for _ in 0..3 {
                 RecordWriter::push(&mut payload, b"web", &body);
             }
-            let (touched, bytes) = out.write_frame(&payload, 3).unwrap();
+            let (touched, bytes) = out.write_frame(&payload, 3, false).unwrap();
             assert_eq!(bytes, 3003);
             assert_eq!(touched.len(), 1);
         }
@@ -252,7 +268,7 @@ mod rotation_tests {
         for key in [&b"a"[..], b"b", b"c", b"d", b"a"] {
             RecordWriter::push(&mut payload, key, b"x");
         }
-        out.write_frame(&payload, 5).unwrap();
+        out.write_frame(&payload, 5, false).unwrap();
         assert_eq!(out.records_folded, 2);
         let lines = |s: &str| {
             let f = dir.path().join(s).join("g000001-c000-000000.log");

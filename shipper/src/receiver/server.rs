@@ -29,7 +29,7 @@ use super::output::Output;
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::{ReceiverCounters, Refusal};
 use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
-use crate::protocol::frame::FLAG_ZSTD;
+use crate::protocol::frame::{FLAG_DEAD_LETTER, FLAG_ZSTD};
 use crate::protocol::{Frame, FrameDecoder, Hello, Kind, RecordIter};
 use crate::tls::stream::{handshake, TlsStream, READ_BYTES};
 
@@ -213,7 +213,8 @@ impl Worker {
                 h.raw_len
             )));
         }
-        let payload: &[u8] = match h.flags {
+        let dead_letter = h.flags & FLAG_DEAD_LETTER != 0;
+        let payload: &[u8] = match h.flags & !FLAG_DEAD_LETTER {
             FLAG_ZSTD => {
                 scratch.clear();
                 scratch.reserve(h.raw_len as usize);
@@ -234,7 +235,7 @@ impl Worker {
         };
         RecordIter::validate(payload, h.count).map_err(|e| invalid(e.to_string()))?;
         let started = Instant::now();
-        self.write(id, h.seq, payload, h.count)?;
+        self.write(id, h.seq, payload, h.count, dead_letter)?;
         self.counters.write_us.record(started.elapsed().as_micros() as u64);
         self.counters.frame_records.record(h.count.into());
         Ok(())
@@ -246,9 +247,13 @@ impl Worker {
         seq: u64,
         payload: &[u8],
         count: u32,
+        dead_letter: bool,
     ) -> Result<(), FrameFault> {
         let (touched, bytes) =
-            self.output.write_frame(payload, count).map_err(FrameFault::Write)?;
+            self.output.write_frame(payload, count, dead_letter).map_err(FrameFault::Write)?;
+        if dead_letter {
+            self.counters.records_dead_letter += u64::from(count);
+        }
         let files: Vec<(&str, u64)> = touched.iter().map(|(p, e)| (p.as_str(), *e)).collect();
         self.commits.commit(id, seq, &files).map_err(FrameFault::Write)?;
         self.windows.entry(id).or_default().insert(seq);

@@ -16,10 +16,11 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use crate::config::shipper::{Format, RateLimitSection, ShipperConfig};
+use crate::config::shipper::{Format, RateLimitSection, ShipperConfig, Tier};
 use crate::metrics::shipper::{
     DropReason, JournalCounters, ServiceCounters, ShipperCounters, SourceCounters,
 };
+use crate::sinks::receiver::health::{Destinations, Failover, State};
 use crate::sinks::receiver::{BatchBuilder, Outbox, Sealed};
 use crate::sources::journal::checkpoint::Checkpoint;
 use crate::tls::stream::TlsStream;
@@ -54,6 +55,8 @@ pub struct Core {
     batch: BatchBuilder,
     zstd: zstd::bulk::Compressor<'static>,
     pub outbox: Outbox,
+    /// Health of every receiver as this worker sees it.
+    pub dests: Destinations,
     pub counters: ShipperCounters,
     /// Woken when the outbox has something to send or room in its window.
     pub wake: Rc<Notify>,
@@ -69,11 +72,11 @@ impl Core {
         let b = &config.batch;
         let r = &config.receivers;
         let mut counters = ShipperCounters::new(id);
-        counters.destinations = r
-            .primary
+        let destinations = r.destinations();
+        counters.destinations = destinations
             .iter()
-            .map(|a| crate::metrics::shipper::DestinationCounters {
-                receiver: a.clone(),
+            .map(|(_, a)| crate::metrics::shipper::DestinationCounters {
+                receiver: a.to_string(),
                 ..Default::default()
             })
             .collect();
@@ -92,6 +95,7 @@ impl Core {
             batch: BatchBuilder::new(b.batch_bytes_max as usize, b.batch_events_max),
             zstd: compressor(b.zstd_level, b.zstd_hash_log)?,
             outbox: Outbox::new(r.outbox_bytes_max as usize, r.inflight_frames_max),
+            dests: Destinations::new(&destinations),
             counters,
             wake: Rc::new(Notify::new()),
             conns: Default::default(),
@@ -258,8 +262,73 @@ impl Core {
         }
     }
 
+    /// Receiver `dest` welcomed a connection.
+    pub fn dest_up(&mut self, dest: usize) {
+        let now = self.now_ns();
+        let (since, was) = (self.dests.list[dest].since_ns, self.dests.list[dest].state);
+        let change = self.dests.up(dest, now);
+        let d = &mut self.counters.destinations[dest];
+        if was == State::Down {
+            d.unhealthy_ms += now.saturating_sub(since) / 1_000_000;
+            let address = &self.dests.list[dest].address;
+            tracing::info!(core = self.id, receiver = %address, "receiver is healthy again after {} ms", now.saturating_sub(since) / 1_000_000);
+        }
+        self.on_failover(change, "a receiver recovered");
+    }
+
+    /// Receiver `dest` failed for `reason`: every connection to it is closed (their frames
+    /// go back to the queue) and frames go elsewhere until a probe succeeds.
+    pub fn dest_down(&mut self, dest: usize, reason: &str) {
+        let now = self.now_ns();
+        let was = self.dests.list[dest].state;
+        let change = self.dests.down(dest, now);
+        if was != State::Down {
+            self.counters.destinations[dest].failures += 1;
+            let d = &self.dests.list[dest];
+            tracing::warn!(core = self.id, receiver = %d.address, tier = d.tier.label(), "receiver is down: {reason}");
+        }
+        for h in self.conns.values().filter(|h| h.destination == dest) {
+            h.stream.shutdown();
+        }
+        self.on_failover(change, reason);
+    }
+
+    fn on_failover(&mut self, change: Option<Failover>, why: &str) {
+        let Some(Failover { from, to }) = change else {
+            return;
+        };
+        let label =
+            |t: Option<Tier>| t.map_or("none (frames wait in the outbox and buffer)", Tier::label);
+        let (from_label, to_label) = (label(from), label(to));
+        match (from, to) {
+            (Some(f), Some(t)) if t < f => {
+                self.counters.failbacks += 1;
+                tracing::info!(
+                    core = self.id,
+                    "frames return from {from_label} to {to_label}: {why}"
+                );
+            }
+            (Some(_), _) => {
+                self.counters.failovers += 1;
+                tracing::warn!(core = self.id, "failover from {from_label} to {to_label}: {why}");
+            }
+            (None, _) => tracing::info!(core = self.id, "frames go to {to_label}: {why}"),
+        }
+        self.wake.notify_waiters();
+    }
+
     /// Copies gauges into the counters before they are published.
     pub fn refresh_gauges(&mut self) {
+        let now = self.now_ns();
+        for (d, c) in self.dests.list.iter().zip(&mut self.counters.destinations) {
+            c.healthy = u64::from(d.state == State::Up);
+            if d.state == State::Down {
+                // Shown as closed periods plus the running one; dest_up closes it.
+                c.unhealthy_ms_open = now.saturating_sub(d.since_ns) / 1_000_000;
+            } else {
+                c.unhealthy_ms_open = 0;
+            }
+        }
         self.counters.outbox_frames = self.outbox.frames() as u64;
         self.counters.outbox_bytes = self.outbox.bytes() as u64;
         self.counters.outbox_records = self.outbox.records();

@@ -166,7 +166,7 @@ fn targets(
     run_id: u64,
 ) -> anyhow::Result<Vec<Arc<Target>>> {
     let mut out = Vec::new();
-    for (i, address) in config.receivers.primary.iter().enumerate() {
+    for (i, (tier, address)) in config.receivers.destinations().into_iter().enumerate() {
         let (host, _) = split_host_port(address).context("validated address")?;
         let name = config.tls.server_name.clone().unwrap_or_else(|| host.to_string());
         let server_name =
@@ -175,7 +175,8 @@ fn targets(
             })?;
         out.push(Arc::new(Target {
             destination: i,
-            address: address.clone(),
+            tier,
+            address: address.to_string(),
             server_name,
             tls: tls.clone(),
             run_id,

@@ -232,10 +232,10 @@ fn close_overdue(c: &mut Core, now: u64, ack_timeout_ns: u64) {
     overdue.sort_unstable();
     overdue.dedup();
     for id in overdue {
-        if let Some(h) = c.conns.get(&id) {
-            tracing::warn!(core = c.id, receiver = %c.config.receivers.primary[h.destination], "no acknowledgement within ack_timeout_ms: closing the connection");
-            h.stream.shutdown();
+        if let Some(dest) = c.conns.get(&id).map(|h| h.destination) {
             c.counters.ack_timeouts += 1;
+            let ms = ack_timeout_ns / 1_000_000;
+            c.dest_down(dest, &format!("no acknowledgement within ack_timeout_ms ({ms} ms)"));
         }
     }
 }

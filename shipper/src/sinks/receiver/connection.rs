@@ -1,16 +1,22 @@
 //! One slot of a worker's connection pool to one receiver: connect, handshake, HELLO, then
-//! send frames from the outbox and read acknowledgements until the connection fails;
-//! reconnect with capped, jittered exponential backoff.
+//! send frames from the outbox and read acknowledgements until the connection fails or its
+//! tier is no longer needed; probe again with capped, jittered exponential backoff.
 //!
 //! # Operation
+//! 0. A slot of a standby or dead-letter receiver idles until its tier is wanted
+//!    (`health.rs`).
 //! 1. TCP connect (`connect_timeout_ms`), TLS 1.3 handshake and HELLO/WELCOME
-//!    (`handshake_timeout_ms`).
+//!    (`handshake_timeout_ms`); the WELCOME marks the receiver up.
 //! 2. A reader task decodes ACK, HEARTBEAT and ERROR frames; the writer (this task) sends
-//!    frames as the outbox releases them, and a HEARTBEAT after `heartbeat_interval_ms` idle.
-//! 3. Any error, EOF, or a close by the worker's ticker (ack or heartbeat overdue) ends the
-//!    connection; its in-flight frames go back to the front of the outbox.
+//!    frames as the outbox releases them while its receiver's tier takes frames, and a
+//!    HEARTBEAT after `heartbeat_interval_ms` idle. Every write has `write_timeout_ms`. Frames
+//!    to a dead-letter receiver get the dead-letter flag on the way out.
+//! 3. Any error, EOF, or a close by the worker's ticker (ack or heartbeat overdue: the
+//!    receiver is declared down) ends the connection; its in-flight frames go back to the
+//!    front of the outbox, to go to another receiver.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
@@ -21,7 +27,10 @@ use rustls::pki_types::ServerName;
 use tokio::sync::watch;
 use tokio_uring::net::TcpStream;
 
-use crate::protocol::{Frame, FrameDecoder, Hello, Kind};
+use super::health::State;
+use crate::config::shipper::Tier;
+use crate::protocol::frame::FLAG_DEAD_LETTER;
+use crate::protocol::{Frame, FrameDecoder, Header, Hello, Kind};
 use crate::runtime::core::{ConnHandle, Core};
 use crate::tls::stream::{handshake, TlsStream, READ_BYTES};
 
@@ -30,7 +39,9 @@ const REPLY_BYTES_MAX: u32 = 64 << 10;
 
 /// A receiver to connect to, shared by every worker's slots.
 pub struct Target {
+    /// Index in `ReceiversSection::destinations`.
     pub destination: usize,
+    pub tier: Tier,
     pub address: String,
     pub server_name: ServerName<'static>,
     pub tls: Arc<rustls::ClientConfig>,
@@ -43,40 +54,51 @@ pub async fn run_slot(
     target: Arc<Target>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (initial, max) = {
-        let r = &core.borrow().config.receivers;
-        (r.backoff_initial_ms, r.backoff_max_ms)
-    };
-    let mut backoff = initial;
-    let mut failures = 0u64;
+    let d = target.destination;
     loop {
         if done(&core) {
             return;
         }
+        if !core.borrow().dests.wanted(target.tier) {
+            // Idle until every receiver of the tiers above is down (or the worker stops).
+            let wake = core.borrow().wake.clone();
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
         match connect(&core, &target).await {
             Ok((stream, dec)) => {
-                if failures > 0 {
-                    tracing::info!(receiver = %target.address, "connected after {failures} failed attempts");
+                core.borrow_mut().dest_up(d);
+                if let Err(failure) = serve(&core, &target, stream, dec).await {
+                    let mut c = core.borrow_mut();
+                    let others_up = c.conns.values().any(|h| h.destination == d);
+                    if failure.receiver_at_fault || !others_up {
+                        c.dest_down(d, &failure.reason);
+                    } else {
+                        tracing::warn!(receiver = %target.address, "connection ended: {}", failure.reason);
+                    }
                 }
-                backoff = initial;
-                failures = 0;
-                let reason = serve(&core, &target, stream, dec).await;
-                tracing::warn!(receiver = %target.address, "connection ended: {reason}");
             }
             Err(e) => {
-                failures += 1;
-                core.borrow_mut().counters.destinations[target.destination].connect_failures += 1;
-                if failures == 1 {
-                    tracing::warn!(receiver = %target.address, "cannot connect: {e}");
-                } else {
-                    tracing::debug!(receiver = %target.address, "cannot connect (attempt {failures}): {e}");
-                }
-                let delay = jitter(backoff, &core);
-                backoff = (backoff * 2).min(max);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
-                    _ = stop.changed() => {}
-                }
+                let mut c = core.borrow_mut();
+                c.counters.destinations[d].connect_failures += 1;
+                c.dest_down(d, &format!("cannot connect: {e}"));
+            }
+        }
+        let delay = {
+            let c = core.borrow();
+            let r = &c.config.receivers;
+            let down = c.dests.list[d].state == State::Down;
+            down.then(|| {
+                jitter(c.dests.probe_delay_ms(d, r.backoff_initial_ms, r.backoff_max_ms), &c)
+            })
+        };
+        if let Some(delay) = delay {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                _ = stop.changed() => {}
             }
         }
     }
@@ -89,8 +111,8 @@ fn done(core: &Rc<RefCell<Core>>) -> bool {
 }
 
 /// A delay in [d/2, d], so that workers do not reconnect in lockstep.
-fn jitter(d: u64, core: &Rc<RefCell<Core>>) -> u64 {
-    let noise = core.borrow().now_ns() ^ (core.borrow().id as u64).wrapping_mul(0x9e37_79b9);
+fn jitter(d: u64, core: &Core) -> u64 {
+    let noise = core.now_ns() ^ (core.id as u64).wrapping_mul(0x9e37_79b9);
     d / 2 + noise % (d / 2 + 1)
 }
 
@@ -163,80 +185,112 @@ fn refused(payload: &[u8]) -> io::Error {
     )
 }
 
-/// Runs an established connection until it fails; returns why.
+/// Why an established connection ended.
+struct Failure {
+    reason: String,
+    /// The receiver itself failed to keep up (a write timed out), not just this connection.
+    receiver_at_fault: bool,
+}
+
+/// Runs an established connection until it fails (returns why) or is no longer needed.
 async fn serve(
     core: &Rc<RefCell<Core>>,
     target: &Target,
     stream: TlsStream,
     dec: FrameDecoder,
-) -> String {
+) -> Result<(), Failure> {
+    let d = target.destination;
     let id = {
         let mut c = core.borrow_mut();
         let id = c.next_conn_id();
         c.conns.insert(
             id,
-            ConnHandle {
-                stream: stream.clone(),
-                destination: target.destination,
-                heartbeat_sent_ns: None,
-            },
+            ConnHandle { stream: stream.clone(), destination: d, heartbeat_sent_ns: None },
         );
-        let d = &mut c.counters.destinations[target.destination];
-        d.connects += 1;
-        d.connections_up += 1;
+        let dc = &mut c.counters.destinations[d];
+        dc.connects += 1;
+        dc.connections_up += 1;
         id
     };
-    let mut reader = tokio_uring::spawn(read_replies(core.clone(), stream.clone(), dec, id));
-    let result = write_frames(core, &stream, id, &mut reader).await;
+    let mut reader = tokio_uring::spawn(read_replies(core.clone(), stream.clone(), dec, id, d));
+    let result = write_frames(core, target, &stream, id, &mut reader).await;
     stream.shutdown();
     reader.abort();
     let mut c = core.borrow_mut();
     c.conns.remove(&id);
     let requeued = c.outbox.fail(id);
     c.counters.frames_resent += requeued as u64;
-    let d = &mut c.counters.destinations[target.destination];
-    d.connections_up -= 1;
-    match result {
-        Ok(()) => "worker stopped".into(),
-        Err(e) => {
-            d.connections_lost += 1;
-            if requeued > 0 {
-                c.wake.notify_waiters();
-            }
-            format!("{e} ({requeued} unacknowledged frames requeued)")
-        }
+    if requeued > 0 {
+        c.wake.notify_waiters();
     }
+    let dc = &mut c.counters.destinations[d];
+    dc.connections_up -= 1;
+    dc.frames_resent += requeued as u64;
+    result.map_err(|e| {
+        dc.connections_lost += 1;
+        Failure {
+            reason: format!("{e} ({requeued} unacknowledged frames requeued)"),
+            receiver_at_fault: e.kind() == io::ErrorKind::TimedOut,
+        }
+    })
 }
 
 async fn write_frames(
     core: &Rc<RefCell<Core>>,
+    target: &Target,
     stream: &TlsStream,
     id: u64,
     reader: &mut tokio::task::JoinHandle<io::Result<()>>,
 ) -> io::Result<()> {
-    let heartbeat = Duration::from_millis(core.borrow().config.receivers.heartbeat_interval_ms);
+    let (heartbeat, write_timeout) = {
+        let r = &core.borrow().config.receivers;
+        (Duration::from_millis(r.heartbeat_interval_ms), Duration::from_millis(r.write_timeout_ms))
+    };
+    let d = target.destination;
     loop {
         let (frame, wake) = {
             let mut c = core.borrow_mut();
             let now = c.now_ns();
-            (c.outbox.next(id, now), c.wake.clone())
+            let frame = if c.dests.may_send(d) { c.outbox.next(id, now) } else { None };
+            (frame, c.wake.clone())
         };
         if let Some(f) = frame {
-            stream.send(&f.wire).await?;
+            let sent = if target.tier == Tier::DeadLetter {
+                let mut wire = f.wire.clone();
+                let flags = u16::from_le_bytes([wire[6], wire[7]]);
+                Header::restamp(&mut wire, f.seq, flags | FLAG_DEAD_LETTER);
+                timed(write_timeout, stream.send(&wire)).await
+            } else {
+                timed(write_timeout, stream.send(&f.wire)).await
+            };
+            sent?;
             let mut c = core.borrow_mut();
             c.counters.frames_sent += 1;
             c.counters.frame_bytes_sent += f.wire.len() as u64;
+            c.counters.destinations[d].frames_sent += 1;
+            if target.tier == Tier::DeadLetter {
+                c.counters.frames_dead_lettered += 1;
+            }
             continue;
         }
-        if done(core) {
-            return Ok(());
+        {
+            let c = core.borrow();
+            if done(core) {
+                return Ok(());
+            }
+            if !c.dests.wanted(target.tier) && c.outbox.inflight_on(id) == 0 {
+                tracing::info!(receiver = %target.address, "closing: a higher tier is back");
+                return Ok(());
+            }
         }
         if stream.wants_write() {
-            stream.send(&[]).await?;
+            timed(write_timeout, stream.send(&[])).await?;
         }
         tokio::select! {
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(heartbeat) => send_heartbeat(core, stream, id).await?,
+            _ = tokio::time::sleep(heartbeat) => {
+                timed(write_timeout, send_heartbeat(core, stream, id)).await?;
+            }
             r = &mut *reader => {
                 return Err(match r {
                     Ok(Ok(())) => io::Error::new(io::ErrorKind::UnexpectedEof, "receiver closed the connection"),
@@ -246,6 +300,16 @@ async fn write_frames(
             }
         }
     }
+}
+
+/// `op`, failing with `TimedOut` when it takes longer than `limit`.
+async fn timed<T>(limit: Duration, op: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(limit, op).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("a write took over write_timeout_ms ({} ms)", limit.as_millis()),
+        )
+    })?
 }
 
 async fn send_heartbeat(core: &Rc<RefCell<Core>>, stream: &TlsStream, id: u64) -> io::Result<()> {
@@ -265,6 +329,7 @@ async fn read_replies(
     stream: TlsStream,
     mut dec: FrameDecoder,
     id: u64,
+    dest: usize,
 ) -> io::Result<()> {
     let mut buf = Vec::with_capacity(READ_BYTES);
     let mut plain = Vec::new();
@@ -274,7 +339,10 @@ async fn read_replies(
             let mut c = core.borrow_mut();
             let now = c.now_ns();
             match f.header.kind {
-                Kind::Ack => c.on_ack(f.header.seq, now),
+                Kind::Ack => {
+                    c.on_ack(f.header.seq, now);
+                    c.dests.acked(dest);
+                }
                 Kind::Heartbeat => {}
                 Kind::Error => return Err(refused(&f.payload)),
                 k => return Err(invalid(format!("unexpected {k:?} frame from receiver"))),

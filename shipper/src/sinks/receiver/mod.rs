@@ -15,6 +15,7 @@
 
 pub mod batch;
 pub mod connection;
+pub mod health;
 pub mod outbox;
 
 pub use batch::{BatchBuilder, Sealed};

@@ -105,6 +105,11 @@ impl Outbox {
         conns
     }
 
+    /// Frames in flight on connection `conn`.
+    pub fn inflight_on(&self, conn: u64) -> usize {
+        self.inflight.values().filter(|f| f.conn == conn).count()
+    }
+
     pub fn has_queued(&self) -> bool {
         !self.queue.is_empty()
     }
