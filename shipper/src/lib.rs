@@ -4,9 +4,10 @@
 //! to `shipper receive`, which writes them out and acknowledges them.
 //!
 //! The modules follow the data path: [`sources`] → [`transforms`] → [`sinks`] (over
-//! [`protocol`] and [`tls`]) → [`receiver`]; [`runtime`] owns the per-core workers and
+//! [`protocol`] and [`tls`], spilling to the disk [`buffer`]) → [`receiver`]; [`runtime`] owns the per-core workers and
 //! [`metrics`] what they count. `docs/` has the architecture, protocol and configuration.
 
+pub mod buffer;
 pub mod config;
 pub mod metrics;
 pub mod protocol;

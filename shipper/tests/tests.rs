@@ -4,10 +4,15 @@ mod harness;
 
 /// Bad input on either side gets its documented outcome, never a crash or a hang.
 mod bad_input;
+/// The disk buffer: outages replayed in order, overflow and full disks counted, SIGKILL and
+/// damaged segments survived.
+mod buffer;
 /// The CLI: validate, version, help, configuration errors with file, line and key.
 mod cli;
 /// Ack timeouts on a hung receiver; the shipper refuses receivers it cannot verify.
 mod delivery;
+/// Receivers in tiers: a hung primary fails over to the standby and back; dead letter.
+mod failover;
 /// The journal reader against journalctl, on files written by systemd's own tools.
 mod journal;
 /// The journal source following live files across rotations, and resuming after SIGKILL.

@@ -40,13 +40,22 @@ pub enum DropReason {
     OutboxFull = 1,
     /// Still unacknowledged when the shutdown deadline passed.
     Shutdown = 2,
+    /// The outbox and the disk buffer were both full.
+    BufferFull = 3,
+    /// The disk buffer could not write it (disk full, I/O error).
+    BufferError = 4,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] =
-        [DropReason::RateLimit, DropReason::OutboxFull, DropReason::Shutdown];
+    pub const ALL: [DropReason; 5] = [
+        DropReason::RateLimit,
+        DropReason::OutboxFull,
+        DropReason::Shutdown,
+        DropReason::BufferFull,
+        DropReason::BufferError,
+    ];
     pub fn label(self) -> &'static str {
-        ["ratelimit", "outbox_full", "shutdown"][self as usize]
+        ["ratelimit", "outbox_full", "shutdown", "buffer_full", "buffer_error"][self as usize]
     }
 }
 
@@ -102,6 +111,9 @@ pub struct ShipperCounters {
     pub outbox_bytes: u64,
     pub outbox_records: u64,
     pub inflight_frames: u64,
+    pub buffer: crate::buffer::BufferCounters,
+    pub buffer_bytes: u64,
+    pub buffer_segments: u64,
     /// Read of a frame's first line to its acknowledgement, µs.
     pub latency_us: Distribution,
     pub batch_records: Distribution,
@@ -129,6 +141,9 @@ impl ShipperCounters {
             outbox_bytes: 0,
             outbox_records: 0,
             inflight_frames: 0,
+            buffer: Default::default(),
+            buffer_bytes: 0,
+            buffer_segments: 0,
             latency_us: Distribution::new(3_600_000_000),
             batch_records: Distribution::new(10_000_000),
             batch_bytes: Distribution::new(1 << 32),
@@ -242,6 +257,51 @@ const PER_CORE: &[Series<ShipperCounters>] = &[
     ("shipper_inflight_frames", "gauge", "Frames sent, not yet acknowledged.", |c| {
         c.inflight_frames
     }),
+    ("shipper_buffer_bytes", "gauge", "Bytes in the disk buffer (segments and queued).", |c| {
+        c.buffer_bytes
+    }),
+    ("shipper_buffer_segments", "gauge", "Segment files in the disk buffer.", |c| {
+        c.buffer_segments
+    }),
+    (
+        "shipper_buffer_frames_written_total",
+        "counter",
+        "Frames appended to the disk buffer.",
+        |c| c.buffer.frames_written,
+    ),
+    (
+        "shipper_buffer_records_written_total",
+        "counter",
+        "Records in frames appended to the disk buffer.",
+        |c| c.buffer.records_written,
+    ),
+    (
+        "shipper_buffer_frames_replayed_total",
+        "counter",
+        "Frames read back from the disk buffer into the outbox.",
+        |c| c.buffer.frames_replayed,
+    ),
+    (
+        "shipper_buffer_damaged_total",
+        "counter",
+        "Damaged spans (bad checksum, torn tail, bad magic) skipped in buffer segments.",
+        |c| c.buffer.damaged,
+    ),
+    (
+        "shipper_buffer_damaged_bytes_total",
+        "counter",
+        "Bytes skipped in damaged spans of buffer segments.",
+        |c| c.buffer.records_damaged_bytes,
+    ),
+    ("shipper_buffer_write_errors_total", "counter", "Failed disk buffer writes and syncs.", |c| {
+        c.buffer.write_errors
+    }),
+    (
+        "shipper_buffer_segments_dropped_total",
+        "counter",
+        "Segments deleted unread to make room (when_full = drop_oldest).",
+        |c| c.buffer.segments_dropped,
+    ),
 ];
 
 const PER_DESTINATION: &[Series<DestinationCounters>] = &[

@@ -16,7 +16,8 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use crate::config::shipper::{Format, RateLimitSection, ShipperConfig, Tier};
+use crate::buffer::DiskBuffer;
+use crate::config::shipper::{Format, RateLimitSection, ShipperConfig, Tier, WhenFull};
 use crate::metrics::shipper::{
     DropReason, JournalCounters, ServiceCounters, ShipperCounters, SourceCounters,
 };
@@ -55,6 +56,8 @@ pub struct Core {
     batch: BatchBuilder,
     zstd: zstd::bulk::Compressor<'static>,
     pub outbox: Outbox,
+    /// Where frames go when the outbox is full, if configured.
+    pub buffer: Option<DiskBuffer>,
     /// Health of every receiver as this worker sees it.
     pub dests: Destinations,
     pub counters: ShipperCounters,
@@ -95,6 +98,10 @@ impl Core {
             batch: BatchBuilder::new(b.batch_bytes_max as usize, b.batch_events_max),
             zstd: compressor(b.zstd_level, b.zstd_hash_log)?,
             outbox: Outbox::new(r.outbox_bytes_max as usize, r.inflight_frames_max),
+            buffer: match &config.buffer.directory {
+                Some(root) => Some(open_buffer(&config, root, id)?),
+                None => None,
+            },
             dests: Destinations::new(&destinations),
             counters,
             wake: Rc::new(Notify::new()),
@@ -213,25 +220,82 @@ impl Core {
         }
     }
 
-    /// Seals the current batch (if any) into the outbox, or drops it when the outbox is full.
+    /// Seals the current batch (if any) into the outbox; when the outbox is full (or frames
+    /// already wait in the disk buffer, which keeps them in order) into the disk buffer; when
+    /// that is full too, or there is none, drops and counts it.
     pub fn seal(&mut self) {
         if self.batch.is_empty() {
             return;
         }
         let seq = self.outbox.next_seq();
-        let frame = match self.batch.seal(&mut self.zstd, seq) {
+        let mut frame = match self.batch.seal(&mut self.zstd, seq) {
             Ok(f) => f,
             Err(e) => panic!("zstd failed on an in-memory batch: {e}"),
         };
-        for (j, cursor) in &frame.marks {
-            self.journals[*j].sealed(frame.seq, cursor.clone());
-        }
+        let age_us = self.now_ns().saturating_sub(frame.first_ns) / 1000;
+        frame.first_unix_us = crate::buffer::io::unix_us().saturating_sub(age_us);
         self.counters.batch_records.record(frame.records.into());
         self.counters.batch_bytes.record(frame.raw_bytes.into());
-        match self.outbox.push(frame) {
-            Ok(()) => self.wake.notify_waiters(),
-            Err(frame) => self.count_dropped(&frame, DropReason::OutboxFull),
+        // With every receiver down, frames go to disk rather than wait in memory, where a
+        // crash would lose them.
+        let to_disk = self.buffer.as_ref().is_some_and(|b| !b.is_empty() || self.dests.all_down());
+        let durable = !frame.marks.is_empty();
+        if durable || (!to_disk && self.outbox.has_room(frame.wire.len())) {
+            for (j, cursor) in &frame.marks {
+                self.journals[*j].sealed(frame.seq, cursor.clone());
+            }
+            match self.outbox.push(frame) {
+                Ok(()) => self.wake.notify_waiters(),
+                Err(frame) => self.count_dropped(&frame, DropReason::OutboxFull),
+            }
+            return;
         }
+        if self.buffer.is_none() {
+            return self.count_dropped(&frame, DropReason::OutboxFull);
+        }
+        self.buffer_push(frame);
+    }
+
+    /// Queues `frame` for the disk buffer, applying `when_full` when it does not fit.
+    fn buffer_push(&mut self, frame: Sealed) {
+        let b = self.buffer.as_mut().expect("checked by the caller");
+        let frame = match b.push(frame) {
+            Ok(()) => return self.wake.notify_waiters(),
+            Err((frame, _)) => frame,
+        };
+        if b.when_full == WhenFull::DropOldest {
+            if let Some(path) = b.evict_oldest() {
+                self.count_evicted(&path);
+                return self.buffer_push(frame);
+            }
+        }
+        self.count_dropped(&frame, DropReason::BufferFull);
+    }
+
+    /// Counts the records of an evicted segment as dropped, per service, and deletes it.
+    fn count_evicted(&mut self, path: &std::path::Path) {
+        let data = std::fs::read(path).unwrap_or_default();
+        let body = data.get(crate::buffer::format::SEGMENT_MAGIC.len()..).unwrap_or_default();
+        let mut counts: Vec<(Vec<u8>, u64)> = Vec::new();
+        for item in crate::buffer::format::Scan::new(body) {
+            if let crate::buffer::format::Item::Record(r) = item {
+                for (name, n) in r.services {
+                    match counts.iter_mut().find(|(s, _)| s == name) {
+                        Some((_, total)) => *total += u64::from(n),
+                        None => counts.push((name.to_vec(), n.into())),
+                    }
+                }
+            }
+        }
+        let records: u64 = counts.iter().map(|c| c.1).sum();
+        for (name, n) in counts {
+            let id = self.intern(&name);
+            self.counters.services[id as usize].lines_dropped[DropReason::BufferFull as usize] += n;
+        }
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::error!(path = %path.display(), "disk buffer: cannot delete an evicted segment: {e}");
+        }
+        tracing::warn!(path = %path.display(), records, "disk buffer full: dropped its oldest segment (when_full = drop_oldest)");
     }
 
     /// Counts every record of `frame` as dropped for `reason`.
@@ -250,6 +314,9 @@ impl Core {
     /// Frame `seq` was acknowledged.
     pub fn on_ack(&mut self, seq: u64, now_ns: u64) {
         if let Some(done) = self.outbox.ack(seq) {
+            if let (Some(ordinal), Some(b)) = (done.frame.origin, self.buffer.as_mut()) {
+                b.acked(ordinal);
+            }
             self.counters.frames_acked += 1;
             self.counters.records_acked += u64::from(done.frame.records);
             let us = now_ns.saturating_sub(done.frame.first_ns) / 1000;
@@ -319,6 +386,11 @@ impl Core {
 
     /// Copies gauges into the counters before they are published.
     pub fn refresh_gauges(&mut self) {
+        if let Some(b) = &self.buffer {
+            self.counters.buffer = b.counters.clone();
+            self.counters.buffer_bytes = b.bytes();
+            self.counters.buffer_segments = b.segments.len() as u64;
+        }
         let now = self.now_ns();
         for (d, c) in self.dests.list.iter().zip(&mut self.counters.destinations) {
             c.healthy = u64::from(d.state == State::Up);
@@ -385,6 +457,22 @@ fn intern(
         debug_assert_eq!(counters.len(), services.len(), "one counter set per service id");
     }
     id
+}
+
+/// Opens worker `core`'s disk buffer, saying what it found there.
+fn open_buffer(
+    config: &ShipperConfig,
+    root: &std::path::Path,
+    core: usize,
+) -> std::io::Result<DiskBuffer> {
+    let outbox = config.receivers.outbox_bytes_max;
+    let b = DiskBuffer::open(&config.buffer, root, core, config.shipper.workers, outbox).map_err(
+        |e| std::io::Error::new(e.kind(), format!("buffer.directory {}: {e}", root.display())),
+    )?;
+    if !b.segments.is_empty() {
+        tracing::info!(core, dir = %b.dir.display(), segments = b.segments.len(), bytes = b.bytes(), "disk buffer: replaying what a previous run left");
+    }
+    Ok(b)
 }
 
 /// A zstd context at `level`, with `hash_log` when not 0 (see `docs/perf.md`: a 4K-entry hash

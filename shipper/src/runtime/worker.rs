@@ -90,6 +90,10 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
             plan.stop.clone(),
         ));
     }
+    if core.borrow().buffer.is_some() {
+        tokio_uring::spawn(crate::buffer::io::write_loop(core.clone(), plan.stop.clone()));
+        tokio_uring::spawn(crate::buffer::io::replay_loop(core.clone(), plan.stop.clone()));
+    }
     for target in &plan.targets {
         for _ in 0..plan.config.receivers.connections {
             tokio_uring::spawn(run_slot(core.clone(), target.clone(), plan.stop.clone()));
@@ -189,26 +193,29 @@ async fn tick(
         let Some(deadline) = deadline_ns else {
             continue;
         };
-        if c.outbox.is_empty() {
-            tracing::info!(core = c.id, "stopped: everything acknowledged");
+        let unwritten = c.buffer.as_ref().is_some_and(|b| !b.pending.is_empty() || b.writing);
+        if c.outbox.is_empty() && !unwritten {
+            let on_disk = c.buffer.as_ref().map_or(0, |b| b.bytes());
+            tracing::info!(
+                core = c.id,
+                "stopped: everything acknowledged or on disk ({on_disk} bytes buffered)"
+            );
             break;
         }
         if now >= deadline {
-            let left = c.outbox.drain();
-            let records: u64 = left.iter().map(|f| u64::from(f.records)).sum();
-            for f in &left {
-                c.count_dropped(f, DropReason::Shutdown);
-            }
-            tracing::error!(
-                core = c.id,
-                frames = left.len(),
-                records,
-                "shutdown deadline passed with unacknowledged frames"
-            );
+            give_up(&mut c);
             break;
         }
     }
     let mut c = core.borrow_mut();
+    if let Some(b) = &c.buffer {
+        if let Some(s) = b.segments.back() {
+            let synced = std::fs::File::open(&s.path).and_then(|f| f.sync_data());
+            if let Err(e) = synced {
+                tracing::error!(path = %s.path.display(), "disk buffer not synced at shutdown: {e}");
+            }
+        }
+    }
     for cp in &c.journals {
         if let Err(e) = cp.sync() {
             tracing::error!("journal checkpoint not synced at shutdown: {e}");
@@ -219,6 +226,29 @@ async fn tick(
     for h in c.conns.values() {
         h.stream.shutdown();
     }
+}
+
+/// At the shutdown deadline: frames read back from the disk buffer stay there for the next
+/// run; the others still unacknowledged (or not yet written to the buffer) are dropped and
+/// counted.
+fn give_up(c: &mut Core) {
+    let mut left: Vec<_> = c.outbox.drain().into_iter().filter(|f| f.origin.is_none()).collect();
+    let pending = c.buffer.as_mut().map(|b| std::mem::take(&mut b.pending)).unwrap_or_default();
+    let (kept, mut dropped) = (left.len(), 0u64);
+    for f in left.drain(..) {
+        dropped += u64::from(f.records);
+        c.count_dropped(&f, DropReason::Shutdown);
+    }
+    for f in &pending {
+        dropped += u64::from(f.records);
+        c.count_dropped(f, DropReason::Shutdown);
+    }
+    tracing::error!(
+        core = c.id,
+        frames = kept + pending.len(),
+        records = dropped,
+        "shutdown deadline passed with unacknowledged frames: dropped"
+    );
 }
 
 /// Closes connections with an ack or heartbeat overdue; their frames are resent elsewhere.

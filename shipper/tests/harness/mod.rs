@@ -251,3 +251,80 @@ pub fn output_lines(out: &Path) -> Vec<(String, Vec<u8>)> {
 pub fn open_writer(path: &Path) -> std::fs::File {
     std::fs::OpenOptions::new().write(true).open(path).unwrap()
 }
+
+/// A writer like a real application: one blocking `write()` per line into a FIFO, at a steady
+/// rate, timing every write; the longest is the figure the issue bounds (< 10 ms).
+pub struct SteadyWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    written: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    handle: std::thread::JoinHandle<Duration>,
+}
+
+impl SteadyWriter {
+    /// Writes `crate::pipe::line(writer, 0..)` into `path` at `per_second` lines.
+    pub fn start(path: &Path, writer: usize, per_second: u64) -> SteadyWriter {
+        use std::io::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut file = open_writer(path);
+        let (s, n) = (stop.clone(), written.clone());
+        let handle = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut longest = Duration::ZERO;
+            let mut seq = 0usize;
+            while !s.load(Relaxed) {
+                let due = (started.elapsed().as_micros() as u64 * per_second / 1_000_000) as usize;
+                while seq < due {
+                    let line = format!("{}\n", crate::pipe::line(writer, seq));
+                    let t = Instant::now();
+                    file.write_all(line.as_bytes()).unwrap();
+                    longest = longest.max(t.elapsed());
+                    seq += 1;
+                    n.store(seq, Relaxed);
+                }
+                // Pacing the writer, not waiting for a condition.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            longest
+        });
+        SteadyWriter { stop, written, handle }
+    }
+
+    pub fn written(&self) -> usize {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops writing; returns the lines written and the longest single `write()`.
+    pub fn finish(self) -> (usize, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = self.written();
+        (written, self.handle.join().unwrap())
+    }
+}
+
+/// Starts a receiver on `port` writing into `out` instead of `env.out()`.
+pub fn start_receiver_into(env: &Env, port: u16, metrics: u16, out: &Path) -> Proc {
+    let text = env.receiver_toml(port, metrics, "");
+    let text = text.replace(&format!("{:?}", env.out()), &format!("{out:?}"));
+    start_receiver_toml(env, port, metrics, &text)
+}
+
+/// How many times each line of writer `writer` (up to `lines`) appears in `outputs`.
+pub fn copies(outputs: &[&Path], writer: usize, lines: usize) -> Vec<u32> {
+    let mut seen = vec![0u32; lines];
+    for out in outputs {
+        for (_, l) in output_lines(out) {
+            let (w, seq) = crate::pipe::ids(&l);
+            assert_eq!((w, l.as_slice()), (writer, crate::pipe::line(w, seq).as_bytes()));
+            seen[seq] += 1;
+        }
+    }
+    seen
+}
+
+/// The sum of metric `name` (samples matching `labels`) at the endpoint on `port`; 0 when it
+/// does not answer.
+pub fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(&scrape(port).unwrap_or_default(), name, labels)
+}

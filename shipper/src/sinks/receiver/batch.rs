@@ -14,12 +14,16 @@ pub struct Sealed {
     pub raw_bytes: u32,
     /// Monotonic ns when the first record of the batch was read.
     pub first_ns: u64,
+    /// The same moment as wall-clock µs since the Unix epoch (kept in the disk buffer).
+    pub first_unix_us: u64,
     /// Records per service id, for counting drops of the whole frame.
     pub services: Vec<(u32, u32)>,
     /// Durable sources in the frame: (journal source index, cursor of its last entry here).
     /// A frame with marks is never dropped: its source pauses instead.
     pub marks: Vec<(usize, String)>,
     pub seq: u64,
+    /// The disk buffer segment it was read back from, if any.
+    pub origin: Option<u64>,
 }
 
 pub struct BatchBuilder {
@@ -104,9 +108,11 @@ impl BatchBuilder {
             records: self.count,
             raw_bytes: raw_len,
             first_ns: self.first_ns,
+            first_unix_us: 0,
             services: std::mem::take(&mut self.services),
             marks: std::mem::take(&mut self.marks),
             seq,
+            origin: None,
         };
         self.payload.clear();
         self.count = 0;

@@ -77,6 +77,11 @@ impl Destinations {
         self.list.iter().filter(|d| d.tier < tier).all(|d| d.state == State::Down)
     }
 
+    /// Every receiver has been tried and is down: nothing can take data now.
+    pub fn all_down(&self) -> bool {
+        self.list.iter().all(|d| d.state == State::Down)
+    }
+
     /// Whether receiver `dest` takes new frames now.
     pub fn may_send(&self, dest: usize) -> bool {
         let d = &self.list[dest];

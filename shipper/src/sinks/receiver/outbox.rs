@@ -165,9 +165,11 @@ mod tests {
             records: 1,
             raw_bytes: 1,
             first_ns: 0,
+            first_unix_us: 0,
             services: vec![],
             marks: vec![],
             seq,
+            origin: None,
         }
     }
 

@@ -1,0 +1,289 @@
+//! The two tasks of a worker's disk buffer: the writer appends queued frames to segments, the
+//! replayer reads them back into the outbox. Both run on the worker's io_uring.
+
+use std::cell::RefCell;
+use std::io;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio_uring::fs::File;
+
+use super::format::{self, Item, SEGMENT_MAGIC};
+use crate::metrics::shipper::DropReason;
+use crate::protocol::frame::{Header, HEADER_BYTES};
+use crate::runtime::core::Core;
+use crate::sinks::receiver::Sealed;
+
+/// Microseconds since the Unix epoch.
+pub fn unix_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Appends queued frames until the worker stops.
+pub async fn write_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool>) {
+    let mut file: Option<(u64, File)> = None;
+    let mut dirty: Option<Instant> = None;
+    let mut record = Vec::new();
+    loop {
+        let (frame, wake, fsync_ms) = {
+            let mut c = core.borrow_mut();
+            let wake = c.wake.clone();
+            let b = c.buffer.as_mut().expect("write_loop runs only with a buffer");
+            (b.take_pending(), wake, b.fsync_interval_ms)
+        };
+        let Some(frame) = frame else {
+            let due = dirty.map(|t| t + Duration::from_millis(fsync_ms));
+            match due {
+                Some(due) if Instant::now() >= due => {
+                    sync(&core, &file).await;
+                    dirty = None;
+                }
+                Some(due) => tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                },
+                None => tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = stop.changed() => {}
+                },
+            }
+            continue;
+        };
+        record.clear();
+        let names: Vec<(Vec<u8>, u32)> = {
+            let c = core.borrow();
+            frame.services.iter().map(|&(s, n)| (c.services.name(s).to_vec(), n)).collect()
+        };
+        let names: Vec<(&[u8], u32)> = names.iter().map(|(s, n)| (s.as_slice(), *n)).collect();
+        format::encode(&frame.wire, frame.first_unix_us, &names, &mut record);
+        let (ordinal, path, offset, new) =
+            core.borrow_mut().buffer.as_mut().unwrap().write_target();
+        let result = append(&mut file, ordinal, &path, offset, new, record).await;
+        record = result.1;
+        let written = result.0.is_ok();
+        finish_write(&mut core.borrow_mut(), &frame, ordinal, &path, new, result.0, &mut file);
+        if written {
+            let since = *dirty.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_millis(fsync_ms) {
+                sync(&core, &file).await;
+                dirty = None;
+            }
+        }
+    }
+}
+
+/// Books the outcome of appending `frame` to segment `ordinal`.
+fn finish_write(
+    c: &mut Core,
+    frame: &Sealed,
+    ordinal: u64,
+    path: &Path,
+    new: bool,
+    result: io::Result<u64>,
+    file: &mut Option<(u64, File)>,
+) {
+    let b = c.buffer.as_mut().expect("buffer tasks run only with a buffer");
+    match result {
+        Ok(len) => {
+            b.written(ordinal, len, frame.records);
+            c.wake.notify_waiters();
+        }
+        Err(e) => {
+            b.writing = false;
+            b.counters.write_errors += 1;
+            if new {
+                b.abandon(ordinal);
+                *file = None;
+            }
+            let n = b.counters.write_errors;
+            if n.is_power_of_two() {
+                tracing::error!(path = %path.display(), "disk buffer: cannot write a frame of {} records: {e}; it is dropped (write errors so far: {n})", frame.records);
+            }
+            c.count_dropped(frame, DropReason::BufferError);
+        }
+    }
+}
+
+/// Writes `record` at `offset` of segment `ordinal` (creating its file when `new`), and cuts
+/// the file back on failure. Returns the bytes appended.
+async fn append(
+    file: &mut Option<(u64, File)>,
+    ordinal: u64,
+    path: &Path,
+    offset: u64,
+    new: bool,
+    mut record: Vec<u8>,
+) -> (io::Result<u64>, Vec<u8>) {
+    let mut at = offset;
+    if new {
+        if let Some((_, old)) = file.take() {
+            // The closed segment's last records reach the disk before the next one starts.
+            if let Err(e) = old.sync_data().await {
+                return (Err(e), record);
+            }
+        }
+        match create(path).await {
+            Ok(f) => *file = Some((ordinal, f)),
+            Err(e) => return (Err(e), record),
+        }
+        at = SEGMENT_MAGIC.len() as u64;
+    } else if file.as_ref().is_none_or(|(o, _)| *o != ordinal) {
+        match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(f) => *file = Some((ordinal, File::from_std(f))),
+            Err(e) => return (Err(e), record),
+        }
+    }
+    let f = &file.as_ref().expect("opened above").1;
+    let len = record.len() as u64;
+    let (res, buf) = f.write_all_at(record, at).await;
+    record = buf;
+    if let Err(e) = res {
+        if let Err(cut) =
+            std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(at))
+        {
+            tracing::error!(path = %path.display(), "disk buffer: cannot cut a failed write back: {cut}");
+        }
+        return (Err(e), record);
+    }
+    (Ok(len), record)
+}
+
+/// Creates a segment file with its magic, and makes its directory entry durable.
+async fn create(path: &Path) -> io::Result<File> {
+    let std = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    let f = File::from_std(std);
+    let (res, _) = f.write_all_at(SEGMENT_MAGIC.to_vec(), 0).await;
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(f)
+}
+
+async fn sync(core: &Rc<RefCell<Core>>, file: &Option<(u64, File)>) {
+    if let Some((_, f)) = file {
+        if let Err(e) = f.sync_data().await {
+            let mut c = core.borrow_mut();
+            let b = c.buffer.as_mut().unwrap();
+            b.counters.write_errors += 1;
+            tracing::error!(dir = %b.dir.display(), "disk buffer: fdatasync failed: {e}");
+        }
+    }
+}
+
+/// Reads buffered frames back into the outbox, oldest first, as it has room.
+pub async fn replay_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (next, wake) = {
+            let mut c = core.borrow_mut();
+            feed_outbox(&mut c);
+            let b = c.buffer.as_ref().unwrap();
+            // Read back only while a receiver takes data: frames loaded into memory during an
+            // outage would only wait there, where a crash loses them.
+            let wanted = b.loaded.is_empty() && !c.stopping && c.dests.active().is_some();
+            let next = wanted.then(|| b.next_unread()).flatten();
+            (next, c.wake.clone())
+        };
+        let Some((ordinal, path, from, to)) = next else {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        };
+        let data = match read(&path, from, to).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(path = %path.display(), "disk buffer: cannot read a segment: {e}; skipping it");
+                Vec::new()
+            }
+        };
+        let mut c = core.borrow_mut();
+        let frames = load(&mut c, ordinal, &path, from, &data);
+        c.buffer.as_mut().unwrap().read_done(ordinal, to, frames);
+    }
+}
+
+async fn read(path: &Path, from: u64, to: u64) -> io::Result<Vec<u8>> {
+    let f = File::open(path).await?;
+    let buf = Vec::with_capacity((to - from) as usize);
+    let (res, buf) = f.read_exact_at(buf, from).await;
+    res?;
+    Ok(buf)
+}
+
+/// Checks the records in `data` (bytes of `path` from offset `from`) and queues their frames;
+/// returns how many frames were queued.
+fn load(c: &mut Core, ordinal: u64, path: &Path, from: u64, data: &[u8]) -> u64 {
+    let mut records = data;
+    let mut base = from as usize;
+    if from == 0 {
+        let magic = SEGMENT_MAGIC.len().min(data.len());
+        if data[..magic] != SEGMENT_MAGIC {
+            let b = c.buffer.as_mut().unwrap();
+            b.counters.damaged += 1;
+            b.counters.records_damaged_bytes += data.len() as u64;
+            tracing::error!(path = %path.display(), "disk buffer: not a segment (bad magic); its {} bytes are skipped", data.len());
+            return 0;
+        }
+        records = &data[magic..];
+        base = magic;
+    }
+    let now_us = unix_us();
+    let now_ns = c.now_ns();
+    let mut frames = 0;
+    for item in format::Scan::new(records) {
+        match item {
+            Item::Record(r) => {
+                let services = r.services.iter().map(|&(name, n)| (c.intern(name), n)).collect();
+                let h: &[u8; HEADER_BYTES] = r.frame[..HEADER_BYTES].try_into().expect("checked");
+                let raw_len = Header::decode(h, u32::MAX).map_or(0, |(h, _)| h.raw_len);
+                let age_ns = now_us.saturating_sub(r.first_unix_us) * 1000;
+                let b = c.buffer.as_mut().unwrap();
+                b.loaded.push_back(Sealed {
+                    wire: r.frame.to_vec(),
+                    records: r.records,
+                    raw_bytes: raw_len,
+                    first_ns: now_ns.saturating_sub(age_ns),
+                    first_unix_us: r.first_unix_us,
+                    services,
+                    marks: Vec::new(),
+                    seq: 0,
+                    origin: Some(ordinal),
+                });
+                frames += 1;
+            }
+            Item::Damaged { offset, skipped, damage } => {
+                let b = c.buffer.as_mut().unwrap();
+                b.counters.damaged += 1;
+                b.counters.records_damaged_bytes += skipped as u64;
+                let at = base + offset;
+                tracing::error!(path = %path.display(), offset = at, "disk buffer: {damage}; skipping {skipped} bytes to the next record");
+            }
+        }
+    }
+    frames
+}
+
+/// Moves loaded frames into the outbox while it has room, each with the next sequence number.
+pub fn feed_outbox(c: &mut Core) {
+    loop {
+        let Some(b) = c.buffer.as_mut() else { return };
+        let Some(len) = b.loaded.front().map(|f| f.wire.len()) else { return };
+        if !c.outbox.has_room(len) {
+            return;
+        }
+        let mut f = b.loaded.pop_front().expect("looked at above");
+        f.seq = c.outbox.next_seq();
+        let flags = u16::from_le_bytes([f.wire[6], f.wire[7]]);
+        Header::restamp(&mut f.wire, f.seq, flags);
+        b.counters.frames_replayed += 1;
+        c.outbox.push(f).expect("room checked above");
+        c.wake.notify_waiters();
+    }
+}

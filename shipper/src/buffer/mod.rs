@@ -1,0 +1,320 @@
+//! The disk buffer: a per-core, segmented write-ahead log of frames that found the memory
+//! outbox full, replayed in order when a receiver takes data again (`docs/buffer.md`).
+//!
+//! # Design constraints
+//! - One directory per worker (`DIR/core-N/`), written and read only by that worker's thread.
+//!   At most `bytes_max / workers` bytes of segments plus frames waiting to be written; at
+//!   most `outbox_bytes_max` bytes waiting to be written (the disk being slower than the
+//!   input is a kind of full). A segment is closed past `segment_bytes`; replay holds at most
+//!   one segment's unread bytes in memory.
+//! - Frames are stored exactly as they will be sent (compressed, checksummed); only the
+//!   sequence number is rewritten when a frame re-enters the outbox, so the receiver's
+//!   de-duplication stays dense within a run.
+//! - Only non-durable sources (pipes) use it: a journal source pauses instead, its entries
+//!   wait in the journal.
+//!
+//! # Format
+//! See [`format`]: a segment is `b"SHPBUF01"` then records `{magic, len, meta_len, crc32c,
+//! meta {first read time, records per service}, frame}`. Segment files are
+//! `core-N/SEQUENCE.seg`, SEQUENCE a zero-padded, increasing number.
+//!
+//! # Operation
+//! 1. A sealed frame goes to the outbox while nothing is buffered, the outbox has room and
+//!    some receiver may be up; otherwise it is queued here (so frames stay in order; and with
+//!    every receiver down, on disk rather than in memory, where a crash would lose them). The
+//!    writer task appends it to the newest segment with io_uring, fdatasync'ing at most
+//!    `fsync_interval_ms` later.
+//! 2. While some receiver is up, the replay task reads the unread part of the oldest segment,
+//!    checks every record, and hands frames to the outbox as it has room. Damaged bytes are skipped to the next record
+//!    magic, counted and logged with the file and offset; every step moves forward, so replay
+//!    cannot loop.
+//! 3. A segment is deleted when it is closed, read to its end, and every frame read from it is
+//!    acknowledged. A crash before that replays it again after restart: frames acknowledged
+//!    just before a crash may be sent twice, never lost.
+//! 4. At start, the segments left in the directory (and in those of cores beyond the current
+//!    worker count, shared out by `core % workers`) are replayed first.
+//! 5. Full: `when_full = drop_newest` drops the frame that does not fit; `drop_oldest` deletes
+//!    the oldest segment not being replayed. Both count the records per service. A failed
+//!    write (disk full, I/O error) drops that frame, counted, and cuts the segment back.
+
+pub mod format;
+pub mod io;
+
+use std::collections::VecDeque;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::config::shipper::{BufferSection, WhenFull};
+use crate::sinks::receiver::Sealed;
+
+/// A segment file and how far it has been written, read and acknowledged.
+#[derive(Debug)]
+pub struct Segment {
+    /// Position in this worker's replay order, unique for the worker's lifetime.
+    pub ordinal: u64,
+    pub path: PathBuf,
+    /// Bytes of whole records written (the magic included).
+    pub size: u64,
+    /// Bytes already read back.
+    pub read: u64,
+    /// Frames read back and not yet acknowledged.
+    pub unacked: u64,
+    /// No more records will be appended.
+    pub closed: bool,
+}
+
+impl Segment {
+    fn drained(&self) -> bool {
+        self.closed && self.read >= self.size && self.unacked == 0
+    }
+}
+
+/// Counters of the disk buffer, copied into the worker's metrics.
+#[derive(Clone, Debug, Default)]
+pub struct BufferCounters {
+    pub frames_written: u64,
+    pub records_written: u64,
+    pub frames_replayed: u64,
+    pub records_damaged_bytes: u64,
+    pub damaged: u64,
+    pub write_errors: u64,
+    pub segments_dropped: u64,
+}
+
+/// One worker's disk buffer.
+pub struct DiskBuffer {
+    pub dir: PathBuf,
+    pub segments: VecDeque<Segment>,
+    /// Frames waiting for the writer, with their encoded size.
+    pub pending: VecDeque<Sealed>,
+    pending_bytes: u64,
+    pending_bytes_max: u64,
+    /// Frames read back, waiting for room in the outbox.
+    pub loaded: VecDeque<Sealed>,
+    bytes_max: u64,
+    pub segment_bytes: u64,
+    pub fsync_interval_ms: u64,
+    pub when_full: WhenFull,
+    next_file: u64,
+    next_ordinal: u64,
+    /// The writer has taken a frame and not finished writing it.
+    pub writing: bool,
+    pub counters: BufferCounters,
+}
+
+/// Why a frame was not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// `bytes_max` (or the write queue's bound) is reached.
+    Full,
+}
+
+impl DiskBuffer {
+    /// Opens worker `core`'s buffer under `config.directory`, adopting the directories of
+    /// cores beyond `workers` (a restart with fewer workers).
+    pub fn open(
+        config: &BufferSection,
+        root: &Path,
+        core: usize,
+        workers: usize,
+        pending_bytes_max: u64,
+    ) -> std::io::Result<DiskBuffer> {
+        let dir = root.join(format!("core-{core}"));
+        fs::create_dir_all(&dir)?;
+        let mut dirs = adopted(root, core, workers)?;
+        dirs.push(dir.clone());
+        let mut buffer = DiskBuffer {
+            dir: dir.clone(),
+            segments: VecDeque::new(),
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            pending_bytes_max,
+            loaded: VecDeque::new(),
+            bytes_max: config.bytes_max / workers as u64,
+            segment_bytes: config.segment_bytes,
+            fsync_interval_ms: config.fsync_interval_ms,
+            when_full: config.when_full,
+            next_file: 1,
+            next_ordinal: 1,
+            writing: false,
+            counters: BufferCounters::default(),
+        };
+        for d in dirs {
+            for (number, path) in segment_files(&d)? {
+                if d == dir {
+                    buffer.next_file = buffer.next_file.max(number + 1);
+                }
+                let size = fs::metadata(&path)?.len();
+                let ordinal = buffer.take_ordinal();
+                let read = 0;
+                buffer.segments.push_back(Segment {
+                    ordinal,
+                    path,
+                    size,
+                    read,
+                    unacked: 0,
+                    closed: true,
+                });
+            }
+        }
+        Ok(buffer)
+    }
+
+    fn take_ordinal(&mut self) -> u64 {
+        self.next_ordinal += 1;
+        self.next_ordinal - 1
+    }
+
+    /// Bytes held: segments on disk plus frames waiting to be written.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.size).sum::<u64>() + self.pending_bytes
+    }
+
+    /// Nothing is buffered: a new frame may go straight to the outbox.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+            && self.loaded.is_empty()
+            && !self.writing
+            && self.segments.iter().all(|s| s.read >= s.size)
+    }
+
+    /// Queues `frame` for the writer, or gives it back when the buffer is full.
+    pub fn push(&mut self, frame: Sealed) -> Result<(), (Sealed, Refused)> {
+        let need = frame.wire.len() as u64 + 1024;
+        if self.bytes() + need > self.bytes_max
+            || self.pending_bytes + need > self.pending_bytes_max
+        {
+            return Err((frame, Refused::Full));
+        }
+        self.pending_bytes += need;
+        self.pending.push_back(frame);
+        Ok(())
+    }
+
+    /// The writer takes the next frame.
+    pub fn take_pending(&mut self) -> Option<Sealed> {
+        let f = self.pending.pop_front()?;
+        self.pending_bytes -= f.wire.len() as u64 + 1024;
+        self.writing = true;
+        Some(f)
+    }
+
+    /// The segment to append `len` bytes to: the newest if open and not full, else a new one
+    /// (whose file the writer must create). Returns (ordinal, path, offset, is_new).
+    pub fn write_target(&mut self) -> (u64, PathBuf, u64, bool) {
+        if let Some(s) = self.segments.back_mut().filter(|s| !s.closed) {
+            if s.size < self.segment_bytes {
+                return (s.ordinal, s.path.clone(), s.size, false);
+            }
+            s.closed = true;
+        }
+        let path = self.dir.join(format!("{:020}.seg", self.next_file));
+        self.next_file += 1;
+        let ordinal = self.take_ordinal();
+        let magic = format::SEGMENT_MAGIC.len() as u64;
+        self.segments.push_back(Segment {
+            ordinal,
+            path: path.clone(),
+            size: magic,
+            read: magic,
+            unacked: 0,
+            closed: false,
+        });
+        (ordinal, path, 0, true)
+    }
+
+    /// A new segment file could not be created: forget it.
+    pub fn abandon(&mut self, ordinal: u64) {
+        self.segments.retain(|s| s.ordinal != ordinal);
+    }
+
+    /// `len` bytes holding `records` were appended to segment `ordinal`.
+    pub fn written(&mut self, ordinal: u64, len: u64, records: u32) {
+        self.writing = false;
+        if let Some(s) = self.segments.iter_mut().find(|s| s.ordinal == ordinal) {
+            s.size += len;
+            self.counters.frames_written += 1;
+            self.counters.records_written += u64::from(records);
+        }
+    }
+
+    /// The oldest segment with unread bytes: (ordinal, path, from, to).
+    pub fn next_unread(&self) -> Option<(u64, PathBuf, u64, u64)> {
+        let s = self.segments.iter().find(|s| s.read < s.size)?;
+        Some((s.ordinal, s.path.clone(), s.read, s.size))
+    }
+
+    /// Bytes `from..to` of segment `ordinal` were read; `frames` of them are now loaded.
+    pub fn read_done(&mut self, ordinal: u64, to: u64, frames: u64) {
+        if let Some(s) = self.segments.iter_mut().find(|s| s.ordinal == ordinal) {
+            s.read = to;
+            s.unacked += frames;
+            // Everything written is read back and nothing waits: close it so it can go.
+            if !s.closed && self.pending.is_empty() && !self.writing {
+                s.closed = true;
+            }
+        }
+        self.collect();
+    }
+
+    /// A frame read from segment `ordinal` is acknowledged (or given up).
+    pub fn acked(&mut self, ordinal: u64) {
+        if let Some(s) = self.segments.iter_mut().find(|s| s.ordinal == ordinal) {
+            s.unacked = s.unacked.saturating_sub(1);
+        }
+        self.collect();
+    }
+
+    /// Deletes every drained segment.
+    fn collect(&mut self) {
+        while let Some(i) = self.segments.iter().position(Segment::drained) {
+            let s = self.segments.remove(i).expect("found above");
+            if let Err(e) = fs::remove_file(&s.path) {
+                tracing::error!(path = %s.path.display(), "disk buffer: cannot delete a replayed segment: {e}");
+            }
+        }
+    }
+
+    /// For `drop_oldest`: removes the oldest closed segment nothing has been read from yet,
+    /// returning its path so the caller can count its records.
+    pub fn evict_oldest(&mut self) -> Option<PathBuf> {
+        let magic = format::SEGMENT_MAGIC.len() as u64;
+        let i = self.segments.iter().position(|s| s.closed && s.read <= magic && s.unacked == 0)?;
+        let s = self.segments.remove(i).expect("found above");
+        self.counters.segments_dropped += 1;
+        Some(s.path)
+    }
+}
+
+/// Directories of cores `j >= workers` with `j % workers == core`.
+fn adopted(root: &Path, core: usize, workers: usize) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(j) = name.to_str().and_then(|n| n.strip_prefix("core-")?.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if j >= workers && j % workers == core {
+            out.push((j, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out.into_iter().map(|(_, p)| p).collect())
+}
+
+/// `NUMBER.seg` files of `dir`, in number order.
+fn segment_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let number = name.to_str().and_then(|n| n.strip_suffix(".seg")?.parse::<u64>().ok());
+        if let Some(n) = number {
+            out.push((n, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}

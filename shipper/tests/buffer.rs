@@ -1,0 +1,267 @@
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::pipe::line;
+
+const ON_DISK: &str = "shipper_buffer_records_written_total";
+const ACKED: &str = "shipper_records_acked_total";
+
+/// One worker (so order is checkable), one connection, small frames and segments, a disk
+/// buffer under `buffer`; `extra` adds to `[buffer]`.
+fn config(env: &Env, port: u16, metrics: u16, buffer: &Path, extra: &str) -> PathBuf {
+    let pipe = env.path("app.pipe");
+    let body = format!(
+        "[[sources.pipe]]\npath = {pipe:?}\n\
+         [batch]\nflush_interval_ms = 20\nbatch_bytes_max = 16384\n\
+         [buffer]\ndirectory = {buffer:?}\nsegment_bytes = 65536\n{extra}\n"
+    );
+    let cfg = env
+        .shipper_toml(port, metrics, &body)
+        .replace("workers = 2", "workers = 1")
+        .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 3000\nconnections = 1");
+    env.write("edge.toml", &cfg)
+}
+
+fn run(env: &Env, cfg: &Path, metrics: u16) -> Proc {
+    let log = env.path(&format!("shipper-{}.log", free_port()));
+    let mut p = Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], metrics, log);
+    p.wait_alive("the receiver seen down", || {
+        metric_at(metrics, "shipper_receiver_failures_total", &[]) >= 1.0
+    });
+    p
+}
+
+/// Lines of writer 0 delivered, each at most once: how many.
+fn delivered(out: &Path, written: usize) -> usize {
+    let seen = copies(&[out], 0, written);
+    assert!(seen.iter().all(|&n| n <= 1), "a line was delivered twice");
+    seen.iter().filter(|&&n| n == 1).count()
+}
+
+/// [`delivered`], where what arrived must be a prefix of what was written (the buffer keeps
+/// order and a crash loses only a tail).
+fn delivered_prefix(out: &Path, written: usize) -> usize {
+    let seen = copies(&[out], 0, written);
+    assert!(seen.iter().all(|&n| n <= 1), "a line was delivered twice");
+    let k = seen.iter().take_while(|&&n| n == 1).count();
+    assert!(seen[k..].iter().all(|&n| n == 0), "lines missing in the middle (first gap at {k})");
+    k
+}
+
+/// Output lines of writer 0 are in the order written.
+fn assert_in_order(out: &Path) {
+    let seqs: Vec<usize> = output_lines(out).iter().map(|(_, l)| crate::pipe::ids(l).1).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "lines out of order");
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("core-0"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.retain(|p| p.extension().is_some_and(|e| e == "seg"));
+    v.sort();
+    v
+}
+
+fn dropped(metrics: u16, reason: &str) -> f64 {
+    metric_at(metrics, "shipper_lines_dropped_total", &[("reason", reason)])
+}
+
+/// Every receiver down: frames go to the disk buffer; when the receiver comes up they are
+/// replayed in order, each line once, and the segments are deleted. The application's
+/// blocking writes never stall meanwhile.
+#[test]
+fn an_outage_is_buffered_on_disk_and_replayed_in_order() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = env.path("buffer");
+    let mut shipper = run(&env, &config(&env, port, sm, &dir, ""), sm);
+    let writer = SteadyWriter::start(&env.path("app.pipe"), 0, 20_000);
+    shipper.wait_alive("40000 lines written", || writer.written() >= 40_000);
+    let (lines, longest) = writer.finish();
+    shipper.wait_alive("every line on disk", || metric_at(sm, ON_DISK, &[]) == lines as f64);
+    assert!(segments(&dir).len() >= 3, "several segments: {:?}", segments(&dir));
+
+    let _receiver = start_receiver(&env, port, rm, "");
+    shipper.wait_alive_for("every line acknowledged", Duration::from_secs(60), &mut || {
+        metric_at(sm, ACKED, &[]) == lines as f64
+    });
+    assert_eq!(delivered_prefix(&env.out(), lines), lines);
+    assert_in_order(&env.out());
+    shipper.wait_alive("the replayed segments deleted", || segments(&dir).is_empty());
+    assert_eq!(shipper.metric("shipper_buffer_damaged_total", &[]), 0.0);
+    eprintln!("{lines} lines; longest write() {longest:?}");
+    assert!(longest < Duration::from_millis(10), "a write() blocked for {longest:?}");
+}
+
+/// A buffer too small for the outage: exactly the overflow is dropped and counted (reason
+/// `buffer_full`), and everything else arrives.
+#[test]
+fn a_buffer_too_small_drops_exactly_the_overflow() {
+    const LINES: usize = 30_000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = env.path("buffer");
+    let mut shipper = run(&env, &config(&env, port, sm, &dir, "bytes_max = 131072"), sm);
+    let mut w = open_writer(&env.path("app.pipe"));
+    for seq in 0..LINES {
+        writeln!(w, "{}", line(0, seq)).unwrap();
+    }
+    shipper.wait_alive("every line on disk or dropped", || {
+        metric_at(sm, ON_DISK, &[]) + dropped(sm, "buffer_full") == LINES as f64
+    });
+    let lost = dropped(sm, "buffer_full") as usize;
+    assert!(lost > 0 && lost < LINES, "{lost} dropped");
+    let _receiver = start_receiver(&env, port, rm, "");
+    shipper
+        .wait_alive("the rest acknowledged", || metric_at(sm, ACKED, &[]) == (LINES - lost) as f64);
+    assert_eq!(delivered(&env.out(), LINES), LINES - lost);
+}
+
+/// SIGKILL at seeded random moments while the receiver is down: everything that reached the
+/// disk buffer is delivered after the restart, once and in order.
+#[test]
+fn sigkill_loses_nothing_that_reached_the_buffer() {
+    for run_no in 0..3u64 {
+        let seed = 0x5eed_0000 + run_no;
+        let mut rng = xorshift(seed);
+        let kill_after = 2_000 + (rng() % 12_000) as usize;
+        let env = Env::new();
+        let (port, rm, sm) = (free_port(), free_port(), free_port());
+        let dir = env.path("buffer");
+        let cfg = config(&env, port, sm, &dir, "");
+        let mut shipper = run(&env, &cfg, sm);
+        let writer = SteadyWriter::start(&env.path("app.pipe"), 0, 10_000);
+        shipper.wait_alive("the kill moment", || writer.written() >= kill_after);
+        let on_disk = metric_at(sm, ON_DISK, &[]) as usize;
+        let (lines, _) = writer.finish();
+        shipper.kill();
+
+        let _receiver = start_receiver(&env, port, rm, "");
+        let mut shipper = Proc::start(
+            "shipper",
+            &["run", "--config", cfg.to_str().unwrap()],
+            sm,
+            env.path("restarted.log"),
+        );
+        shipper.wait_alive("the buffer replayed", || {
+            segments(&dir).is_empty() && metric_at(sm, "shipper_outbox_frames", &[]) == 0.0
+        });
+        let k = delivered_prefix(&env.out(), lines);
+        assert!(k >= on_disk, "seed {seed:#x}: {k} delivered, {on_disk} were on disk");
+        assert_in_order(&env.out());
+        eprintln!("seed {seed:#x}: killed after {lines} lines, {on_disk} on disk, {k} delivered");
+    }
+}
+
+fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// A flipped byte in one segment and a torn tail in another: replay skips exactly the two
+/// damaged frames, counts them, and delivers everything else.
+#[test]
+fn damaged_segments_are_skipped_and_counted_never_looped_on() {
+    const LINES: usize = 60_000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = env.path("buffer");
+    let cfg = config(&env, port, sm, &dir, "");
+    let mut shipper = run(&env, &cfg, sm);
+    let mut w = open_writer(&env.path("app.pipe"));
+    for seq in 0..LINES {
+        writeln!(w, "{}", line(0, seq)).unwrap();
+    }
+    shipper.wait_alive("every line on disk", || metric_at(sm, ON_DISK, &[]) == LINES as f64);
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+    let segs = segments(&dir);
+    assert!(segs.len() >= 3, "{segs:?}");
+    let mut second = std::fs::read(&segs[1]).unwrap();
+    let middle = second.len() / 2;
+    second[middle] ^= 0x01;
+    std::fs::write(&segs[1], second).unwrap();
+    let last = segs.last().unwrap();
+    let len = std::fs::metadata(last).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(last).unwrap().set_len(len - 10).unwrap();
+
+    let _receiver = start_receiver(&env, port, rm, "");
+    let mut shipper = Proc::start(
+        "shipper",
+        &["run", "--config", cfg.to_str().unwrap()],
+        sm,
+        env.path("restarted.log"),
+    );
+    shipper.wait_alive("the buffer replayed", || {
+        segments(&dir).is_empty() && metric_at(sm, "shipper_outbox_frames", &[]) == 0.0
+    });
+    shipper.wait_alive("both damaged spans counted", || {
+        metric_at(sm, "shipper_buffer_damaged_total", &[]) == 2.0
+    });
+    let seen = copies(&[&env.out()], 0, LINES);
+    assert!(seen.iter().all(|&n| n <= 1));
+    let gaps = seen.windows(2).filter(|w| w[0] == 1 && w[1] == 0).count();
+    assert_eq!(gaps, 2, "exactly two runs of lines missing");
+    assert_eq!(seen[LINES - 1], 0, "the torn frame was the last");
+    let log = shipper.log_text();
+    assert!(log.contains("checksum") && log.contains("torn"), "{log}");
+}
+
+/// The disk under the buffer fills up (a 128 KiB tmpfs): writes fail with a clear error, the
+/// frames that could not be written are dropped and counted (`buffer_error`), nothing
+/// crashes, and what was written arrives.
+#[test]
+fn a_full_disk_drops_and_counts_and_goes_on() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    }
+    const LINES: usize = 40_000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = env.path("buffer");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _mount = Tmpfs::mount(&dir, "128k");
+    let mut shipper = run(&env, &config(&env, port, sm, &dir, ""), sm);
+    let mut w = open_writer(&env.path("app.pipe"));
+    for seq in 0..LINES {
+        writeln!(w, "{}", line(0, seq)).unwrap();
+    }
+    shipper.wait_alive("every line on disk or dropped", || {
+        metric_at(sm, ON_DISK, &[]) + dropped(sm, "buffer_error") == LINES as f64
+    });
+    let lost = dropped(sm, "buffer_error") as usize;
+    assert!(lost > 0, "the disk filled up");
+    assert!(shipper.log_text().contains("No space left on device"), "{}", shipper.log_text());
+    let _receiver = start_receiver(&env, port, rm, "");
+    shipper
+        .wait_alive("the rest acknowledged", || metric_at(sm, ACKED, &[]) == (LINES - lost) as f64);
+    assert_eq!(delivered(&env.out(), LINES), LINES - lost);
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount tmpfs on {}", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
