@@ -5,7 +5,8 @@
 //! - `<case>-throughput.png`: lines/s by system;
 //! - `<case>-cpu.png`: CPU-seconds per million lines by system;
 //! - `<case>-latency.png`: the shipper's read→ack quantiles (cases with a fixed rate);
-//! - `<case>-scaling.png`: lines/s and lines per CPU-second by worker count (scaling cases).
+//! - `<case>-scaling.png`: lines/s and lines per CPU-second by worker count (scaling cases);
+//! - `journal-read-cpu.png`: entries per CPU-second by reader (drawn by the journal case).
 
 use std::path::PathBuf;
 
@@ -20,7 +21,7 @@ use super::report::SystemResult;
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const SIZE: (u32, u32) = (900, 480);
 
-fn register_font() -> anyhow::Result<()> {
+pub(super) fn register_font() -> anyhow::Result<()> {
     static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
         let bytes = std::fs::read(FONT).map_err(|e| format!("{FONT}: {e} (cargo xtask setup)"))?;
@@ -79,7 +80,13 @@ fn color(label: &str) -> RGBColor {
     }
 }
 
-fn bars(path: &PathBuf, title: &str, y: &str, labels: &[String], v: &[f64]) -> anyhow::Result<()> {
+pub(super) fn bars(
+    path: &PathBuf,
+    title: &str,
+    y: &str,
+    labels: &[String],
+    v: &[f64],
+) -> anyhow::Result<()> {
     let area = BitMapBackend::new(path, SIZE).into_drawing_area();
     area.fill(&WHITE)?;
     let max = v.iter().cloned().fold(0.0, f64::max).max(1e-9) * 1.15;
