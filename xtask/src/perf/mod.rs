@@ -67,7 +67,8 @@ impl Measure {
         self.mb_per_s = bytes as f64 * (self.delivered as f64 / lines.max(1) as f64) / wall / 1e6;
         if self.cpu_s > 0.0 {
             self.lines_per_cpu_s = self.delivered as f64 / self.cpu_s;
-            self.cpu_s_per_million_lines = self.cpu_s / (lines as f64 / 1e6);
+            // Per delivered line, like lines_per_cpu_s: what a line that arrived cost.
+            self.cpu_s_per_million_lines = self.cpu_s / (self.delivered.max(1) as f64 / 1e6);
         }
     }
 
