@@ -1,4 +1,5 @@
-//! `shipper run` / `shipper receive` started by the demo and the perf suite.
+//! `shipper run` / `shipper receive` (and the perf suite's peers) started by the demo and the
+//! perf suite.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -26,13 +27,20 @@ impl Daemon {
         log: &Path,
         metrics: &str,
     ) -> anyhow::Result<Daemon> {
-        let child = Command::new(bin)
-            .args([cmd, "--config", &cfg.to_string_lossy()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut d = Daemon(child);
+        Daemon::start_on(&[], bin, cmd, cfg, log, metrics)
+    }
+
+    /// [`Daemon::start`] on the CPUs `cpus` (`taskset -c`; all CPUs when empty).
+    pub fn start_on(
+        cpus: &[usize],
+        bin: &Path,
+        cmd: &str,
+        cfg: &Path,
+        log: &Path,
+        metrics: &str,
+    ) -> anyhow::Result<Daemon> {
+        let cfg = cfg.to_string_lossy();
+        let mut d = Daemon::spawn(cpus, &bin.to_string_lossy(), &[cmd, "--config", &cfg], log)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while shipper::metrics::http::get(metrics).is_none() {
             if let Some(status) = d.0.try_wait()? {
@@ -44,6 +52,37 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(d)
+    }
+
+    /// Runs `program args` on `cpus` (all when empty), standard output and error into `log`.
+    pub fn spawn(
+        cpus: &[usize],
+        program: &str,
+        args: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Daemon> {
+        let mut command = if cpus.is_empty() {
+            Command::new(program)
+        } else {
+            let list: Vec<String> = cpus.iter().map(usize::to_string).collect();
+            let mut c = Command::new("taskset");
+            c.args(["-c", &list.join(","), program]);
+            c
+        };
+        let out = std::fs::File::create(log)?;
+        let child = command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        Ok(Daemon(child))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
     }
 
     /// SIGTERM, then the exit status.

@@ -83,6 +83,19 @@ pub fn run_case(name: &str, case: &JournalCase, quick: bool) -> anyhow::Result<(
     let ratio = results[0].1.entries_per_cpu_s / results[1].1.entries_per_cpu_s.max(1.0);
     println!("   shipper vs journalctl -o json, per CPU-second: {ratio:.1}x");
     let _ = std::fs::remove_dir_all(&dir);
+    super::chart::register_font()?;
+    let root = crate::root();
+    let chart = if quick {
+        root.join(format!("perf/results/{name}-cpu-quick.png"))
+    } else {
+        root.join(format!("docs/perf/{name}-cpu.png"))
+    };
+    std::fs::create_dir_all(chart.parent().expect("a directory"))?;
+    let labels: Vec<String> = results.iter().map(|(l, _)| l.clone()).collect();
+    let values: Vec<f64> = results.iter().map(|(_, r)| r.entries_per_cpu_s).collect();
+    let title = format!("{name}: entries per CPU-second ({entries} entries)");
+    super::chart::bars(&chart, &title, "entries per CPU-second", &labels, &values)?;
+    println!("   chart: {}", chart.display());
     let result = serde_json::json!({
         "case": name,
         "description": case.description,

@@ -1,64 +1,98 @@
-//! `cargo xtask perf [CASE...] [--quick]`: end-to-end cases from `perf/cases/<case>/case.toml`,
-//! each run beside its baseline in the same invocation, results in `perf/results/`.
-//! A case's `kind` says what it runs: `pipe` (below, the default) or `journal` ([`journal`]).
+//! `cargo xtask perf [CASE...] [--quick] [--runs N]`: end-to-end cases from
+//! `perf/cases/<case>/case.toml`, each run beside its baseline and peers in the same invocation.
+//! A case's `kind` says what it runs: `pipe` ([`pipe`], the default) or `journal` ([`journal`]).
 //!
-//! A pipe case sends the same deterministic lines (see `loadgen.rs`) through
-//! - the baseline: `cat FIFO > /dev/null` (the cost of moving the bytes out of the pipe);
-//! - the shipper: FIFO → `shipper run` → mutual TLS → `shipper receive` (fsync off), waiting
-//!   until every line is acknowledged;
+//! A pipe case declares its workload (lines, size distribution, services and their skew, pipes,
+//! writers, rate), the shipper's settings, the CPU allotment (`taskset` lists for the shipper or
+//! peer, the load generator and the receiver or sink), what it optimises and its peers. Every
+//! system is run `runs` times; the table shows the median run (by the optimised figure) with the
+//! spread, and every run is kept in `perf/results/<date>-<case>.json` beside the git revision,
+//! the CPU model, the core count and the exact command. A Markdown table is printed and written
+//! beside it, and charts are drawn as PNG ([`chart`]): into `docs/perf/` for a full run, into
+//! `perf/results/` (ignored by git) for a quick one.
 //!
-//! and reports wall time, lines/s, MB/s, CPU-seconds per process (from /proc), lines per
-//! shipper CPU-second, peak RSS (VmHWM) and read→ack latency quantiles (shipper histograms).
+//! Measures per system: wall time (first write to last line delivered), lines/s, MB/s,
+//! CPU-seconds of each process (from /proc), lines per CPU-second, peak RSS (VmHWM), read→ack
+//! latency quantiles (the shipper's histograms; the worst core), each writer's longest
+//! `write()`, lines delivered and dropped, and per-service deliveries when rates are limited.
 
-use std::io::Write;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
 
 use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
-use shipper::metrics::http::get;
-use shipper::metrics::text::sum;
+use serde::Serialize;
 
+mod chart;
 mod journal;
+pub mod peers;
+mod pipe;
+mod report;
+mod sink;
 
-use crate::daemon::{free_port, Daemon};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Case {
-    #[serde(default)]
-    #[allow(dead_code)]
-    kind: Option<String>,
-    description: String,
-    optimises: String,
-    lines: usize,
-    quick_lines: usize,
-    line_bytes: usize,
-    services: usize,
-    pipes: usize,
-    workers: usize,
-    zstd_level: u32,
+/// One run of one system.
+#[derive(Serialize, Default, Clone, Debug)]
+pub struct Measure {
+    pub label: String,
+    pub wall_s: f64,
+    pub lines_per_s: f64,
+    pub mb_per_s: f64,
+    /// CPU-seconds of the processes doing the shipping work (see `processes`).
+    pub cpu_s: f64,
+    pub lines_per_cpu_s: f64,
+    pub cpu_s_per_million_lines: f64,
+    /// CPU-seconds per process.
+    pub processes: BTreeMap<String, f64>,
+    /// Sum of the shipping processes' peak RSS.
+    pub peak_rss_kib: u64,
+    /// `shipper receive` (the peers' counting sink runs inside xtask and is not measured).
+    pub receiver_cpu_s: f64,
+    /// (quantile, read→ack milliseconds), the shipper only.
+    pub latency_ms: Vec<(f64, f64)>,
+    /// The longest `write()` of any writer.
+    pub write_block_max_ms: f64,
+    pub delivered: u64,
+    /// Lines written but not delivered (rate limited, or lost).
+    pub dropped: u64,
+    /// Lines delivered per service index (rate-limited cases).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_service: Vec<u64>,
 }
 
-#[derive(Serialize, Default, Clone)]
-struct Measure {
-    wall_s: f64,
-    lines_per_s: f64,
-    mb_per_s: f64,
-    cpu_s: f64,
-    lines_per_cpu_s: f64,
-    peak_rss_kib: u64,
-    receiver_cpu_s: f64,
-    latency_p50_ms: f64,
-    latency_p99_ms: f64,
-    /// Lines the shipper dropped (outbox full: the receiver could not keep up).
-    dropped: f64,
+impl Measure {
+    /// Rates from the counts; `lines` and `bytes` are what was written.
+    fn fill(&mut self, lines: u64, bytes: u64) {
+        let wall = self.wall_s.max(1e-9);
+        self.lines_per_s = self.delivered as f64 / wall;
+        self.mb_per_s = bytes as f64 * (self.delivered as f64 / lines.max(1) as f64) / wall / 1e6;
+        if self.cpu_s > 0.0 {
+            self.lines_per_cpu_s = self.delivered as f64 / self.cpu_s;
+            // Per delivered line, like lines_per_cpu_s: what a line that arrived cost.
+            self.cpu_s_per_million_lines = self.cpu_s / (self.delivered.max(1) as f64 / 1e6);
+        }
+    }
+
+    pub fn latency(&self, q: f64) -> Option<f64> {
+        self.latency_ms.iter().find(|(k, _)| *k == q).map(|(_, v)| *v)
+    }
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
-    let mut names: Vec<String> = args.iter().filter(|a| !a.starts_with("--")).cloned().collect();
+    let mut runs = None;
+    let mut names = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => {}
+            "--runs" => {
+                let n = it.next().context("--runs needs a number")?;
+                runs = Some(n.parse::<usize>().with_context(|| format!("--runs {n}"))?.max(1));
+            }
+            flag if flag.starts_with("--") => bail!("unknown option {flag}"),
+            name => names.push(name.to_string()),
+        }
+    }
     let cases_dir = crate::root().join("perf/cases");
     if names.is_empty() {
         for e in std::fs::read_dir(&cases_dir)? {
@@ -66,104 +100,207 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
         names.sort();
     }
+    for (peer, why) in crate::setup::peers() {
+        println!("perf peer {peer} will be skipped: {why}");
+    }
     crate::run("cargo", &["build", "--release", "-p", "shipper"])?;
-    for name in names {
-        let path = cases_dir.join(&name).join("case.toml");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-        let table: toml::Table =
-            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        match table.get("kind").and_then(|k| k.as_str()).unwrap_or("pipe") {
-            "pipe" => {
-                let case: Case =
-                    toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-                run_case(&name, &case, quick)?;
-            }
-            "journal" => {
-                let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-                journal::run_case(&name, &case, quick)?;
-            }
-            other => bail!("{}: unknown kind {other:?} (pipe or journal)", path.display()),
+    let mut failed = Vec::new();
+    for name in &names {
+        if let Err(e) = run_case(&cases_dir, name, quick, runs) {
+            eprintln!(
+                "
+!! case {name} FAILED: {e:#}"
+            );
+            failed.push(name.clone());
         }
+    }
+    if !failed.is_empty() {
+        bail!("perf cases failed: {}", failed.join(", "));
     }
     Ok(())
 }
 
-fn run_case(name: &str, case: &Case, quick: bool) -> anyhow::Result<()> {
-    let lines = if quick { case.quick_lines } else { case.lines };
-    println!("\n== {name}: {} ({lines} lines of ~{} bytes)", case.description, case.line_bytes);
-    let per_pipe: Vec<Vec<u8>> = (0..case.pipes)
-        .map(|p| {
-            let mut buf = Vec::new();
-            crate::loadgen::lines(
-                0x5eed + p as u64,
-                lines / case.pipes,
-                case.line_bytes,
-                case.services,
-                &mut buf,
-            );
-            buf
-        })
-        .collect();
-    let bytes: usize = per_pipe.iter().map(Vec::len).sum();
-    let dir = tempdir()?;
-    let baseline = baseline(&dir, &per_pipe)?;
-    let shipper = shipper(&dir, case, &per_pipe)?;
-    let total = (lines / case.pipes * case.pipes) as f64;
-    let fill = |m: &mut Measure| {
-        m.lines_per_s = total / m.wall_s;
-        m.mb_per_s = bytes as f64 / m.wall_s / 1e6;
-        m.lines_per_cpu_s = if m.cpu_s > 0.0 { total / m.cpu_s } else { 0.0 };
-    };
-    let (mut baseline, mut shipper) = (baseline, shipper);
-    fill(&mut baseline);
-    fill(&mut shipper);
-    println!(
-        "   {:<10} {:>9} {:>12} {:>8} {:>9} {:>14} {:>10} {:>9} {:>9}",
-        "run", "wall s", "lines/s", "MB/s", "CPU s", "lines/CPU-s", "peak RSS", "p50 ms", "p99 ms"
+fn run_case(dir: &Path, name: &str, quick: bool, runs: Option<usize>) -> anyhow::Result<()> {
+    let path = dir.join(name).join("case.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let command = format!(
+        "cargo xtask perf {name}{}{}",
+        if quick { " --quick" } else { "" },
+        runs.map_or(String::new(), |n| format!(" --runs {n}"))
     );
-    for (label, m) in [("cat", &baseline), ("shipper", &shipper)] {
-        println!(
-            "   {label:<10} {:>9.3} {:>12.0} {:>8.1} {:>9.3} {:>14.0} {:>7} MiB {:>9.2} {:>9.2}",
-            m.wall_s,
-            m.lines_per_s,
-            m.mb_per_s,
-            m.cpu_s,
-            m.lines_per_cpu_s,
-            m.peak_rss_kib / 1024,
-            m.latency_p50_ms,
-            m.latency_p99_ms
+    match table.get("kind").and_then(|k| k.as_str()).unwrap_or("pipe") {
+        "pipe" => {
+            let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            run_pipe_case(name, &case, quick, runs, &command)
+        }
+        "journal" => {
+            let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            journal::run_case(name, &case, quick)
+        }
+        other => bail!("{}: unknown kind {other:?} (pipe or journal)", path.display()),
+    }
+}
+
+/// Why a case's peer cannot do the case's work, if it cannot.
+fn skip_reason(case: &pipe::PipeCase, peer: &str) -> Option<String> {
+    if let Err(why) = peers::available(peer) {
+        return Some(why);
+    }
+    if case.shipper.ratelimit_rate > 0 && peer == "rsyslog" {
+        return Some(
+            "rsyslog 8.2302 has no per-key rate limit (its ratelimit object is 8.2602+)".into(),
         );
     }
+    if case.shipper.ratelimit_rate > 0 && peer == "raw" {
+        return Some("a raw copy cannot rate-limit".into());
+    }
+    None
+}
+
+fn run_pipe_case(
+    name: &str,
+    case: &pipe::PipeCase,
+    quick: bool,
+    runs: Option<usize>,
+    command: &str,
+) -> anyhow::Result<()> {
+    let w = &case.workload;
+    let load = pipe::load(w, quick);
     println!(
-        "   receiver CPU s: {:.3}; shipper/cat wall ratio: {:.2}; lines dropped: {}",
-        shipper.receiver_cpu_s,
-        shipper.wall_s / baseline.wall_s,
-        shipper.dropped
+        "\n== {name}: {} ({} lines, {:.0} bytes on average, {} pipes x {} writers, {})",
+        case.description,
+        load.lines,
+        load.bytes as f64 / load.lines.max(1) as f64,
+        w.pipes,
+        w.writers_per_pipe,
+        if w.rate > 0 { format!("{} lines/s", w.rate) } else { "as fast as possible".into() }
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let scaling = case.shipper.worker_counts.is_some();
+    let mut systems: Vec<pipe::System> = match &case.shipper.worker_counts {
+        Some(c) if c == &[0] => {
+            (1..=cores).map(|workers| pipe::System::Shipper { workers }).collect()
+        }
+        Some(c) => c.iter().map(|&workers| pipe::System::Shipper { workers }).collect(),
+        None => vec![pipe::System::Shipper { workers: case.shipper.workers.unwrap_or(cores) }],
+    };
+    let mut skipped = BTreeMap::new();
+    for peer in &case.peers {
+        match skip_reason(case, peer) {
+            Some(why) => {
+                println!("   {peer}: skipped ({why})");
+                skipped.insert(peer.clone(), why);
+            }
+            None => systems.push(pipe::System::Peer(peer.clone())),
+        }
+    }
+    let runs = if quick { 1 } else { runs.unwrap_or(case.runs) };
+    let dir = tempdir()?;
+    let pki =
+        shipper::tls::pki::generate(&dir.join("tls"), &["localhost".into(), "127.0.0.1".into()])?;
+    let env = pipe::Env { dir: &dir, case, pki: &pki, load: &load, quick };
+    let mut all: Vec<Vec<Measure>> = vec![Vec::new(); systems.len()];
+    for r in 0..runs {
+        for (i, s) in systems.iter().enumerate() {
+            let label = s.label(scaling);
+            let m = pipe::run_once(&env, s, &label)
+                .with_context(|| format!("{label}, run {}", r + 1))?;
+            report::print_run(&m, r, runs);
+            all[i].push(m);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let results: Vec<report::SystemResult> = systems
+        .iter()
+        .zip(all)
+        .map(|(s, runs)| {
+            report::SystemResult::new(s.label(scaling), s.clone(), runs, &case.optimises)
+        })
+        .collect();
+    let md = report::markdown(name, case, &load, &results, &skipped);
+    println!("\n{md}");
+    let charts = chart::draw(name, quick, case, &load, &results)?;
     let result = serde_json::json!({
         "case": name,
         "description": case.description,
         "optimises": case.optimises,
         "quick": quick,
-        "lines": total,
-        "bytes": bytes,
-        "workers": case.workers,
-        "zstd_level": case.zstd_level,
+        "case_toml": case,
+        "lines": load.lines,
+        "bytes": load.bytes,
+        "offered_per_service": load.per_service,
         "git_revision": git_revision(),
         "cpu_model": cpu_model(),
-        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "command": format!("cargo xtask perf {name}{}", if quick { " --quick" } else { "" }),
-        "baseline_cat": baseline,
-        "shipper": shipper,
+        "cores": cores,
+        "command": command,
+        "systems": results,
+        "skipped": skipped,
+        "charts": charts,
     });
-    save(name, quick, &result)
+    save(name, quick, &result)?;
+    let md_path = results_path(name, quick, "md");
+    std::fs::write(&md_path, md)?;
+    println!("   summary: {}", md_path.display());
+    check(name, &results)
+}
+
+/// A run fails loudly when a system delivered nothing (or errored above): the suite must not
+/// rot into reporting zeros. Undelivered lines are a result, reported, not a failure.
+fn check(name: &str, results: &[report::SystemResult]) -> anyhow::Result<()> {
+    for r in results {
+        let m = &r.median;
+        if m.delivered == 0 {
+            bail!("{name}: {} delivered no line", r.label);
+        }
+        if m.dropped > 0 {
+            println!("   note: {} did not deliver {} lines (see the table)", r.label, m.dropped);
+        }
+    }
+    Ok(())
+}
+
+/// `perf/results/<date>-<case>[-quick].<ext>`.
+pub(crate) fn results_path(name: &str, quick: bool, ext: &str) -> PathBuf {
+    let out = crate::root().join("perf/results");
+    let _ = std::fs::create_dir_all(&out);
+    out.join(format!("{}-{name}{}.{ext}", today(), if quick { "-quick" } else { "" }))
+}
+
+/// Pins the calling thread to `cpus` (nothing when empty).
+pub(crate) fn pin_current_thread(cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity(0) applies to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Creates a FIFO and holds it open (read-write, so neither side blocks or sees EOF between
+/// writers), with the same 1 MiB pipe buffer the shipper asks for its own FIFOs.
+pub(crate) fn fifo_held(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        bail!("mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    // SAFETY: F_SETPIPE_SZ on our own descriptor.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    Ok(f)
 }
 
 /// Writes `perf/results/<date>-<case>[-quick].json`.
 pub(crate) fn save(name: &str, quick: bool, result: &serde_json::Value) -> anyhow::Result<()> {
-    let out = crate::root().join("perf/results");
-    std::fs::create_dir_all(&out)?;
-    let file = out.join(format!("{}-{name}{}.json", today(), if quick { "-quick" } else { "" }));
+    let file = results_path(name, quick, "json");
     std::fs::write(&file, serde_json::to_string_pretty(result)?)?;
     println!("   results: {}", file.display());
     Ok(())
@@ -174,70 +311,6 @@ pub(crate) fn tempdir() -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
-}
-
-fn mkfifo(path: &Path) -> anyhow::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: valid path.
-    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-        bail!("mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Writes each buffer into its FIFO from its own thread (blocking writes, 64 KiB at a time).
-fn write_all(
-    paths: &[PathBuf],
-    data: &[Vec<u8>],
-) -> Vec<std::thread::JoinHandle<std::io::Result<()>>> {
-    paths
-        .iter()
-        .cloned()
-        .zip(data.iter().cloned())
-        .map(|(p, d)| {
-            std::thread::spawn(move || {
-                let mut f = std::fs::OpenOptions::new().write(true).open(p)?;
-                for chunk in d.chunks(64 << 10) {
-                    f.write_all(chunk)?;
-                }
-                Ok(())
-            })
-        })
-        .collect()
-}
-
-/// `cat FIFO > /dev/null` for each pipe; CPU from wait4's rusage, peak RSS from /proc while
-/// an extra descriptor keeps the FIFO open (so `cat` has not exited yet when it is read).
-fn baseline(dir: &Path, data: &[Vec<u8>]) -> anyhow::Result<Measure> {
-    use std::os::fd::AsRawFd;
-    let paths: Vec<PathBuf> = (0..data.len()).map(|i| dir.join(format!("base{i}.pipe"))).collect();
-    let mut cats = Vec::new();
-    let mut holds = Vec::new();
-    for p in &paths {
-        mkfifo(p)?;
-        cats.push(Command::new("cat").arg(p).stdout(Stdio::null()).spawn()?);
-        holds.push(std::fs::OpenOptions::new().read(true).write(true).open(p)?);
-    }
-    let start = Instant::now();
-    for w in write_all(&paths, data) {
-        w.join().expect("writer")?;
-    }
-    let drained = |f: &std::fs::File| {
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int.
-        unsafe { libc::ioctl(f.as_raw_fd(), libc::FIONREAD, &mut n) };
-        n == 0
-    };
-    while !holds.iter().all(drained) {
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    let mut m = Measure { wall_s: start.elapsed().as_secs_f64(), ..Measure::default() };
-    m.peak_rss_kib = cats.iter().map(|c| proc_hwm_kib(c.id())).max().unwrap_or(0);
-    drop(holds);
-    for c in cats {
-        m.cpu_s += wait_rusage(c)?.0;
-    }
-    Ok(m)
 }
 
 /// Waits for `child`; returns its CPU-seconds and peak RSS in KiB (which, for a child forked
@@ -254,7 +327,7 @@ pub(crate) fn wait_rusage(child: Child) -> anyhow::Result<(f64, u64)> {
 }
 
 /// utime + stime of a live process, in seconds.
-fn proc_cpu(pid: u32) -> f64 {
+pub(crate) fn proc_cpu(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -264,76 +337,12 @@ fn proc_cpu(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-fn proc_hwm_kib(pid: u32) -> u64 {
+pub(crate) fn proc_hwm_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
         .unwrap_or(0)
-}
-
-fn shipper(dir: &Path, case: &Case, data: &[Vec<u8>]) -> anyhow::Result<Measure> {
-    let bin = crate::root().join("target/release/shipper");
-    let pki = shipper::tls::pki::generate(&dir.join("tls"), &["localhost".into()])?;
-    let (rx, rm, sm) = (free_port()?, free_port()?, free_port()?);
-    let rcfg = dir.join("receiver.toml");
-    std::fs::write(&rcfg, format!(
-        "[receiver]\nlisten = \"127.0.0.1:{rx}\"\nworkers = {w}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[output]\ndirectory = {:?}\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n",
-        pki.ca, pki.receiver_cert, pki.receiver_key, dir.join("out"), w = case.workers
-    ))?;
-    let paths: Vec<PathBuf> = (0..data.len()).map(|i| dir.join(format!("ship{i}.pipe"))).collect();
-    let pipes: String = paths.iter().map(|p| format!("[[sources.pipe]]\npath = {p:?}\n")).collect();
-    let scfg = dir.join("edge.toml");
-    std::fs::write(&scfg, format!(
-        "[shipper]\nworkers = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n{pipes}[batch]\nzstd_level = {}\n[receivers]\nprimary = [\"127.0.0.1:{rx}\"]\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\nserver_name = \"localhost\"\n",
-        case.workers, case.zstd_level, pki.ca, pki.shipper_cert, pki.shipper_key
-    ))?;
-    let rmetrics = format!("127.0.0.1:{rm}");
-    let smetrics = format!("127.0.0.1:{sm}");
-    let receiver = Daemon::start(&bin, "receive", &rcfg, &dir.join("receiver.log"), &rmetrics)?;
-    let ship = Daemon::start(&bin, "run", &scfg, &dir.join("shipper.log"), &smetrics)?;
-    let (spid, rpid) = (ship.0.id(), receiver.0.id());
-    let (cpu0, rcpu0) = (proc_cpu(spid), proc_cpu(rpid));
-    let total =
-        data.iter().map(|d| d.iter().filter(|&&b| b == b'\n').count()).sum::<usize>() as f64;
-    let start = Instant::now();
-    let writers = write_all(&paths, data);
-    let deadline = start + Duration::from_secs(600);
-    let text = loop {
-        let text = get(&smetrics).unwrap_or_default();
-        let acked = sum(&text, "shipper_records_acked_total", &[]);
-        if acked + sum(&text, "shipper_lines_dropped_total", &[]) >= total {
-            break text;
-        }
-        if Instant::now() > deadline {
-            bail!("not every line acknowledged after 10 minutes; see {}", dir.display());
-        }
-        // Scrapes cost the shipper CPU; 50 ms keeps them under 0.1% of a run.
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let wall_s = start.elapsed().as_secs_f64();
-    for w in writers {
-        w.join().expect("writer")?;
-    }
-    let q = |q: &str| {
-        sum(&text, "shipper_read_to_ack_latency_seconds", &[("quantile", q)])
-            / case.workers.max(1) as f64
-            * 1e3
-    };
-    let m = Measure {
-        wall_s,
-        cpu_s: proc_cpu(spid) - cpu0,
-        peak_rss_kib: proc_hwm_kib(spid),
-        receiver_cpu_s: proc_cpu(rpid) - rcpu0,
-        latency_p50_ms: q("0.5"),
-        latency_p99_ms: q("0.99"),
-        dropped: sum(&text, "shipper_lines_dropped_total", &[]),
-        ..Measure::default()
-    };
-    drop(ship);
-    drop(receiver);
-    let _ = std::fs::remove_dir_all(dir.join("out"));
-    Ok(m)
 }
 
 pub(crate) fn git_revision() -> String {

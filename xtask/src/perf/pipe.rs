@@ -1,0 +1,459 @@
+//! Pipe cases: the same deterministic lines written into FIFOs by several blocking writers,
+//! shipped by the shipper (FIFO → `shipper run` → mutual TLS, acks → `shipper receive`) and by
+//! each peer of the case ([`super::peers`]) into a counting sink, one system after another,
+//! `runs` times over (interleaved, so that a noisy neighbour hurts all of them alike).
+//!
+//! A run ends when every line is accounted for (the shipper: acknowledged or counted as
+//! dropped; a peer: arrived at the sink), or when nothing arrived for `stall` after the writers
+//! finished (a peer that dropped lines: it has no counter to ask).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use shipper::metrics::http::get;
+use shipper::metrics::text::sum;
+
+use super::peers::{self, Tls};
+use super::sink::Sink;
+use super::{proc_cpu, proc_hwm_kib, Measure};
+use crate::daemon::{free_port, Daemon};
+use crate::loadgen::{self, Pace, Shape, Written};
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PipeCase {
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub description: String,
+    /// `throughput`, `cpu_per_line`, `latency` or `fairness`: what the table leads with and
+    /// which run of several is the median one.
+    pub optimises: String,
+    /// Peers run beside the shipper: `raw`, `syslog-ng`, `rsyslog`.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Runs of each system in a full run (`--runs N` overrides; quick runs do one).
+    #[serde(default = "one")]
+    pub runs: usize,
+    pub workload: Workload,
+    pub shipper: ShipperSettings,
+    #[serde(default)]
+    pub cpus: Cpus,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub lines: usize,
+    pub quick_lines: usize,
+    /// Line sizes are log-uniform between these (bytes, newline included).
+    pub line_bytes_min: usize,
+    pub line_bytes_max: usize,
+    pub services: usize,
+    /// Zipf exponent of the services' shares (0: even).
+    #[serde(default)]
+    pub skew: f64,
+    /// Share of all lines from `svc-00`, the noisy service (0: none).
+    #[serde(default)]
+    pub noisy_share: f64,
+    /// Share of lines in the cfjs1 form.
+    #[serde(default)]
+    pub cfjs1_share: f64,
+    pub pipes: usize,
+    #[serde(default = "one")]
+    pub writers_per_pipe: usize,
+    /// Lines per second over all writers; 0 = as fast as they can.
+    #[serde(default)]
+    pub rate: u64,
+    /// One `write()` per line (otherwise whole lines, up to 64 KiB, or PIPE_BUF when writers
+    /// share a pipe).
+    #[serde(default)]
+    pub write_per_line: bool,
+    #[serde(default = "seed")]
+    pub seed: u64,
+}
+
+fn seed() -> u64 {
+    0x5eed
+}
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ShipperSettings {
+    /// Worker threads; `worker_counts` instead runs the shipper once per count
+    /// (`[0]` means 1..=cores).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    #[serde(default)]
+    pub worker_counts: Option<Vec<usize>>,
+    #[serde(default = "one_u32")]
+    pub zstd_level: u32,
+    /// Lines per second per service (burst = one second of it), 0 = unlimited; the peers that
+    /// can rate-limit by key are given the same limit.
+    #[serde(default)]
+    pub ratelimit_rate: u64,
+    /// `batch.flush_interval_ms` (ms; default the shipper's own, 200).
+    #[serde(default)]
+    pub flush_interval_ms: Option<u64>,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+
+/// CPU allotment: the CPUs each side may run on (`taskset -c`; empty: all).
+#[derive(Deserialize, Serialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Cpus {
+    /// The shipper or the peer (socat, syslog-ng, rsyslog and its bridge).
+    #[serde(default)]
+    pub shipper: Vec<usize>,
+    /// The writer threads.
+    #[serde(default)]
+    pub loadgen: Vec<usize>,
+    /// `shipper receive` or the counting sink.
+    #[serde(default)]
+    pub receiver: Vec<usize>,
+}
+
+/// One system under test: the shipper with a worker count, or a peer.
+#[derive(Clone)]
+pub enum System {
+    Shipper { workers: usize },
+    Peer(String),
+}
+
+impl System {
+    pub fn label(&self, scaling: bool) -> String {
+        match self {
+            System::Shipper { workers } if scaling => format!("shipper ({workers}w)"),
+            System::Shipper { .. } => "shipper".into(),
+            System::Peer(p) => p.clone(),
+        }
+    }
+}
+
+/// The lines of every writer, generated once per case, and what they hold.
+pub struct Load {
+    pub writers: Vec<Arc<Vec<u8>>>,
+    pub lines: u64,
+    pub bytes: u64,
+    /// Lines per service index.
+    pub per_service: Vec<u64>,
+    pub pace: Pace,
+}
+
+pub fn load(w: &Workload, quick: bool) -> Load {
+    let shape = Shape {
+        seed: w.seed,
+        line_bytes_min: w.line_bytes_min,
+        line_bytes_max: w.line_bytes_max,
+        services_cdf: loadgen::service_weights(w.services, w.skew, w.noisy_share),
+        cfjs1_share: w.cfjs1_share,
+    };
+    let n_writers = w.pipes * w.writers_per_pipe.max(1);
+    let lines = if quick { w.quick_lines } else { w.lines } / n_writers;
+    let writers: Vec<Arc<Vec<u8>>> = (0..n_writers)
+        .map(|i| {
+            let mut buf = Vec::new();
+            loadgen::lines(&shape, i, lines, &mut buf);
+            Arc::new(buf)
+        })
+        .collect();
+    let mut per_service = vec![0; super::sink::SERVICES_MAX];
+    for d in &writers {
+        super::sink::count_services(d, &mut per_service);
+    }
+    Load {
+        lines: (lines * n_writers) as u64,
+        bytes: writers.iter().map(|d| d.len() as u64).sum(),
+        writers,
+        per_service,
+        pace: Pace {
+            rate: w.rate as f64 / n_writers as f64,
+            write_per_line: w.write_per_line,
+            chunk_bytes: if w.writers_per_pipe > 1 { 4096 } else { 64 << 10 },
+        },
+    }
+}
+
+/// What a started system offers the run: the FIFOs to write into and how far it got.
+struct Started {
+    /// Processes doing the shipping work (their CPU is the system's CPU).
+    shipping: Vec<(String, Daemon)>,
+    /// `shipper receive`, whose CPU is reported apart.
+    receiver: Option<Daemon>,
+    fifos: Vec<PathBuf>,
+    /// Descriptors holding a peer's FIFOs open between writers (kept until the run ends).
+    _holds: Vec<std::fs::File>,
+    progress: Progress,
+}
+
+enum Progress {
+    Sink(Sink),
+    Shipper { metrics: String },
+}
+
+impl Progress {
+    /// (lines delivered, lines accounted for: delivered or counted as dropped)
+    fn poll(&self) -> (u64, u64, String) {
+        match self {
+            Progress::Sink(s) => (s.lines(), s.lines(), String::new()),
+            Progress::Shipper { metrics } => {
+                let text = get(metrics).unwrap_or_default();
+                let acked = sum(&text, "shipper_records_acked_total", &[]) as u64;
+                let dropped = sum(&text, "shipper_lines_dropped_total", &[]) as u64;
+                (acked, acked + dropped, text)
+            }
+        }
+    }
+}
+
+pub struct Env<'a> {
+    pub dir: &'a Path,
+    pub case: &'a PipeCase,
+    pub pki: &'a shipper::tls::pki::DevPki,
+    pub load: &'a Load,
+    pub quick: bool,
+}
+
+/// Runs `system` once over the case's load.
+pub fn run_once(env: &Env, system: &System, label: &str) -> anyhow::Result<Measure> {
+    let dir = env.dir.join(label.replace([' ', '(', ')'], ""));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let started = match system {
+        System::Shipper { workers } => start_shipper(env, &dir, *workers)?,
+        System::Peer(p) => start_peer(env, &dir, p)?,
+    };
+    let cpu0: Vec<f64> = started.shipping.iter().map(|(_, d)| proc_cpu(d.pid())).collect();
+    let rcpu0 = started.receiver.as_ref().map_or(0.0, |r| proc_cpu(r.pid()));
+    let start = Instant::now();
+    let writers = spawn_writers(env, &started.fifos);
+    let (delivered, accounted_at, text) = wait(env, &started, start, label, &writers)?;
+    let wall_s = accounted_at.duration_since(start).as_secs_f64();
+    let mut written = Vec::new();
+    for w in writers {
+        written.push(w.join().expect("writer thread")?);
+    }
+    let mut m = Measure { label: label.to_string(), wall_s, ..Measure::default() };
+    for ((name, d), c0) in started.shipping.iter().zip(&cpu0) {
+        let cpu = proc_cpu(d.pid()) - c0;
+        m.cpu_s += cpu;
+        m.processes.insert(name.clone(), cpu);
+        m.peak_rss_kib += proc_hwm_kib(d.pid());
+    }
+    if let Some(r) = &started.receiver {
+        m.receiver_cpu_s = proc_cpu(r.pid()) - rcpu0;
+    }
+    m.write_block_max_ms = written.iter().map(|w| w.write_block_max_s).fold(0.0, f64::max) * 1e3;
+    m.delivered = delivered;
+    m.dropped = env.load.lines.saturating_sub(delivered);
+    match &started.progress {
+        Progress::Sink(s) => m.per_service = s.per_service(),
+        Progress::Shipper { .. } => shipper_extras(&text, &mut m),
+    }
+    m.fill(env.load.lines, env.load.bytes);
+    drop(started);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(m)
+}
+
+/// Latency quantiles and per-service admitted counts from the shipper's last scrape.
+fn shipper_extras(text: &str, m: &mut Measure) {
+    // Quantiles are per core: the worst core's is the honest figure for the whole.
+    let q = |q: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("shipper_read_to_ack_latency_seconds{"))
+            .filter(|l| l.contains(&format!("quantile=\"{q}\"")))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .fold(0.0, f64::max)
+            * 1e3
+    };
+    m.latency_ms = ["0.5", "0.9", "0.99", "0.999", "1"]
+        .iter()
+        .map(|s| (s.parse::<f64>().expect("a number"), q(s)))
+        .collect();
+    m.per_service = (0..super::sink::SERVICES_MAX)
+        .map(|i| {
+            let svc = format!("svc-{i:02}");
+            sum(text, "shipper_lines_admitted_total", &[("service", &svc)]) as u64
+        })
+        .collect();
+}
+
+type Writers = Vec<std::thread::JoinHandle<std::io::Result<Written>>>;
+
+fn spawn_writers(env: &Env, fifos: &[PathBuf]) -> Writers {
+    let w = &env.case.workload;
+    env.load
+        .writers
+        .iter()
+        .enumerate()
+        .map(|(i, data)| {
+            let (path, data) = (fifos[i % w.pipes].clone(), data.clone());
+            let (pace, cpus) = (env.load.pace, env.case.cpus.loadgen.clone());
+            std::thread::spawn(move || {
+                super::pin_current_thread(&cpus);
+                loadgen::write_lines(&path, &data, pace)
+            })
+        })
+        .collect()
+}
+
+/// Polls until every line is accounted for, or nothing moved for a while after the writers
+/// finished; returns the lines delivered, when the last one was, and the last scrape.
+fn wait(
+    env: &Env,
+    s: &Started,
+    start: Instant,
+    label: &str,
+    writers: &Writers,
+) -> anyhow::Result<(u64, Instant, String)> {
+    let total = env.load.lines;
+    let stall = Duration::from_secs(if env.quick { 2 } else { 5 });
+    let deadline = start + Duration::from_secs(if env.quick { 120 } else { 900 });
+    let tty = std::io::stdout().is_terminal();
+    let (mut last, mut last_at, mut shown) = (0, Instant::now(), Instant::now());
+    loop {
+        let (delivered, accounted, text) = s.progress.poll();
+        let now = Instant::now();
+        if accounted != last {
+            (last, last_at) = (accounted, now);
+        }
+        if accounted >= total {
+            clear_bar(tty);
+            return Ok((delivered, last_at, text));
+        }
+        let writing = writers.iter().any(|w| !w.is_finished());
+        if !writing && now.duration_since(last_at) > stall {
+            clear_bar(tty);
+            return Ok((delivered, last_at, text));
+        }
+        if now > deadline {
+            bail!(
+                "{label}: {accounted} of {total} lines after the deadline; see {}",
+                env.dir.display()
+            );
+        }
+        if tty && now.duration_since(shown) > Duration::from_millis(250) {
+            shown = now;
+            bar(label, accounted, total, start.elapsed().as_secs_f64());
+        }
+        // Scrapes cost the shipper CPU; 50 ms keeps them under 0.1% of a run.
+        let poll = if matches!(s.progress, Progress::Sink(_)) { 5 } else { 50 };
+        std::thread::sleep(Duration::from_millis(poll));
+    }
+}
+
+/// A one-line progress bar (only on a terminal).
+fn bar(label: &str, done: u64, total: u64, secs: f64) {
+    use std::io::Write;
+    let width = 30;
+    let filled = (done as f64 / total.max(1) as f64 * width as f64) as usize;
+    print!(
+        "\r   {label:<14} [{}{}] {:>5.1}% {:>9.0} lines/s ",
+        "#".repeat(filled.min(width)),
+        ".".repeat(width - filled.min(width)),
+        done as f64 / total.max(1) as f64 * 100.0,
+        done as f64 / secs.max(1e-9)
+    );
+    let _ = std::io::stdout().flush();
+}
+
+fn clear_bar(tty: bool) {
+    if tty {
+        print!("\r{:80}\r", "");
+    }
+}
+
+fn start_shipper(env: &Env, dir: &Path, workers: usize) -> anyhow::Result<Started> {
+    let (case, pki) = (env.case, env.pki);
+    let bin = crate::root().join("target/release/shipper");
+    let (rx, rm, sm) = (free_port()?, free_port()?, free_port()?);
+    let rworkers = if case.cpus.receiver.is_empty() { 2 } else { case.cpus.receiver.len() };
+    let rcfg = dir.join("receiver.toml");
+    std::fs::write(&rcfg, format!(
+        "[receiver]\nlisten = \"127.0.0.1:{rx}\"\nworkers = {rworkers}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[output]\ndirectory = {:?}\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n",
+        pki.ca, pki.receiver_cert, pki.receiver_key, dir.join("out")
+    ))?;
+    let fifos: Vec<PathBuf> =
+        (0..case.workload.pipes).map(|i| dir.join(format!("ship{i}.pipe"))).collect();
+    let pipes: String = fifos.iter().map(|p| format!("[[sources.pipe]]\npath = {p:?}\n")).collect();
+    let rate = case.shipper.ratelimit_rate;
+    let limit = if rate > 0 {
+        format!("[ratelimit]\nkey_field = \"service\"\nrate = {rate}\nburst = {rate}\n")
+    } else {
+        String::new()
+    };
+    let flush = case
+        .shipper
+        .flush_interval_ms
+        .map_or(String::new(), |ms| format!("flush_interval_ms = {ms}\n"));
+    let scfg = dir.join("edge.toml");
+    std::fs::write(&scfg, format!(
+        "[shipper]\nworkers = {workers}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n{pipes}{limit}[batch]\nzstd_level = {}\n{flush}[receivers]\nprimary = [\"127.0.0.1:{rx}\"]\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\nserver_name = \"localhost\"\n",
+        case.shipper.zstd_level, pki.ca, pki.shipper_cert, pki.shipper_key
+    ))?;
+    let (rmetrics, smetrics) = (format!("127.0.0.1:{rm}"), format!("127.0.0.1:{sm}"));
+    let rlog = dir.join("receiver.log");
+    let receiver = Daemon::start_on(&case.cpus.receiver, &bin, "receive", &rcfg, &rlog, &rmetrics)?;
+    let slog = dir.join("shipper.log");
+    let ship = Daemon::start_on(&case.cpus.shipper, &bin, "run", &scfg, &slog, &smetrics)?;
+    Ok(Started {
+        shipping: vec![("shipper".into(), ship)],
+        receiver: Some(receiver),
+        fifos,
+        _holds: Vec::new(),
+        progress: Progress::Shipper { metrics: smetrics },
+    })
+}
+
+fn start_peer(env: &Env, dir: &Path, peer: &str) -> anyhow::Result<Started> {
+    let case = env.case;
+    let fifos: Vec<PathBuf> =
+        (0..case.workload.pipes).map(|i| dir.join(format!("{peer}{i}.pipe"))).collect();
+    let mut holds = Vec::new();
+    for f in &fifos {
+        holds.push(super::fifo_held(f)?);
+    }
+    let tls_cfg =
+        shipper::tls::server_config(&env.pki.ca, &env.pki.receiver_cert, &env.pki.receiver_key)?;
+    let tls = Tls { ca: &env.pki.ca, cert: &env.pki.shipper_cert, key: &env.pki.shipper_key };
+    let per_service = case.shipper.ratelimit_rate > 0;
+    let cpus = &case.cpus.shipper;
+    let (sink, shipping) = match peer {
+        "raw" => {
+            let sink = Sink::start(None, per_service, case.cpus.receiver.clone())?;
+            let socats = peers::socats(dir, &fifos, sink.port, cpus)?;
+            (sink, socats)
+        }
+        "syslog-ng" => {
+            let sink =
+                Sink::start(Some(Arc::new(tls_cfg)), per_service, case.cpus.receiver.clone())?;
+            let rate = case.shipper.ratelimit_rate;
+            let mut d = peers::syslog_ng(dir, &fifos, sink.port, &tls, rate, cpus)?;
+            let log = dir.join("syslog-ng.log");
+            peers::wait_ready(&mut d, &log, || sink.connections() > 0)
+                .context("syslog-ng did not connect to the sink")?;
+            (sink, vec![("syslog-ng".to_string(), d)])
+        }
+        "rsyslog" => {
+            let sink =
+                Sink::start(Some(Arc::new(tls_cfg)), per_service, case.cpus.receiver.clone())?;
+            let (d, input) = peers::rsyslog(dir, sink.port, &tls, cpus)?;
+            let mut shipping = vec![("rsyslogd".to_string(), d)];
+            shipping.extend(peers::socats(dir, &fifos, input, cpus)?);
+            (sink, shipping)
+        }
+        other => bail!("unknown peer {other:?}"),
+    };
+    Ok(Started { shipping, receiver: None, fifos, _holds: holds, progress: Progress::Sink(sink) })
+}
