@@ -104,3 +104,137 @@ fn check_refused(env: &Env, port: u16, sm: u16, server_name: &str) {
     assert!(output_lines(&env.out()).is_empty());
     assert!(shipper.log_text().contains("cannot connect"), "{}", shipper.log_text());
 }
+
+/// A network namespace joined to this one by a veth pair, torn down when dropped.
+struct Netns {
+    name: String,
+    host_if: String,
+    ns_if: String,
+}
+
+const NS_HOST_IP: &str = "10.231.0.1";
+const NS_PEER_IP: &str = "10.231.0.2";
+
+fn sh(args: &[&str]) {
+    let status = std::process::Command::new(args[0]).args(&args[1..]).status().unwrap();
+    assert!(status.success(), "{args:?} failed: {status}");
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let id = std::process::id() % 100_000;
+        let n = Netns {
+            name: format!("shipper-test-{id}"),
+            host_if: format!("shp{id}h"),
+            ns_if: format!("shp{id}n"),
+        };
+        sh(&["ip", "netns", "add", &n.name]);
+        sh(&["ip", "link", "add", &n.host_if, "type", "veth", "peer", "name", &n.ns_if]);
+        sh(&["ip", "link", "set", &n.ns_if, "netns", &n.name]);
+        sh(&["ip", "addr", "add", &format!("{NS_HOST_IP}/24"), "dev", &n.host_if]);
+        sh(&["ip", "link", "set", &n.host_if, "up"]);
+        let addr = format!("{NS_PEER_IP}/24");
+        n.exec(&["ip", "addr", "add", &addr, "dev", &n.ns_if]);
+        n.exec(&["ip", "link", "set", &n.ns_if, "up"]);
+        n.exec(&["ip", "link", "set", "lo", "up"]);
+        n
+    }
+
+    fn exec(&self, args: &[&str]) {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        sh(&all);
+    }
+
+    /// Drops every packet in and out of the namespace's side of the veth (an nftables table
+    /// inside the namespace): no RST, no ICMP, just silence. (This kernel has no netem.)
+    fn partition(&self, on: bool) {
+        if !on {
+            return self.exec(&["nft", "delete", "table", "inet", "partition"]);
+        }
+        let dev = &self.ns_if;
+        let rules = format!(
+            "table inet partition {{\n\
+             chain input {{ type filter hook input priority 0; iifname \"{dev}\" drop; }}\n\
+             chain output {{ type filter hook output priority 0; oifname \"{dev}\" drop; }}\n}}\n"
+        );
+        let file = std::env::temp_dir().join(format!("{}.nft", self.name));
+        std::fs::write(&file, rules).unwrap();
+        self.exec(&["nft", "-f", file.to_str().unwrap()]);
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_if]).status();
+    }
+}
+
+/// A silent partition of 60 s between the shipper and its receiver (packets dropped both ways,
+/// no RST): the receiver is declared down by its missing acks, the lines wait in the disk
+/// buffer, and after the partition heals every line arrives exactly once. The application's
+/// blocking writes never stall.
+#[test]
+fn a_silent_partition_of_a_minute_loses_nothing() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let env = Env::new();
+    let ns = Netns::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let rx = env.receiver_toml(port, rm, "").replace("127.0.0.1:", &format!("{NS_PEER_IP}:"));
+    let rx = env.write("receiver.toml", &rx);
+    let args = ["netns", "exec", &ns.name, BIN, "receive", "--config", rx.to_str().unwrap()];
+    let _receiver = Proc::start_any("receiver", "ip", &args, env.path("r.log"));
+    wait_for("the receiver in the namespace", Duration::from_secs(10), || {
+        std::net::TcpStream::connect((NS_PEER_IP, port)).is_ok()
+    });
+    let pipe = env.path("app.pipe");
+    let body = format!(
+        "[[sources.pipe]]\npath = {pipe:?}\n[batch]\nflush_interval_ms = 20\n\
+         [buffer]\ndirectory = {:?}\nsegment_bytes = 65536\n",
+        env.path("buffer")
+    );
+    let cfg = env
+        .shipper_toml(port, sm, &body)
+        .replace("127.0.0.1:", &format!("{NS_PEER_IP}:"))
+        .replace(&format!("{NS_PEER_IP}:{sm}"), &format!("127.0.0.1:{sm}"))
+        .replace(
+            "ack_timeout_ms = 3000",
+            "ack_timeout_ms = 1000\nheartbeat_interval_ms = 200\nconnect_timeout_ms = 500\n\
+             handshake_timeout_ms = 500",
+        );
+    let cfg = env.write("edge.toml", &cfg);
+    let mut shipper =
+        Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, env.path("s.log"));
+    let writer = SteadyWriter::start(&pipe, 0, 2000);
+    shipper.wait_alive("lines acknowledged", || {
+        metric_at(sm, "shipper_records_acked_total", &[]) >= 2000.0
+    });
+
+    ns.partition(true);
+    shipper.wait_alive("the receiver declared down", || {
+        metric_at(sm, "shipper_receiver_failures_total", &[]) >= 1.0
+    });
+    // The fault lasts a minute; the shipper must stay up throughout.
+    let heal = std::time::Instant::now() + Duration::from_secs(60);
+    shipper.wait_alive_for("the end of the partition", Duration::from_secs(70), &mut || {
+        std::time::Instant::now() >= heal
+    });
+    assert!(metric_at(sm, "shipper_buffer_records_written_total", &[]) > 0.0);
+    ns.partition(false);
+
+    let resume = writer.written();
+    shipper.wait_alive("1000 more lines written", || writer.written() >= resume + 1000);
+    let (lines, longest) = writer.finish();
+    shipper.wait_alive_for("every line acknowledged", Duration::from_secs(60), &mut || {
+        metric_at(sm, "shipper_records_acked_total", &[]) == lines as f64
+    });
+    let seen = copies(&[&env.out()], 0, lines);
+    assert!(seen.iter().all(|&n| n == 1), "every line exactly once");
+    eprintln!("{lines} lines across a 60 s partition; longest write() {longest:?}");
+    assert!(longest < Duration::from_millis(10), "a write() blocked for {longest:?}");
+}

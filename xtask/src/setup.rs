@@ -18,6 +18,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/lib/systemd/systemd-journal-remote", "systemd-journal-remote"),
     // The perf suite's charts draw their text with this font (plotters' ab_glyph backend).
     ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
+    // Fault injection in the delivery tests: network namespaces, veth pairs and silent drops.
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
