@@ -100,24 +100,23 @@ fn an_outage_is_buffered_on_disk_and_replayed_in_order() {
 /// `buffer_full`), and everything else arrives.
 #[test]
 fn a_buffer_too_small_drops_exactly_the_overflow() {
-    const LINES: usize = 30_000;
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let dir = env.path("buffer");
     let mut shipper = run(&env, &config(&env, port, sm, &dir, "bytes_max = 131072"), sm);
-    let mut w = open_writer(&env.path("app.pipe"));
-    for seq in 0..LINES {
-        writeln!(w, "{}", line(0, seq)).unwrap();
-    }
+    let writer = SteadyWriter::start(&env.path("app.pipe"), 0, 20_000);
+    shipper.wait_alive("30000 lines written", || writer.written() >= 30_000);
+    let (lines, longest) = writer.finish();
     shipper.wait_alive("every line on disk or dropped", || {
-        metric_at(sm, ON_DISK, &[]) + dropped(sm, "buffer_full") == LINES as f64
+        metric_at(sm, ON_DISK, &[]) + dropped(sm, "buffer_full") == lines as f64
     });
     let lost = dropped(sm, "buffer_full") as usize;
-    assert!(lost > 0 && lost < LINES, "{lost} dropped");
+    assert!(lost > 0 && lost < lines, "{lost} dropped");
     let _receiver = start_receiver(&env, port, rm, "");
     shipper
-        .wait_alive("the rest acknowledged", || metric_at(sm, ACKED, &[]) == (LINES - lost) as f64);
-    assert_eq!(delivered(&env.out(), LINES), LINES - lost);
+        .wait_alive("the rest acknowledged", || metric_at(sm, ACKED, &[]) == (lines - lost) as f64);
+    assert_eq!(delivered(&env.out(), lines), lines - lost);
+    assert!(longest < Duration::from_millis(10), "a write() blocked for {longest:?}");
 }
 
 /// SIGKILL at seeded random moments while the receiver is down: everything that reached the
@@ -136,8 +135,9 @@ fn sigkill_loses_nothing_that_reached_the_buffer() {
         let writer = SteadyWriter::start(&env.path("app.pipe"), 0, 10_000);
         shipper.wait_alive("the kill moment", || writer.written() >= kill_after);
         let on_disk = metric_at(sm, ON_DISK, &[]) as usize;
-        let (lines, _) = writer.finish();
+        let (lines, longest) = writer.finish();
         shipper.kill();
+        assert!(longest < Duration::from_millis(10), "a write() blocked for {longest:?}");
 
         let _receiver = start_receiver(&env, port, rm, "");
         let mut shipper = Proc::start(
