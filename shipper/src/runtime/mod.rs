@@ -6,8 +6,9 @@
 //!   plane ([`control`]) and the metrics registry, at ~100 ms pace.
 //!
 //! # Operation
-//! 1. Validate TLS material and open (create) every pipe on the main thread, so a bad path
-//!    or certificate fails start-up with its name, before any worker runs.
+//! 1. Validate TLS material, open (create) every pipe and bind every socket on the main
+//!    thread, so a bad path, taken port or certificate fails start-up with its name, before
+//!    any worker runs.
 //! 2. Spawn the control thread, the metrics endpoint and the workers.
 //! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` here) or a
 //!    worker's exit; then tell every worker to stop and join them.
