@@ -150,9 +150,22 @@ fn bind_sockets(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<SocketHandle>>
             // The kernel reports twice what it granted (socket(7)).
             let granted = b.receive_buffer_bytes / 2;
             if (granted as u64) < s.receive_buffer_bytes {
-                tracing::warn!(source = %s.name, granted, asked = s.receive_buffer_bytes, "socket receive buffer smaller than receive_buffer_bytes (see /proc/sys/net/core/rmem_max)");
+                tracing::warn!(
+                    source = %s.name,
+                    granted,
+                    asked = s.receive_buffer_bytes,
+                    "socket receive buffer smaller than receive_buffer_bytes \
+                     (see /proc/sys/net/core/rmem_max)"
+                );
             }
-            tracing::info!(source = %s.name, transport = s.transport.label(), local = %b.local, worker, receive_buffer_bytes = granted, "socket source bound");
+            tracing::info!(
+                source = %s.name,
+                transport = s.transport.label(),
+                local = %b.local,
+                worker,
+                receive_buffer_bytes = granted,
+                "socket source bound"
+            );
             out[worker].push(SocketHandle { config_index: i, bound: b });
         }
     }

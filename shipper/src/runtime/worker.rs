@@ -123,7 +123,8 @@ fn start_socket(
     let s = {
         let mut c = core.borrow_mut();
         let service = c.intern(cfg.service_name().as_bytes());
-        tracing::info!(core = c.id, source = %cfg.name, transport = cfg.transport.label(), %local, "socket source reading");
+        let transport = cfg.transport.label();
+        tracing::info!(core = c.id, source = %cfg.name, transport, %local, "socket source reading");
         let info = SocketInfo { format: cfg.format, service, transport: cfg.transport, local };
         c.add_socket(cfg.name.clone(), info)
     };

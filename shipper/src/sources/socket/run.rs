@@ -96,7 +96,8 @@ pub async fn serve_tcp(
         let sc = &mut c.counters.sockets[s];
         if sc.connections_open >= limits.connections_max as u64 {
             sc.connections_refused += 1;
-            tracing::warn!(source = %sc.source, %peer, "connections_max connections open: closing the new one");
+            let source = &sc.source;
+            tracing::warn!(%source, %peer, "connections_max connections open: closing the new one");
             continue;
         }
         sc.connections_accepted += 1;
@@ -146,7 +147,14 @@ async fn serve_connection(
             Piece::Oversize(len) => {
                 let sc = &mut c.counters.sockets[s];
                 sc.messages_oversize += 1;
-                tracing::warn!(source = %sc.source, %peer, len, max = limits.message_bytes_max, "octet-counted message over message_bytes_max: skipped");
+                let (source, max) = (&sc.source, limits.message_bytes_max);
+                tracing::warn!(
+                    %source,
+                    %peer,
+                    len,
+                    max,
+                    "octet-counted message over message_bytes_max: skipped"
+                );
             }
         });
         if let Err(e) = framed {

@@ -11,8 +11,10 @@
 //!
 //! # Format
 //! ```text
-//! RFC 5424: <PRI>VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP SD [SP [BOM]MSG]
-//!           NILVALUE "-" for any header field and for SD; SD = 1*("[" SD-ID *(SP NAME="VALUE") "]")
+//! RFC 5424: <PRI>VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP SD
+//!           [SP [BOM] MSG]
+//!           NILVALUE "-" for any header field and for SD
+//!           SD = 1*("[" SD-ID *(SP NAME "=" DQUOTE VALUE DQUOTE) "]")
 //! RFC 3164: <PRI>TIMESTAMP SP [HOSTNAME SP] [TAG["[" PID "]"] ":" SP] MSG
 //!           TIMESTAMP = "Mmm dd hh:mm:ss" (dd space- or zero-padded, optional ".fff"),
 //!           or an RFC 3339 timestamp as some daemons send
@@ -23,7 +25,9 @@
 //! Facility and severity are names (`kern` … `local7`, `emerg` … `debug`, as rsyslog's
 //! `syslogfacility-text` / `syslogseverity-text` print them). Absent and NILVALUE fields are left
 //! out; the timestamp is kept exactly as written (an RFC 3164 one has no year and no zone, and
-//! guessing them is left to whoever reads the record); `message` is left out when empty.
+//! guessing them is left to whoever reads the record); `message` is left out when empty. A
+//! PARAM-NAME repeated inside one SD-ELEMENT (RFC 5424 allows it) is written as a repeated key,
+//! which JSON readers resolve in their own way (most keep the last).
 //!
 //! # Operation
 //! Trailing `\n`, `\r` and NUL bytes are dropped, then the whole message must be UTF-8. The PRI
