@@ -50,11 +50,51 @@ fn invalid_configurations_name_file_line_and_key() {
             "\"999\" is not an octal file mode",
         ),
         ("[batch]\nzstd_level = 40\n", "batch.zstd_level", "40 is out of range (allowed: 1 to 19)"),
+        (
+            "[[sources.socket]]\nname = \"s\"\ntransport = \"sctp\"\n",
+            "transport",
+            "unknown variant `sctp`, expected one of `udp`, `tcp`, `unix`",
+        ),
+        (
+            "[[sources.socket]]\nname = \"s\"\ntransport = \"tcp\"\naddress = \"h:1\"\nframe = 1\n",
+            "frame",
+            "unknown field `frame`",
+        ),
+        (
+            "[[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"nowhere:514\"\n",
+            "sources.socket[0].address",
+            "\"nowhere:514\" is not an ip:port address",
+        ),
+        (
+            "[[sources.socket]]\nname = \"s\"\ntransport = \"unix\"\n",
+            "sources.socket[0].transport",
+            "transport unix needs a path",
+        ),
+        (
+            "[[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"127.0.0.1:514\"\n\
+             framing = \"newline\"\n",
+            "sources.socket[0].framing",
+            "only for transport tcp, not udp",
+        ),
+        (
+            "[[sources.socket]]\nname = \"s\"\ntransport = \"tcp\"\naddress = \"[::1]:514\"\n\
+             message_bytes_max = 10\n",
+            "sources.socket[0].message_bytes_max",
+            "10 is out of range (allowed: 256 to 16777216)",
+        ),
+        (
+            "[[sources.socket]]\nname = \"s\"\ntransport = \"unix\"\npath = \"/dev/log\"\n\
+             [[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"0.0.0.0:514\"\n",
+            "sources.socket[1].name",
+            "\"s\" is the name of an earlier socket source",
+        ),
     ];
     for (extra, key, message) in cases {
         let text = format!("{base}{extra}");
         let leaf = format!("{} =", key.rsplit('.').next().unwrap());
-        let line = text.lines().position(|l| l.starts_with(&leaf)).unwrap() + 1;
+        // The last line with the key: the base's [shipper] has a `name` of its own.
+        let lines: Vec<&str> = text.lines().collect();
+        let line = lines.iter().rposition(|l| l.starts_with(&leaf)).unwrap() + 1;
         let path = env.write("bad.toml", &text);
         let (code, _, err) = shipper(&["validate", "--config", path.to_str().unwrap()]);
         assert_eq!(code, 1, "{extra}");

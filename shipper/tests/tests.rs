@@ -27,3 +27,6 @@ mod ratelimit;
 mod restart;
 /// SIGTERM flushes and exits 0; with no receiver the writer is never blocked.
 mod shutdown;
+/// Syslog and JSON over UDP, TCP (both framings) and a unix socket arrive once, exactly parsed;
+/// bad input is counted and never stops a source.
+mod socket;

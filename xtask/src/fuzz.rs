@@ -1,6 +1,7 @@
 //! Bounded fuzzing in the test command: every fuzz target of `shipper/fuzz` runs for a few
 //! seconds with cargo-fuzz (libFuzzer, nightly toolchain), from seeds made here: a real journal
-//! file written by systemd-journal-remote (trimmed to its used part) and a real frame.
+//! file written by systemd-journal-remote (trimmed to its used part), a real frame, and syslog
+//! messages as real senders write them (RFC 5424 with structured data, BSD, octet-counted).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -8,13 +9,25 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context};
 
 /// (target, seconds).
-const TARGETS: &[(&str, u32)] = &[("journal_file", 20), ("frames", 10)];
+const TARGETS: &[(&str, u32)] = &[("journal_file", 20), ("frames", 10), ("syslog", 10)];
+
+/// Seeds of the `syslog` target.
+const SYSLOG_SEEDS: &[&str] = &[
+    "<165>1 2003-10-11T22:14:15.003Z mymachine.example.com evntslog - ID47 [exampleSDID@32473 iut=\"3\" eventSource=\"Application\"][x@1 q=\"a\\\"b\\]\"] \u{feff}An application event",
+    "<34>Oct 11 22:14:15 mymachine su: 'su root' failed for lonvick on /dev/pts/8\n",
+    "<13>Nov 21 07:41:41 pidtag[367]: with pid",
+    "45 <13>1 - host app 1 - - octet-counted message\n<13>Jan  5 03:04:05 t: x\n",
+];
 
 pub fn run() -> anyhow::Result<()> {
     let fuzz = crate::root().join("shipper/fuzz");
     let corpus = fuzz.join("corpus");
     std::fs::create_dir_all(corpus.join("journal_file"))?;
     std::fs::create_dir_all(corpus.join("frames"))?;
+    std::fs::create_dir_all(corpus.join("syslog"))?;
+    for (i, seed) in SYSLOG_SEEDS.iter().enumerate() {
+        std::fs::write(corpus.join(format!("syslog/seed{i}.txt")), seed)?;
+    }
     std::fs::write(corpus.join("journal_file/seed.journal"), journal_seed()?)?;
     let frame = shipper::protocol::Frame::control(shipper::protocol::Kind::Heartbeat, 7, b"");
     std::fs::write(corpus.join("frames/seed.frame"), frame)?;

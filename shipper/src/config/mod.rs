@@ -10,6 +10,7 @@
 
 pub mod receiver;
 pub mod shipper;
+pub mod socket;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -92,6 +92,8 @@ pub struct Sources {
     pub pipe: Vec<PipeSource>,
     #[serde(default)]
     pub journal: Vec<JournalSource>,
+    #[serde(default)]
+    pub socket: Vec<super::socket::SocketSource>,
 }
 
 /// Where a journal source starts when it has no checkpoint.
@@ -505,6 +507,9 @@ impl Validate for ShipperConfig {
         }
         for (i, journal) in self.sources.journal.iter().enumerate() {
             journal.check(i, s.workers, p);
+        }
+        for (i, socket) in self.sources.socket.iter().enumerate() {
+            socket.check(i, &self.sources.socket, s.workers, p);
         }
         self.ratelimit.check(p);
         let b = &self.batch;

@@ -2,6 +2,7 @@
 
 use super::text::{Distribution, Exposition};
 use crate::transforms::parse::Failure;
+use crate::transforms::syslog::Failure as MessageFailure;
 
 /// Counters of one pipe source.
 #[derive(Clone, Debug, Default)]
@@ -29,6 +30,31 @@ pub struct JournalCounters {
     /// Seconds between the newest entry in the files and the last entry read.
     pub lag_seconds: u64,
     pub checkpoint_write_errors: u64,
+}
+
+/// Counters of one socket source on one core.
+#[derive(Clone, Debug, Default)]
+pub struct SocketCounters {
+    pub source: String,
+    /// udp | tcp | unix (label `transport` of `shipper_socket_info`).
+    pub transport: &'static str,
+    /// The bound address or path (label `local` of `shipper_socket_info`).
+    pub local: String,
+    pub messages_received: u64,
+    pub bytes_received: u64,
+    pub messages_empty: u64,
+    /// Datagrams and newline-framed messages cut at message_bytes_max, and octet-counted
+    /// messages refused for announcing more.
+    pub messages_oversize: u64,
+    pub parse_failures: [u64; MessageFailure::ALL.len()],
+    pub connections_accepted: u64,
+    pub connections_closed: u64,
+    /// Connections closed at once because connections_max were open.
+    pub connections_refused: u64,
+    pub connections_open: u64,
+    /// TCP streams closed for a malformed octet count.
+    pub framing_errors: u64,
+    pub read_errors: u64,
 }
 
 /// Why a line was dropped (label `reason`).
@@ -94,6 +120,7 @@ pub struct ShipperCounters {
     pub core: usize,
     pub sources: Vec<SourceCounters>,
     pub journals: Vec<JournalCounters>,
+    pub sockets: Vec<SocketCounters>,
     pub services: Vec<ServiceCounters>,
     pub destinations: Vec<DestinationCounters>,
     pub frames_sent: u64,
@@ -126,6 +153,7 @@ impl ShipperCounters {
             core,
             sources: Vec::new(),
             journals: Vec::new(),
+            sockets: Vec::new(),
             services: Vec::new(),
             destinations: Vec::new(),
             frames_sent: 0,
@@ -205,6 +233,46 @@ const PER_JOURNAL: &[Series<JournalCounters>] = &[
         "Checkpoint writes that failed.",
         |j| j.checkpoint_write_errors,
     ),
+];
+
+const PER_SOCKET: &[Series<SocketCounters>] = &[
+    ("shipper_socket_messages_received_total", "counter", "Messages received.", |s| {
+        s.messages_received
+    }),
+    ("shipper_socket_bytes_received_total", "counter", "Bytes of messages received.", |s| {
+        s.bytes_received
+    }),
+    ("shipper_socket_messages_empty_total", "counter", "Empty messages skipped.", |s| {
+        s.messages_empty
+    }),
+    (
+        "shipper_socket_messages_oversize_total",
+        "counter",
+        "Messages over message_bytes_max: cut, or skipped when octet-counted.",
+        |s| s.messages_oversize,
+    ),
+    ("shipper_socket_connections_accepted_total", "counter", "TCP connections accepted.", |s| {
+        s.connections_accepted
+    }),
+    ("shipper_socket_connections_closed_total", "counter", "TCP connections closed.", |s| {
+        s.connections_closed
+    }),
+    (
+        "shipper_socket_connections_refused_total",
+        "counter",
+        "TCP connections closed at once: connections_max were open.",
+        |s| s.connections_refused,
+    ),
+    ("shipper_socket_connections_open", "gauge", "TCP connections open.", |s| s.connections_open),
+    (
+        "shipper_socket_framing_errors_total",
+        "counter",
+        "TCP connections closed for a malformed octet count.",
+        |s| s.framing_errors,
+    ),
+    ("shipper_socket_read_errors_total", "counter", "Failed socket reads and accepts.", |s| {
+        s.read_errors
+    }),
 ];
 
 const PER_CORE: &[Series<ShipperCounters>] = &[
@@ -385,6 +453,25 @@ fn per_reason<const N: usize>(
     }
 }
 
+/// `shipper_socket_info`: which core reads which socket, bound where (for the eBPF drop
+/// counters, and for people looking for the port).
+fn render_socket_info(cores: &[ShipperCounters], out: &mut Exposition) {
+    let name = "shipper_socket_info";
+    out.family(name, "gauge", "A socket source read by this core: its transport and address.");
+    for c in cores {
+        let core = c.core.to_string();
+        for s in &c.sockets {
+            let labels = [
+                ("core", core.as_str()),
+                ("source", s.source.as_str()),
+                ("transport", s.transport),
+                ("local", s.local.as_str()),
+            ];
+            out.sample(name, &labels, 1.0);
+        }
+    }
+}
+
 /// Renders every core's counters.
 pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
     out.family("shipper_build_info", "gauge", "Version of the running shipper.").sample(
@@ -406,6 +493,14 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         |c| c.journals.iter().map(|j| (j.source.as_str(), j)).collect(),
         "source",
     );
+    families(
+        out,
+        cores,
+        PER_SOCKET,
+        |c| c.sockets.iter().map(|s| (s.source.as_str(), s)).collect(),
+        "source",
+    );
+    render_socket_info(cores, out);
     families(out, cores, PER_CORE, |c| vec![("", c)], "");
     families(
         out,
@@ -420,6 +515,13 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         ("shipper_source_parse_failures_total", "Lines passed on as text: did not parse."),
         ("source", Failure::ALL.map(Failure::label)),
         |c| c.sources.iter().map(|s| (s.source.as_str(), s.parse_failures)).collect(),
+    );
+    per_reason(
+        out,
+        cores,
+        ("shipper_socket_parse_failures_total", "Messages passed on as text: did not parse."),
+        ("source", MessageFailure::ALL.map(MessageFailure::label)),
+        |c| c.sockets.iter().map(|s| (s.source.as_str(), s.parse_failures)).collect(),
     );
     per_reason(
         out,

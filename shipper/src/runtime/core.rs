@@ -18,8 +18,9 @@ use tokio::sync::Notify;
 
 use crate::buffer::DiskBuffer;
 use crate::config::shipper::{Format, RateLimitSection, ShipperConfig, Tier, WhenFull};
+use crate::config::socket::{MessageFormat, Transport};
 use crate::metrics::shipper::{
-    DropReason, JournalCounters, ServiceCounters, ShipperCounters, SourceCounters,
+    DropReason, JournalCounters, ServiceCounters, ShipperCounters, SocketCounters, SourceCounters,
 };
 use crate::sinks::receiver::health::{Destinations, Failover, State};
 use crate::sinks::receiver::{BatchBuilder, Outbox, Sealed};
@@ -28,12 +29,23 @@ use crate::tls::stream::TlsStream;
 use crate::transforms::parse::Parser;
 use crate::transforms::ratelimit::RateLimiter;
 use crate::transforms::services::ServiceTable;
+use crate::transforms::syslog;
 
 /// What the core knows of one of its sources.
 pub struct SourceInfo {
     pub format: Format,
     /// Service id of lines without a key.
     pub service: u32,
+}
+
+/// What the core knows of one of its socket sources.
+pub struct SocketInfo {
+    pub format: MessageFormat,
+    /// Service id of messages without APP-NAME / TAG / key, and of those that do not parse.
+    pub service: u32,
+    pub transport: Transport,
+    /// The bound `ip:port` or path, as the kernel reports it (for the eBPF drop counters).
+    pub local: String,
 }
 
 /// A live connection, so the ticker can close it on an ack or heartbeat timeout.
@@ -50,7 +62,10 @@ pub struct Core {
     pub workers: usize,
     clock: Instant,
     pub sources: Vec<SourceInfo>,
+    pub sockets: Vec<SocketInfo>,
     parser: Parser,
+    /// Scratch for a syslog message rendered as JSON; reused, so it stops growing.
+    record: Vec<u8>,
     pub services: ServiceTable,
     pub limiter: RateLimiter,
     batch: BatchBuilder,
@@ -92,7 +107,9 @@ impl Core {
             workers: config.shipper.workers,
             clock: Instant::now(),
             sources: Vec::new(),
+            sockets: Vec::new(),
             parser: Parser::default(),
+            record: Vec::new(),
             services: ServiceTable::new(config.ratelimit.services_max),
             limiter: RateLimiter::default(),
             batch: BatchBuilder::new(b.batch_bytes_max as usize, b.batch_events_max),
@@ -128,6 +145,18 @@ impl Core {
         self.sources.push(SourceInfo { format, service });
         self.counters.sources.push(SourceCounters { source: name, ..Default::default() });
         self.sources.len() - 1
+    }
+
+    /// Registers a socket source; returns its socket index.
+    pub fn add_socket(&mut self, name: String, info: SocketInfo) -> usize {
+        self.counters.sockets.push(SocketCounters {
+            source: name,
+            transport: info.transport.label(),
+            local: info.local.clone(),
+            ..Default::default()
+        });
+        self.sockets.push(info);
+        self.sockets.len() - 1
     }
 
     /// The id of service `name`, creating its bucket and counters on first sight.
@@ -215,6 +244,51 @@ impl Core {
         };
         let key = format_key.unwrap_or_else(|| services.name(service));
         let admitted = admit(limiter, &mut counters.services, batch, service, key, line, now_ns);
+        if let Admitted::Batched { full: true } = admitted {
+            self.seal();
+        }
+    }
+
+    /// The per-record path of socket sources: one message (datagram or TCP frame) from socket
+    /// `s`; `oversize` when it was cut at `message_bytes_max`.
+    pub fn on_message(&mut self, s: usize, message: &[u8], oversize: bool, now_ns: u64) {
+        let Core { config, parser, services, limiter, counters, batch, workers, record, .. } = self;
+        let sc = &mut counters.sockets[s];
+        sc.messages_received += 1;
+        sc.bytes_received += message.len() as u64;
+        sc.messages_oversize += u64::from(oversize);
+        if message.is_empty() {
+            sc.messages_empty += 1;
+            return;
+        }
+        let info = &self.sockets[s];
+        let rl = &config.ratelimit;
+        let svc = &mut counters.services;
+        let parsed = match info.format.syntax() {
+            None => match parser.extract(message, Format::Json, &rl.key_field) {
+                Ok(fields) => Ok(match fields.key {
+                    Some(k) => (intern(services, limiter, svc, rl, *workers, now_ns, k), message),
+                    None => (info.service, message),
+                }),
+                Err(f) => Err(json_failure(f)),
+            },
+            Some(syntax) => syslog::parse(message, syntax).map(|m| {
+                let service = match m.app {
+                    Some(a) => intern(services, limiter, svc, rl, *workers, now_ns, a.as_bytes()),
+                    None => info.service,
+                };
+                let name = m.app.map_or(services.name(info.service), str::as_bytes);
+                record.clear();
+                syslog::write_json(&m, &rl.key_field, name, record);
+                (service, &record[..])
+            }),
+        };
+        let (service, body) = parsed.unwrap_or_else(|f| {
+            counters.sockets[s].parse_failures[f as usize] += 1;
+            (info.service, message)
+        });
+        let key = services.name(service);
+        let admitted = admit(limiter, &mut counters.services, batch, service, key, body, now_ns);
         if let Admitted::Batched { full: true } = admitted {
             self.seal();
         }
@@ -435,6 +509,16 @@ fn admit(
     }
     svc.lines_admitted += 1;
     Admitted::Batched { full: batch.push(key, record, service, now_ns) }
+}
+
+/// The reason a JSON message on a socket is counted under.
+fn json_failure(f: crate::transforms::parse::Failure) -> syslog::Failure {
+    use crate::transforms::parse::Failure as F;
+    match f {
+        F::Utf8 => syslog::Failure::Utf8,
+        F::NotObject => syslog::Failure::NotObject,
+        F::Json | F::NoFormat => syslog::Failure::Json,
+    }
 }
 
 /// Interns `name`, creating its bucket (with an even share until the control plane says

@@ -6,8 +6,9 @@
 //!   plane ([`control`]) and the metrics registry, at ~100 ms pace.
 //!
 //! # Operation
-//! 1. Validate TLS material and open (create) every pipe on the main thread, so a bad path
-//!    or certificate fails start-up with its name, before any worker runs.
+//! 1. Validate TLS material, open (create) every pipe and bind every socket on the main
+//!    thread, so a bad path, taken port or certificate fails start-up with its name, before
+//!    any worker runs.
 //! 2. Spawn the control thread, the metrics endpoint and the workers.
 //! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` here) or a
 //!    worker's exit; then tell every worker to stop and join them.
@@ -28,7 +29,7 @@ use crate::config::ShipperConfig;
 use crate::metrics::shipper::{render, ShipperCounters};
 use crate::metrics::{http, scrape, Registry};
 use crate::sinks::receiver::connection::Target;
-use worker::{JournalHandle, PipeHandle, WorkerPlan};
+use worker::{JournalHandle, PipeHandle, SocketHandle, WorkerPlan};
 
 /// Runs the shipper until SIGTERM/SIGINT; returns once every worker has flushed or given up.
 pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
@@ -56,6 +57,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         let w = j.worker.unwrap_or((config.sources.pipe.len() + i) % workers);
         journals[w].push(JournalHandle { config_index: i, checkpoint });
     }
+    let sockets = bind_sockets(&config)?;
     let registry = Registry::<ShipperCounters>::new(workers);
     if !config.metrics.listen.is_empty() {
         let r = registry.clone();
@@ -69,7 +71,8 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let cpus = core_affinity::get_core_ids().unwrap_or_default();
     let mut share_txs = Vec::new();
     let mut handles = Vec::new();
-    for (core, (pipes, journals)) in pipes.into_iter().zip(journals).enumerate() {
+    let per_worker = pipes.into_iter().zip(journals).zip(sockets);
+    for (core, ((pipes, journals), sockets)) in per_worker.enumerate() {
         let (share_tx, share_rx) = mpsc::channel();
         share_txs.push(share_tx);
         let plan = WorkerPlan {
@@ -77,6 +80,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
             cpu: (config.shipper.pin_workers && !cpus.is_empty()).then(|| cpus[core % cpus.len()]),
             pipes,
             journals,
+            sockets,
             config: config.clone(),
             targets: targets.clone(),
             registry: registry.clone(),
@@ -122,6 +126,50 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         Some(e) => Err(anyhow::anyhow!("worker failed: {e}")),
         None => Ok(()),
     }
+}
+
+/// Binds every socket source on the main thread (so a taken port or bad path fails start-up
+/// with its name) and deals the sockets to their workers: udp and tcp to every worker
+/// (SO_REUSEPORT) unless `worker` is set, unix to one worker, round-robin after the journals.
+fn bind_sockets(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<SocketHandle>>> {
+    use crate::config::socket::Transport;
+    let workers = config.shipper.workers;
+    let mut out: Vec<Vec<SocketHandle>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut dealt = config.sources.pipe.len() + config.sources.journal.len();
+    for (i, s) in config.sources.socket.iter().enumerate() {
+        let owners: Vec<usize> = match (s.worker, s.transport) {
+            (Some(w), _) => vec![w],
+            (None, Transport::Unix) => {
+                dealt += 1;
+                vec![(dealt - 1) % workers]
+            }
+            (None, _) => (0..workers).collect(),
+        };
+        let bound = crate::sources::socket::bind(s, owners.len())?;
+        for (worker, b) in owners.into_iter().zip(bound) {
+            // The kernel reports twice what it granted (socket(7)).
+            let granted = b.receive_buffer_bytes / 2;
+            if (granted as u64) < s.receive_buffer_bytes {
+                tracing::warn!(
+                    source = %s.name,
+                    granted,
+                    asked = s.receive_buffer_bytes,
+                    "socket receive buffer smaller than receive_buffer_bytes \
+                     (see /proc/sys/net/core/rmem_max)"
+                );
+            }
+            tracing::info!(
+                source = %s.name,
+                transport = s.transport.label(),
+                local = %b.local,
+                worker,
+                receive_buffer_bytes = granted,
+                "socket source bound"
+            );
+            out[worker].push(SocketHandle { config_index: i, bound: b });
+        }
+    }
+    Ok(out)
 }
 
 enum Event {

@@ -1,5 +1,5 @@
 //! One worker thread: pinned to a CPU, running its own io_uring loop with the tasks of its
-//! pipes, its connection pool and its ticker.
+//! pipes, journals and sockets, its connection pool and its ticker.
 //!
 //! # Design constraints
 //! - The ticker runs every `min(flush_interval_ms, 50)` ms: it seals overdue batches, closes
@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::control::{DemandReport, Shares};
-use super::core::Core;
+use super::core::{Core, SocketInfo};
 use crate::config::shipper::PipeSource;
 use crate::config::ShipperConfig;
 use crate::metrics::shipper::{DropReason, ShipperCounters};
@@ -28,6 +28,8 @@ use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
 use crate::sinks::receiver::connection::{run_slot, Target};
 use crate::sources::journal::checkpoint::Checkpoint;
 use crate::sources::lines::LineSplitter;
+use crate::sources::socket::run::{read_datagrams, serve_tcp, TcpLimits};
+use crate::sources::socket::{Bound, BoundSocket};
 
 /// A pipe opened by the main thread, handed to its worker.
 pub struct PipeHandle {
@@ -41,12 +43,19 @@ pub struct JournalHandle {
     pub checkpoint: Checkpoint,
 }
 
+/// A socket bound by the main thread, handed to its worker.
+pub struct SocketHandle {
+    pub config_index: usize,
+    pub bound: BoundSocket,
+}
+
 /// Everything a worker thread starts with.
 pub struct WorkerPlan {
     pub core: usize,
     pub cpu: Option<core_affinity::CoreId>,
     pub pipes: Vec<PipeHandle>,
     pub journals: Vec<JournalHandle>,
+    pub sockets: Vec<SocketHandle>,
     pub config: Arc<ShipperConfig>,
     pub targets: Vec<Arc<Target>>,
     pub registry: Arc<Registry<ShipperCounters>>,
@@ -94,6 +103,9 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
         tokio_uring::spawn(crate::buffer::io::write_loop(core.clone(), plan.stop.clone()));
         tokio_uring::spawn(crate::buffer::io::replay_loop(core.clone(), plan.stop.clone()));
     }
+    for handle in plan.sockets {
+        start_socket(&core, handle, &plan.config, &plan.stop);
+    }
     for target in &plan.targets {
         for _ in 0..plan.config.receivers.connections {
             tokio_uring::spawn(run_slot(core.clone(), target.clone(), plan.stop.clone()));
@@ -101,6 +113,39 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     }
     tick(core, plan.stop, plan.reports, plan.shares, plan.registry).await;
     Ok(())
+}
+
+/// Registers a socket source with the core and spawns its reading task.
+fn start_socket(
+    core: &Rc<RefCell<Core>>,
+    handle: SocketHandle,
+    config: &ShipperConfig,
+    stop: &watch::Receiver<bool>,
+) {
+    let cfg = &config.sources.socket[handle.config_index];
+    let local = handle.bound.local;
+    let s = {
+        let mut c = core.borrow_mut();
+        let service = c.intern(cfg.service_name().as_bytes());
+        let transport = cfg.transport.label();
+        tracing::info!(core = c.id, source = %cfg.name, transport, %local, "socket source reading");
+        let info = SocketInfo { format: cfg.format, service, transport: cfg.transport, local };
+        c.add_socket(cfg.name.clone(), info)
+    };
+    let max = cfg.message_bytes_max as usize;
+    match handle.bound.socket {
+        Bound::Datagram(fd) => {
+            tokio_uring::spawn(read_datagrams(core.clone(), s, fd, max, stop.clone()));
+        }
+        Bound::Listener(listener) => {
+            let limits = TcpLimits {
+                framing: cfg.framing_or_default(),
+                message_bytes_max: max,
+                connections_max: cfg.connections_max_or_default(),
+            };
+            tokio_uring::spawn(serve_tcp(core.clone(), s, listener, limits, stop.clone()));
+        }
+    }
 }
 
 fn cfg_limits(cfg: &PipeSource) -> (usize, usize) {

@@ -4,3 +4,4 @@
 pub mod parse;
 pub mod ratelimit;
 pub mod services;
+pub mod syslog;

@@ -1,0 +1,199 @@
+//! `[[sources.socket]]`: syslog and JSON lines over UDP, TCP and a unix datagram socket
+//! (documented in `docs/config.md`; the sockets themselves in `sources/socket`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{parse_mode, Problems, Seg};
+use crate::transforms::syslog::Syntax;
+
+/// Largest message a socket source accepts (`message_bytes_max` upper bound), in bytes.
+pub const MESSAGE_BYTES_LIMIT: u64 = 16 << 20;
+
+/// How the bytes reach the shipper.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Udp,
+    Tcp,
+    /// A unix datagram socket bound at `path` (like `/dev/log`).
+    Unix,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Unix => "unix",
+        }
+    }
+}
+
+/// What one message is.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageFormat {
+    Rfc5424,
+    Rfc3164,
+    /// RFC 5424 or RFC 3164, decided per message.
+    #[default]
+    Auto,
+    /// One JSON object, kept as sent (as pipe sources' `json`).
+    Json,
+}
+
+impl MessageFormat {
+    /// The syslog syntax to parse, or `None` for JSON.
+    pub fn syntax(self) -> Option<Syntax> {
+        match self {
+            MessageFormat::Rfc5424 => Some(Syntax::Rfc5424),
+            MessageFormat::Rfc3164 => Some(Syntax::Rfc3164),
+            MessageFormat::Auto => Some(Syntax::Auto),
+            MessageFormat::Json => None,
+        }
+    }
+}
+
+/// How messages are delimited in a TCP stream (RFC 6587).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Framing {
+    /// Each message ends with `\n`.
+    Newline,
+    /// Each message is preceded by its length in bytes and a space: `11 <13>1 - - x`.
+    OctetCounting,
+    /// Per message: octet counting when it starts with a digit, else newline.
+    #[default]
+    Auto,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketSource {
+    /// Name of the source in metrics (`source` label) and logs; unique among socket sources.
+    pub name: String,
+    /// udp | tcp | unix.
+    pub transport: Transport,
+    /// `ip:port` to bind, for udp and tcp.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Path of the unix datagram socket; a stale socket file there is replaced.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Permission bits of the unix socket file, octal string. Default: "0666" (anyone may log,
+    /// as with /dev/log).
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// rfc5424 | rfc3164 | auto | json. Default: auto.
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// newline | octet_counting | auto, for tcp. Default: auto.
+    #[serde(default)]
+    pub framing: Option<Framing>,
+    /// Socket receive buffer (SO_RCVBUF), in bytes. Default: 4194304. The kernel caps it at
+    /// net.core.rmem_max; a warning says what was granted.
+    #[serde(default = "default_receive_buffer_bytes")]
+    pub receive_buffer_bytes: u64,
+    /// Longest message, in bytes. Longer datagrams and newline-framed messages are cut to it and
+    /// counted; an octet count above it is refused and its bytes skipped. Default: 65536.
+    #[serde(default = "default_message_bytes_max")]
+    pub message_bytes_max: u64,
+    /// Service of messages without APP-NAME / TAG (and of JSON without the key field, and of
+    /// what does not parse). Default: the source's `name`.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// TCP connections served at once per worker that listens; more are closed and counted.
+    /// Default: 256.
+    #[serde(default)]
+    pub connections_max: Option<u64>,
+    /// Worker that owns the socket. Default: udp and tcp bind on every worker with
+    /// SO_REUSEPORT; unix is dealt round-robin after the pipes and journals.
+    #[serde(default)]
+    pub worker: Option<usize>,
+}
+
+fn default_receive_buffer_bytes() -> u64 {
+    4 << 20
+}
+fn default_message_bytes_max() -> u64 {
+    64 << 10
+}
+
+const K: fn(&'static str) -> Seg = Seg::Key;
+
+impl SocketSource {
+    pub fn service_name(&self) -> String {
+        self.service.clone().unwrap_or_else(|| self.name.clone())
+    }
+
+    pub fn mode_bits(&self) -> u32 {
+        self.mode.as_deref().map_or(0o666, |m| parse_mode(m).expect("validated"))
+    }
+
+    pub fn framing_or_default(&self) -> Framing {
+        self.framing.unwrap_or_default()
+    }
+
+    pub fn connections_max_or_default(&self) -> usize {
+        self.connections_max.unwrap_or(256) as usize
+    }
+
+    /// The bound address, for udp and tcp.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.address.as_deref().and_then(|a| a.parse().ok())
+    }
+
+    pub(crate) fn check(&self, i: usize, all: &[SocketSource], workers: usize, p: &mut Problems) {
+        let at = |k| [K("sources"), K("socket"), Seg::Index(i), K(k)];
+        p.check(!self.name.is_empty() && self.name.len() <= 255, &at("name"), || {
+            "must be 1 to 255 bytes".into()
+        });
+        p.check(all[..i].iter().all(|o| o.name != self.name), &at("name"), || {
+            format!("{:?} is the name of an earlier socket source", self.name)
+        });
+        let t = self.transport.label();
+        let unix = self.transport == Transport::Unix;
+        match &self.address {
+            None => p.check(unix, &at("transport"), || format!("transport {t} needs an address")),
+            Some(_) if unix => p.add(&at("address"), "not used with transport unix (give path)"),
+            Some(a) => p.check(self.socket_addr().is_some(), &at("address"), || {
+                format!("{a:?} is not an ip:port address")
+            }),
+        }
+        match &self.path {
+            None => p.check(!unix, &at("transport"), || "transport unix needs a path".into()),
+            Some(_) if !unix => p.add(&at("path"), format!("not used with transport {t}")),
+            Some(path) => {
+                p.check(!path.as_os_str().is_empty(), &at("path"), || "must not be empty".into())
+            }
+        }
+        if let Some(m) = &self.mode {
+            p.check(unix, &at("mode"), || format!("not used with transport {t}"));
+            p.check(parse_mode(m).is_some(), &at("mode"), || {
+                format!("{m:?} is not an octal file mode like \"0666\"")
+            });
+        }
+        let tcp = self.transport == Transport::Tcp;
+        if self.framing.is_some() {
+            p.check(tcp, &at("framing"), || format!("only for transport tcp, not {t}"));
+        }
+        if let Some(n) = self.connections_max {
+            p.check(tcp, &at("connections_max"), || format!("only for transport tcp, not {t}"));
+            p.range(n, 1, 65_536, &at("connections_max"));
+        }
+        p.range(self.receive_buffer_bytes, 4096, 1 << 30, &at("receive_buffer_bytes"));
+        p.range(self.message_bytes_max, 256, MESSAGE_BYTES_LIMIT, &at("message_bytes_max"));
+        let service = self.service_name();
+        p.check(!service.is_empty() && service.len() <= 255, &at("service"), || {
+            "must be 1 to 255 bytes".into()
+        });
+        if let Some(w) = self.worker {
+            p.check(w < workers, &at("worker"), || {
+                format!("{w} is not a worker index (workers = {workers})")
+            });
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Socket sources: syslog (RFC 5424 / RFC 3164) and JSON messages over UDP, TCP and a unix
+//! datagram socket such as `/dev/log`.
+//!
+//! # Design constraints
+//! - Thread per core: a socket is read only by the worker that owns it, on that worker's
+//!   io_uring. UDP and TCP sources bind one socket **per worker** on the same address with
+//!   SO_REUSEPORT (unless `worker` pins the source to one): the kernel spreads datagrams and
+//!   connections over the workers by a hash of the 4-tuple, so one busy port is read by every
+//!   core instead of saturating one, no datagram crosses a thread, and a given sender (one
+//!   source port) always lands on the same worker, which keeps its messages in order. Binding on
+//!   one worker and handing datagrams to the others would put a cross-thread queue on the
+//!   per-record path. A unix datagram socket is a path, which cannot be shared that way: it is
+//!   owned by one worker.
+//! - Every socket is bound on the main thread before any worker starts, so a taken port or a
+//!   bad path fails start-up with its name, and its address is logged (`socket source bound`)
+//!   and kept in the worker's [`crate::runtime::core::SocketInfo`] and the
+//!   `shipper_socket_info` metric, where the kernel drop counters find it.
+//! - Memory: per datagram socket one buffer of `message_bytes_max + 1` bytes; per TCP
+//!   connection one read buffer of [`TCP_READ_BYTES`] plus a carry of at most
+//!   `message_bytes_max`; at most `connections_max` connections per listening worker.
+//! - A socket source is not durable: like a pipe, it never stops reading (a full outbox drops
+//!   the newest batch, counted), so the kernel's receive queue (`receive_buffer_bytes`) only
+//!   has to absorb scheduling hiccups.
+//!
+//! # Format
+//! ```text
+//! udp, unix: one message per datagram (trailing "\n" / NUL ignored by the syslog parser)
+//! tcp:       a stream framed by newline or octet counting (framing.rs, RFC 6587)
+//! message:   syslog -> JSON record (transforms/syslog), or a JSON object kept as sent
+//! ```
+//!
+//! # Operation
+//! 1. Main thread: bind (SO_REUSEPORT, SO_RCVBUF; unix: remove a stale socket file, bind,
+//!    chmod `mode`), log the address and the receive buffer the kernel granted.
+//! 2. Worker: a datagram socket is read with `IORING_OP_READ` into an owned buffer one
+//!    message larger than `message_bytes_max`: a datagram filling it was longer and is cut
+//!    and counted. A TCP listener accepts through the ring; each connection is its own task
+//!    reading through the ring and framing with [`framing::Framer`]; over `connections_max`
+//!    a new connection is closed at once and counted; a malformed octet count closes its
+//!    connection (logged with the peer, counted).
+//! 3. Every message goes to [`crate::runtime::core::Core::on_message`]: parsed, given its
+//!    service, and admitted like a pipe line. On stop, reads end and connections close.
+
+pub mod framing;
+pub mod run;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, Socket, Type};
+use thiserror::Error;
+
+use crate::config::socket::{SocketSource, Transport};
+
+/// Bytes asked of one TCP read.
+pub const TCP_READ_BYTES: usize = 64 << 10;
+
+/// Pending connections the kernel queues for a TCP listener.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Why a socket source could not be set up.
+#[derive(Debug, Error)]
+pub enum SocketError {
+    #[error("socket source {name:?}: cannot bind {transport} {local}: {source}")]
+    Bind { name: String, transport: &'static str, local: String, source: io::Error },
+    #[error("socket source {name:?}: {path} exists and is not a socket")]
+    NotSocket { name: String, path: PathBuf },
+}
+
+/// A bound socket, handed to the worker that reads it.
+pub enum Bound {
+    /// A UDP or unix datagram socket.
+    Datagram(std::os::fd::OwnedFd),
+    Listener(std::net::TcpListener),
+}
+
+/// One socket of a source: what it is bound to and what the kernel granted.
+pub struct BoundSocket {
+    pub socket: Bound,
+    /// `ip:port` or path.
+    pub local: String,
+    /// SO_RCVBUF as the kernel reports it (twice what was granted, see socket(7)).
+    pub receive_buffer_bytes: usize,
+}
+
+/// Binds `count` sockets for `cfg` (more than one only for udp and tcp, with SO_REUSEPORT).
+pub fn bind(cfg: &SocketSource, count: usize) -> Result<Vec<BoundSocket>, SocketError> {
+    match cfg.transport {
+        Transport::Unix => {
+            let path = cfg.path.as_deref().expect("validated: unix has a path");
+            Ok(vec![bind_unix(cfg, path)?])
+        }
+        Transport::Udp | Transport::Tcp => {
+            let mut addr = cfg.socket_addr().expect("validated: udp and tcp have an address");
+            let mut out = Vec::with_capacity(count);
+            for _ in 0..count {
+                let s = bind_inet(cfg, addr, count > 1)?;
+                // Port 0: the others join the port the kernel chose for the first.
+                addr = s.local.parse().expect("a formatted SocketAddr");
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn bind_inet(
+    cfg: &SocketSource,
+    addr: SocketAddr,
+    reuse: bool,
+) -> Result<BoundSocket, SocketError> {
+    let err = |source| SocketError::Bind {
+        name: cfg.name.clone(),
+        transport: cfg.transport.label(),
+        local: addr.to_string(),
+        source,
+    };
+    let tcp = cfg.transport == Transport::Tcp;
+    let ty = if tcp { Type::STREAM } else { Type::DGRAM };
+    let socket = Socket::new(Domain::for_address(addr), ty, None).map_err(err)?;
+    if reuse {
+        socket.set_reuse_port(true).map_err(err)?;
+    }
+    if tcp {
+        socket.set_reuse_address(true).map_err(err)?;
+    }
+    let _ = socket.set_recv_buffer_size(cfg.receive_buffer_bytes as usize);
+    socket.bind(&addr.into()).map_err(err)?;
+    if tcp {
+        socket.listen(LISTEN_BACKLOG).map_err(err)?;
+    }
+    let local = socket.local_addr().map_err(err)?.as_socket().map_or(addr, |a| a);
+    let receive_buffer_bytes = socket.recv_buffer_size().map_err(err)?;
+    let socket = if tcp { Bound::Listener(socket.into()) } else { Bound::Datagram(socket.into()) };
+    Ok(BoundSocket { socket, local: local.to_string(), receive_buffer_bytes })
+}
+
+fn bind_unix(cfg: &SocketSource, path: &Path) -> Result<BoundSocket, SocketError> {
+    let err = |source| SocketError::Bind {
+        name: cfg.name.clone(),
+        transport: "unix",
+        local: path.display().to_string(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        // A socket file outlives the process that bound it: a stale one is replaced.
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(_) => return Err(SocketError::NotSocket { name: cfg.name.clone(), path: path.into() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let socket = Socket::new(Domain::UNIX, Type::DGRAM, None).map_err(err)?;
+    let _ = socket.set_recv_buffer_size(cfg.receive_buffer_bytes as usize);
+    socket.bind(&socket2::SockAddr::unix(path).map_err(err)?).map_err(err)?;
+    // bind applies the umask; set exactly the configured bits.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.mode_bits()))
+        .map_err(err)?;
+    let receive_buffer_bytes = socket.recv_buffer_size().map_err(err)?;
+    Ok(BoundSocket {
+        socket: Bound::Datagram(socket.into()),
+        local: path.display().to_string(),
+        receive_buffer_bytes,
+    })
+}
