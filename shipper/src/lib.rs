@@ -5,9 +5,10 @@
 //!
 //! The modules follow the data path: [`sources`] → [`transforms`] → [`sinks`] (over
 //! [`protocol`] and [`tls`]) → [`receiver`]; [`runtime`] owns the per-core workers and
-//! [`metrics`] what they count. `docs/` has the architecture, protocol and configuration.
+//! [`metrics`] what they count, [`ebpf`] what the kernel drops. `docs/` has the architecture, protocol and configuration.
 
 pub mod config;
+pub mod ebpf;
 pub mod metrics;
 pub mod protocol;
 pub mod receiver;

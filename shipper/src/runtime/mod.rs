@@ -8,7 +8,9 @@
 //! # Operation
 //! 1. Validate TLS material and open (create) every pipe on the main thread, so a bad path
 //!    or certificate fails start-up with its name, before any worker runs.
-//! 2. Spawn the control thread, the metrics endpoint and the workers.
+//! 2. Load the eBPF programs if allowed (`crate::ebpf`; without them on failure), spawn the
+//!    control thread, the metrics endpoint (and the thread copying the kernel's per-CPU
+//!    counters for it) and the workers.
 //! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` here) or a
 //!    worker's exit; then tell every worker to stop and join them.
 
@@ -18,15 +20,16 @@ pub mod signals;
 pub mod worker;
 
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::config::shipper::split_host_port;
 use crate::config::ShipperConfig;
-use crate::metrics::shipper::{render, ShipperCounters};
-use crate::metrics::{http, scrape, Registry};
+use crate::ebpf::KernelCounters;
+use crate::metrics::shipper::{render, render_kernel, ShipperCounters};
+use crate::metrics::{http, scrape, Registry, PUBLISH_INTERVAL_MS};
 use crate::sinks::receiver::connection::Target;
 use worker::{JournalHandle, PipeHandle, WorkerPlan};
 
@@ -56,10 +59,24 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         let w = j.worker.unwrap_or((config.sources.pipe.len() + i) % workers);
         journals[w].push(JournalHandle { config_index: i, checkpoint });
     }
+    let kernel = kernel_counters(config.ebpf.enabled)?;
+    // Held (never read) for the life of the run: see `ebpf.test_udp_listen`.
+    let _test_udp = match config.ebpf.test_udp_listen {
+        Some(addr) => Some(test_udp_socket(addr)?),
+        None => None,
+    };
     let registry = Registry::<ShipperCounters>::new(workers);
     if !config.metrics.listen.is_empty() {
         let r = registry.clone();
-        let addr = http::serve(&config.metrics.listen, move || scrape(&r, render))
+        let render_all = move || {
+            let mut text = scrape(&r, render);
+            let k = kernel.lock().expect("kernel counters poisoned").clone();
+            let mut out = crate::metrics::Exposition::default();
+            render_kernel(&k, &mut out);
+            text.push_str(&out.finish());
+            text
+        };
+        let addr = http::serve(&config.metrics.listen, render_all)
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
@@ -122,6 +139,47 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         Some(e) => Err(anyhow::anyhow!("worker failed: {e}")),
         None => Ok(()),
     }
+}
+
+/// Loads the eBPF programs (or not, and why) and, if attached, starts the thread that copies
+/// their per-CPU counters every `PUBLISH_INTERVAL_MS` for the metrics endpoint.
+fn kernel_counters(enabled: bool) -> anyhow::Result<Arc<Mutex<KernelCounters>>> {
+    let state = crate::ebpf::start(enabled);
+    let shared = Arc::new(Mutex::new(KernelCounters::new(state)));
+    if state == crate::ebpf::State::Attached {
+        let copy = shared.clone();
+        std::thread::Builder::new().name("ebpf".into()).spawn(move || loop {
+            let snapshot = crate::ebpf::snapshot();
+            *copy.lock().expect("kernel counters poisoned") = snapshot;
+            std::thread::sleep(std::time::Duration::from_millis(PUBLISH_INTERVAL_MS));
+        })?;
+    }
+    Ok(shared)
+}
+
+/// `ebpf.test_udp_listen`: a UDP socket with the smallest receive buffer, never read, its
+/// kernel drops counted as source `udp-test:<addr>`.
+fn test_udp_socket(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(std::net::UdpSocket, Option<crate::ebpf::Watch>)> {
+    use std::os::fd::AsFd;
+    let socket = std::net::UdpSocket::bind(addr)
+        .with_context(|| format!("ebpf.test_udp_listen: cannot bind {addr}"))?;
+    let smallest: libc::c_int = 1; // the kernel rounds it up to its minimum
+                                   // SAFETY: a valid int option on our own socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&smallest as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(rc == 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    let watch = crate::ebpf::watch_socket(socket.as_fd(), &format!("udp-test:{addr}"))?;
+    tracing::info!(%addr, watched = watch.is_some(), "test UDP socket bound (never read)");
+    Ok((socket, watch))
 }
 
 enum Event {

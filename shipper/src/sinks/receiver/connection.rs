@@ -7,7 +7,9 @@
 //!    (`handshake_timeout_ms`).
 //! 2. A reader task decodes ACK, HEARTBEAT and ERROR frames; the writer (this task) sends
 //!    frames as the outbox releases them, and a HEARTBEAT after `heartbeat_interval_ms` idle.
-//! 3. Any error, EOF, or a close by the worker's ticker (ack or heartbeat overdue) ends the
+//! 3. From connect to close, the socket is watched by the eBPF programs (`crate::ebpf`):
+//!    the kernel's retransmissions and resets on it count for this receiver.
+//! 4. Any error, EOF, or a close by the worker's ticker (ack or heartbeat overdue) ends the
 //!    connection; its in-flight frames go back to the front of the outbox.
 
 use std::cell::RefCell;
@@ -54,7 +56,8 @@ pub async fn run_slot(
             return;
         }
         match connect(&core, &target).await {
-            Ok((stream, dec)) => {
+            Ok((stream, dec, _watch)) => {
+                // `_watch` counts this connection's retransmits and resets until it ends.
                 if failures > 0 {
                     tracing::info!(receiver = %target.address, "connected after {failures} failed attempts");
                 }
@@ -103,7 +106,7 @@ fn resolve(address: &str) -> io::Result<SocketAddr> {
 async fn connect(
     core: &Rc<RefCell<Core>>,
     target: &Target,
-) -> io::Result<(TlsStream, FrameDecoder)> {
+) -> io::Result<(TlsStream, FrameDecoder, Option<crate::ebpf::Watch>)> {
     let (connect_ms, handshake_ms) = {
         let r = &core.borrow().config.receivers;
         (r.connect_timeout_ms, r.handshake_timeout_ms)
@@ -113,6 +116,12 @@ async fn connect(
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out"))??;
     tcp.set_nodelay(true)?;
+    // SAFETY: `tcp` owns the descriptor and outlives this borrow.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&tcp)) };
+    let watch = crate::ebpf::watch_connection(fd, &target.address).unwrap_or_else(|e| {
+        tracing::warn!(receiver = %target.address, "retransmits not counted: {e}");
+        None
+    });
     let conn = rustls::ClientConnection::new(target.tls.clone(), target.server_name.clone())
         .map_err(io::Error::other)?;
     let timeout = Duration::from_millis(handshake_ms);
@@ -149,7 +158,7 @@ async fn connect(
         }
     });
     welcome.await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no WELCOME in time"))??;
-    Ok((stream, dec))
+    Ok((stream, dec, watch))
 }
 
 fn invalid(e: impl ToString) -> io::Error {
