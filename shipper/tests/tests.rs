@@ -8,6 +8,8 @@ mod bad_input;
 mod cli;
 /// Ack timeouts on a hung receiver; the shipper refuses receivers it cannot verify.
 mod delivery;
+/// eBPF drop accounting against the kernel's counters: UDP drops, retransmits, no privileges.
+mod ebpf;
 /// The journal reader against journalctl, on files written by systemd's own tools.
 mod journal;
 /// The journal source following live files across rotations, and resuming after SIGKILL.

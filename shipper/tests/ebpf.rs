@@ -1,0 +1,150 @@
+//! The eBPF programs against the kernel's own counters, each test in a fresh network
+//! namespace (so /proc/net/snmp is this test's alone). They need root, as CI runs; as
+//! another user they say so and return. Anything else wrong (no BTF, a load failure) fails.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// Whether the tests can run; prints why not.
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIPPED: the eBPF tests need root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)");
+    }
+    root
+}
+
+/// Runs `f` on a thread of its own in a new network namespace with `lo` up; the processes it
+/// starts inherit the namespace. Panics of `f` are re-raised.
+fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let thread = std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread (network namespace is per task).
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        ip(&["link", "set", "lo", "up"]);
+        f()
+    });
+    thread.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Runs `ip ARGS` (in the calling thread's namespace), panicking with its output on failure.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip (iproute2) not installed");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A field of `/proc/thread-self/net/snmp` (this thread's namespace), e.g. ("Udp:", "RcvbufErrors").
+fn snmp(proto: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with(proto));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let i = names.split_whitespace().position(|n| n == field).unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// The `drops` column of the UDP socket bound to local `port` in `/proc/thread-self/net/udp`.
+fn udp_drops(port: u16) -> u64 {
+    let text = std::fs::read_to_string("/proc/thread-self/net/udp").unwrap();
+    let local = format!(":{port:04X}");
+    let line = text
+        .lines()
+        .skip(1)
+        .find(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(&local)))
+        .unwrap_or_else(|| panic!("no UDP socket on port {port}:\n{text}"));
+    line.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+/// A free UDP port on 127.0.0.1 in this namespace.
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts a shipper with `body` and waits until its eBPF programs are attached.
+fn attached_shipper(env: &Env, body: &str) -> Proc {
+    let (port, sm) = (free_port(), free_port());
+    let mut shipper = start_shipper(env, port, sm, body);
+    shipper.wait_alive("the eBPF programs attached", || {
+        metric(&scrape(sm).unwrap_or_default(), "shipper_ebpf_attached", &[("state", "attached")])
+            == 1.0
+    });
+    shipper
+}
+
+/// Guards the core claim: every datagram the kernel drops on the shipper's socket is counted
+/// once, for that socket, and drops on another process's socket are not.
+#[test]
+fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
+    const SENT: u64 = 20_000;
+    if !root() {
+        return;
+    }
+    in_netns(|| {
+        let env = Env::new();
+        let port = free_udp_port();
+        let body = format!("[ebpf]\ntest_udp_listen = \"127.0.0.1:{port}\"\n");
+        let mut shipper = attached_shipper(&env, &body);
+        let sm = shipper.metrics;
+        let source = format!("udp-test:127.0.0.1:{port}");
+        // Not the shipper's: a socket of this test, small buffer, read only at the end.
+        let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_rcvbuf(&other, 1);
+        let other_port = other.local_addr().unwrap().port();
+        let before = snmp("Udp:", "RcvbufErrors");
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let datagram = [b'x'; 200];
+        for _ in 0..SENT {
+            tx.send_to(&datagram, ("127.0.0.1", port)).unwrap();
+            tx.send_to(&datagram, ("127.0.0.1", other_port)).unwrap();
+        }
+        let (drops, other_drops) = (udp_drops(port), udp_drops(other_port));
+        assert!(drops > SENT / 2, "the shipper's queue should overflow: {drops} drops");
+        let counted = |labels: &[(&str, &str)]| {
+            metric(
+                &scrape(sm).unwrap_or_default(),
+                "shipper_kernel_datagrams_dropped_total",
+                labels,
+            )
+        };
+        shipper.wait_alive_for(
+            "eBPF drops to reach the socket's drops",
+            Duration::from_secs(10),
+            &mut || counted(&[("source", &source)]) as u64 >= drops,
+        );
+        // Exact, per socket and per reason: the kernel's drops column, and the namespace's
+        // RcvbufErrors (this socket's and the other one's, nothing else runs here).
+        assert_eq!(counted(&[("source", &source)]) as u64, drops);
+        assert_eq!(counted(&[("source", &source), ("reason", "socket_rcvbuff")]) as u64, drops);
+        assert_eq!(snmp("Udp:", "RcvbufErrors") - before, drops + other_drops);
+        // The other socket's drops are nowhere in the shipper's counters.
+        assert!(other_drops > SENT / 2, "the other queue should overflow: {other_drops}");
+        assert_eq!(counted(&[]) as u64, drops, "only the shipper's socket is counted");
+        // And the kernel's counters themselves add up: received + dropped = sent.
+        other.set_nonblocking(true).unwrap();
+        let mut received = 0;
+        let mut buf = [0u8; 512];
+        while other.recv(&mut buf).is_ok() {
+            received += 1;
+        }
+        assert_eq!(received + other_drops, SENT);
+        eprintln!("udp: sent {SENT} to each socket, shipper's dropped {drops} (eBPF {drops}), other's dropped {other_drops}");
+    });
+}
+
+fn set_rcvbuf(socket: &UdpSocket, bytes: libc::c_int) {
+    // SAFETY: a valid int option on our own socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+}
