@@ -94,9 +94,15 @@ fn connection_event(ctx: &BtfTracePointContext, event: u32) -> u32 {
     0
 }
 
-/// `tcp:tcp_retransmit_skb(sk, skb, err)`: a segment retransmitted.
+/// `tcp:tcp_retransmit_skb(sk, skb, err)`: a retransmission attempt. Since 6.x it also fires
+/// for attempts that sent nothing (`err` != 0: still queued, out of memory, no route); only
+/// the ones that went out are counted, as the kernel's `RetransSegs` does.
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> u32 {
+    let err: i32 = ctx.arg(2);
+    if err != 0 {
+        return 0;
+    }
     connection_event(&ctx, EVENT_RETRANSMIT)
 }
 

@@ -148,3 +148,103 @@ fn set_rcvbuf(socket: &UdpSocket, bytes: libc::c_int) {
     };
     assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
 }
+
+/// The kernel's own count of segments retransmitted (ss's `retrans:<now>/<total>`, added up)
+/// on this namespace's connections to `peer`, and whether any segment is still unacknowledged.
+fn retransmitted_segments(peer: &str) -> (u64, bool) {
+    let out = Command::new("ss").args(["-tin", &format!("dst {peer}")]).output();
+    let text = String::from_utf8(out.expect("ss (iproute2) not installed").stdout).unwrap();
+    let mut total = 0;
+    for field in text.split_whitespace() {
+        if let Some(r) = field.strip_prefix("retrans:") {
+            total += r.split('/').nth(1).unwrap().parse::<u64>().unwrap();
+        }
+    }
+    (total, text.contains("unacked:"))
+}
+
+/// Starts a receiver listening on `addr` (127.0.0.x) and waits until it accepts.
+fn receiver_at(env: &Env, ip: &str) -> (Proc, String) {
+    let (port, rm) = (free_port(), free_port());
+    let text = env
+        .receiver_toml(port, rm, "")
+        .replace(&format!("127.0.0.1:{port}"), &format!("{ip}:{port}"));
+    let cfg = env.write(&format!("receiver-{ip}.toml"), &text);
+    let log = env.path(&format!("receiver-{ip}.log"));
+    let p = Proc::start("receiver", &["receive", "--config", cfg.to_str().unwrap()], rm, log);
+    let addr = format!("{ip}:{port}");
+    wait_for("receiver port", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    (p, addr)
+}
+
+/// Retransmissions show on the counter of the receiver behind the lossy route, and only there.
+#[test]
+fn retransmits_to_a_blackholed_receiver_count_for_that_receiver() {
+    if !root() {
+        return;
+    }
+    in_netns(|| {
+        let env = Env::new();
+        let (_lossy, lossy) = receiver_at(&env, "127.0.0.2");
+        let (_healthy, healthy) = receiver_at(&env, "127.0.0.3");
+        let pipe = env.path("app.pipe");
+        // Long ack timeout: the connections stay open (and watched) while retransmitting.
+        let body = format!("[[sources.pipe]]\npath = {pipe:?}\n[batch]\nflush_interval_ms = 10\n");
+        let sm = free_port();
+        let cfg = env
+            .shipper_toml(free_port(), sm, &body)
+            .replace(
+                "primary = [\"127.0.0.1:",
+                &format!("primary = [\"{lossy}\", \"{healthy}\"]\n# unused: [\"127.0.0.1:"),
+            )
+            .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 60000");
+        let path = env.write("edge.toml", &cfg);
+        let log = env.path("shipper.log");
+        let mut shipper =
+            Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, log);
+        let text = || scrape(sm).unwrap_or_default();
+        shipper.wait_alive("4 connections to each receiver", || {
+            let t = text();
+            metric(&t, "shipper_ebpf_attached", &[("state", "attached")]) == 1.0
+                && metric(&t, "shipper_receiver_connections_up", &[("receiver", &lossy)]) == 4.0
+                && metric(&t, "shipper_receiver_connections_up", &[("receiver", &healthy)]) == 4.0
+        });
+        let before = snmp("Tcp:", "RetransSegs");
+        // From now on the lossy receiver's packets (its ACKs) are discarded as it sends them:
+        // the shipper's segments arrive but are never acknowledged, so it retransmits them.
+        ip(&["rule", "del", "pref", "0"]);
+        ip(&["rule", "add", "pref", "100", "lookup", "local"]);
+        ip(&["rule", "add", "pref", "10", "from", "127.0.0.2", "blackhole"]);
+        let mut w = open_writer(&pipe);
+        for n in 0..2000 {
+            use std::io::Write;
+            writeln!(w, r#"{{"service":"app","n":{n}}}"#).unwrap();
+        }
+        let retransmits = |receiver: &str| {
+            metric(&text(), "shipper_kernel_tcp_retransmits_total", &[("receiver", receiver)])
+        };
+        shipper.wait_alive_for(
+            "3 retransmits to the lossy receiver",
+            Duration::from_secs(20),
+            &mut || retransmits(&lossy) >= 3.0,
+        );
+        // Heal the route; once every lost segment is acknowledged, nothing more is
+        // retransmitted, and the kernel's per-socket totals can be compared at rest.
+        ip(&["rule", "del", "pref", "10"]);
+        let mut kernel = (0, true);
+        shipper.wait_alive("the retransmitted segments to be acknowledged", || {
+            kernel = retransmitted_segments(&lossy);
+            !kernel.1 && retransmits(&lossy) == kernel.0 as f64
+        });
+        assert_eq!(retransmits(&lossy), retransmitted_segments(&lossy).0 as f64);
+        assert!(snmp("Tcp:", "RetransSegs") - before >= kernel.0, "RetransSegs counts them too");
+        eprintln!(
+            "tcp: {} segments retransmitted to {lossy}, counted {}",
+            kernel.0,
+            retransmits(&lossy)
+        );
+        assert_eq!(retransmits(&healthy), 0.0, "no loss towards the healthy receiver");
+    });
+}
