@@ -248,3 +248,49 @@ fn retransmits_to_a_blackholed_receiver_count_for_that_receiver() {
         assert_eq!(retransmits(&healthy), 0.0, "no loss towards the healthy receiver");
     });
 }
+
+/// Without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN the shipper runs on, says why once, and exports
+/// `shipper_ebpf_attached 0` with the reason; `--no-ebpf` turns the programs off.
+#[test]
+fn without_privileges_or_with_no_ebpf_the_shipper_runs_unattached() {
+    if !root() {
+        return;
+    }
+    let env = Env::new();
+    for (name, prefix, state) in [
+        (
+            "no-caps",
+            &["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"][..],
+            "no_permission",
+        ),
+        ("no-ebpf", &[][..], "disabled"),
+    ] {
+        let sm = free_port();
+        let cfg = env.write(&format!("{name}.toml"), &env.shipper_toml(free_port(), sm, ""));
+        let mut args: Vec<&str> = prefix.to_vec();
+        args.extend([BIN, "run", "--config", cfg.to_str().unwrap()]);
+        if state == "disabled" {
+            args.push("--no-ebpf");
+        }
+        let log = env.path(&format!("{name}.log"));
+        let mut shipper = Proc::start_any(name, args[0], &args[1..], log);
+        shipper.metrics = sm;
+        shipper.wait_alive("its metrics endpoint", || scrape(sm).is_some());
+        let text = scrape(sm).unwrap();
+        assert_eq!(metric(&text, "shipper_ebpf_attached", &[]), 0.0, "{name}:\n{text}");
+        assert_eq!(metric(&text, "shipper_ebpf_attached", &[("state", state)]), 0.0);
+        assert!(
+            text.contains(&format!("shipper_ebpf_attached{{state=\"{state}\"}} 0")),
+            "{name}: state {state} expected:\n{text}"
+        );
+        let log = shipper.log_text();
+        let expected = if state == "disabled" {
+            "eBPF drop accounting off"
+        } else {
+            "not attached, running without it: missing capabilities"
+        };
+        assert_eq!(log.matches(expected).count(), 1, "{name}: one line {expected:?}:\n{log}");
+        let status = shipper.stop(Duration::from_secs(10));
+        assert!(status.success(), "{name}: exit {status}:\n{log}");
+    }
+}
