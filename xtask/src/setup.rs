@@ -2,7 +2,8 @@
 //! (the fuzz targets run on the machine's nightly toolchain), the Debian packages the
 //! tests use (a real Prometheus scrapes the metrics endpoints in the tests), and the eBPF
 //! toolchain (docs/ebpf.md): Debian's rustc-web with its prebuilt `core` for the BPF target,
-//! and bpf-linker built against Debian's LLVM 22, cached under `.tools/` (gitignored).
+//! and bpf-linker built against Debian's LLVM 22 into `.tools/` (gitignored), with a copy in
+//! `~/.cache/shipper-tools/` so that fresh clones on the same machine (CI) skip the build.
 //! When everything is there, it costs a handful of `command -v` and `dpkg -s` probes.
 
 use std::path::PathBuf;
@@ -89,15 +90,34 @@ fn present(probe: &str) -> bool {
     Command::new("sh").args(["-c", &script]).output().is_ok_and(|o| o.status.success())
 }
 
-/// Builds bpf-linker against Debian's LLVM 22 into `.tools/` (about 90 s on 2 cores), unless
-/// the pinned version is already there.
+/// A copy of the built linker kept outside the work tree, so that a fresh clone on the same
+/// machine (CI's) copies it instead of building it again: `$HOME/.cache/shipper-tools/`.
+fn machine_cache() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    Some(PathBuf::from(home).join(format!(".cache/shipper-tools/bpf-linker-{BPF_LINKER_VERSION}")))
+}
+
+/// Whether `linker` runs and is the pinned version.
+fn linker_ok(linker: &std::path::Path) -> bool {
+    let version = Command::new(linker).arg("--version").output();
+    version.is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+    })
+}
+
+/// Puts bpf-linker into `.tools/bin`: nothing to do if it is there, a copy from the machine
+/// cache if that has it, else a build against Debian's LLVM 22 (about 90 s on 2 cores).
 fn install_bpf_linker() -> anyhow::Result<()> {
     let root = tools_dir();
     let linker = root.join("bin/bpf-linker");
-    let version = Command::new(&linker).arg("--version").output();
-    if version.is_ok_and(|o| {
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-    }) {
+    if linker_ok(&linker) {
+        return Ok(());
+    }
+    let cache = machine_cache();
+    if let Some(cached) = cache.as_ref().filter(|c| linker_ok(c)) {
+        std::fs::create_dir_all(root.join("bin"))?;
+        std::fs::copy(cached, &linker)?;
+        println!("bpf-linker {BPF_LINKER_VERSION}: copied from {}", cached.display());
         return Ok(());
     }
     let root_arg = root.to_str().expect("workspace path is UTF-8");
@@ -114,6 +134,17 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         .status()?;
     if !status.success() {
         bail!("building bpf-linker {BPF_LINKER_VERSION} failed ({status})");
+    }
+    if let Some(cache) = cache {
+        // Best effort: a read-only home only costs the next fresh clone a rebuild.
+        let copied = cache
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| std::fs::copy(&linker, &cache));
+        if let Err(e) = copied {
+            println!("bpf-linker not cached in {}: {e}", cache.display());
+        }
     }
     Ok(())
 }

@@ -35,10 +35,13 @@
 
 #[cfg(feature = "ebpf")]
 mod loader;
+#[cfg(feature = "ebpf")]
 mod reasons;
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::{Mutex, OnceLock};
+#[cfg(feature = "ebpf")]
+use std::sync::Mutex;
+use std::sync::OnceLock;
 
 pub use shipper_ebpf::{EVENT_RESET_RECEIVED, EVENT_RESET_SENT, EVENT_RETRANSMIT};
 
@@ -148,6 +151,7 @@ pub enum Table {
 /// A watched socket; unwatched when dropped (cookies are never reused, so forgetting a
 /// `Watch` only keeps a stale entry until the LRU map evicts it).
 #[derive(Debug)]
+#[cfg_attr(not(feature = "ebpf"), allow(dead_code))]
 pub struct Watch {
     table: Table,
     cookie: u64,
@@ -166,6 +170,7 @@ impl Drop for Watch {
 static KERNEL: OnceLock<loader::Kernel> = OnceLock::new();
 static STATE: OnceLock<State> = OnceLock::new();
 /// Drop-reason names of this kernel, read once at start.
+#[cfg(feature = "ebpf")]
 static REASONS: Mutex<Option<reasons::Reasons>> = Mutex::new(None);
 
 /// Loads and attaches the programs unless `enabled` is false; returns the state, also kept
@@ -265,6 +270,7 @@ fn watch(_: Table, _: BorrowedFd<'_>, _: &str) -> Result<Option<Watch>, WatchErr
 }
 
 /// Every counter of every CPU, labelled; empty when not attached.
+#[cfg_attr(not(feature = "ebpf"), allow(unused_mut))]
 pub fn snapshot() -> KernelCounters {
     let mut out = KernelCounters::new(state());
     #[cfg(feature = "ebpf")]
