@@ -38,7 +38,8 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A field of `/proc/thread-self/net/snmp` (this thread's namespace), e.g. ("Udp:", "RcvbufErrors").
+/// A field of `/proc/thread-self/net/snmp` (this thread's namespace):
+/// `snmp("Udp:", "RcvbufErrors")`.
 fn snmp(proto: &str, field: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
     let mut lines = text.lines().filter(|l| l.starts_with(proto));
@@ -131,7 +132,9 @@ fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
             received += 1;
         }
         assert_eq!(received + other_drops, SENT);
-        eprintln!("udp: sent {SENT} to each socket, shipper's dropped {drops} (eBPF {drops}), other's dropped {other_drops}");
+        eprintln!(
+            "udp: {SENT} sent to each socket; dropped: shipper's {drops}, other's {other_drops}"
+        );
     });
 }
 
@@ -293,4 +296,58 @@ fn without_privileges_or_with_no_ebpf_the_shipper_runs_unattached() {
         let status = shipper.stop(Duration::from_secs(10));
         assert!(status.success(), "{name}: exit {status}:\n{log}");
     }
+}
+
+/// Resets received on the shipper's connections count for their receiver, once each: a
+/// listener that reads the TLS ClientHello (so the connection is watched by then) and then
+/// resets (SO_LINGER 0) every connection, `RESETS` times.
+#[test]
+fn resets_from_a_receiver_count_once_each() {
+    const RESETS: usize = 5;
+    if !root() {
+        return;
+    }
+    in_netns(|| {
+        let env = Env::new();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let receiver = format!("127.0.0.1:{port}");
+        let sm = free_port();
+        let cfg = env
+            .shipper_toml(port, sm, "")
+            .replace("workers = 2", "workers = 1")
+            .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 3000\nconnections = 1");
+        let path = env.write("edge.toml", &cfg);
+        let log = env.path("shipper.log");
+        let mut shipper =
+            Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, log);
+        for _ in 0..RESETS {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 1];
+            std::io::Read::read_exact(&mut conn, &mut hello).unwrap();
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            // SAFETY: a valid linger struct on our own socket.
+            let rc = unsafe {
+                libc::setsockopt(
+                    conn.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+            drop(conn); // closing with linger 0 sends a reset
+        }
+        // No more resets after these: later attempts wait in the backlog, unanswered.
+        let resets = |name: &str| {
+            metric(&scrape(sm).unwrap_or_default(), name, &[("receiver", receiver.as_str())])
+        };
+        shipper.wait_alive("the resets counted", || {
+            resets("shipper_kernel_tcp_resets_received_total") >= RESETS as f64
+        });
+        assert_eq!(resets("shipper_kernel_tcp_resets_received_total"), RESETS as f64);
+        assert_eq!(resets("shipper_kernel_tcp_resets_sent_total"), 0.0);
+        drop(listener);
+    });
 }

@@ -65,7 +65,10 @@ fn parse(format: &str) -> BTreeMap<u32, String> {
 mod tests {
     #[test]
     fn parses_the_symbolic_table() {
-        let fmt = r#"print fmt: "reason: %s", __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 6, "SOCKET_RCVBUFF" }, { 128, "MAX" })"#;
+        let fmt = concat!(
+            r#"print fmt: "reason: %s", __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, "#,
+            r#"{ 6, "SOCKET_RCVBUFF" }, { 128, "MAX" })"#
+        );
         let names = super::parse(fmt);
         assert_eq!(names.get(&6).map(String::as_str), Some("socket_rcvbuff"));
         assert_eq!(names.len(), 3);
