@@ -36,7 +36,7 @@ fn build() -> Result<(), String> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
     let root = manifest.parent().ok_or("shipper/ has no parent")?.to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
-    for p in ["shipper-ebpf/src", "shipper-ebpf/Cargo.toml", ".tools/bin/bpf-linker"] {
+    for p in ["shipper-ebpf/src", "shipper-ebpf/Cargo.toml"] {
         println!("cargo::rerun-if-changed={}", root.join(p).display());
     }
     for v in ["SHIPPER_BPF_CARGO", "SHIPPER_BPF_RUSTC", "SHIPPER_BPF_OBJ"] {
@@ -87,7 +87,11 @@ fn build() -> Result<(), String> {
         return Err(format!("building the eBPF programs failed ({status}): {cmd:?}"));
     }
     let built = target_dir.join("bpfel-unknown-none/release").join(OBJECT);
-    std::fs::copy(&built, &dst).map_err(|e| format!("copy {}: {e}", built.display()))?;
+    let object = std::fs::read(&built).map_err(|e| format!("{}: {e}", built.display()))?;
+    // Rewritten only when it changed, so that an unchanged object recompiles nothing.
+    if std::fs::read(&dst).ok().as_deref() != Some(&object[..]) {
+        std::fs::write(&dst, &object).map_err(|e| format!("{}: {e}", dst.display()))?;
+    }
     Ok(())
 }
 
