@@ -42,6 +42,8 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let tls = Arc::new(crate::tls::client_config(&t.ca, &t.cert, &t.key)?);
     let run_id = signals::random_u64();
     let targets = targets(&config, tls, run_id)?;
+    // Before any source opens a socket: `ebpf::watch_socket` is a no-op until this ran.
+    let kernel = kernel_counters(config.ebpf.enabled)?;
     let mut pipes: Vec<Vec<PipeHandle>> = (0..workers).map(|_| Vec::new()).collect();
     for (i, p) in config.sources.pipe.iter().enumerate() {
         let open = crate::sources::pipe::open(&p.path, p.mode_bits(), p.pipe_bytes as usize)?;
@@ -59,7 +61,6 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         let w = j.worker.unwrap_or((config.sources.pipe.len() + i) % workers);
         journals[w].push(JournalHandle { config_index: i, checkpoint });
     }
-    let kernel = kernel_counters(config.ebpf.enabled)?;
     // Held (never read) for the life of the run: see `ebpf.test_udp_listen`.
     let _test_udp = match config.ebpf.test_udp_listen {
         Some(addr) => Some(test_udp_socket(addr)?),
