@@ -6,11 +6,12 @@
 //!   plane ([`control`]) and the metrics registry, at ~100 ms pace.
 //!
 //! # Operation
-//! 1. Validate TLS material and open (create) every pipe on the main thread, so a bad path
-//!    or certificate fails start-up with its name, before any worker runs.
-//! 2. Load the eBPF programs if allowed (`crate::ebpf`; without them on failure), spawn the
-//!    control thread, the metrics endpoint (and the thread copying the kernel's per-CPU
-//!    counters for it) and the workers.
+//! 1. Validate TLS material; load the eBPF programs if allowed (`crate::ebpf`; without them
+//!    on failure), before any source opens a socket to watch; open (create) every pipe on
+//!    the main thread, so a bad path or certificate fails start-up with its name, before
+//!    any worker runs.
+//! 2. Spawn the control thread, the metrics endpoint (and the thread copying the kernel's
+//!    per-CPU counters for it) and the workers.
 //! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` here) or a
 //!    worker's exit; then tell every worker to stop and join them.
 
