@@ -4,11 +4,13 @@
 //! to `shipper receive`, which writes them out and acknowledges them.
 //!
 //! The modules follow the data path: [`sources`] → [`transforms`] → [`sinks`] (over
-//! [`protocol`] and [`tls`], spilling to the disk [`buffer`]) → [`receiver`]; [`runtime`] owns the per-core workers and
-//! [`metrics`] what they count. `docs/` has the architecture, protocol and configuration.
+//! [`protocol`] and [`tls`], spilling to the disk [`buffer`]) → [`receiver`]; [`runtime`] owns
+//! the per-core workers, [`metrics`] what they count, [`ebpf`] what the kernel drops. `docs/`
+//! has the architecture, protocol and configuration.
 
 pub mod buffer;
 pub mod config;
+pub mod ebpf;
 pub mod metrics;
 pub mod protocol;
 pub mod receiver;

@@ -27,6 +27,9 @@ enum Command {
         /// Shipper configuration (TOML; see docs/config.md).
         #[arg(long, short)]
         config: PathBuf,
+        /// Do not load the eBPF drop-accounting programs (overrides `ebpf.enabled`).
+        #[arg(long)]
+        no_ebpf: bool,
     },
     /// Accept shippers, write their records to files, and acknowledge them.
     Receive {
@@ -90,8 +93,9 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config } => {
-            let cfg: ShipperConfig = load(&config)?;
+        Command::Run { config, no_ebpf } => {
+            let mut cfg: ShipperConfig = load(&config)?;
+            cfg.ebpf.enabled &= !no_ebpf;
             shipper::runtime::run(cfg)?;
         }
         Command::Receive { config } => {

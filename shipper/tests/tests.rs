@@ -11,6 +11,8 @@ mod buffer;
 mod cli;
 /// Ack timeouts on a hung receiver; the shipper refuses receivers it cannot verify.
 mod delivery;
+/// eBPF drop accounting against the kernel's counters: UDP drops, retransmits, no privileges.
+mod ebpf;
 /// Receivers in tiers: a hung primary fails over to the standby and back; dead letter.
 mod failover;
 /// The journal reader against journalctl, on files written by systemd's own tools.

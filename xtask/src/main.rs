@@ -56,6 +56,10 @@ fn test() -> anyhow::Result<()> {
     setup::run()?;
     run("cargo", &["fmt", "--all", "--", "--check"])?;
     run("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    // The build without the eBPF toolchain (`--no-default-features`) must stay clean too.
+    let lean =
+        ["clippy", "-p", "shipper", "--lib", "--no-default-features", "--", "-D", "warnings"];
+    run("cargo", &lean)?;
     let (passed, failed) = run_counting("cargo", &["test", "--workspace", "--all-targets"])?;
     // One closing line for the whole suite (cargo prints one per test binary).
     if failed > 0 {

@@ -555,3 +555,65 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         }
     }
 }
+
+/// A kernel family: (name, help, which samples, `kind` label, event filter).
+type KernelFamily = (&'static str, &'static str, bool, &'static str, Option<&'static str>);
+
+/// Families of the eBPF programs' counters (docs/ebpf.md); `core` is the CPU the kernel
+/// counted on, `source`/`receiver` the socket's owner. `true`: socket drops, `false`: TCP
+/// events; the event filter picks one event per family.
+const KERNEL: &[KernelFamily] = &[
+    (
+        "shipper_kernel_datagrams_dropped_total",
+        "Packets the kernel dropped on a source's socket (full receive queue, ...), per reason.",
+        true,
+        "reason",
+        None,
+    ),
+    (
+        "shipper_kernel_tcp_retransmits_total",
+        "TCP segments the kernel retransmitted on connections to a receiver.",
+        false,
+        "",
+        Some("retransmit"),
+    ),
+    (
+        "shipper_kernel_tcp_resets_sent_total",
+        "TCP resets the kernel sent on connections to a receiver.",
+        false,
+        "",
+        Some("reset_sent"),
+    ),
+    (
+        "shipper_kernel_tcp_resets_received_total",
+        "TCP resets received on connections to a receiver.",
+        false,
+        "",
+        Some("reset_received"),
+    ),
+];
+
+/// Renders whether the eBPF programs are attached and what they counted.
+pub fn render_kernel(k: &crate::ebpf::KernelCounters, out: &mut Exposition) {
+    let name = "shipper_ebpf_attached";
+    let attached = k.state == crate::ebpf::State::Attached;
+    out.family(
+        name,
+        "gauge",
+        "1 if the eBPF drop-accounting programs are attached; state says why not.",
+    )
+    .sample(name, &[("state", k.state.label())], if attached { 1.0 } else { 0.0 });
+    for (name, help, drops, kind_label, event) in KERNEL {
+        out.family(name, "counter", help);
+        let (samples, item_label) =
+            if *drops { (&k.socket_drops, "source") } else { (&k.connection_events, "receiver") };
+        for s in samples.iter().filter(|s| event.is_none_or(|e| s.kind == e)) {
+            let core = s.cpu.to_string();
+            let mut labels = vec![("core", core.as_str()), (item_label, s.item.as_str())];
+            if !kind_label.is_empty() {
+                labels.push((kind_label, s.kind.as_str()));
+            }
+            out.sample(name, &labels, s.count as f64);
+        }
+    }
+}

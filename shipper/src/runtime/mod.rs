@@ -6,10 +6,12 @@
 //!   plane ([`control`]) and the metrics registry, at ~100 ms pace.
 //!
 //! # Operation
-//! 1. Validate TLS material, open (create) every pipe and bind every socket on the main
-//!    thread, so a bad path, taken port or certificate fails start-up with its name, before
-//!    any worker runs.
-//! 2. Spawn the control thread, the metrics endpoint and the workers.
+//! 1. Validate TLS material; load the eBPF programs if allowed (`crate::ebpf`; without them
+//!    on failure), before any source opens a socket to watch; open (create) every pipe and
+//!    bind every socket on the main thread, so a bad path, taken port or certificate fails
+//!    start-up with its name, before any worker runs.
+//! 2. Spawn the control thread, the metrics endpoint (and the thread copying the kernel's
+//!    per-CPU counters for it) and the workers.
 //! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` here) or a
 //!    worker's exit; then tell every worker to stop and join them.
 
@@ -19,15 +21,16 @@ pub mod signals;
 pub mod worker;
 
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::config::shipper::split_host_port;
 use crate::config::ShipperConfig;
-use crate::metrics::shipper::{render, ShipperCounters};
-use crate::metrics::{http, scrape, Registry};
+use crate::ebpf::KernelCounters;
+use crate::metrics::shipper::{render, render_kernel, ShipperCounters};
+use crate::metrics::{http, scrape, Registry, PUBLISH_INTERVAL_MS};
 use crate::sinks::receiver::connection::Target;
 use worker::{JournalHandle, PipeHandle, SocketHandle, WorkerPlan};
 
@@ -40,6 +43,8 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let tls = Arc::new(crate::tls::client_config(&t.ca, &t.cert, &t.key)?);
     let run_id = signals::random_u64();
     let targets = targets(&config, tls, run_id)?;
+    // Before any source opens a socket: `ebpf::watch_socket` is a no-op until this ran.
+    let kernel = kernel_counters(config.ebpf.enabled)?;
     let mut pipes: Vec<Vec<PipeHandle>> = (0..workers).map(|_| Vec::new()).collect();
     for (i, p) in config.sources.pipe.iter().enumerate() {
         let open = crate::sources::pipe::open(&p.path, p.mode_bits(), p.pipe_bytes as usize)?;
@@ -57,11 +62,26 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         let w = j.worker.unwrap_or((config.sources.pipe.len() + i) % workers);
         journals[w].push(JournalHandle { config_index: i, checkpoint });
     }
-    let sockets = bind_sockets(&config)?;
+    // Held (never read) for the life of the run: see `ebpf.test_udp_listen`.
+    let _test_udp = match config.ebpf.test_udp_listen {
+        Some(addr) => Some(test_udp_socket(addr)?),
+        None => None,
+    };
+    // Held for the life of the run: the kernel's drops on these sockets are counted.
+    let mut watches = Vec::new();
+    let sockets = bind_sockets(&config, &mut watches)?;
     let registry = Registry::<ShipperCounters>::new(workers);
     if !config.metrics.listen.is_empty() {
         let r = registry.clone();
-        let addr = http::serve(&config.metrics.listen, move || scrape(&r, render))
+        let render_all = move || {
+            let mut text = scrape(&r, render);
+            let k = kernel.lock().expect("kernel counters poisoned").clone();
+            let mut out = crate::metrics::Exposition::default();
+            render_kernel(&k, &mut out);
+            text.push_str(&out.finish());
+            text
+        };
+        let addr = http::serve(&config.metrics.listen, render_all)
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
@@ -131,7 +151,10 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
 /// Binds every socket source on the main thread (so a taken port or bad path fails start-up
 /// with its name) and deals the sockets to their workers: udp and tcp to every worker
 /// (SO_REUSEPORT) unless `worker` is set, unix to one worker, round-robin after the journals.
-fn bind_sockets(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<SocketHandle>>> {
+fn bind_sockets(
+    config: &ShipperConfig,
+    watches: &mut Vec<crate::ebpf::Watch>,
+) -> anyhow::Result<Vec<Vec<SocketHandle>>> {
     use crate::config::socket::Transport;
     let workers = config.shipper.workers;
     let mut out: Vec<Vec<SocketHandle>> = (0..workers).map(|_| Vec::new()).collect();
@@ -166,10 +189,59 @@ fn bind_sockets(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<SocketHandle>>
                 receive_buffer_bytes = granted,
                 "socket source bound"
             );
+            if let crate::sources::socket::Bound::Datagram(fd) = &b.socket {
+                use std::os::fd::AsFd;
+                // A datagram the kernel drops is lost (a stream's is resent): count them.
+                match crate::ebpf::watch_socket(fd.as_fd(), &s.name) {
+                    Ok(w) => watches.extend(w),
+                    Err(e) => tracing::warn!(source = %s.name, "kernel drops not counted: {e}"),
+                }
+            }
             out[worker].push(SocketHandle { config_index: i, bound: b });
         }
     }
     Ok(out)
+}
+
+/// Loads the eBPF programs (or not, and why) and, if attached, starts the thread that copies
+/// their per-CPU counters every `PUBLISH_INTERVAL_MS` for the metrics endpoint.
+fn kernel_counters(enabled: bool) -> anyhow::Result<Arc<Mutex<KernelCounters>>> {
+    let state = crate::ebpf::start(enabled);
+    let shared = Arc::new(Mutex::new(KernelCounters::new(state)));
+    if state == crate::ebpf::State::Attached {
+        let copy = shared.clone();
+        std::thread::Builder::new().name("ebpf".into()).spawn(move || loop {
+            let snapshot = crate::ebpf::snapshot();
+            *copy.lock().expect("kernel counters poisoned") = snapshot;
+            std::thread::sleep(std::time::Duration::from_millis(PUBLISH_INTERVAL_MS));
+        })?;
+    }
+    Ok(shared)
+}
+
+/// `ebpf.test_udp_listen`: a UDP socket with the smallest receive buffer, never read, its
+/// kernel drops counted as source `udp-test:<addr>`.
+fn test_udp_socket(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(std::net::UdpSocket, Option<crate::ebpf::Watch>)> {
+    use std::os::fd::AsFd;
+    let socket = std::net::UdpSocket::bind(addr)
+        .with_context(|| format!("ebpf.test_udp_listen: cannot bind {addr}"))?;
+    let smallest: libc::c_int = 1; // the kernel rounds it up to its minimum
+                                   // SAFETY: a valid int option on our own socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&smallest as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(rc == 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    let watch = crate::ebpf::watch_socket(socket.as_fd(), &format!("udp-test:{addr}"))?;
+    tracing::info!(%addr, watched = watch.is_some(), "test UDP socket bound (never read)");
+    Ok((socket, watch))
 }
 
 enum Event {

@@ -11,7 +11,9 @@
 //!    frames as the outbox releases them while its receiver's tier takes frames, and a
 //!    HEARTBEAT after `heartbeat_interval_ms` idle. Every write has `write_timeout_ms`. Frames
 //!    to a dead-letter receiver get the dead-letter flag on the way out.
-//! 3. Any error, EOF, or a close by the worker's ticker (ack or heartbeat overdue: the
+//! 3. From connect to close, the socket is watched by the eBPF programs (`crate::ebpf`):
+//!    the kernel's retransmissions and resets on it count for this receiver.
+//! 4. Any error, EOF, or a close by the worker's ticker (ack or heartbeat overdue: the
 //!    receiver is declared down) ends the connection; its in-flight frames go back to the
 //!    front of the outbox, to go to another receiver.
 
@@ -69,7 +71,8 @@ pub async fn run_slot(
             continue;
         }
         match connect(&core, &target).await {
-            Ok((stream, dec)) => {
+            Ok((stream, dec, _watch)) => {
+                // `_watch` counts this connection's retransmits and resets until it ends.
                 core.borrow_mut().dest_up(d);
                 if let Err(failure) = serve(&core, &target, stream, dec).await {
                     let mut c = core.borrow_mut();
@@ -125,7 +128,7 @@ fn resolve(address: &str) -> io::Result<SocketAddr> {
 async fn connect(
     core: &Rc<RefCell<Core>>,
     target: &Target,
-) -> io::Result<(TlsStream, FrameDecoder)> {
+) -> io::Result<(TlsStream, FrameDecoder, Option<crate::ebpf::Watch>)> {
     let (connect_ms, handshake_ms) = {
         let r = &core.borrow().config.receivers;
         (r.connect_timeout_ms, r.handshake_timeout_ms)
@@ -135,6 +138,12 @@ async fn connect(
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out"))??;
     tcp.set_nodelay(true)?;
+    // SAFETY: `tcp` owns the descriptor and outlives this borrow.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&tcp)) };
+    let watch = crate::ebpf::watch_connection(fd, &target.address).unwrap_or_else(|e| {
+        tracing::warn!(receiver = %target.address, "retransmits not counted: {e}");
+        None
+    });
     let conn = rustls::ClientConnection::new(target.tls.clone(), target.server_name.clone())
         .map_err(io::Error::other)?;
     let timeout = Duration::from_millis(handshake_ms);
@@ -171,7 +180,7 @@ async fn connect(
         }
     });
     welcome.await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no WELCOME in time"))??;
-    Ok((stream, dec))
+    Ok((stream, dec, watch))
 }
 
 fn invalid(e: impl ToString) -> io::Error {

@@ -1,0 +1,129 @@
+//! The shipper's kernel programs: BTF tracepoints (`tp_btf`) that count, into per-CPU maps,
+//! what the kernel drops on the shipper's own sockets and connections. Built for
+//! bpfel-unknown-none by shipper/build.rs; loaded by `shipper/src/ebpf/`.
+//!
+//! Attribution is by socket cookie: userspace puts the cookie of each socket it owns into
+//! `WATCHED_*` (cookie -> slot); a program asks the kernel for the cookie of the socket an
+//! event happened on and counts only if it is watched. Everything else costs one helper call
+//! and one hash lookup, then returns.
+
+#![no_std]
+#![no_main]
+
+use core::ffi::c_void;
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::helpers::generated::bpf_get_socket_cookie;
+use aya_ebpf::macros::{btf_tracepoint, map};
+use aya_ebpf::maps::{LruHashMap, PerCpuHashMap};
+use aya_ebpf::programs::BtfTracePointContext;
+use shipper_ebpf::{
+    ConnectionKey, Count, SocketDropKey, CONNECTION_EVENTS_MAX, EVENT_RESET_RECEIVED,
+    EVENT_RESET_SENT, EVENT_RETRANSMIT, SOCKET_DROPS_MAX, WATCHED_CONNECTIONS_MAX,
+    WATCHED_SOCKETS_MAX,
+};
+
+#[map]
+static WATCHED_SOCKETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(WATCHED_SOCKETS_MAX, 0);
+
+#[map]
+static WATCHED_CONNECTIONS: LruHashMap<u64, u32> =
+    LruHashMap::with_max_entries(WATCHED_CONNECTIONS_MAX, 0);
+
+#[map]
+static SOCKET_DROPS: PerCpuHashMap<SocketDropKey, Count> =
+    PerCpuHashMap::with_max_entries(SOCKET_DROPS_MAX, 0);
+
+#[map]
+static CONNECTION_EVENTS: PerCpuHashMap<ConnectionKey, Count> =
+    PerCpuHashMap::with_max_entries(CONNECTION_EVENTS_MAX, 0);
+
+/// Adds one to this CPU's counter of `key`, creating it at 1 if absent. If another CPU
+/// created the key between the lookup and the insert, the insert fails and the second
+/// lookup finds it: no event is lost.
+#[inline(always)]
+fn increment<K>(map: &PerCpuHashMap<K, Count>, key: &K) {
+    for _ in 0..2 {
+        if let Some(count) = map.get_ptr_mut(key) {
+            // SAFETY: a per-CPU value is only written by programs on this CPU, which do
+            // not preempt each other's map updates (tracing programs do not nest per CPU).
+            unsafe { *count += 1 };
+            return;
+        }
+        if map.insert(key, 1, u64::from(BPF_NOEXIST)).is_ok() {
+            return;
+        }
+    }
+}
+
+/// The cookie of `sk` (a `struct sock *` argument of the tracepoint; 0 if it is null).
+#[inline(always)]
+fn cookie(sk: *mut c_void) -> u64 {
+    // SAFETY: the helper accepts a nullable `struct sock_common` BTF pointer, which is what
+    // the tracepoints' socket arguments are.
+    unsafe { bpf_get_socket_cookie(sk) }
+}
+
+/// `skb:kfree_skb(skb, location, reason, rx_sk)`: a packet freed as dropped. Counted when
+/// `rx_sk`, the socket that was to receive it, is watched.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb(ctx: BtfTracePointContext) -> u32 {
+    let sk: *mut c_void = ctx.arg(3);
+    if sk.is_null() {
+        return 0;
+    }
+    let reason: u32 = ctx.arg(2);
+    // SAFETY: the value is copied out at once; a slot is never rewritten while watched.
+    if let Some(slot) = unsafe { WATCHED_SOCKETS.get(cookie(sk)) } {
+        increment(&SOCKET_DROPS, &SocketDropKey { slot: *slot, reason });
+    }
+    0
+}
+
+/// Counts `event` if the tracepoint's first argument is a watched connection's socket.
+#[inline(always)]
+fn connection_event(ctx: &BtfTracePointContext, event: u32) -> u32 {
+    let sk: *mut c_void = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: as in `kfree_skb`.
+    if let Some(slot) = unsafe { WATCHED_CONNECTIONS.get(cookie(sk)) } {
+        increment(&CONNECTION_EVENTS, &ConnectionKey { slot: *slot, event });
+    }
+    0
+}
+
+/// `tcp:tcp_retransmit_skb(sk, skb, err)`: a retransmission attempt. Since 6.x it also fires
+/// for attempts that sent nothing (`err` != 0: still queued, out of memory, no route); only
+/// the ones that went out are counted, as the kernel's `RetransSegs` does.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> u32 {
+    let err: i32 = ctx.arg(2);
+    if err != 0 {
+        return 0;
+    }
+    connection_event(&ctx, EVENT_RETRANSMIT)
+}
+
+/// `tcp:tcp_send_reset(sk, skb, reason)`: a reset sent (sk is null for no-socket resets).
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> u32 {
+    connection_event(&ctx, EVENT_RESET_SENT)
+}
+
+/// `tcp:tcp_receive_reset(sk)`: a reset received.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> u32 {
+    connection_event(&ctx, EVENT_RESET_RECEIVED)
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// The helpers used (socket cookie) are GPL-only.
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,296 @@
+//! Kernel drop accounting: the eBPF programs of `shipper-ebpf`, loaded at start, count what
+//! the kernel drops on the shipper's own sockets (datagrams over a full receive queue, ...)
+//! and the TCP retransmissions and resets on its connections to receivers (docs/ebpf.md).
+//!
+//! # Design constraints
+//! - Nothing here is on the per-record path. Sources and connections register a socket once
+//!   ([`watch_socket`], [`watch_connection`]: one `bpf()` syscall under a mutex, at connection
+//!   pace); the kernel counts into per-CPU maps; a thread reads the maps every
+//!   `PUBLISH_INTERVAL_MS` for the metrics endpoint.
+//! - Bounded: `WATCHED_SOCKETS_MAX` sockets, `WATCHED_CONNECTIONS_MAX` connections (LRU),
+//!   [`SLOTS_MAX`] distinct source and receiver labels, `SOCKET_DROPS_MAX` (source, reason)
+//!   and `CONNECTION_EVENTS_MAX` (receiver, event) counters (constants in `shipper-ebpf`).
+//! - Optional: without the `ebpf` cargo feature, privileges (CAP_BPF and CAP_PERFMON, or
+//!   CAP_SYS_ADMIN) or kernel BTF, the shipper runs without, says why once, and exports
+//!   `shipper_ebpf_attached{state="<why>"} 0`.
+//!
+//! # Format
+//! Shared with the programs through `shipper_ebpf` (one definition of each key):
+//! ```text
+//! WATCHED_SOCKETS / WATCHED_CONNECTIONS: socket cookie (SO_COOKIE) u64 -> slot u32
+//! SOCKET_DROPS:      { slot: u32, reason: u32 (enum skb_drop_reason) } -> u64 per CPU
+//! CONNECTION_EVENTS: { slot: u32, event: u32 (EVENT_*) }               -> u64 per CPU
+//! ```
+//! A slot is the index of a label (source name, receiver address) in [`Slots`].
+//!
+//! # Operation
+//! 1. [`start`] (main thread, before the workers): unless disabled, check capabilities and
+//!    `/sys/kernel/btf/vmlinux`, raise RLIMIT_MEMLOCK (a failure is only a warning: BPF
+//!    memory is cgroup-accounted on 6.x), load the embedded object, attach its four `tp_btf`
+//!    programs, read drop-reason names from tracefs (mounting it if absent), and log the
+//!    outcome. Any failure leaves the shipper running without eBPF, with the reason.
+//! 2. Sources and connections call `watch_*` with their socket; the returned [`Watch`]
+//!    unregisters it when dropped. They are no-ops when nothing is attached.
+//! 3. [`snapshot`] reads every counter of every CPU, labelled for the metrics.
+
+#[cfg(feature = "ebpf")]
+mod loader;
+#[cfg(feature = "ebpf")]
+mod reasons;
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+#[cfg(feature = "ebpf")]
+use std::sync::Mutex;
+use std::sync::OnceLock;
+
+pub use shipper_ebpf::{EVENT_RESET_RECEIVED, EVENT_RESET_SENT, EVENT_RETRANSMIT};
+
+/// Distinct source labels, and distinct receiver labels, that can be counted.
+pub const SLOTS_MAX: usize = 1024;
+
+/// Why the programs are or are not attached (label `state` of `shipper_ebpf_attached`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Loaded and attached.
+    Attached,
+    /// Turned off by `--no-ebpf` or `ebpf.enabled = false`.
+    Disabled,
+    /// Built without the `ebpf` cargo feature.
+    NotBuilt,
+    /// Missing CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), or the kernel refused with EPERM.
+    NoPermission,
+    /// The kernel has no BTF (`/sys/kernel/btf/vmlinux`), which `tp_btf` programs need.
+    NoBtf,
+    /// Loading or attaching failed otherwise (the log says how).
+    LoadFailed,
+}
+
+impl State {
+    pub fn label(self) -> &'static str {
+        match self {
+            State::Attached => "attached",
+            State::Disabled => "disabled",
+            State::NotBuilt => "not_built",
+            State::NoPermission => "no_permission",
+            State::NoBtf => "no_btf",
+            State::LoadFailed => "load_failed",
+        }
+    }
+}
+
+/// Labels given slots, in slot order: the map values userspace writes are indexes here.
+#[derive(Default)]
+pub struct Slots {
+    names: Vec<String>,
+}
+
+impl Slots {
+    /// The slot of `name`, given a new one if it has none; `None` when all are taken.
+    pub fn intern(&mut self, name: &str) -> Option<u32> {
+        if let Some(i) = self.names.iter().position(|n| n == name) {
+            return Some(i as u32);
+        }
+        if self.names.len() >= SLOTS_MAX {
+            return None;
+        }
+        self.names.push(name.to_string());
+        Some(self.names.len() as u32 - 1)
+    }
+
+    pub fn name(&self, slot: u32) -> &str {
+        self.names.get(slot as usize).map_or("_unknown", String::as_str)
+    }
+}
+
+/// One counter of one CPU, labelled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub cpu: u32,
+    /// Source name (drops) or receiver address (TCP events).
+    pub item: String,
+    /// Drop reason (lower-case kernel name), or the TCP event.
+    pub kind: String,
+    pub count: u64,
+}
+
+/// What the metrics endpoint shows of the kernel programs.
+#[derive(Clone, Debug)]
+pub struct KernelCounters {
+    pub state: State,
+    pub socket_drops: Vec<Sample>,
+    pub connection_events: Vec<Sample>,
+}
+
+impl KernelCounters {
+    pub fn new(state: State) -> KernelCounters {
+        KernelCounters { state, socket_drops: Vec::new(), connection_events: Vec::new() }
+    }
+}
+
+/// A watch that can fail: the socket has no cookie, or the labels or map are full.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// `getsockopt(SO_COOKIE)` failed (not a socket?).
+    #[error("socket cookie: {0}")]
+    Cookie(std::io::Error),
+    /// More than SLOTS_MAX distinct labels.
+    #[error("more than {SLOTS_MAX} distinct labels watched; {0:?} is not counted")]
+    SlotsFull(String),
+    /// The kernel refused the map update.
+    #[error("watch map update: {0}")]
+    Map(String),
+}
+
+/// Which table a [`Watch`] is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    Sockets,
+    Connections,
+}
+
+/// A watched socket; unwatched when dropped (cookies are never reused, so forgetting a
+/// `Watch` only keeps a stale entry until the LRU map evicts it).
+#[derive(Debug)]
+#[cfg_attr(not(feature = "ebpf"), allow(dead_code))]
+pub struct Watch {
+    table: Table,
+    cookie: u64,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        #[cfg(feature = "ebpf")]
+        if let Some(k) = KERNEL.get() {
+            k.unwatch(self.table, self.cookie);
+        }
+    }
+}
+
+#[cfg(feature = "ebpf")]
+static KERNEL: OnceLock<loader::Kernel> = OnceLock::new();
+static STATE: OnceLock<State> = OnceLock::new();
+/// Drop-reason names of this kernel, read once at start.
+#[cfg(feature = "ebpf")]
+static REASONS: Mutex<Option<reasons::Reasons>> = Mutex::new(None);
+
+/// Loads and attaches the programs unless `enabled` is false; returns the state, also kept
+/// for [`state`]. Call once, before any `watch_*`.
+pub fn start(enabled: bool) -> State {
+    let state = if !enabled {
+        tracing::info!("eBPF drop accounting off (--no-ebpf or ebpf.enabled = false)");
+        State::Disabled
+    } else {
+        attach()
+    };
+    let _ = STATE.set(state);
+    state
+}
+
+#[cfg(feature = "ebpf")]
+fn attach() -> State {
+    match loader::Kernel::load() {
+        Ok(kernel) => {
+            *REASONS.lock().expect("reasons poisoned") = Some(reasons::Reasons::load());
+            let _ = KERNEL.set(kernel);
+            tracing::info!(
+                programs = "tp_btf: kfree_skb, tcp_retransmit_skb, tcp_send_reset, \
+                            tcp_receive_reset",
+                "eBPF drop accounting attached"
+            );
+            State::Attached
+        }
+        Err((state, why)) => {
+            tracing::warn!(
+                state = state.label(),
+                "eBPF drop accounting not attached, running without it: {why}"
+            );
+            state
+        }
+    }
+}
+
+#[cfg(not(feature = "ebpf"))]
+fn attach() -> State {
+    tracing::warn!(
+        "eBPF drop accounting not attached: this shipper was built without the `ebpf` feature"
+    );
+    State::NotBuilt
+}
+
+/// The state [`start`] reached (`Disabled` before it ran).
+pub fn state() -> State {
+    STATE.get().copied().unwrap_or(State::Disabled)
+}
+
+/// The kernel's cookie of socket `fd`.
+pub fn cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Counts the kernel's drops on socket `fd` under label `source`. Meant for a source's
+/// datagram sockets (UDP, unix datagram): what the kernel drops there is lost, whereas a
+/// stream socket's drops are retransmitted by the peer. `Ok(None)` when not attached.
+pub fn watch_socket(fd: BorrowedFd<'_>, source: &str) -> Result<Option<Watch>, WatchError> {
+    watch(Table::Sockets, fd, source)
+}
+
+/// Counts TCP retransmissions and resets on connection `fd` under label `receiver`.
+/// `Ok(None)` when the programs are not attached.
+pub fn watch_connection(fd: BorrowedFd<'_>, receiver: &str) -> Result<Option<Watch>, WatchError> {
+    watch(Table::Connections, fd, receiver)
+}
+
+#[cfg(feature = "ebpf")]
+fn watch(table: Table, fd: BorrowedFd<'_>, label: &str) -> Result<Option<Watch>, WatchError> {
+    let Some(k) = KERNEL.get() else {
+        return Ok(None);
+    };
+    let cookie = cookie(fd).map_err(WatchError::Cookie)?;
+    k.watch(table, cookie, label)?;
+    Ok(Some(Watch { table, cookie }))
+}
+
+#[cfg(not(feature = "ebpf"))]
+fn watch(_: Table, _: BorrowedFd<'_>, _: &str) -> Result<Option<Watch>, WatchError> {
+    Ok(None)
+}
+
+/// Every counter of every CPU, labelled; empty when not attached.
+#[cfg_attr(not(feature = "ebpf"), allow(unused_mut))]
+pub fn snapshot() -> KernelCounters {
+    let mut out = KernelCounters::new(state());
+    #[cfg(feature = "ebpf")]
+    if let Some(k) = KERNEL.get() {
+        let reasons = REASONS.lock().expect("reasons poisoned");
+        let name = |r: u32| reasons.as_ref().map_or_else(|| r.to_string(), |t| t.name(r));
+        if let Err(e) = k.read(&mut out, name) {
+            tracing::warn!("reading the eBPF maps failed: {e}");
+        }
+    }
+    out
+}
+
+/// The label of TCP event `event` (`EVENT_*`).
+pub fn event_label(event: u32) -> &'static str {
+    match event {
+        EVENT_RETRANSMIT => "retransmit",
+        EVENT_RESET_SENT => "reset_sent",
+        EVENT_RESET_RECEIVED => "reset_received",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,375 @@
+//! The eBPF programs against the kernel's own counters, each test in a fresh network
+//! namespace (so /proc/net/snmp is this test's alone). They need root, as CI runs; as
+//! another user they say so and return. Anything else wrong (no BTF, a load failure) fails.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// Whether the tests can run; prints why not.
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIPPED: the eBPF tests need root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)");
+    }
+    root
+}
+
+/// Runs `f` on a thread of its own in a new network namespace with `lo` up; the processes it
+/// starts inherit the namespace. Panics of `f` are re-raised.
+fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let thread = std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread (network namespace is per task).
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        ip(&["link", "set", "lo", "up"]);
+        f()
+    });
+    thread.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Runs `ip ARGS` (in the calling thread's namespace), panicking with its output on failure.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip (iproute2) not installed");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A field of `/proc/thread-self/net/snmp` (this thread's namespace):
+/// `snmp("Udp:", "RcvbufErrors")`.
+fn snmp(proto: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with(proto));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let i = names.split_whitespace().position(|n| n == field).unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// The `drops` column of the UDP socket bound to local `port` in `/proc/thread-self/net/udp`.
+fn udp_drops(port: u16) -> u64 {
+    let text = std::fs::read_to_string("/proc/thread-self/net/udp").unwrap();
+    let local = format!(":{port:04X}");
+    let line = text
+        .lines()
+        .skip(1)
+        .find(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(&local)))
+        .unwrap_or_else(|| panic!("no UDP socket on port {port}:\n{text}"));
+    line.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+/// A free UDP port on 127.0.0.1 in this namespace.
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts a shipper with `body` and waits until its eBPF programs are attached.
+fn attached_shipper(env: &Env, body: &str) -> Proc {
+    let (port, sm) = (free_port(), free_port());
+    let mut shipper = start_shipper(env, port, sm, body);
+    shipper.wait_alive("the eBPF programs attached", || {
+        metric(&scrape(sm).unwrap_or_default(), "shipper_ebpf_attached", &[("state", "attached")])
+            == 1.0
+    });
+    shipper
+}
+
+/// Guards the core claim: every datagram the kernel drops on the shipper's socket is counted
+/// once, for that socket, and drops on another process's socket are not.
+#[test]
+fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
+    const SENT: u64 = 20_000;
+    if !root() {
+        return;
+    }
+    in_netns(|| {
+        let env = Env::new();
+        let port = free_udp_port();
+        let body = format!("[ebpf]\ntest_udp_listen = \"127.0.0.1:{port}\"\n");
+        let mut shipper = attached_shipper(&env, &body);
+        let sm = shipper.metrics;
+        let source = format!("udp-test:127.0.0.1:{port}");
+        // Not the shipper's: a socket of this test, small buffer, read only at the end.
+        let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_rcvbuf(&other, 1);
+        let other_port = other.local_addr().unwrap().port();
+        let before = snmp("Udp:", "RcvbufErrors");
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let datagram = [b'x'; 200];
+        for _ in 0..SENT {
+            tx.send_to(&datagram, ("127.0.0.1", port)).unwrap();
+            tx.send_to(&datagram, ("127.0.0.1", other_port)).unwrap();
+        }
+        let (drops, other_drops) = (udp_drops(port), udp_drops(other_port));
+        assert!(drops > SENT / 2, "the shipper's queue should overflow: {drops} drops");
+        let counted = |labels: &[(&str, &str)]| {
+            metric(
+                &scrape(sm).unwrap_or_default(),
+                "shipper_kernel_datagrams_dropped_total",
+                labels,
+            )
+        };
+        shipper.wait_alive_for(
+            "eBPF drops to reach the socket's drops",
+            Duration::from_secs(10),
+            &mut || counted(&[("source", &source)]) as u64 >= drops,
+        );
+        // Exact, per socket and per reason: the kernel's drops column, and the namespace's
+        // RcvbufErrors (this socket's and the other one's, nothing else runs here).
+        assert_eq!(counted(&[("source", &source)]) as u64, drops);
+        assert_eq!(counted(&[("source", &source), ("reason", "socket_rcvbuff")]) as u64, drops);
+        assert_eq!(snmp("Udp:", "RcvbufErrors") - before, drops + other_drops);
+        // The other socket's drops are nowhere in the shipper's counters.
+        assert!(other_drops > SENT / 2, "the other queue should overflow: {other_drops}");
+        assert_eq!(counted(&[]) as u64, drops, "only the shipper's socket is counted");
+        // And the kernel's counters themselves add up: received + dropped = sent.
+        other.set_nonblocking(true).unwrap();
+        let mut received = 0;
+        let mut buf = [0u8; 512];
+        while other.recv(&mut buf).is_ok() {
+            received += 1;
+        }
+        assert_eq!(received + other_drops, SENT);
+        promtool_lint(&scrape(sm).unwrap());
+        eprintln!(
+            "udp: {SENT} sent to each socket; dropped: shipper's {drops}, other's {other_drops}"
+        );
+    });
+}
+
+/// `promtool check metrics` finds nothing to object to in `text` (with kernel samples in it).
+fn promtool_lint(text: &str) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (installed by cargo xtask setup)");
+    lint.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}
+{text}"
+    );
+}
+
+fn set_rcvbuf(socket: &UdpSocket, bytes: libc::c_int) {
+    // SAFETY: a valid int option on our own socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+}
+
+/// The kernel's own count of segments retransmitted (ss's `retrans:<now>/<total>`, added up)
+/// on this namespace's connections to `peer`, and whether any segment is still unacknowledged.
+fn retransmitted_segments(peer: &str) -> (u64, bool) {
+    let out = Command::new("ss").args(["-tin", &format!("dst {peer}")]).output();
+    let text = String::from_utf8(out.expect("ss (iproute2) not installed").stdout).unwrap();
+    let mut total = 0;
+    for field in text.split_whitespace() {
+        if let Some(r) = field.strip_prefix("retrans:") {
+            total += r.split('/').nth(1).unwrap().parse::<u64>().unwrap();
+        }
+    }
+    (total, text.contains("unacked:"))
+}
+
+/// Starts a receiver listening on `addr` (127.0.0.x) and waits until it accepts.
+fn receiver_at(env: &Env, ip: &str) -> (Proc, String) {
+    let (port, rm) = (free_port(), free_port());
+    let text = env
+        .receiver_toml(port, rm, "")
+        .replace(&format!("127.0.0.1:{port}"), &format!("{ip}:{port}"));
+    let cfg = env.write(&format!("receiver-{ip}.toml"), &text);
+    let log = env.path(&format!("receiver-{ip}.log"));
+    let p = Proc::start("receiver", &["receive", "--config", cfg.to_str().unwrap()], rm, log);
+    let addr = format!("{ip}:{port}");
+    wait_for("receiver port", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    (p, addr)
+}
+
+/// Retransmissions show on the counter of the receiver behind the lossy route, and only there.
+#[test]
+fn retransmits_to_a_blackholed_receiver_count_for_that_receiver() {
+    if !root() {
+        return;
+    }
+    in_netns(|| {
+        let env = Env::new();
+        let (_lossy, lossy) = receiver_at(&env, "127.0.0.2");
+        let (_healthy, healthy) = receiver_at(&env, "127.0.0.3");
+        let pipe = env.path("app.pipe");
+        // Long ack timeout: the connections stay open (and watched) while retransmitting.
+        let body = format!("[[sources.pipe]]\npath = {pipe:?}\n[batch]\nflush_interval_ms = 10\n");
+        let sm = free_port();
+        let cfg = env
+            .shipper_toml(free_port(), sm, &body)
+            .replace(
+                "primary = [\"127.0.0.1:",
+                &format!("primary = [\"{lossy}\", \"{healthy}\"]\n# unused: [\"127.0.0.1:"),
+            )
+            .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 60000");
+        let path = env.write("edge.toml", &cfg);
+        let log = env.path("shipper.log");
+        let mut shipper =
+            Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, log);
+        let text = || scrape(sm).unwrap_or_default();
+        shipper.wait_alive("4 connections to each receiver", || {
+            let t = text();
+            metric(&t, "shipper_ebpf_attached", &[("state", "attached")]) == 1.0
+                && metric(&t, "shipper_receiver_connections_up", &[("receiver", &lossy)]) == 4.0
+                && metric(&t, "shipper_receiver_connections_up", &[("receiver", &healthy)]) == 4.0
+        });
+        let before = snmp("Tcp:", "RetransSegs");
+        // From now on the lossy receiver's packets (its ACKs) are discarded as it sends them:
+        // the shipper's segments arrive but are never acknowledged, so it retransmits them.
+        ip(&["rule", "del", "pref", "0"]);
+        ip(&["rule", "add", "pref", "100", "lookup", "local"]);
+        ip(&["rule", "add", "pref", "10", "from", "127.0.0.2", "blackhole"]);
+        let mut w = open_writer(&pipe);
+        for n in 0..2000 {
+            use std::io::Write;
+            writeln!(w, r#"{{"service":"app","n":{n}}}"#).unwrap();
+        }
+        let retransmits = |receiver: &str| {
+            metric(&text(), "shipper_kernel_tcp_retransmits_total", &[("receiver", receiver)])
+        };
+        shipper.wait_alive_for(
+            "3 retransmits to the lossy receiver",
+            Duration::from_secs(20),
+            &mut || retransmits(&lossy) >= 3.0,
+        );
+        // Heal the route; once every lost segment is acknowledged, nothing more is
+        // retransmitted, and the kernel's per-socket totals can be compared at rest.
+        ip(&["rule", "del", "pref", "10"]);
+        let mut kernel = (0, true);
+        shipper.wait_alive("the retransmitted segments to be acknowledged", || {
+            kernel = retransmitted_segments(&lossy);
+            !kernel.1 && retransmits(&lossy) == kernel.0 as f64
+        });
+        assert_eq!(retransmits(&lossy), retransmitted_segments(&lossy).0 as f64);
+        assert!(snmp("Tcp:", "RetransSegs") - before >= kernel.0, "RetransSegs counts them too");
+        eprintln!(
+            "tcp: {} segments retransmitted to {lossy}, counted {}",
+            kernel.0,
+            retransmits(&lossy)
+        );
+        assert_eq!(retransmits(&healthy), 0.0, "no loss towards the healthy receiver");
+    });
+}
+
+/// Without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN the shipper runs on, says why once, and exports
+/// `shipper_ebpf_attached 0` with the reason; `--no-ebpf` turns the programs off.
+#[test]
+fn without_privileges_or_with_no_ebpf_the_shipper_runs_unattached() {
+    if !root() {
+        return;
+    }
+    let env = Env::new();
+    for (name, prefix, state) in [
+        (
+            "no-caps",
+            &["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"][..],
+            "no_permission",
+        ),
+        ("no-ebpf", &[][..], "disabled"),
+    ] {
+        let sm = free_port();
+        let cfg = env.write(&format!("{name}.toml"), &env.shipper_toml(free_port(), sm, ""));
+        let mut args: Vec<&str> = prefix.to_vec();
+        args.extend([BIN, "run", "--config", cfg.to_str().unwrap()]);
+        if state == "disabled" {
+            args.push("--no-ebpf");
+        }
+        let log = env.path(&format!("{name}.log"));
+        let mut shipper = Proc::start_any(name, args[0], &args[1..], log);
+        shipper.metrics = sm;
+        shipper.wait_alive("its metrics endpoint", || scrape(sm).is_some());
+        let text = scrape(sm).unwrap();
+        assert_eq!(metric(&text, "shipper_ebpf_attached", &[]), 0.0, "{name}:\n{text}");
+        assert_eq!(metric(&text, "shipper_ebpf_attached", &[("state", state)]), 0.0);
+        assert!(
+            text.contains(&format!("shipper_ebpf_attached{{state=\"{state}\"}} 0")),
+            "{name}: state {state} expected:\n{text}"
+        );
+        let log = shipper.log_text();
+        let expected = if state == "disabled" {
+            "eBPF drop accounting off"
+        } else {
+            "not attached, running without it: missing capabilities"
+        };
+        assert_eq!(log.matches(expected).count(), 1, "{name}: one line {expected:?}:\n{log}");
+        let status = shipper.stop(Duration::from_secs(10));
+        assert!(status.success(), "{name}: exit {status}:\n{log}");
+    }
+}
+
+/// Resets received on the shipper's connections count for their receiver, once each: a
+/// listener that reads the TLS ClientHello (so the connection is watched by then) and then
+/// resets (SO_LINGER 0) every connection, `RESETS` times.
+#[test]
+fn resets_from_a_receiver_count_once_each() {
+    const RESETS: usize = 5;
+    if !root() {
+        return;
+    }
+    in_netns(|| {
+        let env = Env::new();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let receiver = format!("127.0.0.1:{port}");
+        let sm = free_port();
+        let cfg = env
+            .shipper_toml(port, sm, "")
+            .replace("workers = 2", "workers = 1")
+            .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 3000\nconnections = 1");
+        let path = env.write("edge.toml", &cfg);
+        let log = env.path("shipper.log");
+        let mut shipper =
+            Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, log);
+        for _ in 0..RESETS {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 1];
+            std::io::Read::read_exact(&mut conn, &mut hello).unwrap();
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            // SAFETY: a valid linger struct on our own socket.
+            let rc = unsafe {
+                libc::setsockopt(
+                    conn.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+            drop(conn); // closing with linger 0 sends a reset
+        }
+        // No more resets after these: later attempts wait in the backlog, unanswered.
+        let resets = |name: &str| {
+            metric(&scrape(sm).unwrap_or_default(), name, &[("receiver", receiver.as_str())])
+        };
+        shipper.wait_alive("the resets counted", || {
+            resets("shipper_kernel_tcp_resets_received_total") >= RESETS as f64
+        });
+        assert_eq!(resets("shipper_kernel_tcp_resets_received_total"), RESETS as f64);
+        assert_eq!(resets("shipper_kernel_tcp_resets_sent_total"), 0.0);
+        drop(listener);
+    });
+}
