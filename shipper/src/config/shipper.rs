@@ -40,15 +40,11 @@ pub struct EbpfSection {
     /// Load the eBPF programs at start (when built with them and privileged enough).
     /// `--no-ebpf` overrides it. Default: true.
     pub enabled: bool,
-    /// Test hook until the socket sources land: bind a UDP socket at this `address:port`,
-    /// with the smallest receive buffer, never read it, and count its kernel drops as source
-    /// `udp-test:<address:port>`. Default: none.
-    pub test_udp_listen: Option<SocketAddr>,
 }
 
 impl Default for EbpfSection {
     fn default() -> Self {
-        EbpfSection { enabled: true, test_udp_listen: None }
+        EbpfSection { enabled: true }
     }
 }
 

@@ -62,11 +62,6 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         let w = j.worker.unwrap_or((config.sources.pipe.len() + i) % workers);
         journals[w].push(JournalHandle { config_index: i, checkpoint });
     }
-    // Held (never read) for the life of the run: see `ebpf.test_udp_listen`.
-    let _test_udp = match config.ebpf.test_udp_listen {
-        Some(addr) => Some(test_udp_socket(addr)?),
-        None => None,
-    };
     // Held for the life of the run: the kernel's drops on these sockets are counted.
     let mut watches = Vec::new();
     let sockets = bind_sockets(&config, &mut watches)?;
@@ -217,31 +212,6 @@ fn kernel_counters(enabled: bool) -> anyhow::Result<Arc<Mutex<KernelCounters>>> 
         })?;
     }
     Ok(shared)
-}
-
-/// `ebpf.test_udp_listen`: a UDP socket with the smallest receive buffer, never read, its
-/// kernel drops counted as source `udp-test:<addr>`.
-fn test_udp_socket(
-    addr: std::net::SocketAddr,
-) -> anyhow::Result<(std::net::UdpSocket, Option<crate::ebpf::Watch>)> {
-    use std::os::fd::AsFd;
-    let socket = std::net::UdpSocket::bind(addr)
-        .with_context(|| format!("ebpf.test_udp_listen: cannot bind {addr}"))?;
-    let smallest: libc::c_int = 1; // the kernel rounds it up to its minimum
-                                   // SAFETY: a valid int option on our own socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&smallest as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    anyhow::ensure!(rc == 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
-    let watch = crate::ebpf::watch_socket(socket.as_fd(), &format!("udp-test:{addr}"))?;
-    tracing::info!(%addr, watched = watch.is_some(), "test UDP socket bound (never read)");
-    Ok((socket, watch))
 }
 
 enum Event {
