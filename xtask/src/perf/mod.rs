@@ -23,7 +23,9 @@ use std::process::{Child, Command};
 use anyhow::{bail, Context};
 use serde::Serialize;
 
+mod buffer;
 mod chart;
+mod failover;
 mod journal;
 pub mod peers;
 mod pipe;
@@ -139,7 +141,17 @@ fn run_case(dir: &Path, name: &str, quick: bool, runs: Option<usize>) -> anyhow:
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
             journal::run_case(name, &case, quick)
         }
-        other => bail!("{}: unknown kind {other:?} (pipe or journal)", path.display()),
+        "buffer" => {
+            let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            buffer::run_case(name, &case, quick, runs, &command)
+        }
+        "failover" => {
+            let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            failover::run_case(name, &case, quick, runs, &command)
+        }
+        other => {
+            bail!("{}: unknown kind {other:?} (pipe, journal, buffer, failover)", path.display())
+        }
     }
 }
 
@@ -296,6 +308,25 @@ pub(crate) fn fifo_held(path: &Path) -> anyhow::Result<std::fs::File> {
     // SAFETY: F_SETPIPE_SZ on our own descriptor.
     unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
     Ok(f)
+}
+
+/// Bytes of the files named `*.<ext>` one level below `dir`, outside directories whose name
+/// starts with a dot: a receiver's output (`STREAM/*.log`, not `.state/`) or a disk buffer's
+/// segments (`core-N/*.seg`). Files grow as soon as they are written, unlike the counters
+/// that workers publish every 250 ms, so the suite times phase ends with them.
+pub(crate) fn files_bytes(dir: &Path, ext: &str) -> u64 {
+    let mut total = 0;
+    for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if sub.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+            if f.path().extension().is_some_and(|e| e == ext) {
+                total += f.metadata().map_or(0, |m| m.len());
+            }
+        }
+    }
+    total
 }
 
 /// Writes `perf/results/<date>-<case>[-quick].json`.

@@ -289,17 +289,21 @@ fn shipper_extras(text: &str, m: &mut Measure) {
         .collect();
 }
 
-type Writers = Vec<std::thread::JoinHandle<std::io::Result<Written>>>;
+pub(super) type Writers = Vec<std::thread::JoinHandle<std::io::Result<Written>>>;
 
 fn spawn_writers(env: &Env, fifos: &[PathBuf]) -> Writers {
-    let w = &env.case.workload;
-    env.load
-        .writers
+    spawn_load_writers(env.load, fifos, &env.case.cpus.loadgen)
+}
+
+/// One blocking writer thread per writer of `load`, writer `i` into `fifos[i % fifos.len()]`,
+/// each pinned to `cpus`.
+pub(super) fn spawn_load_writers(load: &Load, fifos: &[PathBuf], cpus: &[usize]) -> Writers {
+    load.writers
         .iter()
         .enumerate()
         .map(|(i, data)| {
-            let (path, data) = (fifos[i % w.pipes].clone(), data.clone());
-            let (pace, cpus) = (env.load.pace, env.case.cpus.loadgen.clone());
+            let (path, data) = (fifos[i % fifos.len()].clone(), data.clone());
+            let (pace, cpus) = (load.pace, cpus.to_vec());
             std::thread::spawn(move || {
                 super::pin_current_thread(&cpus);
                 loadgen::write_lines(&path, &data, pace)
@@ -379,14 +383,9 @@ fn start_shipper(env: &Env, dir: &Path, workers: usize) -> anyhow::Result<Starte
     let bin = crate::root().join("target/release/shipper");
     let (rx, rm, sm) = (free_port()?, free_port()?, free_port()?);
     let rworkers = if case.cpus.receiver.is_empty() { 2 } else { case.cpus.receiver.len() };
-    let rcfg = dir.join("receiver.toml");
-    std::fs::write(&rcfg, format!(
-        "[receiver]\nlisten = \"127.0.0.1:{rx}\"\nworkers = {rworkers}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[output]\ndirectory = {:?}\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n",
-        pki.ca, pki.receiver_cert, pki.receiver_key, dir.join("out")
-    ))?;
+    let rcfg = receiver_config(dir, "receiver", pki, rx, rm, rworkers)?;
     let fifos: Vec<PathBuf> =
         (0..case.workload.pipes).map(|i| dir.join(format!("ship{i}.pipe"))).collect();
-    let pipes: String = fifos.iter().map(|p| format!("[[sources.pipe]]\npath = {p:?}\n")).collect();
     let rate = case.shipper.ratelimit_rate;
     let limit = if rate > 0 {
         format!("[ratelimit]\nkey_field = \"service\"\nrate = {rate}\nburst = {rate}\n")
@@ -397,11 +396,10 @@ fn start_shipper(env: &Env, dir: &Path, workers: usize) -> anyhow::Result<Starte
         .shipper
         .flush_interval_ms
         .map_or(String::new(), |ms| format!("flush_interval_ms = {ms}\n"));
+    let body = format!("{limit}[batch]\nzstd_level = {}\n{flush}", case.shipper.zstd_level);
+    let receivers = format!("primary = [\"127.0.0.1:{rx}\"]\n");
     let scfg = dir.join("edge.toml");
-    std::fs::write(&scfg, format!(
-        "[shipper]\nworkers = {workers}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n{pipes}{limit}[batch]\nzstd_level = {}\n{flush}[receivers]\nprimary = [\"127.0.0.1:{rx}\"]\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\nserver_name = \"localhost\"\n",
-        case.shipper.zstd_level, pki.ca, pki.shipper_cert, pki.shipper_key
-    ))?;
+    shipper_config(&scfg, pki, workers, sm, &fifos, &body, &receivers)?;
     let (rmetrics, smetrics) = (format!("127.0.0.1:{rm}"), format!("127.0.0.1:{sm}"));
     let rlog = dir.join("receiver.log");
     let receiver = Daemon::start_on(&case.cpus.receiver, &bin, "receive", &rcfg, &rlog, &rmetrics)?;
@@ -414,6 +412,46 @@ fn start_shipper(env: &Env, dir: &Path, workers: usize) -> anyhow::Result<Starte
         _holds: Vec::new(),
         progress: Progress::Shipper { metrics: smetrics },
     })
+}
+
+/// Writes `dir/<name>.toml` for a `shipper receive` on 127.0.0.1:`port` (metrics on
+/// `metrics`) with `workers` workers, writing into `dir/<name>-out` without fsync (the perf
+/// suite measures the shipper, not the receiver's disk); returns its path.
+pub(super) fn receiver_config(
+    dir: &Path,
+    name: &str,
+    pki: &shipper::tls::pki::DevPki,
+    port: u16,
+    metrics: u16,
+    workers: usize,
+) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("{name}.toml"));
+    let out = dir.join(format!("{name}-out"));
+    std::fs::write(&path, format!(
+        "[receiver]\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[output]\ndirectory = {out:?}\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+        pki.ca, pki.receiver_cert, pki.receiver_key
+    ))?;
+    Ok(path)
+}
+
+/// Writes a `shipper run` config to `path`: `workers` workers, metrics on `metrics`, one pipe
+/// source per FIFO, then `body` (whole tables: `[batch]`, `[ratelimit]`, `[buffer]`, ...), then
+/// `[receivers]` holding the lines `receivers`, and the shipper's side of the dev PKI.
+pub(super) fn shipper_config(
+    path: &Path,
+    pki: &shipper::tls::pki::DevPki,
+    workers: usize,
+    metrics: u16,
+    fifos: &[PathBuf],
+    body: &str,
+    receivers: &str,
+) -> anyhow::Result<()> {
+    let pipes: String = fifos.iter().map(|p| format!("[[sources.pipe]]\npath = {p:?}\n")).collect();
+    std::fs::write(path, format!(
+        "[shipper]\nworkers = {workers}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n{pipes}{body}[receivers]\n{receivers}[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\nserver_name = \"localhost\"\n",
+        pki.ca, pki.shipper_cert, pki.shipper_key
+    ))?;
+    Ok(())
 }
 
 fn start_peer(env: &Env, dir: &Path, peer: &str) -> anyhow::Result<Started> {

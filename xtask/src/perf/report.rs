@@ -69,7 +69,7 @@ pub fn print_run(m: &Measure, run: usize, runs: usize) {
     );
 }
 
-fn thousands(v: f64) -> String {
+pub(super) fn thousands(v: f64) -> String {
     let s = format!("{:.0}", v.max(0.0));
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
