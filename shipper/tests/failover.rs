@@ -53,13 +53,16 @@ fn hung_primary_fails_over_to_the_standby_and_back() {
     primary.signal(libc::SIGCONT);
     let healthy = [("receiver", label(pp))];
     let healthy: Vec<(&str, &str)> = healthy.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    shipper.wait_alive("the primary healthy on both workers", || {
+    // Generous deadlines from here: the resumed primary first works through the probe
+    // connections queued while it was stopped.
+    let long = Duration::from_secs(60);
+    shipper.wait_alive_for("the primary healthy on both workers", long, &mut || {
         metric_at(sm, "shipper_receiver_healthy", &healthy) == 2.0
     });
     let standby_conns = [("receiver", label(sp))];
     let standby_conns: Vec<(&str, &str)> =
         standby_conns.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    shipper.wait_alive("the standby connections closed", || {
+    shipper.wait_alive_for("the standby connections closed", long, &mut || {
         metric_at(sm, "shipper_receiver_connections_up", &standby_conns) == 0.0
     });
     // Counters and gauges of a core are published together: this is the final count.
