@@ -33,18 +33,22 @@ fn run(env: &Env, cfg: &Path, metrics: u16) -> Proc {
     p
 }
 
-/// Lines of writer 0 delivered, each at most once: how many.
-fn delivered(out: &Path, written: usize) -> usize {
+/// How many times each line of writer 0 was delivered, each at most once.
+fn seen_once(out: &Path, written: usize) -> Vec<u32> {
     let seen = copies(&[out], 0, written);
     assert!(seen.iter().all(|&n| n <= 1), "a line was delivered twice");
-    seen.iter().filter(|&&n| n == 1).count()
+    seen
+}
+
+/// How many lines of writer 0 were delivered (each at most once).
+fn delivered(out: &Path, written: usize) -> usize {
+    seen_once(out, written).iter().filter(|&&n| n == 1).count()
 }
 
 /// [`delivered`], where what arrived must be a prefix of what was written (the buffer keeps
 /// order and a crash loses only a tail).
 fn delivered_prefix(out: &Path, written: usize) -> usize {
-    let seen = copies(&[out], 0, written);
-    assert!(seen.iter().all(|&n| n <= 1), "a line was delivered twice");
+    let seen = seen_once(out, written);
     let k = seen.iter().take_while(|&&n| n == 1).count();
     assert!(seen[k..].iter().all(|&n| n == 0), "lines missing in the middle (first gap at {k})");
     k

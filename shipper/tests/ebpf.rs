@@ -152,23 +152,8 @@ fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
 
 /// `promtool check metrics` finds nothing to object to in `text` (with kernel samples in it).
 fn promtool_lint(text: &str) {
-    use std::io::Write;
-    use std::process::Stdio;
-    let mut lint = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (installed by cargo xtask setup)");
-    lint.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = lint.wait_with_output().unwrap();
-    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool: {said}
-{text}"
-    );
+    let (ok, said) = promtool_check(text);
+    assert!(ok && said.trim().is_empty(), "promtool: {said}\n{text}");
 }
 
 fn set_rcvbuf(socket: &UdpSocket, bytes: libc::c_int) {

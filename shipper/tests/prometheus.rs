@@ -1,6 +1,6 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::*;
@@ -56,20 +56,8 @@ fn prometheus_scrapes_shipper_and_receiver() {
         metric(&scrape(sm).unwrap_or_default(), "shipper_records_acked_total", &[]) == 5000.0
     });
     for (name, port) in [("shipper", sm), ("receiver", rm)] {
-        let mut lint = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        lint.stdin.take().unwrap().write_all(scrape(port).unwrap().as_bytes()).unwrap();
-        let out = lint.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool on the {name}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        let (ok, said) = promtool_check(&scrape(port).unwrap());
+        assert!(ok, "promtool on the {name}: {said}");
     }
     let cfg = env.write(
         "prometheus.yml",

@@ -1,7 +1,8 @@
 //! Bounded fuzzing in the test command: every fuzz target of `shipper/fuzz` runs for a few
 //! seconds with cargo-fuzz (libFuzzer, nightly toolchain), from seeds made here: a real journal
-//! file written by systemd-journal-remote (trimmed to its used part), a real frame, and syslog
-//! messages as real senders write them (RFC 5424 with structured data, BSD, octet-counted).
+//! file written by systemd-journal-remote (trimmed to its used part), a real frame, syslog
+//! messages as real senders write them (RFC 5424 with structured data, BSD, octet-counted),
+//! and a disk buffer segment's records holding a real frame.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -9,7 +10,8 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context};
 
 /// (target, seconds).
-const TARGETS: &[(&str, u32)] = &[("journal_file", 20), ("frames", 10), ("syslog", 10)];
+const TARGETS: &[(&str, u32)] =
+    &[("journal_file", 20), ("frames", 10), ("syslog", 10), ("buffer_segment", 10)];
 
 /// Seeds of the `syslog` target.
 const SYSLOG_SEEDS: &[&str] = &[
@@ -30,6 +32,25 @@ pub fn run() -> anyhow::Result<()> {
     }
     std::fs::write(corpus.join("journal_file/seed.journal"), journal_seed()?)?;
     let frame = shipper::protocol::Frame::control(shipper::protocol::Kind::Heartbeat, 7, b"");
+    std::fs::create_dir_all(corpus.join("buffer_segment"))?;
+    let mut payload = Vec::new();
+    shipper::protocol::RecordWriter::push(&mut payload, b"web", br#"{"service":"web"}"#);
+    let len = payload.len() as u32;
+    let header = shipper::protocol::Header {
+        kind: shipper::protocol::Kind::Data,
+        flags: 0,
+        seq: 1,
+        count: 1,
+        raw_len: len,
+        len,
+    };
+    let data = header.wire(&payload);
+    let mut records = Vec::new();
+    for first_unix_us in [1, 2] {
+        let services: &[(&[u8], u32)] = &[(b"web", 1)];
+        shipper::buffer::format::encode(&data, first_unix_us, services, &mut records);
+    }
+    std::fs::write(corpus.join("buffer_segment/seed.seg"), records)?;
     std::fs::write(corpus.join("frames/seed.frame"), frame)?;
     for (target, secs) in TARGETS {
         let dir = corpus.join(target);

@@ -51,6 +51,13 @@ pub fn encode(frame: &[u8], first_unix_us: u64, services: &[(&[u8], u32)], out: 
     out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// The length of the record [`encode`] makes for a frame of `frame_bytes` whose services' names
+/// are `name_bytes` long.
+pub fn record_bytes(frame_bytes: usize, name_bytes: impl Iterator<Item = usize>) -> u64 {
+    let meta: usize = 8 + 2 + name_bytes.map(|n| 1 + n.min(u8::MAX as usize) + 4).sum::<usize>();
+    (RECORD_HEADER_BYTES + meta + frame_bytes) as u64
+}
+
 /// One intact record.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Record<'a> {
@@ -142,14 +149,17 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 
 /// Parses the record at the start of `data`; returns it and its length.
 fn parse(data: &[u8]) -> Result<(Record<'_>, usize), Damage> {
-    if data.len() < RECORD_HEADER_BYTES || data[..4] != RECORD_MAGIC {
-        return Err(if data.len() < RECORD_HEADER_BYTES && RECORD_MAGIC.starts_with(data) {
-            Damage::Truncated(data.len() as u64)
-        } else if data.len() < RECORD_HEADER_BYTES && data[..4] == RECORD_MAGIC {
+    if data.len() < RECORD_HEADER_BYTES {
+        let seen = &data[..data.len().min(RECORD_MAGIC.len())];
+        let torn = RECORD_MAGIC.starts_with(seen);
+        return Err(if torn {
             Damage::Truncated(RECORD_HEADER_BYTES as u64)
         } else {
             Damage::Magic
         });
+    }
+    if data[..4] != RECORD_MAGIC {
+        return Err(Damage::Magic);
     }
     let (body_len, meta_len) = (u32_at(data, 4), u32_at(data, 8));
     if body_len > BODY_BYTES_MAX || meta_len > body_len.min(META_BYTES_MAX) {
@@ -248,6 +258,9 @@ mod tests {
         assert_eq!((r.frame, r.records, r.first_unix_us), (&frames[1][..], 1, 1));
         assert_eq!(r.services, vec![(&b"web"[..], 2), (&b"db"[..], 1)]);
         assert_eq!(got.len(), 2);
+        let mut one = Vec::new();
+        encode(&frames[1], 1, &[(b"web", 2), (b"db", 1)], &mut one);
+        assert_eq!(record_bytes(frames[1].len(), [3, 2].into_iter()), one.len() as u64);
     }
 
     // Guards the skip-and-go-on promise: a flipped byte costs exactly the record it is in.
@@ -276,6 +289,16 @@ mod tests {
                 [Item::Damaged { damage: Damage::Truncated(_) | Damage::Magic, .. }] => {}
                 other => panic!("cut {cut}: {other:?}"),
             }
+        }
+    }
+
+    // Regression: a few bytes of garbage shorter than a magic indexed past their end.
+    #[test]
+    fn a_few_bytes_of_anything_are_damage_not_a_panic() {
+        for tail in [&b"x"[..], b"xy", b"SH", b"xyz", b"SHBR", b"SHBRxxxxxxx"] {
+            let items: Vec<_> = Scan::new(tail).collect();
+            assert_eq!(items.len(), 1, "{tail:?}");
+            assert!(matches!(items[0], Item::Damaged { offset: 0, .. }), "{tail:?}");
         }
     }
 

@@ -196,14 +196,15 @@ pub async fn replay_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool
             }
             continue;
         };
-        let data = match read(&path, from, to).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(path = %path.display(), "disk buffer: cannot read a segment: {e}; skipping it");
-                Vec::new()
-            }
-        };
+        let read = read(&path, from, to).await;
         let mut c = core.borrow_mut();
+        let data = read.unwrap_or_else(|e| {
+            let b = c.buffer.as_mut().unwrap();
+            b.counters.damaged += 1;
+            b.counters.records_damaged_bytes += to - from;
+            tracing::error!(path = %path.display(), "disk buffer: cannot read bytes {from}..{to} of a segment: {e}; skipping them");
+            Vec::new()
+        });
         let frames = load(&mut c, ordinal, &path, from, &data);
         c.buffer.as_mut().unwrap().read_done(ordinal, to, frames);
     }

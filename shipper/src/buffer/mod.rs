@@ -85,8 +85,8 @@ pub struct BufferCounters {
 pub struct DiskBuffer {
     pub dir: PathBuf,
     pub segments: VecDeque<Segment>,
-    /// Frames waiting for the writer, with their encoded size.
-    pub pending: VecDeque<Sealed>,
+    /// Frames waiting for the writer, with the size of their record on disk.
+    pub pending: VecDeque<(Sealed, u64)>,
     pending_bytes: u64,
     pending_bytes_max: u64,
     /// Frames read back, waiting for room in the outbox.
@@ -100,13 +100,6 @@ pub struct DiskBuffer {
     /// The writer has taken a frame and not finished writing it.
     pub writing: bool,
     pub counters: BufferCounters,
-}
-
-/// Why a frame was not taken.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refused {
-    /// `bytes_max` (or the write queue's bound) is reached.
-    Full,
 }
 
 impl DiskBuffer {
@@ -146,15 +139,8 @@ impl DiskBuffer {
                 }
                 let size = fs::metadata(&path)?.len();
                 let ordinal = buffer.take_ordinal();
-                let read = 0;
-                buffer.segments.push_back(Segment {
-                    ordinal,
-                    path,
-                    size,
-                    read,
-                    unacked: 0,
-                    closed: true,
-                });
+                let segment = Segment { ordinal, path, size, read: 0, unacked: 0, closed: true };
+                buffer.segments.push_back(segment);
             }
         }
         Ok(buffer)
@@ -178,23 +164,23 @@ impl DiskBuffer {
             && self.segments.iter().all(|s| s.read >= s.size)
     }
 
-    /// Queues `frame` for the writer, or gives it back when the buffer is full.
-    pub fn push(&mut self, frame: Sealed) -> Result<(), (Sealed, Refused)> {
-        let need = frame.wire.len() as u64 + 1024;
-        if self.bytes() + need > self.bytes_max
-            || self.pending_bytes + need > self.pending_bytes_max
+    /// Queues `frame`, whose record takes `record_bytes` ([`format::record_bytes`]), for the
+    /// writer; gives it back when that would pass `bytes_max` or the write queue's bound.
+    pub fn push(&mut self, frame: Sealed, record_bytes: u64) -> Result<(), Sealed> {
+        if self.bytes() + record_bytes > self.bytes_max
+            || self.pending_bytes + record_bytes > self.pending_bytes_max
         {
-            return Err((frame, Refused::Full));
+            return Err(frame);
         }
-        self.pending_bytes += need;
-        self.pending.push_back(frame);
+        self.pending_bytes += record_bytes;
+        self.pending.push_back((frame, record_bytes));
         Ok(())
     }
 
     /// The writer takes the next frame.
     pub fn take_pending(&mut self) -> Option<Sealed> {
-        let f = self.pending.pop_front()?;
-        self.pending_bytes -= f.wire.len() as u64 + 1024;
+        let (f, record_bytes) = self.pending.pop_front()?;
+        self.pending_bytes -= record_bytes;
         self.writing = true;
         Some(f)
     }

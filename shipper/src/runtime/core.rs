@@ -332,10 +332,12 @@ impl Core {
 
     /// Queues `frame` for the disk buffer, applying `when_full` when it does not fit.
     fn buffer_push(&mut self, frame: Sealed) {
+        let names = frame.services.iter().map(|&(s, _)| self.services.name(s).len());
+        let record_bytes = crate::buffer::format::record_bytes(frame.wire.len(), names);
         let b = self.buffer.as_mut().expect("checked by the caller");
-        let frame = match b.push(frame) {
+        let frame = match b.push(frame, record_bytes) {
             Ok(()) => return self.wake.notify_waiters(),
-            Err((frame, _)) => frame,
+            Err(frame) => frame,
         };
         if b.when_full == WhenFull::DropOldest {
             if let Some(path) = b.evict_oldest() {
@@ -348,7 +350,10 @@ impl Core {
 
     /// Counts the records of an evicted segment as dropped, per service, and deletes it.
     fn count_evicted(&mut self, path: &std::path::Path) {
-        let data = std::fs::read(path).unwrap_or_default();
+        let data = std::fs::read(path).unwrap_or_else(|e| {
+            tracing::error!(path = %path.display(), "disk buffer: cannot read an evicted segment to count its records per service: {e}; counted in shipper_buffer_segments_dropped_total only");
+            Vec::new()
+        });
         let body = data.get(crate::buffer::format::SEGMENT_MAGIC.len()..).unwrap_or_default();
         let mut counts: Vec<(Vec<u8>, u64)> = Vec::new();
         for item in crate::buffer::format::Scan::new(body) {

@@ -157,37 +157,22 @@ async fn read_pipe(
     src: usize,
     file: std::fs::File,
     (read_bytes, line_max): (usize, usize),
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let file = tokio_uring::fs::File::from_std(file);
     let mut splitter = LineSplitter::new(line_max);
-    let mut buf = Vec::with_capacity(read_bytes);
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        buf.clear();
-        // Offset 0: a FIFO has no position; the kernel ignores it for streams.
-        let (res, b) = tokio::select! {
-            r = file.read_at(buf, 0) => r,
-            _ = stop.changed() => return,
-        };
-        buf = b;
-        match res {
-            Ok(n) => {
-                let mut c = core.borrow_mut();
-                let now = c.now_ns();
-                splitter.split(&buf[..n], |line| c.on_line(src, line.bytes, line.truncated, now));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                let path = core.borrow().counters.sources[src].source.clone();
-                tracing::error!(%path, "pipe read failed: {e}; retrying in 100 ms");
-                core.borrow_mut().counters.sources[src].read_errors += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let on_read = |bytes: &[u8]| {
+        let mut c = core.borrow_mut();
+        let now = c.now_ns();
+        splitter.split(bytes, |line| c.on_line(src, line.bytes, line.truncated, now));
+    };
+    let on_error = |e: &std::io::Error| {
+        let mut c = core.borrow_mut();
+        let sc = &mut c.counters.sources[src];
+        sc.read_errors += 1;
+        tracing::error!(path = %sc.source, "pipe read failed: {e}; retrying in 100 ms");
+    };
+    crate::sources::read_until_stopped(file, read_bytes, stop, on_read, on_error).await;
 }
 
 async fn tick(
@@ -279,19 +264,15 @@ async fn tick(
 fn give_up(c: &mut Core) {
     let mut left: Vec<_> = c.outbox.drain().into_iter().filter(|f| f.origin.is_none()).collect();
     let pending = c.buffer.as_mut().map(|b| std::mem::take(&mut b.pending)).unwrap_or_default();
-    let (kept, mut dropped) = (left.len(), 0u64);
-    for f in left.drain(..) {
-        dropped += u64::from(f.records);
-        c.count_dropped(&f, DropReason::Shutdown);
-    }
-    for f in &pending {
-        dropped += u64::from(f.records);
+    left.extend(pending.into_iter().map(|(f, _)| std::rc::Rc::new(f)));
+    let records: u64 = left.iter().map(|f| u64::from(f.records)).sum();
+    for f in &left {
         c.count_dropped(f, DropReason::Shutdown);
     }
     tracing::error!(
         core = c.id,
-        frames = kept + pending.len(),
-        records = dropped,
+        frames = left.len(),
+        records,
         "shutdown deadline passed with unacknowledged frames: dropped"
     );
 }

@@ -341,3 +341,19 @@ pub fn copies(outputs: &[&Path], writer: usize, lines: usize) -> Vec<u32> {
 pub fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&scrape(port).unwrap_or_default(), name, labels)
 }
+
+/// `promtool check metrics` on `text`: whether it passed, and what it said (stdout and stderr).
+pub fn promtool_check(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (installed by cargo xtask setup)");
+    lint.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), said.into_owned())
+}

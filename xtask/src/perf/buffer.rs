@@ -151,26 +151,22 @@ pub fn run_case(
     let md = markdown(name, case, &load, &medians, &all);
     println!("\n{md}");
     let charts = charts(name, quick, &load, &medians)?;
-    let result = serde_json::json!({
-        "case": name,
-        "description": case.description,
-        "optimises": case.optimises,
-        "quick": quick,
+    let run = super::Run {
+        name,
+        description: &case.description,
+        optimises: &case.optimises,
+        quick,
+        command,
+    };
+    let fields = serde_json::json!({
         "case_toml": case,
         "lines": load.lines,
         "bytes": load.bytes,
-        "git_revision": super::git_revision(),
-        "cpu_model": super::cpu_model(),
-        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "command": command,
         "phases": medians,
         "runs": all,
         "charts": charts,
     });
-    super::save(name, quick, &result)?;
-    let md_path = super::results_path(name, quick, "md");
-    std::fs::write(&md_path, md)?;
-    println!("   summary: {}", md_path.display());
+    super::save(&run, fields, Some(&md))?;
     for p in &medians {
         if p.lines == 0 {
             bail!("{name}: phase \"{}\" moved no line", p.label);

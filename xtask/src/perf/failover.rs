@@ -157,23 +157,19 @@ pub fn run_case(
     let md = markdown(name, case, &outcomes);
     println!("\n{md}");
     let chart = chart(name, quick, &outcomes)?;
-    let result = serde_json::json!({
-        "case": name,
-        "description": case.description,
-        "optimises": case.optimises,
-        "quick": quick,
+    let run = super::Run {
+        name,
+        description: &case.description,
+        optimises: &case.optimises,
+        quick,
+        command,
+    };
+    let fields = serde_json::json!({
         "case_toml": case,
-        "git_revision": super::git_revision(),
-        "cpu_model": super::cpu_model(),
-        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "command": command,
         "settings": outcomes,
         "charts": [chart],
     });
-    super::save(name, quick, &result)?;
-    let md_path = super::results_path(name, quick, "md");
-    std::fs::write(&md_path, md)?;
-    println!("   summary: {}", md_path.display());
+    super::save(&run, fields, Some(&md))?;
     for o in &outcomes {
         if o.lines_acked + o.lines_dropped < o.lines_written {
             bail!(

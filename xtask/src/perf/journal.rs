@@ -30,7 +30,7 @@ struct Reader {
     peak_rss_kib: u64,
 }
 
-pub fn run_case(name: &str, case: &JournalCase, quick: bool) -> anyhow::Result<()> {
+pub fn run_case(name: &str, case: &JournalCase, quick: bool, command: &str) -> anyhow::Result<()> {
     let entries = if quick { case.quick_entries } else { case.entries };
     println!("\n== {name}: {} ({entries} entries)", case.description);
     let dir = super::tempdir()?;
@@ -96,20 +96,19 @@ pub fn run_case(name: &str, case: &JournalCase, quick: bool) -> anyhow::Result<(
     let title = format!("{name}: entries per CPU-second ({entries} entries)");
     super::chart::bars(&chart, &title, "entries per CPU-second", &labels, &values)?;
     println!("   chart: {}", chart.display());
-    let result = serde_json::json!({
-        "case": name,
-        "description": case.description,
-        "optimises": case.optimises,
-        "quick": quick,
+    let run = super::Run {
+        name,
+        description: &case.description,
+        optimises: &case.optimises,
+        quick,
+        command,
+    };
+    let fields = serde_json::json!({
         "entries": entries,
-        "git_revision": super::git_revision(),
-        "cpu_model": super::cpu_model(),
-        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "command": format!("cargo xtask perf {name}{}", if quick { " --quick" } else { "" }),
         "readers": results.iter().map(|(l, r)| (l.clone(), serde_json::to_value(r).expect("plain data"))).collect::<serde_json::Map<_, _>>(),
         "shipper_vs_journalctl_json": ratio,
     });
-    super::save(name, quick, &result)
+    super::save(&run, fields, None)
 }
 
 /// Writes `entries` entries with systemd-journal-remote into `dir` (it rotates by itself).

@@ -139,7 +139,7 @@ fn run_case(dir: &Path, name: &str, quick: bool, runs: Option<usize>) -> anyhow:
         }
         "journal" => {
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-            journal::run_case(name, &case, quick)
+            journal::run_case(name, &case, quick, &command)
         }
         "buffer" => {
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
@@ -234,27 +234,18 @@ fn run_pipe_case(
     let md = report::markdown(name, case, &load, &results, &skipped);
     println!("\n{md}");
     let charts = chart::draw(name, quick, case, &load, &results)?;
-    let result = serde_json::json!({
-        "case": name,
-        "description": case.description,
-        "optimises": case.optimises,
-        "quick": quick,
+    let run =
+        Run { name, description: &case.description, optimises: &case.optimises, quick, command };
+    let fields = serde_json::json!({
         "case_toml": case,
         "lines": load.lines,
         "bytes": load.bytes,
         "offered_per_service": load.per_service,
-        "git_revision": git_revision(),
-        "cpu_model": cpu_model(),
-        "cores": cores,
-        "command": command,
         "systems": results,
         "skipped": skipped,
         "charts": charts,
     });
-    save(name, quick, &result)?;
-    let md_path = results_path(name, quick, "md");
-    std::fs::write(&md_path, md)?;
-    println!("   summary: {}", md_path.display());
+    save(&run, fields, Some(&md))?;
     check(name, &results)
 }
 
@@ -274,7 +265,7 @@ fn check(name: &str, results: &[report::SystemResult]) -> anyhow::Result<()> {
 }
 
 /// `perf/results/<date>-<case>[-quick].<ext>`.
-pub(crate) fn results_path(name: &str, quick: bool, ext: &str) -> PathBuf {
+fn results_path(name: &str, quick: bool, ext: &str) -> PathBuf {
     let out = crate::root().join("perf/results");
     let _ = std::fs::create_dir_all(&out);
     out.join(format!("{}-{name}{}.{ext}", today(), if quick { "-quick" } else { "" }))
@@ -329,11 +320,41 @@ pub(crate) fn files_bytes(dir: &Path, ext: &str) -> u64 {
     total
 }
 
-/// Writes `perf/results/<date>-<case>[-quick].json`.
-pub(crate) fn save(name: &str, quick: bool, result: &serde_json::Value) -> anyhow::Result<()> {
-    let file = results_path(name, quick, "json");
-    std::fs::write(&file, serde_json::to_string_pretty(result)?)?;
+/// What every case's results begin with: the case, its goal, the command that ran it, and the
+/// machine and revision it ran on.
+pub(crate) struct Run<'a> {
+    pub name: &'a str,
+    pub description: &'a str,
+    pub optimises: &'a str,
+    pub quick: bool,
+    pub command: &'a str,
+}
+
+/// Writes `perf/results/<date>-<case>[-quick].json` (`run`'s fields, then the case's own
+/// `fields`, a JSON object) and, when given, the Markdown summary `md` beside it.
+pub(crate) fn save(run: &Run, fields: serde_json::Value, md: Option<&str>) -> anyhow::Result<()> {
+    let mut result = serde_json::json!({
+        "case": run.name,
+        "description": run.description,
+        "optimises": run.optimises,
+        "quick": run.quick,
+        "git_revision": git_revision(),
+        "cpu_model": cpu_model(),
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "command": run.command,
+    });
+    let (Some(all), serde_json::Value::Object(more)) = (result.as_object_mut(), fields) else {
+        bail!("{}: results fields must be a JSON object", run.name);
+    };
+    all.extend(more);
+    let file = results_path(run.name, run.quick, "json");
+    std::fs::write(&file, serde_json::to_string_pretty(&result)?)?;
     println!("   results: {}", file.display());
+    if let Some(md) = md {
+        let path = results_path(run.name, run.quick, "md");
+        std::fs::write(&path, md)?;
+        println!("   summary: {}", path.display());
+    }
     Ok(())
 }
 

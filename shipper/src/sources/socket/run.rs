@@ -22,32 +22,22 @@ pub async fn read_datagrams(
     s: usize,
     fd: OwnedFd,
     message_bytes_max: usize,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let file = tokio_uring::fs::File::from_std(std::fs::File::from(fd));
-    let mut buf = Vec::with_capacity(message_bytes_max + 1);
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        buf.clear();
-        // Offset 0: a socket has no position (the kernel refuses any other for sockets).
-        let (res, b) = tokio::select! {
-            r = file.read_at(buf, 0) => r,
-            _ = stop.changed() => return,
-        };
-        buf = b;
-        match res {
-            Ok(n) => {
-                let mut c = core.borrow_mut();
-                let now = c.now_ns();
-                let cut = n > message_bytes_max;
-                c.on_message(s, &buf[..n.min(message_bytes_max)], cut, now);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => read_failed(&core, s, "datagram read", &e).await,
-        }
-    }
+    let on_read = |datagram: &[u8]| {
+        let mut c = core.borrow_mut();
+        let now = c.now_ns();
+        let cut = datagram.len() > message_bytes_max;
+        c.on_message(s, &datagram[..datagram.len().min(message_bytes_max)], cut, now);
+    };
+    let on_error = |e: &std::io::Error| {
+        let mut c = core.borrow_mut();
+        let sc = &mut c.counters.sockets[s];
+        sc.read_errors += 1;
+        tracing::error!(source = %sc.source, "datagram read failed: {e}; retrying in 100 ms");
+    };
+    crate::sources::read_until_stopped(file, message_bytes_max + 1, stop, on_read, on_error).await;
 }
 
 async fn read_failed(core: &Rc<RefCell<Core>>, s: usize, what: &str, e: &std::io::Error) {
