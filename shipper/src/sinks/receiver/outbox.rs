@@ -9,6 +9,12 @@
 //! `push` queues a sealed frame; `next` hands the lowest queued frame to a connection and
 //! records it as in flight on that connection; `ack` releases it; `fail` puts every frame in
 //! flight on a failed connection back at the front of the queue, in sequence order.
+//!
+//! Frames carrying a durable source's entries (journal: they have checkpoint marks) must
+//! reach the receiver in order. A receiver writes the frames of one connection in order but
+//! those of two connections in any order, so such frames are in flight on one connection at a
+//! time: another connection takes the next one only once all of them are acknowledged (or
+//! their connection failed and put them back). Other frames go on any connection.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
@@ -29,6 +35,9 @@ pub struct Outbox {
     bytes: usize,
     bytes_max: usize,
     inflight_max: usize,
+    /// Ordered frames in flight, and the connection carrying them (while there are any).
+    ordered: usize,
+    ordered_conn: u64,
 }
 
 impl Outbox {
@@ -40,6 +49,8 @@ impl Outbox {
             bytes: 0,
             bytes_max,
             inflight_max,
+            ordered: 0,
+            ordered_conn: 0,
         }
     }
 
@@ -73,7 +84,15 @@ impl Outbox {
         if self.inflight.len() >= self.inflight_max {
             return None;
         }
-        let frame = self.queue.pop_front()?;
+        let front = self.queue.front()?;
+        if !front.marks.is_empty() {
+            if self.ordered > 0 && self.ordered_conn != conn {
+                return None;
+            }
+            self.ordered += 1;
+            self.ordered_conn = conn;
+        }
+        let frame = self.queue.pop_front().expect("looked at above");
         self.inflight.insert(frame.seq, InFlight { frame: frame.clone(), conn, sent_ns: now_ns });
         Some(frame)
     }
@@ -82,6 +101,9 @@ impl Outbox {
     pub fn ack(&mut self, seq: u64) -> Option<InFlight> {
         let done = self.inflight.remove(&seq)?;
         self.bytes -= done.frame.wire.len();
+        if !done.frame.marks.is_empty() {
+            self.ordered -= 1;
+        }
         Some(done)
     }
 
@@ -91,6 +113,9 @@ impl Outbox {
             self.inflight.iter().filter(|(_, f)| f.conn == conn).map(|(s, _)| *s).collect();
         for seq in seqs.iter().rev() {
             let f = self.inflight.remove(seq).expect("listed above");
+            if !f.frame.marks.is_empty() {
+                self.ordered -= 1;
+            }
             self.queue.push_front(f.frame);
         }
         seqs.len()
@@ -108,14 +133,6 @@ impl Outbox {
     /// Frames in flight on connection `conn`.
     pub fn inflight_on(&self, conn: u64) -> usize {
         self.inflight.values().filter(|f| f.conn == conn).count()
-    }
-
-    pub fn has_queued(&self) -> bool {
-        !self.queue.is_empty()
-    }
-
-    pub fn can_send(&self) -> bool {
-        self.has_queued() && self.inflight.len() < self.inflight_max
     }
 
     pub fn is_empty(&self) -> bool {
@@ -151,6 +168,7 @@ impl Outbox {
         all.extend(self.queue.drain(..));
         self.inflight.clear();
         self.bytes = 0;
+        self.ordered = 0;
         all
     }
 }
@@ -190,6 +208,35 @@ mod tests {
         assert!(o.ack(2).is_none(), "a duplicate ack releases nothing");
         assert_eq!(o.next(8, 5).unwrap().seq, 3);
         assert_eq!((o.frames(), o.bytes()), (2, 200));
+    }
+
+    fn ordered(seq: u64) -> Sealed {
+        let mut f = frame(seq, 100);
+        f.marks.push((0, format!("cursor {seq}")));
+        f
+    }
+
+    #[test]
+    fn ordered_frames_travel_on_one_connection_at_a_time() {
+        let mut o = Outbox::new(10_000, 8);
+        o.push(ordered(1)).unwrap();
+        o.push(ordered(2)).unwrap();
+        o.push(frame(3, 100)).unwrap();
+        o.push(ordered(4)).unwrap();
+        assert_eq!(o.next(7, 0).unwrap().seq, 1);
+        assert!(o.next(8, 0).is_none(), "frame 2 must follow frame 1 on connection 7");
+        assert_eq!(o.next(7, 0).unwrap().seq, 2);
+        assert!(o.ack(1).is_some());
+        assert_eq!(o.next(8, 0).unwrap().seq, 3, "an unordered frame goes anywhere");
+        assert!(o.next(8, 0).is_none(), "frame 4 waits for frame 2's ack or failure");
+        // Connection 7 fails: frame 2 comes back first and may now go on connection 8.
+        assert_eq!(o.fail(7), 1);
+        assert_eq!(o.next(8, 0).unwrap().seq, 2);
+        assert!(o.next(7, 0).is_none());
+        assert_eq!(o.next(8, 0).unwrap().seq, 4);
+        assert!(o.ack(2).is_some() && o.ack(4).is_some());
+        o.push(ordered(5)).unwrap();
+        assert_eq!(o.next(7, 0).unwrap().seq, 5, "with none in flight, any connection");
     }
 
     #[test]
