@@ -122,6 +122,13 @@ fn follows_live_journal_across_rotations_exactly_once_in_order() {
     assert!(shipper.stop(Duration::from_secs(20)).success());
 }
 
+/// Entries in the journal file or directory at `path`, as `shipper journal cat` prints them.
+fn journal_entries(path: &Path) -> usize {
+    let out = Command::new(BIN).args(["journal", "cat"]).arg(path).output().unwrap();
+    assert!(out.status.success(), "journal cat {}", path.display());
+    out.stdout.iter().filter(|&&b| b == b'\n').count()
+}
+
 /// Whether the checkpoint at `path` has reached entry seqnum `n` (the last one).
 fn checkpoint_at(path: &Path, n: usize) -> bool {
     std::fs::read_to_string(path).is_ok_and(|c| c.contains(&format!(";i={n:x};")))
@@ -174,10 +181,12 @@ fn shipper_killed_mid_stream_resumes_from_its_checkpoint() {
 }
 
 /// With no receiver, a journal source fills its outbox and then pauses (nothing dropped, the
-/// rest waits on disk); once a receiver appears, every entry arrives exactly once.
+/// rest waits on disk); the archived file it is in the middle of is deleted meanwhile (vacuum);
+/// once a receiver appears, every entry arrives exactly once, the vacuumed file's rest read
+/// through the descriptor the source holds.
 #[test]
 fn journal_source_pauses_instead_of_dropping() {
-    const N: usize = 40_000;
+    const N: usize = 60_000;
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let jdir = env.path("journal");
@@ -205,6 +214,15 @@ fn journal_source_pauses_instead_of_dropping() {
     assert_eq!(read(), before, "the source kept reading with a full outbox");
     assert!(before < N as f64, "paused before the end ({before} of {N})");
     assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
+    let archived: Vec<_> = std::fs::read_dir(&jdir)
+        .unwrap()
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().contains('@'))
+        .collect();
+    assert_eq!(archived.len(), 1, "{N} entries rotate once");
+    let unread = journal_entries(&archived[0].path()) as f64 - before;
+    assert!(unread > 0.0, "the archived file still has unread entries");
+    std::fs::remove_file(archived[0].path()).unwrap();
     let _receiver = start_receiver(&env, port, rm, "");
     shipper.wait_alive_for(
         "the checkpoint at the last entry",
@@ -229,11 +247,7 @@ fn since_now_and_vacuum() {
     feed.write_all(&entries(0, OLD)).unwrap();
     feed.flush().unwrap();
     // Wait until journal-remote has written every old entry (rotating once on the way).
-    let on_disk = || {
-        let out = Command::new(BIN).args(["journal", "cat"]).arg(&jdir).output().unwrap();
-        out.stdout.iter().filter(|&&b| b == b'\n').count()
-    };
-    wait_for("the old entries on disk", Duration::from_secs(30), || on_disk() == OLD);
+    wait_for("the old entries on disk", Duration::from_secs(30), || journal_entries(&jdir) == OLD);
     assert!(std::fs::read_dir(&jdir).unwrap().count() >= 2, "the old entries span two files");
     let checkpoint = env.path("cursor");
     let body = shipper_body(&jdir, &checkpoint)

@@ -16,12 +16,10 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     // Entries only move forward, so this loop is bounded by the file; the cap is a backstop.
     for _ in 0..100_000 {
-        match reader.next(&mut entry) {
-            Ok(true) => {
-                out.clear();
-                json::render(&seqnum_id, &entry, &mut out);
-            }
-            _ => break,
+        if !reader.next_blocking(&mut entry) {
+            break;
         }
+        out.clear();
+        json::render(&seqnum_id, &entry, &mut out);
     }
 });

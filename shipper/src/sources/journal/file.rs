@@ -1,4 +1,11 @@
 //! Bounded, checked access to one journal file: header, objects, block cache.
+//!
+//! # Operation
+//! Decoding never waits on the disk itself. A read the block cache cannot serve fails with
+//! [`JournalError::NeedsRead`] naming the bytes wanted; whoever drives the reader loads them
+//! (through io_uring in the source's worker, [`JournalFile::load_blocking`] in the command
+//! line tools), hands them over with [`JournalFile::land`], and calls the reader again, which
+//! resumes where it stopped (see `reader.rs`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -49,6 +56,16 @@ pub enum JournalError {
     Header { path: PathBuf, what: String },
     #[error("{path}: object at offset {offset}: {what}")]
     Object { path: PathBuf, offset: u64, what: String },
+    /// Not an error: decoding needs these bytes loaded first (see the module's Operation).
+    #[error("{} bytes at offset {} are not loaded yet", .0.len, .0.offset)]
+    NeedsRead(Load),
+}
+
+/// Bytes of a journal file to load before decoding can go on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Load {
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// The fields of the header the reader uses.
@@ -97,6 +114,9 @@ pub struct BlockCache {
     last: usize,
 }
 
+/// Bytes of the header read to parse it (the largest header any journald writes fits).
+pub const HEADER_READ_BYTES: usize = 272;
+
 /// Bytes per cached block.
 pub const BLOCK_BYTES: u64 = 64 << 10;
 
@@ -105,7 +125,8 @@ impl BlockCache {
         BlockCache { blocks: Vec::new(), tick: 0, max: max_blocks.max(2), last: 0 }
     }
 
-    fn block(&mut self, file: &File, index: u64, len: u64) -> std::io::Result<usize> {
+    /// The slot holding block `index` with at least `len` bytes, if cached.
+    fn find(&mut self, index: u64, len: u64) -> Option<usize> {
         self.tick += 1;
         let fits = |b: &(u64, u64, Box<[u8]>)| b.0 == index && b.2.len() as u64 >= len;
         let cached = match self.blocks.get(self.last) {
@@ -115,10 +136,12 @@ impl BlockCache {
         if let Some(i) = cached {
             self.blocks[i].1 = self.tick;
             self.last = i;
-            return Ok(i);
         }
-        let mut data = vec![0u8; len as usize].into_boxed_slice();
-        file.read_exact_at(&mut data, index * BLOCK_BYTES)?;
+        cached
+    }
+
+    /// Caches `data` as block `index`, evicting the least recently used; returns its slot.
+    fn insert(&mut self, index: u64, data: Box<[u8]>) -> usize {
         let slot = if self.blocks.len() < self.max {
             self.blocks.push((index, self.tick, data));
             self.blocks.len() - 1
@@ -128,7 +151,7 @@ impl BlockCache {
             lru
         };
         self.last = slot;
-        Ok(slot)
+        slot
     }
 
     /// Forgets blocks reaching past `size` (the file shrank).
@@ -155,7 +178,11 @@ pub struct JournalFile {
     pub size: u64,
     pub header: Header,
     cache: BlockCache,
+    /// Bytes of a read spanning blocks, and where they are from.
     scratch: Vec<u8>,
+    scratch_at: Option<Load>,
+    /// The last load handed over, not yet taken by the read that asked for it.
+    landed: Option<(Load, std::io::Result<Vec<u8>>)>,
 }
 
 impl JournalFile {
@@ -164,7 +191,7 @@ impl JournalFile {
         let file = File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         let size = meta.len();
-        let mut head = [0u8; 272];
+        let mut head = [0u8; HEADER_READ_BYTES];
         let n = read_up_to(&file, &mut head, 0).map_err(io)?;
         let header = parse_header(path, &head[..n], size)?;
         Ok(JournalFile {
@@ -174,24 +201,43 @@ impl JournalFile {
             header,
             cache: BlockCache::new(64),
             scratch: Vec::new(),
+            scratch_at: None,
+            landed: None,
         })
     }
 
-    /// Re-reads the header and size (the file may have grown). Returns true if it changed.
-    pub fn refresh(&mut self) -> Result<bool, JournalError> {
-        let io = |source| JournalError::Io { path: self.path.clone(), source };
-        let size = self.file.metadata().map_err(io)?.len();
-        let mut head = [0u8; 272];
-        let n = read_up_to(&self.file, &mut head, 0).map_err(io)?;
-        let header = parse_header(&self.path, &head[..n], size)?;
+    /// The open file (for another handle on it: `try_clone`).
+    pub fn std(&self) -> &File {
+        &self.file
+    }
+
+    /// Takes a fresh copy of the header (its first [`HEADER_READ_BYTES`] bytes, or all of a
+    /// shorter file) and the file's size: the file may have grown. Returns true if it changed.
+    pub fn refresh(&mut self, head: &[u8], size: u64) -> Result<bool, JournalError> {
+        let header = parse_header(&self.path, head, size)?;
         let changed = size != self.size || header.n_entries != self.header.n_entries;
         if changed {
             // The last block may have been cached short, or rewritten (hash chains, arrays).
             self.cache.clear();
+            self.scratch_at = None;
         }
         self.size = size;
         self.header = header;
         Ok(changed)
+    }
+
+    /// Hands over the bytes (or the failure) of `load`, asked for by a [`NeedsRead`].
+    ///
+    /// [`NeedsRead`]: JournalError::NeedsRead
+    pub fn land(&mut self, load: Load, bytes: std::io::Result<Vec<u8>>) {
+        self.landed = Some((load, bytes));
+    }
+
+    /// Loads `load` with `pread` (for tools that read files one after the other).
+    pub fn load_blocking(&mut self, load: Load) {
+        let mut buf = vec![0u8; load.len as usize];
+        let result = self.file.read_exact_at(&mut buf, load.offset).map(|()| buf);
+        self.land(load, result);
     }
 
     pub fn error(&self, offset: u64, what: impl Into<String>) -> JournalError {
@@ -236,11 +282,12 @@ impl JournalFile {
         self.size = size;
         self.cache.drop_short();
         self.cache.drop_beyond(size);
+        self.scratch_at = None;
         Ok(true)
     }
 
-    /// Loads `len` bytes at `offset`: into a cached block (its index is returned) when they lie
-    /// in one block, else into the scratch buffer.
+    /// Finds `len` bytes at `offset`: in a cached block (its slot is returned) when they lie in
+    /// one block, else in the scratch buffer; loaded first if they were handed over.
     fn read_once(&mut self, offset: u64, len: u64) -> Result<Option<usize>, JournalError> {
         let end = offset.checked_add(len).filter(|&e| e <= self.size);
         let Some(end) = end else {
@@ -249,15 +296,31 @@ impl JournalFile {
                 format!("{len} bytes run past the end of the file ({})", self.size),
             ));
         };
-        let io = |source| JournalError::Io { path: self.path.clone(), source };
         let (first, last) = (offset / BLOCK_BYTES, (end.max(1) - 1) / BLOCK_BYTES);
         if first == last && len > 0 {
             let block_len = BLOCK_BYTES.min(self.size - first * BLOCK_BYTES);
-            return self.cache.block(&self.file, first, block_len).map(Some).map_err(io);
+            if let Some(slot) = self.cache.find(first, block_len) {
+                return Ok(Some(slot));
+            }
+            let data = self.take_landed(Load { offset: first * BLOCK_BYTES, len: block_len })?;
+            return Ok(Some(self.cache.insert(first, data.into_boxed_slice())));
         }
-        self.scratch.resize(len as usize, 0);
-        self.file.read_exact_at(&mut self.scratch, offset).map_err(io)?;
+        let want = Load { offset, len };
+        if self.scratch_at != Some(want) {
+            self.scratch = self.take_landed(want)?;
+            self.scratch_at = Some(want);
+        }
         Ok(None)
+    }
+
+    /// The bytes of `want` if they were handed over, else a [`JournalError::NeedsRead`].
+    fn take_landed(&mut self, want: Load) -> Result<Vec<u8>, JournalError> {
+        match self.landed.take() {
+            Some((load, result)) if load == want => {
+                result.map_err(|source| JournalError::Io { path: self.path.clone(), source })
+            }
+            _ => Err(JournalError::NeedsRead(want)),
+        }
     }
 
     /// Checks the object header at `offset` and returns `(type, flags, size)`.

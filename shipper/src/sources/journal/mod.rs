@@ -5,8 +5,11 @@
 //!   object is bounded ([`file::OBJECT_BYTES_MAX`]), decompression is bounded by the same limit,
 //!   and entry-array chains must move forward, so a corrupt or hostile file costs at most a
 //!   bounded read and a counted skip, never a crash, a loop or an unbounded allocation.
-//! - Files are read with `pread` through a bounded block cache ([`file::BlockCache`]), never
-//!   mmap'd: a file truncated under the reader gives an error, not SIGBUS.
+//! - Files are read through a bounded block cache ([`file::BlockCache`]), never mmap'd: a file
+//!   truncated under the reader gives an error, not SIGBUS. The decoder never does I/O itself:
+//!   a miss returns the bytes it needs, which the source loads through its worker's io_uring
+//!   (so a slow disk stalls no other source of the worker) and `shipper journal cat` with
+//!   `pread`.
 //!
 //! # Format
 //! See systemd's "Journal File Format". In short: a header (signature `LPKSHHRH`, flags, ids,
@@ -87,7 +90,7 @@ pub fn cat(paths: &[PathBuf], since: Option<&str>) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
     let mut line = Vec::with_capacity(4096);
-    while let Some((_, seqnum_id, entry)) = merge.next_entry()? {
+    while let Some((_, seqnum_id, entry)) = merge.next_blocking() {
         if since.as_ref().is_some_and(|c| c.covers(&seqnum_id, entry)) {
             continue;
         }

@@ -1,9 +1,16 @@
 //! Walks one file's entries in order and decodes them into fields.
+//!
+//! # Operation
+//! [`JournalReader::next`] walks the global entry-array chain and decodes the next entry.
+//! When a read is not loaded yet it returns the [`Load`] it needs and keeps its place: the
+//! chain position only moves past what was read, and a decode interrupted at a field resumes
+//! at that field on the next call (with the same `entry`), so no field is decoded twice.
 
 use std::io::Write;
 
 use super::file::{
-    JournalError, JournalFile, ObjectType, OBJECT_BYTES_MAX, OBJECT_LZ4, OBJECT_XZ, OBJECT_ZSTD,
+    JournalError, JournalFile, Load, ObjectType, OBJECT_BYTES_MAX, OBJECT_LZ4, OBJECT_XZ,
+    OBJECT_ZSTD,
 };
 
 /// Largest decoded entry (all its fields together); fields past it are skipped as corrupt.
@@ -79,6 +86,9 @@ pub struct JournalReader {
     unpacked: Vec<u8>,
     /// DATA offsets of the entry being decoded (reused from entry to entry).
     items: Vec<u64>,
+    /// An entry whose decode waits for a read: its offset, and the next of its `items` to
+    /// decode (`None`: the ENTRY object itself is not read yet).
+    resume: Option<(u64, Option<usize>)>,
 }
 
 impl JournalReader {
@@ -90,7 +100,13 @@ impl JournalReader {
             broken: false,
             unpacked: Vec::new(),
             items: Vec::new(),
+            resume: None,
         }
+    }
+
+    /// No decode is waiting for a read.
+    pub fn idle(&self) -> bool {
+        self.resume.is_none()
     }
 
     fn warn(&mut self, e: &JournalError) {
@@ -153,20 +169,28 @@ impl JournalReader {
     }
 
     /// Moves past every entry now in the file without decoding them (for `since = "now"`).
-    pub fn skip_to_end(&mut self) {
+    pub fn skip_to_end(&mut self) -> Result<(), Load> {
         loop {
             match self.next_offset() {
                 Ok(Some(offset)) => {
                     self.pos.seen += 1;
                     self.pos.last_entry = self.pos.last_entry.max(offset);
                 }
-                Ok(None) => return,
+                Ok(None) => return Ok(()),
+                Err(JournalError::NeedsRead(load)) => return Err(load),
                 Err(e) => {
                     self.broken = true;
                     self.warn(&e);
-                    return;
+                    return Ok(());
                 }
             }
+        }
+    }
+
+    /// Like [`JournalReader::skip_to_end`], loading with `pread`.
+    pub fn skip_to_end_blocking(&mut self) {
+        while let Err(load) = self.skip_to_end() {
+            self.file.load_blocking(load);
         }
     }
 
@@ -175,37 +199,90 @@ impl JournalReader {
         self.file.header.n_entries.saturating_sub(self.pos.seen)
     }
 
-    /// Decodes the next entry into `entry`. `Ok(false)` at the current end of the file.
-    pub fn next(&mut self, entry: &mut Entry) -> Result<bool, JournalError> {
+    /// Decodes the next entry into `entry`: `Ok(false)` at the current end of the file,
+    /// `Err(load)` when `load` must be loaded first (then call again with the same `entry`).
+    pub fn next(&mut self, entry: &mut Entry) -> Result<bool, Load> {
         loop {
-            if self.broken {
-                return Ok(false);
-            }
-            let offset = match self.next_offset() {
-                Ok(Some(o)) => o,
-                Ok(None) => return Ok(false),
-                Err(e) => {
-                    // A chain we cannot follow ends this file; what came before stands.
-                    self.broken = true;
-                    self.warn(&e);
-                    return Ok(false);
+            let (offset, from) = match self.resume.take() {
+                Some(resume) => resume,
+                None => {
+                    if self.broken {
+                        return Ok(false);
+                    }
+                    let offset = match self.next_offset() {
+                        Ok(Some(o)) => o,
+                        Ok(None) => return Ok(false),
+                        Err(JournalError::NeedsRead(load)) => return Err(load),
+                        Err(e) => {
+                            // A chain we cannot follow ends this file; what came before stands.
+                            self.broken = true;
+                            self.warn(&e);
+                            return Ok(false);
+                        }
+                    };
+                    self.pos.seen += 1;
+                    if offset <= self.pos.last_entry {
+                        let e = self.file.error(offset, "entry array points backwards");
+                        self.warn(&e);
+                        continue;
+                    }
+                    self.pos.last_entry = offset;
+                    (offset, None)
                 }
             };
-            self.pos.seen += 1;
-            if offset <= self.pos.last_entry {
-                let e = self.file.error(offset, "entry array points backwards");
-                self.warn(&e);
-                continue;
-            }
-            self.pos.last_entry = offset;
-            match self.decode(offset, entry) {
+            match self.decode(offset, from, entry) {
                 Ok(()) => return Ok(true),
+                Err(JournalError::NeedsRead(load)) => return Err(load),
                 Err(e) => self.warn(&e),
             }
         }
     }
 
-    fn decode(&mut self, offset: u64, entry: &mut Entry) -> Result<(), JournalError> {
+    /// Like [`JournalReader::next`], loading with `pread`.
+    pub fn next_blocking(&mut self, entry: &mut Entry) -> bool {
+        loop {
+            match self.next(entry) {
+                Ok(more) => return more,
+                Err(load) => self.file.load_blocking(load),
+            }
+        }
+    }
+
+    /// Decodes the entry at `offset`, from its `from`-th field (`None`: from the ENTRY object).
+    /// On a [`JournalError::NeedsRead`] the place to resume is kept.
+    fn decode(
+        &mut self,
+        offset: u64,
+        from: Option<usize>,
+        entry: &mut Entry,
+    ) -> Result<(), JournalError> {
+        let first = match from {
+            Some(k) => k,
+            None => match self.entry_object(offset, entry) {
+                Ok(()) => 0,
+                Err(e) => {
+                    if matches!(e, JournalError::NeedsRead(_)) {
+                        self.resume = Some((offset, None));
+                    }
+                    return Err(e);
+                }
+            },
+        };
+        for k in first..self.items.len() {
+            match self.field(self.items[k], entry) {
+                Ok(()) => {}
+                Err(JournalError::NeedsRead(load)) => {
+                    self.resume = Some((offset, Some(k)));
+                    return Err(JournalError::NeedsRead(load));
+                }
+                Err(e) => self.warn(&e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the ENTRY object at `offset` into `entry`'s fixed part and `self.items`.
+    fn entry_object(&mut self, offset: u64, entry: &mut Entry) -> Result<(), JournalError> {
         let compact = self.file.header.compact();
         let (_, bytes) = self.file.object(offset, ObjectType::Entry)?;
         if bytes.len() < 64 {
@@ -219,9 +296,8 @@ impl JournalReader {
         entry.boot_id = bytes[40..56].try_into().expect("16 bytes");
         entry.xor_hash = le(56);
         let item_bytes = if compact { 4 } else { 16 };
-        let mut items = std::mem::take(&mut self.items);
-        items.clear();
-        items.extend(bytes[64..].chunks_exact(item_bytes).map(|c| {
+        self.items.clear();
+        self.items.extend(bytes[64..].chunks_exact(item_bytes).map(|c| {
             if compact {
                 u64::from(u32::from_le_bytes(c[..4].try_into().expect("4")))
             } else {
@@ -230,12 +306,6 @@ impl JournalReader {
         }));
         entry.data.clear();
         entry.fields.clear();
-        for &data in &items {
-            if let Err(e) = self.field(data, entry) {
-                self.warn(&e);
-            }
-        }
-        self.items = items;
         Ok(())
     }
 

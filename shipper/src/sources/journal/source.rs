@@ -11,14 +11,20 @@
 //!   through the descriptor held.
 //! - Durable: the source reads only while the outbox has room for two full batches, so its
 //!   entries are never dropped for lack of room; it pauses, and its data waits on disk.
+//! - Every read of a file's objects and header goes through the worker's io_uring (a
+//!   duplicate descriptor per open file), so a slow disk makes this source wait, not the
+//!   worker's other sources. Opening a file (and a `stat` when a read meets the end of the
+//!   file) are the only synchronous calls.
 //!
 //! # Operation
-//! Start after the checkpoint's cursor (or at `since`); read up to [`ROUND`] entries, then
-//! yield to the worker's other tasks; at the end of every file, refresh headers, look for new
-//! files, close archived files read to their end, update the lag gauges, and sleep one poll.
+//! Start after the checkpoint's cursor (or at `since`); read up to [`ROUND`] entries, loading
+//! what the decoder asks for, then update the lag gauges and yield to the worker's other
+//! tasks; at the end of every file, refresh headers, look for new files, close archived files
+//! read to their end, and sleep one poll.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::io;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -26,7 +32,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::cursor::Cursor;
-use super::file::{JournalFile, STATE_ARCHIVED};
+use super::file::{JournalFile, Load, HEADER_READ_BYTES, STATE_ARCHIVED};
 use super::merge::Merge;
 use super::{files, json, JournalReader};
 use crate::config::shipper::{JournalSource, Since};
@@ -38,8 +44,8 @@ pub const ROUND: usize = 512;
 struct Follow {
     cfg: Rc<JournalSource>,
     merge: Merge,
-    /// File ids of the files open.
-    open: HashSet<[u8; 16]>,
+    /// The files open, by file id, with an io_uring handle on each.
+    open: HashMap<[u8; 16], tokio_uring::fs::File>,
     /// File ids of archived files read to their end (pruned when they leave the directory).
     done: HashSet<[u8; 16]>,
     /// Corrupt objects counted in files since closed.
@@ -58,41 +64,59 @@ impl Follow {
         })
     }
 
-    /// Opens files not open yet; returns how many were added.
-    fn scan(&mut self, skip_existing: bool) -> usize {
+    /// Opens files not open yet (skipping what they hold if `skip_existing`); returns how
+    /// many were added.
+    async fn scan(&mut self, skip_existing: bool) -> usize {
         let mut added = 0;
         let mut present = HashSet::new();
         for p in self.paths() {
-            match JournalFile::open(&p) {
-                Ok(f)
-                    if self.open.contains(&f.header.file_id)
-                        || self.done.contains(&f.header.file_id) =>
-                {
-                    present.insert(f.header.file_id);
-                }
-                Ok(f) => {
-                    present.insert(f.header.file_id);
-                    self.open.insert(f.header.file_id);
-                    let mut r = JournalReader::new(f);
-                    if skip_existing {
-                        r.skip_to_end();
-                    }
-                    tracing::info!(file = %p.display(), "journal file opened");
-                    self.merge.add(r);
-                    added += 1;
-                }
+            let f = match JournalFile::open(&p) {
+                Ok(f) => f,
                 // A file being created may not have its header yet: retried next poll.
-                Err(e) => tracing::debug!("journal file not opened (yet): {e}"),
+                Err(e) => {
+                    tracing::debug!("journal file not opened (yet): {e}");
+                    continue;
+                }
+            };
+            let id = f.header.file_id;
+            present.insert(id);
+            if self.open.contains_key(&id) || self.done.contains(&id) {
+                continue;
             }
+            let handle = match f.std().try_clone() {
+                Ok(dup) => tokio_uring::fs::File::from_std(dup),
+                Err(e) => {
+                    tracing::warn!(file = %p.display(), "journal file not opened: {e}");
+                    continue;
+                }
+            };
+            let mut r = JournalReader::new(f);
+            if skip_existing {
+                while let Err(l) = r.skip_to_end() {
+                    r.file.land(l, load(&handle, l).await);
+                }
+            }
+            tracing::info!(file = %p.display(), "journal file opened");
+            self.open.insert(id, handle);
+            self.merge.add(r);
+            added += 1;
         }
         self.done.retain(|id| present.contains(id));
         added
     }
 
     /// Refreshes every header; closes archived files read to their end.
-    fn refresh(&mut self) {
+    async fn refresh(&mut self) {
         for r in &mut self.merge.readers {
-            if let Err(e) = r.file.refresh() {
+            let handle = &self.open[&r.file.header.file_id];
+            let (read, head) = handle.read_at(vec![0u8; HEADER_READ_BYTES], 0).await;
+            let refreshed = match (read, handle.statx().await) {
+                (Ok(n), Ok(st)) => r.file.refresh(&head[..n], st.stx_size).map(|_| ()),
+                (Err(source), _) | (_, Err(source)) => {
+                    Err(super::JournalError::Io { path: r.file.path.clone(), source })
+                }
+            };
+            if let Err(e) = refreshed {
                 tracing::warn!("journal file not refreshed: {e}");
             }
         }
@@ -108,6 +132,22 @@ impl Follow {
             done
         });
     }
+
+    /// Gives the reader `i` the bytes of `l` it asked for, read through io_uring.
+    async fn load(&mut self, i: usize, l: Load) {
+        let file = &mut self.merge.readers[i].file;
+        let bytes = match self.open.get(&file.header.file_id) {
+            Some(handle) => load(handle, l).await,
+            None => Err(io::Error::other("no io_uring handle on this file")),
+        };
+        file.land(l, bytes);
+    }
+}
+
+/// Reads `l` through io_uring.
+async fn load(handle: &tokio_uring::fs::File, l: Load) -> io::Result<Vec<u8>> {
+    let (read, buf) = handle.read_exact_at(vec![0u8; l.len as usize], l.offset).await;
+    read.map(|()| buf)
 }
 
 /// Runs journal source `j` (configuration `cfg`) on this worker until `stop`.
@@ -126,11 +166,11 @@ pub async fn run(
     let mut follow = Follow {
         cfg: cfg.clone(),
         merge: Merge::new(Vec::new()),
-        open: HashSet::new(),
+        open: HashMap::new(),
         done: HashSet::new(),
         closed_corrupt: 0,
     };
-    follow.scan(checkpoint.is_none() && cfg.since == Since::Now);
+    follow.scan(checkpoint.is_none() && cfg.since == Since::Now).await;
     let mut line = Vec::with_capacity(4096);
     let mut last_realtime = 0u64;
     loop {
@@ -148,8 +188,11 @@ pub async fn run(
         }
         let mut n = 0;
         while n < ROUND {
-            let next = follow.merge.next_entry();
-            let Ok(Some((_, sid, entry))) = next else { break };
+            if let Some((i, l)) = follow.merge.fill() {
+                follow.load(i, l).await;
+                continue;
+            }
+            let Some((_, sid, entry)) = follow.merge.pop() else { break };
             if after.as_ref().is_some_and(|c| c.covers(&sid, entry)) {
                 continue;
             }
@@ -170,12 +213,13 @@ pub async fn run(
             let now = c.now_ns();
             c.on_journal_entry(j, &line, service, &line[cursor], now);
         }
+        gauges(&core, j, &follow, last_realtime);
         if n > 0 {
             tokio::task::yield_now().await;
             continue;
         }
-        follow.refresh();
-        follow.scan(false);
+        follow.refresh().await;
+        follow.scan(false).await;
         gauges(&core, j, &follow, last_realtime);
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
