@@ -356,7 +356,15 @@ pub fn field_name_valid(name: &[u8]) -> bool {
         && name.iter().all(|&b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
-/// Decompresses a DATA payload into `out`, bounded by [`OBJECT_BYTES_MAX`].
+thread_local! {
+    /// One zstd context per thread, reused for every field (creating one costs more than
+    /// decompressing a typical field).
+    static DCTX: std::cell::RefCell<zstd::zstd_safe::DCtx<'static>> =
+        std::cell::RefCell::new(zstd::zstd_safe::DCtx::create());
+}
+
+/// Decompresses a DATA payload into `out` (reusing its allocation), bounded by
+/// [`OBJECT_BYTES_MAX`].
 pub fn decompress(kind: u8, src: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
     out.clear();
     match kind {
@@ -365,8 +373,10 @@ pub fn decompress(kind: u8, src: &[u8], out: &mut Vec<u8>) -> Result<(), String>
                 .map_err(|_| "zstd: not a zstd frame".to_string())?;
             match size {
                 Some(n) if n <= OBJECT_BYTES_MAX => {
-                    *out = zstd::bulk::decompress(src, n as usize)
-                        .map_err(|e| format!("zstd: {e}"))?;
+                    out.reserve(n as usize);
+                    DCTX.with_borrow_mut(|d| d.decompress(out, src)).map_err(|code| {
+                        format!("zstd: {}", zstd::zstd_safe::get_error_name(code))
+                    })?;
                     if out.len() as u64 != n {
                         return Err("zstd: size differs from the frame's".into());
                     }
