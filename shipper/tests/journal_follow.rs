@@ -282,3 +282,47 @@ fn since_now_and_vacuum() {
         got.last()
     );
 }
+
+/// Journal entries still unacknowledged at the shutdown deadline are not lost, nor counted as
+/// dropped: the next run reads them again from the checkpoint, and each arrives once.
+#[test]
+fn journal_entries_unacknowledged_at_shutdown_are_read_again() {
+    const N: usize = 5_000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let jdir = env.path("journal");
+    let (mut remote, mut feed) = live_journal(&jdir);
+    feed.write_all(&entries(0, N)).unwrap();
+    drop(feed);
+    assert!(remote.wait().unwrap().success());
+    let checkpoint = env.path("cursor");
+    let body = shipper_body(&jdir, &checkpoint);
+    let cfg = env
+        .shipper_toml(port, sm, &body)
+        .replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 300");
+    let path = env.write("edge.toml", &cfg);
+    let start = || {
+        let log = env.path(&format!("s{}.log", free_port()));
+        Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, log)
+    };
+    // No receiver: the entries read wait in the outbox until the deadline.
+    let mut shipper = start();
+    shipper.wait_alive("entries in the outbox", || {
+        metric(&scrape(sm).unwrap_or_default(), "shipper_outbox_records", &[]) > 0.0
+    });
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+    let log = shipper.log_text();
+    assert!(log.contains("reads them again from the checkpoint"), "{log}");
+    assert!(!log.contains("dropped"), "journal entries counted as dropped:\n{log}");
+    assert!(!checkpoint.exists(), "nothing was acknowledged, so no checkpoint");
+    let _receiver = start_receiver(&env, port, rm, "");
+    let mut shipper = start();
+    shipper.wait_alive_for(
+        "the checkpoint at the last entry",
+        Duration::from_secs(60),
+        &mut || checkpoint_at(&checkpoint, N),
+    );
+    assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
+    assert!(arrivals(&env.out(), N).iter().all(|&n| n == 1), "every entry exactly once");
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+}

@@ -259,12 +259,27 @@ async fn tick(
 }
 
 /// At the shutdown deadline: frames read back from the disk buffer stay there for the next
-/// run; the others still unacknowledged (or not yet written to the buffer) are dropped and
-/// counted.
+/// run, and journal entries are read again from the checkpoint; the others still
+/// unacknowledged (or not yet written to the buffer) are dropped and counted.
 fn give_up(c: &mut Core) {
-    let mut left: Vec<_> = c.outbox.drain().into_iter().filter(|f| f.origin.is_none()).collect();
+    let (durable, mut left): (Vec<_>, Vec<_>) = c
+        .outbox
+        .drain()
+        .into_iter()
+        .filter(|f| f.origin.is_none())
+        .partition(|f| !f.marks.is_empty());
+    if !durable.is_empty() {
+        tracing::warn!(
+            core = c.id,
+            frames = durable.len(),
+            "shutdown deadline passed with journal entries unacknowledged: the next run reads them again from the checkpoint"
+        );
+    }
     let pending = c.buffer.as_mut().map(|b| std::mem::take(&mut b.pending)).unwrap_or_default();
     left.extend(pending.into_iter().map(|(f, _)| std::rc::Rc::new(f)));
+    if left.is_empty() {
+        return;
+    }
     let records: u64 = left.iter().map(|f| u64::from(f.records)).sum();
     for f in &left {
         c.count_dropped(f, DropReason::Shutdown);
