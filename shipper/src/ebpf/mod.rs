@@ -245,9 +245,11 @@ pub fn cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     Ok(cookie)
 }
 
-/// Counts the kernel's drops on socket `fd` under label `source`. Meant for a source's
-/// datagram sockets (UDP, unix datagram): what the kernel drops there is lost, whereas a
-/// stream socket's drops are retransmitted by the peer. `Ok(None)` when not attached.
+/// Counts the kernel's drops on socket `fd` under label `source`, and for a unix datagram
+/// socket the datagrams refused to senders connected to it (full queue). Meant for a
+/// source's datagram sockets (UDP, unix datagram): what the kernel drops there is lost,
+/// whereas a stream socket's drops are retransmitted by the peer. `Ok(None)` when not
+/// attached.
 pub fn watch_socket(fd: BorrowedFd<'_>, source: &str) -> Result<Option<Watch>, WatchError> {
     watch(Table::Sockets, fd, source)
 }
