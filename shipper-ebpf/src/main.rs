@@ -6,6 +6,10 @@
 //! `WATCHED_*` (cookie -> slot); a program asks the kernel for the cookie of the socket an
 //! event happened on and counts only if it is watched. Everything else costs one helper call
 //! and one hash lookup, then returns.
+//!
+//! `sock_send_length` is the exception: it runs on every `sendmsg` of the host, so it returns
+//! after one comparison unless the send failed with `EAGAIN`, and it reads the fields it needs
+//! itself (`bpf_probe_read_kernel`) at offsets userspace found in the kernel's BTF.
 
 #![no_std]
 #![no_main]
@@ -13,14 +17,15 @@
 use core::ffi::c_void;
 
 use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::helpers::bpf_probe_read_kernel;
 use aya_ebpf::helpers::generated::bpf_get_socket_cookie;
 use aya_ebpf::macros::{btf_tracepoint, map};
 use aya_ebpf::maps::{LruHashMap, PerCpuHashMap};
 use aya_ebpf::programs::BtfTracePointContext;
 use shipper_ebpf::{
-    ConnectionKey, Count, SocketDropKey, CONNECTION_EVENTS_MAX, EVENT_RESET_RECEIVED,
-    EVENT_RESET_SENT, EVENT_RETRANSMIT, SOCKET_DROPS_MAX, WATCHED_CONNECTIONS_MAX,
-    WATCHED_SOCKETS_MAX,
+    ConnectionKey, Count, SockOffsets, SocketDropKey, AF_UNIX, CONNECTION_EVENTS_MAX, EAGAIN,
+    EVENT_RESET_RECEIVED, EVENT_RESET_SENT, EVENT_RETRANSMIT, REASON_UNIX_QUEUE_FULL,
+    SOCKET_DROPS_MAX, WATCHED_CONNECTIONS_MAX, WATCHED_SOCKETS_MAX,
 };
 
 #[map]
@@ -37,6 +42,10 @@ static SOCKET_DROPS: PerCpuHashMap<SocketDropKey, Count> =
 #[map]
 static CONNECTION_EVENTS: PerCpuHashMap<ConnectionKey, Count> =
     PerCpuHashMap::with_max_entries(CONNECTION_EVENTS_MAX, 0);
+
+/// Set by userspace before loading (`GLOBAL_SOCK_OFFSETS`); read-only to the programs.
+#[no_mangle]
+static SOCK_OFFSETS: SockOffsets = SockOffsets { family: 0, cookie: 0, unix_peer: 0 };
 
 /// Adds one to this CPU's counter of `key`, creating it at 1 if absent. If another CPU
 /// created the key between the lookup and the insert, the insert fails and the second
@@ -78,6 +87,51 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> u32 {
         increment(&SOCKET_DROPS, &SocketDropKey { slot: *slot, reason });
     }
     0
+}
+
+/// `sock:sock_send_length(sk, ret, flags)`: a `sendmsg` returned `ret` on `sk`, the sender's
+/// socket. A unix datagram socket connected to a watched socket whose receive queue is full
+/// gets `-EAGAIN` (nonblocking, or its send timeout ran out); the datagram is refused, not
+/// dropped, so only here is it seen with the receiving socket at hand: `unix_sk(sk)->peer`.
+/// Counted under that socket's slot as [`REASON_UNIX_QUEUE_FULL`].
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length(ctx: BtfTracePointContext) -> u32 {
+    let ret: i32 = ctx.arg(1);
+    if ret != -EAGAIN {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    if let Some(cookie) = unix_peer_cookie(sk) {
+        // SAFETY: as in `kfree_skb`.
+        if let Some(slot) = unsafe { WATCHED_SOCKETS.get(cookie) } {
+            let key = SocketDropKey { slot: *slot, reason: REASON_UNIX_QUEUE_FULL };
+            increment(&SOCKET_DROPS, &key);
+        }
+    }
+    0
+}
+
+/// The cookie of the socket `sk` is connected to, if `sk` is a unix socket with a peer whose
+/// cookie was ever asked for (a watched socket's was: userspace read SO_COOKIE).
+#[inline(always)]
+fn unix_peer_cookie(sk: *const u8) -> Option<u64> {
+    // SAFETY: a read-only global, written by the loader before the program runs.
+    let at = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
+    // SAFETY: bpf_probe_read_kernel copies from any kernel address, failing (not faulting)
+    // where nothing is mapped; `sk` is the tracepoint's socket, the offsets are from BTF.
+    let family: u16 = unsafe { bpf_probe_read_kernel(sk.add(at.family as usize).cast()) }.ok()?;
+    if family != AF_UNIX {
+        return None;
+    }
+    // SAFETY: as above; `sk` is a `struct unix_sock`, its family says so.
+    let peer: *const u8 =
+        unsafe { bpf_probe_read_kernel(sk.add(at.unix_peer as usize).cast()) }.ok()?;
+    if peer.is_null() {
+        return None;
+    }
+    // SAFETY: as above; `peer` is a `struct sock *` (null checked).
+    let cookie: u64 = unsafe { bpf_probe_read_kernel(peer.add(at.cookie as usize).cast()) }.ok()?;
+    (cookie != 0).then_some(cookie)
 }
 
 /// Counts `event` if the tracepoint's first argument is a watched connection's socket.

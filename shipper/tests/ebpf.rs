@@ -1,9 +1,11 @@
 //! The eBPF programs against the kernel's own counters, each test in a fresh network
-//! namespace (so /proc/net/snmp is this test's alone). They need root, as CI runs; as
-//! another user they say so and return. Anything else wrong (no BTF, a load failure) fails.
+//! namespace (so /proc/net/snmp and the unix queue limit are this test's alone). They need
+//! root, as CI runs; as another user they say so and return. Anything else wrong (no BTF, a
+//! load failure) fails.
 
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
@@ -148,6 +150,122 @@ fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
             "udp: {SENT} sent to each socket; dropped: shipper's {drops}, other's {other_drops}"
         );
     });
+}
+
+/// Guards the unix datagram count: every datagram the kernel refuses (`EAGAIN`) to a sender
+/// connected to the shipper's unix socket is counted once, for that source; refusals to a
+/// sender that did not connect, and on another process's socket, are not.
+#[test]
+fn unix_datagram_refusals_on_a_full_queue_equal_the_senders_failures() {
+    const SENT: u64 = 20_000;
+    if !root() {
+        return;
+    }
+    in_netns(|| {
+        // Per namespace, read when a socket is created: the queue of the sockets below.
+        std::fs::write("/proc/sys/net/unix/max_dgram_qlen", "10").unwrap();
+        let env = Env::new();
+        let path = env.path("log.sock");
+        let body = format!(
+            "[[sources.socket]]\nname = \"devlog\"\ntransport = \"unix\"\npath = {path:?}\n\
+             format = \"rfc3164\"\nworker = 0\n"
+        );
+        let mut shipper = attached_shipper(&env, &body);
+        let sm = shipper.metrics;
+        // Not the shipper's: a socket of this test, read only at the end. Its cookie exists
+        // (as a watched socket's does), so only the lookup keeps it out of the counts.
+        let other_path = env.path("other.sock");
+        let other = UnixDatagram::bind(&other_path).unwrap();
+        shipper::ebpf::cookie(other.as_fd()).unwrap();
+        let connected = |to: &std::path::Path| {
+            let tx = UnixDatagram::unbound().unwrap();
+            tx.connect(to).unwrap();
+            tx.set_nonblocking(true).unwrap();
+            tx
+        };
+        let (tx, tx_other) = (connected(&path), connected(&other_path));
+        let unconnected = UnixDatagram::unbound().unwrap();
+        unconnected.set_nonblocking(true).unwrap();
+        let mut datagram = b"<13>Nov 21 07:00:00 edge app[1]: ".to_vec();
+        datagram.resize(200, b'x');
+        // Half while the shipper reads (refused or not, as it keeps up), half while it is
+        // stopped, so that its queue surely fills.
+        let (mut refused, mut other_refused, mut unconnected_refused) = (0, 0, 0);
+        for i in 0..SENT {
+            if i == SENT / 2 {
+                shipper.signal(libc::SIGSTOP);
+                wait_for("the shipper to stop", Duration::from_secs(10), || {
+                    stopped(shipper.child.id())
+                });
+            }
+            refused += u64::from(!sent(tx.send(&datagram)));
+            other_refused += u64::from(!sent(tx_other.send(&datagram)));
+            if i >= SENT / 2 {
+                unconnected_refused += u64::from(!sent(unconnected.send_to(&datagram, &path)));
+            }
+        }
+        shipper.signal(libc::SIGCONT);
+        assert!(refused >= SENT / 2 - 11, "the stopped shipper's queue refuses: {refused}");
+        assert!(unconnected_refused > 0, "the unconnected sender is refused too");
+        let counted = |labels: &[(&str, &str)]| {
+            metric(
+                &scrape(sm).unwrap_or_default(),
+                "shipper_kernel_datagrams_dropped_total",
+                labels,
+            ) as u64
+        };
+        let source = [("source", "devlog")];
+        shipper.wait_alive_for(
+            "eBPF refusals to reach the sender's failures",
+            Duration::from_secs(10),
+            &mut || counted(&source) >= refused,
+        );
+        // Exact, per source and reason; the other socket's refusals, and those of the sender
+        // that did not connect (no peer to attribute them to), are nowhere.
+        assert_eq!(counted(&source), refused);
+        assert_eq!(counted(&[("source", "devlog"), ("reason", "unix_queue_full")]), refused);
+        assert_eq!(counted(&[]), refused, "only the connected sender's refusals count");
+        // The kernel's side adds up: the shipper read every datagram not refused.
+        let read = "shipper_socket_messages_received_total";
+        let accepted = SENT - refused + SENT / 2 - unconnected_refused;
+        shipper.wait_alive("the source to read every accepted datagram", || {
+            metric(&scrape(sm).unwrap_or_default(), read, &[]) as u64 == accepted
+        });
+        other.set_nonblocking(true).unwrap();
+        let mut received = 0;
+        let mut buf = [0u8; 512];
+        while other.recv(&mut buf).is_ok() {
+            received += 1;
+        }
+        assert!(other_refused > 0, "the other queue should fill");
+        assert_eq!(received + other_refused, SENT);
+        promtool_lint(&scrape(sm).unwrap());
+        eprintln!(
+            "unix: {SENT} sent to each socket (and {} unconnected to the shipper's); refused: \
+             shipper's {refused} (+{unconnected_refused} unconnected, not counted), \
+             other's {other_refused}",
+            SENT / 2
+        );
+    });
+}
+
+/// Whether a send went out; `false` if the queue was full (`EAGAIN`); panics otherwise.
+fn sent(result: std::io::Result<usize>) -> bool {
+    match result {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("unix datagram send: {e}"),
+    }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn stopped(pid: u32) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks.map(|t| t.unwrap().path().join("stat")).all(|stat| {
+        let text = std::fs::read_to_string(stat).unwrap_or_default();
+        // pid (comm) state ...: comm may hold spaces, the state follows its last ')'.
+        text.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+    })
 }
 
 /// `promtool check metrics` finds nothing to object to in `text` (with kernel samples in it).

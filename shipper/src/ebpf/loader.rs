@@ -4,12 +4,14 @@ use std::sync::Mutex;
 
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
 use aya::programs::BtfTracePoint;
-use aya::{Btf, Ebpf};
+use aya::{Btf, Ebpf, EbpfLoader};
 use shipper_ebpf::{
-    ConnectionKey, Count, SocketDropKey, MAP_CONNECTION_EVENTS, MAP_SOCKET_DROPS,
-    MAP_WATCHED_CONNECTIONS, MAP_WATCHED_SOCKETS, PROGRAMS,
+    ConnectionKey, Count, SockOffsets, SocketDropKey, GLOBAL_SOCK_OFFSETS, MAP_CONNECTION_EVENTS,
+    MAP_SOCKET_DROPS, MAP_WATCHED_CONNECTIONS, MAP_WATCHED_SOCKETS, PROGRAMS,
+    PROGRAM_UNIX_REFUSALS,
 };
 
+use super::btf::BtfError;
 use super::{KernelCounters, Sample, Slots, State, Table, WatchError};
 
 /// The object built by build.rs from `shipper-ebpf` (eBPF bytecode, BTF, maps).
@@ -21,6 +23,8 @@ const CAP_BPF: u32 = 39;
 
 /// The loaded programs (kept attached for the life of the process) and their maps.
 pub struct Kernel {
+    /// Names of the programs attached, in attach order.
+    pub programs: Vec<&'static str>,
     _ebpf: Mutex<Ebpf>,
     watched: Mutex<Watched>,
     socket_drops: Mutex<PerCpuHashMap<MapData, SocketDropKey, Count>>,
@@ -44,15 +48,28 @@ impl Kernel {
         }
         raise_memlock();
         let btf = Btf::from_sys_fs().map_err(|e| (State::NoBtf, format!("kernel BTF: {e}")))?;
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| failure("loading the object", &e))?;
+        let offsets = sock_offsets();
+        let mut loader = EbpfLoader::new();
+        if let Ok(offsets) = &offsets {
+            loader.override_global(GLOBAL_SOCK_OFFSETS, offsets, true);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| failure("loading the object", &e))?;
+        let mut programs = Vec::new();
         for (name, tracepoint) in PROGRAMS {
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| (State::LoadFailed, format!("program {name} missing")))?
-                .try_into()
-                .map_err(|e| failure(name, &e))?;
-            program.load(tracepoint, &btf).map_err(|e| failure(name, &e))?;
-            program.attach().map_err(|e| failure(name, &e))?;
+            attach(&mut ebpf, &btf, name, tracepoint)?;
+            programs.push(name);
+        }
+        // Without the offsets, everything but the unix refusals is still counted.
+        match offsets {
+            Ok(_) => {
+                let (name, tracepoint) = PROGRAM_UNIX_REFUSALS;
+                attach(&mut ebpf, &btf, name, tracepoint)?;
+                programs.push(name);
+            }
+            Err(e) => tracing::warn!(
+                "unix datagram refusals not counted (program {} not attached): {e}",
+                PROGRAM_UNIX_REFUSALS.0
+            ),
         }
         let mut take = |name: &str| {
             ebpf.take_map(name).ok_or_else(|| (State::LoadFailed, format!("map {name} missing")))
@@ -66,6 +83,7 @@ impl Kernel {
             receivers: Slots::default(),
         };
         Ok(Kernel {
+            programs,
             watched: Mutex::new(watched),
             socket_drops: Mutex::new(
                 PerCpuHashMap::try_from(drops).map_err(|e| failure("map", &e))?,
@@ -122,6 +140,41 @@ impl Kernel {
             .sort_by(|a, b| (&a.item, &a.kind, a.cpu).cmp(&(&b.item, &b.kind, b.cpu)));
         Ok(())
     }
+}
+
+/// Loads program `name` of `ebpf` and attaches it to BTF tracepoint `tracepoint`.
+fn attach(ebpf: &mut Ebpf, btf: &Btf, name: &str, tracepoint: &str) -> Result<(), Failure> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| (State::LoadFailed, format!("program {name} missing")))?
+        .try_into()
+        .map_err(|e| failure(name, &e))?;
+    program.load(tracepoint, btf).map_err(|e| failure(name, &e))?;
+    program.attach().map_err(|e| failure(name, &e))?;
+    Ok(())
+}
+
+/// Where `sock_send_length` finds its fields in the running kernel, from its BTF; each
+/// field's size is checked too, since the program reads it as a fixed-size value.
+fn sock_offsets() -> Result<SockOffsets, BtfError> {
+    let btf = super::btf::Btf::from_sys_fs()?;
+    let member = |outer: &str, path: &[&str], size_bytes: u32| {
+        let m = btf.member(outer, path)?;
+        if m.size_bytes != size_bytes {
+            let why = format!("{path:?} is {} bytes, expected {size_bytes}", m.size_bytes);
+            return Err(BtfError::Member(outer.into(), why));
+        }
+        Ok(m.offset_bytes)
+    };
+    // `unix_sk(sk)` is a cast: `struct sock sk` must be the first member of `unix_sock`.
+    if btf.member("unix_sock", &["sk"])?.offset_bytes != 0 {
+        return Err(BtfError::Member("unix_sock".into(), "sk is not its first member".into()));
+    }
+    Ok(SockOffsets {
+        family: member("sock", &["__sk_common", "skc_family"], 2)?,
+        cookie: member("sock", &["__sk_common", "skc_cookie"], 8)?,
+        unix_peer: member("unix_sock", &["peer"], 8)?,
+    })
 }
 
 /// One sample per CPU of one key.

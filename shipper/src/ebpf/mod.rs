@@ -18,21 +18,27 @@
 //! Shared with the programs through `shipper_ebpf` (one definition of each key):
 //! ```text
 //! WATCHED_SOCKETS / WATCHED_CONNECTIONS: socket cookie (SO_COOKIE) u64 -> slot u32
-//! SOCKET_DROPS:      { slot: u32, reason: u32 (enum skb_drop_reason) } -> u64 per CPU
-//! CONNECTION_EVENTS: { slot: u32, event: u32 (EVENT_*) }               -> u64 per CPU
+//! SOCKET_DROPS:      { slot: u32, reason: u32 }  -> u64 per CPU
+//!                    reason: enum skb_drop_reason, or REASON_UNIX_QUEUE_FULL (ours)
+//! CONNECTION_EVENTS: { slot: u32, event: u32 (EVENT_*) }  -> u64 per CPU
+//! SOCK_OFFSETS (global): byte offsets of skc_family, skc_cookie, unix_sock.peer (from BTF)
 //! ```
 //! A slot is the index of a label (source name, receiver address) in [`Slots`].
 //!
 //! # Operation
 //! 1. [`start`] (main thread, before the workers): unless disabled, check capabilities and
 //!    `/sys/kernel/btf/vmlinux`, raise RLIMIT_MEMLOCK (a failure is only a warning: BPF
-//!    memory is cgroup-accounted on 6.x), load the embedded object, attach its four `tp_btf`
-//!    programs, read drop-reason names from tracefs (mounting it if absent), and log the
-//!    outcome. Any failure leaves the shipper running without eBPF, with the reason.
+//!    memory is cgroup-accounted on 6.x), find the socket field offsets in the kernel's BTF
+//!    (`btf`), load the embedded object with them, attach its five `tp_btf` programs (four
+//!    if the offsets were not found, with a warning), read drop-reason names from tracefs
+//!    (mounting it if absent), and log the outcome. Any other failure leaves the shipper
+//!    running without eBPF, with the reason.
 //! 2. Sources and connections call `watch_*` with their socket; the returned [`Watch`]
 //!    unregisters it when dropped. They are no-ops when nothing is attached.
 //! 3. [`snapshot`] reads every counter of every CPU, labelled for the metrics.
 
+#[cfg(feature = "ebpf")]
+mod btf;
 #[cfg(feature = "ebpf")]
 mod loader;
 #[cfg(feature = "ebpf")]
@@ -191,12 +197,9 @@ fn attach() -> State {
     match loader::Kernel::load() {
         Ok(kernel) => {
             *REASONS.lock().expect("reasons poisoned") = Some(reasons::Reasons::load());
+            let programs = format!("tp_btf: {}", kernel.programs.join(", "));
             let _ = KERNEL.set(kernel);
-            tracing::info!(
-                programs = "tp_btf: kfree_skb, tcp_retransmit_skb, tcp_send_reset, \
-                            tcp_receive_reset",
-                "eBPF drop accounting attached"
-            );
+            tracing::info!(programs, "eBPF drop accounting attached");
             State::Attached
         }
         Err((state, why)) => {
@@ -242,9 +245,11 @@ pub fn cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     Ok(cookie)
 }
 
-/// Counts the kernel's drops on socket `fd` under label `source`. Meant for a source's
-/// datagram sockets (UDP, unix datagram): what the kernel drops there is lost, whereas a
-/// stream socket's drops are retransmitted by the peer. `Ok(None)` when not attached.
+/// Counts the kernel's drops on socket `fd` under label `source`, and for a unix datagram
+/// socket the datagrams refused to senders connected to it (full queue). Meant for a
+/// source's datagram sockets (UDP, unix datagram): what the kernel drops there is lost,
+/// whereas a stream socket's drops are retransmitted by the peer. `Ok(None)` when not
+/// attached.
 pub fn watch_socket(fd: BorrowedFd<'_>, source: &str) -> Result<Option<Watch>, WatchError> {
     watch(Table::Sockets, fd, source)
 }

@@ -1,8 +1,15 @@
 //! Names of the kernel's `enum skb_drop_reason` values, which change between kernel versions:
 //! read from the `skb:kfree_skb` tracepoint's format in tracefs (mounted if absent). Without
-//! tracefs, reasons are labelled with their number.
+//! tracefs, reasons are labelled with their number. One reason is the shipper's own,
+//! outside the kernel's range: [`UNIX_QUEUE_FULL`].
 
 use std::collections::BTreeMap;
+
+use shipper_ebpf::REASON_UNIX_QUEUE_FULL;
+
+/// Label of `REASON_UNIX_QUEUE_FULL`: a connected unix datagram sender was refused with
+/// `EAGAIN` because the watched socket's receive queue was full (`net.unix.max_dgram_qlen`).
+pub const UNIX_QUEUE_FULL: &str = "unix_queue_full";
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 const FORMAT: &str = "/sys/kernel/tracing/events/skb/kfree_skb/format";
@@ -17,13 +24,14 @@ impl Reasons {
         if !std::path::Path::new(FORMAT).exists() {
             mount_tracefs();
         }
-        let names = match std::fs::read_to_string(FORMAT) {
+        let mut names = match std::fs::read_to_string(FORMAT) {
             Ok(text) => parse(&text),
             Err(e) => {
                 tracing::warn!("{FORMAT}: {e}; drop reasons are labelled with their number");
                 BTreeMap::new()
             }
         };
+        names.insert(REASON_UNIX_QUEUE_FULL, UNIX_QUEUE_FULL.to_string());
         Reasons { names }
     }
 
