@@ -11,7 +11,7 @@
  *           a lookup of a socket that is not watched
  *
  * Build and run (Linux, any C compiler):
- *   cc -O2 -o /tmp/sendmsg_cost perf/sendmsg_cost.c && /tmp/sendmsg_cost
+ *   cc -O2 -o /tmp/sendmsg_cost perf/tools/sendmsg_cost.c && /tmp/sendmsg_cost
  * then again while a shipper runs with its programs attached (and with --no-ebpf).
  */
 #include <errno.h>
