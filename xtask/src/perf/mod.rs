@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -318,6 +319,52 @@ pub(crate) fn files_bytes(dir: &Path, ext: &str) -> u64 {
         }
     }
     total
+}
+
+/// The end of a phase: when the watched bytes first and last changed, when the metrics
+/// said done, and that scrape.
+pub(crate) struct End {
+    pub first: Option<Instant>,
+    pub last: Option<Instant>,
+    pub at: Instant,
+    pub text: String,
+}
+
+/// Polls until a scrape of the metrics at `addr` (every 50 ms) satisfies `done`, meanwhile
+/// reading `watch.0()` every 10 ms and noting when it first moved from `watch.1` and when it
+/// last changed. Counters are published every 250 ms, files grow as they are written: the
+/// files time the phase, the counters say it is complete. Fails after `limit.0`, naming the
+/// directory `limit.1` to look into.
+pub(crate) fn until(
+    what: &str,
+    addr: &str,
+    limit: (Duration, &Path),
+    watch: (impl Fn() -> u64, u64),
+    mut done: impl FnMut(&str) -> bool,
+) -> anyhow::Result<End> {
+    let deadline = Instant::now() + limit.0;
+    let (mut bytes, mut first, mut last) = (watch.1, None, None);
+    for i in 0u64.. {
+        let now = Instant::now();
+        let b = (watch.0)();
+        if b != bytes {
+            bytes = b;
+            first = first.or(Some(now));
+            last = Some(now);
+        }
+        if i % 5 == 0 {
+            if let Some(text) = shipper::metrics::http::get(addr) {
+                if done(&text) {
+                    return Ok(End { first, last, at: now, text });
+                }
+            }
+        }
+        if now > deadline {
+            bail!("{what}: not after {:?}; see {}", limit.0, limit.1.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    unreachable!("the loop above returns or fails")
 }
 
 /// What every case's results begin with: the case, its goal, the command that ran it, and the
