@@ -1,6 +1,8 @@
 //! `cargo xtask perf [CASE...] [--quick] [--runs N]`: end-to-end cases from
 //! `perf/cases/<case>/case.toml`, each run beside its baseline and peers in the same invocation.
-//! A case's `kind` says what it runs: `pipe` ([`pipe`], the default) or `journal` ([`journal`]).
+//! A case's `kind` says what it runs: `pipe` ([`pipe`], the default), `journal` ([`journal`]),
+//! `buffer` ([`buffer`]), `failover` ([`failover`]) or `udp` ([`udp`]: the UDP syslog source
+//! with and without the eBPF programs).
 //!
 //! A pipe case declares its workload (lines, size distribution, services and their skew, pipes,
 //! writers, rate), the shipper's settings, the CPU allotment (`taskset` lists for the shipper or
@@ -32,6 +34,7 @@ pub mod peers;
 mod pipe;
 mod report;
 mod sink;
+mod udp;
 
 /// One run of one system.
 #[derive(Serialize, Default, Clone, Debug)]
@@ -150,9 +153,14 @@ fn run_case(dir: &Path, name: &str, quick: bool, runs: Option<usize>) -> anyhow:
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
             failover::run_case(name, &case, quick, runs, &command)
         }
-        other => {
-            bail!("{}: unknown kind {other:?} (pipe, journal, buffer, failover)", path.display())
+        "udp" => {
+            let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            udp::run_case(name, &case, quick, runs, &command)
         }
+        other => bail!(
+            "{}: unknown kind {other:?} (pipe, journal, buffer, failover, udp)",
+            path.display()
+        ),
     }
 }
 
@@ -436,11 +444,36 @@ pub(crate) fn proc_cpu(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// Minor page faults of a process so far, all its threads (`minflt` of /proc/PID/stat).
+pub(crate) fn proc_minor_faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    after.split_whitespace().nth(7).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// CPU-seconds of a live process from the scheduler's run time of each of its threads
+/// (`/proc/PID/task/*/schedstat`, nanoseconds), for differences finer than the 10 ms ticks
+/// of [`proc_cpu`]. A thread that exits takes its time with it: use it on processes whose
+/// threads live as long as they do (the shipper's workers, metrics and eBPF threads).
+pub(crate) fn proc_cpu_ns(pid: u32) -> f64 {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    ns as f64 / 1e9
+}
+
 pub(crate) fn proc_hwm_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A `kB` field of `/proc/PID/status` (`"VmRSS:"`), 0 when absent.
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
         .unwrap_or(0)
 }
 
