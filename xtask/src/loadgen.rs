@@ -531,6 +531,15 @@ pub struct Sent {
     /// sender that cannot keep its rate shows here, and the run's rate is then lower).
     pub behind_max: u64,
     pub calls: u64,
+    /// CPU-seconds of the sending thread (scheduler run time): its syscalls and, on
+    /// loopback, the kernel's receive path (and its drops) run in its softirq.
+    pub cpu_s: f64,
+}
+
+/// CPU-seconds the calling thread has run (`/proc/thread-self/schedstat`, nanoseconds).
+fn thread_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) as f64 / 1e9
 }
 
 /// Sends the datagrams of `data` (datagram `k` ends at `ends[k]`, starts at the previous end)
@@ -552,7 +561,7 @@ pub fn send_datagrams(
     let mut iov: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; SEND_BATCH];
     let mut hdr: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; SEND_BATCH];
     let mut s = Sent::default();
-    let (n, start) = (ends.len() as u64, Instant::now());
+    let (n, start, cpu0) = (ends.len() as u64, Instant::now(), thread_cpu_s());
     while s.datagrams < n {
         let due = if rate > 0.0 {
             let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(n);
@@ -595,6 +604,7 @@ pub fn send_datagrams(
         progress.store(s.datagrams, std::sync::atomic::Ordering::Relaxed);
     }
     s.send_s = start.elapsed().as_secs_f64();
+    s.cpu_s = thread_cpu_s() - cpu0;
     Ok(s)
 }
 

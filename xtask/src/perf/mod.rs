@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::Serialize;
 
+mod bpf;
 mod buffer;
 mod chart;
 mod failover;
@@ -295,6 +296,26 @@ pub(crate) fn pin_current_thread(cpus: &[usize]) {
     }
 }
 
+/// The calling thread's CPU affinity, given back when dropped ([`pin_current_thread_for`]).
+pub(crate) struct Affinity(libc::cpu_set_t);
+
+impl Drop for Affinity {
+    fn drop(&mut self) {
+        // SAFETY: restores the set read by pin_current_thread_for on this same thread.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+    }
+}
+
+/// Pins the calling thread to `cpus` until the returned guard is dropped (processes it
+/// starts meanwhile inherit the pinning unless they are given CPUs of their own).
+pub(crate) fn pin_current_thread_for(cpus: &[usize]) -> Affinity {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity(0) fills it for the calling thread.
+    let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) };
+    pin_current_thread(cpus);
+    Affinity(old)
+}
+
 /// Creates a FIFO and holds it open (read-write, so neither side blocks or sees EOF between
 /// writers), with the same 1 MiB pipe buffer the shipper asks for its own FIFOs.
 pub(crate) fn fifo_held(path: &Path) -> anyhow::Result<std::fs::File> {
@@ -442,6 +463,65 @@ pub(crate) fn proc_cpu(pid: u32) -> f64 {
         + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// CPU-seconds of each live thread of a process so far, summed by thread name (`comm`), from
+/// the scheduler's run times as [`proc_cpu_ns`].
+pub(crate) fn proc_threads_cpu_ns(pid: u32) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let ns = stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        *by_name.entry(comm.trim().to_string()).or_insert(0.0) += ns as f64 / 1e9;
+    }
+    by_name
+}
+
+/// Context switches of a process so far, summed over its live threads: (voluntary, i.e.
+/// sleeps, involuntary, i.e. preempted), from `/proc/PID/task/*/status`.
+pub(crate) fn proc_ctx_switches(pid: u32) -> (u64, u64) {
+    let mut total = (0, 0);
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            status.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
+        };
+        total.0 += field("voluntary_ctxt_switches:");
+        total.1 += field("nonvoluntary_ctxt_switches:");
+    }
+    total
+}
+
+/// Busy seconds of `cpus` so far (everything but idle and iowait, from `/proc/stat`), all
+/// processes and the kernel together.
+pub(crate) fn cpus_busy_s(cpus: &[usize]) -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut ticks = 0u64;
+    for l in stat.lines() {
+        let mut f = l.split_whitespace();
+        let Some(cpu) = f.next().and_then(|n| n.strip_prefix("cpu")?.parse::<usize>().ok()) else {
+            continue;
+        };
+        if cpus.contains(&cpu) {
+            let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
+            // user nice system idle iowait irq softirq steal (guest time is inside user).
+            ticks +=
+                v.iter().take(8).sum::<u64>() - v.get(3).unwrap_or(&0) - v.get(4).unwrap_or(&0);
+        }
+    }
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// (user, system) CPU-seconds of a process so far, 10 ms ticks (`/proc/PID/stat`).
+pub(crate) fn proc_cpu_split(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = after.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f.get(11).unwrap_or(&0.0) / hz, f.get(12).unwrap_or(&0.0) / hz)
 }
 
 /// Minor page faults of a process so far, all its threads (`minflt` of /proc/PID/stat).

@@ -32,6 +32,7 @@
 //! Tracing BPF links held by *other* processes during a trial (another engineer's shipper
 //! tests) are recorded, since their programs run host-wide whatever our variant is.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,8 +43,10 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use shipper::metrics::text::sum;
 
+use super::bpf;
 use super::pipe::{self, Cpus};
-use super::{proc_cpu, proc_cpu_ns, proc_hwm_kib, proc_minor_faults, proc_status_kib};
+use super::{cpus_busy_s, proc_cpu, proc_cpu_ns, proc_cpu_split, proc_ctx_switches};
+use super::{proc_hwm_kib, proc_minor_faults, proc_status_kib, proc_threads_cpu_ns};
 use crate::daemon::{free_port, Daemon};
 use crate::loadgen::{self, SyslogShape, SyslogSyntax};
 
@@ -192,9 +195,11 @@ struct Trial {
     send_s: f64,
     sent_per_s: f64,
     sender_behind_max_ms: f64,
-    /// Datagrams the source read (`shipper_socket_messages_received_total`), per second of
-    /// sending.
+    /// Datagrams the source read (`shipper_socket_messages_received_total`), and per second
+    /// from the first datagram sent until the socket's receive queue was empty after the last
+    /// (`received_s`; a flood leaves a full queue behind the sender).
     received: u64,
+    received_s: f64,
     received_per_s: f64,
     /// Records acknowledged by the receiver, per second from the first datagram sent to the
     /// receiver's last output write (`wall_s`).
@@ -215,12 +220,31 @@ struct Trial {
     cpu_s_per_million: f64,
     datagrams_per_cpu_s: f64,
     cpu_s_ticks: f64,
+    /// The shipper's CPU-seconds by thread name (`worker-0`, `ebpf`: the map reader, ...).
+    thread_cpu_s: BTreeMap<String, f64>,
+    /// The shipper's user and system CPU-seconds (ticks).
+    cpu_user_s: f64,
+    cpu_system_s: f64,
     /// The shipper's minor page faults over the trial, per million datagrams received.
     minor_faults_per_million: f64,
+    /// The shipper's voluntary context switches (sleeps: each a wakeup to read) and
+    /// involuntary ones (preempted), per datagram received.
+    sleeps_per_datagram: f64,
+    preemptions_per_datagram: f64,
+    /// CPU-seconds that everything else ran on the shipper's CPUs during the trial (the
+    /// neighbours' load the shipper competed with; 10 ms ticks), per second of the trial.
+    others_on_shipper_cpus: f64,
+    /// The sender thread's CPU-seconds per million datagrams sent (on loopback this holds the
+    /// kernel's UDP receive path and its drops, where the kfree_skb program runs).
+    sender_cpu_s_per_million: f64,
     /// The shipper's peak RSS (VmHWM) and its RSS at the end of the trial (VmRSS).
     peak_rss_kib: u64,
     rss_kib: u64,
     receiver_cpu_s: f64,
+    /// How often the shipper's programs ran during the trial and for how long, by tracepoint
+    /// (runs, ns; the kernel's BPF statistics, on for the whole case), and in all per datagram.
+    program_runs: BTreeMap<String, (u64, u64)>,
+    program_ns_per_datagram: f64,
     /// Seconds waited before the trial for other processes' tracing BPF programs to go, and
     /// those seen anyway at its start or end (`comm[pid]: tracepoint, ...`).
     quiet_wait_s: f64,
@@ -260,28 +284,27 @@ pub fn run_case(
         load.bytes() as f64 / load.count().max(1) as f64,
         rate_text(w.rate),
     );
+    let load_average_before = load_average();
     let pairs = if quick { 1 } else { runs.unwrap_or(case.runs) };
     let dir = super::tempdir()?;
     let pki =
         shipper::tls::pki::generate(&dir.join("tls"), &["localhost".into(), "127.0.0.1".into()])?;
     let deadline = Duration::from_secs(if quick { 60 } else { 300 });
     let quiet_wait = Duration::from_secs(if quick { 0 } else { 60 });
-    let env = Env { dir: &dir, case, pki: &pki, load: &load, deadline, quiet_wait };
-    let mut all: Vec<Vec<Trial>> = vec![Vec::new(); Variant::ALL.len()];
-    for pair in 0..pairs {
-        let first = pair % 2;
-        for (k, i) in [first, 1 - first].into_iter().enumerate() {
-            let v = Variant::ALL[i];
-            let mut t = trial(&env, v, pair)
-                .with_context(|| format!("{}, pair {}", v.label(), pair + 1))?;
-            (t.pair, t.order) = (pair + 1, pair * 2 + k + 1);
-            print_trial(&t, pairs);
-            all[i].push(t);
-        }
+    // This thread polls and scrapes during the trials: keep it off the shipper's CPUs.
+    let _pinned = super::pin_current_thread_for(&case.cpus.loadgen);
+    // The kernel's per-program run counts and times, for every trial of the case alike.
+    let stats = bpf::enable_stats();
+    if let Err(e) = &stats {
+        println!("   note: BPF run-time statistics unavailable ({e}): program runs show as 0");
     }
+    let env = Env { dir: &dir, case, pki: &pki, load: &load, deadline, quiet_wait };
+    let all = run_pairs(&env, pairs)?;
+    drop(stats);
     let _ = std::fs::remove_dir_all(&dir);
-    let medians: Vec<Trial> = all.iter().map(|t| median(t, |t| t.cpu_s_per_million)).collect();
-    let diff = Difference::new(&all, &medians);
+    let figure = Figure::of(&case.optimises);
+    let medians: Vec<Trial> = all.iter().map(|t| median(t, figure)).collect();
+    let diff = Difference::new(&all, &medians, figure);
     let md = markdown(name, quick, case, &load, &medians, &all, &diff);
     println!("\n{md}");
     let charts = charts(name, quick, &medians, &all)?;
@@ -298,6 +321,7 @@ pub fn run_case(
         "bytes": load.bytes(),
         "datagram_bytes_min": load.bytes_min,
         "datagram_bytes_max": load.bytes_max,
+        "load_average": [load_average_before, load_average()],
         "variants": medians,
         "difference": diff,
         "runs": all,
@@ -317,6 +341,30 @@ pub fn run_case(
     Ok(())
 }
 
+/// `pairs` pairs of trials, A B then B A; the trials of each variant, in `Variant::ALL`'s
+/// order.
+fn run_pairs(env: &Env, pairs: usize) -> anyhow::Result<Vec<Vec<Trial>>> {
+    let mut all: Vec<Vec<Trial>> = vec![Vec::new(); Variant::ALL.len()];
+    for pair in 0..pairs {
+        let first = pair % 2;
+        for (k, i) in [first, 1 - first].into_iter().enumerate() {
+            let v = Variant::ALL[i];
+            let mut t =
+                trial(env, v, pair).with_context(|| format!("{}, pair {}", v.label(), pair + 1))?;
+            (t.pair, t.order) = (pair + 1, pair * 2 + k + 1);
+            print_trial(&t, pairs);
+            all[i].push(t);
+        }
+    }
+    Ok(all)
+}
+
+/// The first three fields of `/proc/loadavg` (1, 5 and 15 minutes): the neighbours' load.
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
 fn rate_text(rate: u64) -> String {
     if rate > 0 {
         format!("{} datagrams/s", super::report::thousands(rate as f64))
@@ -325,25 +373,29 @@ fn rate_text(rate: u64) -> String {
     }
 }
 
-/// The median trial by `key` (the upper one of an even count).
-fn median(trials: &[Trial], key: fn(&Trial) -> f64) -> Trial {
+/// The median trial by `figure` (the upper one of an even count).
+fn median(trials: &[Trial], figure: Figure) -> Trial {
     let mut sorted = trials.to_vec();
-    sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    sorted.sort_by(|a, b| figure.value(a).total_cmp(&figure.value(b)));
     sorted[sorted.len() / 2].clone()
 }
 
 fn print_trial(t: &Trial, pairs: usize) {
     println!(
         "   {:<14} pair {}/{pairs}: {:>8.0} received/s {:>8.0} delivered/s {:>7.3} CPU-s \
-         {:>6.3} CPU-s/M datagrams  kernel drops {}  behind {:.1} ms{}",
+         {:>6.3} CPU-s/M datagrams  {:.2} sleeps/datagram  others on its CPU {:.2}  kernel \
+         drops {}  behind {:.1} ms  programs {:.1} ns/datagram{}",
         t.label,
         t.pair,
         t.received_per_s,
         t.delivered_per_s,
         t.cpu_s,
         t.cpu_s_per_million,
+        t.sleeps_per_datagram,
+        t.others_on_shipper_cpus,
         t.kernel_drops,
         t.sender_behind_max_ms,
+        t.program_ns_per_datagram,
         if t.foreign_links.is_empty() {
             String::new()
         } else {
@@ -394,7 +446,7 @@ fn trial(env: &Env, v: Variant, pair: usize) -> anyhow::Result<Trial> {
     let dir = env.dir.join(format!("pair{pair}-{}", v.slug()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let quiet_wait_s = wait_quiet(env.quiet_wait);
+    let quiet_wait_s = bpf::wait_quiet(0, env.quiet_wait);
     let s = start(env, v, &dir)?;
     let limit = (env.deadline, dir.as_path());
     let workers = env.case.shipper.workers as f64;
@@ -404,11 +456,10 @@ fn trial(env: &Env, v: Variant, pair: usize) -> anyhow::Result<Trial> {
     let pid = s.ship.pid();
     let mut t = Trial { label: v.label().into(), quiet_wait_s, ..Trial::default() };
     (t.ebpf_state, t.bpf_links) = check_variant(v, &ready.text, pid)?;
-    let mut foreign = foreign_links(pid);
-    let (c0, ticks0, r0) = (proc_cpu_ns(pid), proc_cpu(pid), proc_cpu(s.receiver.pid()));
-    let faults0 = proc_minor_faults(pid);
-    let t0 = Instant::now();
+    let mut foreign = bpf::foreign(pid);
+    let before = Snapshot::take(&s, &env.case.cpus.shipper);
     let sent = send(env, v, s.udp)?;
+    let drained = drained(s.udp, env.deadline, &dir)?;
     let out = || super::files_bytes(&s.out, "log");
     let n = sent.datagrams as f64;
     let attached = v == Variant::Attached;
@@ -419,19 +470,26 @@ fn trial(env: &Env, v: Variant, pair: usize) -> anyhow::Result<Trial> {
             && sum(text, ACKED, &[]) + sum(text, DROPPED, &[]) >= received
             && (!attached || sum(text, COUNTED, &[("source", SOURCE)]) >= drops)
     })?;
-    t.cpu_s = proc_cpu_ns(pid) - c0;
-    t.cpu_s_ticks = proc_cpu(pid) - ticks0;
-    let faults = proc_minor_faults(pid) - faults0;
-    t.receiver_cpu_s = proc_cpu(s.receiver.pid()) - r0;
-    t.peak_rss_kib = proc_hwm_kib(pid);
-    t.rss_kib = proc_status_kib(pid, "VmRSS:");
+    let after = Snapshot::take(&s, &env.case.cpus.shipper);
     t.kernel_drops = udp_drops(s.udp);
     check_variant(v, &end.text, pid).context("at the end of the trial")?;
-    foreign.extend(foreign_links(pid));
+    foreign.extend(bpf::foreign(pid));
     foreign.sort();
     foreign.dedup();
     t.foreign_links = foreign;
-    let text = &end.text;
+    counts(&mut t, &end.text, &sent, env.case.workload.rate);
+    t.received_s = (drained - before.at).as_secs_f64();
+    t.received_per_s = t.received as f64 / t.received_s.max(1e-9);
+    t.wall_s = (end.last.unwrap_or(end.at) - before.at).as_secs_f64();
+    t.delivered_per_s = t.acked as f64 / t.wall_s.max(1e-9);
+    costs(&mut t, &before, &after, !env.case.cpus.shipper.is_empty());
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(t)
+}
+
+/// The counts of a trial from the shipper's last scrape `text` and the sender's report.
+fn counts(t: &mut Trial, text: &str, sent: &loadgen::Sent, rate: u64) {
     t.received = sum(text, RECEIVED, &[("source", SOURCE)]) as u64;
     t.acked = sum(text, ACKED, &[]) as u64;
     t.shipper_dropped = sum(text, DROPPED, &[]) as u64;
@@ -440,19 +498,85 @@ fn trial(env: &Env, v: Variant, pair: usize) -> anyhow::Result<Trial> {
     t.sent = sent.datagrams;
     t.send_s = sent.send_s;
     t.sent_per_s = sent.datagrams as f64 / sent.send_s.max(1e-9);
-    let rate = env.case.workload.rate as f64;
+    let rate = rate as f64;
     t.sender_behind_max_ms = if rate > 0.0 { sent.behind_max as f64 / rate * 1e3 } else { 0.0 };
-    t.received_per_s = t.received as f64 / sent.send_s.max(1e-9);
-    t.wall_s = (end.last.unwrap_or(end.at) - t0).as_secs_f64();
-    t.delivered_per_s = t.acked as f64 / t.wall_s.max(1e-9);
+    t.sender_cpu_s_per_million = sent.cpu_s / (sent.datagrams.max(1) as f64 / 1e6);
+}
+
+/// What the shipper (and beside it the receiver and the shipper's CPUs) had used at one
+/// moment: a trial's costs are the difference of two.
+struct Snapshot {
+    at: Instant,
+    pid: u32,
+    cpu_s: f64,
+    ticks_s: f64,
+    user_system_s: (f64, f64),
+    faults: u64,
+    switches: (u64, u64),
+    threads: BTreeMap<String, f64>,
+    runs: BTreeMap<String, (u64, u64)>,
+    receiver_cpu_s: f64,
+    /// Busy time of the shipper's CPUs, everyone's.
+    cpus_busy_s: f64,
+}
+
+impl Snapshot {
+    fn take(s: &Started, cpus: &[usize]) -> Snapshot {
+        let pid = s.ship.pid();
+        Snapshot {
+            at: Instant::now(),
+            pid,
+            cpu_s: proc_cpu_ns(pid),
+            ticks_s: proc_cpu(pid),
+            user_system_s: proc_cpu_split(pid),
+            faults: proc_minor_faults(pid),
+            switches: proc_ctx_switches(pid),
+            threads: proc_threads_cpu_ns(pid),
+            runs: bpf::runs(pid),
+            receiver_cpu_s: proc_cpu(s.receiver.pid()),
+            cpus_busy_s: cpus_busy_s(cpus),
+        }
+    }
+}
+
+/// The shipper's costs over a trial, from the snapshots before and after it (`pinned`: the
+/// shipper has CPUs of its own, whose other users can be told apart).
+fn costs(t: &mut Trial, a: &Snapshot, b: &Snapshot, pinned: bool) {
+    let received = t.received.max(1) as f64;
+    t.cpu_s = b.cpu_s - a.cpu_s;
+    t.cpu_s_ticks = b.ticks_s - a.ticks_s;
     if t.cpu_s > 0.0 {
-        t.cpu_s_per_million = t.cpu_s / (t.received.max(1) as f64 / 1e6);
+        t.cpu_s_per_million = t.cpu_s / (received / 1e6);
         t.datagrams_per_cpu_s = t.received as f64 / t.cpu_s;
     }
-    t.minor_faults_per_million = faults as f64 / (t.received.max(1) as f64 / 1e6);
-    drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(t)
+    t.cpu_user_s = b.user_system_s.0 - a.user_system_s.0;
+    t.cpu_system_s = b.user_system_s.1 - a.user_system_s.1;
+    t.minor_faults_per_million = (b.faults - a.faults) as f64 / (received / 1e6);
+    t.sleeps_per_datagram = b.switches.0.saturating_sub(a.switches.0) as f64 / received;
+    t.preemptions_per_datagram = b.switches.1.saturating_sub(a.switches.1) as f64 / received;
+    t.thread_cpu_s = b
+        .threads
+        .iter()
+        .map(|(name, cpu)| (name.clone(), cpu - a.threads.get(name).copied().unwrap_or(0.0)))
+        .collect();
+    t.program_runs = b
+        .runs
+        .iter()
+        .map(|(tp, (n, ns))| {
+            let (n0, ns0) = a.runs.get(tp).copied().unwrap_or_default();
+            (tp.clone(), (n - n0, ns - ns0))
+        })
+        .collect();
+    let program_ns: u64 = t.program_runs.values().map(|r| r.1).sum();
+    t.program_ns_per_datagram = program_ns as f64 / t.sent.max(1) as f64;
+    t.receiver_cpu_s = b.receiver_cpu_s - a.receiver_cpu_s;
+    t.peak_rss_kib = proc_hwm_kib(b.pid);
+    t.rss_kib = proc_status_kib(b.pid, "VmRSS:");
+    if pinned {
+        let span_s = (b.at - a.at).as_secs_f64().max(1e-9);
+        t.others_on_shipper_cpus =
+            (b.cpus_busy_s - a.cpus_busy_s - t.cpu_s_ticks).max(0.0) / span_s;
+    }
 }
 
 /// Sends the case's datagrams to 127.0.0.1:`port` from a thread on the load generator's
@@ -468,12 +592,16 @@ fn send(env: &Env, v: Variant, port: u16) -> anyhow::Result<loadgen::Sent> {
         loadgen::send_datagrams(to, &data, &ends, rate, &p)
     });
     let (tty, t0, total) = (std::io::stdout().is_terminal(), Instant::now(), env.load.count());
-    while !sender.is_finished() {
-        if tty {
+    // Noticed within 5 ms of the sender's end: the receive queue is timed from here.
+    for i in 0u64.. {
+        if sender.is_finished() {
+            break;
+        }
+        if tty && i % 50 == 0 {
             let done = progress.load(Ordering::Relaxed);
             pipe::bar(v.label(), done, total, t0.elapsed().as_secs_f64(), "datagrams");
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(5));
     }
     pipe::clear_bar(tty);
     sender.join().expect("sender thread").context("sending datagrams")
@@ -494,7 +622,7 @@ fn check_variant(v: Variant, text: &str, pid: u32) -> anyhow::Result<(String, Ve
              state=\"{want}\" {value}: the variant is not what it claims (see its log)"
         );
     }
-    let links = bpf_links(pid);
+    let links: Vec<String> = bpf::links(pid).iter().map(bpf::Link::name).collect();
     let drops = links.iter().any(|l| l.ends_with(":kfree_skb"));
     if (v == Variant::Attached && !drops) || (v == Variant::NoEbpf && !links.is_empty()) {
         bail!(
@@ -513,123 +641,153 @@ fn ebpf_state(text: &str) -> Option<(String, f64)> {
     })
 }
 
-/// Every BPF link `pid` holds open (`anon_inode:bpf_link` descriptors), as `link_type` and,
-/// for tracepoints, `:tp_name` from `/proc/PID/fdinfo` (`raw_tracepoint:kfree_skb`).
-fn bpf_links(pid: u32) -> Vec<String> {
-    let mut links = Vec::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten() {
-        let link = std::fs::read_link(fd.path()).unwrap_or_default();
-        if link.as_os_str() != "anon_inode:bpf_link" {
-            continue;
-        }
-        let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
-        let text = std::fs::read_to_string(info).unwrap_or_default();
-        let field =
-            |name: &str| text.lines().find_map(|l| Some(l.strip_prefix(name)?.trim().to_string()));
-        let kind = field("link_type:").unwrap_or_else(|| "?".into());
-        links.push(field("tp_name:").map_or(kind.clone(), |tp| format!("{kind}:{tp}")));
-    }
-    links.sort();
-    links
-}
-
-/// Processes other than `ours` holding tracing BPF links (`tracing`, `raw_tracepoint`,
-/// `perf_event`, kprobes), as `comm[pid]: tracepoint, ...`: their programs run on the whole
-/// host, in both variants (another engineer's shipper tests, on this shared machine).
-fn foreign_links(ours: u32) -> Vec<String> {
-    let mut found = Vec::new();
-    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let tracing: Vec<String> = bpf_links(pid)
-            .into_iter()
-            .filter(|l| {
-                let ty = l.split(':').next().unwrap_or_default();
-                matches!(ty, "tracing" | "raw_tracepoint" | "perf_event") || ty.contains("kprobe")
-            })
-            .map(|l| l.rsplit(':').next().unwrap_or_default().to_string())
-            .collect();
-        if pid != ours && !tracing.is_empty() {
-            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            found.push(format!("{}[{pid}]: {}", comm.trim(), tracing.join(", ")));
-        }
-    }
-    found.sort();
-    found
-}
-
-/// Waits up to `limit` until no other process holds tracing BPF links (so that neither
-/// variant shares the kernel's tracepoints with someone else's programs); returns how long
-/// it waited.
-fn wait_quiet(limit: Duration) -> f64 {
-    let t0 = Instant::now();
-    while !foreign_links(0).is_empty() && t0.elapsed() < limit {
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    t0.elapsed().as_secs_f64()
-}
-
 /// A UDP port on 127.0.0.1 that was free a moment ago.
 fn free_udp_port() -> anyhow::Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Waits until the receive queues of the UDP sockets on 127.0.0.1:`port` are empty (polled
+/// every 2 ms), and returns when they were.
+fn drained(port: u16, limit: Duration, dir: &Path) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = Instant::now();
+        if udp_column(port, true) == 0 {
+            return Ok(now);
+        }
+        if now > deadline {
+            bail!("the UDP receive queue not empty after {limit:?}; see {}", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// The kernel's drops on the UDP sockets bound to 127.0.0.1:`port` (the `drops` column of
 /// `/proc/net/udp`, summed over the sockets of every worker).
 fn udp_drops(port: u16) -> u64 {
-    let text = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
-    let local = format!("0100007F:{port:04X}");
-    text.lines()
-        .skip(1)
-        .filter(|l| l.split_whitespace().nth(1) == Some(local.as_str()))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
-        .sum()
+    udp_column(port, false)
 }
 
-/// The attached variant against `--no-ebpf`, in percent (positive: attached costs more CPU
-/// per datagram, or moves more datagrams per second).
+/// A column of `/proc/net/udp` for the sockets bound to 127.0.0.1:`port`, summed: the bytes
+/// in their receive queues (`rx_queue`, hexadecimal) or their drops (`drops`, the last).
+fn udp_column(port: u16, rx_queue: bool) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    let local = format!("0100007F:{port:04X}");
+    let mut total = 0;
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) != Some(&local.as_str()) {
+            continue;
+        }
+        total += if rx_queue {
+            let queue = f.get(4).and_then(|q| q.split(':').nth(1)).unwrap_or("0");
+            u64::from_str_radix(queue, 16).unwrap_or(0)
+        } else {
+            f.last().and_then(|d| d.parse().ok()).unwrap_or(0)
+        };
+    }
+    total
+}
+
+/// The figure a case judges the variants by, from its `optimises`: `throughput` (datagrams
+/// received per second: a flood) or anything else, CPU per datagram (a fixed rate).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Figure {
+    CpuPerDatagram,
+    Throughput,
+}
+
+impl Figure {
+    fn of(optimises: &str) -> Figure {
+        if optimises == "throughput" {
+            Figure::Throughput
+        } else {
+            Figure::CpuPerDatagram
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Figure::CpuPerDatagram => "the shipper's CPU per datagram",
+            Figure::Throughput => "datagrams received per second",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Figure::CpuPerDatagram => "CPU s/M",
+            Figure::Throughput => "received/s",
+        }
+    }
+
+    fn text(self, v: f64) -> String {
+        match self {
+            Figure::CpuPerDatagram => format!("{v:.3}"),
+            Figure::Throughput => super::report::thousands(v),
+        }
+    }
+
+    fn value(self, t: &Trial) -> f64 {
+        match self {
+            Figure::CpuPerDatagram => t.cpu_s_per_million,
+            Figure::Throughput => t.received_per_s,
+        }
+    }
+}
+
+/// The attached variant against `--no-ebpf`, in percent (positive: attached has more of it:
+/// costs more CPU, receives more datagrams per second).
 #[derive(Serialize, Default, Debug)]
 struct Difference {
-    /// Median against median.
-    cpu_per_datagram_pct: f64,
-    received_per_s_pct: f64,
-    delivered_per_s_pct: f64,
-    /// Each pair's two trials against each other (they ran back to back): the median and
-    /// the range over the pairs.
-    paired_cpu_per_datagram_pct: f64,
-    paired_cpu_per_datagram_range_pct: (f64, f64),
-    /// The spread of each variant's own trials, (highest − lowest) / median CPU per datagram:
-    /// the noise a difference has to stand out of.
+    /// The figure judged (`Figure::name`), each pair's two trials against each other (they
+    /// ran back to back): the median and the range over the pairs.
+    judged: &'static str,
+    paired_pct: f64,
+    paired_range_pct: (f64, f64),
+    /// The spread of each variant's own trials of the judged figure, (highest − lowest) /
+    /// median: the noise a difference has to stand out of.
     noise_pct: (f64, f64),
     /// Whether the paired median is under the 2% target, in absolute value.
     under_2_pct: bool,
+    /// Median trial against median trial, each figure.
+    cpu_per_datagram_pct: f64,
+    received_per_s_pct: f64,
+    delivered_per_s_pct: f64,
+    sender_cpu_per_datagram_pct: f64,
 }
 
 impl Difference {
-    fn new(all: &[Vec<Trial>], medians: &[Trial]) -> Difference {
+    fn new(all: &[Vec<Trial>], medians: &[Trial], figure: Figure) -> Difference {
         let pct = |a: f64, b: f64| (a / b.max(1e-12) - 1.0) * 100.0;
         let (a, b) = (&medians[0], &medians[1]);
         let mut paired: Vec<f64> = all[0]
             .iter()
             .zip(&all[1])
-            .map(|(x, y)| pct(x.cpu_s_per_million, y.cpu_s_per_million))
+            .map(|(x, y)| pct(figure.value(x), figure.value(y)))
             .collect();
         paired.sort_by(f64::total_cmp);
         let mid = paired.get(paired.len() / 2).copied().unwrap_or(0.0);
         let range = (paired.first().copied().unwrap_or(0.0), paired.last().copied().unwrap_or(0.0));
         let noise = |trials: &[Trial], m: &Trial| {
-            let (lo, hi) = spread(trials, |t| t.cpu_s_per_million);
-            (hi - lo) / m.cpu_s_per_million.max(1e-12) * 100.0
+            let (lo, hi) = trials
+                .iter()
+                .map(|t| figure.value(t))
+                .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+            (hi - lo) / figure.value(m).max(1e-12) * 100.0
         };
         Difference {
+            judged: figure.name(),
+            paired_pct: mid,
+            paired_range_pct: range,
+            noise_pct: (noise(&all[0], a), noise(&all[1], b)),
+            under_2_pct: mid.abs() < 2.0,
             cpu_per_datagram_pct: pct(a.cpu_s_per_million, b.cpu_s_per_million),
             received_per_s_pct: pct(a.received_per_s, b.received_per_s),
             delivered_per_s_pct: pct(a.delivered_per_s, b.delivered_per_s),
-            paired_cpu_per_datagram_pct: mid,
-            paired_cpu_per_datagram_range_pct: range,
-            noise_pct: (noise(&all[0], a), noise(&all[1], b)),
-            under_2_pct: mid.abs() < 2.0,
+            sender_cpu_per_datagram_pct: pct(
+                a.sender_cpu_s_per_million,
+                b.sender_cpu_s_per_million,
+            ),
         }
     }
 }
@@ -654,12 +812,13 @@ fn markdown(
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "**{name}** ({}; optimises CPU per datagram): {} {} datagrams per trial, {:.0} bytes on \
+        "**{name}** ({}; judged by {}): {} {} datagrams per trial, {:.0} bytes on \
          average ({}–{}), {} apps (Zipf skew {}), one sender at {} (`sendmmsg`, at most {} per \
          call); shipper {} worker(s), zstd level {}, `receive_buffer_bytes = {}`; CPUs: shipper \
          {:?}, sender {:?}, receiver {:?}; {} pair(s) of trials, A B then B A alternately; \
-         median trial by CPU per datagram.\n",
+         median trial by that.\n",
         case.description,
+        Figure::of(&case.optimises).name(),
         th(load.count() as f64),
         w.format,
         load.bytes() as f64 / load.count().max(1) as f64,
@@ -677,11 +836,38 @@ fn markdown(
         case.cpus.receiver,
         all[0].len(),
     );
+    let _ = writeln!(md, "Load average (1, 5, 15 min) at the end: {}.\n", load_average());
     variants_table(&mut md, m, all);
     difference_text(&mut md, quick, m, all, d);
-    pairs_table(&mut md, all);
+    programs_text(&mut md, &m[0]);
+    pairs_table(&mut md, all, Figure::of(&case.optimises));
     foreign_text(&mut md, all);
     md
+}
+
+/// What the programs themselves did in the attached variant's median trial, by the kernel's
+/// own count.
+fn programs_text(md: &mut String, t: &Trial) {
+    use std::fmt::Write;
+    let (runs, ns): (u64, u64) =
+        t.program_runs.values().fold((0, 0), |(r, n), v| (r + v.0, n + v.1));
+    let each: Vec<String> = t
+        .program_runs
+        .iter()
+        .map(|(tp, (n, ns))| format!("`{tp}` {n} ({:.3} ms)", *ns as f64 / 1e6))
+        .collect();
+    let _ = writeln!(
+        md,
+        "\nThe programs themselves (kernel BPF statistics, median attached trial): {runs} runs, \
+         {:.3} ms in all, {:.1} ns per datagram sent, {:.3}% of the shipper's CPU-s: {}. They run \
+         in whichever context the event happens in (on loopback, drops in the sender's softirq). \
+         The shipper's thread that reads their maps every 250 ms (`ebpf`) used {:.4} CPU-s.",
+        ns as f64 / 1e6,
+        t.program_ns_per_datagram,
+        ns as f64 / 1e9 / t.cpu_s.max(1e-9) * 100.0,
+        each.join(", "),
+        t.thread_cpu_s.get("ebpf").copied().unwrap_or(0.0),
+    );
 }
 
 /// One row per variant: its median trial, with the spread over its trials.
@@ -690,8 +876,8 @@ fn variants_table(md: &mut String, m: &[Trial], all: &[Vec<Trial>]) {
     let th = super::report::thousands;
     *md += "| variant | `shipper_ebpf_attached` | received/s (spread) | delivered/s | CPU s | \
            CPU s per M datagrams (spread) | datagrams per CPU-s | CPU per datagram vs \
-           --no-ebpf | kernel drops (eBPF counted) | shipper drops | sender max behind | RSS \
-           (peak) | receiver CPU s |\n";
+           --no-ebpf | kernel drops (eBPF counted) | shipper drops | sender max behind | sender \
+           CPU s per M sent | RSS (peak) |\n";
     *md += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     let base = m[1].cpu_s_per_million.max(1e-12);
     for (t, trials) in m.iter().zip(all) {
@@ -705,8 +891,8 @@ fn variants_table(md: &mut String, m: &[Trial], all: &[Vec<Trial>]) {
         let _ = writeln!(
             md,
             "| {} | `state=\"{}\"` ({} links) | {} ({}–{}) | {} | {:.3} | **{:.3}** \
-             ({:.3}–{:.3}) | {} | {:.3}× | {}{counted} | {} | {:.1} ms | {:.1} ({:.1}) MiB | \
-             {:.3} |",
+             ({:.3}–{:.3}) | {} | {:.3}× | {}{counted} | {} | {:.1} ms | {:.3} | {:.1} ({:.1}) \
+             MiB |",
             t.label,
             t.ebpf_state,
             t.bpf_links.len(),
@@ -723,9 +909,9 @@ fn variants_table(md: &mut String, m: &[Trial], all: &[Vec<Trial>]) {
             th(t.kernel_drops as f64),
             th(t.shipper_dropped as f64),
             t.sender_behind_max_ms,
+            t.sender_cpu_s_per_million,
             t.rss_kib as f64 / 1024.0,
             t.peak_rss_kib as f64 / 1024.0,
-            t.receiver_cpu_s,
         );
     }
 }
@@ -733,21 +919,19 @@ fn variants_table(md: &mut String, m: &[Trial], all: &[Vec<Trial>]) {
 /// The difference between the variants, against the target and the noise.
 fn difference_text(md: &mut String, quick: bool, m: &[Trial], all: &[Vec<Trial>], d: &Difference) {
     use std::fmt::Write;
-    let (lo, hi) = d.paired_cpu_per_datagram_range_pct;
+    let (lo, hi) = d.paired_range_pct;
     let _ = writeln!(
         md,
-        "\n**eBPF attached vs --no-ebpf: CPU per datagram {:+.2}%** (median over {} pair(s), \
-         each pair's trials back to back; {:+.2}% to {:+.2}%), {:+.2}% median against median; \
-         received/s {:+.2}%, delivered/s {:+.2}%. Target, a difference under 2%: **{}**. \
-         Noise: each variant's own trials spread over {:.1}% (attached) and {:.1}% (--no-ebpf) \
-         of their median.",
-        d.paired_cpu_per_datagram_pct,
+        "\n**eBPF attached vs --no-ebpf, {}: {:+.2}%** (median over {} pair(s), each pair's \
+         trials back to back; {:+.2}% to {:+.2}%). Target, a difference under 2%: **{}**. Noise: \
+         each variant's own trials spread over {:.1}% (attached) and {:.1}% (--no-ebpf) of their \
+         median. Median trial against median trial: the shipper's CPU per datagram {:+.2}%, \
+         received/s {:+.2}%, delivered/s {:+.2}%, the sender's CPU per datagram {:+.2}%.",
+        d.judged,
+        d.paired_pct,
         all[0].len(),
         lo,
         hi,
-        d.cpu_per_datagram_pct,
-        d.received_per_s_pct,
-        d.delivered_per_s_pct,
         match (quick, d.under_2_pct) {
             (true, _) => "not judged (a quick run: one short pair)",
             (false, true) => "met",
@@ -755,33 +939,44 @@ fn difference_text(md: &mut String, quick: bool, m: &[Trial], all: &[Vec<Trial>]
         },
         d.noise_pct.0,
         d.noise_pct.1,
+        d.cpu_per_datagram_pct,
+        d.received_per_s_pct,
+        d.delivered_per_s_pct,
+        d.sender_cpu_per_datagram_pct,
     );
     let _ = writeln!(
         md,
         "\nThe shipper's minor page faults per million datagrams (median trials): {:.0} attached, \
          {:.0} with --no-ebpf. Its CPU is the scheduler's run time of its threads; /proc ticks \
-         gave {:.2} and {:.2} CPU-s.",
+         gave {:.2} and {:.2} CPU-s. `shipper receive` used {:.2} and {:.2} CPU-s.",
         m[0].minor_faults_per_million,
         m[1].minor_faults_per_million,
         m[0].cpu_s_ticks,
         m[1].cpu_s_ticks,
+        m[0].receiver_cpu_s,
+        m[1].receiver_cpu_s,
     );
 }
 
 /// Each pair's two trials side by side, in run order.
-fn pairs_table(md: &mut String, all: &[Vec<Trial>]) {
+fn pairs_table(md: &mut String, all: &[Vec<Trial>], figure: Figure) {
     use std::fmt::Write;
-    *md += "\n| pair | order | eBPF attached CPU s/M | --no-ebpf CPU s/M | difference | kernel \
-           drops (attached / --no-ebpf) |\n|---:|---|---:|---:|---:|---:|\n";
+    let f = figure.short();
+    let _ = writeln!(
+        md,
+        "\n| pair | order | eBPF attached {f} | --no-ebpf {f} | difference | kernel drops \
+         (attached / --no-ebpf) |\n|---:|---|---:|---:|---:|---:|"
+    );
     for (a, b) in all[0].iter().zip(&all[1]) {
         let order = if a.order < b.order { "attached first" } else { "--no-ebpf first" };
+        let (x, y) = (figure.value(a), figure.value(b));
         let _ = writeln!(
             md,
-            "| {} | {order} | {:.3} | {:.3} | {:+.2}% | {} / {} |",
+            "| {} | {order} | {} | {} | {:+.2}% | {} / {} |",
             a.pair,
-            a.cpu_s_per_million,
-            b.cpu_s_per_million,
-            (a.cpu_s_per_million / b.cpu_s_per_million.max(1e-12) - 1.0) * 100.0,
+            figure.text(x),
+            figure.text(y),
+            (x / y.max(1e-12) - 1.0) * 100.0,
             a.kernel_drops,
             b.kernel_drops,
         );
