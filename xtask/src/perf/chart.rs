@@ -7,8 +7,8 @@
 //! - `<case>-latency.png`: the shipper's read→ack quantiles (cases with a fixed rate);
 //! - `<case>-scaling.png`: lines/s and lines per CPU-second by worker count (scaling cases);
 //! - `journal-read-cpu.png`: entries per CPU-second by reader (drawn by the journal case);
-//! - `udp-ebpf-cpu.png`, `udp-ebpf-trials.png`: CPU per datagram by variant and per trial
-//!   (drawn by the UDP case).
+//! - `<case>-cpu.png` or `<case>-throughput.png`, and `<case>-trials.png`: a UDP case's judged
+//!   figure by variant and per trial (drawn by the UDP case).
 
 use std::path::PathBuf;
 

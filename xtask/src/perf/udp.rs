@@ -307,7 +307,7 @@ pub fn run_case(
     let diff = Difference::new(&all, &medians, figure);
     let md = markdown(name, quick, case, &load, &medians, &all, &diff);
     println!("\n{md}");
-    let charts = charts(name, quick, &medians, &all)?;
+    let charts = charts(name, quick, figure, &medians, &all)?;
     let run = super::Run {
         name,
         description: &case.description,
@@ -1007,7 +1007,15 @@ fn foreign_text(md: &mut String, all: &[Vec<Trial>]) {
     }
 }
 
-fn charts(name: &str, quick: bool, m: &[Trial], all: &[Vec<Trial>]) -> anyhow::Result<Vec<String>> {
+/// Two charts of the judged figure: the median trial of each variant (`<case>-cpu.png` or
+/// `<case>-throughput.png`), and every trial in run order (`<case>-trials.png`).
+fn charts(
+    name: &str,
+    quick: bool,
+    figure: Figure,
+    m: &[Trial],
+    all: &[Vec<Trial>],
+) -> anyhow::Result<Vec<String>> {
     use super::chart;
     chart::register_font()?;
     let root = crate::root();
@@ -1015,22 +1023,31 @@ fn charts(name: &str, quick: bool, m: &[Trial], all: &[Vec<Trial>]) -> anyhow::R
     std::fs::create_dir_all(&dir)?;
     let path =
         |kind: &str| dir.join(format!("{name}-{kind}{}.png", if quick { "-quick" } else { "" }));
+    let (kind, what, y) = match figure {
+        Figure::CpuPerDatagram => (
+            "cpu",
+            "shipper CPU-seconds per million datagrams",
+            "CPU-seconds per million datagrams",
+        ),
+        Figure::Throughput => {
+            ("throughput", "datagrams received per second", "datagrams received per second")
+        }
+    };
     let colors = [chart::BLUE, chart::ORANGE];
     let labels: Vec<String> = m.iter().map(|t| t.label.clone()).collect();
-    let cpu: Vec<f64> = m.iter().map(|t| t.cpu_s_per_million).collect();
-    let title = format!("{name}: shipper CPU-seconds per million datagrams (median trial)");
-    let y = "CPU-seconds per million datagrams";
-    chart::bars_with(&path("cpu"), &title, y, &labels, &cpu, &colors)?;
+    let values: Vec<f64> = m.iter().map(|t| figure.value(t)).collect();
+    let title = format!("{name}: {what} (median trial)");
+    chart::bars_with(&path(kind), &title, y, &labels, &values, &colors)?;
     let mut trials: Vec<&Trial> = all.iter().flatten().collect();
     trials.sort_by_key(|t| t.order);
     let on = |t: &Trial| t.label == Variant::Attached.label();
     let labels: Vec<String> =
         trials.iter().map(|t| format!("{} {}", t.pair, if on(t) { "on" } else { "off" })).collect();
-    let cpu: Vec<f64> = trials.iter().map(|t| t.cpu_s_per_million).collect();
+    let values: Vec<f64> = trials.iter().map(|t| figure.value(t)).collect();
     let colors: Vec<_> = trials.iter().map(|t| colors[usize::from(!on(t))]).collect();
     let title = format!("{name}: every trial in run order (blue: eBPF on, orange: --no-ebpf)");
-    chart::bars_with(&path("trials"), &title, y, &labels, &cpu, &colors)?;
-    let out = [path("cpu"), path("trials")];
+    chart::bars_with(&path("trials"), &title, y, &labels, &values, &colors)?;
+    let out = [path(kind), path("trials")];
     for p in &out {
         println!("   chart: {}", p.display());
     }
