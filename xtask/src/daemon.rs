@@ -39,8 +39,21 @@ impl Daemon {
         log: &Path,
         metrics: &str,
     ) -> anyhow::Result<Daemon> {
-        let cfg = cfg.to_string_lossy();
-        let mut d = Daemon::spawn(cpus, &bin.to_string_lossy(), &[cmd, "--config", &cfg], log)?;
+        Daemon::start_args(cpus, bin, &[cmd, "--config", &cfg.to_string_lossy()], log, metrics)
+    }
+
+    /// Runs `bin args` (a command, `--config FILE` and any flags) on the CPUs `cpus` (all
+    /// when empty), standard error into `log`, and waits (10 s at most) until its metrics
+    /// endpoint `metrics` answers.
+    pub fn start_args(
+        cpus: &[usize],
+        bin: &Path,
+        args: &[&str],
+        log: &Path,
+        metrics: &str,
+    ) -> anyhow::Result<Daemon> {
+        let cmd = args.first().copied().unwrap_or_default();
+        let mut d = Daemon::spawn(cpus, &bin.to_string_lossy(), args, log)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while shipper::metrics::http::get(metrics).is_none() {
             if let Some(status) = d.0.try_wait()? {

@@ -372,49 +372,15 @@ fn replay(env: &Env, dir: &Path, s: &Setup, ship: &Daemon, b: &Phase) -> anyhow:
     Ok(r)
 }
 
-/// The end of a phase: when the watched bytes first and last changed, when the metrics
-/// said done, and that scrape.
-struct End {
-    first: Option<Instant>,
-    last: Option<Instant>,
-    at: Instant,
-    text: String,
-}
-
-/// Polls until a scrape of the metrics at `addr` (every 50 ms) satisfies `done`, meanwhile
-/// reading `watch.0()` every 10 ms and noting when it first moved from `watch.1` and when it
-/// last changed. Counters are published every 250 ms, files grow as they are written: the
-/// files time the phase, the counters say it is complete. Fails after the case's deadline.
+/// [`super::until`] with this case's deadline.
 fn until(
     what: &str,
     addr: &str,
     env: &Env,
     watch: (impl Fn() -> u64, u64),
-    mut done: impl FnMut(&str) -> bool,
-) -> anyhow::Result<End> {
-    let deadline = Instant::now() + env.deadline;
-    let (mut bytes, mut first, mut last) = (watch.1, None, None);
-    for i in 0u64.. {
-        let now = Instant::now();
-        let b = (watch.0)();
-        if b != bytes {
-            bytes = b;
-            first = first.or(Some(now));
-            last = Some(now);
-        }
-        if i % 5 == 0 {
-            if let Some(text) = shipper::metrics::http::get(addr) {
-                if done(&text) {
-                    return Ok(End { first, last, at: now, text });
-                }
-            }
-        }
-        if now > deadline {
-            bail!("{what}: not after {:?}; see {}", env.deadline, env.dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    unreachable!("the loop above returns or fails")
+    done: impl FnMut(&str) -> bool,
+) -> anyhow::Result<super::End> {
+    super::until(what, addr, (env.deadline, env.dir), watch, done)
 }
 
 /// Joins the writers; their longest `write()` in ms.

@@ -6,7 +6,9 @@
 //! - `<case>-cpu.png`: CPU-seconds per million lines by system;
 //! - `<case>-latency.png`: the shipper's read→ack quantiles (cases with a fixed rate);
 //! - `<case>-scaling.png`: lines/s and lines per CPU-second by worker count (scaling cases);
-//! - `journal-read-cpu.png`: entries per CPU-second by reader (drawn by the journal case).
+//! - `journal-read-cpu.png`: entries per CPU-second by reader (drawn by the journal case);
+//! - `<case>-cpu.png` or `<case>-throughput.png`, and `<case>-trials.png`: a UDP case's judged
+//!   figure by variant and per trial (drawn by the UDP case).
 
 use std::path::PathBuf;
 
@@ -70,22 +72,39 @@ pub fn draw(
     Ok(out.iter().map(|p| p.strip_prefix(&root).unwrap_or(p).display().to_string()).collect())
 }
 
+pub(super) const BLUE: RGBColor = RGBColor(31, 119, 180);
+pub(super) const ORANGE: RGBColor = RGBColor(255, 127, 14);
+
 fn color(label: &str) -> RGBColor {
     match label {
-        l if l.starts_with("shipper") => RGBColor(31, 119, 180),
+        l if l.starts_with("shipper") => BLUE,
         "raw" => RGBColor(127, 127, 127),
-        "syslog-ng" => RGBColor(255, 127, 14),
+        "syslog-ng" => ORANGE,
         "rsyslog" => RGBColor(44, 160, 44),
         _ => RGBColor(148, 103, 189),
     }
 }
 
+/// A bar per label, coloured by system.
 pub(super) fn bars(
     path: &PathBuf,
     title: &str,
     y: &str,
     labels: &[String],
     v: &[f64],
+) -> anyhow::Result<()> {
+    let colors: Vec<RGBColor> = labels.iter().map(|l| color(l)).collect();
+    bars_with(path, title, y, labels, v, &colors)
+}
+
+/// A bar per label, bar `i` in `colors[i % colors.len()]`.
+pub(super) fn bars_with(
+    path: &PathBuf,
+    title: &str,
+    y: &str,
+    labels: &[String],
+    v: &[f64],
+    colors: &[RGBColor],
 ) -> anyhow::Result<()> {
     let area = BitMapBackend::new(path, SIZE).into_drawing_area();
     area.fill(&WHITE)?;
@@ -109,11 +128,12 @@ pub(super) fn bars(
         })
         .label_style(("sans-serif", 14))
         .draw()?;
-    for (i, (l, &val)) in labels.iter().zip(v).enumerate() {
+    for (i, &val) in v.iter().enumerate().take(labels.len()) {
+        let c = colors[i % colors.len().max(1)];
         let i = i as i32;
         let mut bar = Rectangle::new(
             [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), val)],
-            color(l).filled(),
+            c.filled(),
         );
         bar.set_margin(0, 0, 18, 18);
         chart.draw_series(std::iter::once(bar))?;

@@ -1,6 +1,8 @@
 //! `cargo xtask perf [CASE...] [--quick] [--runs N]`: end-to-end cases from
 //! `perf/cases/<case>/case.toml`, each run beside its baseline and peers in the same invocation.
-//! A case's `kind` says what it runs: `pipe` ([`pipe`], the default) or `journal` ([`journal`]).
+//! A case's `kind` says what it runs: `pipe` ([`pipe`], the default), `journal` ([`journal`]),
+//! `buffer` ([`buffer`]), `failover` ([`failover`]) or `udp` ([`udp`]: the UDP syslog source
+//! with and without the eBPF programs).
 //!
 //! A pipe case declares its workload (lines, size distribution, services and their skew, pipes,
 //! writers, rate), the shipper's settings, the CPU allotment (`taskset` lists for the shipper or
@@ -19,10 +21,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
 
+mod bpf;
 mod buffer;
 mod chart;
 mod failover;
@@ -31,6 +35,7 @@ pub mod peers;
 mod pipe;
 mod report;
 mod sink;
+mod udp;
 
 /// One run of one system.
 #[derive(Serialize, Default, Clone, Debug)]
@@ -149,9 +154,14 @@ fn run_case(dir: &Path, name: &str, quick: bool, runs: Option<usize>) -> anyhow:
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
             failover::run_case(name, &case, quick, runs, &command)
         }
-        other => {
-            bail!("{}: unknown kind {other:?} (pipe, journal, buffer, failover)", path.display())
+        "udp" => {
+            let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            udp::run_case(name, &case, quick, runs, &command)
         }
+        other => bail!(
+            "{}: unknown kind {other:?} (pipe, journal, buffer, failover, udp)",
+            path.display()
+        ),
     }
 }
 
@@ -286,6 +296,26 @@ pub(crate) fn pin_current_thread(cpus: &[usize]) {
     }
 }
 
+/// The calling thread's CPU affinity, given back when dropped ([`pin_current_thread_for`]).
+pub(crate) struct Affinity(libc::cpu_set_t);
+
+impl Drop for Affinity {
+    fn drop(&mut self) {
+        // SAFETY: restores the set read by pin_current_thread_for on this same thread.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+    }
+}
+
+/// Pins the calling thread to `cpus` until the returned guard is dropped (processes it
+/// starts meanwhile inherit the pinning unless they are given CPUs of their own).
+pub(crate) fn pin_current_thread_for(cpus: &[usize]) -> Affinity {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity(0) fills it for the calling thread.
+    let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) };
+    pin_current_thread(cpus);
+    Affinity(old)
+}
+
 /// Creates a FIFO and holds it open (read-write, so neither side blocks or sees EOF between
 /// writers), with the same 1 MiB pipe buffer the shipper asks for its own FIFOs.
 pub(crate) fn fifo_held(path: &Path) -> anyhow::Result<std::fs::File> {
@@ -318,6 +348,52 @@ pub(crate) fn files_bytes(dir: &Path, ext: &str) -> u64 {
         }
     }
     total
+}
+
+/// The end of a phase: when the watched bytes first and last changed, when the metrics
+/// said done, and that scrape.
+pub(crate) struct End {
+    pub first: Option<Instant>,
+    pub last: Option<Instant>,
+    pub at: Instant,
+    pub text: String,
+}
+
+/// Polls until a scrape of the metrics at `addr` (every 50 ms) satisfies `done`, meanwhile
+/// reading `watch.0()` every 10 ms and noting when it first moved from `watch.1` and when it
+/// last changed. Counters are published every 250 ms, files grow as they are written: the
+/// files time the phase, the counters say it is complete. Fails after `limit.0`, naming the
+/// directory `limit.1` to look into.
+pub(crate) fn until(
+    what: &str,
+    addr: &str,
+    limit: (Duration, &Path),
+    watch: (impl Fn() -> u64, u64),
+    mut done: impl FnMut(&str) -> bool,
+) -> anyhow::Result<End> {
+    let deadline = Instant::now() + limit.0;
+    let (mut bytes, mut first, mut last) = (watch.1, None, None);
+    for i in 0u64.. {
+        let now = Instant::now();
+        let b = (watch.0)();
+        if b != bytes {
+            bytes = b;
+            first = first.or(Some(now));
+            last = Some(now);
+        }
+        if i % 5 == 0 {
+            if let Some(text) = shipper::metrics::http::get(addr) {
+                if done(&text) {
+                    return Ok(End { first, last, at: now, text });
+                }
+            }
+        }
+        if now > deadline {
+            bail!("{what}: not after {:?}; see {}", limit.0, limit.1.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    unreachable!("the loop above returns or fails")
 }
 
 /// What every case's results begin with: the case, its goal, the command that ran it, and the
@@ -389,11 +465,95 @@ pub(crate) fn proc_cpu(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// CPU-seconds of each live thread of a process so far, summed by thread name (`comm`), from
+/// the scheduler's run times as [`proc_cpu_ns`].
+pub(crate) fn proc_threads_cpu_ns(pid: u32) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let ns = stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        *by_name.entry(comm.trim().to_string()).or_insert(0.0) += ns as f64 / 1e9;
+    }
+    by_name
+}
+
+/// Context switches of a process so far, summed over its live threads: (voluntary, i.e.
+/// sleeps, involuntary, i.e. preempted), from `/proc/PID/task/*/status`.
+pub(crate) fn proc_ctx_switches(pid: u32) -> (u64, u64) {
+    let mut total = (0, 0);
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            status.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
+        };
+        total.0 += field("voluntary_ctxt_switches:");
+        total.1 += field("nonvoluntary_ctxt_switches:");
+    }
+    total
+}
+
+/// Busy seconds of `cpus` so far (everything but idle and iowait, from `/proc/stat`), all
+/// processes and the kernel together.
+pub(crate) fn cpus_busy_s(cpus: &[usize]) -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut ticks = 0u64;
+    for l in stat.lines() {
+        let mut f = l.split_whitespace();
+        let Some(cpu) = f.next().and_then(|n| n.strip_prefix("cpu")?.parse::<usize>().ok()) else {
+            continue;
+        };
+        if cpus.contains(&cpu) {
+            let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
+            // user nice system idle iowait irq softirq steal (guest time is inside user).
+            ticks +=
+                v.iter().take(8).sum::<u64>() - v.get(3).unwrap_or(&0) - v.get(4).unwrap_or(&0);
+        }
+    }
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// (user, system) CPU-seconds of a process so far, 10 ms ticks (`/proc/PID/stat`).
+pub(crate) fn proc_cpu_split(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = after.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f.get(11).unwrap_or(&0.0) / hz, f.get(12).unwrap_or(&0.0) / hz)
+}
+
+/// Minor page faults of a process so far, all its threads (`minflt` of /proc/PID/stat).
+pub(crate) fn proc_minor_faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    after.split_whitespace().nth(7).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// CPU-seconds of a live process from the scheduler's run time of each of its threads
+/// (`/proc/PID/task/*/schedstat`, nanoseconds), for differences finer than the 10 ms ticks
+/// of [`proc_cpu`]. A thread that exits takes its time with it: use it on processes whose
+/// threads live as long as they do (the shipper's workers, metrics and eBPF threads).
+pub(crate) fn proc_cpu_ns(pid: u32) -> f64 {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    ns as f64 / 1e9
+}
+
 pub(crate) fn proc_hwm_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A `kB` field of `/proc/PID/status` (`"VmRSS:"`), 0 when absent.
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
         .unwrap_or(0)
 }
 

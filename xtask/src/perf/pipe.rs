@@ -349,7 +349,7 @@ fn wait(
         }
         if tty && now.duration_since(shown) > Duration::from_millis(250) {
             shown = now;
-            bar(label, accounted, total, start.elapsed().as_secs_f64());
+            bar(label, accounted, total, start.elapsed().as_secs_f64(), "lines");
         }
         // Scrapes cost the shipper CPU; 50 ms keeps them under 0.1% of a run.
         let poll = if matches!(s.progress, Progress::Sink(_)) { 5 } else { 50 };
@@ -357,13 +357,13 @@ fn wait(
     }
 }
 
-/// A one-line progress bar (only on a terminal).
-fn bar(label: &str, done: u64, total: u64, secs: f64) {
+/// A one-line progress bar (call it only on a terminal): `done` of `total` `unit`s.
+pub(super) fn bar(label: &str, done: u64, total: u64, secs: f64, unit: &str) {
     use std::io::Write;
     let width = 30;
     let filled = (done as f64 / total.max(1) as f64 * width as f64) as usize;
     print!(
-        "\r   {label:<14} [{}{}] {:>5.1}% {:>9.0} lines/s ",
+        "\r   {label:<14} [{}{}] {:>5.1}% {:>9.0} {unit}/s ",
         "#".repeat(filled.min(width)),
         ".".repeat(width - filled.min(width)),
         done as f64 / total.max(1) as f64 * 100.0,
@@ -372,7 +372,7 @@ fn bar(label: &str, done: u64, total: u64, secs: f64) {
     let _ = std::io::stdout().flush();
 }
 
-fn clear_bar(tty: bool) {
+pub(super) fn clear_bar(tty: bool) {
     if tty {
         print!("\r{:80}\r", "");
     }
