@@ -186,7 +186,12 @@ pub fn start(enabled: bool) -> State {
         tracing::info!("eBPF drop accounting off (--no-ebpf or ebpf.enabled = false)");
         State::Disabled
     } else {
-        attach()
+        let state = attach();
+        // Loading parsed the kernel's BTF (several MiB, twice: aya's and `btf.rs`); give the
+        // freed heap back rather than keep it for the life of the process.
+        // SAFETY: malloc_trim only returns free memory of glibc's arenas to the system.
+        unsafe { libc::malloc_trim(0) };
+        state
     };
     let _ = STATE.set(state);
     state
