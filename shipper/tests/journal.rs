@@ -352,6 +352,7 @@ fn corrupt_journals_are_skipped_never_fatal() {
         entries.len()
     );
     assert!(err.contains(&format!("offset {first_array}")), "{err}");
+    assert!(err.contains("loop.journal: 1 corrupt objects skipped"), "{err}");
 }
 
 /// `--since CURSOR` prints exactly the entries after that cursor.

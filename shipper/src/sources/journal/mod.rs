@@ -64,7 +64,8 @@ pub fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// `shipper journal cat`: every entry as a JSON line on standard output. Files that cannot
-/// be opened are reported and skipped (exit 1); corrupt objects are skipped with a warning.
+/// be opened are reported and skipped (exit 1); corrupt objects are skipped with a warning,
+/// and each file's count of them is printed on standard error at the end.
 pub fn cat(paths: &[PathBuf], since: Option<&str>) -> anyhow::Result<ExitCode> {
     let since = match since {
         Some(s) => Some(
@@ -105,5 +106,8 @@ pub fn cat(paths: &[PathBuf], since: Option<&str>) -> anyhow::Result<ExitCode> {
         }
     }
     out.flush()?;
+    for r in merge.readers.iter().filter(|r| r.corrupt > 0) {
+        eprintln!("{}: {} corrupt objects skipped", r.file.path.display(), r.corrupt);
+    }
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
