@@ -123,6 +123,53 @@ fn a_buffer_too_small_drops_exactly_the_overflow() {
     assert!(longest < Duration::from_millis(10), "a write() blocked for {longest:?}");
 }
 
+/// SIGTERM while the only receiver holds every frame unacknowledged (it is stopped, and
+/// `ack_timeout_ms` is long, so it is never declared down): shortly before the shutdown
+/// deadline the frames go to the disk buffer, and the next run delivers each line once.
+#[test]
+fn frames_unacknowledged_at_shutdown_go_to_the_buffer_for_the_next_run() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = env.path("buffer");
+    let cfg = config(&env, port, sm, &dir, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 60000")
+        .replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 2000");
+    std::fs::write(&cfg, text).unwrap();
+    let receiver = start_receiver(&env, port, rm, "");
+    let start = |log: &str| {
+        Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, env.path(log))
+    };
+    let mut shipper = start("first.log");
+    shipper.wait_alive("the receiver up", || metric_at(sm, "shipper_receiver_healthy", &[]) == 1.0);
+    receiver.signal(libc::SIGSTOP);
+    let writer = SteadyWriter::start(&env.path("app.pipe"), 0, 10_000);
+    shipper.wait_alive("5000 lines written", || writer.written() >= 5_000);
+    let (lines, _) = writer.finish();
+    shipper.wait_alive("every line in memory, unacknowledged", || {
+        metric_at(sm, "shipper_outbox_records", &[]) == lines as f64
+    });
+    assert_eq!(metric_at(sm, ON_DISK, &[]), 0.0, "nothing on disk before the shutdown");
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+    let log = shipper.log_text();
+    assert!(log.contains("go to the disk buffer for the next run"), "{log}");
+    assert!(!log.contains("dropped"), "{log}");
+    assert!(!segments(&dir).is_empty());
+    // The stopped receiver never wrote anything; a new one takes its place at once (it waits
+    // for the address, which the killed one's io_uring may hold for a moment).
+    let mut receiver = receiver;
+    receiver.kill();
+    let _receiver = start_receiver(&env, port, rm, "");
+    let mut shipper = start("second.log");
+    shipper.wait_alive_for("every line acknowledged", Duration::from_secs(60), &mut || {
+        metric_at(sm, ACKED, &[]) == lines as f64
+    });
+    assert_eq!(delivered_prefix(&env.out(), lines), lines);
+    assert_in_order(&env.out());
+    assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
+}
+
 /// SIGKILL at seeded random moments while the receiver is down: everything that reached the
 /// disk buffer is delivered after the restart, once and in order.
 #[test]

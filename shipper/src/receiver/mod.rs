@@ -43,7 +43,7 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     for (id, w) in state.windows {
         windows[server::owner(id, workers)].insert(id, w);
     }
-    let listener = std::net::TcpListener::bind(&config.receiver.listen)
+    let listener = bind(&config.receiver.listen)
         .with_context(|| format!("receiver.listen {}", config.receiver.listen))?;
     let registry = Registry::<ReceiverCounters>::new(workers + 1);
     if !config.metrics.listen.is_empty() {
@@ -94,4 +94,34 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "receiver stopping");
     Ok(())
+}
+
+/// How long a bind may wait for the listening address to be let go.
+const BIND_WAIT_MS: u64 = 5000;
+
+/// Binds `addr`, waiting up to [`BIND_WAIT_MS`] while it is in use: a receiver restarted at
+/// once finds its address still held for a moment by the previous process, whose io_uring
+/// (an accept in flight holds the listening socket) is torn down after the process exits.
+fn bind(addr: &str) -> std::io::Result<std::net::TcpListener> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && started.elapsed().as_millis() < u128::from(BIND_WAIT_MS) =>
+            {
+                if pause.as_millis() == 10 {
+                    tracing::warn!("{addr} in use; waiting up to {BIND_WAIT_MS} ms for it");
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
+            Ok(l) if pause.as_millis() > 10 => {
+                tracing::info!("{addr} bound after {} ms", started.elapsed().as_millis());
+                return Ok(l);
+            }
+            result => return result,
+        }
+    }
 }

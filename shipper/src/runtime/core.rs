@@ -331,7 +331,7 @@ impl Core {
     }
 
     /// Queues `frame` for the disk buffer, applying `when_full` when it does not fit.
-    fn buffer_push(&mut self, frame: Sealed) {
+    pub fn buffer_push(&mut self, frame: Sealed) {
         let names = frame.services.iter().map(|&(s, _)| self.services.name(s).len());
         let record_bytes = crate::buffer::format::record_bytes(frame.wire.len(), names);
         let b = self.buffer.as_mut().expect("checked by the caller");

@@ -8,8 +8,11 @@
 //!
 //! # Operation
 //! On stop: pipe readers stop reading, the open batch is sealed, and the worker waits for the
-//! outbox to drain or `shutdown_timeout_ms` to pass; what is still unacknowledged then is
-//! counted as dropped (reason `shutdown`) and logged.
+//! outbox to drain or `shutdown_timeout_ms` to pass. With a disk buffer, [`SPILL_MS`] before
+//! the deadline the connections close and the frames still unacknowledged in memory are
+//! written to the buffer, for the next run to send. What is still unacknowledged at the
+//! deadline (not on disk, not a journal's) is counted as dropped (reason `shutdown`) and
+//! logged.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -196,6 +199,7 @@ async fn tick(
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last_rebalance, mut last_publish) = (0u64, 0u64);
     let mut deadline_ns = None;
+    let mut spilled = false;
     loop {
         interval.tick().await;
         let mut c = core.borrow_mut();
@@ -233,8 +237,16 @@ async fn tick(
             break;
         }
         if now >= deadline {
-            give_up(&mut c);
+            leave(&mut c, false);
             break;
+        }
+        let spill_ns = SPILL_MS.min(shutdown_ms / 4) * 1_000_000;
+        if !spilled && c.buffer.is_some() && now + spill_ns >= deadline {
+            spilled = true;
+            for h in c.conns.values() {
+                h.stream.shutdown();
+            }
+            leave(&mut c, true);
         }
     }
     let mut c = core.borrow_mut();
@@ -258,10 +270,15 @@ async fn tick(
     }
 }
 
-/// At the shutdown deadline: frames read back from the disk buffer stay there for the next
-/// run, and journal entries are read again from the checkpoint; the others still
-/// unacknowledged (or not yet written to the buffer) are dropped and counted.
-fn give_up(c: &mut Core) {
+/// How long before the shutdown deadline (at most a quarter of `shutdown_timeout_ms`) the
+/// frames unacknowledged in memory are written to the disk buffer, if there is one.
+pub const SPILL_MS: u64 = 1000;
+
+/// At shutdown, what is still unacknowledged: frames read back from the disk buffer stay
+/// there for the next run, and journal entries are read again from the checkpoint; the others
+/// go to the disk buffer when `spill` (applying `when_full`), else, with what still waits to
+/// be written to the buffer, are dropped and counted.
+fn leave(c: &mut Core, spill: bool) {
     let (durable, mut left): (Vec<_>, Vec<_>) = c
         .outbox
         .drain()
@@ -272,11 +289,27 @@ fn give_up(c: &mut Core) {
         tracing::warn!(
             core = c.id,
             frames = durable.len(),
-            "shutdown deadline passed with journal entries unacknowledged: the next run reads them again from the checkpoint"
+            "shutting down with journal entries unacknowledged: the next run reads them again from the checkpoint"
         );
     }
+    if spill {
+        let records: u64 = left.iter().map(|f| u64::from(f.records)).sum();
+        let frames = left.len();
+        for f in left {
+            c.buffer_push(Rc::try_unwrap(f).unwrap_or_else(|f| (*f).clone()));
+        }
+        if frames > 0 {
+            tracing::warn!(
+                core = c.id,
+                frames,
+                records,
+                "shutdown deadline near: unacknowledged frames go to the disk buffer for the next run (any already written by a receiver will arrive twice)"
+            );
+        }
+        return;
+    }
     let pending = c.buffer.as_mut().map(|b| std::mem::take(&mut b.pending)).unwrap_or_default();
-    left.extend(pending.into_iter().map(|(f, _)| std::rc::Rc::new(f)));
+    left.extend(pending.into_iter().map(|(f, _)| Rc::new(f)));
     if left.is_empty() {
         return;
     }

@@ -6,7 +6,7 @@ use crate::protocol::frame::{Header, Kind, FLAG_ZSTD};
 use crate::protocol::RecordWriter;
 
 /// A batch turned into a frame, waiting for its sequence number and acknowledgement.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Sealed {
     /// The complete frame: header and compressed payload.
     pub wire: Vec<u8>,
