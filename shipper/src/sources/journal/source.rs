@@ -108,7 +108,7 @@ impl Follow {
     /// Refreshes every header; closes archived files read to their end.
     async fn refresh(&mut self) {
         for r in &mut self.merge.readers {
-            let handle = &self.open[&r.file.header.file_id];
+            let Some(handle) = self.open.get(&r.file.header.file_id) else { continue };
             let (read, head) = handle.read_at(vec![0u8; HEADER_READ_BYTES], 0).await;
             let refreshed = match (read, handle.statx().await) {
                 (Ok(n), Ok(st)) => r.file.refresh(&head[..n], st.stx_size).map(|_| ()),
