@@ -39,6 +39,14 @@ fn live_journal(dir: &Path) -> (std::process::Child, std::process::ChildStdin) {
     (remote, feed)
 }
 
+/// Entries `0..n` written into `dir` by a systemd-journal-remote that has exited.
+fn write_journal(dir: &Path, n: usize) {
+    let (mut remote, mut feed) = live_journal(dir);
+    feed.write_all(&entries(0, n)).unwrap();
+    drop(feed);
+    assert!(remote.wait().unwrap().success());
+}
+
 /// How many times each of entries `0..n` is in the receiver's output at `out`.
 fn arrivals(out: &Path, n: usize) -> Vec<u32> {
     let mut seen = vec![0u32; n];
@@ -190,10 +198,7 @@ fn journal_source_pauses_instead_of_dropping() {
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let jdir = env.path("journal");
-    let (mut remote, mut feed) = live_journal(&jdir);
-    feed.write_all(&entries(0, N)).unwrap();
-    drop(feed);
-    assert!(remote.wait().unwrap().success());
+    write_journal(&jdir, N);
     let checkpoint = env.path("cursor");
     let body =
         shipper_body(&jdir, &checkpoint).replace("[batch]\n", "[batch]\nbatch_bytes_max = 65536\n");
@@ -291,10 +296,7 @@ fn journal_entries_unacknowledged_at_shutdown_are_read_again() {
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let jdir = env.path("journal");
-    let (mut remote, mut feed) = live_journal(&jdir);
-    feed.write_all(&entries(0, N)).unwrap();
-    drop(feed);
-    assert!(remote.wait().unwrap().success());
+    write_journal(&jdir, N);
     let checkpoint = env.path("cursor");
     let body = shipper_body(&jdir, &checkpoint);
     let cfg = env

@@ -187,13 +187,6 @@ impl JournalReader {
         }
     }
 
-    /// Like [`JournalReader::skip_to_end`], loading with `pread`.
-    pub fn skip_to_end_blocking(&mut self) {
-        while let Err(load) = self.skip_to_end() {
-            self.file.load_blocking(load);
-        }
-    }
-
     /// Entries the header counts that this reader has not returned yet.
     pub fn behind(&self) -> u64 {
         self.file.header.n_entries.saturating_sub(self.pos.seen)

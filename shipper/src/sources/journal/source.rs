@@ -48,8 +48,21 @@ struct Follow {
     open: HashMap<[u8; 16], tokio_uring::fs::File>,
     /// File ids of archived files read to their end (pruned when they leave the directory).
     done: HashSet<[u8; 16]>,
+    /// File ids of the files seen (open or done), by identity on disk, so that a poll does not
+    /// open every file again to read its id.
+    known: HashMap<Identity, [u8; 16]>,
     /// Corrupt objects counted in files since closed.
     closed_corrupt: u64,
+}
+
+/// A file on disk: device, inode and birth time (an inode number is reused once a deleted
+/// file is gone, its birth time is not).
+type Identity = (u64, u64, std::time::SystemTime);
+
+fn identity(path: &std::path::Path) -> Option<Identity> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.created().ok()?))
 }
 
 impl Follow {
@@ -70,6 +83,11 @@ impl Follow {
         let mut added = 0;
         let mut present = HashSet::new();
         for p in self.paths() {
+            let on_disk = identity(&p);
+            if let Some(id) = on_disk.and_then(|k| self.known.get(&k)) {
+                present.insert(*id);
+                continue;
+            }
             let f = match JournalFile::open(&p) {
                 Ok(f) => f,
                 // A file being created may not have its header yet: retried next poll.
@@ -80,6 +98,9 @@ impl Follow {
             };
             let id = f.header.file_id;
             present.insert(id);
+            if let Some(k) = on_disk {
+                self.known.insert(k, id);
+            }
             if self.open.contains_key(&id) || self.done.contains(&id) {
                 continue;
             }
@@ -102,6 +123,7 @@ impl Follow {
             added += 1;
         }
         self.done.retain(|id| present.contains(id));
+        self.known.retain(|_, id| present.contains(id));
         added
     }
 
@@ -168,6 +190,7 @@ pub async fn run(
         merge: Merge::new(Vec::new()),
         open: HashMap::new(),
         done: HashSet::new(),
+        known: HashMap::new(),
         closed_corrupt: 0,
     };
     follow.scan(checkpoint.is_none() && cfg.since == Since::Now).await;
