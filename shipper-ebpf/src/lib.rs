@@ -81,6 +81,8 @@ pub const MAP_WATCHED_SOCKETS: &str = "WATCHED_SOCKETS";
 pub const MAP_WATCHED_CONNECTIONS: &str = "WATCHED_CONNECTIONS";
 pub const MAP_SOCKET_DROPS: &str = "SOCKET_DROPS";
 pub const MAP_CONNECTION_EVENTS: &str = "CONNECTION_EVENTS";
+/// Per-CPU array of one counter: socket drops not counted because `SOCKET_DROPS` was full.
+pub const MAP_UNCOUNTED: &str = "UNCOUNTED";
 
 /// Name of the [`SockOffsets`] global.
 pub const GLOBAL_SOCK_OFFSETS: &str = "SOCK_OFFSETS";
@@ -105,10 +107,12 @@ pub const EAGAIN: i32 = 11;
 pub const WATCHED_SOCKETS_MAX: u32 = 1024;
 /// Connections watched at once (receivers x workers x `connections`); LRU beyond that.
 pub const WATCHED_CONNECTIONS_MAX: u32 = 4096;
-/// Distinct (source slot, reason) pairs counted.
+/// Distinct (source slot, reason) pairs counted; a drop with a new pair once the map is full
+/// is counted in [`MAP_UNCOUNTED`] instead.
 pub const SOCKET_DROPS_MAX: u32 = 4096;
-/// Distinct (destination slot, event) pairs counted.
-pub const CONNECTION_EVENTS_MAX: u32 = 1024;
+/// Distinct (destination slot, event) pairs counted: every event of every slot userspace can
+/// hand out (1024) fits, so none is ever lost (asserted in `shipper/src/ebpf/mod.rs`).
+pub const CONNECTION_EVENTS_MAX: u32 = 3072;
 
 const _: () = assert!(core::mem::size_of::<SocketDropKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ConnectionKey>() == 8);

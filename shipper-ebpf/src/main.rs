@@ -20,7 +20,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use aya_ebpf::helpers::generated::bpf_get_socket_cookie;
 use aya_ebpf::macros::{btf_tracepoint, map};
-use aya_ebpf::maps::{LruHashMap, PerCpuHashMap};
+use aya_ebpf::maps::{LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::BtfTracePointContext;
 use shipper_ebpf::{
     ConnectionKey, Count, SockOffsets, SocketDropKey, AF_UNIX, CONNECTION_EVENTS_MAX, EAGAIN,
@@ -43,24 +43,40 @@ static SOCKET_DROPS: PerCpuHashMap<SocketDropKey, Count> =
 static CONNECTION_EVENTS: PerCpuHashMap<ConnectionKey, Count> =
     PerCpuHashMap::with_max_entries(CONNECTION_EVENTS_MAX, 0);
 
+/// Socket drops that found `SOCKET_DROPS` full (one counter per CPU).
+#[map]
+static UNCOUNTED: PerCpuArray<Count> = PerCpuArray::with_max_entries(1, 0);
+
 /// Set by userspace before loading (`GLOBAL_SOCK_OFFSETS`); read-only to the programs.
 #[no_mangle]
 static SOCK_OFFSETS: SockOffsets = SockOffsets { family: 0, cookie: 0, unix_peer: 0 };
 
 /// Adds one to this CPU's counter of `key`, creating it at 1 if absent. If another CPU
 /// created the key between the lookup and the insert, the insert fails and the second
-/// lookup finds it: no event is lost.
+/// lookup finds it. Returns false if the map is full and `key` is not in it.
 #[inline(always)]
-fn increment<K>(map: &PerCpuHashMap<K, Count>, key: &K) {
+fn increment<K>(map: &PerCpuHashMap<K, Count>, key: &K) -> bool {
     for _ in 0..2 {
         if let Some(count) = map.get_ptr_mut(key) {
             // SAFETY: a per-CPU value is only written by programs on this CPU, which do
             // not preempt each other's map updates (tracing programs do not nest per CPU).
             unsafe { *count += 1 };
-            return;
+            return true;
         }
         if map.insert(key, 1, u64::from(BPF_NOEXIST)).is_ok() {
-            return;
+            return true;
+        }
+    }
+    false
+}
+
+/// Counts a drop on a watched socket, in `UNCOUNTED` if `SOCKET_DROPS` is full.
+#[inline(always)]
+fn count_drop(key: &SocketDropKey) {
+    if !increment(&SOCKET_DROPS, key) {
+        if let Some(count) = UNCOUNTED.get_ptr_mut(0) {
+            // SAFETY: as in `increment`: this CPU's own slot.
+            unsafe { *count += 1 };
         }
     }
 }
@@ -84,7 +100,7 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> u32 {
     let reason: u32 = ctx.arg(2);
     // SAFETY: the value is copied out at once; a slot is never rewritten while watched.
     if let Some(slot) = unsafe { WATCHED_SOCKETS.get(cookie(sk)) } {
-        increment(&SOCKET_DROPS, &SocketDropKey { slot: *slot, reason });
+        count_drop(&SocketDropKey { slot: *slot, reason });
     }
     0
 }
@@ -105,7 +121,7 @@ pub fn sock_send_length(ctx: BtfTracePointContext) -> u32 {
         // SAFETY: as in `kfree_skb`.
         if let Some(slot) = unsafe { WATCHED_SOCKETS.get(cookie) } {
             let key = SocketDropKey { slot: *slot, reason: REASON_UNIX_QUEUE_FULL };
-            increment(&SOCKET_DROPS, &key);
+            count_drop(&key);
         }
     }
     0
@@ -143,6 +159,7 @@ fn connection_event(ctx: &BtfTracePointContext, event: u32) -> u32 {
     }
     // SAFETY: as in `kfree_skb`.
     if let Some(slot) = unsafe { WATCHED_CONNECTIONS.get(cookie(sk)) } {
+        // Cannot fail: every slot's every event fits (CONNECTION_EVENTS_MAX).
         increment(&CONNECTION_EVENTS, &ConnectionKey { slot: *slot, event });
     }
     0

@@ -132,6 +132,9 @@ fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
         // The other socket's drops are nowhere in the shipper's counters.
         assert!(other_drops > SENT / 2, "the other queue should overflow: {other_drops}");
         assert_eq!(counted(&[]) as u64, drops, "only the shipper's socket is counted");
+        let (text, uncounted) = (scrape(sm).unwrap(), "shipper_kernel_drops_uncounted_total");
+        assert!(text.contains(&format!("{uncounted}{{core=\"0\"}} 0")), "{text}");
+        assert_eq!(metric(&text, uncounted, &[]), 0.0);
         // And the kernel's counters themselves add up: received + dropped = sent.
         other.set_nonblocking(true).unwrap();
         let mut received = 0;

@@ -2,12 +2,12 @@
 
 use std::sync::Mutex;
 
-use aya::maps::{HashMap, MapData, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::BtfTracePoint;
 use aya::{Btf, Ebpf, EbpfLoader};
 use shipper_ebpf::{
     ConnectionKey, Count, SockOffsets, SocketDropKey, GLOBAL_SOCK_OFFSETS, MAP_CONNECTION_EVENTS,
-    MAP_SOCKET_DROPS, MAP_WATCHED_CONNECTIONS, MAP_WATCHED_SOCKETS, PROGRAMS,
+    MAP_SOCKET_DROPS, MAP_UNCOUNTED, MAP_WATCHED_CONNECTIONS, MAP_WATCHED_SOCKETS, PROGRAMS,
     PROGRAM_UNIX_REFUSALS,
 };
 
@@ -29,6 +29,7 @@ pub struct Kernel {
     watched: Mutex<Watched>,
     socket_drops: Mutex<PerCpuHashMap<MapData, SocketDropKey, Count>>,
     connection_events: Mutex<PerCpuHashMap<MapData, ConnectionKey, Count>>,
+    uncounted: Mutex<PerCpuArray<MapData, Count>>,
 }
 
 struct Watched {
@@ -76,6 +77,7 @@ impl Kernel {
         };
         let (sockets, connections) = (take(MAP_WATCHED_SOCKETS)?, take(MAP_WATCHED_CONNECTIONS)?);
         let (drops, events) = (take(MAP_SOCKET_DROPS)?, take(MAP_CONNECTION_EVENTS)?);
+        let uncounted = take(MAP_UNCOUNTED)?;
         let watched = Watched {
             sockets: HashMap::try_from(sockets).map_err(|e| failure("map", &e))?,
             connections: HashMap::try_from(connections).map_err(|e| failure("map", &e))?,
@@ -90,6 +92,9 @@ impl Kernel {
             ),
             connection_events: Mutex::new(
                 PerCpuHashMap::try_from(events).map_err(|e| failure("map", &e))?,
+            ),
+            uncounted: Mutex::new(
+                PerCpuArray::try_from(uncounted).map_err(|e| failure("map", &e))?,
             ),
             _ebpf: Mutex::new(ebpf),
         })
@@ -135,6 +140,8 @@ impl Kernel {
             let item = w.receivers.name(key.slot).to_string();
             push(&mut out.connection_events, &counts, &item, super::event_label(key.event));
         }
+        let uncounted = self.uncounted.lock().expect("eBPF map poisoned");
+        out.uncounted = uncounted.get(&0, 0)?.iter().copied().collect();
         out.socket_drops.sort_by(|a, b| (&a.item, &a.kind, a.cpu).cmp(&(&b.item, &b.kind, b.cpu)));
         out.connection_events
             .sort_by(|a, b| (&a.item, &a.kind, a.cpu).cmp(&(&b.item, &b.kind, b.cpu)));

@@ -10,6 +10,9 @@
 //! - Bounded: `WATCHED_SOCKETS_MAX` sockets, `WATCHED_CONNECTIONS_MAX` connections (LRU),
 //!   [`SLOTS_MAX`] distinct source and receiver labels, `SOCKET_DROPS_MAX` (source, reason)
 //!   and `CONNECTION_EVENTS_MAX` (receiver, event) counters (constants in `shipper-ebpf`).
+//!   Every receiver slot's every event fits; a drop with a new (source, reason) once
+//!   `SOCKET_DROPS` is full is counted in `UNCOUNTED`, exported as
+//!   `shipper_kernel_drops_uncounted_total`.
 //! - Optional: without the `ebpf` cargo feature, privileges (CAP_BPF and CAP_PERFMON, or
 //!   CAP_SYS_ADMIN) or kernel BTF, the shipper runs without, says why once, and exports
 //!   `shipper_ebpf_attached{state="<why>"} 0`.
@@ -53,6 +56,10 @@ pub use shipper_ebpf::{EVENT_RESET_RECEIVED, EVENT_RESET_SENT, EVENT_RETRANSMIT}
 
 /// Distinct source labels, and distinct receiver labels, that can be counted.
 pub const SLOTS_MAX: usize = 1024;
+const _: () = assert!(
+    SLOTS_MAX * shipper_ebpf::EVENTS as usize <= shipper_ebpf::CONNECTION_EVENTS_MAX as usize,
+    "every event of every receiver slot must fit in CONNECTION_EVENTS"
+);
 
 /// Why the programs are or are not attached (label `state` of `shipper_ebpf_attached`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,11 +132,18 @@ pub struct KernelCounters {
     pub state: State,
     pub socket_drops: Vec<Sample>,
     pub connection_events: Vec<Sample>,
+    /// Per CPU: socket drops not counted because the drop map was full.
+    pub uncounted: Vec<u64>,
 }
 
 impl KernelCounters {
     pub fn new(state: State) -> KernelCounters {
-        KernelCounters { state, socket_drops: Vec::new(), connection_events: Vec::new() }
+        KernelCounters {
+            state,
+            socket_drops: Vec::new(),
+            connection_events: Vec::new(),
+            uncounted: Vec::new(),
+        }
     }
 }
 

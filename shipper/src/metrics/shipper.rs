@@ -616,4 +616,13 @@ pub fn render_kernel(k: &crate::ebpf::KernelCounters, out: &mut Exposition) {
             out.sample(name, &labels, s.count as f64);
         }
     }
+    let name = "shipper_kernel_drops_uncounted_total";
+    out.family(
+        name,
+        "counter",
+        "Kernel drops on a source's socket not counted per source and reason: the map was full.",
+    );
+    for (cpu, &count) in k.uncounted.iter().enumerate() {
+        out.sample(name, &[("core", cpu.to_string().as_str())], count as f64);
+    }
 }
