@@ -581,3 +581,8 @@ pub(crate) fn today() -> String {
     let out = Command::new("date").arg("+%Y-%m-%d").output().ok();
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
+
+/// The load generators' seed when a case names none.
+pub fn default_seed() -> u64 {
+    0x5eed
+}

@@ -76,12 +76,8 @@ pub struct Workload {
     /// share a pipe).
     #[serde(default)]
     pub write_per_line: bool,
-    #[serde(default = "seed")]
+    #[serde(default = "super::default_seed")]
     pub seed: u64,
-}
-
-fn seed() -> u64 {
-    0x5eed
 }
 
 #[derive(Deserialize, Serialize, Clone)]

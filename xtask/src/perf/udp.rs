@@ -80,12 +80,8 @@ pub struct UdpWorkload {
     /// Zipf exponent of the apps' shares (0: even).
     #[serde(default)]
     pub skew: f64,
-    #[serde(default = "seed")]
+    #[serde(default = "super::default_seed")]
     pub seed: u64,
-}
-
-fn seed() -> u64 {
-    0x5eed
 }
 
 #[derive(Deserialize, Serialize, Clone)]
