@@ -300,8 +300,9 @@ impl SteadyWriter {
     /// Stops writing; returns the lines written and the longest single `write()`.
     pub fn finish(self) -> (usize, Duration) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let written = self.written();
-        (written, self.handle.join().unwrap())
+        // Counted after the thread ends: it may finish a round of writes after `stop`.
+        let longest = self.handle.join().unwrap();
+        (self.written.load(std::sync::atomic::Ordering::Relaxed), longest)
     }
 }
 
