@@ -125,6 +125,14 @@ impl RawClient {
         assert_eq!(self.read().unwrap().unwrap().header.kind, Kind::Welcome);
     }
 
+    /// Expects a REJECT of frame `seq` with a reason containing `text`; the connection stays.
+    fn expect_reject(&mut self, seq: u64, text: &str) {
+        let f = self.read().unwrap().expect("a REJECT frame");
+        assert_eq!((f.header.kind, f.header.seq), (Kind::Reject, seq));
+        let msg = String::from_utf8_lossy(&f.payload);
+        assert!(msg.contains(text), "REJECT {msg:?} should contain {text:?}");
+    }
+
     /// Expects an ERROR frame containing `text`, then the end of the connection.
     fn expect_error(&mut self, text: &str) {
         let f = self.read().unwrap().expect("an ERROR frame");
@@ -218,11 +226,15 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
     f[last] ^= 0xff;
     c.send(&f).unwrap();
     c.expect_error("checksum mismatch");
-    // Declared record count does not match the payload.
+    // Declared record count does not match the payload: that frame can never be written, so
+    // it is refused for good (REJECT) and the connection goes on with the next frame.
     let mut c = RawClient::connect(port, good());
     c.hello(5);
     c.send(&data_frame(1, &[(b"s", b"x")], 2)).unwrap();
-    c.expect_error("header declares 2");
+    c.expect_reject(1, "header declares 2");
+    c.send(&data_frame(2, &[(b"after", b"reject")], 1)).unwrap();
+    let ack = c.read().unwrap().unwrap();
+    assert_eq!((ack.header.kind, ack.header.seq), (Kind::Ack, 2));
     // A decompression bomb: more than frame_raw_bytes_max once inflated.
     let mut c = RawClient::connect(port, good());
     c.hello(6);
@@ -238,9 +250,10 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
     };
     let bomb = hd.wire(&z);
     c.send(&bomb).unwrap();
-    c.expect_error("zstd");
-    wait_for("frame refusals counted", Duration::from_secs(5), || refused("frame") == 5.0);
+    c.expect_reject(1, "zstd");
+    wait_for("frame refusals counted", Duration::from_secs(5), || refused("frame") == 3.0);
     assert_eq!(refused("hello"), 1.0);
+    assert_eq!(receiver.metric("shipper_receiver_frames_rejected_total", &[]), 2.0);
 
     // After all that, a well-behaved client is served, and its frame written exactly once
     // even when sent twice.
@@ -253,7 +266,12 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
         let ack = c.read().unwrap().unwrap();
         assert_eq!((ack.header.kind, ack.header.seq), (Kind::Ack, 1));
     }
-    assert_eq!(output_lines(&env.out()), vec![("svc".to_string(), b"{\"ok\":true}".to_vec())]);
+    let mut lines = output_lines(&env.out());
+    lines.sort();
+    let expected = [("after", &b"reject"[..]), ("svc", b"{\"ok\":true}")];
+    let expected: Vec<(String, Vec<u8>)> =
+        expected.iter().map(|(s, l)| (s.to_string(), l.to_vec())).collect();
+    assert_eq!(lines, expected);
     wait_for("the duplicate counted", Duration::from_secs(5), || {
         receiver.metric("shipper_receiver_frames_duplicate_total", &[]) == 1.0
     });

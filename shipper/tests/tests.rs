@@ -25,6 +25,9 @@ mod pipe;
 mod prometheus;
 /// One service fed from two cores stays within its global rate; others are unaffected.
 mod ratelimit;
+/// Frames a receiver refuses for good: dead letter, quarantine or a counted drop, never a
+/// resend loop; over-long keys cut at the source.
+mod rejected;
 /// The receiver killed mid-stream and restarted: nothing lost, nothing duplicated.
 mod restart;
 /// SIGTERM flushes and exits 0; with no receiver the writer is never blocked.

@@ -28,6 +28,8 @@ pub struct ShipperConfig {
     pub receivers: ReceiversSection,
     #[serde(default)]
     pub buffer: BufferSection,
+    #[serde(default)]
+    pub quarantine: QuarantineSection,
     pub tls: ClientTlsSection,
     #[serde(default)]
     pub ebpf: EbpfSection,
@@ -494,6 +496,35 @@ impl BufferSection {
     }
 }
 
+/// Where frames go that a receiver refused for good (REJECT) and no dead-letter receiver took
+/// (docs/protocol.md, `sinks/quarantine.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineSection {
+    /// Directory of refused frames (one sub-directory per worker); none: a refused frame is
+    /// dropped and counted (`shipper_lines_dropped_total{reason="rejected"}`). Default: none.
+    pub directory: Option<PathBuf>,
+    /// Bytes of refused frames kept, all workers together (each gets an equal share); a
+    /// refused frame that does not fit is dropped and counted. Default: 268435456.
+    pub bytes_max: u64,
+}
+
+impl Default for QuarantineSection {
+    fn default() -> Self {
+        QuarantineSection { directory: None, bytes_max: 256 << 20 }
+    }
+}
+
+impl QuarantineSection {
+    fn check(&self, p: &mut Problems) {
+        let at = |k| [K("quarantine"), K(k)];
+        if let Some(d) = &self.directory {
+            p.check(!d.as_os_str().is_empty(), &at("directory"), || "must not be empty".into());
+        }
+        p.range(self.bytes_max, 1 << 20, 1 << 40, &at("bytes_max"));
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientTlsSection {
@@ -542,6 +573,7 @@ impl Validate for ShipperConfig {
         );
         self.receivers.check(p);
         self.buffer.check(p);
+        self.quarantine.check(p);
         let t = &self.tls;
         for (key, path) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {
             p.check(path.is_file(), &[K("tls"), K(key)], || {

@@ -38,6 +38,10 @@ pub struct ReceiverCounters {
     pub records_written: u64,
     pub bytes_written: u64,
     pub write_errors: u64,
+    /// DATA frames answered with REJECT: they can never be written (content invalid, a name
+    /// no output can take), and the shipper gives them another fate.
+    pub frames_rejected: u64,
+    pub records_rejected: u64,
     pub streams_open: u64,
     pub records_folded: u64,
     /// Records of frames a shipper sent here as its dead-letter destination.
@@ -60,6 +64,8 @@ impl ReceiverCounters {
             records_written: 0,
             bytes_written: 0,
             write_errors: 0,
+            frames_rejected: 0,
+            records_rejected: 0,
             streams_open: 0,
             records_folded: 0,
             records_dead_letter: 0,
@@ -157,8 +163,24 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
         cores,
         "shipper_receiver_write_errors_total",
         "counter",
-        "Frames that could not be written (not acknowledged).",
+        "Frames that could not be written now (not acknowledged; the shipper resends).",
         |c| c.write_errors,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_frames_rejected_total",
+        "counter",
+        "DATA frames answered with REJECT: never writable here, given another fate by the shipper.",
+        |c| c.frames_rejected,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_records_rejected_total",
+        "counter",
+        "Records in frames answered with REJECT.",
+        |c| c.records_rejected,
     );
     family(
         out,

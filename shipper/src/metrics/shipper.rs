@@ -11,6 +11,8 @@ pub struct SourceCounters {
     pub lines_read: u64,
     pub bytes_read: u64,
     pub lines_truncated: u64,
+    /// Keys (service, cfjs1 `format`) cut to the protocol's 255 bytes.
+    pub keys_truncated: u64,
     pub lines_empty: u64,
     pub parse_failures: [u64; Failure::ALL.len()],
     pub read_errors: u64,
@@ -23,6 +25,8 @@ pub struct JournalCounters {
     pub entries_read: u64,
     pub bytes_read: u64,
     pub entries_filtered: u64,
+    /// Identifiers (the service) cut to the protocol's 255 bytes.
+    pub keys_truncated: u64,
     pub files_open: u64,
     pub corrupt_objects: u64,
     /// Entries in the files not read yet.
@@ -46,6 +50,8 @@ pub struct SocketCounters {
     /// Datagrams and newline-framed messages cut at message_bytes_max, and octet-counted
     /// messages refused for announcing more.
     pub messages_oversize: u64,
+    /// APP-NAMEs, TAGs and JSON keys cut to the protocol's 255 bytes.
+    pub keys_truncated: u64,
     pub parse_failures: [u64; MessageFailure::ALL.len()],
     pub connections_accepted: u64,
     pub connections_closed: u64,
@@ -70,18 +76,23 @@ pub enum DropReason {
     BufferFull = 3,
     /// The disk buffer could not write it (disk full, I/O error).
     BufferError = 4,
+    /// A receiver refused its frame for good (REJECT), and neither a dead-letter receiver nor
+    /// the quarantine took it (none configured, full, or failed to write).
+    Rejected = 5,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::RateLimit,
         DropReason::OutboxFull,
         DropReason::Shutdown,
         DropReason::BufferFull,
         DropReason::BufferError,
+        DropReason::Rejected,
     ];
     pub fn label(self) -> &'static str {
-        ["ratelimit", "outbox_full", "shutdown", "buffer_full", "buffer_error"][self as usize]
+        let labels = ["ratelimit", "outbox_full", "shutdown", "buffer_full", "buffer_error"];
+        labels.get(self as usize).copied().unwrap_or("rejected")
     }
 }
 
@@ -134,6 +145,9 @@ pub struct ShipperCounters {
     /// Times frames moved back to a higher tier that recovered.
     pub failbacks: u64,
     pub frames_dead_lettered: u64,
+    /// DATA frames a receiver answered with REJECT.
+    pub frames_rejected: u64,
+    pub quarantine: crate::sinks::quarantine::QuarantineCounters,
     pub outbox_frames: u64,
     pub outbox_bytes: u64,
     pub outbox_records: u64,
@@ -165,6 +179,8 @@ impl ShipperCounters {
             failovers: 0,
             failbacks: 0,
             frames_dead_lettered: 0,
+            frames_rejected: 0,
+            quarantine: Default::default(),
             outbox_frames: 0,
             outbox_bytes: 0,
             outbox_records: 0,
@@ -196,6 +212,12 @@ const PER_SOURCE: &[Series<SourceCounters>] = &[
     ("shipper_source_lines_truncated_total", "counter", "Lines cut at line_bytes_max.", |s| {
         s.lines_truncated
     }),
+    (
+        "shipper_source_keys_truncated_total",
+        "counter",
+        "Keys (service, cfjs1 format) cut to 255 bytes.",
+        |s| s.keys_truncated,
+    ),
     ("shipper_source_lines_empty_total", "counter", "Empty lines skipped.", |s| s.lines_empty),
     ("shipper_source_read_errors_total", "counter", "Failed reads of a source.", |s| s.read_errors),
 ];
@@ -213,6 +235,12 @@ const PER_JOURNAL: &[Series<JournalCounters>] = &[
         "counter",
         "Entries left out by unit/identifier filters.",
         |j| j.entries_filtered,
+    ),
+    (
+        "shipper_journal_keys_truncated_total",
+        "counter",
+        "Identifiers (the service) cut to 255 bytes.",
+        |j| j.keys_truncated,
     ),
     ("shipper_journal_files_open", "gauge", "Journal files open.", |j| j.files_open),
     ("shipper_journal_corrupt_objects_total", "counter", "Corrupt journal objects skipped.", |j| {
@@ -250,6 +278,12 @@ const PER_SOCKET: &[Series<SocketCounters>] = &[
         "counter",
         "Messages over message_bytes_max: cut, or skipped when octet-counted.",
         |s| s.messages_oversize,
+    ),
+    (
+        "shipper_socket_keys_truncated_total",
+        "counter",
+        "APP-NAMEs, TAGs and JSON keys cut to 255 bytes.",
+        |s| s.keys_truncated,
     ),
     ("shipper_socket_connections_accepted_total", "counter", "TCP connections accepted.", |s| {
         s.connections_accepted
@@ -318,6 +352,33 @@ const PER_CORE: &[Series<ShipperCounters>] = &[
         "counter",
         "DATA frames written to dead-letter receivers.",
         |c| c.frames_dead_lettered,
+    ),
+    (
+        "shipper_frames_rejected_total",
+        "counter",
+        "DATA frames a receiver refused for good (REJECT): sent to dead letter, kept or dropped.",
+        |c| c.frames_rejected,
+    ),
+    (
+        "shipper_quarantine_frames_total",
+        "counter",
+        "Refused frames written to the quarantine directory.",
+        |c| c.quarantine.frames,
+    ),
+    (
+        "shipper_quarantine_records_total",
+        "counter",
+        "Records in refused frames written to the quarantine directory.",
+        |c| c.quarantine.records,
+    ),
+    ("shipper_quarantine_bytes", "gauge", "Bytes in the quarantine directory.", |c| {
+        c.quarantine.bytes
+    }),
+    (
+        "shipper_quarantine_write_errors_total",
+        "counter",
+        "Refused frames the quarantine could not write (then dropped, reason rejected).",
+        |c| c.quarantine.write_errors,
     ),
     ("shipper_outbox_frames", "gauge", "Frames held until acknowledged.", |c| c.outbox_frames),
     ("shipper_outbox_bytes", "gauge", "Bytes held until acknowledged.", |c| c.outbox_bytes),

@@ -30,7 +30,12 @@ pub enum Kind {
     /// Either way, when idle; the receiver echoes it.
     Heartbeat = 5,
     /// Either way: a fatal protocol error, UTF-8 text payload; the sender closes after it.
+    /// From a receiver it also means "cannot write now" (disk full, output down): the shipper
+    /// backs off and resends.
     Error = 6,
+    /// Receiver → shipper: the DATA frame `seq` will never be written (its content is invalid
+    /// or cannot be written anywhere); UTF-8 reason as payload. The connection stays open.
+    Reject = 7,
 }
 
 impl Kind {
@@ -42,6 +47,7 @@ impl Kind {
             4 => Kind::Ack,
             5 => Kind::Heartbeat,
             6 => Kind::Error,
+            7 => Kind::Reject,
             _ => return None,
         })
     }

@@ -205,7 +205,7 @@ impl Worker {
         scratch: &mut Vec<u8>,
     ) -> Result<(), FrameFault> {
         let h = f.header;
-        let invalid = |what: String| FrameFault::Invalid(format!("frame {}: {what}", h.seq));
+        let invalid = |what: String| FrameFault::Refused(format!("frame {}: {what}", h.seq));
         let raw_max = self.config.receiver.frame_raw_bytes_max;
         if h.raw_len > raw_max {
             return Err(invalid(format!(
@@ -250,7 +250,13 @@ impl Worker {
         dead_letter: bool,
     ) -> Result<(), FrameFault> {
         let (touched, bytes) =
-            self.output.write_frame(payload, count, dead_letter).map_err(FrameFault::Write)?;
+            self.output.write_frame(payload, count, dead_letter).map_err(|e| {
+                if never_writable(&e) {
+                    FrameFault::Refused(format!("frame {seq}: the output cannot take it: {e}"))
+                } else {
+                    FrameFault::Write(e)
+                }
+            })?;
         if dead_letter {
             self.counters.records_dead_letter += u64::from(count);
         }
@@ -271,11 +277,41 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Books a frame answered with REJECT, and logs it: every one while they are rare, then
+    /// the 2nd, 4th, 8th, ... (a misconfigured shipper could have every frame refused).
+    fn rejected(&mut self, id: StreamId, h: &crate::protocol::Header, reason: &str) {
+        self.counters.frames_rejected += 1;
+        self.counters.records_rejected += u64::from(h.count);
+        let n = self.counters.frames_rejected;
+        if n <= 8 || n.is_power_of_two() {
+            let (seq, records) = (h.seq, h.count);
+            tracing::warn!(
+                sender = format!("{:016x}/{}", id.0, id.1),
+                seq,
+                records,
+                rejected_so_far = n,
+                "frame refused for good (REJECT): {reason}"
+            );
+        }
+    }
+}
+
 enum FrameFault {
-    /// The peer sent something wrong: tell it and close.
-    Invalid(String),
-    /// We could not write: close without ACK, the shipper will resend.
+    /// The frame can never be written: its content is invalid, or the output can never take
+    /// it. Answered with REJECT (the shipper gives it another fate); the connection goes on.
+    Refused(String),
+    /// We could not write now (disk full, I/O error): answered with ERROR and the connection
+    /// closed without ACK; the shipper backs off and resends.
     Write(io::Error),
+}
+
+/// Whether an output error says the frame can never be written, whatever is retried: a name
+/// the filesystem refuses, or content that is not what the output takes. Everything else
+/// (ENOSPC, EIO, EDQUOT, ...) may pass, and is answered as "try again later".
+fn never_writable(e: &io::Error) -> bool {
+    let refused = [libc::ENAMETOOLONG, libc::EINVAL, libc::EILSEQ, libc::ENOTDIR, libc::EISDIR];
+    e.kind() == io::ErrorKind::InvalidData || e.raw_os_error().is_some_and(|n| refused.contains(&n))
 }
 
 /// Serves connections handed to worker `core` until the process exits.
@@ -340,17 +376,20 @@ async fn connection(worker: &Rc<RefCell<Worker>>, h: HandOff) -> io::Result<()> 
                             replies.extend(Frame::control(Kind::Ack, f.header.seq, &[]));
                             worker.borrow_mut().counters.frames_acked += 1;
                         }
-                        Err(FrameFault::Invalid(e)) => {
-                            return refuse(worker, &stream, Refusal::Frame, e).await
+                        Err(FrameFault::Refused(e)) => {
+                            worker.borrow_mut().rejected(id, &f.header, &e);
+                            replies.extend(Frame::control(
+                                Kind::Reject,
+                                f.header.seq,
+                                e.as_bytes(),
+                            ));
                         }
                         Err(FrameFault::Write(e)) => {
                             worker.borrow_mut().counters.write_errors += 1;
-                            tracing::error!(
-                                "cannot write frame {} of {:016x}/{}: {e}",
-                                f.header.seq,
-                                id.0,
-                                id.1
-                            );
+                            let (seq, run, core) = (f.header.seq, id.0, id.1);
+                            let text = format!("cannot write frame {seq} now: {e}");
+                            tracing::error!("{text} (from {run:016x}/{core}); not acknowledged");
+                            replies.extend(Frame::control(Kind::Error, 0, text.as_bytes()));
                             let _ = stream.send(&replies).await;
                             return Err(e);
                         }

@@ -10,6 +10,7 @@
 //! bucket, append it to the batch; a full batch is sealed into a frame and queued in the
 //! outbox, or dropped and counted per service if the outbox is full.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,14 +23,18 @@ use crate::config::socket::{MessageFormat, Transport};
 use crate::metrics::shipper::{
     DropReason, JournalCounters, ServiceCounters, ShipperCounters, SocketCounters, SourceCounters,
 };
+use crate::sinks::quarantine::Quarantine;
 use crate::sinks::receiver::health::{Destinations, Failover, State};
 use crate::sinks::receiver::{BatchBuilder, Outbox, Sealed};
 use crate::sources::journal::checkpoint::Checkpoint;
 use crate::tls::stream::TlsStream;
 use crate::transforms::parse::Parser;
 use crate::transforms::ratelimit::RateLimiter;
-use crate::transforms::services::ServiceTable;
+use crate::transforms::services::{bound_key, ServiceTable};
 use crate::transforms::syslog;
+
+/// Longest receiver reason kept for a refused frame (its log line and `.reason` file).
+const REASON_BYTES_MAX: usize = 1024;
 
 /// What the core knows of one of its sources.
 pub struct SourceInfo {
@@ -73,6 +78,8 @@ pub struct Core {
     pub outbox: Outbox,
     /// Where frames go when the outbox is full, if configured.
     pub buffer: Option<DiskBuffer>,
+    /// Where frames a receiver refused for good go, if configured (its writer task shares it).
+    pub quarantine: Option<Rc<RefCell<Quarantine>>>,
     /// Health of every receiver as this worker sees it.
     pub dests: Destinations,
     pub counters: ShipperCounters,
@@ -117,6 +124,10 @@ impl Core {
             outbox: Outbox::new(r.outbox_bytes_max as usize, r.inflight_frames_max),
             buffer: match &config.buffer.directory {
                 Some(root) => Some(open_buffer(&config, root, id)?),
+                None => None,
+            },
+            quarantine: match &config.quarantine.directory {
+                Some(root) => Some(Rc::new(RefCell::new(open_quarantine(&config, root, id)?))),
                 None => None,
             },
             dests: Destinations::new(&destinations),
@@ -192,6 +203,7 @@ impl Core {
         let jc = &mut self.counters.journals[j];
         jc.entries_read += 1;
         jc.bytes_read += record.len() as u64;
+        let service = counted_cut(service, &mut jc.keys_truncated);
         let Core { config, services, limiter, counters, batch, workers, .. } = self;
         let rl = &config.ratelimit;
         let service =
@@ -231,11 +243,12 @@ impl Core {
             Ok(fields) => {
                 let service = match fields.key {
                     Some(k) => {
+                        let k = counted_cut(k, &mut sc.keys_truncated);
                         intern(services, limiter, &mut counters.services, rl, *workers, now_ns, k)
                     }
                     None => default,
                 };
-                (service, fields.format)
+                (service, fields.format.map(|f| counted_cut(f, &mut sc.keys_truncated)))
             }
             Err(failure) => {
                 sc.parse_failures[failure as usize] += 1;
@@ -264,17 +277,24 @@ impl Core {
         let info = &self.sockets[s];
         let rl = &config.ratelimit;
         let svc = &mut counters.services;
+        let cuts = &mut counters.sockets[s].keys_truncated;
         let parsed = match info.format.syntax() {
             None => match parser.extract(message, Format::Json, &rl.key_field) {
                 Ok(fields) => Ok(match fields.key {
-                    Some(k) => (intern(services, limiter, svc, rl, *workers, now_ns, k), message),
+                    Some(k) => {
+                        let k = counted_cut(k, cuts);
+                        (intern(services, limiter, svc, rl, *workers, now_ns, k), message)
+                    }
                     None => (info.service, message),
                 }),
                 Err(f) => Err(json_failure(f)),
             },
             Some(syntax) => syslog::parse(message, syntax).map(|m| {
                 let service = match m.app {
-                    Some(a) => intern(services, limiter, svc, rl, *workers, now_ns, a.as_bytes()),
+                    Some(a) => {
+                        let a = counted_cut(a.as_bytes(), cuts);
+                        intern(services, limiter, svc, rl, *workers, now_ns, a)
+                    }
                     None => info.service,
                 };
                 let name = m.app.map_or(services.name(info.service), str::as_bytes);
@@ -393,18 +413,96 @@ impl Core {
     /// Frame `seq` was acknowledged.
     pub fn on_ack(&mut self, seq: u64, now_ns: u64) {
         if let Some(done) = self.outbox.ack(seq) {
-            if let (Some(ordinal), Some(b)) = (done.frame.origin, self.buffer.as_mut()) {
-                b.acked(ordinal);
-            }
             self.counters.frames_acked += 1;
             self.counters.records_acked += u64::from(done.frame.records);
             let us = now_ns.saturating_sub(done.frame.first_ns) / 1000;
             self.counters.latency_us.record(us);
-            for (j, _) in &done.frame.marks {
-                self.journals[*j].acked(seq);
-                self.counters.journals[*j].checkpoint_write_errors = self.journals[*j].write_errors;
-            }
+            self.release(&done.frame);
+        }
+    }
+
+    /// `frame`'s fate is decided for good (acknowledged, or refused and then kept or dropped):
+    /// the buffer segment it came from and its journals' checkpoints may move past it.
+    fn release(&mut self, frame: &Sealed) {
+        if let (Some(ordinal), Some(b)) = (frame.origin, self.buffer.as_mut()) {
+            b.acked(ordinal);
+        }
+        for (j, _) in &frame.marks {
+            self.journals[*j].acked(frame.seq);
+            self.counters.journals[*j].checkpoint_write_errors = self.journals[*j].write_errors;
+        }
+        self.wake.notify_waiters();
+    }
+
+    /// Receiver `dest` refused frame `seq` for good (REJECT, with `reason`): it never goes
+    /// back to the queue. It goes to the dead-letter tier if one may take it and it was not
+    /// refused there already, else to the quarantine, else it is dropped and counted.
+    pub fn on_reject(&mut self, seq: u64, reason: &[u8], dest: usize) {
+        let Some(done) = self.outbox.reject(seq) else {
+            return;
+        };
+        self.counters.frames_rejected += 1;
+        let reason = String::from_utf8_lossy(&reason[..reason.len().min(REASON_BYTES_MAX)]);
+        let d = &self.dests.list[dest];
+        let (tier, receiver) = (d.tier, d.address.clone());
+        if tier != Tier::DeadLetter && self.dests.dead_letter_available() {
+            self.log_reject(&done.frame, &receiver, &reason, "sent to the dead-letter tier");
+            self.outbox.push_rejected(done.frame);
             self.wake.notify_waiters();
+            return;
+        }
+        self.quarantine_or_drop(done.frame, &receiver, &reason);
+    }
+
+    /// Gives a refused frame to the quarantine, or drops and counts it when there is none or
+    /// it is full.
+    fn quarantine_or_drop(&mut self, frame: Rc<Sealed>, receiver: &str, reason: &str) {
+        let Some(q) = self.quarantine.clone() else {
+            self.log_reject(&frame, receiver, reason, "dropped (no quarantine.directory)");
+            self.count_dropped(&frame, DropReason::Rejected);
+            return self.release(&frame);
+        };
+        let mut text = format!("receiver: {receiver}\nreason: {reason}\n");
+        text.push_str(&format!("seq: {}\nrecords: {}\n", frame.seq, frame.records));
+        for &(s, n) in &frame.services {
+            let name = String::from_utf8_lossy(self.services.name(s));
+            text.push_str(&format!("service {name}: {n}\n"));
+        }
+        let pushed = q.borrow_mut().push(frame.clone(), text);
+        match pushed {
+            Ok(()) => {
+                let fate = format!("kept in the quarantine ({})", q.borrow().dir().display());
+                self.log_reject(&frame, receiver, reason, &fate);
+            }
+            Err(frame) => {
+                self.log_reject(&frame, receiver, reason, "dropped (quarantine full)");
+                self.count_dropped(&frame, DropReason::Rejected);
+                self.release(&frame);
+            }
+        }
+    }
+
+    /// Logs a refused frame and its fate: every one while they are rare, then the 16th, 32nd,
+    /// 64th, ... (a misconfiguration can have every frame refused).
+    fn log_reject(&self, frame: &Sealed, receiver: &str, reason: &str, fate: &str) {
+        let n = self.counters.frames_rejected;
+        if n <= 8 || n.is_power_of_two() {
+            tracing::warn!(core = self.id, %receiver, seq = frame.seq, records = frame.records, rejected_so_far = n, "receiver refused a frame for good: {reason}; {fate}");
+        }
+    }
+
+    /// Settles the frames the quarantine wrote (or failed to) since the last call.
+    pub fn settle_quarantined(&mut self) {
+        let Some(q) = self.quarantine.clone() else {
+            return;
+        };
+        let (kept, failed) = q.borrow_mut().take_settled();
+        for f in &kept {
+            self.release(f);
+        }
+        for f in &failed {
+            self.count_dropped(f, DropReason::Rejected);
+            self.release(f);
         }
     }
 
@@ -436,6 +534,13 @@ impl Core {
         for h in self.conns.values().filter(|h| h.destination == dest) {
             h.stream.shutdown();
         }
+        if self.outbox.has_rejected() && !self.dests.dead_letter_available() {
+            let address = self.dests.list[dest].address.clone();
+            let why = format!("refused earlier, and the dead-letter tier is down too ({reason})");
+            for frame in self.outbox.take_rejected() {
+                self.quarantine_or_drop(frame, &address, &why);
+            }
+        }
         self.on_failover(change, reason);
     }
 
@@ -465,6 +570,9 @@ impl Core {
 
     /// Copies gauges into the counters before they are published.
     pub fn refresh_gauges(&mut self) {
+        if let Some(q) = &self.quarantine {
+            self.counters.quarantine = q.borrow().counters.clone();
+        }
         if let Some(b) = &self.buffer {
             self.counters.buffer = b.counters.clone();
             self.counters.buffer_bytes = b.bytes();
@@ -516,6 +624,14 @@ fn admit(
     Admitted::Batched { full: batch.push(key, record, service, now_ns) }
 }
 
+/// `key` cut to the protocol's key limit, counting the cut in `cuts`.
+#[inline]
+fn counted_cut<'k>(key: &'k [u8], cuts: &mut u64) -> &'k [u8] {
+    let (key, cut) = bound_key(key);
+    *cuts += u64::from(cut);
+    key
+}
+
 /// The reason a JSON message on a socket is counted under.
 fn json_failure(f: crate::transforms::parse::Failure) -> syslog::Failure {
     use crate::transforms::parse::Failure as F;
@@ -562,6 +678,22 @@ fn open_buffer(
         tracing::info!(core, dir = %b.dir.display(), segments = b.segments.len(), bytes = b.bytes(), "disk buffer: replaying what a previous run left");
     }
     Ok(b)
+}
+
+/// Opens worker `core`'s quarantine folder, saying what a previous run left there.
+fn open_quarantine(
+    config: &ShipperConfig,
+    root: &std::path::Path,
+    core: usize,
+) -> std::io::Result<Quarantine> {
+    let share = config.quarantine.bytes_max / config.shipper.workers as u64;
+    let q = Quarantine::open(root, core, share).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("quarantine.directory {}: {e}", root.display()))
+    })?;
+    if q.counters.bytes > 0 {
+        tracing::warn!(core, dir = %q.dir().display(), bytes = q.counters.bytes, "quarantine holds frames refused by a receiver in earlier runs");
+    }
+    Ok(q)
 }
 
 /// A zstd context at `level`, with `hash_log` when not 0 (see `docs/perf.md`: a 4K-entry hash

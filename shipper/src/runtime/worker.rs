@@ -102,6 +102,9 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
             plan.stop.clone(),
         ));
     }
+    if let Some(q) = core.borrow().quarantine.clone() {
+        tokio_uring::spawn(crate::sinks::quarantine::write_loop(q));
+    }
     if core.borrow().buffer.is_some() {
         tokio_uring::spawn(crate::buffer::io::write_loop(core.clone(), plan.stop.clone()));
         tokio_uring::spawn(crate::buffer::io::replay_loop(core.clone(), plan.stop.clone()));
@@ -207,6 +210,7 @@ async fn tick(
         if c.batch_due(now) {
             c.seal();
         }
+        c.settle_quarantined();
         close_overdue(&mut c, now, ack_timeout_ns);
         if now - last_rebalance >= rebalance_ms * 1_000_000 {
             last_rebalance = now;
@@ -227,7 +231,8 @@ async fn tick(
         let Some(deadline) = deadline_ns else {
             continue;
         };
-        let unwritten = c.buffer.as_ref().is_some_and(|b| !b.pending.is_empty() || b.writing);
+        let unwritten = c.buffer.as_ref().is_some_and(|b| !b.pending.is_empty() || b.writing)
+            || c.quarantine.as_ref().is_some_and(|q| q.borrow().busy());
         if c.outbox.is_empty() && !unwritten {
             let on_disk = c.buffer.as_ref().map_or(0, |b| b.bytes());
             tracing::info!(
@@ -310,6 +315,9 @@ fn leave(c: &mut Core, spill: bool) {
     }
     let pending = c.buffer.as_mut().map(|b| std::mem::take(&mut b.pending)).unwrap_or_default();
     left.extend(pending.into_iter().map(|(f, _)| Rc::new(f)));
+    // Refused frames not written to the quarantine yet (a journal's are read again).
+    let refused = c.quarantine.as_ref().map(|q| q.borrow_mut().take_queued()).unwrap_or_default();
+    left.extend(refused.into_iter().filter(|f| f.origin.is_none() && f.marks.is_empty()));
     if left.is_empty() {
         return;
     }

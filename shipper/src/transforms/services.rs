@@ -4,7 +4,8 @@
 //! # Design constraints
 //! - At most `services_max` names per core (config); names beyond that share id
 //!   [`OTHER`] ("_other"), so a hostile writer inventing keys cannot grow memory or metric
-//!   cardinality. Names are cut to 255 bytes, the protocol's key limit.
+//!   cardinality. Names are cut to [`KEY_BYTES_MAX`] (255) bytes, the protocol's key limit,
+//!   at a UTF-8 character boundary ([`bound_key`]); the sources count every cut.
 
 use std::collections::HashMap;
 
@@ -13,6 +14,22 @@ use crate::protocol::limits::KEY_BYTES_MAX;
 /// Id of the shared bucket for names past the table's capacity.
 pub const OTHER: u32 = 0;
 pub const OTHER_NAME: &str = "_other";
+
+/// `name` cut to [`KEY_BYTES_MAX`] bytes, never inside a UTF-8 character, and whether it was
+/// cut. Every key that comes from outside (a JSON key field, a cfjs1 `format`, a syslog
+/// APP-NAME or TAG, a journal identifier) passes here before it names a stream.
+#[inline]
+pub fn bound_key(name: &[u8]) -> (&[u8], bool) {
+    if name.len() <= KEY_BYTES_MAX {
+        return (name, false);
+    }
+    let mut end = KEY_BYTES_MAX;
+    // A continuation byte (0b10xx_xxxx) would leave half a character behind.
+    while end > 0 && name[end] & 0xc0 == 0x80 {
+        end -= 1;
+    }
+    (&name[..end], true)
+}
 
 pub struct ServiceTable {
     ids: HashMap<Box<[u8]>, u32>,
@@ -32,7 +49,7 @@ impl ServiceTable {
     /// The id of `name`, adding it if there is room. Returns `(id, added)`.
     #[inline]
     pub fn intern(&mut self, name: &[u8]) -> (u32, bool) {
-        let name = &name[..name.len().min(KEY_BYTES_MAX)];
+        let name = bound_key(name).0;
         if let Some(&id) = self.ids.get(name) {
             return (id, false);
         }
@@ -81,5 +98,21 @@ mod tests {
         let mut t = ServiceTable::new(4);
         let (id, _) = t.intern(&long);
         assert_eq!(t.name(id).len(), 255);
+    }
+
+    #[test]
+    fn keys_are_cut_at_a_character_boundary() {
+        assert_eq!(bound_key(b"nginx"), (&b"nginx"[..], false));
+        let exact = [b'a'; KEY_BYTES_MAX];
+        assert_eq!(bound_key(&exact), (&exact[..], false));
+        // 254 ASCII bytes then a 3-byte character straddling the limit: cut before it.
+        let mut key = vec![b'a'; 254];
+        key.extend_from_slice("€€".as_bytes());
+        let (cut, was_cut) = bound_key(&key);
+        assert!(was_cut);
+        assert_eq!(cut, &key[..254]);
+        assert!(std::str::from_utf8(cut).is_ok());
+        let dots = [b'.'; 300];
+        assert_eq!(bound_key(&dots), (&dots[..KEY_BYTES_MAX], true));
     }
 }

@@ -29,6 +29,7 @@ use rustls::pki_types::ServerName;
 use tokio::sync::watch;
 use tokio_uring::net::TcpStream;
 
+use super::batch::Sealed;
 use super::health::State;
 use crate::config::shipper::Tier;
 use crate::protocol::frame::FLAG_DEAD_LETTER;
@@ -61,7 +62,7 @@ pub async fn run_slot(
         if done(&core) {
             return;
         }
-        if !core.borrow().dests.wanted(target.tier) {
+        if !needed(&core.borrow(), target.tier) {
             // Idle until every receiver of the tiers above is down (or the worker stops).
             let wake = core.borrow().wake.clone();
             tokio::select! {
@@ -70,6 +71,7 @@ pub async fn run_slot(
             }
             continue;
         }
+        let mut failed = true;
         match connect(&core, &target).await {
             Ok((stream, dec, _watch)) => {
                 // `_watch` counts this connection's retransmits and resets until it ends.
@@ -82,6 +84,8 @@ pub async fn run_slot(
                     } else {
                         tracing::warn!(receiver = %target.address, "connection ended: {}", failure.reason);
                     }
+                } else {
+                    failed = false;
                 }
             }
             Err(e) => {
@@ -93,10 +97,13 @@ pub async fn run_slot(
         let delay = {
             let c = core.borrow();
             let r = &c.config.receivers;
-            let down = c.dests.list[d].state == State::Down;
-            down.then(|| {
-                jitter(c.dests.probe_delay_ms(d, r.backoff_initial_ms, r.backoff_max_ms), &c)
-            })
+            if c.dests.list[d].state == State::Down {
+                let delay = c.dests.probe_delay_ms(d, r.backoff_initial_ms, r.backoff_max_ms);
+                Some(jitter(delay, &c))
+            } else {
+                // A lost connection to a receiver still up: no reconnect storm either.
+                failed.then(|| jitter(r.backoff_initial_ms, &c))
+            }
         };
         if let Some(delay) = delay {
             tokio::select! {
@@ -104,6 +111,28 @@ pub async fn run_slot(
                 _ = stop.changed() => {}
             }
         }
+    }
+}
+
+/// Whether connections to receivers of `tier` are needed now: the tiers above are down, or
+/// (dead-letter) frames refused by a receiver wait for the dead-letter tier.
+fn needed(c: &Core, tier: Tier) -> bool {
+    c.dests.wanted(tier) || (tier == Tier::DeadLetter && c.outbox.has_rejected())
+}
+
+/// The next frame for connection `id` to receiver `d` of `tier`: a dead-letter connection
+/// takes refused frames first, whatever tier takes the others.
+fn next_frame(c: &mut Core, tier: Tier, d: usize, id: u64) -> Option<Rc<Sealed>> {
+    let now = c.now_ns();
+    if tier == Tier::DeadLetter && c.dests.list[d].state == State::Up {
+        if let Some(f) = c.outbox.next_rejected(id, now) {
+            return Some(f);
+        }
+    }
+    if c.dests.may_send(d) {
+        c.outbox.next(id, now)
+    } else {
+        None
     }
 }
 
@@ -239,7 +268,11 @@ async fn serve(
         dc.connections_lost += 1;
         Failure {
             reason: format!("{e} ({requeued} unacknowledged frames requeued)"),
-            receiver_at_fault: e.kind() == io::ErrorKind::TimedOut,
+            // A late write, or an ERROR from the receiver ("cannot write now"): back off.
+            receiver_at_fault: matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::ConnectionRefused
+            ),
         }
     })
 }
@@ -259,9 +292,7 @@ async fn write_frames(
     loop {
         let (frame, wake) = {
             let mut c = core.borrow_mut();
-            let now = c.now_ns();
-            let frame = if c.dests.may_send(d) { c.outbox.next(id, now) } else { None };
-            (frame, c.wake.clone())
+            (next_frame(&mut c, target.tier, d, id), c.wake.clone())
         };
         if let Some(f) = frame {
             let sent = if target.tier == Tier::DeadLetter {
@@ -287,7 +318,7 @@ async fn write_frames(
             if done(core) {
                 return Ok(());
             }
-            if !c.dests.wanted(target.tier) && c.outbox.inflight_on(id) == 0 {
+            if !needed(&c, target.tier) && c.outbox.inflight_on(id) == 0 {
                 tracing::info!(receiver = %target.address, "closing: a higher tier is back");
                 return Ok(());
             }
@@ -350,6 +381,10 @@ async fn read_replies(
             match f.header.kind {
                 Kind::Ack => {
                     c.on_ack(f.header.seq, now);
+                    c.dests.acked(dest);
+                }
+                Kind::Reject => {
+                    c.on_reject(f.header.seq, &f.payload, dest);
                     c.dests.acked(dest);
                 }
                 Kind::Heartbeat => {}

@@ -77,6 +77,12 @@ impl Destinations {
         self.list.iter().filter(|d| d.tier < tier).all(|d| d.state == State::Down)
     }
 
+    /// Some dead-letter receiver may take a refused frame: one is configured and not known
+    /// to be down.
+    pub fn dead_letter_available(&self) -> bool {
+        self.list.iter().any(|d| d.tier == Tier::DeadLetter && d.state != State::Down)
+    }
+
     /// Every receiver has been tried and is down: nothing can take data now.
     pub fn all_down(&self) -> bool {
         self.list.iter().all(|d| d.state == State::Down)

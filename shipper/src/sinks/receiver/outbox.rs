@@ -15,6 +15,12 @@
 //! those of two connections in any order, so such frames are in flight on one connection at a
 //! time: another connection takes the next one only once all of them are acknowledged (or
 //! their connection failed and put them back). Other frames go on any connection.
+//!
+//! A frame a receiver refused for good (REJECT) leaves the window with [`Outbox::reject`].
+//! When it is to try the dead-letter tier, it comes back in the *rejected lane*
+//! ([`Outbox::push_rejected`]): only dead-letter connections take from it
+//! ([`Outbox::next_rejected`]), whatever tier takes the other frames, so a refused frame never
+//! waits in front of the frames behind it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
@@ -26,11 +32,17 @@ pub struct InFlight {
     pub frame: Rc<Sealed>,
     pub conn: u64,
     pub sent_ns: u64,
+    /// Taken from the rejected lane (on its way to a dead-letter receiver).
+    pub rejected: bool,
+    /// Counted in the ordered frames in flight.
+    ordered: bool,
 }
 
 pub struct Outbox {
     next_seq: u64,
     queue: VecDeque<Rc<Sealed>>,
+    /// Frames refused by a receiver, waiting for a dead-letter connection.
+    rejected: VecDeque<Rc<Sealed>>,
     inflight: BTreeMap<u64, InFlight>,
     bytes: usize,
     bytes_max: usize,
@@ -45,6 +57,7 @@ impl Outbox {
         Outbox {
             next_seq: 1,
             queue: VecDeque::new(),
+            rejected: VecDeque::new(),
             inflight: BTreeMap::new(),
             bytes: 0,
             bytes_max,
@@ -85,7 +98,8 @@ impl Outbox {
             return None;
         }
         let front = self.queue.front()?;
-        if !front.marks.is_empty() {
+        let ordered = !front.marks.is_empty();
+        if ordered {
             if self.ordered > 0 && self.ordered_conn != conn {
                 return None;
             }
@@ -93,30 +107,78 @@ impl Outbox {
             self.ordered_conn = conn;
         }
         let frame = self.queue.pop_front().expect("looked at above");
-        self.inflight.insert(frame.seq, InFlight { frame: frame.clone(), conn, sent_ns: now_ns });
+        let f = InFlight { frame: frame.clone(), conn, sent_ns: now_ns, rejected: false, ordered };
+        self.inflight.insert(frame.seq, f);
         Some(frame)
+    }
+
+    /// The next frame of the rejected lane for dead-letter connection `conn`, if the in-flight
+    /// window has room.
+    pub fn next_rejected(&mut self, conn: u64, now_ns: u64) -> Option<Rc<Sealed>> {
+        if self.inflight.len() >= self.inflight_max {
+            return None;
+        }
+        let frame = self.rejected.pop_front()?;
+        let f = InFlight {
+            frame: frame.clone(),
+            conn,
+            sent_ns: now_ns,
+            rejected: true,
+            ordered: false,
+        };
+        self.inflight.insert(frame.seq, f);
+        Some(frame)
+    }
+
+    /// Frames refused by a receiver wait for a dead-letter connection.
+    pub fn has_rejected(&self) -> bool {
+        !self.rejected.is_empty()
     }
 
     /// Releases frame `seq`; `None` if it was not in flight (a late duplicate ack).
     pub fn ack(&mut self, seq: u64) -> Option<InFlight> {
         let done = self.inflight.remove(&seq)?;
         self.bytes -= done.frame.wire.len();
-        if !done.frame.marks.is_empty() {
+        if done.ordered {
             self.ordered -= 1;
         }
         Some(done)
     }
 
-    /// Puts the frames in flight on `conn` back at the front of the queue; returns how many.
+    /// Frame `seq` was refused for good by the receiver it was sent to: it leaves the outbox
+    /// like an acknowledged one (the caller decides its fate). `None` if it was not in flight.
+    pub fn reject(&mut self, seq: u64) -> Option<InFlight> {
+        self.ack(seq)
+    }
+
+    /// Takes back a refused frame into the rejected lane, for a dead-letter connection.
+    pub fn push_rejected(&mut self, frame: Rc<Sealed>) {
+        self.bytes += frame.wire.len();
+        self.rejected.push_back(frame);
+    }
+
+    /// Empties the rejected lane (no dead-letter receiver can take it any more).
+    pub fn take_rejected(&mut self) -> Vec<Rc<Sealed>> {
+        let frames: Vec<_> = self.rejected.drain(..).collect();
+        self.bytes -= frames.iter().map(|f| f.wire.len()).sum::<usize>();
+        frames
+    }
+
+    /// Puts the frames in flight on `conn` back at the front of their queue (the rejected
+    /// lane for those taken from it); returns how many.
     pub fn fail(&mut self, conn: u64) -> usize {
         let seqs: Vec<u64> =
             self.inflight.iter().filter(|(_, f)| f.conn == conn).map(|(s, _)| *s).collect();
         for seq in seqs.iter().rev() {
             let f = self.inflight.remove(seq).expect("listed above");
-            if !f.frame.marks.is_empty() {
+            if f.ordered {
                 self.ordered -= 1;
             }
-            self.queue.push_front(f.frame);
+            if f.rejected {
+                self.rejected.push_front(f.frame);
+            } else {
+                self.queue.push_front(f.frame);
+            }
         }
         seqs.len()
     }
@@ -136,16 +198,16 @@ impl Outbox {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty() && self.inflight.is_empty()
+        self.queue.is_empty() && self.inflight.is_empty() && self.rejected.is_empty()
     }
 
     pub fn frames(&self) -> usize {
-        self.queue.len() + self.inflight.len()
+        self.queue.len() + self.inflight.len() + self.rejected.len()
     }
 
     /// Records in every frame held.
     pub fn records(&self) -> u64 {
-        let queued = self.queue.iter().map(|f| u64::from(f.records));
+        let queued = self.queue.iter().chain(&self.rejected).map(|f| u64::from(f.records));
         queued.chain(self.inflight.values().map(|f| u64::from(f.frame.records))).sum()
     }
 
@@ -166,6 +228,7 @@ impl Outbox {
     pub fn drain(&mut self) -> Vec<Rc<Sealed>> {
         let mut all: Vec<Rc<Sealed>> = self.inflight.values().map(|f| f.frame.clone()).collect();
         all.extend(self.queue.drain(..));
+        all.extend(self.rejected.drain(..));
         self.inflight.clear();
         self.bytes = 0;
         self.ordered = 0;
@@ -237,6 +300,37 @@ mod tests {
         assert!(o.ack(2).is_some() && o.ack(4).is_some());
         o.push(ordered(5)).unwrap();
         assert_eq!(o.next(7, 0).unwrap().seq, 5, "with none in flight, any connection");
+    }
+
+    #[test]
+    fn a_rejected_frame_leaves_the_window_and_waits_only_for_dead_letter_connections() {
+        let mut o = Outbox::new(10_000, 8);
+        o.push(ordered(1)).unwrap();
+        o.push(frame(2, 100)).unwrap();
+        assert_eq!(o.next(7, 0).unwrap().seq, 1);
+        let refused = o.reject(1).unwrap();
+        assert_eq!((o.bytes(), o.frames()), (100, 1));
+        o.push_rejected(refused.frame);
+        assert!(o.has_rejected());
+        assert_eq!(o.next(7, 0).unwrap().seq, 2, "the frame behind it goes on");
+        assert_eq!(o.next_rejected(9, 0).unwrap().seq, 1);
+        assert!(!o.has_rejected());
+        // The dead-letter connection fails: the frame goes back to the rejected lane only.
+        assert_eq!(o.fail(9), 1);
+        assert!(o.next(7, 0).is_none());
+        assert_eq!(o.next_rejected(9, 0).unwrap().seq, 1);
+        assert!(o.ack(1).is_some() && o.ack(2).is_some());
+        assert!(o.is_empty());
+        assert_eq!(o.bytes(), 0);
+        // An ordered frame after the rejected one is not held back by it.
+        o.push(ordered(3)).unwrap();
+        assert_eq!(o.next(8, 0).unwrap().seq, 3);
+        o.push(frame(4, 100)).unwrap();
+        assert_eq!(o.next(8, 0).unwrap().seq, 4);
+        let refused = o.reject(4).unwrap();
+        o.push_rejected(refused.frame);
+        assert_eq!(o.take_rejected().len(), 1);
+        assert_eq!(o.bytes(), 100);
     }
 
     #[test]
