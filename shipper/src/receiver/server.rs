@@ -10,8 +10,12 @@
 //! Read frames (each within `idle_timeout_ms`); for a DATA frame: check flags and sizes,
 //! decompress into a buffer of exactly the declared size, validate every record, then either
 //! (already written) count a duplicate, or write, commit and mark it; then ACK. HEARTBEATs
-//! are echoed. Anything invalid gets an ERROR frame naming the problem, and the connection is
-//! closed; a write failure closes the connection without an ACK, so the shipper resends.
+//! are echoed. A DATA frame that can never be written (invalid records or zstd, over
+//! `frame_raw_bytes_max`, a name the output refuses for good) is answered with REJECT and the
+//! connection goes on: the shipper gives that frame another fate. A stream that is not valid
+//! frames (bad magic, checksum, size) gets an ERROR naming the problem and is closed; so does a
+//! write that fails for now (disk full, I/O error): ERROR "cannot write now", no ACK, and the
+//! shipper backs off and resends.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

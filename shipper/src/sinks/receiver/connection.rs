@@ -15,7 +15,13 @@
 //!    the kernel's retransmissions and resets on it count for this receiver.
 //! 4. Any error, EOF, or a close by the worker's ticker (ack or heartbeat overdue: the
 //!    receiver is declared down) ends the connection; its in-flight frames go back to the
-//!    front of the outbox, to go to another receiver.
+//!    front of the outbox, to go to another receiver. An ERROR from the receiver ("cannot
+//!    write now") declares it down too, so it is probed with backoff; any other lost
+//!    connection waits a jittered `backoff_initial_ms` before reconnecting.
+//! 5. A REJECT ends nothing: the refused frame leaves the window for its one fate
+//!    (`Core::on_reject`: the dead-letter tier's rejected lane, the quarantine, or a counted
+//!    drop). A dead-letter slot connects while refused frames wait, whatever tier is up, and
+//!    takes them before anything else.
 
 use std::cell::RefCell;
 use std::future::Future;
