@@ -105,3 +105,23 @@ fn invalid_configurations_name_file_line_and_key() {
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent.toml: cannot read configuration"), "{err}");
 }
+
+// Regression: the FIFO was created and chmod-ed through a path that follows symbolic links, as
+// root: a link planted at a pipe's path made the shipper chmod and open its target.
+#[test]
+fn a_symlink_planted_at_a_fifo_path_is_refused_and_never_followed() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let target = env.write("secret.txt", "do not touch\n");
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let pipe = env.path("app.pipe");
+    std::os::unix::fs::symlink(&target, &pipe).unwrap();
+    let body = format!("[[sources.pipe]]\npath = {pipe:?}\nmode = \"0666\"\n");
+    let cfg = env.write("edge.toml", &env.shipper_toml(free_port(), free_port(), &body));
+    let (code, _, err) = shipper(&["run", "--no-ebpf", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("{}: is a symbolic link", pipe.display())), "{err}");
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the link's target keeps its mode");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "do not touch\n");
+}

@@ -7,7 +7,10 @@
 //! - Memory per pipe: one read buffer of `read_bytes` plus a carry of `line_bytes_max`.
 //!
 //! # Operation
-//! The FIFO is opened `O_RDWR`: the shipper itself counts as a writer, so the reader never
+//! The FIFO is created if missing, then opened `O_NOFOLLOW` and checked to be a FIFO on the
+//! descriptor, and a new FIFO's mode is set on the descriptor (`fchmod`): a symbolic link
+//! planted at the path, or swapped in after the check, is refused and never followed (the
+//! shipper often runs as root). It is opened `O_RDWR`: the shipper itself counts as a writer, so the reader never
 //! sees EOF when the last application closes it, and as a reader, so writers' opens succeed at
 //! once. Reads go through io_uring (an owned buffer handed to the kernel and back); a read on
 //! an empty pipe parks in the ring until data arrives, costing no thread.
@@ -24,6 +27,8 @@ use thiserror::Error;
 pub enum PipeError {
     #[error("{path}: exists and is not a FIFO")]
     NotFifo { path: PathBuf },
+    #[error("{path}: is a symbolic link; a FIFO path is never followed (create the FIFO there, or point the source at the link's target)")]
+    Symlink { path: PathBuf },
     #[error("{path}: cannot create FIFO: {source}")]
     Create { path: PathBuf, source: io::Error },
     #[error("{path}: cannot open FIFO: {source}")]
@@ -41,31 +46,46 @@ pub struct OpenPipe {
 /// unprivileged processes; what was granted is returned and logged by the caller).
 pub fn open(path: &Path, mode: u32, pipe_bytes: usize) -> Result<OpenPipe, PipeError> {
     let err_path = || path.to_path_buf();
+    let mut created = false;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_fifo() => {}
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(PipeError::Symlink { path: err_path() })
+        }
         Ok(_) => return Err(PipeError::NotFifo { path: err_path() }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
                 .map_err(|e| PipeError::Create { path: err_path(), source: e.into() })?;
-            // SAFETY: a valid NUL-terminated path.
+            // SAFETY: a valid NUL-terminated path. mkfifo never follows a link at `path`.
             if unsafe { libc::mkfifo(c.as_ptr(), mode) } != 0 {
                 let source = io::Error::last_os_error();
                 if source.kind() != io::ErrorKind::AlreadyExists {
                     return Err(PipeError::Create { path: err_path(), source });
                 }
             }
-            // mkfifo applies the umask; set exactly the configured bits.
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                .map_err(|source| PipeError::Create { path: err_path(), source })?;
+            created = true;
         }
         Err(source) => return Err(PipeError::Open { path: err_path(), source }),
     }
+    // O_NOFOLLOW: a link swapped in since the check is refused (ELOOP), never followed.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
-        .map_err(|source| PipeError::Open { path: err_path(), source })?;
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP) => PipeError::Symlink { path: err_path() },
+            _ => PipeError::Open { path: err_path(), source },
+        })?;
+    let meta = file.metadata().map_err(|source| PipeError::Open { path: err_path(), source })?;
+    if !meta.file_type().is_fifo() {
+        return Err(PipeError::NotFifo { path: err_path() });
+    }
+    if created {
+        // mkfifo applies the umask; set exactly the configured bits, on the descriptor.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|source| PipeError::Create { path: err_path(), source })?;
+    }
     let fd = file.as_raw_fd();
     let want = libc::c_int::try_from(pipe_bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: fcntl on a descriptor we own; failure (EPERM above pipe-max-size) leaves the

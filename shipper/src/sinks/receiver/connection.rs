@@ -5,7 +5,7 @@
 //! # Operation
 //! 0. A slot of a standby or dead-letter receiver idles until its tier is wanted
 //!    (`health.rs`).
-//! 1. TCP connect (`connect_timeout_ms`), TLS 1.3 handshake and HELLO/WELCOME
+//! 1. Name lookup on the resolver thread (`resolve.rs`) and TCP connect (`connect_timeout_ms`), TLS 1.3 handshake and HELLO/WELCOME
 //!    (`handshake_timeout_ms`); the WELCOME marks the receiver up.
 //! 2. A reader task decodes ACK, HEARTBEAT and ERROR frames; the writer (this task) sends
 //!    frames as the outbox releases them while its receiver's tier takes frames, and a
@@ -26,7 +26,6 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,12 +153,6 @@ fn jitter(d: u64, core: &Core) -> u64 {
     d / 2 + noise % (d / 2 + 1)
 }
 
-fn resolve(address: &str) -> io::Result<SocketAddr> {
-    address.to_socket_addrs()?.next().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, format!("{address} resolves to nothing"))
-    })
-}
-
 async fn connect(
     core: &Rc<RefCell<Core>>,
     target: &Target,
@@ -168,10 +161,13 @@ async fn connect(
         let r = &core.borrow().config.receivers;
         (r.connect_timeout_ms, r.handshake_timeout_ms)
     };
-    let addr = resolve(&target.address)?;
-    let tcp = tokio::time::timeout(Duration::from_millis(connect_ms), TcpStream::connect(addr))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out"))??;
+    let tcp = tokio::time::timeout(Duration::from_millis(connect_ms), async {
+        TcpStream::connect(super::resolve::resolve(&target.address).await?).await
+    })
+    .await
+    .map_err(|_| {
+        io::Error::new(io::ErrorKind::TimedOut, "name lookup and TCP connect timed out")
+    })??;
     tcp.set_nodelay(true)?;
     // SAFETY: `tcp` owns the descriptor and outlives this borrow.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&tcp)) };

@@ -17,6 +17,7 @@ pub mod batch;
 pub mod connection;
 pub mod health;
 pub mod outbox;
+pub mod resolve;
 
 pub use batch::{BatchBuilder, Sealed};
 pub use outbox::Outbox;

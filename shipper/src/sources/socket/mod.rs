@@ -46,7 +46,7 @@ pub mod run;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use socket2::{Domain, Socket, Type};
@@ -137,6 +137,18 @@ fn bind_inet(
     Ok(BoundSocket { socket, local: local.to_string(), receive_buffer_bytes })
 }
 
+/// `chmod` that refuses (EOPNOTSUPP / ELOOP) to act through a symbolic link at `path`.
+fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a valid NUL-terminated path; AT_FDCWD resolves it like chmod(2) would.
+    let rc = unsafe { libc::fchmodat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_SYMLINK_NOFOLLOW) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn bind_unix(cfg: &SocketSource, path: &Path) -> Result<BoundSocket, SocketError> {
     let err = |source| SocketError::Bind {
         name: cfg.name.clone(),
@@ -154,9 +166,9 @@ fn bind_unix(cfg: &SocketSource, path: &Path) -> Result<BoundSocket, SocketError
     let socket = Socket::new(Domain::UNIX, Type::DGRAM, None).map_err(err)?;
     let _ = socket.set_recv_buffer_size(cfg.receive_buffer_bytes as usize);
     socket.bind(&socket2::SockAddr::unix(path).map_err(err)?).map_err(err)?;
-    // bind applies the umask; set exactly the configured bits.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.mode_bits()))
-        .map_err(err)?;
+    // bind applies the umask; set exactly the configured bits, without following a link
+    // swapped in at the path since the bind (the shipper often runs as root).
+    chmod_nofollow(path, cfg.mode_bits()).map_err(err)?;
     let receive_buffer_bytes = socket.recv_buffer_size().map_err(err)?;
     Ok(BoundSocket {
         socket: Bound::Datagram(socket.into()),
