@@ -429,7 +429,7 @@ impl Core {
         }
         for (j, _) in &frame.marks {
             self.journals[*j].acked(frame.seq);
-            self.counters.journals[*j].checkpoint_write_errors = self.journals[*j].write_errors;
+            self.counters.journals[*j].checkpoint_write_errors = self.journals[*j].write_errors();
         }
         self.wake.notify_waiters();
     }

@@ -9,19 +9,27 @@
 //! Each sealed frame holding entries of the source registers `(seq, cursor of its last entry)`;
 //! acknowledgements may arrive out of order (several connections), so the checkpoint advances
 //! only over the acknowledged prefix of that list, and is written each time it advances.
+//!
+//! The file is not written on the worker's thread (create, write and rename block): the new
+//! cursor goes to one writer thread per process ([`Writer`]), which keeps only the latest
+//! cursor per checkpoint path (so its queue is bounded by the number of journal sources) and
+//! writes them in turn. At shutdown [`Checkpoint::sync`] drops the queued cursor of its path,
+//! waits for a write of that path in progress, and writes and fsyncs the newest one itself.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 pub struct Checkpoint {
     path: Option<PathBuf>,
     /// Frames holding this source's entries, in sequence order: (seq, cursor, acknowledged).
     pending: VecDeque<(u64, String, bool)>,
-    /// The cursor last written.
+    /// The cursor last handed to the writer.
     pub cursor: Option<String>,
     /// Writes that failed (the checkpoint lags; data is not lost, it may repeat on restart).
-    pub write_errors: u64,
+    errors: Arc<AtomicU64>,
 }
 
 impl Checkpoint {
@@ -40,7 +48,7 @@ impl Checkpoint {
             path: path.map(Path::to_path_buf),
             pending: VecDeque::new(),
             cursor,
-            write_errors: 0,
+            errors: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -59,12 +67,16 @@ impl Checkpoint {
             advanced = self.pending.pop_front().map(|p| p.1);
         }
         if let Some(c) = advanced {
-            if let Err(e) = self.write(&c, false) {
-                self.write_errors += 1;
-                tracing::error!("journal checkpoint not written: {e}");
+            if let Some(path) = &self.path {
+                writer().submit(path, &c, &self.errors);
             }
             self.cursor = Some(c);
         }
+    }
+
+    /// Checkpoint writes that failed so far.
+    pub fn write_errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 
     /// Frames registered and not yet acknowledged in order.
@@ -72,24 +84,94 @@ impl Checkpoint {
         self.pending.len()
     }
 
-    /// Writes `cursor` (and fsyncs it when `sync`, as at shutdown).
-    fn write(&self, cursor: &str, sync: bool) -> io::Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(cursor.as_bytes())?;
-        f.write_all(b"\n")?;
-        if sync {
-            f.sync_all()?;
+    /// Makes the newest cursor durable (shutdown; blocks until written).
+    pub fn sync(&self) -> io::Result<()> {
+        match (&self.path, &self.cursor) {
+            (Some(path), Some(c)) => {
+                writer().settle(path);
+                write(path, c, true)
+            }
+            _ => Ok(()),
         }
-        std::fs::rename(&tmp, path)
+    }
+}
+
+/// Writes `cursor` to `path` through `PATH.tmp` and a rename (fsynced when `sync`).
+fn write(path: &Path, cursor: &str, sync: bool) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(cursor.as_bytes())?;
+    f.write_all(b"\n")?;
+    if sync {
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// The checkpoint writer thread's state: the newest cursor per path not written yet, and the
+/// path being written.
+#[derive(Default)]
+struct Queue {
+    latest: HashMap<PathBuf, (String, Arc<AtomicU64>)>,
+    writing: Option<PathBuf>,
+}
+
+/// Writes checkpoints for every worker, off their threads.
+struct Writer {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+}
+
+/// The process's checkpoint writer, started on first use.
+fn writer() -> &'static Writer {
+    static WRITER: OnceLock<&'static Writer> = OnceLock::new();
+    WRITER.get_or_init(|| {
+        let w: &'static Writer =
+            Box::leak(Box::new(Writer { queue: Mutex::default(), changed: Condvar::new() }));
+        std::thread::Builder::new()
+            .name("checkpoints".into())
+            .spawn(move || w.run())
+            .expect("cannot start the checkpoint writer thread");
+        w
+    })
+}
+
+impl Writer {
+    /// Queues `cursor` for `path`, replacing an older one not written yet.
+    fn submit(&self, path: &Path, cursor: &str, errors: &Arc<AtomicU64>) {
+        let mut q = self.queue.lock().expect("checkpoint queue poisoned");
+        q.latest.insert(path.to_path_buf(), (cursor.to_string(), errors.clone()));
+        self.changed.notify_all();
     }
 
-    /// Makes the last written cursor durable (shutdown).
-    pub fn sync(&self) -> io::Result<()> {
-        match &self.cursor {
-            Some(c) => self.write(c, true),
-            None => Ok(()),
+    /// Drops the cursor queued for `path` and waits for a write of it in progress.
+    fn settle(&self, path: &Path) {
+        let mut q = self.queue.lock().expect("checkpoint queue poisoned");
+        q.latest.remove(path);
+        while q.writing.as_deref() == Some(path) {
+            q = self.changed.wait(q).expect("checkpoint queue poisoned");
+        }
+    }
+
+    fn run(&self) {
+        let mut q = self.queue.lock().expect("checkpoint queue poisoned");
+        loop {
+            let Some(path) = q.latest.keys().next().cloned() else {
+                q = self.changed.wait(q).expect("checkpoint queue poisoned");
+                continue;
+            };
+            let (cursor, errors) = q.latest.remove(&path).expect("listed above");
+            q.writing = Some(path.clone());
+            drop(q);
+            if let Err(e) = write(&path, &cursor, false) {
+                let n = errors.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::error!(path = %path.display(), "journal checkpoint not written: {e} (failures so far: {n})");
+                }
+            }
+            q = self.queue.lock().expect("checkpoint queue poisoned");
+            q.writing = None;
+            self.changed.notify_all();
         }
     }
 }
@@ -111,10 +193,30 @@ mod tests {
         assert_eq!(c.cursor, None, "frame 3 is still outstanding");
         c.acked(3);
         assert_eq!(c.cursor.as_deref(), Some("b"));
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "b\n");
         c.acked(9);
         c.acked(6);
         assert_eq!((c.cursor.as_deref(), c.pending()), (Some("c"), 0));
+        // Written by the writer thread; sync waits for it and writes the newest itself.
+        c.sync().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "c\n");
         assert_eq!(Checkpoint::open(Some(&path)).unwrap().cursor.as_deref(), Some("c"));
+        assert_eq!(c.write_errors(), 0);
+    }
+
+    #[test]
+    fn a_failed_write_is_counted_and_the_worker_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no-such-dir/cp");
+        let mut c = Checkpoint::open(Some(&path)).unwrap();
+        c.sealed(1, "a".into());
+        c.acked(1);
+        assert_eq!(c.cursor.as_deref(), Some("a"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while c.write_errors() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the failed write was not counted");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(c.write_errors(), 1);
+        assert!(c.sync().is_err());
     }
 }
