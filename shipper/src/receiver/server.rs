@@ -4,7 +4,13 @@
 //! - One acceptor thread takes connections, runs the TLS handshake and reads HELLO within
 //!   `handshake_timeout_ms`, then hands the connection to the worker that owns its sender
 //!   stream (hash of run id and core), so all frames of one sequence space are written, and
-//!   de-duplicated, by one thread without locks. At most `connections_max` connections.
+//!   de-duplicated, by one thread without locks. At most `connections_max` connections
+//!   (fitted to the open-file limit at start, [`super::fit_connections`]); one over it is
+//!   accepted and closed at once.
+//! - No accept error ends the acceptor ([`super::accept`]: counted, shortages pause 100 ms).
+//!   Refusals and accept errors are logged at most once a second each, with the count left out.
+//! - A connection that misses its handshake deadline is shut down, not just dropped: a read
+//!   io_uring still owns would keep its descriptor open until the peer acts.
 //!
 //! # Operation (per connection, on its worker)
 //! Read frames (each within `idle_timeout_ms`); for a DATA frame: check flags and sizes,
