@@ -158,22 +158,31 @@ pub fn descriptors_reserved(workers: usize, streams_max: usize) -> u64 {
         + 32 // slack: descriptors inherited (a pipe), opened by libraries, or briefly at start
 }
 
+/// The open-file limit leaves no descriptor for a connection.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the open-file limit {open_files} leaves no descriptor for connections: the receiver \
+     itself may need {reserved} ({workers} receiver.workers with output.streams_max \
+     {streams_max} each); lower those or raise the hard limit (LimitNOFILE= in a systemd unit)"
+)]
+pub struct NoRoomForConnections {
+    pub open_files: u64,
+    pub reserved: u64,
+    pub workers: usize,
+    pub streams_max: usize,
+}
+
 /// Lowers `receiver.connections_max` to what an open-file limit of `open_files` leaves after
-/// [`descriptors_reserved`], with one warning; an error when it leaves none.
+/// [`descriptors_reserved`], with one warning naming both figures.
 pub fn fit_connections(
     mut config: ReceiverConfig,
     open_files: u64,
-) -> anyhow::Result<ReceiverConfig> {
+) -> Result<ReceiverConfig, NoRoomForConnections> {
     let (workers, streams_max) = (config.receiver.workers, config.output.streams_max);
     let reserved = descriptors_reserved(workers, streams_max);
     let fit = open_files.saturating_sub(reserved);
     if fit == 0 {
-        anyhow::bail!(
-            "the open-file limit {open_files} leaves no descriptor for connections: the \
-             receiver itself may need {reserved} ({workers} receiver.workers with \
-             output.streams_max {streams_max} each); lower those or raise the hard limit \
-             (LimitNOFILE= in a systemd unit)"
-        );
+        return Err(NoRoomForConnections { open_files, reserved, workers, streams_max });
     }
     let wanted = config.receiver.connections_max;
     if wanted as u64 > fit {
