@@ -5,13 +5,14 @@
 //!
 //! The modules follow the data path: [`sources`] → [`transforms`] → [`sinks`] (over
 //! [`protocol`] and [`tls`], spilling to the disk [`buffer`]) → [`receiver`]; [`runtime`] owns
-//! the per-core workers, [`metrics`] what they count, [`ebpf`] what the kernel drops. `docs/`
-//! has the architecture, protocol and configuration.
+//! the per-core workers, [`metrics`] what they count, [`ebpf`] what the kernel drops, [`os`]
+//! the process's limits. `docs/` has the architecture, protocol and configuration.
 
 pub mod buffer;
 pub mod config;
 pub mod ebpf;
 pub mod metrics;
+pub mod os;
 pub mod protocol;
 pub mod receiver;
 pub mod runtime;

@@ -31,7 +31,9 @@ pub struct ReceiverSection {
     /// Worker threads; each owns the (shipper, core) streams hashed to it. Default: online CPUs.
     #[serde(default = "online_cpus")]
     pub workers: usize,
-    /// Concurrent connections accepted; more are closed at once and counted. Default: 4096.
+    /// Concurrent connections accepted (TLS handshakes included); more are closed at once and
+    /// counted. Lowered at start to what the open-file limit leaves (`receiver::fit_connections`).
+    /// Default: 4096.
     #[serde(default = "default_connections_max")]
     pub connections_max: usize,
     /// TLS handshake plus HELLO must finish within this, in ms. Default: 5000.

@@ -25,12 +25,45 @@ impl Refusal {
     }
 }
 
+/// Why an `accept()` of the listening socket failed (label `reason`). None ends the acceptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptError {
+    /// `EMFILE`: the process's open-file limit.
+    FdLimit = 0,
+    /// `ENFILE`: the system-wide open-file limit.
+    SystemFdLimit = 1,
+    /// `ENOBUFS`, `ENOMEM`: kernel memory for the socket.
+    Memory = 2,
+    /// `ECONNABORTED`, or a network error accept(2) passes on for one connection.
+    Aborted = 3,
+    /// `EINTR`, `EAGAIN`: the call was interrupted.
+    Interrupted = 4,
+    /// Anything else.
+    Other = 5,
+}
+
+impl AcceptError {
+    pub const ALL: [AcceptError; 6] = [
+        AcceptError::FdLimit,
+        AcceptError::SystemFdLimit,
+        AcceptError::Memory,
+        AcceptError::Aborted,
+        AcceptError::Interrupted,
+        AcceptError::Other,
+    ];
+    pub fn label(self) -> &'static str {
+        ["fd_limit", "system_fd_limit", "memory", "aborted", "interrupted", "other"][self as usize]
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ReceiverCounters {
     /// `0`, `1`, ... for workers, `acceptor` for the accepting thread.
     pub core: String,
     pub connections_accepted: u64,
     pub connections_refused: [u64; Refusal::ALL.len()],
+    /// Failed `accept()` calls (acceptor only).
+    pub accept_errors: [u64; AcceptError::ALL.len()],
     pub connections_open: u64,
     pub frames_received: u64,
     pub frames_duplicate: u64,
@@ -44,6 +77,8 @@ pub struct ReceiverCounters {
     pub records_rejected: u64,
     pub streams_open: u64,
     pub records_folded: u64,
+    /// Streams created under a shortened name (`output::stream_name`).
+    pub stream_names_shortened: u64,
     /// Records of frames a shipper sent here as its dead-letter destination.
     pub records_dead_letter: u64,
     /// Time to write (and fsync) one frame, µs.
@@ -57,6 +92,7 @@ impl ReceiverCounters {
             core,
             connections_accepted: 0,
             connections_refused: [0; Refusal::ALL.len()],
+            accept_errors: [0; AcceptError::ALL.len()],
             connections_open: 0,
             frames_received: 0,
             frames_duplicate: 0,
@@ -68,6 +104,7 @@ impl ReceiverCounters {
             records_rejected: 0,
             streams_open: 0,
             records_folded: 0,
+            stream_names_shortened: 0,
             records_dead_letter: 0,
             write_us: Distribution::new(3_600_000_000),
             frame_records: Distribution::new(10_000_000),
@@ -112,6 +149,17 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
                 name,
                 &[("core", &c.core), ("reason", r.label())],
                 c.connections_refused[r as usize] as f64,
+            );
+        }
+    }
+    let name = "shipper_receiver_accept_errors_total";
+    out.family(name, "counter", "Failed accepts of the listening socket, per reason.");
+    for c in cores {
+        for r in AcceptError::ALL {
+            out.sample(
+                name,
+                &[("core", &c.core), ("reason", r.label())],
+                c.accept_errors[r as usize] as f64,
             );
         }
     }
@@ -201,6 +249,14 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     family(
         out,
         cores,
+        "shipper_receiver_stream_names_shortened_total",
+        "counter",
+        "Streams created under a shortened name: a key too long for a file name.",
+        |c| c.stream_names_shortened,
+    );
+    family(
+        out,
+        cores,
         "shipper_receiver_records_dead_letter_total",
         "counter",
         "Records written to STREAM@dead_letter: sent here because the shipper's primary and standby receivers were down.",
@@ -216,4 +272,12 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     for c in cores {
         out.summary(name, &[("core", &c.core)], &c.frame_records, 1.0);
     }
+}
+
+/// Renders the receiver's process-wide limits, fixed at start.
+pub fn render_limits(connections_max: usize, out: &mut Exposition) {
+    let name = "shipper_receiver_connections_max";
+    let help = "Connections served at once: receiver.connections_max, lowered to fit the \
+                open-file limit.";
+    out.family(name, "gauge", help).sample(name, &[], connections_max as f64);
 }

@@ -4,13 +4,21 @@
 //! # Design constraints
 //! - `workers` threads each own the sender streams hashed to them ([`server::owner`]), their
 //!   output files and their commit log; the acceptor thread only handshakes and hands off.
+//! - Descriptors: the soft open-file limit is raised to the hard one at start, and
+//!   `connections_max` lowered (one warning) to what that limit leaves after what the receiver
+//!   itself may hold ([`descriptors_reserved`]: per worker `streams_max` + 10, plus 44); the
+//!   effective figure is the gauge `shipper_receiver_connections_max`. A limit that leaves no
+//!   room for one connection fails start-up, naming the figures.
 //!
 //! # Operation
-//! 1. [`commit::recover`] repairs the output directory after any stop and yields the
+//! 1. Raise the open-file limit and fit `connections_max` to it ([`fit_connections`]).
+//! 2. [`commit::recover`] repairs the output directory after any stop and yields the
 //!    de-duplication windows, which are dealt to their owning workers.
-//! 2. Workers and the acceptor start; SIGTERM/SIGINT end the process once the listener is
-//!    closed (frames in progress are not acknowledged, and so are resent by shippers).
+//! 3. Workers and the acceptor start; SIGTERM/SIGINT end the process once the listener is
+//!    closed (frames in progress are not acknowledged, and so are resent by shippers). No
+//!    peer and no accept error ends it ([`accept`]).
 
+pub mod accept;
 pub mod commit;
 pub mod dedup;
 pub mod output;
@@ -25,14 +33,15 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::ReceiverConfig;
-use crate::metrics::receiver::{render, ReceiverCounters};
+use crate::metrics::receiver::{render, render_limits, ReceiverCounters};
 use crate::metrics::{http, scrape, Registry};
 use crate::runtime::signals;
 
 /// Runs the receiver until SIGTERM/SIGINT.
 pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     signals::block_termination()?;
-    let config = Arc::new(config);
+    let open_files = crate::os::raise_open_files_limit()?;
+    let config = Arc::new(fit_connections(config, open_files.soft)?);
     let t = &config.tls;
     let tls = Arc::new(crate::tls::server_config(&t.ca, &t.cert, &t.key)?);
     let out = &config.output.directory;
@@ -48,8 +57,14 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let registry = Registry::<ReceiverCounters>::new(workers + 1);
     if !config.metrics.listen.is_empty() {
         let r = registry.clone();
-        let addr = http::serve(&config.metrics.listen, move || scrape(&r, render))
-            .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
+        let max = config.receiver.connections_max;
+        let addr = http::serve(&config.metrics.listen, move || {
+            scrape(&r, |cores, out| {
+                render(cores, out);
+                render_limits(max, out);
+            })
+        })
+        .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
     let open = Arc::new(AtomicUsize::new(0));
@@ -84,13 +99,11 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
         })?;
     }
     let addr = listener.local_addr()?;
-    std::thread::Builder::new().name("acceptor".into()).spawn(move || {
-        if let Err(e) = server::accept(listener, config, tls, inboxes, open, registry) {
-            tracing::error!("acceptor failed: {e}");
-            std::process::exit(1);
-        }
-    })?;
-    tracing::info!(%addr, workers, generation = state.gen, "receiver listening");
+    let connections_max = config.receiver.connections_max;
+    std::thread::Builder::new()
+        .name("acceptor".into())
+        .spawn(move || server::accept(listener, config, tls, inboxes, open, registry))?;
+    tracing::info!(%addr, workers, connections_max, generation = state.gen, "receiver listening");
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "receiver stopping");
     Ok(())
@@ -123,5 +136,90 @@ fn bind(addr: &str) -> std::io::Result<std::net::TcpListener> {
             }
             result => return result,
         }
+    }
+}
+
+/// Descriptors the receiver holds besides its connections, at most, with `workers` workers of
+/// at most `streams_max` streams each: what is left of the open-file limit is for connections.
+/// Keep in step with what the code opens.
+pub fn descriptors_reserved(workers: usize, streams_max: usize) -> u64 {
+    let per_worker = streams_max as u64 // one open file per output stream
+        + 2 // `_other` and `_other@dead_letter`, which `streams_max` does not count
+        + 1 // a stream's next file, opened while the full one is still open
+        + 3 // the commit log; while compacting, also its snapshot and the directory synced
+        + 4; // its tokio-uring runtime: io_uring, two epolls, an eventfd (as measured)
+    workers as u64 * per_worker
+        + 4 // the acceptor's tokio-uring runtime
+        + 1 // the listening socket
+        + 1 // a connection over `connections_max`: accepted, then closed at once
+        + 1 // a connection's duplicate, made to hand it to its worker
+        + 2 // the metrics endpoint: its listening socket and the scrape being served
+        + 3 // standard input, output and error
+        + 32 // slack: descriptors inherited (a pipe), opened by libraries, or briefly at start
+}
+
+/// The open-file limit leaves no descriptor for a connection.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the open-file limit {open_files} leaves no descriptor for connections: the receiver \
+     itself may need {reserved} ({workers} receiver.workers with output.streams_max \
+     {streams_max} each); lower those or raise the hard limit (LimitNOFILE= in a systemd unit)"
+)]
+pub struct NoRoomForConnections {
+    pub open_files: u64,
+    pub reserved: u64,
+    pub workers: usize,
+    pub streams_max: usize,
+}
+
+/// Lowers `receiver.connections_max` to what an open-file limit of `open_files` leaves after
+/// [`descriptors_reserved`], with one warning naming both figures.
+pub fn fit_connections(
+    mut config: ReceiverConfig,
+    open_files: u64,
+) -> Result<ReceiverConfig, NoRoomForConnections> {
+    let (workers, streams_max) = (config.receiver.workers, config.output.streams_max);
+    let reserved = descriptors_reserved(workers, streams_max);
+    let fit = open_files.saturating_sub(reserved);
+    if fit == 0 {
+        return Err(NoRoomForConnections { open_files, reserved, workers, streams_max });
+    }
+    let wanted = config.receiver.connections_max;
+    if wanted as u64 > fit {
+        tracing::warn!(
+            "receiver.connections_max {wanted} lowered to {fit}: the open-file limit is \
+             {open_files} and the receiver itself may need {reserved}"
+        );
+        config.receiver.connections_max = fit as usize;
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(connections_max: usize) -> ReceiverConfig {
+        toml::from_str(&format!(
+            "[receiver]\nlisten = \"127.0.0.1:1\"\nworkers = 2\n\
+             connections_max = {connections_max}\n\
+             [tls]\nca = \"ca\"\ncert = \"c\"\nkey = \"k\"\n\
+             [output]\ndirectory = \"out\"\nstreams_max = 16\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn connections_max_is_lowered_to_the_descriptors_left() {
+        // Per worker 16 streams + 10; 2 workers; 44 for the process.
+        assert_eq!(descriptors_reserved(2, 16), 2 * 26 + 44);
+        let fit =
+            |max, limit| fit_connections(config(max), limit).map(|c| c.receiver.connections_max);
+        assert_eq!(fit(4096, 256).unwrap(), 256 - 96);
+        assert_eq!(fit(100, 256).unwrap(), 100, "a limit that fits is kept");
+        assert_eq!(fit(4096, 97).unwrap(), 1);
+        let e = fit(4096, 96).unwrap_err().to_string();
+        assert!(e.contains("open-file limit 96 leaves no descriptor"), "{e}");
+        assert!(e.contains("may need 96 (2 receiver.workers with output.streams_max 16"), "{e}");
     }
 }

@@ -4,8 +4,23 @@
 //! # Design constraints
 //! - A worker owns its files (`STREAM/gGEN-cCORE-INDEX.log`), so no two threads append to
 //!   one file. At most `streams_max` streams per worker; records of further streams go to
-//!   `_other`. Records of frames flagged dead-letter go to `STREAM@dead_letter`. Stream names are the key with every byte outside `[A-Za-z0-9._-]` replaced by
-//!   `_` (and `.`/`..`/empty names replaced by `_`).
+//!   `_other`. Records of frames flagged dead-letter go to `STREAM@dead_letter`.
+//! - A stream name is at most [`STREAM_NAME_BYTES_MAX`] (200) bytes, so that with the longest
+//!   suffix appended (`@dead_letter`, 12 bytes) it stays under the 255 bytes a file name may
+//!   have, with room to spare. It is the key with every byte outside `[A-Za-z0-9._-]` replaced
+//!   by `_`, and `_` put before a name that is empty or starts with `.`. A longer name keeps
+//!   its first 183 bytes and gets `~` and the 16 hex digits of [`fnv1a64`] of the whole key:
+//!   keys that differ only past the cut stay in different streams, and `~` never occurs in
+//!   a name that was not shortened, so the two kinds never meet. Each stream created under a
+//!   shortened name is counted (`names_shortened`).
+//!
+//! # Format
+//! ```text
+//! DIRECTORY/STREAM/gGEN-cCORE-INDEX.log             records of stream STREAM
+//! DIRECTORY/STREAM@dead_letter/gGEN-cCORE-INDEX.log records of dead-lettered frames
+//! STREAM = sanitised key                            when it has at most 200 bytes
+//!        | sanitised key[..183] '~' hex16(fnv1a64(key))   otherwise (200 bytes)
+//! ```
 //!
 //! # Operation
 //! `write_frame` groups a frame's records by stream, appends each group with one write, and
@@ -22,6 +37,8 @@ use crate::protocol::RecordIter;
 
 pub const OTHER_STREAM: &str = "_other";
 pub const OTHER_STREAM_DEAD_LETTER: &str = "_other@dead_letter";
+const _: () =
+    assert!(OTHER_STREAM_DEAD_LETTER.len() == OTHER_STREAM.len() + DEAD_LETTER_SUFFIX.len());
 /// Capacity a per-stream grouping buffer keeps between frames.
 const GROUP_KEEP_BYTES_MAX: usize = 4 << 20;
 
@@ -44,23 +61,53 @@ pub struct Output {
     names_dead_letter: HashMap<Vec<u8>, String>,
     /// Records written to `_other` because `streams_max` streams were open.
     pub records_folded: u64,
+    /// Streams created under a shortened name (a key too long for a file name).
+    pub names_shortened: u64,
     groups: Vec<(String, Vec<u8>)>,
 }
 
-/// Maps a record key to a safe directory name.
-pub fn stream_name(key: &[u8]) -> String {
-    let s: String = key
-        .iter()
-        .map(|&b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => b as char,
-            _ => '_',
-        })
-        .collect();
-    if s.is_empty() || s == "." || s == ".." || s.starts_with('.') {
-        format!("_{s}")
-    } else {
-        s
+/// The longest stream name, in bytes: 255 (`NAME_MAX`) less the `@dead_letter` suffix (12)
+/// leaves 243; 200 keeps room for a suffix added later (a rotation or compression mark).
+pub const STREAM_NAME_BYTES_MAX: usize = 200;
+/// What marks a shortened name; never produced by sanitising, so never in a name kept whole.
+const SHORTENED_MARK: char = '~';
+/// Bytes of a shortened name kept from the sanitised key: the rest is the mark and 16 digits.
+const SHORTENED_PREFIX_BYTES: usize = STREAM_NAME_BYTES_MAX - 1 - 16;
+const DEAD_LETTER_SUFFIX: &str = "@dead_letter";
+const _: () = assert!(STREAM_NAME_BYTES_MAX + DEAD_LETTER_SUFFIX.len() <= 255);
+
+/// FNV-1a, 64 bits, of `bytes`. Stable across versions and machines (it names directories on
+/// disk: changing it would split every shortened stream in two); not a defence against
+/// chosen collisions, which cost a hostile sender nothing but sharing a stream with itself.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    h
+}
+
+/// Maps a record key to a safe directory name of at most [`STREAM_NAME_BYTES_MAX`] bytes;
+/// the flag says whether it had to be shortened.
+pub fn stream_name(key: &[u8]) -> (String, bool) {
+    let mut s = String::with_capacity(key.len() + 1);
+    if key.first().is_none_or(|&b| b == b'.') {
+        s.push('_');
+    }
+    s.extend(key.iter().map(|&b| match b {
+        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => b as char,
+        _ => '_',
+    }));
+    if s.len() <= STREAM_NAME_BYTES_MAX {
+        return (s, false);
+    }
+    // Every byte is ASCII, so any cut is a character boundary.
+    s.truncate(SHORTENED_PREFIX_BYTES);
+    s.push(SHORTENED_MARK);
+    s.push_str(&format!("{:016x}", fnv1a64(key)));
+    debug_assert_eq!(s.len(), STREAM_NAME_BYTES_MAX, "shortened stream name");
+    (s, true)
 }
 
 /// What a written frame touched: relative path and new end of each file.
@@ -86,6 +133,7 @@ impl Output {
             names: HashMap::new(),
             names_dead_letter: HashMap::new(),
             records_folded: 0,
+            names_shortened: 0,
             groups: Vec::new(),
         }
     }
@@ -109,10 +157,11 @@ impl Output {
                 return if dead_letter { OTHER_STREAM_DEAD_LETTER } else { OTHER_STREAM };
             }
             let names = if dead_letter { &mut self.names_dead_letter } else { &mut self.names };
-            let name = stream_name(key);
+            let (name, shortened) = stream_name(key);
+            self.names_shortened += u64::from(shortened);
             names.insert(
                 key.to_vec(),
-                if dead_letter { format!("{name}@dead_letter") } else { name },
+                if dead_letter { format!("{name}{DEAD_LETTER_SUFFIX}") } else { name },
             );
         }
         let names = if dead_letter { &self.names_dead_letter } else { &self.names };
@@ -223,11 +272,92 @@ mod tests {
 
     #[test]
     fn stream_names_are_safe() {
-        assert_eq!(stream_name(b"nginx_access"), "nginx_access");
-        assert_eq!(stream_name(b"../etc"), "_.._etc");
-        assert_eq!(stream_name(b"a/b c"), "a_b_c");
-        assert_eq!(stream_name(b""), "_");
-        assert_eq!(stream_name("é".as_bytes()), "__");
+        let name = |k: &[u8]| stream_name(k).0;
+        assert_eq!(name(b"nginx_access"), "nginx_access");
+        assert_eq!(name(b"../etc"), "_.._etc");
+        assert_eq!(name(b"a/b c"), "a_b_c");
+        assert_eq!(name(b""), "_");
+        assert_eq!(name(b"."), "_.");
+        assert_eq!(name(b".."), "_..");
+        assert_eq!(name(".hidden".as_bytes()), "_.hidden");
+        assert_eq!(name("é".as_bytes()), "__");
+    }
+
+    #[test]
+    fn fnv1a64_is_the_published_function() {
+        // Reference values of FNV-1a 64: the hash names directories, it must never change.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn names_up_to_the_maximum_are_kept_whole() {
+        let key = vec![b'k'; STREAM_NAME_BYTES_MAX];
+        assert_eq!(stream_name(&key), (String::from_utf8(key.clone()).unwrap(), false));
+        // With the `_` a leading dot gets, 199 bytes still fit, 200 do not.
+        let mut dotted = vec![b'.'];
+        dotted.extend(vec![b'k'; STREAM_NAME_BYTES_MAX - 2]);
+        assert_eq!(stream_name(&dotted).0.len(), STREAM_NAME_BYTES_MAX);
+        assert!(!stream_name(&dotted).1);
+        dotted.push(b'k');
+        assert!(stream_name(&dotted).1);
+    }
+
+    #[test]
+    fn long_names_are_shortened_exactly() {
+        // A 255-byte key starting with '.': once refused forever as `File name too long`.
+        let mut key = vec![b'.'];
+        key.extend(vec![b'x'; 254]);
+        let (name, shortened) = stream_name(&key);
+        assert!(shortened);
+        let expect = format!("_.{}~{:016x}", "x".repeat(181), fnv1a64(&key));
+        assert_eq!(name, expect);
+        assert_eq!(name.len(), STREAM_NAME_BYTES_MAX);
+        assert_eq!(fnv1a64(&key), 0xf2c9_3e21_5c7f_3b39, "stable across versions");
+        // Non-ASCII: every byte becomes `_`, the hash is of the original bytes.
+        let key = "é".repeat(120).into_bytes();
+        let expect = format!("{}~{:016x}", "_".repeat(183), fnv1a64(&key));
+        assert_eq!(stream_name(&key), (expect, true));
+    }
+
+    #[test]
+    fn long_names_differing_only_at_the_end_stay_apart() {
+        let a = [vec![b'a'; 250], b"-1".to_vec()].concat();
+        let b = [vec![b'a'; 250], b"-2".to_vec()].concat();
+        let c = [vec![b'a'; 250], b"/1".to_vec()].concat();
+        let names: Vec<String> = [&a, &b, &c].iter().map(|k| stream_name(k).0).collect();
+        assert_ne!(names[0], names[1]);
+        assert_ne!(names[0], names[2], "sanitised alike, but the hash is of the key");
+        assert_eq!(names[0][..183], names[1][..183]);
+    }
+
+    #[test]
+    fn the_longest_name_makes_a_file_name_with_its_suffix() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Output::new(dir.path(), 1, 0, 1 << 20, false, 8);
+        let keys: [&[u8]; 3] = [&[b'.'; 255], &[0xff; 255], &[b'z'; 201]];
+        let mut payload = Vec::new();
+        for key in keys {
+            crate::protocol::RecordWriter::push(&mut payload, key, b"x");
+        }
+        out.write_frame(&payload, 3, false).unwrap();
+        out.write_frame(&payload, 3, true).unwrap();
+        assert_eq!(out.names_shortened, 6, "three streams, each also as dead letter");
+        let mut dirs: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|d| d.unwrap().file_name().into_string().unwrap())
+            .collect();
+        dirs.sort();
+        assert_eq!(dirs.len(), 6);
+        for d in &dirs {
+            assert!(d.len() <= STREAM_NAME_BYTES_MAX + DEAD_LETTER_SUFFIX.len(), "{d}");
+        }
+        let longest = dirs.iter().map(String::len).max().unwrap();
+        assert_eq!(longest, STREAM_NAME_BYTES_MAX + DEAD_LETTER_SUFFIX.len());
+        // The same key again creates nothing new, so counts nothing.
+        out.write_frame(&payload, 3, false).unwrap();
+        assert_eq!(out.names_shortened, 6);
     }
 }
 

@@ -4,7 +4,13 @@
 //! - One acceptor thread takes connections, runs the TLS handshake and reads HELLO within
 //!   `handshake_timeout_ms`, then hands the connection to the worker that owns its sender
 //!   stream (hash of run id and core), so all frames of one sequence space are written, and
-//!   de-duplicated, by one thread without locks. At most `connections_max` connections.
+//!   de-duplicated, by one thread without locks. At most `connections_max` connections
+//!   (fitted to the open-file limit at start, [`super::fit_connections`]); one over it is
+//!   accepted and closed at once.
+//! - No accept error ends the acceptor ([`super::accept`]: counted, shortages pause 100 ms).
+//!   Refusals and accept errors are logged at most once a second each, with the count left out.
+//! - A connection that misses its handshake deadline is shut down, not just dropped: a read
+//!   io_uring still owns would keep its descriptor open until the peer acts.
 //!
 //! # Operation (per connection, on its worker)
 //! Read frames (each within `idle_timeout_ms`); for a DATA frame: check flags and sizes,
@@ -27,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::accept::{self, LogThrottle};
 use super::commit::CommitLog;
 use super::dedup::{StreamId, Window};
 use super::output::Output;
@@ -53,7 +60,20 @@ pub fn owner(id: StreamId, workers: usize) -> usize {
     (h.wrapping_mul(0xff51_afd7_ed55_8ccd) >> 32) as usize % workers
 }
 
-/// Runs the acceptor on the current thread until the listener fails.
+/// What the acceptor's tasks share, on the acceptor's thread.
+struct Acceptor {
+    config: Arc<ReceiverConfig>,
+    tls: Arc<rustls::ServerConfig>,
+    workers: Vec<mpsc::UnboundedSender<HandOff>>,
+    /// Connections from accept until served, over every thread.
+    open: Arc<AtomicUsize>,
+    counters: RefCell<ReceiverCounters>,
+    /// Refusals are logged at a bounded rate: a flood must not become one of log lines.
+    refusal_log: RefCell<LogThrottle>,
+}
+
+/// Runs the acceptor on the current thread until the process exits: no accept error ends it
+/// (see [`super::accept`]).
 pub fn accept(
     listener: std::net::TcpListener,
     config: Arc<ReceiverConfig>,
@@ -61,55 +81,94 @@ pub fn accept(
     workers: Vec<mpsc::UnboundedSender<HandOff>>,
     open: Arc<AtomicUsize>,
     registry: Arc<Registry<ReceiverCounters>>,
-) -> io::Result<()> {
+) {
     tokio_uring::start(async move {
         let listener = tokio_uring::net::TcpListener::from_std(listener);
-        let counters = Rc::new(RefCell::new(ReceiverCounters::new("acceptor".into())));
         let slot = workers.len();
-        let c = counters.clone();
-        let r = registry.clone();
+        let a = Rc::new(Acceptor {
+            config,
+            tls,
+            workers,
+            open,
+            counters: RefCell::new(ReceiverCounters::new("acceptor".into())),
+            refusal_log: RefCell::default(),
+        });
+        let shared = a.clone();
         tokio_uring::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(PUBLISH_INTERVAL_MS)).await;
-                r.publish(slot, c.borrow().clone());
+                registry.publish(slot, shared.counters.borrow().clone());
             }
         });
+        let mut error_log = LogThrottle::default();
         loop {
-            let (tcp, peer) = listener.accept().await?;
-            if open.load(Ordering::Relaxed) >= config.receiver.connections_max {
-                counters.borrow_mut().connections_refused[Refusal::Limit as usize] += 1;
-                tracing::warn!(%peer, "refusing connection: connections_max reached");
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(&e, &a.counters, &mut error_log).await;
+                    continue;
+                }
+            };
+            let max = a.config.receiver.connections_max;
+            if a.open.load(Ordering::Relaxed) >= max {
+                let e = format!("connections_max {max} reached");
+                refused(&a, peer, Refusal::Limit, &e);
                 continue;
             }
             // Counted from accept, so connections still in their handshake count too.
-            open.fetch_add(1, Ordering::Relaxed);
+            a.open.fetch_add(1, Ordering::Relaxed);
             let _ = tcp.set_nodelay(true);
-            let (config, tls, workers, open, counters) =
-                (config.clone(), tls.clone(), workers.clone(), open.clone(), counters.clone());
-            tokio_uring::spawn(async move {
-                match greet(tcp, &config, tls).await {
-                    Ok((stream, hello, pending)) => {
-                        let w = owner((hello.run_id, hello.core), workers.len());
-                        match stream.into_parts() {
-                            Ok((tcp, tls)) => {
-                                counters.borrow_mut().connections_accepted += 1;
-                                let _ = workers[w].send(HandOff { tcp, tls, hello, pending, peer });
-                            }
-                            Err(e) => {
-                                open.fetch_sub(1, Ordering::Relaxed);
-                                tracing::error!(%peer, "hand-off failed: {e}");
-                            }
-                        }
-                    }
-                    Err((reason, e)) => {
-                        open.fetch_sub(1, Ordering::Relaxed);
-                        counters.borrow_mut().connections_refused[reason as usize] += 1;
-                        tracing::warn!(%peer, "refused: {e}");
-                    }
-                }
-            });
+            tokio_uring::spawn(hand_off(tcp, peer, a.clone()));
         }
     })
+}
+
+/// Greets an accepted connection and hands it to the worker that owns its sender stream.
+async fn hand_off(tcp: tokio_uring::net::TcpStream, peer: std::net::SocketAddr, a: Rc<Acceptor>) {
+    match greet(tcp, &a.config, a.tls.clone()).await {
+        Ok((stream, hello, pending)) => {
+            let w = owner((hello.run_id, hello.core), a.workers.len());
+            match stream.into_parts() {
+                Ok((tcp, tls)) => {
+                    a.counters.borrow_mut().connections_accepted += 1;
+                    let _ = a.workers[w].send(HandOff { tcp, tls, hello, pending, peer });
+                }
+                Err(e) => {
+                    a.open.fetch_sub(1, Ordering::Relaxed);
+                    tracing::error!(%peer, "hand-off failed: {e}");
+                }
+            }
+        }
+        Err((reason, e)) => {
+            a.open.fetch_sub(1, Ordering::Relaxed);
+            refused(&a, peer, reason, &e);
+        }
+    }
+}
+
+/// Counts a refused connection; logs it at most once a second, with the count left out.
+fn refused(a: &Acceptor, peer: std::net::SocketAddr, reason: Refusal, e: &str) {
+    a.counters.borrow_mut().connections_refused[reason as usize] += 1;
+    if let Some(left_out) = a.refusal_log.borrow_mut().admit(Instant::now()) {
+        tracing::warn!(%peer, "refused: {e} ({left_out} more refused since the last report)");
+    }
+}
+
+/// Counts a failed `accept()`, logs it at a bounded rate, and pauses as its kind asks.
+async fn accept_failed(e: &io::Error, counters: &RefCell<ReceiverCounters>, log: &mut LogThrottle) {
+    let reason = accept::classify(e);
+    counters.borrow_mut().accept_errors[reason as usize] += 1;
+    let pause = accept::pause(reason);
+    if let Some(left_out) = log.admit(Instant::now()) {
+        let (r, ms) = (reason.label(), pause.as_millis());
+        tracing::warn!(
+            "accept failed ({r}): {e}; pausing {ms} ms \
+             ({left_out} more accept errors since the last report)"
+        );
+    }
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
 }
 
 /// TLS handshake and HELLO. Returns the stream, the HELLO and bytes that followed it.
@@ -151,6 +210,8 @@ async fn greet(
         Ok(h) => h,
         Err(e) => {
             let _ = stream.send(&Frame::control(Kind::Error, 0, e.as_bytes())).await;
+            // A read cut short by the deadline holds the socket open until it completes.
+            stream.shutdown();
             return Err((Refusal::Hello, e));
         }
     };
@@ -271,6 +332,7 @@ impl Worker {
         self.counters.bytes_written += bytes;
         self.counters.streams_open = self.output.streams_open() as u64;
         self.counters.records_folded = self.output.records_folded;
+        self.counters.stream_names_shortened = self.output.names_shortened;
         if self.commits.needs_compaction() {
             let core = self.core;
             let workers = self.config.receiver.workers;

@@ -37,6 +37,7 @@ use worker::{JournalHandle, PipeHandle, SocketHandle, WorkerPlan};
 /// Runs the shipper until SIGTERM/SIGINT; returns once every worker has flushed or given up.
 pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     signals::block_termination()?;
+    crate::os::raise_open_files_limit()?;
     let config = Arc::new(config);
     let workers = config.shipper.workers;
     let t = &config.tls;

@@ -71,7 +71,13 @@ pub async fn handshake(
     match tokio::time::timeout(timeout, run).await {
         Ok(Ok(())) => Ok(TlsStream { tcp: Rc::new(tcp), conn: Rc::new(RefCell::new(conn)) }),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")),
+        Err(_) => {
+            // The read or write in flight keeps the socket open until it completes (io_uring
+            // owns it meanwhile), which an idle peer may never let happen: shutting the
+            // socket down completes it now, and the descriptor is closed.
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+            Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))
+        }
     }
 }
 

@@ -358,3 +358,28 @@ pub fn promtool_check(text: &str) -> (bool, String) {
     let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     (out.status.success(), said.into_owned())
 }
+
+/// Starts a receiver from configuration `text` with its open-file limit, soft and hard, set
+/// to `nofile` before it runs.
+pub fn start_receiver_nofile(env: &Env, metrics: u16, text: &str, nofile: u64) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let cfg = env.write(&format!("receiver-nofile-{metrics}.toml"), text);
+    let log = unique(env.path("receiver"));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["receive", "--config", cfg.to_str().unwrap()]);
+    let limit = libc::rlimit { rlim_cur: nofile, rlim_max: nofile };
+    // SAFETY: between fork and exec only setrlimit runs, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
+    }
+    let err = std::fs::File::create(&log).unwrap();
+    cmd.env("SHIPPER_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start the receiver: {e}"));
+    let mut p = Proc { child, name: "receiver".into(), metrics, log };
+    // The port is bound before the metrics endpoint starts: no probe connection to count.
+    p.wait_alive("its metrics endpoint", || scrape(metrics).is_some());
+    p
+}
