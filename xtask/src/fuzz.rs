@@ -2,7 +2,8 @@
 //! seconds with cargo-fuzz (libFuzzer, nightly toolchain), from seeds made here: a real journal
 //! file written by systemd-journal-remote (trimmed to its used part), a real frame, syslog
 //! messages as real senders write them (RFC 5424 with structured data, BSD, octet-counted),
-//! and a disk buffer segment's records holding a real frame.
+//! a disk buffer segment's records holding a real frame, JSON lines as applications write
+//! them, pipe bytes with every kind of line, and records with awkward keys.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -10,8 +11,24 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context};
 
 /// (target, seconds).
-const TARGETS: &[(&str, u32)] =
-    &[("journal_file", 20), ("frames", 10), ("syslog", 10), ("buffer_segment", 10)];
+const TARGETS: &[(&str, u32)] = &[
+    ("journal_file", 20),
+    ("frames", 10),
+    ("syslog", 10),
+    ("buffer_segment", 10),
+    ("lines", 5),
+    ("json_key", 10),
+    ("receiver_write", 10),
+];
+
+/// Seeds of the `json_key` target: lines as applications write them, and near misses.
+const JSON_SEEDS: &[&str] = &[
+    r#"{"service":"nginx","status":200,"req":{"path":"/a\"b","ms":1.5}}"#,
+    r#"{"format":"http","http":{"service":"edge","bytes":123}}"#,
+    r#"{"service":"caf\u00e9","x":[1,2,{"service":"inner"}]}"#,
+    r#"["service","not an object"]"#,
+    r#"{"service":"\ud83d\ude00","m":"\ud800"}"#,
+];
 
 /// Seeds of the `syslog` target.
 const SYSLOG_SEEDS: &[&str] = &[
@@ -52,6 +69,26 @@ pub fn run() -> anyhow::Result<()> {
     }
     std::fs::write(corpus.join("buffer_segment/seed.seg"), records)?;
     std::fs::write(corpus.join("frames/seed.frame"), frame)?;
+    for target in ["lines", "json_key", "receiver_write"] {
+        std::fs::create_dir_all(corpus.join(target))?;
+    }
+    for (i, seed) in JSON_SEEDS.iter().enumerate() {
+        std::fs::write(corpus.join(format!("json_key/seed{i}.json")), seed)?;
+    }
+    // Line limit 10, chunks of 4: short, exact, over-long and unterminated lines.
+    let lines = b"\x09\x03ab\nexactly10!\nmuch longer than ten\n\ntail";
+    std::fs::write(corpus.join("lines/seed"), lines)?;
+    // Records [key_len, key, body_len, body]: a plain key, a dot key, an empty one, bytes.
+    let mut records = Vec::new();
+    let seeds: [(&[u8], &[u8]); 4] =
+        [(b"web", b"{\"a\":1}"), (b"..", b"x"), (b"", b""), (b"\xff/\x00", b"y")];
+    for (key, body) in seeds {
+        records.push(key.len() as u8);
+        records.extend_from_slice(key);
+        records.push(body.len() as u8);
+        records.extend_from_slice(body);
+    }
+    std::fs::write(corpus.join("receiver_write/seed"), records)?;
     for (target, secs) in TARGETS {
         let dir = corpus.join(target);
         let args = [

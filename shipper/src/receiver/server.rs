@@ -251,7 +251,7 @@ impl Worker {
     }
 
     /// Handles one DATA frame; `Ok(())` means it may be acknowledged.
-    fn data(&mut self, id: StreamId, f: &Frame) -> Result<(), FrameFault> {
+    pub fn data(&mut self, id: StreamId, f: &Frame) -> Result<(), FrameFault> {
         self.counters.frames_received += 1;
         if self.windows.get(&id).is_some_and(|w| w.contains(f.header.seq)) {
             self.counters.frames_duplicate += 1;
@@ -363,12 +363,16 @@ impl Worker {
     }
 }
 
-enum FrameFault {
+/// Why a DATA frame was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameFault {
     /// The frame can never be written: its content is invalid, or the output can never take
     /// it. Answered with REJECT (the shipper gives it another fate); the connection goes on.
+    #[error("refused for good: {0}")]
     Refused(String),
     /// We could not write now (disk full, I/O error): answered with ERROR and the connection
     /// closed without ACK; the shipper backs off and resends.
+    #[error("cannot write now: {0}")]
     Write(io::Error),
 }
 
@@ -501,5 +505,8 @@ async fn refuse(
 ) -> io::Result<()> {
     worker.borrow_mut().counters.connections_refused[reason as usize] += 1;
     let _ = stream.send(&Frame::control(Kind::Error, 0, message.as_bytes())).await;
+    // A read still in the ring (after an idle timeout) would hold the socket open until the
+    // peer acts: shut it down so the descriptor goes now.
+    stream.shutdown();
     Err(io::Error::new(io::ErrorKind::InvalidData, message))
 }

@@ -210,7 +210,14 @@ async fn connect(
             }
         }
     });
-    welcome.await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no WELCOME in time"))??;
+    let welcomed = welcome
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no WELCOME in time")));
+    if let Err(e) = welcomed {
+        // A read still in the ring would hold the socket open until the receiver acts.
+        stream.shutdown();
+        return Err(e);
+    }
     Ok((stream, dec, watch))
 }
 
