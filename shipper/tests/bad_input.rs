@@ -276,3 +276,38 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
         receiver.metric("shipper_receiver_frames_duplicate_total", &[]) == 1.0
     });
 }
+
+// Regression: the HELLO's run id was not tied to the client certificate, so one certificate
+// could mark another host's sequence numbers as written and make the receiver drop its frames
+// as duplicates. Now each certificate's streams are its own.
+#[test]
+fn a_certificate_cannot_mark_another_hosts_frames_as_written() {
+    let env = Env::new();
+    let (port, rm) = (free_port(), free_port());
+    let receiver = start_receiver(&env, port, rm, "");
+    let p = &env.pki;
+    let mut a = RawClient::connect(
+        port,
+        shipper::tls::client_config(&p.ca, &p.shipper_cert, &p.shipper_key).unwrap(),
+    );
+    let other = shipper::tls::client_config(&p.ca, &p.other_shipper_cert, &p.other_shipper_key);
+    let mut b = RawClient::connect(port, other.unwrap());
+    a.hello(99);
+    b.hello(99);
+    let exchange = |c: &mut RawClient, seq: u64, line: &[u8]| {
+        c.send(&data_frame(seq, &[(b"s", line)], 1)).unwrap();
+        let ack = c.read().unwrap().unwrap();
+        assert_eq!((ack.header.kind, ack.header.seq), (Kind::Ack, seq));
+    };
+    exchange(&mut a, 1, b"A1");
+    // B claims A's run id and sends the seq A will send next.
+    exchange(&mut b, 2, b"B2");
+    exchange(&mut a, 2, b"A2");
+    let mut lines: Vec<Vec<u8>> = output_lines(&env.out()).into_iter().map(|(_, l)| l).collect();
+    lines.sort();
+    assert_eq!(lines, vec![b"A1".to_vec(), b"A2".to_vec(), b"B2".to_vec()]);
+    wait_for("three frames counted", Duration::from_secs(5), || {
+        receiver.metric("shipper_receiver_records_written_total", &[]) == 3.0
+    });
+    assert_eq!(receiver.metric("shipper_receiver_frames_duplicate_total", &[]), 0.0);
+}

@@ -13,8 +13,22 @@ use std::collections::BTreeSet;
 
 use crate::protocol::limits::INFLIGHT_FRAMES_LIMIT;
 
-/// (run id, shipper core).
+/// (sender run, shipper core): the run is [`sender_run`] of the HELLO's run id and the
+/// client certificate, so the streams of one certificate can never be another's.
 pub type StreamId = (u64, u16);
+
+/// The run a receiver files a sender's frames under: the first 8 bytes of SHA-256 over the
+/// client certificate (DER) and the HELLO's run id. A certificate that claims another
+/// shipper's run id gets a stream of its own, so it cannot mark that shipper's sequence
+/// numbers as written (which would make the receiver drop its frames as duplicates). Stable
+/// across versions: the windows it keys are kept on disk.
+pub fn sender_run(certificate: &[u8], run_id: u64) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(certificate);
+    ctx.update(&run_id.to_le_bytes());
+    let digest = ctx.finish();
+    u64::from_le_bytes(digest.as_ref()[..8].try_into().expect("SHA-256 has 32 bytes"))
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Window {
@@ -70,6 +84,17 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_id_under_another_certificate_is_another_stream() {
+        let (a, b) = (b"certificate A".as_slice(), b"certificate B".as_slice());
+        assert_eq!(sender_run(a, 42), sender_run(a, 42));
+        assert_ne!(sender_run(a, 42), sender_run(b, 42));
+        assert_ne!(sender_run(a, 42), sender_run(a, 43));
+        // Pinned: windows on disk are keyed by it, so it must never change.
+        // sha256(8 zero bytes) = af5570f5a1810b7a...: its first 8 bytes, little endian.
+        assert_eq!(sender_run(b"", 0), 0x7a0b_81a1_f570_55af);
+    }
 
     #[test]
     fn watermark_advances_over_gaps() {

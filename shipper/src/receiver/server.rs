@@ -49,6 +49,8 @@ pub struct HandOff {
     pub tcp: std::net::TcpStream,
     pub tls: rustls::Connection,
     pub hello: Hello,
+    /// The sender stream, tied to the client certificate ([`super::dedup::sender_run`]).
+    pub id: StreamId,
     /// Plaintext received after HELLO.
     pub pending: Vec<u8>,
     pub peer: std::net::SocketAddr,
@@ -127,11 +129,14 @@ pub fn accept(
 async fn hand_off(tcp: tokio_uring::net::TcpStream, peer: std::net::SocketAddr, a: Rc<Acceptor>) {
     match greet(tcp, &a.config, a.tls.clone()).await {
         Ok((stream, hello, pending)) => {
-            let w = owner((hello.run_id, hello.core), a.workers.len());
+            // Mutual TLS: the handshake required a certificate chaining to the CA.
+            let certificate = stream.peer_certificate().unwrap_or_default();
+            let id = (super::dedup::sender_run(&certificate, hello.run_id), hello.core);
+            let w = owner(id, a.workers.len());
             match stream.into_parts() {
                 Ok((tcp, tls)) => {
                     a.counters.borrow_mut().connections_accepted += 1;
-                    let _ = a.workers[w].send(HandOff { tcp, tls, hello, pending, peer });
+                    let _ = a.workers[w].send(HandOff { tcp, tls, hello, id, pending, peer });
                 }
                 Err(e) => {
                     a.open.fetch_sub(1, Ordering::Relaxed);
@@ -417,7 +422,7 @@ pub async fn serve_worker(
 
 async fn connection(worker: &Rc<RefCell<Worker>>, h: HandOff) -> io::Result<()> {
     let stream = TlsStream::from_parts(h.tcp, h.tls);
-    let id = (h.hello.run_id, h.hello.core);
+    let id = h.id;
     let (frame_max, idle) = {
         let w = worker.borrow();
         (

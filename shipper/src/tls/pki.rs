@@ -1,5 +1,5 @@
-//! A throw-away PKI for demos and tests: one CA, a receiver certificate and a shipper client
-//! certificate, written as PEM files. Production fleets bring their own PKI.
+//! A throw-away PKI for demos and tests: one CA, a receiver certificate and two shipper client
+//! certificates (two hosts), written as PEM files. Production fleets bring their own PKI.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,9 @@ pub struct DevPki {
     pub receiver_key: PathBuf,
     pub shipper_cert: PathBuf,
     pub shipper_key: PathBuf,
+    /// A second client certificate, as another host of the fleet would have.
+    pub other_shipper_cert: PathBuf,
+    pub other_shipper_key: PathBuf,
 }
 
 impl DevPki {
@@ -26,11 +29,13 @@ impl DevPki {
             receiver_key: dir.join("receiver.key"),
             shipper_cert: dir.join("shipper.pem"),
             shipper_key: dir.join("shipper.key"),
+            other_shipper_cert: dir.join("shipper-2.pem"),
+            other_shipper_key: dir.join("shipper-2.key"),
         }
     }
 }
 
-/// Writes a CA and two leaf certificates into `dir`. The receiver certificate is valid for
+/// Writes a CA and three leaf certificates into `dir`. The receiver certificate is valid for
 /// `receiver_names` (DNS names or IP addresses). Keys are written with mode 0600.
 pub fn generate(dir: &Path, receiver_names: &[String]) -> anyhow::Result<DevPki> {
     std::fs::create_dir_all(dir)?;
@@ -53,11 +58,15 @@ pub fn generate(dir: &Path, receiver_names: &[String]) -> anyhow::Result<DevPki>
     let (rc, rk) =
         leaf(receiver_names.to_vec(), "shipper receiver", ExtendedKeyUsagePurpose::ServerAuth)?;
     let (sc, sk) = leaf(vec!["shipper".into()], "shipper", ExtendedKeyUsagePurpose::ClientAuth)?;
+    let client = ExtendedKeyUsagePurpose::ClientAuth;
+    let (oc, ok) = leaf(vec!["shipper-2".into()], "shipper-2", client)?;
     std::fs::write(&pki.ca, ca.pem())?;
     std::fs::write(&pki.receiver_cert, rc)?;
     write_secret(&pki.receiver_key, &rk)?;
     std::fs::write(&pki.shipper_cert, sc)?;
     write_secret(&pki.shipper_key, &sk)?;
+    std::fs::write(&pki.other_shipper_cert, oc)?;
+    write_secret(&pki.other_shipper_key, &ok)?;
     Ok(pki)
 }
 

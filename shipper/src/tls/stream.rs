@@ -30,6 +30,14 @@ pub struct TlsStream {
     conn: Rc<RefCell<Connection>>,
 }
 
+impl TlsStream {
+    /// The DER bytes of the peer's leaf certificate, once the handshake is done.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        let conn = self.conn.borrow();
+        conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec())
+    }
+}
+
 fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
