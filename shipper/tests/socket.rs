@@ -281,17 +281,21 @@ fn bad_socket_input_is_counted_and_never_stops_a_source() {
         let t = scrape(sm).unwrap_or_default();
         metric(&t, "shipper_socket_framing_errors_total", &[("source", "t")]) == 1.0
     });
-    // Past connections_max (2 on the one worker: t1 and a third one held open), a connection
-    // is refused.
+    wait_for("the message after the oversize one", LIMIT, || {
+        let t = scrape(sm).unwrap_or_default();
+        metric(&t, "shipper_socket_messages_received_total", &[("source", "t")]) == 1.0
+    });
+    // Past connections_max (2 on the one worker: t1 and a third one held open), a new
+    // connection evicts the longest-idle one (t1: it sent its bytes before t3 connected).
     let _t3 = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
     wait_for("two connections open", LIMIT, || {
         let t = scrape(sm).unwrap_or_default();
         metric(&t, "shipper_socket_connections_open", &[("source", "t")]) == 2.0
     });
     let _t4 = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
-    wait_for("a connection refused", LIMIT, || {
+    wait_for("a connection evicted", LIMIT, || {
         let t = scrape(sm).unwrap_or_default();
-        metric(&t, "shipper_socket_connections_refused_total", &[("source", "t")]) == 1.0
+        metric(&t, "shipper_socket_connections_evicted_total", &[("source", "t")]) == 1.0
     });
     // 6 datagrams less the empty one, 1 from tcp, 4 json lines.
     wait_lines(&mut shipper, &env, 5 + 1 + 4);

@@ -15,6 +15,8 @@ mod delivery;
 mod ebpf;
 /// Receivers in tiers: a hung primary fails over to the standby and back; dead letter.
 mod failover;
+/// Hostile peers and input: the next good record still arrives, and what happened is counted.
+mod hostile;
 /// The journal reader against journalctl, on files written by systemd's own tools.
 mod journal;
 /// The journal source following live files across rotations, and resuming after SIGKILL.

@@ -145,6 +145,7 @@ fn start_socket(
                 framing: cfg.framing_or_default(),
                 message_bytes_max: max,
                 connections_max: cfg.connections_max_or_default(),
+                idle_timeout: cfg.idle_timeout_or_default(),
             };
             tokio_uring::spawn(serve_tcp(core.clone(), s, listener, limits, stop.clone()));
         }

@@ -1,0 +1,138 @@
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+// ---- Idle TCP peers at a syslog TCP source (issue 10, "a TCP source can't be starved") ----
+
+/// A shipper with one TCP syslog source `t` on worker 0, with `extra` keys; its port.
+fn tcp_shipper(env: &Env, receiver_port: u16, sm: u16, extra: &str) -> (Proc, u16) {
+    let tcp = free_port();
+    let body = format!(
+        "[[sources.socket]]\nname = \"t\"\ntransport = \"tcp\"\naddress = \"127.0.0.1:{tcp}\"\n\
+         format = \"rfc3164\"\nframing = \"newline\"\nworker = 0\n{extra}\n"
+    );
+    (start_shipper(env, receiver_port, sm, &body), tcp)
+}
+
+/// A metric of source `t` at the shipper's endpoint `sm`, from a scrape that must succeed.
+fn tcp_metric(sm: u16, name: &str) -> f64 {
+    let text = scrape(sm).unwrap_or_else(|| panic!("the shipper's scrape of :{sm} failed"));
+    metric(&text, name, &[("source", "t")])
+}
+
+/// An RFC 3164 message from `app`, and the record the shipper makes of it.
+fn tcp_message(app: &str, msg: &str) -> (String, String) {
+    let input = format!("<13>Jan  5 03:04:05 {app}: {msg}");
+    let head = format!(r#"{{"service":"{app}","facility":"user","severity":"notice","#);
+    let record =
+        format!(r#"{head}"timestamp":"Jan  5 03:04:05","app":"{app}","message":"{msg}"}}"#);
+    (input, record)
+}
+
+/// Output lines of stream `app`, sorted (frames on different connections to the receiver may
+/// be written in any order).
+fn tcp_stream_lines(env: &Env, app: &str) -> Vec<String> {
+    let lines = output_lines(&env.out()).into_iter().filter(|(s, _)| s == app);
+    let mut out: Vec<String> = lines.map(|(_, l)| String::from_utf8(l).unwrap()).collect();
+    out.sort();
+    out
+}
+
+/// Whether the shipper closed `c`: a read returns EOF within `limit` (false: still open).
+fn tcp_closed_within(c: &mut TcpStream, limit: Duration) -> bool {
+    c.set_read_timeout(Some(limit)).unwrap();
+    match c.read(&mut [0u8; 16]) {
+        Ok(0) => true,
+        Ok(n) => panic!("the shipper sent {n} bytes on a syslog connection"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
+        Err(e) => panic!("read failed: {e}"),
+    }
+}
+
+#[test]
+fn idle_tcp_peers_at_connections_max_make_room_for_a_real_sender() {
+    // Regression: 300 idle connections locked every other sender out of a syslog TCP source.
+    const MAX: usize = 16;
+    const IDLE: usize = 40;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let extra = format!("connections_max = {MAX}");
+    let (mut shipper, tcp) = tcp_shipper(&env, port, sm, &extra);
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for i in 0..IDLE {
+        idle.push(TcpStream::connect(("127.0.0.1", tcp)).unwrap());
+        // One at a time: accepted in this order, so the oldest are the idlest.
+        let want = (i + 1) as f64;
+        shipper.wait_alive("the idle connection accepted", || {
+            tcp_metric(sm, "shipper_socket_connections_accepted_total") == want
+        });
+    }
+    let (input, record) = tcp_message("hostile", "after forty idle peers");
+    let mut sender = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+    sender.write_all(format!("{input}\n").as_bytes()).unwrap();
+    shipper.wait_alive("the message at the receiver", || {
+        !tcp_stream_lines(&env, "hostile").is_empty()
+    });
+    assert_eq!(tcp_stream_lines(&env, "hostile"), [record]);
+    let evicted = IDLE + 1 - MAX;
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_evicted_total"), evicted as f64);
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_open"), MAX as f64);
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_idle_closed_total"), 0.0);
+    // The evicted ones are the oldest, and were told (EOF); the others are still served.
+    for (i, c) in idle.iter_mut().enumerate() {
+        let limit = if i < evicted { LIMIT } else { Duration::from_millis(50) };
+        assert_eq!(tcp_closed_within(c, limit), i < evicted, "idle connection {i}");
+    }
+    assert!(!tcp_closed_within(&mut sender, Duration::from_millis(50)), "the sender is open");
+    assert!(shipper.log_text().contains("closed the longest-idle one to make room"));
+    assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
+}
+
+#[test]
+fn a_silent_tcp_peer_is_closed_after_idle_timeout_ms_and_a_talking_one_is_not() {
+    // Regression: a TCP source had no idle timeout; a silent peer held its slot for ever.
+    const IDLE_MS: u64 = 500;
+    const MESSAGES: usize = 40;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let (mut shipper, tcp) = tcp_shipper(&env, port, sm, &format!("idle_timeout_ms = {IDLE_MS}"));
+    let mut silent = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+    let mut talker = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+    let started = Instant::now();
+    let mut want = Vec::new();
+    // Ten messages per idle timeout for four timeouts: never idle that long.
+    for i in 0..MESSAGES {
+        let (input, record) = tcp_message("talker", &format!("message {i}"));
+        talker.write_all(format!("{input}\n").as_bytes()).unwrap();
+        want.push(record);
+        // Pacing the sender, not waiting for a condition.
+        std::thread::sleep(Duration::from_millis(IDLE_MS / 10));
+    }
+    // The silent one was closed by now (its EOF is waiting), the talking one was not.
+    assert!(tcp_closed_within(&mut silent, Duration::from_secs(5)), "the silent peer closed");
+    assert!(started.elapsed() >= Duration::from_millis(IDLE_MS), "not before the timeout");
+    assert!(!tcp_closed_within(&mut talker, Duration::from_millis(50)), "the talker is open");
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_idle_closed_total"), 1.0);
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_open"), 1.0);
+    // A partial message left when a connection ends is counted, not silently dropped.
+    talker.write_all(b"<13>Jan  5 03:04:05 talker: never finished").unwrap();
+    drop(talker);
+    shipper.wait_alive("the talker's connection closed", || {
+        tcp_metric(sm, "shipper_socket_connections_closed_total") == 2.0
+    });
+    assert_eq!(tcp_metric(sm, "shipper_socket_messages_partial_total"), 1.0);
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_idle_closed_total"), 1.0);
+    shipper.wait_alive("every message at the receiver", || {
+        tcp_stream_lines(&env, "talker").len() >= MESSAGES
+    });
+    want.sort();
+    assert_eq!(tcp_stream_lines(&env, "talker"), want, "once each");
+    assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
+}
