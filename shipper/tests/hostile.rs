@@ -136,3 +136,69 @@ fn a_silent_tcp_peer_is_closed_after_idle_timeout_ms_and_a_talking_one_is_not() 
     assert_eq!(tcp_stream_lines(&env, "talker"), want, "once each");
     assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
 }
+
+// ---- A panic ends the process (issue 10, "a panic ends the process") ----
+
+/// How long a process may take to start, panic and exit.
+const PANIC_EXIT_LIMIT: Duration = Duration::from_secs(20);
+
+/// Starts `shipper <args>` with the test-only fault `panic-worker-task`; waits for it to exit.
+/// Returns its exit code and standard error.
+fn panic_run(env: &Env, args: &[&str]) -> (Option<i32>, String) {
+    let log = env.path(&format!("panic-{}.log", args[0]));
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .env(shipper::fault::ENV, "panic-worker-task")
+        .env("SHIPPER_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > PANIC_EXIT_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let said = std::fs::read_to_string(&log).unwrap();
+            panic!("{args:?} still running {PANIC_EXIT_LIMIT:?} after its panic:\n{said}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), std::fs::read_to_string(&log).unwrap())
+}
+
+#[test]
+fn a_panic_in_a_shipper_worker_task_ends_the_process_with_101() {
+    // Regression: a panic in a worker left `shipper run` half alive (that core's sources unread).
+    let env = Env::new();
+    let cfg = env.write("edge.toml", &env.shipper_toml(free_port(), free_port(), ""));
+    let (code, stderr) = panic_run(&env, &["run", "--no-ebpf", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(101), "{stderr}");
+    // The default hook's message (newer Rust adds the thread's id after its name).
+    assert!(stderr.contains("thread 'worker-0'") && stderr.contains("panicked at"), "{stderr}");
+    assert!(stderr.contains("worker 0 panics on purpose"), "the panic message: {stderr}");
+    assert!(
+        stderr.contains("shipper: thread 'worker-0' panicked: exiting with status 101"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_panic_in_a_receiver_worker_task_ends_the_process_with_101() {
+    // Regression: a panicked receiver worker kept being handed connections by the acceptor.
+    let env = Env::new();
+    let cfg = env.write("receiver.toml", &env.receiver_toml(free_port(), free_port(), ""));
+    let (code, stderr) = panic_run(&env, &["receive", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(101), "{stderr}");
+    // The default hook's message (newer Rust adds the thread's id after its name).
+    assert!(stderr.contains("thread 'receiver-0'") && stderr.contains("panicked at"), "{stderr}");
+    assert!(stderr.contains("receiver worker 0 panics on purpose"), "the panic message: {stderr}");
+    assert!(
+        stderr.contains("shipper: thread 'receiver-0' panicked: exiting with status 101"),
+        "{stderr}"
+    );
+}

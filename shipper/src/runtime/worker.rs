@@ -114,6 +114,9 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
             tokio_uring::spawn(run_slot(core.clone(), target.clone(), plan.stop.clone()));
         }
     }
+    if plan.core == 0 && crate::fault::injected(crate::fault::Fault::PanicWorkerTask) {
+        tokio_uring::spawn(crate::fault::panic_worker_task("worker"));
+    }
     tick(core, plan.stop, plan.reports, plan.shares, plan.registry).await;
     Ok(())
 }
