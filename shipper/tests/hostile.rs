@@ -1,5 +1,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -201,4 +203,94 @@ fn a_panic_in_a_receiver_worker_task_ends_the_process_with_101() {
         stderr.contains("shipper: thread 'receiver-0' panicked: exiting with status 101"),
         "{stderr}"
     );
+}
+
+// ---- Slow clients at the metrics endpoint (issue 10, "the metrics endpoint") ----
+
+/// A metric of the endpoint on `port` itself (`shipper_metrics_*`), from a scrape that must
+/// succeed.
+fn metrics_own(port: u16, name: &str) -> f64 {
+    let text = scrape(port).unwrap_or_else(|| panic!("the scrape of :{port} failed"));
+    metric(&text, name, &[])
+}
+
+/// Whether the server closed `c` (EOF or reset) within `limit`.
+fn metrics_closed_within(c: &mut TcpStream, limit: Duration) -> bool {
+    c.set_read_timeout(Some(limit)).unwrap();
+    match c.read(&mut [0u8; 64]) {
+        Ok(0) => true,
+        Ok(n) => panic!("the endpoint answered an incomplete request ({n} bytes)"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
+        Err(e) => panic!("read failed: {e}"),
+    }
+}
+
+/// Writes `GET /metrics ...` one byte per 500 ms to each of `clients` until every one of them
+/// fails (closed by the server) or `stop` is set.
+fn metrics_drip(clients: Vec<TcpStream>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let request = b"GET /metrics HTTP/1.1\r\nHost: slow\r\n\r\n";
+        let mut live: Vec<(TcpStream, usize)> = clients.into_iter().map(|c| (c, 0)).collect();
+        while !live.is_empty() && !stop.load(Ordering::Relaxed) {
+            live.retain_mut(|(c, sent)| {
+                let byte = &request[*sent % request.len()..][..1];
+                *sent += 1;
+                c.write_all(byte).is_ok()
+            });
+            // Pacing the slow clients, not waiting for a condition.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })
+}
+
+#[test]
+fn slow_metrics_clients_do_not_stall_a_scrape_and_are_closed_at_the_deadline() {
+    // Regression: /metrics served one request at a time, so one slow client stalled scrapes.
+    use shipper::metrics::http::{CONNECTIONS_MAX, REQUEST_DEADLINE_MS};
+    const SLOW: usize = 20;
+    let deadline = Duration::from_millis(REQUEST_DEADLINE_MS);
+    let env = Env::new();
+    let sm = free_port();
+    let cfg = env.shipper_toml(free_port(), sm, "");
+    let cfg = env.write("edge.toml", &cfg);
+    let log = env.path("shipper.log");
+    let args = ["run", "--no-ebpf", "--config", cfg.to_str().unwrap()];
+    let mut shipper = Proc::start("shipper", &args, sm, log);
+    // Half send nothing, half send the request a byte every 500 ms (it would take 19 s).
+    let mut slow: Vec<(TcpStream, Instant)> = Vec::new();
+    for _ in 0..SLOW {
+        slow.push((TcpStream::connect(("127.0.0.1", sm)).unwrap(), Instant::now()));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let drip: Vec<TcpStream> =
+        slow[SLOW / 2..].iter().map(|(c, _)| c.try_clone().unwrap()).collect();
+    let dripper = metrics_drip(drip, stop.clone());
+    let started = Instant::now();
+    let text = scrape(sm).expect("a scrape while 20 clients are slow");
+    assert!(started.elapsed() < Duration::from_secs(2), "scraped in {:?}", started.elapsed());
+    let own = |name| metric(&text, name, &[]);
+    assert_eq!(own("shipper_metrics_connections_open"), (SLOW + 1) as f64, "the slow ones held");
+    assert_eq!(own("shipper_metrics_connections_refused_total"), 0.0);
+    assert!(metric(&text, "shipper_build_info", &[]) == 1.0, "a whole exposition:\n{text}");
+    // Up to the limit with more silent ones; one more is closed at once.
+    for _ in SLOW..CONNECTIONS_MAX {
+        slow.push((TcpStream::connect(("127.0.0.1", sm)).unwrap(), Instant::now()));
+    }
+    let mut over = TcpStream::connect(("127.0.0.1", sm)).unwrap();
+    let connected = Instant::now();
+    assert!(metrics_closed_within(&mut over, deadline), "the connection over the limit closed");
+    assert!(connected.elapsed() < deadline / 2, "closed at once, not at the deadline");
+    // Each slow one is closed by the server at its deadline, not before.
+    for (i, (c, connected)) in slow.iter_mut().enumerate() {
+        assert!(metrics_closed_within(c, deadline * 2), "slow client {i} closed");
+        let after = connected.elapsed();
+        assert!(after >= deadline, "slow client {i} closed after {after:?}, before the deadline");
+    }
+    stop.store(true, Ordering::Relaxed);
+    dripper.join().unwrap();
+    assert_eq!(metrics_own(sm, "shipper_metrics_connections_refused_total"), 1.0);
+    assert_eq!(metrics_own(sm, "shipper_metrics_requests_timed_out_total"), CONNECTIONS_MAX as f64);
+    assert_eq!(metrics_own(sm, "shipper_metrics_connections_open"), 1.0);
+    assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
 }
