@@ -11,6 +11,7 @@
 pub mod buffer;
 pub mod config;
 pub mod ebpf;
+pub mod fault;
 pub mod metrics;
 pub mod os;
 pub mod protocol;

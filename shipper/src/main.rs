@@ -1,7 +1,10 @@
 //! The `shipper` command.
 //!
 //! Exit codes: 0 success (and `validate`: the configuration is valid); 1 the configuration is
-//! invalid or the command failed; 2 command-line usage error (from clap).
+//! invalid or the command failed; 2 command-line usage error (from clap); 101 a thread
+//! panicked (a bug): the process ends at once, whichever thread it was, so that a service
+//! manager restarts it instead of leaving it half alive (a dead worker's sources unread, a
+//! receiver handing connections to a dead worker). Its standard error names the thread.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,7 +76,11 @@ enum JournalCommand {
     },
 }
 
+/// Exit status after a panic in any thread (the status Rust gives a panic in `main`).
+const EXIT_PANIC: i32 = 101;
+
 fn main() -> ExitCode {
+    install_panic_hook();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -89,6 +96,27 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Makes a panic in any thread end the process with [`EXIT_PANIC`], after the default hook's
+/// message (`thread '<name>' panicked at <file>:<line>: <message>`). Without it, a panic in a
+/// worker thread ends only that thread, and one in a tokio-uring task is caught by the runtime,
+/// leaving the rest of the process running without it.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("<unnamed>");
+        eprintln!("shipper: thread '{name}' panicked: exiting with status {EXIT_PANIC}");
+        // `_exit`, not `std::process::exit`: exit runs atexit handlers and flushes stdio,
+        // which can block for ever on a lock another thread held when this one panicked (or
+        // that the panicking thread itself holds), and other threads keep running meanwhile.
+        // `_exit` ends every thread at once, as SIGKILL would: a stop the shipper and the
+        // receiver are built to survive (tests `buffer`, `journal_follow`, `restart`).
+        // SAFETY: `_exit` takes a status and never returns.
+        unsafe { libc::_exit(EXIT_PANIC) }
+    }));
 }
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {

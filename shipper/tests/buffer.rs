@@ -268,11 +268,9 @@ fn damaged_segments_are_skipped_and_counted_never_looped_on() {
 /// frames that could not be written are dropped and counted (`buffer_error`), nothing
 /// crashes, and what was written arrives.
 #[test]
+#[ignore = "needs root: mounts a 128 KiB tmpfs to fill the disk"]
 fn a_full_disk_drops_and_counts_and_goes_on() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
-        return;
-    }
+    require_root("mounts a 128 KiB tmpfs to fill the disk");
     const LINES: usize = 40_000;
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());

@@ -83,6 +83,18 @@ fn invalid_configurations_name_file_line_and_key() {
             "10 is out of range (allowed: 256 to 16777216)",
         ),
         (
+            "[[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"127.0.0.1:514\"\n\
+             idle_timeout_ms = 1000\n",
+            "sources.socket[0].idle_timeout_ms",
+            "only for transport tcp, not udp",
+        ),
+        (
+            "[[sources.socket]]\nname = \"s\"\ntransport = \"tcp\"\naddress = \"127.0.0.1:514\"\n\
+             idle_timeout_ms = 10\n",
+            "sources.socket[0].idle_timeout_ms",
+            "10 is out of range (allowed: 100 to 86400000)",
+        ),
+        (
             "[[sources.socket]]\nname = \"s\"\ntransport = \"unix\"\npath = \"/dev/log\"\n\
              [[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"0.0.0.0:514\"\n",
             "sources.socket[1].name",

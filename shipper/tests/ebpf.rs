@@ -1,7 +1,8 @@
 //! The eBPF programs against the kernel's own counters, each test in a fresh network
 //! namespace (so /proc/net/snmp and the unix queue limit are this test's alone). They need
-//! root, as CI runs; as another user they say so and return. Anything else wrong (no BTF, a
-//! load failure) fails.
+//! root: each is `#[ignore = "needs root: ..."]`, which `cargo xtask test` runs when root (as
+//! CI does) and counts as skipped otherwise. Anything else wrong (no BTF, a load failure)
+//! fails.
 
 use std::net::UdpSocket;
 use std::os::fd::{AsFd, AsRawFd};
@@ -11,15 +12,8 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-/// Whether the tests can run; prints why not.
-fn root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("SKIPPED: the eBPF tests need root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)");
-    }
-    root
-}
+/// Why most of these tests need root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_NET_ADMIN).
+const ROOT_WHY: &str = "loads eBPF programs in a new network namespace";
 
 /// Runs `f` on a thread of its own in a new network namespace with `lo` up; the processes it
 /// starts inherit the namespace. Panics of `f` are re-raised.
@@ -72,8 +66,7 @@ fn attached_shipper(env: &Env, body: &str) -> Proc {
     let (port, sm) = (free_port(), free_port());
     let mut shipper = start_shipper(env, port, sm, body);
     shipper.wait_alive("the eBPF programs attached", || {
-        metric(&scrape(sm).unwrap_or_default(), "shipper_ebpf_attached", &[("state", "attached")])
-            == 1.0
+        metric(&scrape_ok(sm), "shipper_ebpf_attached", &[("state", "attached")]) == 1.0
     });
     shipper
 }
@@ -81,11 +74,10 @@ fn attached_shipper(env: &Env, body: &str) -> Proc {
 /// Guards the core claim: every datagram the kernel drops on the shipper's socket is counted
 /// once, for that socket, and drops on another process's socket are not.
 #[test]
+#[ignore = "needs root: loads eBPF programs in a new network namespace"]
 fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
     const SENT: u64 = 20_000;
-    if !root() {
-        return;
-    }
+    require_root(ROOT_WHY);
     in_netns(|| {
         let env = Env::new();
         let port = free_udp_port();
@@ -113,11 +105,7 @@ fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
         let (drops, other_drops) = (udp_drops(port), udp_drops(other_port));
         assert!(drops > 0, "the shipper's queue should overflow: {drops} drops");
         let counted = |labels: &[(&str, &str)]| {
-            metric(
-                &scrape(sm).unwrap_or_default(),
-                "shipper_kernel_datagrams_dropped_total",
-                labels,
-            )
+            metric(&scrape_ok(sm), "shipper_kernel_datagrams_dropped_total", labels)
         };
         shipper.wait_alive_for(
             "eBPF drops to reach the socket's drops",
@@ -146,7 +134,7 @@ fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
         // The same for the shipper's socket: what it read plus what the kernel dropped.
         let read = "shipper_socket_messages_received_total";
         shipper.wait_alive("the source's count to settle", || {
-            metric(&scrape(sm).unwrap_or_default(), read, &[]) as u64 + drops == SENT
+            metric(&scrape_ok(sm), read, &[]) as u64 + drops == SENT
         });
         promtool_lint(&scrape(sm).unwrap());
         eprintln!(
@@ -159,11 +147,10 @@ fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
 /// connected to the shipper's unix socket is counted once, for that source; refusals to a
 /// sender that did not connect, and on another process's socket, are not.
 #[test]
+#[ignore = "needs root: loads eBPF programs in a new network namespace"]
 fn unix_datagram_refusals_on_a_full_queue_equal_the_senders_failures() {
     const SENT: u64 = 20_000;
-    if !root() {
-        return;
-    }
+    require_root(ROOT_WHY);
     in_netns(|| {
         // Per namespace, read when a socket is created: the queue of the sockets below.
         std::fs::write("/proc/sys/net/unix/max_dgram_qlen", "10").unwrap();
@@ -211,11 +198,7 @@ fn unix_datagram_refusals_on_a_full_queue_equal_the_senders_failures() {
         assert!(refused >= SENT / 2 - 11, "the stopped shipper's queue refuses: {refused}");
         assert!(unconnected_refused > 0, "the unconnected sender is refused too");
         let counted = |labels: &[(&str, &str)]| {
-            metric(
-                &scrape(sm).unwrap_or_default(),
-                "shipper_kernel_datagrams_dropped_total",
-                labels,
-            ) as u64
+            metric(&scrape_ok(sm), "shipper_kernel_datagrams_dropped_total", labels) as u64
         };
         let source = [("source", "devlog")];
         shipper.wait_alive_for(
@@ -232,7 +215,7 @@ fn unix_datagram_refusals_on_a_full_queue_equal_the_senders_failures() {
         let read = "shipper_socket_messages_received_total";
         let accepted = SENT - refused + SENT / 2 - unconnected_refused;
         shipper.wait_alive("the source to read every accepted datagram", || {
-            metric(&scrape(sm).unwrap_or_default(), read, &[]) as u64 == accepted
+            metric(&scrape_ok(sm), read, &[]) as u64 == accepted
         });
         other.set_nonblocking(true).unwrap();
         let mut received = 0;
@@ -323,10 +306,9 @@ fn receiver_at(env: &Env, ip: &str) -> (Proc, String) {
 
 /// Retransmissions show on the counter of the receiver behind the lossy route, and only there.
 #[test]
+#[ignore = "needs root: loads eBPF programs, blackholes a route in a new network namespace"]
 fn retransmits_to_a_blackholed_receiver_count_for_that_receiver() {
-    if !root() {
-        return;
-    }
+    require_root(ROOT_WHY);
     in_netns(|| {
         let env = Env::new();
         let (_lossy, lossy) = receiver_at(&env, "127.0.0.2");
@@ -346,7 +328,7 @@ fn retransmits_to_a_blackholed_receiver_count_for_that_receiver() {
         let log = env.path("shipper.log");
         let mut shipper =
             Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, log);
-        let text = || scrape(sm).unwrap_or_default();
+        let text = || scrape_ok(sm);
         shipper.wait_alive("4 connections to each receiver", || {
             let t = text();
             metric(&t, "shipper_ebpf_attached", &[("state", "attached")]) == 1.0
@@ -394,10 +376,9 @@ fn retransmits_to_a_blackholed_receiver_count_for_that_receiver() {
 /// Without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN the shipper runs on, says why once, and exports
 /// `shipper_ebpf_attached 0` with the reason; `--no-ebpf` turns the programs off.
 #[test]
+#[ignore = "needs root: drops capabilities with setpriv to show the unprivileged path"]
 fn without_privileges_or_with_no_ebpf_the_shipper_runs_unattached() {
-    if !root() {
-        return;
-    }
+    require_root("drops capabilities with setpriv to show the unprivileged path");
     let env = Env::new();
     for (name, prefix, state) in [
         (
@@ -441,11 +422,10 @@ fn without_privileges_or_with_no_ebpf_the_shipper_runs_unattached() {
 /// listener that reads the TLS ClientHello (so the connection is watched by then) and then
 /// resets (SO_LINGER 0) every connection, `RESETS` times.
 #[test]
+#[ignore = "needs root: loads eBPF programs in a new network namespace"]
 fn resets_from_a_receiver_count_once_each() {
     const RESETS: usize = 5;
-    if !root() {
-        return;
-    }
+    require_root(ROOT_WHY);
     in_netns(|| {
         let env = Env::new();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -479,9 +459,7 @@ fn resets_from_a_receiver_count_once_each() {
             drop(conn); // closing with linger 0 sends a reset
         }
         // No more resets after these: later attempts wait in the backlog, unanswered.
-        let resets = |name: &str| {
-            metric(&scrape(sm).unwrap_or_default(), name, &[("receiver", receiver.as_str())])
-        };
+        let resets = |name: &str| metric(&scrape_ok(sm), name, &[("receiver", receiver.as_str())]);
         shipper.wait_alive("the resets counted", || {
             resets("shipper_kernel_tcp_resets_received_total") >= RESETS as f64
         });

@@ -1,17 +1,13 @@
 //! Hostile input and hostile peers (issue 10): after each, the next good line arrives, the
 //! processes are alive, and the counter that says what happened is exact.
 
-use std::io::Write;
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::harness::*;
-
-/// A metric of the endpoint on `port`; the scrape must succeed (a dead endpoint is no zero).
-fn metric_of(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = scrape(port).unwrap_or_else(|| panic!("no metrics at port {port}"));
-    metric(&text, name, labels)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Receiver: stream names that do not fit a file name; floods of connections; accept errors.
@@ -31,7 +27,7 @@ fn receiver_gives_a_key_too_long_for_a_file_name_a_shortened_stream() {
     let normal = "{\"service\":\"web\",\"n\":2}";
     open_writer(&pipe).write_all(format!("{long}\n{normal}\n").as_bytes()).unwrap();
     shipper.wait_alive("both lines acknowledged", || {
-        metric_of(sm, "shipper_records_acked_total", &[]) >= 2.0
+        metric_at(sm, "shipper_records_acked_total", &[]) >= 2.0
     });
     // `_`, the first 181 bytes of the key, `~`, FNV-1a 64 of the whole 255-byte key.
     let stream = format!("_.{}~f2c93e215c7f3b39", "x".repeat(181));
@@ -40,9 +36,9 @@ fn receiver_gives_a_key_too_long_for_a_file_name_a_shortened_stream() {
     let expect = vec![(stream, long.into_bytes()), ("web".to_string(), normal.as_bytes().to_vec())];
     assert_eq!(lines, expect);
     wait_for("the receiver's counters published", Duration::from_secs(10), || {
-        metric_of(rm, "shipper_receiver_records_written_total", &[]) >= 2.0
+        metric_at(rm, "shipper_receiver_records_written_total", &[]) >= 2.0
     });
-    let m = |name: &str, labels: &[(&str, &str)]| metric_of(rm, name, labels);
+    let m = |name: &str, labels: &[(&str, &str)]| metric_at(rm, name, labels);
     assert_eq!(m("shipper_receiver_records_written_total", &[]), 2.0);
     assert_eq!(m("shipper_receiver_stream_names_shortened_total", &[]), 1.0);
     assert_eq!(m("shipper_receiver_write_errors_total", &[]), 0.0);
@@ -74,7 +70,7 @@ fn receiver_survives_a_connection_flood_under_a_low_open_file_limit() {
     // 256 less what 2 workers with 16 streams each may hold themselves.
     let fit = FLOOD_NOFILE - shipper::receiver::descriptors_reserved(2, 16);
     assert_eq!(fit, 160);
-    assert_eq!(metric_of(rm, "shipper_receiver_connections_max", &[]), fit as f64);
+    assert_eq!(metric_at(rm, "shipper_receiver_connections_max", &[]), fit as f64);
     assert!(receiver.log_text().contains("receiver.connections_max 4096 lowered to 160"));
     let flood: Vec<TcpStream> = (0..FLOOD_CONNECTIONS)
         .map(|i| {
@@ -84,7 +80,7 @@ fn receiver_survives_a_connection_flood_under_a_low_open_file_limit() {
         .collect();
     // Each is closed by the receiver: at once over the limit, else at the handshake timeout.
     let refused = |reason: &str| {
-        metric_of(rm, "shipper_receiver_connections_refused_total", &[("reason", reason)])
+        metric_at(rm, "shipper_receiver_connections_refused_total", &[("reason", reason)])
     };
     receiver.wait_alive("every flood connection closed", || {
         refused("limit") + refused("tls") == FLOOD_CONNECTIONS as f64
@@ -92,9 +88,9 @@ fn receiver_survives_a_connection_flood_under_a_low_open_file_limit() {
     // The first `fit` connections held a slot each until their handshake timed out.
     assert!(refused("tls") >= fit as f64);
     assert_eq!(refused("hello"), 0.0);
-    assert_eq!(metric_of(rm, "shipper_receiver_connections_accepted_total", &[]), 0.0);
+    assert_eq!(metric_at(rm, "shipper_receiver_connections_accepted_total", &[]), 0.0);
     // Sized to the limit, the receiver never ran out of descriptors.
-    assert_eq!(metric_of(rm, "shipper_receiver_accept_errors_total", &[]), 0.0);
+    assert_eq!(metric_at(rm, "shipper_receiver_accept_errors_total", &[]), 0.0);
     // The flood is still open on this side; a real shipper gets through.
     let pipe = env.path("app.pipe");
     let mut shipper =
@@ -105,17 +101,17 @@ fn receiver_survives_a_connection_flood_under_a_low_open_file_limit() {
     };
     open_writer(&pipe).write_all(format!("{}\n", lines[0]).as_bytes()).unwrap();
     shipper.wait_alive("the first line acknowledged", || {
-        metric_of(sm, "shipper_records_acked_total", &[]) >= 1.0
+        metric_at(sm, "shipper_records_acked_total", &[]) >= 1.0
     });
     assert_eq!(output_lines(&env.out()), expect(1));
     drop(flood);
     open_writer(&pipe).write_all(format!("{}\n", lines[1]).as_bytes()).unwrap();
     shipper.wait_alive("the second line acknowledged", || {
-        metric_of(sm, "shipper_records_acked_total", &[]) >= 2.0
+        metric_at(sm, "shipper_records_acked_total", &[]) >= 2.0
     });
     assert_eq!(output_lines(&env.out()), expect(2));
     assert!(receiver.child.try_wait().unwrap().is_none(), "the receiver is alive");
-    assert_eq!(metric_of(rm, "shipper_receiver_accept_errors_total", &[]), 0.0);
+    assert_eq!(metric_at(rm, "shipper_receiver_accept_errors_total", &[]), 0.0);
 }
 
 /// Sets the soft open-file limit of process `pid`, keeping its hard limit; returns the old soft.
@@ -147,7 +143,7 @@ fn receiver_pauses_on_accept_errors_and_goes_on_accepting() {
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let mut receiver = start_receiver(&env, port, rm, "");
     let refused = |labels: &[(&str, &str)]| {
-        metric_of(rm, "shipper_receiver_connections_refused_total", labels)
+        metric_at(rm, "shipper_receiver_connections_refused_total", labels)
     };
     // The harness's probe of the port, closed without TLS.
     receiver.wait_alive("the port probe refused", || refused(&[]) == 1.0);
@@ -166,7 +162,7 @@ fn receiver_pauses_on_accept_errors_and_goes_on_accepting() {
     receiver.wait_alive("the waiting connections accepted, then refused", || refused(&[]) == 6.0);
     assert_eq!(refused(&[("reason", "tls")]), 6.0);
     let errors =
-        |labels: &[(&str, &str)]| metric_of(rm, "shipper_receiver_accept_errors_total", labels);
+        |labels: &[(&str, &str)]| metric_at(rm, "shipper_receiver_accept_errors_total", labels);
     // How many accepts failed depends on how long the limit was low: one per 100 ms pause.
     assert!(errors(&[("reason", "fd_limit")]) >= 1.0);
     assert_eq!(errors(&[]), errors(&[("reason", "fd_limit")]));
@@ -176,8 +172,309 @@ fn receiver_pauses_on_accept_errors_and_goes_on_accepting() {
     let line = "{\"service\":\"web\",\"n\":1}";
     open_writer(&pipe).write_all(format!("{line}\n").as_bytes()).unwrap();
     shipper.wait_alive("the line acknowledged", || {
-        metric_of(sm, "shipper_records_acked_total", &[]) >= 1.0
+        metric_at(sm, "shipper_records_acked_total", &[]) >= 1.0
     });
     assert_eq!(output_lines(&env.out()), vec![("web".to_string(), line.as_bytes().to_vec())]);
     assert!(receiver.child.try_wait().unwrap().is_none(), "the receiver is alive");
+}
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+// ---- Idle TCP peers at a syslog TCP source (issue 10, "a TCP source can't be starved") ----
+
+/// A shipper with one TCP syslog source `t` on worker 0, with `extra` keys; its port.
+fn tcp_shipper(env: &Env, receiver_port: u16, sm: u16, extra: &str) -> (Proc, u16) {
+    let tcp = free_port();
+    let body = format!(
+        "[[sources.socket]]\nname = \"t\"\ntransport = \"tcp\"\naddress = \"127.0.0.1:{tcp}\"\n\
+         format = \"rfc3164\"\nframing = \"newline\"\nworker = 0\n{extra}\n"
+    );
+    (start_shipper(env, receiver_port, sm, &body), tcp)
+}
+
+/// A metric of source `t` at the shipper's endpoint `sm` (a failed scrape fails the test).
+fn tcp_metric(sm: u16, name: &str) -> f64 {
+    metric_at(sm, name, &[("source", "t")])
+}
+
+/// An RFC 3164 message from `app`, and the record the shipper makes of it.
+fn tcp_message(app: &str, msg: &str) -> (String, String) {
+    let input = format!("<13>Jan  5 03:04:05 {app}: {msg}");
+    let head = format!(r#"{{"service":"{app}","facility":"user","severity":"notice","#);
+    let record =
+        format!(r#"{head}"timestamp":"Jan  5 03:04:05","app":"{app}","message":"{msg}"}}"#);
+    (input, record)
+}
+
+/// Output lines of stream `app`, sorted (frames on different connections to the receiver may
+/// be written in any order).
+fn tcp_stream_lines(env: &Env, app: &str) -> Vec<String> {
+    let lines = output_lines(&env.out()).into_iter().filter(|(s, _)| s == app);
+    let mut out: Vec<String> = lines.map(|(_, l)| String::from_utf8(l).unwrap()).collect();
+    out.sort();
+    out
+}
+
+/// Whether the shipper closed `c`: a read returns EOF within `limit` (false: still open).
+fn tcp_closed_within(c: &mut TcpStream, limit: Duration) -> bool {
+    c.set_read_timeout(Some(limit)).unwrap();
+    match c.read(&mut [0u8; 16]) {
+        Ok(0) => true,
+        Ok(n) => panic!("the shipper sent {n} bytes on a syslog connection"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
+        Err(e) => panic!("read failed: {e}"),
+    }
+}
+
+#[test]
+fn idle_tcp_peers_at_connections_max_make_room_for_a_real_sender() {
+    // Regression: 300 idle connections locked every other sender out of a syslog TCP source.
+    const MAX: usize = 16;
+    const IDLE: usize = 40;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let extra = format!("connections_max = {MAX}");
+    let (mut shipper, tcp) = tcp_shipper(&env, port, sm, &extra);
+    let pid = shipper.child.id();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds_before = fds();
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for i in 0..IDLE {
+        idle.push(TcpStream::connect(("127.0.0.1", tcp)).unwrap());
+        // One at a time: accepted in this order, so the oldest are the idlest.
+        let want = (i + 1) as f64;
+        shipper.wait_alive("the idle connection accepted", || {
+            tcp_metric(sm, "shipper_socket_connections_accepted_total") == want
+        });
+    }
+    let (input, record) = tcp_message("hostile", "after forty idle peers");
+    let mut sender = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+    sender.write_all(format!("{input}\n").as_bytes()).unwrap();
+    shipper.wait_alive("the message at the receiver", || {
+        !tcp_stream_lines(&env, "hostile").is_empty()
+    });
+    assert_eq!(tcp_stream_lines(&env, "hostile"), [record]);
+    // Counters are published every 250 ms: the message may arrive before they are.
+    let evicted = IDLE + 1 - MAX;
+    shipper.wait_alive("the evictions counted", || {
+        tcp_metric(sm, "shipper_socket_connections_accepted_total") == (IDLE + 1) as f64
+    });
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_evicted_total"), evicted as f64);
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_open"), MAX as f64);
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_idle_closed_total"), 0.0);
+    // The evicted ones are the oldest, and were told (EOF); the others are still served.
+    for (i, c) in idle.iter_mut().enumerate() {
+        let limit = if i < evicted { LIMIT } else { Duration::from_millis(50) };
+        assert_eq!(tcp_closed_within(c, limit), i < evicted, "idle connection {i}");
+    }
+    assert!(!tcp_closed_within(&mut sender, Duration::from_millis(50)), "the sender is open");
+    // An evicted connection's task ended and closed its socket: no descriptor leaks.
+    wait_for("the shipper to hold exactly connections_max sockets more", LIMIT, || {
+        fds() == fds_before + MAX
+    });
+    assert!(shipper.log_text().contains("closed the longest-idle one to make room"));
+    assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
+}
+
+#[test]
+fn a_silent_tcp_peer_is_closed_after_idle_timeout_ms_and_a_talking_one_is_not() {
+    // Regression: a TCP source had no idle timeout; a silent peer held its slot for ever.
+    const IDLE_MS: u64 = 500;
+    const MESSAGES: usize = 40;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let (mut shipper, tcp) = tcp_shipper(&env, port, sm, &format!("idle_timeout_ms = {IDLE_MS}"));
+    let mut silent = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+    let mut talker = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+    let started = Instant::now();
+    let mut want = Vec::new();
+    // Ten messages per idle timeout for four timeouts: never idle that long.
+    for i in 0..MESSAGES {
+        let (input, record) = tcp_message("talker", &format!("message {i}"));
+        talker.write_all(format!("{input}\n").as_bytes()).unwrap();
+        want.push(record);
+        // Pacing the sender, not waiting for a condition.
+        std::thread::sleep(Duration::from_millis(IDLE_MS / 10));
+    }
+    // The silent one was closed by now (its EOF is waiting), the talking one was not.
+    assert!(tcp_closed_within(&mut silent, Duration::from_secs(5)), "the silent peer closed");
+    assert!(started.elapsed() >= Duration::from_millis(IDLE_MS), "not before the timeout");
+    assert!(!tcp_closed_within(&mut talker, Duration::from_millis(50)), "the talker is open");
+    // Counters are published every 250 ms: the EOF may come before they are.
+    shipper.wait_alive("the silent peer counted", || {
+        tcp_metric(sm, "shipper_socket_connections_closed_total") == 1.0
+    });
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_idle_closed_total"), 1.0);
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_open"), 1.0);
+    // A partial message left when a connection ends is counted, not silently dropped.
+    talker.write_all(b"<13>Jan  5 03:04:05 talker: never finished").unwrap();
+    drop(talker);
+    shipper.wait_alive("the talker's connection closed", || {
+        tcp_metric(sm, "shipper_socket_connections_closed_total") == 2.0
+    });
+    assert_eq!(tcp_metric(sm, "shipper_socket_messages_partial_total"), 1.0);
+    assert_eq!(tcp_metric(sm, "shipper_socket_connections_idle_closed_total"), 1.0);
+    shipper.wait_alive("every message at the receiver", || {
+        tcp_stream_lines(&env, "talker").len() >= MESSAGES
+    });
+    want.sort();
+    assert_eq!(tcp_stream_lines(&env, "talker"), want, "once each");
+    assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
+}
+
+// ---- A panic ends the process (issue 10, "a panic ends the process") ----
+
+/// How long a process may take to start, panic and exit.
+const PANIC_EXIT_LIMIT: Duration = Duration::from_secs(20);
+
+/// Starts `shipper <args>` with the test-only fault `panic-worker-task`; waits for it to exit.
+/// Returns its exit code and standard error.
+fn panic_run(env: &Env, args: &[&str]) -> (Option<i32>, String) {
+    let log = env.path(&format!("panic-{}.log", args[0]));
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .env(shipper::fault::ENV, "panic-worker-task")
+        .env("SHIPPER_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > PANIC_EXIT_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let said = std::fs::read_to_string(&log).unwrap();
+            panic!("{args:?} still running {PANIC_EXIT_LIMIT:?} after its panic:\n{said}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), std::fs::read_to_string(&log).unwrap())
+}
+
+#[test]
+fn a_panic_in_a_shipper_worker_task_ends_the_process_with_101() {
+    // Regression: a panic in a worker left `shipper run` half alive (that core's sources unread).
+    let env = Env::new();
+    let cfg = env.write("edge.toml", &env.shipper_toml(free_port(), free_port(), ""));
+    let (code, stderr) = panic_run(&env, &["run", "--no-ebpf", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(101), "{stderr}");
+    // The default hook's message (newer Rust adds the thread's id after its name).
+    assert!(stderr.contains("thread 'worker-0'") && stderr.contains("panicked at"), "{stderr}");
+    assert!(stderr.contains("worker 0 panics on purpose"), "the panic message: {stderr}");
+    assert!(
+        stderr.contains("shipper: thread 'worker-0' panicked: exiting with status 101"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_panic_in_a_receiver_worker_task_ends_the_process_with_101() {
+    // Regression: a panicked receiver worker kept being handed connections by the acceptor.
+    let env = Env::new();
+    let cfg = env.write("receiver.toml", &env.receiver_toml(free_port(), free_port(), ""));
+    let (code, stderr) = panic_run(&env, &["receive", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(101), "{stderr}");
+    // The default hook's message (newer Rust adds the thread's id after its name).
+    assert!(stderr.contains("thread 'receiver-0'") && stderr.contains("panicked at"), "{stderr}");
+    assert!(stderr.contains("receiver worker 0 panics on purpose"), "the panic message: {stderr}");
+    assert!(
+        stderr.contains("shipper: thread 'receiver-0' panicked: exiting with status 101"),
+        "{stderr}"
+    );
+}
+
+// ---- Slow clients at the metrics endpoint (issue 10, "the metrics endpoint") ----
+
+/// A metric of the endpoint on `port` itself (`shipper_metrics_*`).
+fn metrics_own(port: u16, name: &str) -> f64 {
+    metric_at(port, name, &[])
+}
+
+/// Whether the server closed `c` (EOF or reset) within `limit`.
+fn metrics_closed_within(c: &mut TcpStream, limit: Duration) -> bool {
+    c.set_read_timeout(Some(limit)).unwrap();
+    match c.read(&mut [0u8; 64]) {
+        Ok(0) => true,
+        Ok(n) => panic!("the endpoint answered an incomplete request ({n} bytes)"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
+        Err(e) => panic!("read failed: {e}"),
+    }
+}
+
+/// Writes `GET /metrics ...` one byte per 500 ms to each of `clients` until every one of them
+/// fails (closed by the server) or `stop` is set.
+fn metrics_drip(clients: Vec<TcpStream>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let request = b"GET /metrics HTTP/1.1\r\nHost: slow\r\n\r\n";
+        let mut live: Vec<(TcpStream, usize)> = clients.into_iter().map(|c| (c, 0)).collect();
+        while !live.is_empty() && !stop.load(Ordering::Relaxed) {
+            live.retain_mut(|(c, sent)| {
+                let byte = &request[*sent % request.len()..][..1];
+                *sent += 1;
+                c.write_all(byte).is_ok()
+            });
+            // Pacing the slow clients, not waiting for a condition.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })
+}
+
+#[test]
+fn slow_metrics_clients_do_not_stall_a_scrape_and_are_closed_at_the_deadline() {
+    // Regression: /metrics served one request at a time, so one slow client stalled scrapes.
+    use shipper::metrics::http::{CONNECTIONS_MAX, REQUEST_DEADLINE_MS};
+    const SLOW: usize = 20;
+    let deadline = Duration::from_millis(REQUEST_DEADLINE_MS);
+    let env = Env::new();
+    let sm = free_port();
+    let cfg = env.shipper_toml(free_port(), sm, "");
+    let cfg = env.write("edge.toml", &cfg);
+    let log = env.path("shipper.log");
+    let args = ["run", "--no-ebpf", "--config", cfg.to_str().unwrap()];
+    let mut shipper = Proc::start("shipper", &args, sm, log);
+    // Half send nothing, half send the request a byte every 500 ms (it would take 19 s).
+    let mut slow: Vec<(TcpStream, Instant)> = Vec::new();
+    for _ in 0..SLOW {
+        slow.push((TcpStream::connect(("127.0.0.1", sm)).unwrap(), Instant::now()));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let drip: Vec<TcpStream> =
+        slow[SLOW / 2..].iter().map(|(c, _)| c.try_clone().unwrap()).collect();
+    let dripper = metrics_drip(drip, stop.clone());
+    let started = Instant::now();
+    let text = scrape(sm).expect("a scrape while 20 clients are slow");
+    assert!(started.elapsed() < Duration::from_secs(2), "scraped in {:?}", started.elapsed());
+    let own = |name| metric(&text, name, &[]);
+    assert_eq!(own("shipper_metrics_connections_open"), (SLOW + 1) as f64, "the slow ones held");
+    assert_eq!(own("shipper_metrics_connections_refused_total"), 0.0);
+    assert!(metric(&text, "shipper_build_info", &[]) == 1.0, "a whole exposition:\n{text}");
+    // Up to the limit with more silent ones; one more is closed at once.
+    for _ in SLOW..CONNECTIONS_MAX {
+        slow.push((TcpStream::connect(("127.0.0.1", sm)).unwrap(), Instant::now()));
+    }
+    let mut over = TcpStream::connect(("127.0.0.1", sm)).unwrap();
+    let connected = Instant::now();
+    assert!(metrics_closed_within(&mut over, deadline), "the connection over the limit closed");
+    assert!(connected.elapsed() < deadline / 2, "closed at once, not at the deadline");
+    // Each slow one is closed by the server at its deadline, not before.
+    for (i, (c, connected)) in slow.iter_mut().enumerate() {
+        assert!(metrics_closed_within(c, deadline * 2), "slow client {i} closed");
+        let after = connected.elapsed();
+        assert!(after >= deadline, "slow client {i} closed after {after:?}, before the deadline");
+    }
+    stop.store(true, Ordering::Relaxed);
+    dripper.join().unwrap();
+    assert_eq!(metrics_own(sm, "shipper_metrics_connections_refused_total"), 1.0);
+    assert_eq!(metrics_own(sm, "shipper_metrics_requests_timed_out_total"), CONNECTIONS_MAX as f64);
+    assert_eq!(metrics_own(sm, "shipper_metrics_connections_open"), 1.0);
+    assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
 }

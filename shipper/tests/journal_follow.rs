@@ -208,10 +208,9 @@ fn journal_source_pauses_instead_of_dropping() {
     let path = env.write("edge.toml", &cfg);
     let mut shipper =
         Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, env.path("s.log"));
-    let read =
-        || metric(&scrape(sm).unwrap_or_default(), "shipper_journal_entries_read_total", &[]);
+    let read = || metric(&scrape_ok(sm), "shipper_journal_entries_read_total", &[]);
     shipper.wait_alive("the outbox to fill", || {
-        metric(&scrape(sm).unwrap_or_default(), "shipper_outbox_records", &[]) > 0.0 && read() > 0.0
+        metric(&scrape_ok(sm), "shipper_outbox_records", &[]) > 0.0 && read() > 0.0
     });
     // Observe a second of metrics (four publications): the source must stay paused.
     let before = read();
@@ -259,7 +258,7 @@ fn since_now_and_vacuum() {
         .replace("poll_interval_ms = 50", "poll_interval_ms = 50\nsince = \"now\"");
     let mut shipper = start_shipper(&env, port, sm, &body);
     shipper.wait_alive("the files opened", || {
-        metric(&scrape(sm).unwrap_or_default(), "shipper_journal_files_open", &[]) >= 1.0
+        metric(&scrape_ok(sm), "shipper_journal_files_open", &[]) >= 1.0
     });
     // Vacuum: the archived files go away while the shipper runs.
     for f in std::fs::read_dir(&jdir).unwrap().flatten() {
@@ -310,7 +309,7 @@ fn journal_entries_unacknowledged_at_shutdown_are_read_again() {
     // No receiver: the entries read wait in the outbox until the deadline.
     let mut shipper = start();
     shipper.wait_alive("entries in the outbox", || {
-        metric(&scrape(sm).unwrap_or_default(), "shipper_outbox_records", &[]) > 0.0
+        metric(&scrape_ok(sm), "shipper_outbox_records", &[]) > 0.0
     });
     assert!(shipper.stop(Duration::from_secs(20)).success());
     let log = shipper.log_text();

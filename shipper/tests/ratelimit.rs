@@ -51,7 +51,7 @@ fn one_service_on_two_cores_stays_within_its_global_rate() {
     let t = (ea.max(eb) - sa.min(sb)).as_secs_f64();
     let written = (na + nb) as f64;
     shipper.wait_alive("every noisy line counted", || {
-        let text = scrape(sm).unwrap_or_default();
+        let text = scrape_ok(sm);
         let seen = metric(&text, "shipper_lines_admitted_total", &[("service", "noisy")])
             + metric(&text, "shipper_lines_dropped_total", &[("service", "noisy")]);
         seen >= written

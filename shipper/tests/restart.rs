@@ -45,14 +45,13 @@ fn receiver_killed_mid_stream_loses_and_duplicates_nothing() {
     let _ = receiver.child.wait();
     // The receiver restarts only once the shipper has seen it go (and kept reading meanwhile).
     shipper.wait_alive("the shipper to see the receiver gone", || {
-        metric(&scrape(sm).unwrap_or_default(), "shipper_receiver_connections_lost_total", &[])
-            >= 1.0
+        metric(&scrape_ok(sm), "shipper_receiver_connections_lost_total", &[]) >= 1.0
     });
     let _receiver = start_receiver_toml(&env, port, rm, &config);
     writer.join().unwrap();
     assert!(done.load(Ordering::SeqCst));
     shipper.wait_alive_for("every line acknowledged", Duration::from_secs(120), &mut || {
-        metric(&scrape(sm).unwrap_or_default(), "shipper_records_acked_total", &[]) >= LINES as f64
+        metric(&scrape_ok(sm), "shipper_records_acked_total", &[]) >= LINES as f64
     });
     let lines = output_lines(&env.out());
     let mut seen = vec![0u32; LINES];
@@ -70,5 +69,5 @@ fn receiver_killed_mid_stream_loses_and_duplicates_nothing() {
 }
 
 fn receiver_written(port: u16) -> f64 {
-    metric(&scrape(port).unwrap_or_default(), "shipper_receiver_records_written_total", &[])
+    metric(&scrape_ok(port), "shipper_receiver_records_written_total", &[])
 }

@@ -17,7 +17,7 @@ fn sigterm_flushes_the_open_batch_and_exits_zero() {
         writeln!(w, r#"{{"service":"app","n":{n}}}"#).unwrap();
     }
     shipper.wait_alive("1000 lines read", || {
-        metric(&scrape(sm).unwrap_or_default(), "shipper_source_lines_read_total", &[]) == 1000.0
+        metric(&scrape_ok(sm), "shipper_source_lines_read_total", &[]) == 1000.0
     });
     assert_eq!(output_lines(&env.out()).len(), 0, "nothing flushed before the signal");
     let status = shipper.stop(Duration::from_secs(10));
@@ -57,8 +57,7 @@ fn no_receiver_never_blocks_the_writer_and_counts_drops() {
     w.flush().unwrap();
     let writing = started.elapsed();
     shipper.wait_alive("every line read", || {
-        metric(&scrape(sm).unwrap_or_default(), "shipper_source_lines_read_total", &[])
-            == LINES as f64
+        metric(&scrape_ok(sm), "shipper_source_lines_read_total", &[]) == LINES as f64
     });
     let text = scrape(sm).unwrap();
     let dropped = metric(

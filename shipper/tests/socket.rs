@@ -28,7 +28,7 @@ fn wait_lines(shipper: &mut Proc, env: &Env, n: usize) {
     shipper.wait_alive("records acknowledged", || output_lines(&env.out()).len() >= n);
     let sm = shipper.metrics;
     wait_for("every record acknowledged", LIMIT, || {
-        metric(&scrape(sm).unwrap_or_default(), "shipper_records_acked_total", &[]) >= n as f64
+        metric(&scrape_ok(sm), "shipper_records_acked_total", &[]) >= n as f64
     });
     assert_eq!(output_lines(&env.out()).len(), n, "no record arrives twice");
 }
@@ -62,7 +62,7 @@ fn udp_datagrams_from_four_senders_arrive_once_with_exact_fields() {
     let local = format!("127.0.0.1:{udp}");
     let info = |core: &str| {
         metric(
-            &scrape(sm).unwrap_or_default(),
+            &scrape_ok(sm),
             "shipper_socket_info",
             &[("core", core), ("transport", "udp"), ("local", &local)],
         )
@@ -83,8 +83,7 @@ fn udp_datagrams_from_four_senders_arrive_once_with_exact_fields() {
         }
         let sent = ((round + 1) * 50 * SENDERS) as f64;
         shipper.wait_alive("datagrams received", || {
-            metric(&scrape(sm).unwrap_or_default(), "shipper_socket_messages_received_total", &[])
-                >= sent
+            metric(&scrape_ok(sm), "shipper_socket_messages_received_total", &[]) >= sent
         });
     }
     wait_lines(&mut shipper, &env, SENDERS * PER_SENDER);
@@ -120,7 +119,7 @@ fn tcp_newline_octet_counting_and_auto_framing_with_split_writes() {
     let sm_ = sm;
     shipper.wait_alive("the first newline-framed message", || {
         metric(
-            &scrape(sm_).unwrap_or_default(),
+            &scrape_ok(sm_),
             "shipper_socket_messages_received_total",
             &[("source", "tcp-newline")],
         ) == 1.0
@@ -136,7 +135,7 @@ fn tcp_newline_octet_counting_and_auto_framing_with_split_writes() {
     oc.write_all(&framed.as_bytes()[..cut]).unwrap();
     shipper.wait_alive("the first octet-counted message", || {
         metric(
-            &scrape(sm_).unwrap_or_default(),
+            &scrape_ok(sm_),
             "shipper_socket_messages_received_total",
             &[("source", "tcp-octet_counting")],
         ) == 1.0
@@ -169,7 +168,7 @@ fn tcp_newline_octet_counting_and_auto_framing_with_split_writes() {
     assert_eq!(v["structured_data"]["timeQuality"]["tzKnown"], "1");
     drop((nl, oc, au));
     wait_for("connections closed", LIMIT, || {
-        let text = scrape(sm).unwrap_or_default();
+        let text = scrape_ok(sm);
         metric(&text, "shipper_socket_connections_closed_total", &[]) == 4.0
     });
     assert_eq!(shipper.metric("shipper_socket_connections_accepted_total", &[]), 4.0);
@@ -201,7 +200,7 @@ fn unix_datagram_socket_replaces_a_stale_file_and_takes_logger_messages() {
         client.send_to(m.as_bytes(), &path).unwrap();
         if i % 50 == 49 {
             shipper.wait_alive("datagrams received", || {
-                let text = scrape(sm).unwrap_or_default();
+                let text = scrape_ok(sm);
                 metric(&text, "shipper_socket_messages_received_total", &[]) >= (i + 1) as f64
             });
         }
@@ -278,20 +277,24 @@ fn bad_socket_input_is_counted_and_never_stops_a_source() {
     let mut j = TcpStream::connect(("127.0.0.1", json)).unwrap();
     j.write_all(text).unwrap();
     wait_for("the garbage connection closed", LIMIT, || {
-        let t = scrape(sm).unwrap_or_default();
+        let t = scrape_ok(sm);
         metric(&t, "shipper_socket_framing_errors_total", &[("source", "t")]) == 1.0
     });
-    // Past connections_max (2 on the one worker: t1 and a third one held open), a connection
-    // is refused.
+    wait_for("the message after the oversize one", LIMIT, || {
+        let t = scrape_ok(sm);
+        metric(&t, "shipper_socket_messages_received_total", &[("source", "t")]) == 1.0
+    });
+    // Past connections_max (2 on the one worker: t1 and a third one held open), a new
+    // connection evicts the longest-idle one (t1: it sent its bytes before t3 connected).
     let _t3 = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
     wait_for("two connections open", LIMIT, || {
-        let t = scrape(sm).unwrap_or_default();
+        let t = scrape_ok(sm);
         metric(&t, "shipper_socket_connections_open", &[("source", "t")]) == 2.0
     });
     let _t4 = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
-    wait_for("a connection refused", LIMIT, || {
-        let t = scrape(sm).unwrap_or_default();
-        metric(&t, "shipper_socket_connections_refused_total", &[("source", "t")]) == 1.0
+    wait_for("a connection evicted", LIMIT, || {
+        let t = scrape_ok(sm);
+        metric(&t, "shipper_socket_connections_evicted_total", &[("source", "t")]) == 1.0
     });
     // 6 datagrams less the empty one, 1 from tcp, 4 json lines.
     wait_lines(&mut shipper, &env, 5 + 1 + 4);

@@ -15,7 +15,8 @@ mod delivery;
 mod ebpf;
 /// Receivers in tiers: a hung primary fails over to the standby and back; dead letter.
 mod failover;
-/// Hostile input and peers: over-long names, floods of connections, exhausted descriptors.
+/// Hostile input and peers: over-long names, floods of connections, exhausted descriptors,
+/// idle peers, slow scrapers, panics; the next good record still arrives, and it is counted.
 mod hostile;
 /// The journal reader against journalctl, on files written by systemd's own tools.
 mod journal;

@@ -12,6 +12,9 @@ use crate::transforms::syslog::Syntax;
 /// Largest message a socket source accepts (`message_bytes_max` upper bound), in bytes.
 pub const MESSAGE_BYTES_LIMIT: u64 = 16 << 20;
 
+/// Default `idle_timeout_ms` of a TCP source (10 minutes).
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 600_000;
+
 /// How the bytes reach the shipper.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -105,10 +108,18 @@ pub struct SocketSource {
     /// what does not parse). Default: the source's `name`.
     #[serde(default)]
     pub service: Option<String>,
-    /// TCP connections served at once per worker that listens; more are closed and counted.
+    /// TCP connections served at once per worker that listens. A new connection past it closes
+    /// the longest-idle one (counted), so idle peers cannot lock other senders out.
     /// Default: 256.
     #[serde(default)]
     pub connections_max: Option<u64>,
+    /// A TCP connection that sends nothing for this long is closed (counted), in milliseconds,
+    /// 100 to 86400000. Default: 600000 (10 minutes: syslog senders such as rsyslog keep one
+    /// connection open and may be quiet for minutes; each close can cost the message a
+    /// sender writes before it notices, so the timeout is long and eviction at
+    /// `connections_max` is what keeps room for new senders).
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
     /// Worker that owns the socket. Default: udp and tcp bind on every worker with
     /// SO_REUSEPORT; unix is dealt round-robin after the pipes and journals.
     #[serde(default)]
@@ -139,6 +150,10 @@ impl SocketSource {
 
     pub fn connections_max_or_default(&self) -> usize {
         self.connections_max.unwrap_or(256) as usize
+    }
+
+    pub fn idle_timeout_or_default(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.idle_timeout_ms.unwrap_or(IDLE_TIMEOUT_MS_DEFAULT))
     }
 
     /// The bound address, for udp and tcp.
@@ -183,6 +198,10 @@ impl SocketSource {
         if let Some(n) = self.connections_max {
             p.check(tcp, &at("connections_max"), || format!("only for transport tcp, not {t}"));
             p.range(n, 1, 65_536, &at("connections_max"));
+        }
+        if let Some(ms) = self.idle_timeout_ms {
+            p.check(tcp, &at("idle_timeout_ms"), || format!("only for transport tcp, not {t}"));
+            p.range(ms, 100, 86_400_000, &at("idle_timeout_ms"));
         }
         p.range(self.receive_buffer_bytes, 4096, 1 << 30, &at("receive_buffer_bytes"));
         p.range(self.message_bytes_max, 256, MESSAGE_BYTES_LIMIT, &at("message_bytes_max"));

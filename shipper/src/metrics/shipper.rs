@@ -55,11 +55,15 @@ pub struct SocketCounters {
     pub parse_failures: [u64; MessageFailure::ALL.len()],
     pub connections_accepted: u64,
     pub connections_closed: u64,
-    /// Connections closed at once because connections_max were open.
-    pub connections_refused: u64,
+    /// Longest-idle connections closed to make room: connections_max were open.
+    pub connections_evicted: u64,
+    /// Connections closed after sending nothing for idle_timeout_ms.
+    pub connections_idle_closed: u64,
     pub connections_open: u64,
     /// TCP streams closed for a malformed octet count.
     pub framing_errors: u64,
+    /// Partial messages (started, not complete) held when their TCP connection closed: lost.
+    pub messages_partial: u64,
     pub read_errors: u64,
 }
 
@@ -292,10 +296,16 @@ const PER_SOCKET: &[Series<SocketCounters>] = &[
         s.connections_closed
     }),
     (
-        "shipper_socket_connections_refused_total",
+        "shipper_socket_connections_evicted_total",
         "counter",
-        "TCP connections closed at once: connections_max were open.",
-        |s| s.connections_refused,
+        "Longest-idle TCP connections closed to make room for a new one: connections_max open.",
+        |s| s.connections_evicted,
+    ),
+    (
+        "shipper_socket_connections_idle_closed_total",
+        "counter",
+        "TCP connections closed after sending nothing for idle_timeout_ms.",
+        |s| s.connections_idle_closed,
     ),
     ("shipper_socket_connections_open", "gauge", "TCP connections open.", |s| s.connections_open),
     (
@@ -303,6 +313,12 @@ const PER_SOCKET: &[Series<SocketCounters>] = &[
         "counter",
         "TCP connections closed for a malformed octet count.",
         |s| s.framing_errors,
+    ),
+    (
+        "shipper_socket_messages_partial_total",
+        "counter",
+        "Partial messages a TCP connection left unfinished when it closed: lost.",
+        |s| s.messages_partial,
     ),
     ("shipper_socket_read_errors_total", "counter", "Failed socket reads and accepts.", |s| {
         s.read_errors

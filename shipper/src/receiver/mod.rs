@@ -90,12 +90,12 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
                 core_affinity::set_for_current(cpu);
             }
             let worker = server::Worker::new(core, output, commits, windows, config);
-            tokio_uring::start(server::serve_worker(
-                Rc::new(RefCell::new(worker)),
-                rx,
-                open,
-                registry,
-            ));
+            tokio_uring::start(async move {
+                if core == 0 && crate::fault::injected(crate::fault::Fault::PanicWorkerTask) {
+                    tokio_uring::spawn(crate::fault::panic_worker_task("receiver worker"));
+                }
+                server::serve_worker(Rc::new(RefCell::new(worker)), rx, open, registry).await
+            });
         })?;
     }
     let addr = listener.local_addr()?;

@@ -117,6 +117,9 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
             tokio_uring::spawn(run_slot(core.clone(), target.clone(), plan.stop.clone()));
         }
     }
+    if plan.core == 0 && crate::fault::injected(crate::fault::Fault::PanicWorkerTask) {
+        tokio_uring::spawn(crate::fault::panic_worker_task("worker"));
+    }
     tick(core, plan.stop, plan.reports, plan.shares, plan.registry).await;
     Ok(())
 }
@@ -148,6 +151,7 @@ fn start_socket(
                 framing: cfg.framing_or_default(),
                 message_bytes_max: max,
                 connections_max: cfg.connections_max_or_default(),
+                idle_timeout: cfg.idle_timeout_or_default(),
             };
             tokio_uring::spawn(serve_tcp(core.clone(), s, listener, limits, stop.clone()));
         }

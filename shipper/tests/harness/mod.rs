@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shipper");
 
+/// First line of a test marked `#[ignore = "needs root: <why>"]`. `cargo test` skips such a
+/// test and says why; `cargo xtask test` runs it when root. Run anyway without root
+/// (`--ignored`), it fails with `why`: it never passes without having checked anything.
+pub fn require_root(why: &str) {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(root, "needs root: {why} (run `cargo xtask test` as root: it includes these tests)");
+}
+
 /// Polls `cond` every 20 ms until it holds or `limit` passes; panics with `what` on timeout.
 pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -92,6 +101,8 @@ impl Proc {
         let mut p = Proc::start_any(name, BIN, args, log);
         p.metrics = metrics;
         p.wait_alive("its metrics endpoint", || scrape(metrics).is_some());
+        let mut serving = SERVING.lock().unwrap_or_else(|e| e.into_inner());
+        serving.push((metrics, p.name.clone(), p.log.clone()));
         p
     }
 
@@ -175,16 +186,24 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// The sum of metric `name` (samples matching `labels`); panics (with the log) when the
+    /// scrape fails: a dead endpoint must not read as 0.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        metric(&scrape(self.metrics).unwrap_or_default(), name, labels)
+        metric(&scrape_ok(self.metrics), name, labels)
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+        let mut serving = SERVING.lock().unwrap_or_else(|e| e.into_inner());
+        serving.retain(|(port, _, log)| (*port, log) != (self.metrics, &self.log));
     }
 }
+
+/// The processes of running tests that serve metrics: port, name, log. A failed scrape names
+/// the process and shows its log.
+static SERVING: std::sync::Mutex<Vec<(u16, String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
 
 pub fn start_receiver(env: &Env, port: u16, metrics: u16, extra: &str) -> Proc {
     start_receiver_toml(env, port, metrics, &env.receiver_toml(port, metrics, extra))
@@ -217,6 +236,21 @@ fn unique(p: PathBuf) -> PathBuf {
 /// GET /metrics, or `None` if nothing answers.
 pub fn scrape(port: u16) -> Option<String> {
     shipper::metrics::http::get(&format!("127.0.0.1:{port}"))
+}
+
+/// GET /metrics; panics when nothing answers, naming the process serving `port` (the last
+/// one started there) with its log.
+pub fn scrape_ok(port: u16) -> String {
+    scrape(port).unwrap_or_else(|| {
+        let serving = SERVING.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match serving.iter().rev().find(|(p, _, _)| *p == port) {
+            Some((_, name, log)) => panic!(
+                "scraping {name}'s metrics at 127.0.0.1:{port} failed; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            ),
+            None => panic!("scraping 127.0.0.1:{port} failed (no process of this test serves it)"),
+        }
+    })
 }
 
 pub use shipper::metrics::text::sum as metric;
@@ -337,10 +371,10 @@ pub fn copies(outputs: &[&Path], writer: usize, lines: usize) -> Vec<u32> {
     seen
 }
 
-/// The sum of metric `name` (samples matching `labels`) at the endpoint on `port`; 0 when it
-/// does not answer.
+/// The sum of metric `name` (samples matching `labels`) at the endpoint on `port`; panics
+/// (naming the process, with its log) when it does not answer.
 pub fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric(&scrape(port).unwrap_or_default(), name, labels)
+    metric(&scrape_ok(port), name, labels)
 }
 
 /// `promtool check metrics` on `text`: whether it passed, and what it said (stdout and stderr).

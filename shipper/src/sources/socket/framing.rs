@@ -78,6 +78,16 @@ impl Framer {
         self.carry.len()
     }
 
+    /// Whether a message was started and not finished: lost if the stream ends now. A message
+    /// being skipped (oversize count) or discarded (after a cut) was counted already.
+    pub fn holds_partial(&self) -> bool {
+        match self.state {
+            State::Count(_, digits) => digits > 0,
+            State::Body(_) | State::Line { discarding: false } => true,
+            State::Start | State::Skip(_) | State::Line { discarding: true } => false,
+        }
+    }
+
     /// Frames `chunk`, calling `emit` for each message completed or refused.
     pub fn push(
         &mut self,
@@ -260,6 +270,25 @@ mod tests {
         assert_eq!(bad(b"12x"), Err(FrameError::BadCount { byte: b'x', digits: 2 }));
         assert_eq!(bad(b" 5 hello"), Err(FrameError::BadCount { byte: b' ', digits: 0 }));
         assert_eq!(bad(b"1234567890 x"), Err(FrameError::CountTooLong));
+    }
+
+    #[test]
+    fn a_started_message_is_partial_until_it_ends() {
+        let partial = |framing, chunk: &[u8]| {
+            let mut f = Framer::new(framing, 8);
+            f.push(chunk, |_| {}).unwrap();
+            f.holds_partial()
+        };
+        assert!(!partial(Framing::Newline, b""));
+        assert!(!partial(Framing::Newline, b"ab\n"));
+        assert!(partial(Framing::Newline, b"ab\nc"));
+        // Cut at the limit: handed out already, the rest is discarded.
+        assert!(!partial(Framing::Newline, b"0123456789"));
+        assert!(partial(Framing::OctetCounting, b"1"));
+        assert!(partial(Framing::OctetCounting, b"3 ab"));
+        assert!(!partial(Framing::OctetCounting, b"3 abc"));
+        // Oversize: counted when refused, skipped.
+        assert!(!partial(Framing::OctetCounting, b"20 abc"));
     }
 
     #[test]

@@ -18,6 +18,12 @@
 //! - Memory: per datagram socket one buffer of `message_bytes_max + 1` bytes; per TCP
 //!   connection one read buffer of [`TCP_READ_BYTES`] plus a carry of at most
 //!   `message_bytes_max`; at most `connections_max` connections per listening worker.
+//! - Idle peers cannot starve a TCP source: a connection that sends nothing for
+//!   `idle_timeout_ms` (default 10 minutes) is closed, and at `connections_max` a new
+//!   connection closes the longest-idle one instead of being refused. The table of open
+//!   connections is per source and worker ([`run::Connections`], `Rc<RefCell<_>>` shared by
+//!   the acceptor and the connection tasks on the worker's thread: no lock); choosing whom to
+//!   evict scans it, only when it is full.
 //! - A socket source is not durable: like a pipe, it never stops reading (a full outbox drops
 //!   the newest batch, counted), so the kernel's receive queue (`receive_buffer_bytes`) only
 //!   has to absorb scheduling hiccups.
@@ -35,9 +41,13 @@
 //! 2. Worker: a datagram socket is read with `IORING_OP_READ` into an owned buffer one
 //!    message larger than `message_bytes_max`: a datagram filling it was longer and is cut
 //!    and counted. A TCP listener accepts through the ring; each connection is its own task
-//!    reading through the ring and framing with [`framing::Framer`]; over `connections_max`
-//!    a new connection is closed at once and counted; a malformed octet count closes its
-//!    connection (logged with the peer, counted).
+//!    reading through the ring and framing with [`framing::Framer`]; a malformed octet count
+//!    closes its connection (logged with the peer, counted). At `connections_max` the
+//!    acceptor evicts the connection that has sent nothing for longest: `shutdown(2)` on its
+//!    fd ends the task's pending read, it is counted (`connections_evicted`) and logged at
+//!    most once per 10 s per source and worker. A connection silent for `idle_timeout_ms` is
+//!    closed by its task (`connections_idle_closed`). A message started and not finished
+//!    when a connection closes, for any reason, is lost and counted (`messages_partial`).
 //! 3. Every message goes to [`crate::runtime::core::Core::on_message`]: parsed, given its
 //!    service, and admitted like a pipe line. On stop, reads end and connections close.
 

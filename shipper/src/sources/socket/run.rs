@@ -1,8 +1,9 @@
 //! The tasks that read socket sources inside a worker (see the module docs of `socket`).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -56,9 +57,85 @@ pub struct TcpLimits {
     pub framing: Framing,
     pub message_bytes_max: usize,
     pub connections_max: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
 }
 
-/// Accepts connections on `listener` until stopped; each is served by its own task.
+/// Least time between two eviction warnings of one source on one worker: a flood of new
+/// connections evicts at the rate it connects, the log says so once per interval.
+const EVICTION_LOG_INTERVAL_NS: u64 = 10_000_000_000;
+
+/// One open connection, as its source's acceptor sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Open {
+    pub fd: RawFd,
+    pub peer: SocketAddr,
+    /// When it last sent bytes (or was accepted), on the core's clock.
+    pub active_ns: u64,
+}
+
+/// The open connections of one TCP source on one worker, shared (`Rc<RefCell<_>>`) by its
+/// acceptor and its connection tasks, all on the worker's thread. A connection is in the
+/// table from accept until its task removes it or the acceptor evicts it, whichever is first;
+/// its fd stays open at least that long (the task removes its entry before it drops the
+/// stream), so the acceptor may `shutdown(2)` an fd it finds here.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: HashMap<u64, Open>,
+    next_id: u64,
+    /// Evictions not logged yet, and when the last eviction warning was logged.
+    evictions_unlogged: u64,
+    logged_ns: Option<u64>,
+}
+
+impl Connections {
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// Adds a connection; returns its id.
+    pub fn insert(&mut self, open: Open) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.open.insert(id, open);
+        id
+    }
+
+    /// Records that connection `id` sent bytes; false when it was evicted meanwhile.
+    pub fn touch(&mut self, id: u64, now_ns: u64) -> bool {
+        self.open.get_mut(&id).map(|o| o.active_ns = now_ns).is_some()
+    }
+
+    /// Removes connection `id`; false when it was evicted (and counted) already.
+    pub fn remove(&mut self, id: u64) -> bool {
+        self.open.remove(&id).is_some()
+    }
+
+    /// Removes and returns the connection that has sent nothing for the longest (the oldest
+    /// on a tie). A scan of at most `connections_max` entries, only when the table is full.
+    pub fn evict_idlest(&mut self) -> Option<Open> {
+        let (&id, _) = self.open.iter().min_by_key(|(&id, o)| (o.active_ns, id))?;
+        self.evictions_unlogged += 1;
+        self.open.remove(&id)
+    }
+
+    /// Evictions to report now (at most once per [`EVICTION_LOG_INTERVAL_NS`]), or `None`.
+    pub fn evictions_to_log(&mut self, now_ns: u64) -> Option<u64> {
+        let due = self.logged_ns.is_none_or(|t| now_ns >= t + EVICTION_LOG_INTERVAL_NS);
+        if !due || self.evictions_unlogged == 0 {
+            return None;
+        }
+        self.logged_ns = Some(now_ns);
+        Some(std::mem::take(&mut self.evictions_unlogged))
+    }
+}
+
+/// Accepts connections on `listener` until stopped; each is served by its own task. At
+/// `connections_max` the longest-idle connection is closed to make room for the new one.
 pub async fn serve_tcp(
     core: Rc<RefCell<Core>>,
     s: usize,
@@ -67,6 +144,7 @@ pub async fn serve_tcp(
     mut stop: watch::Receiver<bool>,
 ) {
     let listener = tokio_uring::net::TcpListener::from_std(listener);
+    let conns = Rc::new(RefCell::new(Connections::default()));
     loop {
         if *stop.borrow() {
             return;
@@ -82,62 +160,141 @@ pub async fn serve_tcp(
                 continue;
             }
         };
-        let mut c = core.borrow_mut();
-        let sc = &mut c.counters.sockets[s];
-        if sc.connections_open >= limits.connections_max as u64 {
-            sc.connections_refused += 1;
-            let source = &sc.source;
-            tracing::warn!(%source, %peer, "connections_max connections open: closing the new one");
-            continue;
-        }
-        sc.connections_accepted += 1;
-        sc.connections_open += 1;
-        drop(c);
-        tokio_uring::spawn(serve_connection(core.clone(), s, stream, peer, limits, stop.clone()));
+        let id = {
+            let mut c = core.borrow_mut();
+            let now = c.now_ns();
+            let mut table = conns.borrow_mut();
+            if table.len() >= limits.connections_max {
+                evict(&mut c, s, &mut table, limits.connections_max, now);
+            }
+            let sc = &mut c.counters.sockets[s];
+            sc.connections_accepted += 1;
+            sc.connections_open += 1;
+            table.insert(Open { fd: stream.as_raw_fd(), peer, active_ns: now })
+        };
+        let conn = Conn { core: core.clone(), conns: conns.clone(), s, id, peer, limits };
+        tokio_uring::spawn(serve_connection(conn, stream, stop.clone()));
     }
 }
 
-/// Reads one connection until EOF, an error, a framing error or stop; then closes it.
-async fn serve_connection(
+/// Closes the longest-idle connection of `table` (full): counted, logged at a bounded rate.
+fn evict(c: &mut Core, s: usize, table: &mut Connections, max: usize, now_ns: u64) {
+    let Some(old) = table.evict_idlest() else { return };
+    // SAFETY: `old.fd` is open: its task removes its entry before it drops (closes) the
+    // stream, and the entry was still here. shutdown(2) ends the task's pending io_uring read
+    // (it returns 0) and tells the peer; the task then closes the fd.
+    unsafe { libc::shutdown(old.fd, libc::SHUT_RDWR) };
+    let sc = &mut c.counters.sockets[s];
+    sc.connections_evicted += 1;
+    sc.connections_open -= 1;
+    sc.connections_closed += 1;
+    if let Some(evicted) = table.evictions_to_log(now_ns) {
+        let idle_ms = now_ns.saturating_sub(old.active_ns) / 1_000_000;
+        let (source, peer) = (&sc.source, old.peer);
+        // `evicted`: how many since the last such message (this one included).
+        tracing::warn!(
+            %source,
+            %peer,
+            idle_ms,
+            evicted,
+            max,
+            "connections_max connections open: closed the longest-idle one to make room"
+        );
+    }
+}
+
+/// What a connection task needs: its core, its source's table and its own place in it.
+struct Conn {
     core: Rc<RefCell<Core>>,
+    conns: Rc<RefCell<Connections>>,
     s: usize,
-    stream: tokio_uring::net::TcpStream,
+    id: u64,
     peer: SocketAddr,
     limits: TcpLimits,
+}
+
+/// Why a connection ended.
+enum End {
+    /// EOF, a failed read, or stop (logged and counted where it happened).
+    Closed,
+    /// A framing error (counted where it happened; what the framer holds is not a message).
+    Malformed,
+    /// Nothing sent for `idle_timeout`.
+    Idle,
+    /// Evicted by the acceptor (counted there).
+    Evicted,
+}
+
+/// Reads one connection until EOF, an error, a framing error, idleness, eviction or stop;
+/// then closes it.
+async fn serve_connection(
+    conn: Conn,
+    stream: tokio_uring::net::TcpStream,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut framer = Framer::new(limits.framing, limits.message_bytes_max);
+    let mut framer = Framer::new(conn.limits.framing, conn.limits.message_bytes_max);
     let mut buf = Vec::with_capacity(TCP_READ_BYTES);
-    loop {
+    let end = loop {
         if *stop.borrow() {
-            break;
+            break End::Closed;
         }
         buf.clear();
         let (res, b) = tokio::select! {
             r = stream.read(buf) => r,
-            _ = stop.changed() => break,
+            _ = tokio::time::sleep(conn.limits.idle_timeout) => break End::Idle,
+            _ = stop.changed() => break End::Closed,
         };
         buf = b;
         let n = match res {
-            Ok(0) => break,
+            Ok(0) => break End::Closed,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                let mut c = core.borrow_mut();
-                let sc = &mut c.counters.sockets[s];
+                let mut c = conn.core.borrow_mut();
+                let sc = &mut c.counters.sockets[conn.s];
                 sc.read_errors += 1;
-                tracing::warn!(source = %sc.source, %peer, "connection read failed: {e}");
-                break;
+                let (source, peer) = (&sc.source, conn.peer);
+                tracing::warn!(%source, %peer, "connection read failed: {e}");
+                break End::Closed;
             }
         };
-        let mut c = core.borrow_mut();
+        if !conn.frame(&mut framer, &buf[..n]) {
+            break End::Malformed;
+        }
+        let now = conn.core.borrow().now_ns();
+        if !conn.conns.borrow_mut().touch(conn.id, now) {
+            break End::Evicted;
+        }
+    };
+    // Out of the table before the stream (and its fd) can close: see `Connections`.
+    let listed = conn.conns.borrow_mut().remove(conn.id);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let mut c = conn.core.borrow_mut();
+    let sc = &mut c.counters.sockets[conn.s];
+    if framer.holds_partial() && !matches!(end, End::Malformed) {
+        sc.messages_partial += 1;
+    }
+    if matches!(end, End::Idle) {
+        sc.connections_idle_closed += 1;
+    }
+    if listed {
+        sc.connections_open -= 1;
+        sc.connections_closed += 1;
+    }
+}
+
+impl Conn {
+    /// Frames the bytes of one read; false when the stream is malformed (counted, logged).
+    fn frame(&self, framer: &mut Framer, bytes: &[u8]) -> bool {
+        let (s, peer, max) = (self.s, self.peer, self.limits.message_bytes_max);
+        let mut c = self.core.borrow_mut();
         let now = c.now_ns();
-        let framed = framer.push(&buf[..n], |piece| match piece {
+        let framed = framer.push(bytes, |piece| match piece {
             Piece::Message { bytes, cut } => c.on_message(s, bytes, cut, now),
             Piece::Oversize(len) => {
                 let sc = &mut c.counters.sockets[s];
                 sc.messages_oversize += 1;
-                let (source, max) = (&sc.source, limits.message_bytes_max);
+                let source = &sc.source;
                 tracing::warn!(
                     %source,
                     %peer,
@@ -151,12 +308,49 @@ async fn serve_connection(
             let sc = &mut c.counters.sockets[s];
             sc.framing_errors += 1;
             tracing::warn!(source = %sc.source, %peer, "closing connection: {e}");
-            break;
+            return false;
         }
+        true
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    let mut c = core.borrow_mut();
-    let sc = &mut c.counters.sockets[s];
-    sc.connections_open -= 1;
-    sc.connections_closed += 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(active_ns: u64) -> Open {
+        Open { fd: -1, peer: "127.0.0.1:9".parse().unwrap(), active_ns }
+    }
+
+    #[test]
+    fn the_longest_idle_connection_is_evicted_and_its_task_finds_out() {
+        let mut t = Connections::default();
+        let a = t.insert(open(5));
+        let b = t.insert(open(1));
+        let c = t.insert(open(1));
+        assert!(t.touch(b, 9), "b sent bytes: now the most recent");
+        // c and a are older than b; c is the idlest.
+        assert_eq!(t.evict_idlest(), Some(open(1)));
+        assert!(!t.touch(c, 10), "c was evicted");
+        assert!(!t.remove(c), "its task must not count it again");
+        assert_eq!(t.evict_idlest(), Some(open(5)));
+        assert!(!t.remove(a));
+        assert!(t.remove(b));
+        assert_eq!((t.len(), t.evict_idlest()), (0, None));
+    }
+
+    #[test]
+    fn evictions_are_logged_at_most_once_per_interval() {
+        let mut t = Connections::default();
+        assert_eq!(t.evictions_to_log(0), None, "nothing to log");
+        for _ in 0..3 {
+            t.insert(open(0));
+            t.evict_idlest();
+        }
+        assert_eq!(t.evictions_to_log(1), Some(3));
+        t.insert(open(0));
+        t.evict_idlest();
+        assert_eq!(t.evictions_to_log(2), None, "too soon");
+        assert_eq!(t.evictions_to_log(1 + EVICTION_LOG_INTERVAL_NS), Some(1));
+    }
 }

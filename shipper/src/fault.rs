@@ -1,0 +1,50 @@
+//! Test-only fault injection: `SHIPPER_FAULT_INJECT=<fault>` makes a process fail on purpose at
+//! a named point, so the integration tests can check what a real failure does (that a panic
+//! ends the process, for one). **For tests only**: nothing sets it in production, and an
+//! unknown value is ignored with a warning.
+//!
+//! # Operation
+//! The variable is read once, when a worker starts (never on the data path).
+
+use std::sync::OnceLock;
+
+/// The environment variable naming the fault to inject.
+pub const ENV: &str = "SHIPPER_FAULT_INJECT";
+
+/// A failure a test can ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// `panic-worker-task`: worker 0 of `shipper run` and receiver worker 0 of
+    /// `shipper receive` spawn a task that panics once the worker is running.
+    PanicWorkerTask,
+}
+
+impl Fault {
+    fn parse(value: &str) -> Option<Fault> {
+        match value {
+            "panic-worker-task" => Some(Fault::PanicWorkerTask),
+            _ => None,
+        }
+    }
+}
+
+/// Whether the test running this process asked for `fault`.
+pub fn injected(fault: Fault) -> bool {
+    static ASKED: OnceLock<Option<Fault>> = OnceLock::new();
+    let asked = ASKED.get_or_init(|| {
+        let value = std::env::var(ENV).ok()?;
+        let parsed = Fault::parse(&value);
+        if parsed.is_none() {
+            tracing::warn!("{ENV}={value:?} is not a known fault: ignored");
+        }
+        parsed
+    });
+    *asked == Some(fault)
+}
+
+/// The task [`Fault::PanicWorkerTask`] spawns on a worker's runtime: it lets the worker run
+/// its other tasks once, then panics.
+pub async fn panic_worker_task(worker: &'static str) {
+    tokio::task::yield_now().await;
+    panic!("{ENV}=panic-worker-task: {worker} 0 panics on purpose (a test asked for it)");
+}
