@@ -5,6 +5,9 @@
 //! - The soft open-file limit (`RLIMIT_NOFILE`) is raised to the hard one, once, before any
 //!   thread starts: a service started with the usual soft limit of 1024 would otherwise run out
 //!   of descriptors long before its configured connection and stream limits.
+//! - Capabilities are per thread: [`keep_only_capabilities`] runs on the main thread once the
+//!   privileged start-up is done (eBPF loaded, FIFOs created, sockets bound) and before any
+//!   thread that lives on is spawned, so every later thread inherits the reduced sets.
 
 use std::io;
 
@@ -51,6 +54,65 @@ pub fn raise_open_files_limit() -> Result<OpenFilesLimit, LimitError> {
     }
     tracing::info!(soft_before, soft, hard, "open-file limit (RLIMIT_NOFILE)");
     Ok(OpenFilesLimit { soft_before, soft, hard })
+}
+
+/// `CAP_BPF` (linux/capability.h).
+pub const CAP_BPF: u32 = 39;
+
+/// Bit mask of capabilities: bit `n` is capability `n`.
+pub type CapabilityMask = u64;
+
+/// The calling thread's effective capabilities, as `/proc/thread-self/status` says.
+pub fn effective_capabilities() -> io::Result<CapabilityMask> {
+    let status = std::fs::read_to_string("/proc/thread-self/status")?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap_or("0");
+    u64::from_str_radix(hex.trim(), 16).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Drops every capability but those in `keep` from the calling thread's bounding, ambient,
+/// inheritable, permitted and effective sets (they cannot come back, not even through
+/// `execve`). Keeps only what the thread has now. Without capabilities it does nothing.
+pub fn keep_only_capabilities(keep: CapabilityMask) -> io::Result<CapabilityMask> {
+    let have = effective_capabilities()?;
+    if have == 0 {
+        return Ok(0);
+    }
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    for cap in (0..=last).filter(|c| keep & (1 << c) == 0) {
+        // SAFETY: plain prctl; EINVAL for a capability this kernel lacks is harmless.
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+    }
+    // SAFETY: plain prctl without pointers.
+    unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    let kept = have & keep;
+    let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let low = CapData { effective: kept as u32, permitted: kept as u32, inheritable: 0 };
+    let high =
+        CapData { effective: (kept >> 32) as u32, permitted: (kept >> 32) as u32, inheritable: 0 };
+    let data = [low, high];
+    // SAFETY: capset with a version 3 header and the two data words it reads.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(kept)
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
 }
 
 #[cfg(test)]

@@ -468,3 +468,43 @@ fn resets_from_a_receiver_count_once_each() {
         drop(listener);
     });
 }
+
+/// Every capability of every thread of `pid`: (thread name, CapEff, CapBnd).
+fn thread_capabilities(pid: u32) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let field = |name: &str| {
+            let line = status.lines().find_map(|l| l.strip_prefix(name)).unwrap();
+            u64::from_str_radix(line.trim(), 16).unwrap()
+        };
+        let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap().trim().into();
+        out.push((name, field("CapEff:"), field("CapBnd:")));
+    }
+    out
+}
+
+// Regression: the capabilities needed to load the eBPF programs were kept for the whole life of
+// the process. Now every thread keeps only CAP_BPF while the programs are attached, none without.
+#[test]
+#[ignore = "needs root: starts the shipper with every capability to see it drop them"]
+fn after_start_up_every_thread_keeps_only_cap_bpf_and_none_without_ebpf() {
+    require_root("starts the shipper with every capability to see it drop them");
+    const CAP_BPF: u64 = 1 << 39;
+    let env = Env::new();
+    let mut shipper = attached_shipper(&env, "");
+    let threads = thread_capabilities(shipper.child.id());
+    assert!(threads.len() >= 4, "{threads:?}");
+    for (name, effective, bounding) in &threads {
+        assert_eq!((*effective, *bounding), (CAP_BPF, CAP_BPF), "thread {name}");
+    }
+    assert!(shipper.stop(Duration::from_secs(10)).success(), "{}", shipper.log_text());
+    let sm = free_port();
+    let cfg = env.write("no-ebpf.toml", &env.shipper_toml(free_port(), sm, ""));
+    let args = ["run", "--no-ebpf", "--config", cfg.to_str().unwrap()];
+    let mut plain = Proc::start("no-ebpf", &args, sm, env.path("no-ebpf.log"));
+    for (name, effective, bounding) in thread_capabilities(plain.child.id()) {
+        assert_eq!((effective, bounding), (0, 0), "thread {name}");
+    }
+    assert!(plain.stop(Duration::from_secs(10)).success(), "{}", plain.log_text());
+}

@@ -66,6 +66,10 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     // Held for the life of the run: the kernel's drops on these sockets are counted.
     let mut watches = Vec::new();
     let sockets = bind_sockets(&config, &mut watches)?;
+    drop_capabilities(&kernel)?;
+    if kernel.lock().expect("kernel counters poisoned").state == crate::ebpf::State::Attached {
+        copy_kernel_counters(kernel.clone())?;
+    }
     let registry = Registry::<ShipperCounters>::new(workers);
     if !config.metrics.listen.is_empty() {
         let r = registry.clone();
@@ -203,16 +207,31 @@ fn bind_sockets(
 /// their per-CPU counters every `PUBLISH_INTERVAL_MS` for the metrics endpoint.
 fn kernel_counters(enabled: bool) -> anyhow::Result<Arc<Mutex<KernelCounters>>> {
     let state = crate::ebpf::start(enabled);
-    let shared = Arc::new(Mutex::new(KernelCounters::new(state)));
-    if state == crate::ebpf::State::Attached {
-        let copy = shared.clone();
-        std::thread::Builder::new().name("ebpf".into()).spawn(move || loop {
-            let snapshot = crate::ebpf::snapshot();
-            *copy.lock().expect("kernel counters poisoned") = snapshot;
-            std::thread::sleep(std::time::Duration::from_millis(PUBLISH_INTERVAL_MS));
-        })?;
-    }
-    Ok(shared)
+    Ok(Arc::new(Mutex::new(KernelCounters::new(state))))
+}
+
+/// Copies the kernel's per-CPU counters for the metrics endpoint, on a thread of its own.
+fn copy_kernel_counters(shared: Arc<Mutex<KernelCounters>>) -> anyhow::Result<()> {
+    std::thread::Builder::new().name("ebpf".into()).spawn(move || loop {
+        let snapshot = crate::ebpf::snapshot();
+        *shared.lock().expect("kernel counters poisoned") = snapshot;
+        std::thread::sleep(std::time::Duration::from_millis(PUBLISH_INTERVAL_MS));
+    })?;
+    Ok(())
+}
+
+/// Once the privileged start-up is done (eBPF loaded, FIFOs created, sockets bound), keeps
+/// only `CAP_BPF`, and only while the programs are attached: it registers each new receiver
+/// connection in the programs' maps (kernels before 6.5 check it on every bpf() call when
+/// unprivileged BPF is disabled). Runs on the main thread before any thread that lives on is
+/// spawned, so every thread inherits it.
+fn drop_capabilities(kernel: &Mutex<KernelCounters>) -> anyhow::Result<()> {
+    let attached =
+        kernel.lock().expect("kernel counters poisoned").state == crate::ebpf::State::Attached;
+    let keep = if attached { 1 << crate::os::CAP_BPF } else { 0 };
+    let kept = crate::os::keep_only_capabilities(keep).context("dropping capabilities")?;
+    tracing::info!(effective = format!("{kept:#x}"), "capabilities after start-up");
+    Ok(())
 }
 
 enum Event {
