@@ -43,6 +43,11 @@ pub struct ReceiverSection {
     /// Default: 30000.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// A sender stream's de-duplication window not written to for this long is forgotten at
+    /// the next start, in seconds (a frame of it resent later could be written twice).
+    /// Default: 604800 (7 days).
+    #[serde(default = "default_dedup_window_ttl_s")]
+    pub dedup_window_ttl_s: u64,
     /// Largest frame payload accepted on the wire, in bytes. Default: 16777216.
     #[serde(default = "default_frame_bytes_max")]
     pub frame_bytes_max: u32,
@@ -59,6 +64,9 @@ fn default_handshake_timeout_ms() -> u64 {
 }
 fn default_idle_timeout_ms() -> u64 {
     30_000
+}
+fn default_dedup_window_ttl_s() -> u64 {
+    7 * 24 * 3600
 }
 fn default_frame_bytes_max() -> u32 {
     16 << 20
@@ -118,6 +126,7 @@ impl Validate for ReceiverConfig {
         p.range(r.connections_max as u64, 1, 1 << 20, &at("connections_max"));
         p.range(r.handshake_timeout_ms, 1, 600_000, &at("handshake_timeout_ms"));
         p.range(r.idle_timeout_ms, 1, 3_600_000, &at("idle_timeout_ms"));
+        p.range(r.dedup_window_ttl_s, 60, 10 * 365 * 24 * 3600, &at("dedup_window_ttl_s"));
         p.range(r.frame_bytes_max.into(), 1024, FRAME_BYTES_MAX.into(), &at("frame_bytes_max"));
         p.range(r.frame_raw_bytes_max.into(), 1024, 1 << 30, &at("frame_raw_bytes_max"));
         for (key, path) in [("ca", &self.tls.ca), ("cert", &self.tls.cert), ("key", &self.tls.key)]

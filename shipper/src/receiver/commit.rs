@@ -15,9 +15,10 @@
 //! .state/core-N.log    records appended by worker N during generation `gen`
 //! Record  { len: u32, crc32c: u32 (of kind and body), kind: u8, body: [u8; len] }
 //! Commit  (1) { run_id: u64, core: u16, seq: u64, files: u16, [path_len: u16, path, end: u64] }
-//! Window  (2) { run_id: u64, core: u16, below: u64, above: u32, [seq: u64] }
+//! Window  (2) { run_id: u64, core: u16, below: u64, above: u32, [seq: u64] }   (read only)
 //! Gen     (3) { gen: u64 }
 //! FileEnd (4) { path_len: u16, path, end: u64 }
+//! WindowAt(5) { Window's fields, written_unix_s: u64 }
 //! ```
 //! Paths are relative to the output directory: `STREAM/gGEN-cCORE-INDEX.log`.
 //!
@@ -26,7 +27,12 @@
 //!    that log (a torn tail), and is logged.
 //! 2. For the generation that was running, cut the newest file of each (stream, worker) back
 //!    to its last committed end (removing it when nothing in it was committed).
-//! 3. Write a new `base` (generation + 1, merged windows) atomically, then remove the logs.
+//! 3. Forget the windows of streams not written to for `dedup_window_ttl_s` (runs that ended:
+//!    their shippers will never send those sequence numbers again, except from a disk buffer
+//!    older than that, which could then be written twice). A window written in the generation
+//!    being recovered, or read from a `Window` record of an older version, counts as written
+//!    now.
+//! 4. Write a new `base` (generation + 1, merged windows) atomically, then remove the logs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -42,6 +48,10 @@ const COMMIT: u8 = 1;
 const WINDOW: u8 = 2;
 const GEN: u8 = 3;
 const FILE_END: u8 = 4;
+const WINDOW_AT: u8 = 5;
+
+/// `written_unix_s` of a window that a commit record of the logs being recovered wrote to.
+const WRITTEN_IN_THE_LOGS: u64 = u64::MAX;
 
 pub fn state_dir(out: &Path) -> PathBuf {
     out.join(".state")
@@ -102,7 +112,8 @@ fn window_record(id: StreamId, w: &Window, out: &mut Vec<u8>) {
     for &s in &w.above {
         e.u64(s);
     }
-    record(WINDOW, &e.0, out);
+    e.u64(w.written_unix_s);
+    record(WINDOW_AT, &e.0, out);
 }
 
 fn file_end_record(path: &str, end: u64, out: &mut Vec<u8>) {
@@ -183,15 +194,20 @@ impl LogState {
                     let e = self.ends.entry(path).or_default();
                     *e = (*e).max(end);
                 }
-                self.windows.entry(id).or_default().insert(seq);
+                let w = self.windows.entry(id).or_default();
+                w.insert(seq);
+                w.written_unix_s = WRITTEN_IN_THE_LOGS;
             }
-            WINDOW => {
+            WINDOW | WINDOW_AT => {
                 let id = (d.u64()?, d.u16()?);
                 let below = d.u64()?;
                 let n = d.u32()? as usize;
-                let mut w = Window { below, above: Default::default() };
+                let mut w = Window { below, ..Default::default() };
                 for _ in 0..n.min(body.len() / 8) {
                     w.above.insert(d.u64()?);
+                }
+                if kind == WINDOW_AT {
+                    w.written_unix_s = d.u64()?;
                 }
                 self.windows.entry(id).or_default().merge(&w);
             }
@@ -220,9 +236,28 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Forgets the windows not written to for `ttl_s` seconds before `now_s`; returns how many.
+/// Windows written by the logs being recovered, or of unknown age, count as written now.
+fn expire(windows: &mut HashMap<StreamId, Window>, now_s: u64, ttl_s: u64) -> usize {
+    let before = windows.len();
+    for w in windows.values_mut() {
+        if w.written_unix_s == 0 || w.written_unix_s == WRITTEN_IN_THE_LOGS {
+            w.written_unix_s = now_s;
+        }
+    }
+    windows.retain(|_, w| w.written_unix_s.saturating_add(ttl_s) >= now_s);
+    before - windows.len()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_s() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Recovers the output directory after any stop, clean or not; returns the new generation
-/// and every stream's window.
-pub fn recover(out: &Path) -> io::Result<LogState> {
+/// and the window of every stream written to in the last `ttl_s` seconds.
+pub fn recover(out: &Path, ttl_s: u64) -> io::Result<LogState> {
     let state_dir = state_dir(out);
     fs::create_dir_all(&state_dir)?;
     let mut state = LogState::default();
@@ -240,6 +275,14 @@ pub fn recover(out: &Path) -> io::Result<LogState> {
         }
     }
     cut_uncommitted(out, state.gen, &state.ends)?;
+    let expired = expire(&mut state.windows, unix_s(), ttl_s);
+    if expired > 0 {
+        tracing::info!(
+            expired,
+            ttl_s,
+            "forgot the de-duplication windows of streams idle for dedup_window_ttl_s"
+        );
+    }
     state.gen += 1;
     let mut bytes = Vec::new();
     record(GEN, &state.gen.to_le_bytes(), &mut bytes);
@@ -387,5 +430,37 @@ mod tests {
         assert_eq!(s.apply(&bytes), Some(good));
         assert_eq!(parse_file_name("g000002-c001-000003.log"), Some((2, 1, 3)));
         assert_eq!(parse_file_name("g2-c1.log"), None);
+    }
+
+    // Regression: the windows of runs that ended stayed in .state/base forever.
+    #[test]
+    fn windows_idle_past_the_ttl_are_forgotten_at_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = unix_s();
+        let mut bytes = Vec::new();
+        record(GEN, &1u64.to_le_bytes(), &mut bytes);
+        let at = |t: u64| Window { below: 5, written_unix_s: t, ..Default::default() };
+        window_record((1, 0), &at(now - 1000), &mut bytes);
+        window_record((2, 0), &at(now - 10), &mut bytes);
+        // A `Window` record of an older version carries no time: it counts as written now.
+        let mut e = Enc(Vec::new());
+        e.u64(3).u16(0).u64(9).u32(0);
+        record(WINDOW, &e.0, &mut bytes);
+        fs::create_dir_all(state_dir(dir.path())).unwrap();
+        fs::write(state_dir(dir.path()).join("base"), &bytes).unwrap();
+        // Stream 1 was also written in the generation being recovered.
+        let mut log = CommitLog::create(dir.path(), 0, false).unwrap();
+        log.commit((4, 0), 1, &[]).unwrap();
+        let state = recover(dir.path(), 100).unwrap();
+        let mut ids: Vec<_> = state.windows.keys().copied().collect();
+        ids.sort();
+        assert_eq!(ids, vec![(2, 0), (3, 0), (4, 0)], "stream 1 idle 1000 s > 100 s");
+        assert_eq!(state.windows[&(2, 0)].written_unix_s, now - 10);
+        assert!(state.windows[&(3, 0)].written_unix_s >= now);
+        assert!(state.windows[&(4, 0)].contains(1));
+        // The new base keeps the times: a second recovery agrees.
+        let again = recover(dir.path(), 100).unwrap();
+        assert_eq!(again.windows[&(2, 0)].written_unix_s, now - 10);
+        assert_eq!(again.gen, state.gen + 1);
     }
 }

@@ -35,11 +35,14 @@ pub struct Window {
     /// Every seq below this is written. Sequence numbers start at 1.
     pub below: u64,
     pub above: BTreeSet<u64>,
+    /// When a frame of the stream was last written, in seconds since the Unix epoch (0:
+    /// unknown). A window not written to for `dedup_window_ttl_s` is forgotten at a start.
+    pub written_unix_s: u64,
 }
 
 impl Default for Window {
     fn default() -> Self {
-        Window { below: 1, above: BTreeSet::new() }
+        Window { below: 1, above: BTreeSet::new(), written_unix_s: 0 }
     }
 }
 
@@ -67,6 +70,7 @@ impl Window {
 
     /// Merges what another record of the same stream says (union of written sets).
     pub fn merge(&mut self, other: &Window) {
+        self.written_unix_s = self.written_unix_s.max(other.written_unix_s);
         if other.below > self.below {
             self.below = other.below;
             let below = self.below;
@@ -109,11 +113,11 @@ mod tests {
         let mut o = Window::default();
         o.insert(1);
         o.insert(5);
-        let mut m = Window { below: 3, above: [4].into() };
+        let mut m = Window { below: 3, above: [4].into(), written_unix_s: 0 };
         m.merge(&o);
-        assert_eq!(m, Window { below: 3, above: [4, 5].into() });
-        m.merge(&Window { below: 5, above: [7].into() });
-        assert_eq!(m, Window { below: 6, above: [7].into() });
+        assert_eq!(m, Window { below: 3, above: [4, 5].into(), written_unix_s: 0 });
+        m.merge(&Window { below: 5, above: [7].into(), written_unix_s: 0 });
+        assert_eq!(m, Window { below: 6, above: [7].into(), written_unix_s: 0 });
     }
 
     // Guards against unbounded memory when a stream's frames are spread over receivers.

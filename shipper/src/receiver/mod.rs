@@ -46,7 +46,9 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let tls = Arc::new(crate::tls::server_config(&t.ca, &t.cert, &t.key)?);
     let out = &config.output.directory;
     std::fs::create_dir_all(out).with_context(|| format!("output.directory {}", out.display()))?;
-    let state = commit::recover(out).with_context(|| format!("recovering {}", out.display()))?;
+    let ttl_s = config.receiver.dedup_window_ttl_s;
+    let state =
+        commit::recover(out, ttl_s).with_context(|| format!("recovering {}", out.display()))?;
     let workers = config.receiver.workers;
     let mut windows: Vec<HashMap<_, _>> = (0..workers).map(|_| HashMap::new()).collect();
     for (id, w) in state.windows {

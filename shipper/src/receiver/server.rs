@@ -332,7 +332,9 @@ impl Worker {
         }
         let files: Vec<(&str, u64)> = touched.iter().map(|(p, e)| (p.as_str(), *e)).collect();
         self.commits.commit(id, seq, &files).map_err(FrameFault::Write)?;
-        self.windows.entry(id).or_default().insert(seq);
+        let window = self.windows.entry(id).or_default();
+        window.insert(seq);
+        window.written_unix_s = super::commit::unix_s();
         self.counters.records_written += u64::from(count);
         self.counters.bytes_written += bytes;
         self.counters.streams_open = self.output.streams_open() as u64;
