@@ -45,16 +45,18 @@ fn no_receiver_never_blocks_the_writer_and_counts_drops() {
     let path = env.write("edge.toml", &cfg);
     let log = env.path("shipper.log");
     let mut shipper = Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, log);
-    let mut w = std::io::BufWriter::new(open_writer(&pipe));
+    // One unbuffered write() per line, as an application logging into a FIFO does: the time
+    // of each is what the writer would wait on the shipper.
+    let mut w = open_writer(&pipe);
+    realtime();
     let started = Instant::now();
     let mut longest = Duration::ZERO;
     for n in 0..LINES {
+        let line = format!("{{\"service\":\"app\",\"n\":{n},\"pad\":\"{}\"}}\n", ".".repeat(32));
         let t = Instant::now();
-        writeln!(w, r#"{{"service":"app","n":{n},"pad":"................................"}}"#)
-            .unwrap();
+        w.write_all(line.as_bytes()).unwrap();
         longest = longest.max(t.elapsed());
     }
-    w.flush().unwrap();
     let writing = started.elapsed();
     shipper.wait_alive("every line read", || {
         metric(&scrape_ok(sm), "shipper_source_lines_read_total", &[]) == LINES as f64
@@ -75,5 +77,8 @@ fn no_receiver_never_blocks_the_writer_and_counts_drops() {
     assert_eq!(metric(&text, "shipper_records_acked_total", &[]), 0.0);
     assert!(writing < Duration::from_secs(30), "writing took {writing:?}");
     eprintln!("longest single write: {longest:?} over {LINES} lines in {writing:?}");
+    // A writer the shipper blocked would wait for good; the tight figure (the writer's longest
+    // write() at full speed) is the perf suite's to measure, on an idle machine.
+    assert!(longest < Duration::from_secs(1), "a write() took {longest:?}");
     shipper.kill();
 }

@@ -342,7 +342,7 @@ impl SteadyWriter {
 
 /// Makes the calling thread SCHED_FIFO (when allowed: root), so that what a timed `write()`
 /// measures is the pipe, not other tests competing for the two CPUs.
-fn realtime() {
+pub fn realtime() {
     let param = libc::sched_param { sched_priority: 10 };
     // SAFETY: plain syscall on the calling thread with a valid parameter.
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
