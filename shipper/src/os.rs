@@ -56,6 +56,33 @@ pub fn raise_open_files_limit() -> Result<OpenFilesLimit, LimitError> {
     Ok(OpenFilesLimit { soft_before, soft, hard })
 }
 
+/// Modes of the files and directories a process creates (`file_mode`, `dir_mode` in its
+/// configuration), masked by its umask like any `open(2)` or `mkdir(2)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Modes {
+    pub file: u32,
+    pub dir: u32,
+}
+
+impl Modes {
+    /// Readable by the owner's group, by nobody else: logs are not for every local user.
+    pub const DEFAULT: Modes = Modes { file: 0o640, dir: 0o750 };
+
+    /// Creates `dir` and its missing parents with the directory mode.
+    pub fn create_dir_all(self, dir: &std::path::Path) -> io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(self.dir).create(dir)
+    }
+
+    /// Options that create a file with the file mode (and open it for writing).
+    pub fn create_file(self) -> std::fs::OpenOptions {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create(true).mode(self.file);
+        o
+    }
+}
+
 /// `CAP_BPF` (linux/capability.h).
 pub const CAP_BPF: u32 = 39;
 

@@ -101,6 +101,28 @@ pub struct OutputSection {
     /// Default: 1024.
     #[serde(default = "default_streams_max")]
     pub streams_max: usize,
+    /// Mode of the files the receiver creates (stream files, commit logs), octal, masked by
+    /// the umask. Default: "0640".
+    #[serde(default = "default_file_mode")]
+    pub file_mode: String,
+    /// Mode of the directories it creates (streams, `.state`), octal. Default: "0750".
+    #[serde(default = "default_dir_mode")]
+    pub dir_mode: String,
+}
+
+impl OutputSection {
+    /// `file_mode` and `dir_mode`, validated.
+    pub fn modes(&self) -> crate::os::Modes {
+        let mode = |s: &str| super::parse_mode(s).expect("validated");
+        crate::os::Modes { file: mode(&self.file_mode), dir: mode(&self.dir_mode) }
+    }
+}
+
+fn default_file_mode() -> String {
+    "0640".into()
+}
+fn default_dir_mode() -> String {
+    "0750".into()
 }
 
 fn default_file_bytes_max() -> u64 {
@@ -141,6 +163,11 @@ impl Validate for ReceiverConfig {
         });
         p.range(o.file_bytes_max, 4096, 1 << 40, &[K("output"), K("file_bytes_max")]);
         p.range(o.streams_max as u64, 1, 1 << 20, &[K("output"), K("streams_max")]);
+        for (key, mode) in [("file_mode", &o.file_mode), ("dir_mode", &o.dir_mode)] {
+            p.check(super::parse_mode(mode).is_some(), &[K("output"), K(key)], || {
+                format!("{mode:?} is not an octal file mode like \"0640\"")
+            });
+        }
         self.metrics.check(&[K("metrics"), K("listen")], p);
     }
 }

@@ -61,6 +61,19 @@ pub struct ShipperSection {
     pub pin_workers: bool,
     /// How long SIGTERM waits for outstanding acknowledgements, in ms. Default: 10000.
     pub shutdown_timeout_ms: u64,
+    /// Mode of the files the shipper creates (disk buffer segments, quarantined frames,
+    /// journal checkpoints), octal, masked by the umask. Default: "0640".
+    pub file_mode: String,
+    /// Mode of the directories it creates, octal, masked by the umask. Default: "0750".
+    pub dir_mode: String,
+}
+
+impl ShipperSection {
+    /// `file_mode` and `dir_mode`, validated.
+    pub fn modes(&self) -> crate::os::Modes {
+        let mode = |s: &str| parse_mode(s).expect("validated");
+        crate::os::Modes { file: mode(&self.file_mode), dir: mode(&self.dir_mode) }
+    }
 }
 
 impl Default for ShipperSection {
@@ -70,6 +83,8 @@ impl Default for ShipperSection {
             workers: online_cpus(),
             pin_workers: true,
             shutdown_timeout_ms: 10_000,
+            file_mode: "0640".into(),
+            dir_mode: "0750".into(),
         }
     }
 }
@@ -549,6 +564,11 @@ impl Validate for ShipperConfig {
             "must be 1 to 255 bytes".into()
         });
         p.range(s.shutdown_timeout_ms, 0, 3_600_000, &[K("shipper"), K("shutdown_timeout_ms")]);
+        for (key, mode) in [("file_mode", &s.file_mode), ("dir_mode", &s.dir_mode)] {
+            p.check(parse_mode(mode).is_some(), &[K("shipper"), K(key)], || {
+                format!("{mode:?} is not an octal file mode like \"0640\"")
+            });
+        }
         self.metrics.check(&[K("metrics"), K("listen")], p);
         for (i, pipe) in self.sources.pipe.iter().enumerate() {
             pipe.check(i, s.workers, p);

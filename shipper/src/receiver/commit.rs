@@ -257,9 +257,9 @@ pub fn unix_s() -> u64 {
 
 /// Recovers the output directory after any stop, clean or not; returns the new generation
 /// and the window of every stream written to in the last `ttl_s` seconds.
-pub fn recover(out: &Path, ttl_s: u64) -> io::Result<LogState> {
+pub fn recover(out: &Path, ttl_s: u64, modes: crate::os::Modes) -> io::Result<LogState> {
     let state_dir = state_dir(out);
-    fs::create_dir_all(&state_dir)?;
+    modes.create_dir_all(&state_dir)?;
     let mut state = LogState::default();
     let base = state_dir.join("base");
     if base.exists() {
@@ -291,7 +291,7 @@ pub fn recover(out: &Path, ttl_s: u64) -> io::Result<LogState> {
         window_record(*id, w, &mut bytes);
     }
     let tmp = state_dir.join("base.tmp");
-    let mut f = File::create(&tmp)?;
+    let mut f = modes.create_file().truncate(true).open(&tmp)?;
     f.write_all(&bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, &base)?;
@@ -348,6 +348,7 @@ fn cut_uncommitted(out: &Path, gen: u64, ends: &HashMap<String, u64>) -> io::Res
 pub struct CommitLog {
     out: PathBuf,
     core: usize,
+    modes: crate::os::Modes,
     file: File,
     bytes: u64,
     fsync: bool,
@@ -355,11 +356,17 @@ pub struct CommitLog {
 }
 
 impl CommitLog {
-    pub fn create(out: &Path, core: usize, fsync: bool) -> io::Result<CommitLog> {
+    pub fn create(
+        out: &Path,
+        core: usize,
+        fsync: bool,
+        modes: crate::os::Modes,
+    ) -> io::Result<CommitLog> {
         let path = log_path(out, core);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = modes.create_file().append(true).open(&path)?;
         let bytes = file.metadata()?.len();
-        Ok(CommitLog { out: out.to_path_buf(), core, file, bytes, fsync, scratch: Vec::new() })
+        let out = out.to_path_buf();
+        Ok(CommitLog { out, core, modes, file, bytes, fsync, scratch: Vec::new() })
     }
 
     /// Appends the commit of frame `seq` of `id`, which wrote `files` up to the given ends.
@@ -398,7 +405,7 @@ impl CommitLog {
         }
         let path = log_path(&self.out, self.core);
         let tmp = path.with_extension("tmp");
-        let mut f = File::create(&tmp)?;
+        let mut f = self.modes.create_file().truncate(true).open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;
@@ -449,9 +456,10 @@ mod tests {
         fs::create_dir_all(state_dir(dir.path())).unwrap();
         fs::write(state_dir(dir.path()).join("base"), &bytes).unwrap();
         // Stream 1 was also written in the generation being recovered.
-        let mut log = CommitLog::create(dir.path(), 0, false).unwrap();
+        let modes = crate::os::Modes::DEFAULT;
+        let mut log = CommitLog::create(dir.path(), 0, false, modes).unwrap();
         log.commit((4, 0), 1, &[]).unwrap();
-        let state = recover(dir.path(), 100).unwrap();
+        let state = recover(dir.path(), 100, modes).unwrap();
         let mut ids: Vec<_> = state.windows.keys().copied().collect();
         ids.sort();
         assert_eq!(ids, vec![(2, 0), (3, 0), (4, 0)], "stream 1 idle 1000 s > 100 s");
@@ -459,7 +467,7 @@ mod tests {
         assert!(state.windows[&(3, 0)].written_unix_s >= now);
         assert!(state.windows[&(4, 0)].contains(1));
         // The new base keeps the times: a second recovery agrees.
-        let again = recover(dir.path(), 100).unwrap();
+        let again = recover(dir.path(), 100, modes).unwrap();
         assert_eq!(again.windows[&(2, 0)].written_unix_s, now - 10);
         assert_eq!(again.gen, state.gen + 1);
     }

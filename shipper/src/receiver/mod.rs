@@ -45,10 +45,11 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let t = &config.tls;
     let tls = Arc::new(crate::tls::server_config(&t.ca, &t.cert, &t.key)?);
     let out = &config.output.directory;
-    std::fs::create_dir_all(out).with_context(|| format!("output.directory {}", out.display()))?;
+    let modes = config.output.modes();
+    modes.create_dir_all(out).with_context(|| format!("output.directory {}", out.display()))?;
     let ttl_s = config.receiver.dedup_window_ttl_s;
-    let state =
-        commit::recover(out, ttl_s).with_context(|| format!("recovering {}", out.display()))?;
+    let state = commit::recover(out, ttl_s, modes)
+        .with_context(|| format!("recovering {}", out.display()))?;
     let workers = config.receiver.workers;
     let mut windows: Vec<HashMap<_, _>> = (0..workers).map(|_| HashMap::new()).collect();
     for (id, w) in state.windows {
@@ -86,7 +87,7 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
             o.fsync,
             o.streams_max,
         );
-        let commits = commit::CommitLog::create(&o.directory, core, o.fsync)?;
+        let commits = commit::CommitLog::create(&o.directory, core, o.fsync, modes)?;
         std::thread::Builder::new().name(format!("receiver-{core}")).spawn(move || {
             if let Some(cpu) = cpu {
                 core_affinity::set_for_current(cpu);

@@ -687,7 +687,8 @@ fn open_quarantine(
     core: usize,
 ) -> std::io::Result<Quarantine> {
     let share = config.quarantine.bytes_max / config.shipper.workers as u64;
-    let q = Quarantine::open(root, core, share).map_err(|e| {
+    let modes = config.shipper.modes();
+    let q = Quarantine::open(root, core, share, modes).map_err(|e| {
         std::io::Error::new(e.kind(), format!("quarantine.directory {}: {e}", root.display()))
     })?;
     if q.counters.bytes > 0 {

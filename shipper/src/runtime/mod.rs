@@ -57,9 +57,11 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     }
     let mut journals: Vec<Vec<JournalHandle>> = (0..workers).map(|_| Vec::new()).collect();
     for (i, j) in config.sources.journal.iter().enumerate() {
-        let checkpoint =
-            crate::sources::journal::checkpoint::Checkpoint::open(j.checkpoint.as_deref())
-                .with_context(|| format!("sources.journal[{i}].checkpoint"))?;
+        let checkpoint = crate::sources::journal::checkpoint::Checkpoint::open(
+            j.checkpoint.as_deref(),
+            config.shipper.modes().file,
+        )
+        .with_context(|| format!("sources.journal[{i}].checkpoint"))?;
         let w = j.worker.unwrap_or((config.sources.pipe.len() + i) % workers);
         journals[w].push(JournalHandle { config_index: i, checkpoint });
     }

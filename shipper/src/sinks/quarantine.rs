@@ -7,7 +7,8 @@
 //!   refused frame that does not fit, or whose files cannot be written, is dropped and counted
 //!   (`shipper_lines_dropped_total{reason="rejected"}`), as when no directory is configured.
 //! - Files are created, written and fdatasync'd through the worker's io_uring by a task of
-//!   their own ([`write_loop`]), never on the per-record path. Files 0640, directories 0750.
+//!   their own ([`write_loop`]), never on the per-record path, with `shipper.file_mode` and
+//!   `shipper.dir_mode` (0640 and 0750 by default).
 //! - Shares nothing with the worker but this struct: the worker queues frames with
 //!   [`Quarantine::push`] and collects the written ones with [`Quarantine::take_settled`].
 //!
@@ -29,18 +30,13 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use tokio::sync::Notify;
 
 use super::receiver::Sealed;
-
-/// Mode of the files written.
-const FILE_MODE: u32 = 0o640;
-/// Mode of the folders created.
-const DIR_MODE: u32 = 0o750;
 
 /// What the quarantine counts (per worker).
 #[derive(Clone, Debug, Default)]
@@ -61,6 +57,7 @@ struct Pending {
 
 pub struct Quarantine {
     dir: PathBuf,
+    modes: crate::os::Modes,
     bytes_max: u64,
     queue: VecDeque<Pending>,
     /// A frame is being written.
@@ -75,16 +72,21 @@ pub struct Quarantine {
 impl Quarantine {
     /// Opens worker `core`'s folder under `root`, creating it, and counts what it holds.
     /// Runs once at start.
-    pub fn open(root: &Path, core: usize, bytes_max: u64) -> io::Result<Quarantine> {
+    pub fn open(
+        root: &Path,
+        core: usize,
+        bytes_max: u64,
+        modes: crate::os::Modes,
+    ) -> io::Result<Quarantine> {
         let dir = root.join(format!("w{core}"));
-        std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(DIR_MODE))?;
+        modes.create_dir_all(&dir)?;
         let mut bytes = 0;
         for entry in std::fs::read_dir(&dir)? {
             bytes += entry?.metadata()?.len();
         }
         Ok(Quarantine {
             dir,
+            modes,
             bytes_max,
             queue: VecDeque::new(),
             writing: false,
@@ -165,17 +167,17 @@ pub async fn write_loop(q: Rc<RefCell<Quarantine>>) {
             let mut q = q.borrow_mut();
             let next = q.queue.pop_front();
             q.writing = next.is_some();
-            next.map(|p| (q.stem(&p.frame), q.dir.clone(), p))
+            next.map(|p| (q.stem(&p.frame), q.dir.clone(), q.modes.file, p))
         };
-        let Some((stem, dir, p)) = next else {
+        let Some((stem, dir, mode, p)) = next else {
             wake.notified().await;
             continue;
         };
         let frame_path = stem.with_extension("frame");
         let reason_path = stem.with_extension("reason");
-        let mut result = write_file(&reason_path, p.reason.clone().into_bytes()).await;
+        let mut result = write_file(&reason_path, p.reason.clone().into_bytes(), mode).await;
         if result.is_ok() {
-            result = write_file(&frame_path, p.frame.wire.clone()).await;
+            result = write_file(&frame_path, p.frame.wire.clone(), mode).await;
         }
         if result.is_ok() {
             result = sync_dir(&dir).await;
@@ -190,11 +192,11 @@ pub async fn write_loop(q: Rc<RefCell<Quarantine>>) {
 }
 
 /// Creates `path` (it must not exist), writes `data` and fdatasyncs it, through io_uring.
-async fn write_file(path: &Path, data: Vec<u8>) -> io::Result<()> {
+async fn write_file(path: &Path, data: Vec<u8>, mode: u32) -> io::Result<()> {
     let file = tokio_uring::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(FILE_MODE)
+        .mode(mode)
         .open(path)
         .await?;
     let (res, _) = file.write_all_at(data, 0).await;
@@ -235,10 +237,11 @@ mod tests {
     #[test]
     fn keeps_frames_within_its_bound_and_writes_them_with_their_reason() {
         let root = tempfile::tempdir().unwrap();
-        let q = Rc::new(RefCell::new(Quarantine::open(root.path(), 1, 1000).unwrap()));
+        let modes = crate::os::Modes { file: 0o600, dir: 0o700 };
+        let q = Rc::new(RefCell::new(Quarantine::open(root.path(), 1, 1000, modes).unwrap()));
         let dir = q.borrow().dir().to_path_buf();
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, DIR_MODE);
+        assert_eq!(mode, 0o700);
         assert!(q.borrow_mut().push(frame(1, 600), "reason: one\n".into()).is_ok());
         let refused = q.borrow_mut().push(frame(2, 600), "reason: two\n".into());
         assert_eq!(refused.unwrap_err().seq, 2, "over bytes_max: given back to be dropped");
@@ -262,10 +265,10 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&names[1]).unwrap(), "reason: one\n");
         for n in &names {
             let mode = std::fs::metadata(n).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, FILE_MODE, "{}", n.display());
+            assert_eq!(mode, 0o600, "{}", n.display());
         }
         // A new run counts what is there toward the bound.
-        let again = Quarantine::open(root.path(), 1, 1000).unwrap();
+        let again = Quarantine::open(root.path(), 1, 1000, modes).unwrap();
         assert_eq!(again.counters.bytes, 612);
     }
 }

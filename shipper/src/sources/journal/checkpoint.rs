@@ -24,6 +24,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 pub struct Checkpoint {
     path: Option<PathBuf>,
+    /// Mode of the checkpoint file (`shipper.file_mode`).
+    mode: u32,
     /// Frames holding this source's entries, in sequence order: (seq, cursor, acknowledged).
     pending: VecDeque<(u64, String, bool)>,
     /// The cursor last handed to the writer.
@@ -35,7 +37,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Opens the checkpoint at `path` (none: nothing is persisted); returns it with the saved
     /// cursor, if any.
-    pub fn open(path: Option<&Path>) -> io::Result<Checkpoint> {
+    pub fn open(path: Option<&Path>, mode: u32) -> io::Result<Checkpoint> {
         let cursor = match path {
             Some(p) => match std::fs::read_to_string(p) {
                 Ok(s) => Some(s.trim().to_string()).filter(|s| !s.is_empty()),
@@ -46,6 +48,7 @@ impl Checkpoint {
         };
         Ok(Checkpoint {
             path: path.map(Path::to_path_buf),
+            mode,
             pending: VecDeque::new(),
             cursor,
             errors: Arc::new(AtomicU64::new(0)),
@@ -68,7 +71,7 @@ impl Checkpoint {
         }
         if let Some(c) = advanced {
             if let Some(path) = &self.path {
-                writer().submit(path, &c, &self.errors);
+                writer().submit(path, &c, self.mode, &self.errors);
             }
             self.cursor = Some(c);
         }
@@ -89,17 +92,24 @@ impl Checkpoint {
         match (&self.path, &self.cursor) {
             (Some(path), Some(c)) => {
                 writer().settle(path);
-                write(path, c, true)
+                write(path, c, self.mode, true)
             }
             _ => Ok(()),
         }
     }
 }
 
-/// Writes `cursor` to `path` through `PATH.tmp` and a rename (fsynced when `sync`).
-fn write(path: &Path, cursor: &str, sync: bool) -> io::Result<()> {
+/// Writes `cursor` to `path` through `PATH.tmp` (created with `mode`) and a rename (fsynced
+/// when `sync`).
+fn write(path: &Path, cursor: &str, mode: u32, sync: bool) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
     f.write_all(cursor.as_bytes())?;
     f.write_all(b"\n")?;
     if sync {
@@ -112,7 +122,7 @@ fn write(path: &Path, cursor: &str, sync: bool) -> io::Result<()> {
 /// path being written.
 #[derive(Default)]
 struct Queue {
-    latest: HashMap<PathBuf, (String, Arc<AtomicU64>)>,
+    latest: HashMap<PathBuf, (String, u32, Arc<AtomicU64>)>,
     writing: Option<PathBuf>,
 }
 
@@ -138,9 +148,9 @@ fn writer() -> &'static Writer {
 
 impl Writer {
     /// Queues `cursor` for `path`, replacing an older one not written yet.
-    fn submit(&self, path: &Path, cursor: &str, errors: &Arc<AtomicU64>) {
+    fn submit(&self, path: &Path, cursor: &str, mode: u32, errors: &Arc<AtomicU64>) {
         let mut q = self.queue.lock().expect("checkpoint queue poisoned");
-        q.latest.insert(path.to_path_buf(), (cursor.to_string(), errors.clone()));
+        q.latest.insert(path.to_path_buf(), (cursor.to_string(), mode, errors.clone()));
         self.changed.notify_all();
     }
 
@@ -160,10 +170,10 @@ impl Writer {
                 q = self.changed.wait(q).expect("checkpoint queue poisoned");
                 continue;
             };
-            let (cursor, errors) = q.latest.remove(&path).expect("listed above");
+            let (cursor, mode, errors) = q.latest.remove(&path).expect("listed above");
             q.writing = Some(path.clone());
             drop(q);
-            if let Err(e) = write(&path, &cursor, false) {
+            if let Err(e) = write(&path, &cursor, mode, false) {
                 let n = errors.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::error!(path = %path.display(), "journal checkpoint not written: {e} (failures so far: {n})");
@@ -184,7 +194,7 @@ mod tests {
     fn advances_over_the_acknowledged_prefix_only() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cp");
-        let mut c = Checkpoint::open(Some(&path)).unwrap();
+        let mut c = Checkpoint::open(Some(&path), 0o640).unwrap();
         assert_eq!(c.cursor, None);
         for (seq, cur) in [(3, "a"), (5, "b"), (6, "c")] {
             c.sealed(seq, cur.into());
@@ -199,7 +209,7 @@ mod tests {
         // Written by the writer thread; sync waits for it and writes the newest itself.
         c.sync().unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "c\n");
-        assert_eq!(Checkpoint::open(Some(&path)).unwrap().cursor.as_deref(), Some("c"));
+        assert_eq!(Checkpoint::open(Some(&path), 0o640).unwrap().cursor.as_deref(), Some("c"));
         assert_eq!(c.write_errors(), 0);
     }
 
@@ -207,7 +217,7 @@ mod tests {
     fn a_failed_write_is_counted_and_the_worker_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("no-such-dir/cp");
-        let mut c = Checkpoint::open(Some(&path)).unwrap();
+        let mut c = Checkpoint::open(Some(&path), 0o640).unwrap();
         c.sealed(1, "a".into());
         c.acked(1);
         assert_eq!(c.cursor.as_deref(), Some("a"));
