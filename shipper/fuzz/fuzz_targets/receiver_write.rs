@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         dir.path()
     );
     let config: shipper::config::ReceiverConfig = toml::from_str(&text).unwrap();
-    let out = output::Output::new(dir.path(), 1, 0, 1 << 20, false, 4);
+    let out = output::Output::new(&config.output, 1, 0);
     let commits = commit::CommitLog::create(dir.path(), 0, false).unwrap();
     let mut worker = server::Worker::new(0, out, commits, Default::default(), Arc::new(config));
     let mut raw = Vec::new();

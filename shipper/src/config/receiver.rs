@@ -93,6 +93,10 @@ pub struct OutputSection {
     /// Default: 1024.
     #[serde(default = "default_streams_max")]
     pub streams_max: usize,
+    /// Stream files a worker keeps open at once; writing to one more closes the least
+    /// recently written (it is opened again, appending, when next written). Default: 256.
+    #[serde(default = "default_files_open_max")]
+    pub files_open_max: usize,
 }
 
 fn default_file_bytes_max() -> u64 {
@@ -103,6 +107,9 @@ fn default_fsync() -> bool {
 }
 fn default_streams_max() -> usize {
     1024
+}
+fn default_files_open_max() -> usize {
+    256
 }
 
 const K: fn(&'static str) -> Seg = Seg::Key;
@@ -132,6 +139,7 @@ impl Validate for ReceiverConfig {
         });
         p.range(o.file_bytes_max, 4096, 1 << 40, &[K("output"), K("file_bytes_max")]);
         p.range(o.streams_max as u64, 1, 1 << 20, &[K("output"), K("streams_max")]);
+        p.range(o.files_open_max as u64, 1, 1 << 20, &[K("output"), K("files_open_max")]);
         self.metrics.check(&[K("metrics"), K("listen")], p);
     }
 }

@@ -75,7 +75,14 @@ pub struct ReceiverCounters {
     /// no output can take), and the shipper gives them another fate.
     pub frames_rejected: u64,
     pub records_rejected: u64,
+    /// Streams written by the worker, each with a current file (open or closed).
     pub streams_open: u64,
+    /// Stream files open now, at most `output.files_open_max`.
+    pub files_open: u64,
+    /// The most stream files open at once since start.
+    pub files_open_peak: u64,
+    /// Stream files closed to make room for another (the least recently written).
+    pub files_closed: u64,
     pub records_folded: u64,
     /// Streams created under a shortened name (`output::stream_name`).
     pub stream_names_shortened: u64,
@@ -103,6 +110,9 @@ impl ReceiverCounters {
             frames_rejected: 0,
             records_rejected: 0,
             streams_open: 0,
+            files_open: 0,
+            files_open_peak: 0,
+            files_closed: 0,
             records_folded: 0,
             stream_names_shortened: 0,
             records_dead_letter: 0,
@@ -235,8 +245,32 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
         cores,
         "shipper_receiver_streams_open",
         "gauge",
-        "Output stream files open.",
+        "Output streams written, each with a current file, open or closed.",
         |c| c.streams_open,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_files_open",
+        "gauge",
+        "Output stream files open (at most output.files_open_max per worker).",
+        |c| c.files_open,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_files_open_peak",
+        "gauge",
+        "The most output stream files open at once since start.",
+        |c| c.files_open_peak,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_files_closed_total",
+        "counter",
+        "Output stream files closed to make room for another (least recently written first).",
+        |c| c.files_closed,
     );
     family(
         out,

@@ -331,13 +331,16 @@ impl Worker {
         self.counters.records_written += u64::from(count);
         self.counters.bytes_written += bytes;
         self.counters.streams_open = self.output.streams_open() as u64;
+        self.counters.files_open = self.output.files_open() as u64;
+        self.counters.files_open_peak = self.output.files_open_peak as u64;
+        self.counters.files_closed = self.output.files_closed;
         self.counters.records_folded = self.output.records_folded;
         self.counters.stream_names_shortened = self.output.names_shortened;
         if self.commits.needs_compaction() {
             let core = self.core;
             let workers = self.config.receiver.workers;
             let mine = self.windows.iter().filter(|(id, _)| owner(**id, workers) == core);
-            self.commits.compact(mine, &self.output.open_files()).map_err(FrameFault::Write)?;
+            self.commits.compact(mine, &self.output.current_files()).map_err(FrameFault::Write)?;
         }
         Ok(())
     }
