@@ -15,13 +15,22 @@ pub enum Refusal {
     Frame = 3,
     /// No frame for `idle_timeout_ms`.
     Idle = 4,
+    /// No room in `frames_in_progress_bytes_max` for a frame within
+    /// `frames_in_progress_wait_ms`.
+    Memory = 5,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 5] =
-        [Refusal::Tls, Refusal::Hello, Refusal::Limit, Refusal::Frame, Refusal::Idle];
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Tls,
+        Refusal::Hello,
+        Refusal::Limit,
+        Refusal::Frame,
+        Refusal::Idle,
+        Refusal::Memory,
+    ];
     pub fn label(self) -> &'static str {
-        ["tls", "hello", "limit", "frame", "idle"][self as usize]
+        ["tls", "hello", "limit", "frame", "idle", "memory"][self as usize]
     }
 }
 
@@ -66,6 +75,9 @@ pub struct ReceiverCounters {
     pub accept_errors: [u64; AcceptError::ALL.len()],
     pub connections_open: u64,
     pub frames_received: u64,
+    /// Frames whose payload had to wait for room in `frames_in_progress_bytes_max` (whether
+    /// room came or the connection was refused).
+    pub frames_waited: u64,
     pub frames_duplicate: u64,
     pub frames_acked: u64,
     pub records_written: u64,
@@ -102,6 +114,7 @@ impl ReceiverCounters {
             accept_errors: [0; AcceptError::ALL.len()],
             connections_open: 0,
             frames_received: 0,
+            frames_waited: 0,
             frames_duplicate: 0,
             frames_acked: 0,
             records_written: 0,
@@ -188,6 +201,14 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
         "counter",
         "DATA frames received (duplicates included).",
         |c| c.frames_received,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_frames_waited_total",
+        "counter",
+        "Frames whose payload waited for room in receiver.frames_in_progress_bytes_max.",
+        |c| c.frames_waited,
     );
     family(
         out,
@@ -308,10 +329,25 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     }
 }
 
-/// Renders the receiver's process-wide limits, fixed at start.
-pub fn render_limits(connections_max: usize, out: &mut Exposition) {
+/// The receiver's process-wide figures: limits fixed at start, and what is taken of them.
+pub struct ReceiverLimits {
+    pub connections_max: usize,
+    pub frames_in_progress_bytes_max: u64,
+    /// Bytes reserved now for the payloads of frames in progress, over every connection.
+    pub frames_in_progress_bytes: u64,
+}
+
+/// Renders the receiver's process-wide figures.
+pub fn render_limits(l: &ReceiverLimits, out: &mut Exposition) {
     let name = "shipper_receiver_connections_max";
     let help = "Connections served at once: receiver.connections_max, lowered to fit the \
                 open-file limit.";
-    out.family(name, "gauge", help).sample(name, &[], connections_max as f64);
+    out.family(name, "gauge", help).sample(name, &[], l.connections_max as f64);
+    let name = "shipper_receiver_frames_in_progress_bytes_max";
+    let help = "receiver.frames_in_progress_bytes_max: payload bytes of frames being received, \
+                over every connection.";
+    out.family(name, "gauge", help).sample(name, &[], l.frames_in_progress_bytes_max as f64);
+    let name = "shipper_receiver_frames_in_progress_bytes";
+    let help = "Payload bytes reserved now for frames being received, over every connection.";
+    out.family(name, "gauge", help).sample(name, &[], l.frames_in_progress_bytes as f64);
 }

@@ -20,6 +20,7 @@
 //!    peer and no accept error ends it ([`accept`]).
 
 pub mod accept;
+pub mod budget;
 pub mod commit;
 pub mod dedup;
 pub mod output;
@@ -34,7 +35,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::ReceiverConfig;
-use crate::metrics::receiver::{render, render_limits, ReceiverCounters};
+use crate::metrics::receiver::{render, render_limits, ReceiverCounters, ReceiverLimits};
 use crate::metrics::{http, scrape, Registry};
 use crate::runtime::signals;
 
@@ -56,13 +57,19 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let listener = bind(&config.receiver.listen)
         .with_context(|| format!("receiver.listen {}", config.receiver.listen))?;
     let registry = Registry::<ReceiverCounters>::new(workers + 1);
+    let budget = budget::FrameBudget::new(config.receiver.frames_in_progress_bytes_max);
     if !config.metrics.listen.is_empty() {
-        let r = registry.clone();
-        let max = config.receiver.connections_max;
+        let (r, b) = (registry.clone(), budget.clone());
+        let connections_max = config.receiver.connections_max;
         let addr = http::serve(&config.metrics.listen, move || {
             scrape(&r, |cores, out| {
                 render(cores, out);
-                render_limits(max, out);
+                let limits = ReceiverLimits {
+                    connections_max,
+                    frames_in_progress_bytes_max: b.bytes_max(),
+                    frames_in_progress_bytes: b.bytes_reserved(),
+                };
+                render_limits(&limits, out);
             })
         })
         .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
@@ -75,6 +82,7 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         inboxes.push(tx);
         let (config, open, registry) = (config.clone(), open.clone(), registry.clone());
+        let budget = budget.clone();
         let cpu = cpus.get(core % cpus.len().max(1)).copied();
         let o = &config.output;
         let output = output::Output::new(o, state.gen, core);
@@ -88,6 +96,7 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
                 Rc::new(RefCell::new(worker)),
                 rx,
                 open,
+                budget,
                 registry,
             ));
         })?;

@@ -51,7 +51,7 @@ pub const OTHER_STREAM: &str = "_other";
 pub const OTHER_STREAM_DEAD_LETTER: &str = "_other@dead_letter";
 const _: () =
     assert!(OTHER_STREAM_DEAD_LETTER.len() == OTHER_STREAM.len() + DEAD_LETTER_SUFFIX.len());
-/// Capacity a per-stream grouping buffer keeps between frames.
+/// Capacity the per-stream grouping buffers keep between frames, all together.
 const GROUP_KEEP_BYTES_MAX: usize = 4 << 20;
 
 struct StreamFile {
@@ -230,11 +230,14 @@ impl Output {
             groups[slot].1.push(b'\n');
         }
         let result = self.append_groups(&groups);
-        // Keep the buffers for the next frame, but not a large frame's worth of them.
+        // Keep the buffers for the next frame, but not a large frame's worth of them: at most
+        // GROUP_KEEP_BYTES_MAX over all the streams, however many there are.
+        let mut kept = 0;
         for g in &mut groups {
-            if g.1.capacity() > GROUP_KEEP_BYTES_MAX {
+            if kept + g.1.capacity() > GROUP_KEEP_BYTES_MAX {
                 g.1 = Vec::new();
             }
+            kept += g.1.capacity();
         }
         self.groups = groups;
         result
