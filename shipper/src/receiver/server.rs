@@ -470,6 +470,12 @@ async fn connection(
             decoded += 1;
             frame(worker, &stream, id, f, &mut replies).await?;
         }
+        // The frame the room was for is handled (and out of the decoder): give it back before
+        // anything is awaited, and so that asking again for the next frame queues behind those
+        // already waiting.
+        if room.as_ref().is_some_and(|(_, at)| *at != decoded) {
+            room = None;
+        }
         if !replies.is_empty() {
             let sent = stream.send(&replies).await;
             replies.clear();
@@ -480,11 +486,6 @@ async fn connection(
         if !open {
             // The peer closed; what it sent before is written and would have been acked.
             return Ok(());
-        }
-        // The frame the room was for is handled (and out of the decoder): give it back first,
-        // so that asking again for the next one queues behind those already waiting.
-        if room.as_ref().is_some_and(|(_, at)| *at != decoded) {
-            room = None;
         }
         let awaited = dec.payload_awaited().filter(|&n| n > FRAME_PAYLOAD_UNRESERVED_BYTES);
         if let (Some(len), None) = (awaited, &room) {
