@@ -10,6 +10,9 @@
 //!   `files_open_max` (or `streams_max` + 2 when fewer), + 8; plus 44); the effective figure is
 //!   the gauge `shipper_receiver_connections_max`. A limit that leaves no room for one
 //!   connection fails start-up, naming the figures.
+//! - Memory: the payloads of frames being received, over every connection, stay within
+//!   `frames_in_progress_bytes_max` ([`budget`]); a frame without room waits, unread, up to
+//!   `frames_in_progress_wait_ms`, then its connection is refused (`reason="memory"`).
 //!
 //! # Operation
 //! 1. Raise the open-file limit and fit `connections_max` to it ([`fit_connections`]).
