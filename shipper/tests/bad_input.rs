@@ -1,10 +1,8 @@
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::sync::Arc;
+use std::io::Write;
 use std::time::Duration;
 
 use shipper::protocol::frame::{Header, Kind, FLAG_ZSTD, HEADER_BYTES};
-use shipper::protocol::{Frame, FrameDecoder, Hello, RecordWriter};
+use shipper::protocol::{Frame, Hello, RecordWriter};
 
 use crate::harness::*;
 
@@ -82,65 +80,6 @@ fn pipe_garbage_is_passed_as_text_truncated_and_counted() {
         2.0 + 100.0 - utf8_bad
     );
     assert!(shipper.stop(Duration::from_secs(30)).success());
-}
-
-/// A blocking TLS client speaking the protocol by hand.
-struct RawClient {
-    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
-    dec: FrameDecoder,
-}
-
-impl RawClient {
-    fn connect(port: u16, config: rustls::ClientConfig) -> RawClient {
-        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-        RawClient { tls: rustls::StreamOwned::new(conn, tcp), dec: FrameDecoder::new(1 << 20) }
-    }
-
-    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.tls.write_all(bytes)?;
-        self.tls.flush()
-    }
-
-    /// The next frame, or the error that ended the connection.
-    fn read(&mut self) -> std::io::Result<Option<Frame>> {
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(f) = self.dec.next_frame().unwrap() {
-                return Ok(Some(f));
-            }
-            let n = self.tls.read(&mut buf)?;
-            if n == 0 {
-                return Ok(None);
-            }
-            self.dec.push(&buf[..n]);
-        }
-    }
-
-    fn hello(&mut self, run_id: u64) {
-        let hello = Hello { run_id, core: 0, name: "raw".into() };
-        self.send(&Frame::control(Kind::Hello, 0, &hello.encode())).unwrap();
-        assert_eq!(self.read().unwrap().unwrap().header.kind, Kind::Welcome);
-    }
-
-    /// Expects a REJECT of frame `seq` with a reason containing `text`; the connection stays.
-    fn expect_reject(&mut self, seq: u64, text: &str) {
-        let f = self.read().unwrap().expect("a REJECT frame");
-        assert_eq!((f.header.kind, f.header.seq), (Kind::Reject, seq));
-        let msg = String::from_utf8_lossy(&f.payload);
-        assert!(msg.contains(text), "REJECT {msg:?} should contain {text:?}");
-    }
-
-    /// Expects an ERROR frame containing `text`, then the end of the connection.
-    fn expect_error(&mut self, text: &str) {
-        let f = self.read().unwrap().expect("an ERROR frame");
-        assert_eq!(f.header.kind, Kind::Error);
-        let msg = String::from_utf8_lossy(&f.payload);
-        assert!(msg.contains(text), "ERROR {msg:?} should contain {text:?}");
-        assert!(matches!(self.read(), Ok(None) | Err(_)), "connection closed after ERROR");
-    }
 }
 
 fn data_frame(seq: u64, records: &[(&[u8], &[u8])], declared_count: u32) -> Vec<u8> {

@@ -67,8 +67,8 @@ fn receiver_survives_a_connection_flood_under_a_low_open_file_limit() {
     let text = env.receiver_toml(port, rm, "handshake_timeout_ms = 2000");
     let text = text.replace("fsync = false\n", "fsync = false\nstreams_max = 16\n");
     let mut receiver = start_receiver_nofile(&env, rm, &text, FLOOD_NOFILE);
-    // 256 less what 2 workers with 16 streams each may hold themselves.
-    let fit = FLOOD_NOFILE - shipper::receiver::descriptors_reserved(2, 16);
+    // 256 less what 2 workers with 16 streams (18 files open at most) may hold themselves.
+    let fit = FLOOD_NOFILE - shipper::receiver::descriptors_reserved(2, 18);
     assert_eq!(fit, 160);
     assert_eq!(metric_at(rm, "shipper_receiver_connections_max", &[]), fit as f64);
     assert!(receiver.log_text().contains("receiver.connections_max 4096 lowered to 160"));
@@ -477,4 +477,185 @@ fn slow_metrics_clients_do_not_stall_a_scrape_and_are_closed_at_the_deadline() {
     assert_eq!(metrics_own(sm, "shipper_metrics_requests_timed_out_total"), CONNECTIONS_MAX as f64);
     assert_eq!(metrics_own(sm, "shipper_metrics_connections_open"), 1.0);
     assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receiver: memory of frames in progress over all connections; open stream files.
+// ---------------------------------------------------------------------------------------------
+
+/// Raw clients that each send the header and half the payload of one large frame.
+const HALF_FRAME_CLIENTS: usize = 50;
+/// The payload of their frame: one record, uncompressed.
+const HALF_FRAME_PAYLOAD_BYTES: usize = 2 << 20;
+/// `frames_in_progress_bytes_max` of the receiver they meet: room for 8 such frames.
+const HALF_FRAME_BUDGET_BYTES: usize = 16 << 20;
+/// Clients whose frame gets room: the budget holds exactly this many payloads.
+const HALF_FRAME_HOLDERS: usize = HALF_FRAME_BUDGET_BYTES / HALF_FRAME_PAYLOAD_BYTES;
+const _: () = assert!(HALF_FRAME_BUDGET_BYTES % HALF_FRAME_PAYLOAD_BYTES == 0);
+
+/// The peak resident memory of process `pid` (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A DATA frame (seq 1) of one uncompressed record whose payload is exactly `bytes` long.
+fn frame_of_payload(bytes: usize) -> Vec<u8> {
+    use shipper::protocol::frame::{Header, Kind};
+    let key = b"big";
+    let mut payload = Vec::new();
+    let body = vec![b'x'; bytes - 4 - 1 - key.len()];
+    shipper::protocol::RecordWriter::push(&mut payload, key, &body);
+    assert_eq!(payload.len(), bytes);
+    let len = bytes as u32;
+    Header { kind: Kind::Data, flags: 0, seq: 1, count: 1, raw_len: len, len }.wire(&payload)
+}
+
+#[test]
+fn receiver_holds_frames_in_progress_within_its_budget() {
+    // Regression: each connection buffered its frame in progress on its own, up to
+    // frame_bytes_max, so peers each sending part of a large frame made the receiver hold all
+    // those parts at once (1000 half frames of 16 MiB: 8 GB).
+    use shipper::protocol::frame::{Kind, HEADER_BYTES};
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let extra = format!(
+        "idle_timeout_ms = 60000\nframe_bytes_max = {}\nframes_in_progress_bytes_max = {}\n\
+         frames_in_progress_wait_ms = 1000",
+        4 << 20,
+        HALF_FRAME_BUDGET_BYTES
+    );
+    let mut receiver = start_receiver(&env, port, rm, &extra);
+    let pid = receiver.child.id();
+    let rss_before = peak_rss_kib(pid);
+    let p = &env.pki;
+    let config = || shipper::tls::client_config(&p.ca, &p.shipper_cert, &p.shipper_key).unwrap();
+    let wire = frame_of_payload(HALF_FRAME_PAYLOAD_BYTES);
+    let half = HEADER_BYTES + HALF_FRAME_PAYLOAD_BYTES / 2;
+    // Each client: HELLO, the first half of its frame, then a read. Those without room get an
+    // ERROR once frames_in_progress_wait_ms has passed; those with room get nothing.
+    let clients: Vec<(RawClient, Option<String>)> = std::thread::scope(|s| {
+        let run = |i: usize| {
+            let (config, wire) = (config(), &wire);
+            move || {
+                let mut c = RawClient::connect(port, config);
+                c.hello(1000 + i as u64);
+                c.set_read_timeout(Duration::from_secs(6));
+                let writer = c.send_detached(&wire[..half]);
+                let error = match c.read() {
+                    Ok(Some(f)) if f.header.kind == Kind::Error => {
+                        Some(String::from_utf8_lossy(&f.payload).into_owned())
+                    }
+                    Ok(other) => panic!("client {i}: expected ERROR or nothing, got {other:?}"),
+                    Err(_) => {
+                        // Nothing came (the read timed out): the frame has room, so the
+                        // receiver read all of the half sent.
+                        writer.join().unwrap().unwrap();
+                        None
+                    }
+                };
+                (c, error)
+            }
+        };
+        let threads: Vec<_> = (0..HALF_FRAME_CLIENTS).map(|i| s.spawn(run(i))).collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let refused: Vec<&String> = clients.iter().filter_map(|(_, e)| e.as_ref()).collect();
+    assert_eq!(refused.len(), HALF_FRAME_CLIENTS - HALF_FRAME_HOLDERS);
+    for e in &refused {
+        assert!(e.starts_with("busy: no room for a frame of 2097152 payload bytes"), "{e}");
+    }
+    let m = |name: &str, labels: &[(&str, &str)]| metric_at(rm, name, labels);
+    let refused_memory = (HALF_FRAME_CLIENTS - HALF_FRAME_HOLDERS) as f64;
+    receiver.wait_alive("the refusals published", || {
+        m("shipper_receiver_connections_refused_total", &[("reason", "memory")]) == refused_memory
+    });
+    // Every frame past the 8th waited, and none of them got room.
+    assert_eq!(m("shipper_receiver_frames_waited_total", &[]), refused_memory);
+    let in_progress = |n: usize| (n * HALF_FRAME_PAYLOAD_BYTES) as f64;
+    assert_eq!(m("shipper_receiver_frames_in_progress_bytes", &[]), in_progress(8));
+    assert_eq!(
+        m("shipper_receiver_frames_in_progress_bytes_max", &[]),
+        HALF_FRAME_BUDGET_BYTES as f64
+    );
+    // Held at most: the budget (16 MiB, of which 8 MiB were sent) and, per connection, 64 KiB
+    // of payload read without room, the frame header, a 64 KiB read buffer, 64 KiB of
+    // plaintext and its TLS state: under 256 KiB each, 12.5 MiB for 50. Without the budget the
+    // 50 half frames alone were 50 MiB.
+    let grown_kib = peak_rss_kib(pid) - rss_before;
+    let bound_kib = (HALF_FRAME_BUDGET_BYTES >> 10) + HALF_FRAME_CLIENTS * 256;
+    eprintln!("receiver peak RSS grew by {grown_kib} KiB (bound {bound_kib} KiB)");
+    assert!(grown_kib < bound_kib as u64, "peak RSS grew by {grown_kib} KiB");
+    // A frame with room completes: acknowledged, and its room given back.
+    let mut holders: Vec<RawClient> =
+        clients.into_iter().filter(|(_, e)| e.is_none()).map(|(c, _)| c).collect();
+    holders[0].send(&wire[half..]).unwrap();
+    let ack = holders[0].read().unwrap().unwrap();
+    assert_eq!((ack.header.kind, ack.header.seq), (Kind::Ack, 1));
+    receiver.wait_alive("the acknowledged frame's room given back", || {
+        m("shipper_receiver_frames_in_progress_bytes", &[]) == in_progress(7)
+    });
+    drop(holders);
+    receiver.wait_alive("every reservation given back", || {
+        m("shipper_receiver_frames_in_progress_bytes", &[]) == 0.0
+    });
+    let pipe = env.path("app.pipe");
+    let mut shipper =
+        start_shipper(&env, port, sm, &format!("[[sources.pipe]]\npath = {pipe:?}\n"));
+    let line = "{\"service\":\"web\",\"n\":1}";
+    open_writer(&pipe).write_all(format!("{line}\n").as_bytes()).unwrap();
+    shipper.wait_alive("the line acknowledged", || {
+        metric_at(sm, "shipper_records_acked_total", &[]) >= 1.0
+    });
+    let mut lines = output_lines(&env.out());
+    lines.sort();
+    let big = (b"x".repeat(HALF_FRAME_PAYLOAD_BYTES - 8)).to_vec();
+    assert_eq!(lines, vec![("big".to_string(), big), ("web".to_string(), line.into())]);
+    assert_eq!(m("shipper_receiver_frames_waited_total", &[]), refused_memory);
+    assert!(receiver.child.try_wait().unwrap().is_none(), "the receiver is alive");
+}
+
+#[test]
+fn receiver_keeps_at_most_files_open_max_stream_files_open() {
+    // Regression: every stream's file stayed open (up to streams_max per worker), so the
+    // descriptors a receiver needed grew with the streams its senders named.
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let text = env.receiver_toml(port, rm, "");
+    let text = text.replace("fsync = false\n", "fsync = false\nfiles_open_max = 2\n");
+    let mut receiver = start_receiver_toml(&env, port, rm, &text);
+    let pipe = env.path("app.pipe");
+    let mut shipper =
+        start_shipper(&env, port, sm, &format!("[[sources.pipe]]\npath = {pipe:?}\n"));
+    let mut writer = open_writer(&pipe);
+    let (streams, rounds) = (5, 4);
+    let line = |n: usize| format!("{{\"service\":\"s{}\",\"n\":{n}}}", n % streams);
+    // One line at a time, each acknowledged before the next: one frame each, to the five
+    // streams in turn, so every write after the second finds its file closed.
+    for n in 0..streams * rounds {
+        writer.write_all(format!("{}\n", line(n)).as_bytes()).unwrap();
+        shipper.wait_alive("the line acknowledged", || {
+            metric_at(sm, "shipper_records_acked_total", &[]) == (n + 1) as f64
+        });
+        let open = metric_at(rm, "shipper_receiver_files_open", &[]);
+        assert!(open <= 2.0, "{open} files open after line {n}");
+    }
+    for s in 0..streams {
+        let dir = env.out().join(format!("s{s}"));
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|f| f.unwrap().path()).collect();
+        assert_eq!(files.len(), 1, "one file for stream s{s}: {files:?}");
+        let expect: String = (0..rounds).map(|r| line(r * streams + s) + "\n").collect();
+        assert_eq!(std::fs::read_to_string(&files[0]).unwrap(), expect, "stream s{s}");
+    }
+    let m = |name: &str| metric_at(rm, name, &[]);
+    receiver.wait_alive("the receiver's counters published", || {
+        m("shipper_receiver_records_written_total") == (streams * rounds) as f64
+    });
+    assert_eq!(m("shipper_receiver_files_open"), 2.0);
+    assert_eq!(m("shipper_receiver_files_open_peak"), 2.0);
+    // 20 opens, the first two with room.
+    assert_eq!(m("shipper_receiver_files_closed_total"), (streams * rounds - 2) as f64);
+    assert_eq!(m("shipper_receiver_streams_open"), streams as f64);
+    assert!(receiver.child.try_wait().unwrap().is_none(), "the receiver is alive");
 }

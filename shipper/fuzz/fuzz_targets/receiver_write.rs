@@ -38,9 +38,10 @@ fuzz_target!(|data: &[u8]| {
     );
     let config: shipper::config::ReceiverConfig = toml::from_str(&text).unwrap();
     // As `shipper receive` starts: recovery lays out the state directory and the generation.
-    let state = commit::recover(dir.path(), 3600, shipper::os::Modes::DEFAULT).unwrap();
-    let out = output::Output::new(dir.path(), state.gen, 0, 1 << 20, false, 4);
-    let commits = commit::CommitLog::create(dir.path(), 0, false, shipper::os::Modes::DEFAULT).unwrap();
+    let modes = shipper::os::Modes::DEFAULT;
+    let state = commit::recover(dir.path(), 3600, modes).unwrap();
+    let out = output::Output::new(&config.output, state.gen, 0);
+    let commits = commit::CommitLog::create(dir.path(), 0, false, modes).unwrap();
     let mut worker = server::Worker::new(0, out, commits, Default::default(), Arc::new(config));
     let mut raw = Vec::new();
     for (k, b) in &records {

@@ -9,6 +9,10 @@ use super::shipper::MetricsSection;
 use super::{online_cpus, Problems, Seg, Validate};
 use crate::protocol::limits::FRAME_BYTES_MAX;
 
+/// The largest `frames_in_progress_bytes_max`: the receiver counts it in a tokio semaphore,
+/// whose permits are a `usize` less 3 bits.
+pub const FRAMES_IN_PROGRESS_BYTES_LIMIT: u64 = 1 << 40;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiverConfig {
@@ -54,6 +58,15 @@ pub struct ReceiverSection {
     /// Largest decompressed DATA payload accepted, in bytes. Default: 67108864.
     #[serde(default = "default_frame_raw_bytes_max")]
     pub frame_raw_bytes_max: u32,
+    /// Payload bytes of frames being received, over every connection together: a frame whose
+    /// payload is over 64 KiB is read only once this budget has room for it
+    /// (`receiver::budget`). At least `frame_bytes_max`, in bytes. Default: 268435456.
+    #[serde(default = "default_frames_in_progress_bytes_max")]
+    pub frames_in_progress_bytes_max: u64,
+    /// How long a frame waits for room in `frames_in_progress_bytes_max` (its connection not
+    /// read meanwhile) before the connection is refused with ERROR, in ms. Default: 1000.
+    #[serde(default = "default_frames_in_progress_wait_ms")]
+    pub frames_in_progress_wait_ms: u64,
 }
 
 fn default_connections_max() -> usize {
@@ -73,6 +86,12 @@ fn default_frame_bytes_max() -> u32 {
 }
 fn default_frame_raw_bytes_max() -> u32 {
     64 << 20
+}
+fn default_frames_in_progress_bytes_max() -> u64 {
+    256 << 20
+}
+fn default_frames_in_progress_wait_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +127,10 @@ pub struct OutputSection {
     /// Mode of the directories it creates (streams, `.state`), octal. Default: "0750".
     #[serde(default = "default_dir_mode")]
     pub dir_mode: String,
+    /// Stream files a worker keeps open at once; writing to one more closes the least
+    /// recently written (it is opened again, appending, when next written). Default: 256.
+    #[serde(default = "default_files_open_max")]
+    pub files_open_max: usize,
 }
 
 impl OutputSection {
@@ -134,6 +157,9 @@ fn default_fsync() -> bool {
 fn default_streams_max() -> usize {
     1024
 }
+fn default_files_open_max() -> usize {
+    256
+}
 
 const K: fn(&'static str) -> Seg = Seg::Key;
 
@@ -151,6 +177,18 @@ impl Validate for ReceiverConfig {
         p.range(r.dedup_window_ttl_s, 60, 10 * 365 * 24 * 3600, &at("dedup_window_ttl_s"));
         p.range(r.frame_bytes_max.into(), 1024, FRAME_BYTES_MAX.into(), &at("frame_bytes_max"));
         p.range(r.frame_raw_bytes_max.into(), 1024, 1 << 30, &at("frame_raw_bytes_max"));
+        let (budget, frame_max) = (r.frames_in_progress_bytes_max, u64::from(r.frame_bytes_max));
+        p.check(
+            (frame_max..=FRAMES_IN_PROGRESS_BYTES_LIMIT).contains(&budget),
+            &at("frames_in_progress_bytes_max"),
+            || {
+                format!(
+                    "{budget} is out of range (allowed: frame_bytes_max, {frame_max}, so that the \
+                     largest frame fits, to {FRAMES_IN_PROGRESS_BYTES_LIMIT})"
+                )
+            },
+        );
+        p.range(r.frames_in_progress_wait_ms, 1, 600_000, &at("frames_in_progress_wait_ms"));
         for (key, path) in [("ca", &self.tls.ca), ("cert", &self.tls.cert), ("key", &self.tls.key)]
         {
             p.check(path.is_file(), &[K("tls"), K(key)], || {
@@ -168,6 +206,39 @@ impl Validate for ReceiverConfig {
                 format!("{mode:?} is not an octal file mode like \"0640\"")
             });
         }
+        p.range(o.files_open_max as u64, 1, 1 << 20, &[K("output"), K("files_open_max")]);
         self.metrics.check(&[K("metrics"), K("listen")], p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frames_in_progress_budget_must_hold_the_largest_frame() {
+        let text = |budget: u64| {
+            format!(
+                "[receiver]\nlisten = \"127.0.0.1:1\"\nframe_bytes_max = 2097152\n\
+                 frames_in_progress_bytes_max = {budget}\nframes_in_progress_wait_ms = 0\n\
+                 [tls]\nca = \"/\"\ncert = \"/\"\nkey = \"/\"\n[output]\ndirectory = \"o\"\n\
+                 files_open_max = 0\n"
+            )
+        };
+        let file = std::path::Path::new("r.toml");
+        let e = crate::config::parse::<ReceiverConfig>(&text(2097151), file).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains(
+                "r.toml:4: receiver.frames_in_progress_bytes_max: 2097151 is out of range \
+                 (allowed: frame_bytes_max, 2097152, so that the largest frame fits, to \
+                 1099511627776)"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("r.toml:5: receiver.frames_in_progress_wait_ms: 0 is out of range"));
+        assert!(e.contains("r.toml:12: output.files_open_max: 0 is out of range (allowed: 1"));
+        let e = crate::config::parse::<ReceiverConfig>(&text(2097152), file).unwrap_err();
+        assert!(!e.to_string().contains("frames_in_progress_bytes_max"), "{e}");
     }
 }

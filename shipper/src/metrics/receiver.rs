@@ -15,13 +15,22 @@ pub enum Refusal {
     Frame = 3,
     /// No frame for `idle_timeout_ms`.
     Idle = 4,
+    /// No room in `frames_in_progress_bytes_max` for a frame within
+    /// `frames_in_progress_wait_ms`.
+    Memory = 5,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 5] =
-        [Refusal::Tls, Refusal::Hello, Refusal::Limit, Refusal::Frame, Refusal::Idle];
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Tls,
+        Refusal::Hello,
+        Refusal::Limit,
+        Refusal::Frame,
+        Refusal::Idle,
+        Refusal::Memory,
+    ];
     pub fn label(self) -> &'static str {
-        ["tls", "hello", "limit", "frame", "idle"][self as usize]
+        ["tls", "hello", "limit", "frame", "idle", "memory"][self as usize]
     }
 }
 
@@ -66,6 +75,9 @@ pub struct ReceiverCounters {
     pub accept_errors: [u64; AcceptError::ALL.len()],
     pub connections_open: u64,
     pub frames_received: u64,
+    /// Frames whose payload had to wait for room in `frames_in_progress_bytes_max` (whether
+    /// room came or the connection was refused).
+    pub frames_waited: u64,
     pub frames_duplicate: u64,
     pub frames_acked: u64,
     pub records_written: u64,
@@ -75,7 +87,14 @@ pub struct ReceiverCounters {
     /// no output can take), and the shipper gives them another fate.
     pub frames_rejected: u64,
     pub records_rejected: u64,
+    /// Streams written by the worker, each with a current file (open or closed).
     pub streams_open: u64,
+    /// Stream files open now, at most `output.files_open_max`.
+    pub files_open: u64,
+    /// The most stream files open at once since start.
+    pub files_open_peak: u64,
+    /// Stream files closed to make room for another (the least recently written).
+    pub files_closed: u64,
     pub records_folded: u64,
     /// Streams created under a shortened name (`output::stream_name`).
     pub stream_names_shortened: u64,
@@ -95,6 +114,7 @@ impl ReceiverCounters {
             accept_errors: [0; AcceptError::ALL.len()],
             connections_open: 0,
             frames_received: 0,
+            frames_waited: 0,
             frames_duplicate: 0,
             frames_acked: 0,
             records_written: 0,
@@ -103,6 +123,9 @@ impl ReceiverCounters {
             frames_rejected: 0,
             records_rejected: 0,
             streams_open: 0,
+            files_open: 0,
+            files_open_peak: 0,
+            files_closed: 0,
             records_folded: 0,
             stream_names_shortened: 0,
             records_dead_letter: 0,
@@ -182,6 +205,14 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     family(
         out,
         cores,
+        "shipper_receiver_frames_waited_total",
+        "counter",
+        "Frames whose payload waited for room in receiver.frames_in_progress_bytes_max.",
+        |c| c.frames_waited,
+    );
+    family(
+        out,
+        cores,
         "shipper_receiver_frames_duplicate_total",
         "counter",
         "DATA frames already written, acknowledged again and not written.",
@@ -235,8 +266,32 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
         cores,
         "shipper_receiver_streams_open",
         "gauge",
-        "Output stream files open.",
+        "Output streams written, each with a current file, open or closed.",
         |c| c.streams_open,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_files_open",
+        "gauge",
+        "Output stream files open (at most output.files_open_max per worker).",
+        |c| c.files_open,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_files_open_peak",
+        "gauge",
+        "The most output stream files open at once since start.",
+        |c| c.files_open_peak,
+    );
+    family(
+        out,
+        cores,
+        "shipper_receiver_files_closed_total",
+        "counter",
+        "Output stream files closed to make room for another (least recently written first).",
+        |c| c.files_closed,
     );
     family(
         out,
@@ -274,10 +329,25 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     }
 }
 
-/// Renders the receiver's process-wide limits, fixed at start.
-pub fn render_limits(connections_max: usize, out: &mut Exposition) {
+/// The receiver's process-wide figures: limits fixed at start, and what is taken of them.
+pub struct ReceiverLimits {
+    pub connections_max: usize,
+    pub frames_in_progress_bytes_max: u64,
+    /// Bytes reserved now for the payloads of frames in progress, over every connection.
+    pub frames_in_progress_bytes: u64,
+}
+
+/// Renders the receiver's process-wide figures.
+pub fn render_limits(l: &ReceiverLimits, out: &mut Exposition) {
     let name = "shipper_receiver_connections_max";
     let help = "Connections served at once: receiver.connections_max, lowered to fit the \
                 open-file limit.";
-    out.family(name, "gauge", help).sample(name, &[], connections_max as f64);
+    out.family(name, "gauge", help).sample(name, &[], l.connections_max as f64);
+    let name = "shipper_receiver_frames_in_progress_bytes_max";
+    let help = "receiver.frames_in_progress_bytes_max: payload bytes of frames being received, \
+                over every connection.";
+    out.family(name, "gauge", help).sample(name, &[], l.frames_in_progress_bytes_max as f64);
+    let name = "shipper_receiver_frames_in_progress_bytes";
+    let help = "Payload bytes reserved now for frames being received, over every connection.";
+    out.family(name, "gauge", help).sample(name, &[], l.frames_in_progress_bytes as f64);
 }

@@ -169,10 +169,16 @@ impl Frame {
     }
 }
 
+/// Capacity a [`FrameDecoder`] keeps once a larger frame is out: what a read and a small frame
+/// need, not what the largest frame seen needed.
+pub const DECODER_KEEP_BYTES: usize = 128 << 10;
+
 /// Splits a byte stream into frames, checking each header and checksum.
 ///
 /// Bytes are pushed in as they arrive; the decoder never holds more than one frame plus one
-/// read's worth of bytes.
+/// push's worth of bytes. Its buffer grows to the frame in progress at once, as soon as the
+/// header says its size (not by doubling, which could leave twice that allocated), and gives
+/// back what is over [`DECODER_KEEP_BYTES`] once that frame is out.
 pub struct FrameDecoder {
     buf: Vec<u8>,
     start: usize,
@@ -189,6 +195,12 @@ impl FrameDecoder {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
+            self.fit();
+        }
+        let needed = self.buf.len() + bytes.len();
+        if needed > self.buf.capacity() {
+            let frame_end = self.start + self.frame_bytes().unwrap_or(0);
+            self.buf.reserve_exact(needed.max(frame_end) - self.buf.len());
         }
         self.buf.extend_from_slice(bytes);
     }
@@ -196,6 +208,25 @@ impl FrameDecoder {
     /// Bytes received but not yet returned as a frame.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
+    }
+
+    /// Bytes the decoder has allocated.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The payload length of the frame in progress, once its header is in and until the whole
+    /// frame is: what the caller may want room for before it reads the rest.
+    pub fn payload_awaited(&self) -> Option<u32> {
+        let total = self.frame_bytes()?;
+        (self.buffered() < total).then(|| (total - HEADER_BYTES) as u32)
+    }
+
+    /// Header and payload bytes of the next frame, once its (valid) header is in.
+    fn frame_bytes(&self) -> Option<usize> {
+        let head = self.buf.get(self.start..self.start + HEADER_BYTES)?;
+        let (header, _) = Header::decode(head.try_into().expect("32 bytes"), self.max).ok()?;
+        Some(HEADER_BYTES + header.len as usize)
     }
 
     /// Returns the next complete frame, `Ok(None)` when more bytes are needed.
@@ -230,6 +261,16 @@ impl FrameDecoder {
         if self.start > 0 {
             self.buf.drain(..self.start);
             self.start = 0;
+            self.fit();
+        }
+    }
+
+    /// Gives back capacity over [`DECODER_KEEP_BYTES`] that neither the bytes held nor the
+    /// frame in progress need (called with `start == 0`).
+    fn fit(&mut self) {
+        let need = self.buf.len().max(self.frame_bytes().unwrap_or(0)).max(DECODER_KEEP_BYTES);
+        if self.buf.capacity() > need {
+            self.buf.shrink_to(need);
         }
     }
 }
@@ -277,5 +318,53 @@ mod tests {
         let mut dec = FrameDecoder::new(1024);
         dec.push(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n....");
         assert!(matches!(dec.next_frame(), Err(FrameError::Magic(_))));
+    }
+
+    /// A DATA frame of `len` payload bytes (not a valid checksum's worth of anything else).
+    fn frame_of(len: usize) -> Vec<u8> {
+        data_frame(1, &vec![b'x'; len])
+    }
+
+    #[test]
+    fn the_payload_awaited_is_known_from_the_header_on() {
+        let wire = frame_of(1000);
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&wire[..HEADER_BYTES - 1]);
+        assert_eq!(dec.next_frame(), Ok(None));
+        assert_eq!(dec.payload_awaited(), None, "no header yet");
+        dec.push(&wire[HEADER_BYTES - 1..HEADER_BYTES + 10]);
+        assert_eq!(dec.next_frame(), Ok(None));
+        assert_eq!(dec.payload_awaited(), Some(1000));
+        dec.push(&wire[HEADER_BYTES + 10..]);
+        assert_eq!(dec.payload_awaited(), None, "the whole frame is in");
+        assert_eq!(dec.next_frame().unwrap().unwrap().payload.len(), 1000);
+        assert_eq!(dec.payload_awaited(), None);
+    }
+
+    #[test]
+    fn a_large_frame_is_held_once_and_its_capacity_given_back() {
+        let big = frame_of(2 << 20);
+        let small = frame_of(100);
+        let mut dec = FrameDecoder::new(4 << 20);
+        // Read 16 KiB at a time, as a socket would hand it out.
+        let mut pushes = big.chunks(16 << 10);
+        dec.push(pushes.next().unwrap());
+        assert_eq!(dec.next_frame(), Ok(None));
+        for chunk in pushes {
+            dec.push(chunk);
+            // Grown to the frame at once: never by doubling past it.
+            assert_eq!(dec.capacity(), big.len(), "after {} bytes", dec.buffered());
+        }
+        dec.push(&small);
+        let mut frames = Vec::new();
+        while let Some(f) = dec.next_frame().unwrap() {
+            frames.push(f.payload.len());
+        }
+        assert_eq!(frames, [2 << 20, 100]);
+        assert!(dec.capacity() <= DECODER_KEEP_BYTES, "{} kept", dec.capacity());
+        // The next frame starts in a buffer of the kept size.
+        dec.push(&small);
+        assert_eq!(dec.next_frame().unwrap().unwrap().payload.len(), 100);
+        assert!(dec.capacity() <= DECODER_KEEP_BYTES);
     }
 }

@@ -5,7 +5,8 @@
 //! # Design constraints
 //! - A frame is acknowledged only after its commit record is appended (and fdatasync'd when
 //!   `fsync` is on). Each worker appends to its own log; a log over [`LOG_BYTES_MAX`] is
-//!   compacted into a snapshot of that worker's windows and open files.
+//!   compacted into a snapshot of that worker's windows and the end of each stream's current
+//!   file, open or closed (`Output::current_files`).
 //! - Only the newest file of a (stream, worker) can hold uncommitted bytes: files rotate
 //!   between frames, and a failed write is cut back before the worker goes on.
 //!
@@ -390,7 +391,9 @@ impl CommitLog {
         self.bytes > LOG_BYTES_MAX
     }
 
-    /// Replaces the log with a snapshot of `windows` and the ends of the open `files`.
+    /// Replaces the log with a snapshot of `windows` and the ends of `files`: the current file
+    /// of every stream, open or closed, or recovery would take a file it does not name for
+    /// one with nothing committed.
     pub fn compact<'a>(
         &mut self,
         windows: impl Iterator<Item = (&'a StreamId, &'a Window)>,

@@ -6,9 +6,13 @@
 //!   output files and their commit log; the acceptor thread only handshakes and hands off.
 //! - Descriptors: the soft open-file limit is raised to the hard one at start, and
 //!   `connections_max` lowered (one warning) to what that limit leaves after what the receiver
-//!   itself may hold ([`descriptors_reserved`]: per worker `streams_max` + 10, plus 44); the
-//!   effective figure is the gauge `shipper_receiver_connections_max`. A limit that leaves no
-//!   room for one connection fails start-up, naming the figures.
+//!   itself may hold ([`descriptors_reserved`]: per worker its open stream files, at most
+//!   `files_open_max` (or `streams_max` + 2 when fewer), + 8; plus 44); the effective figure is
+//!   the gauge `shipper_receiver_connections_max`. A limit that leaves no room for one
+//!   connection fails start-up, naming the figures.
+//! - Memory: the payloads of frames being received, over every connection, stay within
+//!   `frames_in_progress_bytes_max` ([`budget`]); a frame without room waits, unread, up to
+//!   `frames_in_progress_wait_ms`, then its connection is refused (`reason="memory"`).
 //!
 //! # Operation
 //! 1. Raise the open-file limit and fit `connections_max` to it ([`fit_connections`]).
@@ -19,6 +23,7 @@
 //!    peer and no accept error ends it ([`accept`]).
 
 pub mod accept;
+pub mod budget;
 pub mod commit;
 pub mod dedup;
 pub mod output;
@@ -33,7 +38,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::ReceiverConfig;
-use crate::metrics::receiver::{render, render_limits, ReceiverCounters};
+use crate::metrics::receiver::{render, render_limits, ReceiverCounters, ReceiverLimits};
 use crate::metrics::{http, scrape, Registry};
 use crate::runtime::signals;
 
@@ -58,13 +63,19 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let listener = bind(&config.receiver.listen)
         .with_context(|| format!("receiver.listen {}", config.receiver.listen))?;
     let registry = Registry::<ReceiverCounters>::new(workers + 1);
+    let budget = budget::FrameBudget::new(config.receiver.frames_in_progress_bytes_max);
     if !config.metrics.listen.is_empty() {
-        let r = registry.clone();
-        let max = config.receiver.connections_max;
+        let (r, b) = (registry.clone(), budget.clone());
+        let connections_max = config.receiver.connections_max;
         let addr = http::serve(&config.metrics.listen, move || {
             scrape(&r, |cores, out| {
                 render(cores, out);
-                render_limits(max, out);
+                let limits = ReceiverLimits {
+                    connections_max,
+                    frames_in_progress_bytes_max: b.bytes_max(),
+                    frames_in_progress_bytes: b.bytes_reserved(),
+                };
+                render_limits(&limits, out);
             })
         })
         .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
@@ -77,16 +88,10 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         inboxes.push(tx);
         let (config, open, registry) = (config.clone(), open.clone(), registry.clone());
+        let budget = budget.clone();
         let cpu = cpus.get(core % cpus.len().max(1)).copied();
         let o = &config.output;
-        let output = output::Output::new(
-            &o.directory,
-            state.gen,
-            core,
-            o.file_bytes_max,
-            o.fsync,
-            o.streams_max,
-        );
+        let output = output::Output::new(o, state.gen, core);
         let commits = commit::CommitLog::create(&o.directory, core, o.fsync, modes)?;
         std::thread::Builder::new().name(format!("receiver-{core}")).spawn(move || {
             if let Some(cpu) = cpu {
@@ -97,7 +102,8 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
                 if core == 0 && crate::fault::injected(crate::fault::Fault::PanicWorkerTask) {
                     tokio_uring::spawn(crate::fault::panic_worker_task("receiver worker"));
                 }
-                server::serve_worker(Rc::new(RefCell::new(worker)), rx, open, registry).await
+                let worker = Rc::new(RefCell::new(worker));
+                server::serve_worker(worker, rx, open, budget, registry).await
             });
         })?;
     }
@@ -142,13 +148,18 @@ fn bind(addr: &str) -> std::io::Result<std::net::TcpListener> {
     }
 }
 
+/// Stream files a worker may have open at once: `files_open_max`, or one per stream it may
+/// have (`streams_max`, plus `_other` and `_other@dead_letter`) when that is fewer.
+pub fn files_open_per_worker(streams_max: usize, files_open_max: usize) -> usize {
+    files_open_max.min(streams_max + 2)
+}
+
 /// Descriptors the receiver holds besides its connections, at most, with `workers` workers of
-/// at most `streams_max` streams each: what is left of the open-file limit is for connections.
-/// Keep in step with what the code opens.
-pub fn descriptors_reserved(workers: usize, streams_max: usize) -> u64 {
-    let per_worker = streams_max as u64 // one open file per output stream
-        + 2 // `_other` and `_other@dead_letter`, which `streams_max` does not count
-        + 1 // a stream's next file, opened while the full one is still open
+/// at most `files_open` open stream files each ([`files_open_per_worker`]): what is left of
+/// the open-file limit is for connections. Keep in step with what the code opens.
+pub fn descriptors_reserved(workers: usize, files_open: usize) -> u64 {
+    let per_worker = files_open as u64 // open stream files; past this the least recent closes
+        + 1 // a closed stream file opened to cut back a failed frame
         + 3 // the commit log; while compacting, also its snapshot and the directory synced
         + 4; // its tokio-uring runtime: io_uring, two epolls, an eventfd (as measured)
     workers as u64 * per_worker
@@ -165,14 +176,15 @@ pub fn descriptors_reserved(workers: usize, streams_max: usize) -> u64 {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "the open-file limit {open_files} leaves no descriptor for connections: the receiver \
-     itself may need {reserved} ({workers} receiver.workers with output.streams_max \
-     {streams_max} each); lower those or raise the hard limit (LimitNOFILE= in a systemd unit)"
+     itself may need {reserved} ({workers} receiver.workers with up to {files_open} stream files \
+     open each: output.files_open_max, or output.streams_max + 2 when fewer); lower those or \
+     raise the hard limit (LimitNOFILE= in a systemd unit)"
 )]
 pub struct NoRoomForConnections {
     pub open_files: u64,
     pub reserved: u64,
     pub workers: usize,
-    pub streams_max: usize,
+    pub files_open: usize,
 }
 
 /// Lowers `receiver.connections_max` to what an open-file limit of `open_files` leaves after
@@ -181,11 +193,13 @@ pub fn fit_connections(
     mut config: ReceiverConfig,
     open_files: u64,
 ) -> Result<ReceiverConfig, NoRoomForConnections> {
-    let (workers, streams_max) = (config.receiver.workers, config.output.streams_max);
-    let reserved = descriptors_reserved(workers, streams_max);
+    let workers = config.receiver.workers;
+    let o = &config.output;
+    let files_open = files_open_per_worker(o.streams_max, o.files_open_max);
+    let reserved = descriptors_reserved(workers, files_open);
     let fit = open_files.saturating_sub(reserved);
     if fit == 0 {
-        return Err(NoRoomForConnections { open_files, reserved, workers, streams_max });
+        return Err(NoRoomForConnections { open_files, reserved, workers, files_open });
     }
     let wanted = config.receiver.connections_max;
     if wanted as u64 > fit {
@@ -202,27 +216,40 @@ pub fn fit_connections(
 mod tests {
     use super::*;
 
-    fn config(connections_max: usize) -> ReceiverConfig {
+    fn config(connections_max: usize, output: &str) -> ReceiverConfig {
         toml::from_str(&format!(
             "[receiver]\nlisten = \"127.0.0.1:1\"\nworkers = 2\n\
              connections_max = {connections_max}\n\
              [tls]\nca = \"ca\"\ncert = \"c\"\nkey = \"k\"\n\
-             [output]\ndirectory = \"out\"\nstreams_max = 16\n"
+             [output]\ndirectory = \"out\"\n{output}\n"
         ))
         .unwrap()
     }
 
     #[test]
     fn connections_max_is_lowered_to_the_descriptors_left() {
-        // Per worker 16 streams + 10; 2 workers; 44 for the process.
-        assert_eq!(descriptors_reserved(2, 16), 2 * 26 + 44);
-        let fit =
-            |max, limit| fit_connections(config(max), limit).map(|c| c.receiver.connections_max);
+        // Per worker 16 streams + 2 open at most, + 8; 2 workers; 44 for the process.
+        assert_eq!(files_open_per_worker(16, 256), 18);
+        assert_eq!(descriptors_reserved(2, 18), 2 * 26 + 44);
+        let fit = |max, limit| {
+            fit_connections(config(max, "streams_max = 16"), limit)
+                .map(|c| c.receiver.connections_max)
+        };
         assert_eq!(fit(4096, 256).unwrap(), 256 - 96);
         assert_eq!(fit(100, 256).unwrap(), 100, "a limit that fits is kept");
         assert_eq!(fit(4096, 97).unwrap(), 1);
         let e = fit(4096, 96).unwrap_err().to_string();
         assert!(e.contains("open-file limit 96 leaves no descriptor"), "{e}");
-        assert!(e.contains("may need 96 (2 receiver.workers with output.streams_max 16"), "{e}");
+        assert!(e.contains("may need 96 (2 receiver.workers with up to 18 stream files"), "{e}");
+    }
+
+    #[test]
+    fn open_stream_files_are_reserved_as_files_open_max_says() {
+        // The defaults: 1024 streams, 256 files open, per worker 256 + 8.
+        let fit = |output, limit| {
+            fit_connections(config(4096, output), limit).map(|c| c.receiver.connections_max)
+        };
+        assert_eq!(fit("", 1024).unwrap(), 1024 - (2 * 264 + 44));
+        assert_eq!(fit("files_open_max = 4", 1024).unwrap(), 1024 - (2 * 12 + 44));
     }
 }

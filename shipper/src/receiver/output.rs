@@ -5,6 +5,15 @@
 //! - A worker owns its files (`STREAM/gGEN-cCORE-INDEX.log`), so no two threads append to
 //!   one file. At most `streams_max` streams per worker; records of further streams go to
 //!   `_other`. Records of frames flagged dead-letter go to `STREAM@dead_letter`.
+//! - At most `files_open_max` stream files open per worker. Writing to a stream whose file is
+//!   closed, with that many open, first closes the least recently written one (fdatasync'd
+//!   first when the frame being written touched it); the closed stream's next write opens its
+//!   current file again and appends to it: no new file, no new name. Finding the least recent
+//!   is a scan over the worker's streams (at most `streams_max` + 2), paid only when a file is
+//!   opened, next to the cost of the open(2) itself. Every stream keeps its current file's
+//!   name and end while closed: [`Output::current_files`] gives them all to commit-log
+//!   compaction, since recovery cuts a stream's newest file back to the end the log names and
+//!   removes it when the log names none.
 //! - A stream name is at most [`STREAM_NAME_BYTES_MAX`] (200) bytes, so that with the longest
 //!   suffix appended (`@dead_letter`, 12 bytes) it stays under the 255 bytes a file name may
 //!   have, with room to spare. It is the key with every byte outside `[A-Za-z0-9._-]` replaced
@@ -23,30 +32,41 @@
 //! ```
 //!
 //! # Operation
-//! `write_frame` groups a frame's records by stream, appends each group with one write, and
-//! on any failure cuts every touched file back to where it was, so a frame is in the output
-//! entirely or not at all; then [`super::commit::CommitLog`] records it.
+//! `write_frame` groups a frame's records by stream, appends each group with one write (opening
+//! the stream's file first if it was closed, closing the least recently written one if
+//! `files_open_max` are open), and on any failure cuts every touched file back to where it was
+//! (a file closed meanwhile is opened for the cut alone), so a frame is in the output entirely
+//! or not at all; then [`super::commit::CommitLog`] records it.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use super::commit::file_name;
+use crate::config::receiver::OutputSection;
 use crate::protocol::RecordIter;
 
 pub const OTHER_STREAM: &str = "_other";
 pub const OTHER_STREAM_DEAD_LETTER: &str = "_other@dead_letter";
 const _: () =
     assert!(OTHER_STREAM_DEAD_LETTER.len() == OTHER_STREAM.len() + DEAD_LETTER_SUFFIX.len());
-/// Capacity a per-stream grouping buffer keeps between frames.
+/// Capacity the per-stream grouping buffers keep between frames, all together.
 const GROUP_KEEP_BYTES_MAX: usize = 4 << 20;
 
 struct StreamFile {
+    /// Its current file, relative to the output directory.
     rel: String,
-    file: File,
+    /// Open while among the `files_open_max` most recently written; closed otherwise, and
+    /// opened again (same name, appending) by the next write.
+    file: Option<File>,
+    /// Bytes in the current file.
     size: u64,
     index: u64,
+    /// [`Output::clock`] at its last write: the least recent is closed first.
+    used: u64,
+    /// Written since its last fdatasync (with `fsync` on).
+    unsynced: bool,
 }
 
 pub struct Output {
@@ -56,13 +76,25 @@ pub struct Output {
     file_bytes_max: u64,
     fsync: bool,
     streams_max: usize,
+    files_open_max: usize,
+    /// Modes of the stream files and directories created (`output.file_mode`, `dir_mode`).
+    modes: crate::os::Modes,
+    /// Every stream written by this worker and its current file, open or closed.
     streams: HashMap<String, StreamFile>,
     names: HashMap<Vec<u8>, String>,
     names_dead_letter: HashMap<Vec<u8>, String>,
+    /// Stream files open now, at most `files_open_max`.
+    files_open: usize,
+    /// Counts appends; orders the streams by their last write.
+    clock: u64,
     /// Records written to `_other` because `streams_max` streams were open.
     pub records_folded: u64,
     /// Streams created under a shortened name (a key too long for a file name).
     pub names_shortened: u64,
+    /// Files closed to make room for another (the least recently written first).
+    pub files_closed: u64,
+    /// The most stream files open at once.
+    pub files_open_peak: usize,
     groups: Vec<(String, Vec<u8>)>,
 }
 
@@ -114,36 +146,44 @@ pub fn stream_name(key: &[u8]) -> (String, bool) {
 pub type Touched = Vec<(String, u64)>;
 
 impl Output {
-    pub fn new(
-        dir: &Path,
-        gen: u64,
-        core: usize,
-        file_bytes_max: u64,
-        fsync: bool,
-        streams_max: usize,
-    ) -> Output {
+    /// The output of worker `core` in generation `gen`, as `[output]` says.
+    pub fn new(config: &OutputSection, gen: u64, core: usize) -> Output {
         Output {
-            dir: dir.to_path_buf(),
+            dir: config.directory.clone(),
             gen,
             core,
-            file_bytes_max,
-            fsync,
-            streams_max,
+            file_bytes_max: config.file_bytes_max,
+            fsync: config.fsync,
+            streams_max: config.streams_max,
+            files_open_max: config.files_open_max,
+            modes: config.modes(),
             streams: HashMap::new(),
             names: HashMap::new(),
             names_dead_letter: HashMap::new(),
+            files_open: 0,
+            clock: 0,
             records_folded: 0,
             names_shortened: 0,
+            files_closed: 0,
+            files_open_peak: 0,
             groups: Vec::new(),
         }
     }
 
+    /// Streams written by this worker, each with a current file (open or closed).
     pub fn streams_open(&self) -> usize {
         self.streams.len()
     }
 
-    /// Ends of the files currently open, for commit-log compaction.
-    pub fn open_files(&self) -> Vec<(String, u64)> {
+    /// Stream files open now.
+    pub fn files_open(&self) -> usize {
+        self.files_open
+    }
+
+    /// The current file of every stream, open or closed, and its end: what commit-log
+    /// compaction must keep, since recovery cuts each stream's newest file back to the end
+    /// the log names (and removes it when the log names none).
+    pub fn current_files(&self) -> Vec<(String, u64)> {
         self.streams.values().map(|s| (s.rel.clone(), s.size)).collect()
     }
 
@@ -193,11 +233,14 @@ impl Output {
             groups[slot].1.push(b'\n');
         }
         let result = self.append_groups(&groups);
-        // Keep the buffers for the next frame, but not a large frame's worth of them.
+        // Keep the buffers for the next frame, but not a large frame's worth of them: at most
+        // GROUP_KEEP_BYTES_MAX over all the streams, however many there are.
+        let mut kept = 0;
         for g in &mut groups {
-            if g.1.capacity() > GROUP_KEEP_BYTES_MAX {
+            if kept + g.1.capacity() > GROUP_KEEP_BYTES_MAX {
                 g.1 = Vec::new();
             }
+            kept += g.1.capacity();
         }
         self.groups = groups;
         result
@@ -220,54 +263,159 @@ impl Output {
             }
         }
         if self.fsync {
-            for (rel, ..) in &touched {
-                let s = self.streams.values().find(|s| &s.rel == rel).expect("open");
-                if let Err(e) = s.file.sync_data() {
-                    self.undo(&touched);
-                    return Err(e);
-                }
+            if let Err(e) = self.sync(&touched) {
+                self.undo(&touched);
+                return Err(e);
             }
         }
         Ok((touched.into_iter().map(|(rel, _, after)| (rel, after)).collect(), bytes))
     }
 
-    /// Appends to stream `name`, rotating first if its file is full.
+    /// fdatasyncs the files a frame touched; one closed since was synced as it closed.
+    fn sync(&mut self, touched: &[(String, u64, u64)]) -> io::Result<()> {
+        for (rel, ..) in touched {
+            let s = self.streams.values_mut().find(|s| &s.rel == rel).expect("a written stream");
+            if let Some(file) = &s.file {
+                file.sync_data()?;
+            }
+            s.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// Appends to stream `name`: starts its next file first if its file is full, opens its
+    /// file again if it was closed to make room.
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<(String, u64, u64)> {
-        let rotate = self.streams.get(name).is_none_or(|s| s.size >= self.file_bytes_max);
-        if rotate {
-            let index = self.streams.get(name).map_or(0, |s| s.index + 1);
-            let rel = file_name(name, self.gen, self.core, index);
-            let path = self.dir.join(&rel);
-            fs::create_dir_all(path.parent().expect("stream dir"))?;
-            let file = OpenOptions::new().create(true).append(true).open(&path)?;
-            let size = file.metadata()?.len();
-            self.streams.insert(name.to_string(), StreamFile { rel, file, size, index });
+        self.clock += 1;
+        match self.streams.get(name) {
+            Some(s) if s.size < self.file_bytes_max => {
+                if s.file.is_none() {
+                    self.reopen(name)?;
+                }
+            }
+            _ => self.rotate(name)?,
         }
         let s = self.streams.get_mut(name).expect("opened above");
+        s.used = self.clock;
         let before = s.size;
-        if let Err(e) = s.file.write_all(data) {
-            let _ = s.file.set_len(before);
+        let file = s.file.as_mut().expect("opened above");
+        if let Err(e) = file.write_all(data) {
+            let _ = file.set_len(before);
             return Err(e);
         }
         s.size += data.len() as u64;
+        s.unsynced = self.fsync;
         Ok((s.rel.clone(), before, s.size))
+    }
+
+    /// Starts stream `name`'s next file (its first, for a new stream). The full file is
+    /// closed first: it holds nothing of the frame being written (a stream is appended to once
+    /// per frame), and anything before is synced.
+    fn rotate(&mut self, name: &str) -> io::Result<()> {
+        let index = match self.streams.get_mut(name) {
+            Some(s) => {
+                if s.file.take().is_some() {
+                    self.files_open -= 1;
+                }
+                s.index + 1
+            }
+            None => 0,
+        };
+        let rel = file_name(name, self.gen, self.core, index);
+        let path = self.dir.join(&rel);
+        self.modes.create_dir_all(path.parent().expect("stream dir"))?;
+        let file = self.open(&path)?;
+        let size = file.metadata()?.len();
+        let s = StreamFile { rel, file: Some(file), size, index, used: 0, unsynced: false };
+        self.streams.insert(name.to_string(), s);
+        Ok(())
+    }
+
+    /// Opens the current file of stream `name` again, to append to it.
+    fn reopen(&mut self, name: &str) -> io::Result<()> {
+        let path = self.dir.join(&self.streams[name].rel);
+        let file = self.open(&path)?;
+        let len = file.metadata()?.len();
+        let s = self.streams.get_mut(name).expect("a known stream");
+        if len != s.size {
+            // Not ours to explain (cut or removed by hand): append after what is there.
+            let (rel, size) = (&s.rel, s.size);
+            tracing::warn!(file = %rel, bytes = len, written = size, "stream file changed while closed");
+            s.size = len;
+        }
+        s.file = Some(file);
+        Ok(())
+    }
+
+    /// Opens `path` for appending; with `files_open_max` files open, closes the least
+    /// recently written one first.
+    fn open(&mut self, path: &Path) -> io::Result<File> {
+        if self.files_open >= self.files_open_max {
+            self.close_least_recent()?;
+        }
+        let file = self.modes.create_file().append(true).open(path)?;
+        self.files_open += 1;
+        self.files_open_peak = self.files_open_peak.max(self.files_open);
+        Ok(file)
+    }
+
+    /// Closes the open file written longest ago, fdatasyncing it first if the frame being
+    /// written touched it (its end is still committed by that frame).
+    fn close_least_recent(&mut self) -> io::Result<()> {
+        let open = self.streams.values_mut().filter(|s| s.file.is_some());
+        let Some(s) = open.min_by_key(|s| s.used) else {
+            return Ok(());
+        };
+        if s.unsynced {
+            s.file.as_ref().expect("open").sync_data()?;
+            s.unsynced = false;
+        }
+        s.file = None;
+        self.files_open -= 1;
+        self.files_closed += 1;
+        Ok(())
     }
 
     /// Cuts files back to their size before a failed frame.
     fn undo(&mut self, touched: &[(String, u64, u64)]) {
         for (rel, before, _) in touched {
-            if let Some(s) = self.streams.values_mut().find(|s| &s.rel == rel) {
-                if let Err(e) = s.file.set_len(*before) {
-                    panic!("cannot cut {rel} back to {before} bytes after a failed write: {e}; refusing to go on with a corrupt output");
-                }
-                s.size = *before;
+            let Some(s) = self.streams.values_mut().find(|s| &s.rel == rel) else {
+                continue;
+            };
+            let cut = match &s.file {
+                Some(file) => file.set_len(*before),
+                // Closed during this frame to make room: opened for the cut alone.
+                None => OpenOptions::new()
+                    .write(true)
+                    .open(self.dir.join(rel))
+                    .and_then(|f| f.set_len(*before)),
+            };
+            if let Err(e) = cut {
+                panic!("cannot cut {rel} back to {before} bytes after a failed write: {e}; refusing to go on with a corrupt output");
             }
+            s.size = *before;
         }
+    }
+}
+
+/// An `[output]` section for tests: no fsync.
+#[cfg(test)]
+pub fn test_config(dir: &Path, file_bytes_max: u64, streams_max: usize) -> OutputSection {
+    OutputSection {
+        directory: dir.to_path_buf(),
+        file_bytes_max,
+        fsync: false,
+        streams_max,
+        files_open_max: 256,
+        file_mode: "0640".into(),
+        dir_mode: "0750".into(),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]
@@ -335,7 +483,7 @@ mod tests {
     #[test]
     fn the_longest_name_makes_a_file_name_with_its_suffix() {
         let dir = tempfile::tempdir().unwrap();
-        let mut out = Output::new(dir.path(), 1, 0, 1 << 20, false, 8);
+        let mut out = Output::new(&test_config(dir.path(), 1 << 20, 8), 1, 0);
         let keys: [&[u8]; 3] = [&[b'.'; 255], &[0xff; 255], &[b'z'; 201]];
         let mut payload = Vec::new();
         for key in keys {
@@ -363,13 +511,15 @@ mod tests {
 
 #[cfg(test)]
 mod rotation_tests {
+    use std::fs;
+
     use super::*;
     use crate::protocol::RecordWriter;
 
     #[test]
     fn rotates_between_frames_and_keeps_every_record() {
         let dir = tempfile::tempdir().unwrap();
-        let mut out = Output::new(dir.path(), 3, 1, 4096, false, 8);
+        let mut out = Output::new(&test_config(dir.path(), 4096, 8), 3, 1);
         let body = [b'x'; 1000];
         for _ in 0..10 {
             let mut payload = Vec::new();
@@ -393,7 +543,7 @@ mod rotation_tests {
     #[test]
     fn streams_past_the_limit_fold_into_other_and_are_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let mut out = Output::new(dir.path(), 1, 0, 1 << 20, false, 2);
+        let mut out = Output::new(&test_config(dir.path(), 1 << 20, 2), 1, 0);
         let mut payload = Vec::new();
         for key in [&b"a"[..], b"b", b"c", b"d", b"a"] {
             RecordWriter::push(&mut payload, key, b"x");
@@ -405,5 +555,119 @@ mod rotation_tests {
             fs::read_to_string(f).unwrap().lines().count()
         };
         assert_eq!((lines("a"), lines("b"), lines(OTHER_STREAM)), (2, 1, 2));
+    }
+}
+
+#[cfg(test)]
+mod files_open_tests {
+    use std::fs;
+
+    use super::*;
+    use crate::protocol::RecordWriter;
+    use crate::receiver::commit::{self, CommitLog};
+
+    /// One frame of one record per key, each body `key:n`.
+    fn frame(keys: &[&str], n: usize) -> (Vec<u8>, u32) {
+        let mut payload = Vec::new();
+        for k in keys {
+            RecordWriter::push(&mut payload, k.as_bytes(), format!("{k}:{n}").as_bytes());
+        }
+        (payload, keys.len() as u32)
+    }
+
+    fn output(dir: &Path, files_open_max: usize, fsync: bool) -> Output {
+        let config = OutputSection { files_open_max, fsync, ..test_config(dir, 1 << 20, 16) };
+        Output::new(&config, 1, 0)
+    }
+
+    fn open(out: &Output, stream: &str) -> bool {
+        out.streams[stream].file.is_some()
+    }
+
+    #[test]
+    fn the_least_recently_written_file_is_closed_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = output(dir.path(), 2, false);
+        for (i, keys) in [["a"], ["b"], ["a"], ["c"]].iter().enumerate() {
+            let (payload, count) = frame(keys, i);
+            out.write_frame(&payload, count, false).unwrap();
+        }
+        // `a` was written after `b`: `b` made room for `c`.
+        assert_eq!((open(&out, "a"), open(&out, "b"), open(&out, "c")), (true, false, true));
+        assert_eq!((out.files_open(), out.files_closed, out.files_open_peak), (2, 1, 2));
+        let (payload, count) = frame(&["b"], 4);
+        out.write_frame(&payload, count, false).unwrap();
+        assert_eq!((open(&out, "a"), open(&out, "b"), open(&out, "c")), (false, true, true));
+        assert_eq!((out.files_open(), out.files_closed, out.files_open_peak), (2, 2, 2));
+        assert_eq!(out.streams_open(), 3);
+    }
+
+    #[test]
+    fn a_closed_stream_is_opened_again_and_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = output(dir.path(), 1, true);
+        for n in 0..3 {
+            for key in ["a", "b"] {
+                let (payload, count) = frame(&[key], n);
+                out.write_frame(&payload, count, false).unwrap();
+            }
+        }
+        // Three streams in one frame with room for one file: each closed (and synced) in turn.
+        let (payload, count) = frame(&["a", "b", "c"], 3);
+        let (touched, _) = out.write_frame(&payload, count, false).unwrap();
+        assert_eq!(touched.len(), 3);
+        assert_eq!((out.files_open(), out.files_open_peak, out.files_closed), (1, 1, 8));
+        for key in ["a", "b", "c"] {
+            let files: Vec<String> = fs::read_dir(dir.path().join(key))
+                .unwrap()
+                .map(|f| f.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert_eq!(files, ["g000001-c000-000000.log"], "one file per stream");
+            let text = fs::read_to_string(dir.path().join(key).join(&files[0])).unwrap();
+            let first = if key == "c" { 3 } else { 0 };
+            let expect: String = (first..4).map(|n| format!("{key}:{n}\n")).collect();
+            assert_eq!(text, expect);
+        }
+        let mut ends = out.current_files();
+        ends.sort();
+        let end = |n: u64| n * 4;
+        assert_eq!(
+            ends,
+            [
+                ("a/g000001-c000-000000.log".to_string(), end(4)),
+                ("b/g000001-c000-000000.log".to_string(), end(4)),
+                ("c/g000001-c000-000000.log".to_string(), end(1)),
+            ]
+        );
+    }
+
+    #[test]
+    fn compaction_keeps_the_committed_end_of_a_closed_file() {
+        // Regression guard: a compacted log that named only open files made recovery remove
+        // the newest file of every closed stream, acknowledged records and all.
+        let dir = tempfile::tempdir().unwrap();
+        let gen = commit::recover(dir.path(), 3600, crate::os::Modes::DEFAULT).unwrap().gen;
+        assert_eq!(gen, 1);
+        let mut out = output(dir.path(), 1, false);
+        let mut log = CommitLog::create(dir.path(), 0, false, crate::os::Modes::DEFAULT).unwrap();
+        for (seq, key) in [(1, "a"), (2, "b")] {
+            let (payload, count) = frame(&[key], seq as usize);
+            let (touched, _) = out.write_frame(&payload, count, false).unwrap();
+            let files: Vec<(&str, u64)> = touched.iter().map(|(p, e)| (p.as_str(), *e)).collect();
+            log.commit((7, 0), seq, &files).unwrap();
+        }
+        assert!(!open(&out, "a"), "closed to make room for b");
+        let windows = HashMap::from([((7u64, 0u16), crate::receiver::dedup::Window::default())]);
+        log.compact(windows.iter(), &out.current_files()).unwrap();
+        // A frame written to `b` but never committed: the crash comes before its commit.
+        let (payload, count) = frame(&["b"], 3);
+        out.write_frame(&payload, count, false).unwrap();
+        drop((out, log));
+        commit::recover(dir.path(), 3600, crate::os::Modes::DEFAULT).unwrap();
+        let read = |key: &str| {
+            fs::read_to_string(dir.path().join(key).join("g000001-c000-000000.log")).unwrap()
+        };
+        assert_eq!(read("a"), "a:1\n", "the closed stream's committed file is kept");
+        assert_eq!(read("b"), "b:2\n", "the uncommitted frame is cut");
     }
 }

@@ -11,9 +11,21 @@
 //!   Refusals and accept errors are logged at most once a second each, with the count left out.
 //! - A connection that misses its handshake deadline is shut down, not just dropped: a read
 //!   io_uring still owns would keep its descriptor open until the peer acts.
+//! - Memory of frames in progress: a connection reads the payload of a frame over
+//!   [`FRAME_PAYLOAD_UNRESERVED_BYTES`] (64 KiB) only once it has reserved that many bytes of
+//!   the receiver-wide `frames_in_progress_bytes_max` ([`super::budget`]); without room it stops
+//!   reading for up to `frames_in_progress_wait_ms`, then is refused. So frames being received
+//!   hold at most the budget, plus per connection its 64 KiB allowance, a header and one read
+//!   in the decoder, its 64 KiB read buffer and plaintext, and its TLS state; plus per worker,
+//!   for the one frame it handles at a time, a copy of the payload (at most `frame_bytes_max`),
+//!   the decompressed payload and its records grouped by stream (at most
+//!   `frame_raw_bytes_max` each). Between frames a decoder keeps at most 128 KiB, a worker
+//!   4 MiB of decompression buffer and 4 MiB of grouping buffers.
 //!
 //! # Operation (per connection, on its worker)
-//! Read frames (each within `idle_timeout_ms`); for a DATA frame: check flags and sizes,
+//! Read frames (each within `idle_timeout_ms`; a frame over 64 KiB only with room reserved for
+//! its payload, else ERROR `busy` after `frames_in_progress_wait_ms`, the reservation given
+//! back once the frame is handled); for a DATA frame: check flags and sizes,
 //! decompress into a buffer of exactly the declared size, validate every record, then either
 //! (already written) count a duplicate, or write, commit and mark it; then ACK. HEARTBEATs
 //! are echoed. A DATA frame that can never be written (invalid records or zstd, over
@@ -34,6 +46,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::accept::{self, LogThrottle};
+use super::budget::{FrameBudget, Reservation, FRAME_PAYLOAD_UNRESERVED_BYTES};
 use super::commit::CommitLog;
 use super::dedup::{StreamId, Window};
 use super::output::Output;
@@ -232,6 +245,9 @@ async fn greet(
     Ok((stream, hello, pending))
 }
 
+/// Capacity of the decompression buffer a worker keeps between frames.
+const SCRATCH_KEEP_BYTES_MAX: usize = 4 << 20;
+
 /// A receiver worker's state, owned by its thread.
 pub struct Worker {
     pub core: usize,
@@ -264,7 +280,10 @@ impl Worker {
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         let result = self.decode_and_write(id, f, &mut scratch);
-        self.scratch = scratch;
+        // Kept for the next frame, but not a large frame's worth of it.
+        if scratch.capacity() <= SCRATCH_KEEP_BYTES_MAX {
+            self.scratch = scratch;
+        }
         result
     }
 
@@ -338,13 +357,16 @@ impl Worker {
         self.counters.records_written += u64::from(count);
         self.counters.bytes_written += bytes;
         self.counters.streams_open = self.output.streams_open() as u64;
+        self.counters.files_open = self.output.files_open() as u64;
+        self.counters.files_open_peak = self.output.files_open_peak as u64;
+        self.counters.files_closed = self.output.files_closed;
         self.counters.records_folded = self.output.records_folded;
         self.counters.stream_names_shortened = self.output.names_shortened;
         if self.commits.needs_compaction() {
             let core = self.core;
             let workers = self.config.receiver.workers;
             let mine = self.windows.iter().filter(|(id, _)| owner(**id, workers) == core);
-            self.commits.compact(mine, &self.output.open_files()).map_err(FrameFault::Write)?;
+            self.commits.compact(mine, &self.output.current_files()).map_err(FrameFault::Write)?;
         }
         Ok(())
     }
@@ -396,6 +418,7 @@ pub async fn serve_worker(
     worker: Rc<RefCell<Worker>>,
     mut inbox: mpsc::UnboundedReceiver<HandOff>,
     open: Arc<AtomicUsize>,
+    budget: Arc<FrameBudget>,
     registry: Arc<Registry<ReceiverCounters>>,
 ) {
     let (w, r) = (worker.clone(), registry.clone());
@@ -409,11 +432,12 @@ pub async fn serve_worker(
     while let Some(h) = inbox.recv().await {
         let worker = worker.clone();
         let open = open.clone();
+        let budget = budget.clone();
         tokio_uring::spawn(async move {
             let peer = h.peer;
             let name = h.hello.name.clone();
             worker.borrow_mut().counters.connections_open += 1;
-            if let Err(e) = connection(&worker, h).await {
+            if let Err(e) = connection(&worker, h, &budget).await {
                 tracing::warn!(%peer, shipper = %name, "connection closed: {e}");
             }
             worker.borrow_mut().counters.connections_open -= 1;
@@ -422,15 +446,16 @@ pub async fn serve_worker(
     }
 }
 
-async fn connection(worker: &Rc<RefCell<Worker>>, h: HandOff) -> io::Result<()> {
+async fn connection(
+    worker: &Rc<RefCell<Worker>>,
+    h: HandOff,
+    budget: &FrameBudget,
+) -> io::Result<()> {
     let stream = TlsStream::from_parts(h.tcp, h.tls);
     let id = h.id;
     let (frame_max, idle) = {
-        let w = worker.borrow();
-        (
-            w.config.receiver.frame_bytes_max,
-            Duration::from_millis(w.config.receiver.idle_timeout_ms),
-        )
+        let r = &worker.borrow().config.receiver;
+        (r.frame_bytes_max, Duration::from_millis(r.idle_timeout_ms))
     };
     let mut dec = FrameDecoder::new(frame_max);
     dec.push(&h.pending);
@@ -438,48 +463,25 @@ async fn connection(worker: &Rc<RefCell<Worker>>, h: HandOff) -> io::Result<()> 
     let mut plain = Vec::new();
     let mut replies = Vec::new();
     let mut open = true;
+    // Frames taken out of the decoder so far; the room reserved for the frame being read, and
+    // how many had been taken out when it was reserved.
+    let mut decoded = 0u64;
+    let mut room: Option<(Reservation, u64)> = None;
     loop {
         loop {
             let f = match dec.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return refuse(worker, &stream, Refusal::Frame, e.to_string()).await,
+                Err(e) => return Err(refuse(worker, &stream, Refusal::Frame, e.to_string()).await),
             };
-            match f.header.kind {
-                Kind::Data => {
-                    let result = worker.borrow_mut().data(id, &f);
-                    match result {
-                        Ok(()) => {
-                            replies.extend(Frame::control(Kind::Ack, f.header.seq, &[]));
-                            worker.borrow_mut().counters.frames_acked += 1;
-                        }
-                        Err(FrameFault::Refused(e)) => {
-                            worker.borrow_mut().rejected(id, &f.header, &e);
-                            replies.extend(Frame::control(
-                                Kind::Reject,
-                                f.header.seq,
-                                e.as_bytes(),
-                            ));
-                        }
-                        Err(FrameFault::Write(e)) => {
-                            worker.borrow_mut().counters.write_errors += 1;
-                            let (seq, run, core) = (f.header.seq, id.0, id.1);
-                            let text = format!("cannot write frame {seq} now: {e}");
-                            tracing::error!("{text} (from {run:016x}/{core}); not acknowledged");
-                            replies.extend(Frame::control(Kind::Error, 0, text.as_bytes()));
-                            let _ = stream.send(&replies).await;
-                            return Err(e);
-                        }
-                    }
-                }
-                Kind::Heartbeat => {
-                    replies.extend(Frame::control(Kind::Heartbeat, f.header.seq, &[]))
-                }
-                k => {
-                    let e = format!("unexpected {k:?} frame");
-                    return refuse(worker, &stream, Refusal::Frame, e).await;
-                }
-            }
+            decoded += 1;
+            frame(worker, &stream, id, f, &mut replies).await?;
+        }
+        // The frame the room was for is handled (and out of the decoder): give it back before
+        // anything is awaited, and so that asking again for the next frame queues behind those
+        // already waiting.
+        if room.as_ref().is_some_and(|(_, at)| *at != decoded) {
+            room = None;
         }
         if !replies.is_empty() {
             let sent = stream.send(&replies).await;
@@ -492,10 +494,14 @@ async fn connection(worker: &Rc<RefCell<Worker>>, h: HandOff) -> io::Result<()> 
             // The peer closed; what it sent before is written and would have been acked.
             return Ok(());
         }
+        let awaited = dec.payload_awaited().filter(|&n| n > FRAME_PAYLOAD_UNRESERVED_BYTES);
+        if let (Some(len), None) = (awaited, &room) {
+            room = Some((make_room(worker, &stream, budget, len).await?, decoded));
+        }
         let read = tokio::time::timeout(idle, stream.recv(buf, &mut plain)).await;
         let Ok((res, b)) = read else {
             let e = "no frame within idle_timeout_ms".to_string();
-            return refuse(worker, &stream, Refusal::Idle, e).await;
+            return Err(refuse(worker, &stream, Refusal::Idle, e).await);
         };
         buf = b;
         open = res?;
@@ -504,16 +510,91 @@ async fn connection(worker: &Rc<RefCell<Worker>>, h: HandOff) -> io::Result<()> 
     }
 }
 
+/// Handles one frame, adding its reply to `replies`. An error ends the connection, the peer
+/// told why when it can be.
+async fn frame(
+    worker: &Rc<RefCell<Worker>>,
+    stream: &TlsStream,
+    id: StreamId,
+    f: Frame,
+    replies: &mut Vec<u8>,
+) -> io::Result<()> {
+    let h = f.header;
+    match h.kind {
+        Kind::Data => {
+            let result = worker.borrow_mut().data(id, &f);
+            // Written or refused: its payload is let go before anything is awaited.
+            drop(f);
+            match result {
+                Ok(()) => {
+                    replies.extend(Frame::control(Kind::Ack, h.seq, &[]));
+                    worker.borrow_mut().counters.frames_acked += 1;
+                }
+                Err(FrameFault::Refused(e)) => {
+                    worker.borrow_mut().rejected(id, &h, &e);
+                    replies.extend(Frame::control(Kind::Reject, h.seq, e.as_bytes()));
+                }
+                Err(FrameFault::Write(e)) => {
+                    worker.borrow_mut().counters.write_errors += 1;
+                    let (seq, run, core) = (h.seq, id.0, id.1);
+                    let text = format!("cannot write frame {seq} now: {e}");
+                    tracing::error!("{text} (from {run:016x}/{core}); not acknowledged");
+                    replies.extend(Frame::control(Kind::Error, 0, text.as_bytes()));
+                    let _ = stream.send(replies).await;
+                    return Err(e);
+                }
+            }
+        }
+        Kind::Heartbeat => replies.extend(Frame::control(Kind::Heartbeat, h.seq, &[])),
+        k => {
+            let e = format!("unexpected {k:?} frame");
+            return Err(refuse(worker, stream, Refusal::Frame, e).await);
+        }
+    }
+    Ok(())
+}
+
+/// Reserves room for the `len` payload bytes of the frame whose header just came, before any
+/// more of it is read: at once when there is, else waiting in line, the connection not read
+/// meanwhile (TCP pushes back on the peer), up to `frames_in_progress_wait_ms`. Still without
+/// room, the connection is refused: the shipper backs off and resends.
+async fn make_room(
+    worker: &Rc<RefCell<Worker>>,
+    stream: &TlsStream,
+    budget: &FrameBudget,
+    len: u32,
+) -> io::Result<Reservation> {
+    if let Ok(room) = budget.try_reserve(len) {
+        return Ok(room);
+    }
+    worker.borrow_mut().counters.frames_waited += 1;
+    let wait_ms = worker.borrow().config.receiver.frames_in_progress_wait_ms;
+    match budget.reserve(len, Duration::from_millis(wait_ms)).await {
+        Ok(room) => Ok(room),
+        Err(_) => {
+            let max = budget.bytes_max();
+            let e = format!(
+                "busy: no room for a frame of {len} payload bytes within \
+                 frames_in_progress_wait_ms {wait_ms} (frames_in_progress_bytes_max {max} in \
+                 use by other frames); try again later"
+            );
+            Err(refuse(worker, stream, Refusal::Memory, e).await)
+        }
+    }
+}
+
+/// Counts a refused connection, tells the peer why (ERROR), and shuts the socket down; the
+/// error to end the connection with.
 async fn refuse(
     worker: &Rc<RefCell<Worker>>,
     stream: &TlsStream,
     reason: Refusal,
     message: String,
-) -> io::Result<()> {
+) -> io::Error {
     worker.borrow_mut().counters.connections_refused[reason as usize] += 1;
     let _ = stream.send(&Frame::control(Kind::Error, 0, message.as_bytes())).await;
     // A read still in the ring (after an idle timeout) would hold the socket open until the
     // peer acts: shut it down so the descriptor goes now.
     stream.shutdown();
-    Err(io::Error::new(io::ErrorKind::InvalidData, message))
+    io::Error::new(io::ErrorKind::InvalidData, message)
 }

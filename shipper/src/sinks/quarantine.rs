@@ -218,6 +218,8 @@ async fn sync_dir(dir: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn frame(seq: u64, bytes: usize) -> Rc<Sealed> {

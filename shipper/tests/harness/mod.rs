@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+mod raw;
+pub use raw::RawClient;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
