@@ -12,6 +12,14 @@
 //!   de-duplication stays dense within a run.
 //! - Only non-durable sources (pipes) use it: a journal source pauses instead, its entries
 //!   wait in the journal.
+//! - Nothing here blocks the worker's thread: the bookkeeping in this file is plain memory
+//!   (it queues file work as [`Tidy`] entries, at most one per segment); the tasks in [`io`]
+//!   open, create, read, write, fsync and unlink through io_uring; only the cut back after a
+//!   failed write goes to a helper thread, through a queue of one ([`cut`]). Listing the
+//!   directories when the buffer opens happens once, before the worker reads any source.
+//! - Each segment written in this run keeps its records per service id in memory (at most
+//!   `services_max + 1` entries), so evicting it needs no read; a previous run's segment is
+//!   read in [`io::TALLY_CHUNK_BYTES`] chunks, holding at most a chunk plus one record.
 //!
 //! # Format
 //! See [`format`]: a segment is `b"SHPBUF01"` then records `{magic, len, meta_len, crc32c,
@@ -25,16 +33,18 @@
 //!    writer task appends it to the newest segment with io_uring, fdatasync'ing at most
 //!    `fsync_interval_ms` later.
 //! 2. While some receiver is up, the replay task reads the unread part of the oldest segment,
-//!    checks every record, and hands frames to the outbox as it has room. Damaged bytes are skipped to the next record
-//!    magic, counted and logged with the file and offset; every step moves forward, so replay
-//!    cannot loop.
+//!    checks every record, and hands frames to the outbox as it has room. Damaged bytes are
+//!    skipped to the next record magic, counted and logged with the file and offset; every
+//!    step moves forward, so replay cannot loop.
 //! 3. A segment is deleted when it is closed, read to its end, and every frame read from it is
-//!    acknowledged. A crash before that replays it again after restart: frames acknowledged
-//!    just before a crash may be sent twice, never lost.
+//!    acknowledged: forgotten here at once, its file unlinked by the tidy task soon after. A
+//!    crash before that replays it again after restart: frames acknowledged just before a
+//!    crash may be sent twice, never lost.
 //! 4. At start, the segments left in the directory (and in those of cores beyond the current
 //!    worker count, shared out by `core % workers`) are replayed first.
 //! 5. Full: `when_full = drop_newest` drops the frame that does not fit; `drop_oldest` deletes
-//!    the oldest segment not being replayed. Both count the records per service. A failed
+//!    the oldest segment not being replayed (its bytes leave `bytes_max` at once; the tidy task
+//!    unlinks the file, then counts its records). Both count the records per service. A failed
 //!    write (disk full, I/O error) drops that frame, counted, and cuts the segment back.
 
 pub mod cut;

@@ -12,7 +12,8 @@
 //! the deadline the connections close and the frames still unacknowledged in memory are
 //! written to the buffer, for the next run to send. What is still unacknowledged at the
 //! deadline (not on disk, not a journal's) is counted as dropped (reason `shutdown`) and
-//! logged.
+//! logged. Last, the worker waits (up to [`TIDY_GRACE_MS`] past the deadline) for the disk
+//! buffer's segment deletions and fdatasyncs its newest segment, both through io_uring.
 
 use std::cell::RefCell;
 use std::rc::Rc;
