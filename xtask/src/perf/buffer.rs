@@ -20,10 +20,11 @@
 //!
 //! Then, apart from the three (its throughput is paced, not measured), a **rotation** phase:
 //! one application-like writer, one blocking `write()` per line at `[rotation] lines_per_s`,
-//! into the disk buffer with the receiver down and `[rotation] segment_bytes` (small), so that
-//! segments rotate many times (each a create, a directory fsync and an fdatasync of the one
-//! before). Its longest `write()` is what a blocking call on the worker's thread would show;
-//! it goes into the results (`rotation`) and the summary, with the segments written.
+//! into the disk buffer with the receiver down, `[rotation] segment_bytes` and
+//! `batch_bytes_max` (both small), so that segments rotate many times (each a create, a
+//! directory fsync and an fdatasync of the one before). Its longest `write()` is what a
+//! blocking call on the worker's thread would show; it goes into the results (`rotation`) and
+//! the summary, with the frames and segments written.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -62,6 +63,8 @@ pub struct BufferCase {
 pub struct Rotation {
     /// `segment_bytes` of the buffer in this phase (the case's other `[buffer]` keys stay).
     pub segment_bytes: u64,
+    /// `[batch] batch_bytes_max` in this phase: small frames, many appends per segment.
+    pub batch_bytes_max: u64,
     /// Lines per second of the one writer, one blocking `write()` per line.
     pub lines_per_s: u64,
     /// Lines written in a full run, and in a quick one.
@@ -74,6 +77,9 @@ pub struct Rotation {
 pub struct Settings {
     pub workers: usize,
     pub zstd_level: u32,
+    /// `[batch] batch_bytes_max` (bytes); none: the shipper's default.
+    #[serde(default)]
+    pub batch_bytes_max: Option<u64>,
 }
 
 /// One phase of one run.
@@ -129,7 +135,7 @@ struct Env<'a> {
 }
 
 const PHASES: [&str; 3] = ["straight to the receiver", "into the disk buffer", "replay"];
-const ROTATION: &str = "one paced writer, small segments";
+const ROTATION: &str = "rotating segments";
 
 pub fn run_case(
     name: &str,
@@ -273,8 +279,10 @@ fn setup(env: &Env, dir: &Path) -> anyhow::Result<Setup> {
     let buffer = dir.join("buffer");
     let mut table = case.buffer.clone();
     table.insert("directory".into(), buffer.display().to_string().into());
+    let batch_max =
+        case.shipper.batch_bytes_max.map_or(String::new(), |b| format!("batch_bytes_max = {b}\n"));
     let body = format!(
-        "[batch]\nzstd_level = {}\n[buffer]\n{}",
+        "[batch]\nzstd_level = {}\n{batch_max}[buffer]\n{}",
         case.shipper.zstd_level,
         toml::to_string(&table)?
     );
@@ -423,6 +431,7 @@ fn rotation(env: &Env, dir: &Path) -> anyhow::Result<Phase> {
     let mut case = env.case.clone();
     let segment_bytes = i64::try_from(r.segment_bytes).context("rotation.segment_bytes")?;
     case.buffer.insert("segment_bytes".into(), segment_bytes.into());
+    case.shipper.batch_bytes_max = Some(r.batch_bytes_max);
     let w = &mut case.workload;
     (w.pipes, w.writers_per_pipe, w.write_per_line) = (1, 1, true);
     (w.rate, w.lines, w.quick_lines) = (r.lines_per_s, r.lines, r.quick_lines);
@@ -443,15 +452,16 @@ fn rotation(env: &Env, dir: &Path) -> anyhow::Result<Phase> {
 fn rotation_markdown(case: &BufferCase, p: &Phase, worst_ms: f64, runs: usize) -> String {
     let r = &case.rotation;
     format!(
-        "
-Rotation: one writer, one blocking `write()` per line at {} lines/s, into the disk \
-         buffer (receiver down) with `segment_bytes = {}`: {} lines into {} segments ({:.1} MB \
-         on disk) in {:.3} s, shipper {:.3} CPU-s. **Longest `write()` {:.2} ms** (median of \
-         {runs} run(s); worst {:.2} ms): a blocking call on the worker's thread while segments \
-         rotate would show here.\n",
+        "\nRotation: one writer, one blocking `write()` per line at {} lines/s, into the disk \
+         buffer (receiver down) with `segment_bytes = {}` and `batch_bytes_max = {}`: {} lines \
+         in {} frames into {} segments ({:.1} MB on disk) in {:.3} s, shipper {:.3} CPU-s. \
+         **Longest `write()` {:.2} ms** (median of {runs} run(s); worst {:.2} ms): a blocking \
+         call on the worker's thread while segments rotate would show here.\n",
         thousands(r.lines_per_s as f64),
         r.segment_bytes,
+        r.batch_bytes_max,
         thousands(p.lines as f64),
+        thousands(p.buffer_frames_written as f64),
         p.segments,
         p.disk_bytes as f64 / 1e6,
         p.wall_s,
