@@ -325,6 +325,8 @@ fn a_full_disk_drops_and_counts_and_goes_on() {
     let lost = dropped(sm, "buffer_error") as usize;
     assert!(lost > 0, "the disk filled up");
     assert!(shipper.log_text().contains("No space left on device"), "{}", shipper.log_text());
+    // Each failed write was cut back, by the writer's helper thread (buffer/cut.rs).
+    assert!(!shipper.log_text().contains("cannot cut"), "{}", shipper.log_text());
     let _receiver = start_receiver(&env, port, rm, "");
     shipper
         .wait_alive("the rest acknowledged", || metric_at(sm, ACKED, &[]) == (LINES - lost) as f64);
