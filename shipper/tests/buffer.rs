@@ -123,6 +123,41 @@ fn a_buffer_too_small_drops_exactly_the_overflow() {
     assert!(longest < Duration::from_millis(10), "a write() blocked for {longest:?}");
 }
 
+// Guards the drop_oldest count off the worker's thread: an evicted segment's records per
+// service come from the counts kept as it was written (no whole-segment read), its file is
+// deleted through io_uring, and the drops are exact.
+/// `when_full = drop_oldest` with a buffer too small for the outage: whole segments are
+/// dropped and their records counted (`buffer_full`), and everything else arrives once.
+#[test]
+fn drop_oldest_counts_exactly_the_records_of_the_segments_it_drops() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = env.path("buffer");
+    let extra = "bytes_max = 131072\nwhen_full = \"drop_oldest\"";
+    let mut shipper = run(&env, &config(&env, port, sm, &dir, extra), sm);
+    let writer = SteadyWriter::start(&env.path("app.pipe"), 0, 20_000);
+    shipper.wait_alive("30000 lines written", || writer.written() >= 30_000);
+    let (lines, longest) = writer.finish();
+    // Every line sealed: segments are evicted only when a sealed frame does not fit, so none
+    // is evicted once replay starts.
+    shipper.wait_alive("every line sealed", || {
+        metric_at(sm, "shipper_batch_records_sum", &[]) == lines as f64
+    });
+    assert!(metric_at(sm, "shipper_buffer_segments_dropped_total", &[]) >= 1.0);
+    let _receiver = start_receiver(&env, port, rm, "");
+    shipper.wait_alive_for(
+        "every line acknowledged or dropped",
+        Duration::from_secs(60),
+        &mut || metric_at(sm, ACKED, &[]) + dropped(sm, "buffer_full") == lines as f64,
+    );
+    let lost = dropped(sm, "buffer_full") as usize;
+    assert!(lost > 0 && lost < lines, "{lost} dropped");
+    assert_eq!(delivered(&env.out(), lines), lines - lost);
+    assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), lost as f64);
+    shipper.wait_alive("the replayed segments deleted", || segments(&dir).is_empty());
+    assert!(longest < Duration::from_millis(10), "a write() blocked for {longest:?}");
+}
+
 /// SIGTERM while the only receiver holds every frame unacknowledged (it is stopped, and
 /// `ack_timeout_ms` is long, so it is never declared down): shortly before the shutdown
 /// deadline the frames go to the disk buffer, and the next run delivers each line once.
@@ -288,6 +323,8 @@ fn a_full_disk_drops_and_counts_and_goes_on() {
     let lost = dropped(sm, "buffer_error") as usize;
     assert!(lost > 0, "the disk filled up");
     assert!(shipper.log_text().contains("No space left on device"), "{}", shipper.log_text());
+    // Each failed write was cut back, by the writer's helper thread (buffer/cut.rs).
+    assert!(!shipper.log_text().contains("cannot cut"), "{}", shipper.log_text());
     let _receiver = start_receiver(&env, port, rm, "");
     shipper
         .wait_alive("the rest acknowledged", || metric_at(sm, ACKED, &[]) == (LINES - lost) as f64);

@@ -139,6 +139,58 @@ impl<'a> Iterator for Scan<'a> {
     }
 }
 
+/// Records per service name of a segment's records, fed in pieces of any size (a file read
+/// in chunks): the counts a [`Scan`] of the whole gives, while holding at most one record and
+/// one piece. Used to count an evicted segment that a previous run wrote.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Bytes not scanned yet: a record cut by the end of a piece, or the last bytes of damage
+    /// where a record magic may begin.
+    held: Vec<u8>,
+    /// Records per service name, in the order first seen.
+    pub counts: Vec<(Vec<u8>, u64)>,
+}
+
+impl Tally {
+    /// Counts the whole records in what is held plus `bytes`; `end`: nothing follows.
+    pub fn feed(&mut self, bytes: &[u8], end: bool) {
+        let Tally { held, counts } = self;
+        held.extend_from_slice(bytes);
+        let mut scan = Scan::new(held);
+        let mut consumed = 0;
+        while let Some(item) = scan.next() {
+            match item {
+                Item::Record(r) => {
+                    for (name, n) in r.services {
+                        match counts.iter_mut().find(|(s, _)| s == name) {
+                            Some((_, total)) => *total += u64::from(n),
+                            None => counts.push((name.to_vec(), n.into())),
+                        }
+                    }
+                }
+                // The record goes on in the next piece.
+                Item::Damaged { offset, damage: Damage::Truncated(_), .. } if !end => {
+                    consumed = offset;
+                    break;
+                }
+                // No magic after the damage yet: one may start in the last bytes.
+                Item::Damaged { offset, skipped, .. } if !end && offset + skipped == held.len() => {
+                    consumed = (held.len() + 1).saturating_sub(RECORD_MAGIC.len()).max(offset + 1);
+                    break;
+                }
+                Item::Damaged { .. } => {}
+            }
+            consumed = scan.offset();
+        }
+        held.drain(..consumed);
+    }
+
+    /// Bytes held for the next piece.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
 fn find_magic(data: &[u8]) -> Option<usize> {
     data.windows(RECORD_MAGIC.len()).position(|w| w == RECORD_MAGIC)
 }
@@ -299,6 +351,53 @@ mod tests {
             let items: Vec<_> = Scan::new(tail).collect();
             assert_eq!(items.len(), 1, "{tail:?}");
             assert!(matches!(items[0], Item::Damaged { offset: 0, .. }), "{tail:?}");
+        }
+    }
+
+    /// Records per service of `data`, by one scan of the whole.
+    fn scanned(data: &[u8]) -> Vec<(Vec<u8>, u64)> {
+        let mut counts: Vec<(Vec<u8>, u64)> = Vec::new();
+        for item in Scan::new(data) {
+            let Item::Record(r) = item else { continue };
+            for (name, n) in r.services {
+                match counts.iter_mut().find(|(s, _)| s == name) {
+                    Some((_, total)) => *total += u64::from(n),
+                    None => counts.push((name.to_vec(), n.into())),
+                }
+            }
+        }
+        counts
+    }
+
+    // Guards counting an evicted segment of a previous run chunk by chunk: the counts are those
+    // of a scan of the whole segment, whatever the chunk size and the damage, and what is held
+    // between chunks stays under one record plus one chunk.
+    #[test]
+    fn a_tally_fed_in_pieces_counts_what_a_whole_scan_counts() {
+        let frames: Vec<_> = (0..6).map(|i| frame(i, &[i as u8; 50])).collect();
+        let clean = segment(&frames);
+        let record = clean.len() / frames.len();
+        let mut flipped = clean.clone();
+        flipped[record + record / 2] ^= 1;
+        let torn = clean[..clean.len() - 7].to_vec();
+        let mut garbage = b"xxSHB".to_vec();
+        garbage.extend_from_slice(&clean);
+        garbage.extend_from_slice(b"SHB");
+        let expected: [(&[u8], u64); 2] = [(b"web", 12), (b"db", 15)];
+        assert_eq!(scanned(&clean), expected.map(|(s, n)| (s.to_vec(), n)));
+        assert_eq!(scanned(&flipped), [(b"web".to_vec(), 10), (b"db".to_vec(), 14)]);
+        for data in [clean, flipped, torn, garbage] {
+            let whole = scanned(&data);
+            for piece in [1, 2, 3, 4, 5, 17, 100, record, data.len()] {
+                let mut t = Tally::default();
+                for chunk in data.chunks(piece) {
+                    t.feed(chunk, false);
+                    assert!(t.held() < record + piece, "held {} of pieces of {piece}", t.held());
+                }
+                t.feed(&[], true);
+                assert_eq!(t.counts, whole, "pieces of {piece}");
+                assert_eq!(t.held(), 0, "pieces of {piece}");
+            }
         }
     }
 

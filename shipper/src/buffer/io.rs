@@ -1,5 +1,8 @@
-//! The two tasks of a worker's disk buffer: the writer appends queued frames to segments, the
-//! replayer reads them back into the outbox. Both run on the worker's io_uring.
+//! The three tasks of a worker's disk buffer: the writer appends queued frames to segments,
+//! the replayer reads them back into the outbox, the tidy task deletes the segments the
+//! bookkeeping let go of (counting an evicted one's records). All three run on the worker's
+//! io_uring: every open, create, read, write, fsync and unlink is an io_uring operation; only
+//! cutting a segment back after a failed write goes to a helper thread ([`super::cut`]).
 
 use std::cell::RefCell;
 use std::io;
@@ -10,7 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio_uring::fs::File;
 
-use super::format::{self, Item, SEGMENT_MAGIC};
+use super::cut::Cutter;
+use super::format::{self, Item, Tally, SEGMENT_MAGIC};
+use super::Tidy;
 use crate::metrics::shipper::DropReason;
 use crate::protocol::frame::{Header, HEADER_BYTES};
 use crate::runtime::core::Core;
@@ -23,6 +28,14 @@ pub fn unix_us() -> u64 {
 
 /// Appends queued frames until the worker stops.
 pub async fn write_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool>) {
+    let id = core.borrow().id;
+    let cutter = match Cutter::start(id) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(core = id, "disk buffer: cannot start the thread that cuts a failed write back: {e}; such a write leaves its bytes at the segment's end");
+            None
+        }
+    };
     let mut file: Option<(u64, File)> = None;
     let mut dirty: Option<Instant> = None;
     let mut record = Vec::new();
@@ -58,9 +71,14 @@ pub async fn write_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool>
         };
         let names: Vec<(&[u8], u32)> = names.iter().map(|(s, n)| (s.as_slice(), *n)).collect();
         format::encode(&frame.wire, frame.first_unix_us, &names, &mut record);
-        let (ordinal, path, offset, new) =
-            core.borrow_mut().buffer.as_mut().unwrap().write_target();
-        let result = append(&mut file, ordinal, &path, offset, new, record).await;
+        let (ordinal, path, offset, new, mode) = {
+            let mut c = core.borrow_mut();
+            let b = c.buffer.as_mut().expect("write_loop runs only with a buffer");
+            let (ordinal, path, offset, new) = b.write_target();
+            (ordinal, path, offset, new, b.modes.file)
+        };
+        let at = Target { ordinal, path: &path, offset, new, mode };
+        let result = append(&mut file, at, record, cutter.as_ref()).await;
         record = result.1;
         let written = result.0.is_ok();
         finish_write(&mut core.borrow_mut(), &frame, ordinal, &path, new, result.0, &mut file);
@@ -87,7 +105,7 @@ fn finish_write(
     let b = c.buffer.as_mut().expect("buffer tasks run only with a buffer");
     match result {
         Ok(len) => {
-            b.written(ordinal, len, frame.records);
+            b.written(ordinal, len, frame.records, &frame.services);
             c.wake.notify_waiters();
         }
         Err(e) => {
@@ -106,32 +124,45 @@ fn finish_write(
     }
 }
 
-/// Writes `record` at `offset` of segment `ordinal` (creating its file when `new`), and cuts
-/// the file back on failure. Returns the bytes appended.
-async fn append(
-    file: &mut Option<(u64, File)>,
+/// Where a record goes: segment `ordinal` at `path`, at `offset` (a new file when `new`).
+struct Target<'a> {
     ordinal: u64,
-    path: &Path,
+    path: &'a Path,
     offset: u64,
     new: bool,
+    /// Mode of a new segment file (`shipper.file_mode`).
+    mode: u32,
+}
+
+/// Writes `record` at its target (creating the segment's file when new), and cuts the file
+/// back on failure. Returns the bytes appended.
+async fn append(
+    file: &mut Option<(u64, File)>,
+    to: Target<'_>,
     mut record: Vec<u8>,
+    cutter: Option<&Cutter>,
 ) -> (io::Result<u64>, Vec<u8>) {
-    let mut at = offset;
-    if new {
+    let mut at = to.offset;
+    if to.new {
         if let Some((_, old)) = file.take() {
             // The closed segment's last records reach the disk before the next one starts.
-            if let Err(e) = old.sync_data().await {
+            let synced = old.sync_data().await;
+            let _ = old.close().await;
+            if let Err(e) = synced {
                 return (Err(e), record);
             }
         }
-        match create(path).await {
-            Ok(f) => *file = Some((ordinal, f)),
+        match create(to.path, to.mode).await {
+            Ok(f) => *file = Some((to.ordinal, f)),
             Err(e) => return (Err(e), record),
         }
         at = SEGMENT_MAGIC.len() as u64;
-    } else if file.as_ref().is_none_or(|(o, _)| *o != ordinal) {
-        match std::fs::OpenOptions::new().write(true).open(path) {
-            Ok(f) => *file = Some((ordinal, File::from_std(f))),
+    } else if file.as_ref().is_none_or(|(o, _)| *o != to.ordinal) {
+        if let Some((_, old)) = file.take() {
+            let _ = old.close().await;
+        }
+        match tokio_uring::fs::OpenOptions::new().write(true).open(to.path).await {
+            Ok(f) => *file = Some((to.ordinal, f)),
             Err(e) => return (Err(e), record),
         }
     }
@@ -140,10 +171,12 @@ async fn append(
     let (res, buf) = f.write_all_at(record, at).await;
     record = buf;
     if let Err(e) = res {
-        if let Err(cut) =
-            std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(at))
-        {
-            tracing::error!(path = %path.display(), "disk buffer: cannot cut a failed write back: {cut}");
+        let cut = match cutter {
+            Some(c) => c.cut(f, at).await,
+            None => Err(io::Error::other("no cutting thread")),
+        };
+        if let Err(cut) = cut {
+            tracing::error!(path = %to.path.display(), "disk buffer: cannot cut a failed write back: {cut}");
         }
         return (Err(e), record);
     }
@@ -151,16 +184,22 @@ async fn append(
 }
 
 /// Creates a segment file with its magic, and makes its directory entry durable.
-async fn create(path: &Path) -> io::Result<File> {
-    let std = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
-    let f = File::from_std(std);
+async fn create(path: &Path, mode: u32) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = tokio_uring::fs::OpenOptions::new();
+    options.write(true).create_new(true).mode(mode);
+    let f = options.open(path).await?;
     let (res, _) = f.write_all_at(SEGMENT_MAGIC.to_vec(), 0).await;
     if let Err(e) = res {
-        let _ = std::fs::remove_file(path);
+        let _ = f.close().await;
+        let _ = tokio_uring::fs::remove_file(path).await;
         return Err(e);
     }
     if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
+        let d = File::open(dir).await?;
+        let synced = d.sync_all().await;
+        let _ = d.close().await;
+        synced?;
     }
     Ok(f)
 }
@@ -214,6 +253,7 @@ async fn read(path: &Path, from: u64, to: u64) -> io::Result<Vec<u8>> {
     let f = File::open(path).await?;
     let buf = Vec::with_capacity((to - from) as usize);
     let (res, buf) = f.read_exact_at(buf, from).await;
+    let _ = f.close().await;
     res?;
     Ok(buf)
 }
@@ -287,4 +327,82 @@ pub fn feed_outbox(c: &mut Core) {
         c.outbox.push(f).expect("room checked above");
         c.wake.notify_waiters();
     }
+}
+
+/// Bytes read at a time when counting an evicted segment's records: with the record a chunk
+/// may cut, [`Tally`] holds at most this plus one record (`format::BODY_BYTES_MAX`).
+pub const TALLY_CHUNK_BYTES: usize = 1 << 20;
+
+/// Does the buffer's file work ([`Tidy`]) in order, on the worker's io_uring, as the
+/// bookkeeping queues it. Runs until the worker's runtime ends.
+pub async fn tidy_loop(core: Rc<RefCell<Core>>) {
+    loop {
+        let (job, wake) = {
+            let mut c = core.borrow_mut();
+            let b = c.buffer.as_mut().expect("tidy_loop runs only with a buffer");
+            let job = b.tidy.pop_front();
+            b.tidying = job.is_some();
+            (job, b.tidy_wake.clone())
+        };
+        match job {
+            None => {
+                wake.notified().await;
+                continue;
+            }
+            Some(Tidy::Delete(path)) => {
+                if let Err(e) = tokio_uring::fs::remove_file(&path).await {
+                    tracing::error!(path = %path.display(), "disk buffer: cannot delete a replayed segment: {e}");
+                }
+            }
+            Some(Tidy::Evict { path, services }) => evict(&core, &path, services).await,
+        }
+        let mut c = core.borrow_mut();
+        c.buffer.as_mut().expect("checked above").tidying = false;
+        c.wake.notify_waiters();
+    }
+}
+
+/// Deletes the evicted segment at `path` and counts its records as dropped: `services` when
+/// known, else as read from the file.
+async fn evict(core: &Rc<RefCell<Core>>, path: &Path, services: Option<Vec<(u32, u64)>>) {
+    let by_name = match services {
+        Some(_) => Vec::new(),
+        None => tally(path).await.unwrap_or_else(|e| {
+            tracing::error!(path = %path.display(), "disk buffer: cannot read an evicted segment to count its records per service: {e}; counted in shipper_buffer_segments_dropped_total only");
+            Vec::new()
+        }),
+    };
+    if let Err(e) = tokio_uring::fs::remove_file(path).await {
+        tracing::error!(path = %path.display(), "disk buffer: cannot delete an evicted segment: {e}");
+    }
+    let mut c = core.borrow_mut();
+    let counts =
+        services.unwrap_or_else(|| by_name.iter().map(|(name, n)| (c.intern(name), *n)).collect());
+    c.count_evicted(path, &counts);
+}
+
+/// Records per service name of the segment at `path`, read in chunks of
+/// [`TALLY_CHUNK_BYTES`].
+pub async fn tally(path: &Path) -> io::Result<Vec<(Vec<u8>, u64)>> {
+    let f = File::open(path).await?;
+    let mut t = Tally::default();
+    let mut at = SEGMENT_MAGIC.len() as u64;
+    let mut buf = Vec::with_capacity(TALLY_CHUNK_BYTES);
+    let read = loop {
+        buf.clear();
+        let (res, b) = f.read_at(buf, at).await;
+        buf = b;
+        match res {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                t.feed(&buf[..n], false);
+                at += n as u64;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = f.close().await;
+    read?;
+    t.feed(&[], true);
+    Ok(t.counts)
 }

@@ -12,6 +12,14 @@
 //!   de-duplication stays dense within a run.
 //! - Only non-durable sources (pipes) use it: a journal source pauses instead, its entries
 //!   wait in the journal.
+//! - Nothing here blocks the worker's thread: the bookkeeping in this file is plain memory
+//!   (it queues file work as [`Tidy`] entries, at most one per segment); the tasks in [`io`]
+//!   open, create, read, write, fsync and unlink through io_uring; only the cut back after a
+//!   failed write goes to a helper thread, through a queue of one ([`cut`]). Listing the
+//!   directories when the buffer opens happens once, before the worker reads any source.
+//! - Each segment written in this run keeps its records per service id in memory (at most
+//!   `services_max + 1` entries), so evicting it needs no read; a previous run's segment is
+//!   read in [`io::TALLY_CHUNK_BYTES`] chunks, holding at most a chunk plus one record.
 //!
 //! # Format
 //! See [`format`]: a segment is `b"SHPBUF01"` then records `{magic, len, meta_len, crc32c,
@@ -25,24 +33,30 @@
 //!    writer task appends it to the newest segment with io_uring, fdatasync'ing at most
 //!    `fsync_interval_ms` later.
 //! 2. While some receiver is up, the replay task reads the unread part of the oldest segment,
-//!    checks every record, and hands frames to the outbox as it has room. Damaged bytes are skipped to the next record
-//!    magic, counted and logged with the file and offset; every step moves forward, so replay
-//!    cannot loop.
+//!    checks every record, and hands frames to the outbox as it has room. Damaged bytes are
+//!    skipped to the next record magic, counted and logged with the file and offset; every
+//!    step moves forward, so replay cannot loop.
 //! 3. A segment is deleted when it is closed, read to its end, and every frame read from it is
-//!    acknowledged. A crash before that replays it again after restart: frames acknowledged
-//!    just before a crash may be sent twice, never lost.
+//!    acknowledged: forgotten here at once, its file unlinked by the tidy task soon after. A
+//!    crash before that replays it again after restart: frames acknowledged just before a
+//!    crash may be sent twice, never lost.
 //! 4. At start, the segments left in the directory (and in those of cores beyond the current
 //!    worker count, shared out by `core % workers`) are replayed first.
 //! 5. Full: `when_full = drop_newest` drops the frame that does not fit; `drop_oldest` deletes
-//!    the oldest segment not being replayed. Both count the records per service. A failed
+//!    the oldest segment not being replayed (its bytes leave `bytes_max` at once; the tidy task
+//!    unlinks the file, then counts its records). Both count the records per service. A failed
 //!    write (disk full, I/O error) drops that frame, counted, and cuts the segment back.
 
+pub mod cut;
 pub mod format;
 pub mod io;
 
 use std::collections::VecDeque;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use tokio::sync::Notify;
 
 use crate::config::shipper::{BufferSection, WhenFull};
 use crate::sinks::receiver::Sealed;
@@ -61,6 +75,23 @@ pub struct Segment {
     pub unacked: u64,
     /// No more records will be appended.
     pub closed: bool,
+    /// Records per service id appended in this run; `None` for a segment a previous run left
+    /// (its file must be read to count them).
+    pub services: Option<ServiceRecords>,
+}
+
+/// Records per service id, one entry per service, in the order first written.
+pub type ServiceRecords = Vec<(u32, u64)>;
+
+/// File work the buffer's bookkeeping decided and the tidy task does on the worker's io_uring
+/// ([`io::tidy_loop`]): the bookkeeping runs in plain functions that must not block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tidy {
+    /// A segment replayed and acknowledged: delete its file.
+    Delete(PathBuf),
+    /// A segment dropped to make room (`drop_oldest`): delete its file and count its records
+    /// as dropped per service (reading the file in chunks when `services` is `None`).
+    Evict { path: PathBuf, services: Option<ServiceRecords> },
 }
 
 impl Segment {
@@ -99,7 +130,15 @@ pub struct DiskBuffer {
     next_ordinal: u64,
     /// The writer has taken a frame and not finished writing it.
     pub writing: bool,
+    /// File work for the tidy task, oldest first: at most one entry per segment.
+    pub tidy: VecDeque<Tidy>,
+    /// The tidy task has taken an entry and not finished it.
+    pub tidying: bool,
+    /// Wakes the tidy task (a permit is kept when it is busy, so no entry waits unseen).
+    pub tidy_wake: Rc<Notify>,
     pub counters: BufferCounters,
+    /// Modes of the segment files and directories created (`shipper.file_mode`, `dir_mode`).
+    pub modes: crate::os::Modes,
 }
 
 impl DiskBuffer {
@@ -111,13 +150,15 @@ impl DiskBuffer {
         core: usize,
         workers: usize,
         pending_bytes_max: u64,
+        modes: crate::os::Modes,
     ) -> std::io::Result<DiskBuffer> {
         let dir = root.join(format!("core-{core}"));
-        fs::create_dir_all(&dir)?;
+        modes.create_dir_all(&dir)?;
         let mut dirs = adopted(root, core, workers)?;
         dirs.push(dir.clone());
         let mut buffer = DiskBuffer {
             dir: dir.clone(),
+            modes,
             segments: VecDeque::new(),
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -130,6 +171,9 @@ impl DiskBuffer {
             next_file: 1,
             next_ordinal: 1,
             writing: false,
+            tidy: VecDeque::new(),
+            tidying: false,
+            tidy_wake: Rc::new(Notify::new()),
             counters: BufferCounters::default(),
         };
         for d in dirs {
@@ -139,8 +183,15 @@ impl DiskBuffer {
                 }
                 let size = fs::metadata(&path)?.len();
                 let ordinal = buffer.take_ordinal();
-                let segment = Segment { ordinal, path, size, read: 0, unacked: 0, closed: true };
-                buffer.segments.push_back(segment);
+                buffer.segments.push_back(Segment {
+                    ordinal,
+                    path,
+                    size,
+                    read: 0,
+                    unacked: 0,
+                    closed: true,
+                    services: None,
+                });
             }
         }
         Ok(buffer)
@@ -205,6 +256,7 @@ impl DiskBuffer {
             read: magic,
             unacked: 0,
             closed: false,
+            services: Some(Vec::new()),
         });
         (ordinal, path, 0, true)
     }
@@ -214,13 +266,21 @@ impl DiskBuffer {
         self.segments.retain(|s| s.ordinal != ordinal);
     }
 
-    /// `len` bytes holding `records` were appended to segment `ordinal`.
-    pub fn written(&mut self, ordinal: u64, len: u64, records: u32) {
+    /// `len` bytes holding `records` records, `services` of them per service id, were
+    /// appended to segment `ordinal`.
+    pub fn written(&mut self, ordinal: u64, len: u64, records: u32, services: &[(u32, u32)]) {
         self.writing = false;
         if let Some(s) = self.segments.iter_mut().find(|s| s.ordinal == ordinal) {
             s.size += len;
             self.counters.frames_written += 1;
             self.counters.records_written += u64::from(records);
+            let counts = s.services.get_or_insert_with(Vec::new);
+            for &(service, n) in services {
+                match counts.iter_mut().find(|(id, _)| *id == service) {
+                    Some((_, total)) => *total += u64::from(n),
+                    None => counts.push((service, n.into())),
+                }
+            }
         }
     }
 
@@ -251,24 +311,33 @@ impl DiskBuffer {
         self.collect();
     }
 
-    /// Deletes every drained segment.
+    /// Forgets every drained segment, queueing its file's deletion for the tidy task.
     fn collect(&mut self) {
         while let Some(i) = self.segments.iter().position(Segment::drained) {
             let s = self.segments.remove(i).expect("found above");
-            if let Err(e) = fs::remove_file(&s.path) {
-                tracing::error!(path = %s.path.display(), "disk buffer: cannot delete a replayed segment: {e}");
-            }
+            self.tidy.push_back(Tidy::Delete(s.path));
+            self.tidy_wake.notify_one();
         }
     }
 
-    /// For `drop_oldest`: removes the oldest closed segment nothing has been read from yet,
-    /// returning its path so the caller can count its records.
-    pub fn evict_oldest(&mut self) -> Option<PathBuf> {
+    /// For `drop_oldest`: forgets the oldest closed segment nothing has been read from yet,
+    /// queueing its deletion and the count of its records for the tidy task. False if there
+    /// is none.
+    pub fn evict_oldest(&mut self) -> bool {
         let magic = format::SEGMENT_MAGIC.len() as u64;
-        let i = self.segments.iter().position(|s| s.closed && s.read <= magic && s.unacked == 0)?;
+        let evictable = |s: &Segment| s.closed && s.read <= magic && s.unacked == 0;
+        let Some(i) = self.segments.iter().position(evictable) else {
+            return false;
+        };
         let s = self.segments.remove(i).expect("found above");
-        self.counters.segments_dropped += 1;
-        Some(s.path)
+        self.tidy.push_back(Tidy::Evict { path: s.path, services: s.services });
+        self.tidy_wake.notify_one();
+        true
+    }
+
+    /// File work is queued or under way.
+    pub fn tidy_busy(&self) -> bool {
+        self.tidying || !self.tidy.is_empty()
     }
 }
 
@@ -303,4 +372,102 @@ fn segment_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::{Header, Kind};
+
+    /// A buffer in `dir` whose segments close past 1000 bytes.
+    fn buffer(dir: &Path) -> DiskBuffer {
+        let config =
+            BufferSection { segment_bytes: 1000, bytes_max: 1 << 20, ..Default::default() };
+        DiskBuffer::open(&config, dir, 0, 1, 1 << 20, crate::os::Modes::DEFAULT).unwrap()
+    }
+
+    /// What the writer does for a 400-byte record holding `services` (id, records).
+    fn write(b: &mut DiskBuffer, services: &[(u32, u32)]) {
+        let (ordinal, _, _, _) = b.write_target();
+        let records = services.iter().map(|s| s.1).sum();
+        b.written(ordinal, 400, records, services);
+    }
+
+    // Guards exact drop counts per service for `drop_oldest` without reading the evicted
+    // segment on the worker's thread: the counts kept as records are written go with it.
+    #[test]
+    fn an_evicted_segment_carries_its_records_per_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("core-0/00000000000000000001.seg");
+        std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+        std::fs::write(&old, format::SEGMENT_MAGIC).unwrap();
+        let mut b = buffer(dir.path());
+        for i in 0..7 {
+            write(&mut b, &[(0, 2), (1 + i % 2, 3)]);
+        }
+        // The segment a previous run left, then three records per segment: 1208 bytes each.
+        let sizes: Vec<u64> = b.segments.iter().map(|s| s.size).collect();
+        assert_eq!(sizes, [8, 1208, 1208, 408]);
+        assert!(b.evict_oldest());
+        assert!(b.evict_oldest());
+        assert!(b.evict_oldest());
+        assert!(!b.evict_oldest(), "the open segment stays");
+        let second = b.dir.join("00000000000000000002.seg");
+        let third = b.dir.join("00000000000000000003.seg");
+        let evicted: Vec<Tidy> = b.tidy.drain(..).collect();
+        assert_eq!(
+            evicted,
+            [
+                Tidy::Evict { path: old, services: None },
+                Tidy::Evict { path: second, services: Some(vec![(0, 6), (1, 6), (2, 3)]) },
+                Tidy::Evict { path: third, services: Some(vec![(0, 6), (2, 6), (1, 3)]) },
+            ]
+        );
+        assert_eq!(b.bytes(), 408);
+    }
+
+    // Guards deleting replayed segments off the bookkeeping: a drained segment becomes a
+    // deletion for the tidy task, and the file stays until that task deletes it.
+    #[test]
+    fn a_drained_segment_is_queued_for_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = buffer(dir.path());
+        for _ in 0..4 {
+            write(&mut b, &[(0, 1)]);
+        }
+        let (ordinal, path, from, to) = b.next_unread().unwrap();
+        assert_eq!((from, to), (8, 1208));
+        b.read_done(ordinal, to, 2);
+        b.acked(ordinal);
+        assert!(b.tidy.is_empty(), "a frame is still unacknowledged");
+        b.acked(ordinal);
+        assert_eq!(b.tidy.drain(..).collect::<Vec<_>>(), [Tidy::Delete(path)]);
+        assert_eq!(b.segments.len(), 1);
+    }
+
+    fn frame(records: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let h = Header { kind: Kind::Data, flags: 0, seq: 1, count: records, raw_len: len, len };
+        h.wire(payload)
+    }
+
+    // Guards counting an evicted segment of a previous run through io_uring in chunks: records
+    // cut by chunk boundaries and a torn tail count exactly as a whole read would.
+    #[test]
+    fn a_segment_is_tallied_in_chunks_through_io_uring() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("00000000000000000001.seg");
+        let mut data = format::SEGMENT_MAGIC.to_vec();
+        for i in 0..25u32 {
+            let f = frame(1, &vec![i as u8; 100_000 + i as usize]);
+            format::encode(&f, 0, &[(b"web", 7), (b"db", i)], &mut data);
+        }
+        let torn = data.len();
+        format::encode(&frame(1, b"lost"), 0, &[(b"web", 1000)], &mut data);
+        data.truncate(torn + 20);
+        assert!(data.len() > 2 * io::TALLY_CHUNK_BYTES);
+        std::fs::write(&path, &data).unwrap();
+        let counts = tokio_uring::start(io::tally(&path)).unwrap();
+        assert_eq!(counts, [(b"web".to_vec(), 175), (b"db".to_vec(), 300)]);
+    }
 }

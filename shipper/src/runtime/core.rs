@@ -359,41 +359,23 @@ impl Core {
             Ok(()) => return self.wake.notify_waiters(),
             Err(frame) => frame,
         };
-        if b.when_full == WhenFull::DropOldest {
-            if let Some(path) = b.evict_oldest() {
-                self.count_evicted(&path);
-                return self.buffer_push(frame);
-            }
+        // The evicted segment's records are counted when the tidy task has deleted its file.
+        if b.when_full == WhenFull::DropOldest && b.evict_oldest() {
+            return self.buffer_push(frame);
         }
         self.count_dropped(&frame, DropReason::BufferFull);
     }
 
-    /// Counts the records of an evicted segment as dropped, per service, and deletes it.
-    fn count_evicted(&mut self, path: &std::path::Path) {
-        let data = std::fs::read(path).unwrap_or_else(|e| {
-            tracing::error!(path = %path.display(), "disk buffer: cannot read an evicted segment to count its records per service: {e}; counted in shipper_buffer_segments_dropped_total only");
-            Vec::new()
-        });
-        let body = data.get(crate::buffer::format::SEGMENT_MAGIC.len()..).unwrap_or_default();
-        let mut counts: Vec<(Vec<u8>, u64)> = Vec::new();
-        for item in crate::buffer::format::Scan::new(body) {
-            if let crate::buffer::format::Item::Record(r) = item {
-                for (name, n) in r.services {
-                    match counts.iter_mut().find(|(s, _)| s == name) {
-                        Some((_, total)) => *total += u64::from(n),
-                        None => counts.push((name.to_vec(), n.into())),
-                    }
-                }
-            }
-        }
-        let records: u64 = counts.iter().map(|c| c.1).sum();
-        for (name, n) in counts {
-            let id = self.intern(&name);
+    /// An evicted segment's file at `path` is deleted (or could not be): counts its records
+    /// as dropped, `counts` per service id.
+    pub fn count_evicted(&mut self, path: &std::path::Path, counts: &[(u32, u64)]) {
+        for &(id, n) in counts {
             self.counters.services[id as usize].lines_dropped[DropReason::BufferFull as usize] += n;
         }
-        if let Err(e) = std::fs::remove_file(path) {
-            tracing::error!(path = %path.display(), "disk buffer: cannot delete an evicted segment: {e}");
+        if let Some(b) = self.buffer.as_mut() {
+            b.counters.segments_dropped += 1;
         }
+        let records: u64 = counts.iter().map(|c| c.1).sum();
         tracing::warn!(path = %path.display(), records, "disk buffer full: dropped its oldest segment (when_full = drop_oldest)");
     }
 
@@ -671,9 +653,10 @@ fn open_buffer(
     core: usize,
 ) -> std::io::Result<DiskBuffer> {
     let outbox = config.receivers.outbox_bytes_max;
-    let b = DiskBuffer::open(&config.buffer, root, core, config.shipper.workers, outbox).map_err(
-        |e| std::io::Error::new(e.kind(), format!("buffer.directory {}: {e}", root.display())),
-    )?;
+    let (workers, modes) = (config.shipper.workers, config.shipper.modes());
+    let b = DiskBuffer::open(&config.buffer, root, core, workers, outbox, modes).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("buffer.directory {}: {e}", root.display()))
+    })?;
     if !b.segments.is_empty() {
         tracing::info!(core, dir = %b.dir.display(), segments = b.segments.len(), bytes = b.bytes(), "disk buffer: replaying what a previous run left");
     }

@@ -12,7 +12,8 @@
 //! the deadline the connections close and the frames still unacknowledged in memory are
 //! written to the buffer, for the next run to send. What is still unacknowledged at the
 //! deadline (not on disk, not a journal's) is counted as dropped (reason `shutdown`) and
-//! logged.
+//! logged. Last, the worker waits (up to [`TIDY_GRACE_MS`] past the deadline) for the disk
+//! buffer's segment deletions and fdatasyncs its newest segment, both through io_uring.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -108,6 +109,7 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     if core.borrow().buffer.is_some() {
         tokio_uring::spawn(crate::buffer::io::write_loop(core.clone(), plan.stop.clone()));
         tokio_uring::spawn(crate::buffer::io::replay_loop(core.clone(), plan.stop.clone()));
+        tokio_uring::spawn(crate::buffer::io::tidy_loop(core.clone()));
     }
     for handle in plan.sockets {
         start_socket(&core, handle, &plan.config, &plan.stop);
@@ -235,8 +237,9 @@ async fn tick(
         let Some(deadline) = deadline_ns else {
             continue;
         };
-        let unwritten = c.buffer.as_ref().is_some_and(|b| !b.pending.is_empty() || b.writing)
-            || c.quarantine.as_ref().is_some_and(|q| q.borrow().busy());
+        let unwritten =
+            c.buffer.as_ref().is_some_and(|b| !b.pending.is_empty() || b.writing || b.tidy_busy())
+                || c.quarantine.as_ref().is_some_and(|q| q.borrow().busy());
         if c.outbox.is_empty() && !unwritten {
             let on_disk = c.buffer.as_ref().map_or(0, |b| b.bytes());
             tracing::info!(
@@ -258,15 +261,8 @@ async fn tick(
             leave(&mut c, true);
         }
     }
+    finish_buffer(&core).await;
     let mut c = core.borrow_mut();
-    if let Some(b) = &c.buffer {
-        if let Some(s) = b.segments.back() {
-            let synced = std::fs::File::open(&s.path).and_then(|f| f.sync_data());
-            if let Err(e) = synced {
-                tracing::error!(path = %s.path.display(), "disk buffer not synced at shutdown: {e}");
-            }
-        }
-    }
     for cp in &c.journals {
         if let Err(e) = cp.sync() {
             tracing::error!("journal checkpoint not synced at shutdown: {e}");
@@ -276,6 +272,53 @@ async fn tick(
     registry.publish(c.id, c.counters.clone());
     for h in c.conns.values() {
         h.stream.shutdown();
+    }
+}
+
+/// How long the worker waits past the shutdown deadline for the buffer's file work (deleting
+/// replayed and evicted segments, counting an evicted one's records).
+pub const TIDY_GRACE_MS: u64 = 5000;
+
+/// At the end: lets the tidy task finish (a replayed segment left behind is sent again by
+/// the next run, an evicted one delivered instead of dropped), then fdatasyncs the newest
+/// segment, both through the worker's io_uring.
+async fn finish_buffer(core: &Rc<RefCell<Core>>) {
+    if core.borrow().buffer.is_none() {
+        return;
+    }
+    let wake = core.borrow().wake.clone();
+    let busy = || core.borrow().buffer.as_ref().is_some_and(|b| b.tidy_busy());
+    let grace = tokio::time::sleep(Duration::from_millis(TIDY_GRACE_MS));
+    tokio::pin!(grace);
+    // The tidy task wakes `wake` after each entry.
+    while busy() {
+        tokio::select! {
+            _ = &mut grace => break,
+            _ = wake.notified() => {}
+        }
+    }
+    let newest = {
+        let c = core.borrow();
+        let b = c.buffer.as_ref().expect("checked above");
+        if b.tidy_busy() {
+            let left = b.tidy.len() + usize::from(b.tidying);
+            tracing::error!(core = c.id, left, "disk buffer: segment deletions not done {TIDY_GRACE_MS} ms after the shutdown deadline: the next run replays those segments");
+        }
+        b.segments.back().map(|s| s.path.clone())
+    };
+    let Some(path) = newest else {
+        return;
+    };
+    let synced = match tokio_uring::fs::File::open(&path).await {
+        Ok(f) => {
+            let synced = f.sync_data().await;
+            let _ = f.close().await;
+            synced
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = synced {
+        tracing::error!(path = %path.display(), "disk buffer not synced at shutdown: {e}");
     }
 }
 

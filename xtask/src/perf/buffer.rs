@@ -17,6 +17,14 @@
 //! (of the lines as written), the shipper's CPU-seconds and lines per CPU-second, its peak RSS
 //! over the phase (VmHWM, reset through `/proc/PID/clear_refs` at the phase's start), the
 //! writers' longest `write()`, and for the buffered phase the bytes and segments on disk.
+//!
+//! Then, apart from the three (its throughput is paced, not measured), a **rotation** phase:
+//! one application-like writer, one blocking `write()` per line at `[rotation] lines_per_s`,
+//! into the disk buffer with the receiver down, `[rotation] segment_bytes` and
+//! `batch_bytes_max` (both small), so that segments rotate many times (each a create, a
+//! directory fsync and an fdatasync of the one before). Its longest `write()` is what a
+//! blocking call on the worker's thread would show; it goes into the results (`rotation`) and
+//! the summary, with the frames and segments written.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -46,6 +54,22 @@ pub struct BufferCase {
     pub receivers: toml::Table,
     #[serde(default)]
     pub cpus: Cpus,
+    pub rotation: Rotation,
+}
+
+/// The rotation phase: one paced writer into a buffer of small segments.
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Rotation {
+    /// `segment_bytes` of the buffer in this phase (the case's other `[buffer]` keys stay).
+    pub segment_bytes: u64,
+    /// `[batch] batch_bytes_max` in this phase: small frames, many appends per segment.
+    pub batch_bytes_max: u64,
+    /// Lines per second of the one writer, one blocking `write()` per line.
+    pub lines_per_s: u64,
+    /// Lines written in a full run, and in a quick one.
+    pub lines: usize,
+    pub quick_lines: usize,
 }
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -53,6 +77,9 @@ pub struct BufferCase {
 pub struct Settings {
     pub workers: usize,
     pub zstd_level: u32,
+    /// `[batch] batch_bytes_max` (bytes); none: the shipper's default.
+    #[serde(default)]
+    pub batch_bytes_max: Option<u64>,
 }
 
 /// One phase of one run.
@@ -104,9 +131,11 @@ struct Env<'a> {
     pki: &'a shipper::tls::pki::DevPki,
     load: &'a Load,
     deadline: Duration,
+    quick: bool,
 }
 
 const PHASES: [&str; 3] = ["straight to the receiver", "into the disk buffer", "replay"];
+const ROTATION: &str = "rotating segments";
 
 pub fn run_case(
     name: &str,
@@ -129,14 +158,20 @@ pub fn run_case(
     let pki =
         shipper::tls::pki::generate(&dir.join("tls"), &["localhost".into(), "127.0.0.1".into()])?;
     let deadline = Duration::from_secs(if quick { 60 } else { 600 });
-    let env = Env { dir: &dir, case, pki: &pki, load: &load, deadline };
+    let env = Env { dir: &dir, case, pki: &pki, load: &load, deadline, quick };
     let mut all: Vec<Vec<Phase>> = vec![Vec::new(); PHASES.len()];
+    let mut rotations = Vec::new();
     for r in 0..runs {
         let phases = run_once(&env, r).with_context(|| format!("run {}", r + 1))?;
         for (i, p) in phases.into_iter().enumerate() {
             print_phase(&p, r, runs);
             all[i].push(p);
         }
+        let dir = dir.join(format!("rotation{r}"));
+        let p = rotation(&env, &dir).with_context(|| format!("run {}: rotation", r + 1))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        print_phase(&p, r, runs);
+        rotations.push(p);
     }
     let _ = std::fs::remove_dir_all(&dir);
     // The median run of each phase by lines/s, with the spread.
@@ -148,7 +183,13 @@ pub fn run_case(
             sorted[sorted.len() / 2].clone()
         })
         .collect();
-    let md = markdown(name, case, &load, &medians, &all);
+    // The rotation's median run by longest write(), and the worst.
+    let mut by_block = rotations.clone();
+    by_block.sort_by(|a, b| a.write_block_max_ms.total_cmp(&b.write_block_max_ms));
+    let rotation = by_block[by_block.len() / 2].clone();
+    let worst_ms = by_block.last().map_or(0.0, |p| p.write_block_max_ms);
+    let mut md = markdown(name, case, &load, &medians, &all);
+    md += &rotation_markdown(case, &rotation, worst_ms, rotations.len());
     println!("\n{md}");
     let charts = charts(name, quick, &load, &medians)?;
     let run = super::Run {
@@ -164,10 +205,17 @@ pub fn run_case(
         "bytes": load.bytes,
         "phases": medians,
         "runs": all,
+        "rotation": {
+            "segment_bytes": case.rotation.segment_bytes,
+            "lines_per_s": case.rotation.lines_per_s,
+            "phase": rotation,
+            "write_block_max_ms_worst": worst_ms,
+            "runs": rotations,
+        },
         "charts": charts,
     });
     super::save(&run, fields, Some(&md))?;
-    for p in &medians {
+    for p in medians.iter().chain([&rotation]) {
         if p.lines == 0 {
             bail!("{name}: phase \"{}\" moved no line", p.label);
         }
@@ -231,8 +279,10 @@ fn setup(env: &Env, dir: &Path) -> anyhow::Result<Setup> {
     let buffer = dir.join("buffer");
     let mut table = case.buffer.clone();
     table.insert("directory".into(), buffer.display().to_string().into());
+    let batch_max =
+        case.shipper.batch_bytes_max.map_or(String::new(), |b| format!("batch_bytes_max = {b}\n"));
     let body = format!(
-        "[batch]\nzstd_level = {}\n[buffer]\n{}",
+        "[batch]\nzstd_level = {}\n{batch_max}[buffer]\n{}",
         case.shipper.zstd_level,
         toml::to_string(&table)?
     );
@@ -370,6 +420,55 @@ fn replay(env: &Env, dir: &Path, s: &Setup, ship: &Daemon, b: &Phase) -> anyhow:
     r.rates(env.load.bytes, env.load.lines);
     r.disk_mb_per_s = b.disk_bytes as f64 / r.wall_s.max(1e-9) / 1e6;
     Ok(r)
+}
+
+/// The rotation phase (see the module docs): the case's workload as one writer, one `write()`
+/// per line at `[rotation] lines_per_s`, into a buffer of `[rotation] segment_bytes`, the
+/// receiver down. Measured as the buffered phase is; the segments are never deleted (no
+/// receiver), so `segments` counts every rotation.
+fn rotation(env: &Env, dir: &Path) -> anyhow::Result<Phase> {
+    let r = &env.case.rotation;
+    let mut case = env.case.clone();
+    let segment_bytes = i64::try_from(r.segment_bytes).context("rotation.segment_bytes")?;
+    case.buffer.insert("segment_bytes".into(), segment_bytes.into());
+    case.shipper.batch_bytes_max = Some(r.batch_bytes_max);
+    let w = &mut case.workload;
+    (w.pipes, w.writers_per_pipe, w.write_per_line) = (1, 1, true);
+    (w.rate, w.lines, w.quick_lines) = (r.lines_per_s, r.lines, r.quick_lines);
+    let load = pipe::load(&case.workload, env.quick);
+    let env = Env { case: &case, load: &load, ..*env };
+    let s = setup(&env, dir)?;
+    let ship = start(&env, dir, &s, false)?;
+    let nothing = || 0;
+    until("the receiver seen down", &s.smetrics, &env, (nothing, 0), |t| {
+        sum(t, "shipper_receiver_failures_total", &[]) >= 1.0
+    })?;
+    let mut p = buffered(&env, &s, &ship)?;
+    p.label = ROTATION.into();
+    Ok(p)
+}
+
+/// The rotation phase's line of the summary.
+fn rotation_markdown(case: &BufferCase, p: &Phase, worst_ms: f64, runs: usize) -> String {
+    let r = &case.rotation;
+    format!(
+        "\nRotation: one writer, one blocking `write()` per line at {} lines/s, into the disk \
+         buffer (receiver down) with `segment_bytes = {}` and `batch_bytes_max = {}`: {} lines \
+         in {} frames into {} segments ({:.1} MB on disk) in {:.3} s, shipper {:.3} CPU-s. \
+         **Longest `write()` {:.2} ms** (median of {runs} run(s); worst {:.2} ms): a blocking \
+         call on the worker's thread while segments rotate would show here.\n",
+        thousands(r.lines_per_s as f64),
+        r.segment_bytes,
+        r.batch_bytes_max,
+        thousands(p.lines as f64),
+        thousands(p.buffer_frames_written as f64),
+        p.segments,
+        p.disk_bytes as f64 / 1e6,
+        p.wall_s,
+        p.cpu_s,
+        p.write_block_max_ms,
+        worst_ms,
+    )
 }
 
 /// [`super::until`] with this case's deadline.
