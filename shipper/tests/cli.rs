@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::process::Command;
 
 use crate::harness::*;
@@ -136,4 +137,52 @@ fn a_symlink_planted_at_a_fifo_path_is_refused_and_never_followed() {
     let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the link's target keeps its mode");
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "do not touch\n");
+}
+
+/// Every file and directory the shipper (disk buffer) and the receiver (streams, state)
+/// create has the configured mode, whatever it was before (0644 from the umask).
+#[test]
+fn files_created_have_the_configured_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let pipe = env.path("app.pipe");
+    let buffer = env.path("buffer");
+    let body = format!("[[sources.pipe]]\npath = {pipe:?}\n[buffer]\ndirectory = {buffer:?}\n");
+    let modes = "file_mode = \"0600\"\ndir_mode = \"0700\"\n";
+    let cfg = env
+        .shipper_toml(port, sm, &body)
+        .replace("shutdown_timeout_ms = 20000\n", &format!("shutdown_timeout_ms = 20000\n{modes}"));
+    let path = env.write("edge.toml", &cfg);
+    let mut shipper =
+        Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, env.path("s.log"));
+    // No receiver yet: the line goes to the disk buffer.
+    writeln!(open_writer(&pipe), "{{\"service\":\"app\",\"n\":1}}").unwrap();
+    shipper.wait_alive("the line in the disk buffer", || {
+        metric_at(sm, "shipper_buffer_records_written_total", &[]) == 1.0
+    });
+    let text = env
+        .receiver_toml(port, rm, "")
+        .replace("fsync = false\n", &format!("fsync = false\n{modes}"));
+    let _receiver = start_receiver_toml(&env, port, rm, &text);
+    shipper.wait_alive("the line delivered", || {
+        metric_at(sm, "shipper_records_acked_total", &[]) == 1.0
+    });
+    let mut checked = 0;
+    let mut walk = vec![buffer.join("core-0"), buffer.join("core-1"), env.out()];
+    while let Some(p) = walk.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        // The output directory itself and the test's own files are not the receiver's to make.
+        if p != env.out() {
+            assert_eq!(mode, want, "{}", p.display());
+            checked += 1;
+        }
+        if meta.is_dir() {
+            walk.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    // Two buffer directories, a segment, a stream directory and file, `.state`, base, 2 logs.
+    assert!(checked >= 8, "only {checked} paths checked");
 }
