@@ -157,6 +157,8 @@ pub struct Pace {
 pub struct Written {
     pub write_block_max_s: f64,
     pub writes: u64,
+    /// Seconds from the writer's start to its last write's return.
+    pub secs: f64,
 }
 
 /// Writes `data` (whole lines) into the FIFO at `path` with blocking writes, paced by `pace`.
@@ -189,6 +191,7 @@ pub fn write_lines(path: &std::path::Path, data: &[u8], pace: Pace) -> std::io::
         at = end;
         sent_lines += n;
     }
+    w.secs = start.elapsed().as_secs_f64();
     Ok(w)
 }
 

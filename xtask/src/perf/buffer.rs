@@ -329,7 +329,7 @@ fn straight(env: &Env, dir: &Path) -> anyhow::Result<Phase> {
     })?;
     let wall_s = (end.last.unwrap_or(end.at) - t0).as_secs_f64();
     let mut p = Phase { label: PHASES[0].into(), wall_s, ..Phase::default() };
-    p.write_block_max_ms = join(writers)?;
+    p.write_block_max_ms = pipe::join_writers(writers)?.0;
     p.cpu_s = proc_cpu(ship.pid()) - c0;
     p.receiver_cpu_s = proc_cpu(receiver.pid()) - r0;
     p.peak_rss_kib = proc_hwm_kib(ship.pid());
@@ -377,7 +377,7 @@ fn buffered(env: &Env, s: &Setup, ship: &Daemon) -> anyhow::Result<Phase> {
         })?;
     let wall_s = (end.last.unwrap_or(end.at) - t0).as_secs_f64();
     let mut b = Phase { label: PHASES[1].into(), wall_s, ..Phase::default() };
-    b.write_block_max_ms = join(writers)?;
+    b.write_block_max_ms = pipe::join_writers(writers)?.0;
     b.cpu_s = proc_cpu(ship.pid()) - c0;
     b.peak_rss_kib = proc_hwm_kib(ship.pid());
     b.lines = sum(&end.text, ON_DISK, &[]) as u64;
@@ -432,9 +432,7 @@ fn rotation(env: &Env, dir: &Path) -> anyhow::Result<Phase> {
     let segment_bytes = i64::try_from(r.segment_bytes).context("rotation.segment_bytes")?;
     case.buffer.insert("segment_bytes".into(), segment_bytes.into());
     case.shipper.batch_bytes_max = Some(r.batch_bytes_max);
-    let w = &mut case.workload;
-    (w.pipes, w.writers_per_pipe, w.write_per_line) = (1, 1, true);
-    (w.rate, w.lines, w.quick_lines) = (r.lines_per_s, r.lines, r.quick_lines);
+    case.workload = case.workload.one_paced_writer(r.lines_per_s, r.lines, r.quick_lines);
     let load = pipe::load(&case.workload, env.quick);
     let env = Env { case: &case, load: &load, ..*env };
     let s = setup(&env, dir)?;
@@ -480,15 +478,6 @@ fn until(
     done: impl FnMut(&str) -> bool,
 ) -> anyhow::Result<super::End> {
     super::until(what, addr, (env.deadline, env.dir), watch, done)
-}
-
-/// Joins the writers; their longest `write()` in ms.
-fn join(writers: pipe::Writers) -> anyhow::Result<f64> {
-    let mut max: f64 = 0.0;
-    for w in writers {
-        max = max.max(w.join().expect("writer thread")?.write_block_max_s);
-    }
-    Ok(max * 1e3)
 }
 
 /// Resets the peak RSS (VmHWM) of `pid` to its current RSS, so that the next read covers

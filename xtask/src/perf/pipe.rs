@@ -100,6 +100,23 @@ pub struct ShipperSettings {
     pub flush_interval_ms: Option<u64>,
 }
 
+impl Workload {
+    /// This workload's lines as one application-like writer writes them: one pipe, one
+    /// blocking `write()` per line at `lines_per_s`, `lines` lines (`quick_lines` in a quick
+    /// run). Its longest `write()` is what a blocking call on the shipper's worker would show.
+    pub fn one_paced_writer(&self, lines_per_s: u64, lines: usize, quick_lines: usize) -> Self {
+        Workload {
+            pipes: 1,
+            writers_per_pipe: 1,
+            write_per_line: true,
+            rate: lines_per_s,
+            lines,
+            quick_lines,
+            ..self.clone()
+        }
+    }
+}
+
 fn one_u32() -> u32 {
     1
 }
@@ -306,6 +323,16 @@ pub(super) fn spawn_load_writers(load: &Load, fifos: &[PathBuf], cpus: &[usize])
             })
         })
         .collect()
+}
+
+/// Joins the writers; their longest `write()` in ms, and the longest writer's seconds.
+pub(super) fn join_writers(writers: Writers) -> anyhow::Result<(f64, f64)> {
+    let (mut max, mut secs): (f64, f64) = (0.0, 0.0);
+    for w in writers {
+        let w = w.join().expect("writer thread")?;
+        (max, secs) = (max.max(w.write_block_max_s), secs.max(w.secs));
+    }
+    Ok((max * 1e3, secs))
 }
 
 /// Polls until every line is accounted for, or nothing moved for a while after the writers
