@@ -112,7 +112,7 @@ pub fn run_case(name: &str, case: &JournalCase, quick: bool, command: &str) -> a
 }
 
 /// Writes `entries` entries with systemd-journal-remote into `dir` (it rotates by itself).
-fn write_journal(dir: &Path, entries: usize) -> anyhow::Result<()> {
+pub(super) fn write_journal(dir: &Path, entries: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut child = Command::new("/lib/systemd/systemd-journal-remote")
         .arg(format!("--output={}", dir.join("perf.journal").display()))

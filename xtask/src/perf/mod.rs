@@ -1,8 +1,9 @@
 //! `cargo xtask perf [CASE...] [--quick] [--runs N]`: end-to-end cases from
 //! `perf/cases/<case>/case.toml`, each run beside its baseline and peers in the same invocation.
 //! A case's `kind` says what it runs: `pipe` ([`pipe`], the default), `journal` ([`journal`]),
-//! `buffer` ([`buffer`]), `failover` ([`failover`]) or `udp` ([`udp`]: the UDP syslog source
-//! with and without the eBPF programs).
+//! `journal-checkpoint` ([`journal_checkpoint`]: a pipe writer's longest `write()` while a
+//! journal on the same worker checkpoints at full speed), `buffer` ([`buffer`]), `failover`
+//! ([`failover`]) or `udp` ([`udp`]: the UDP syslog source with and without the eBPF programs).
 //!
 //! A pipe case declares its workload (lines, size distribution, services and their skew, pipes,
 //! writers, rate), the shipper's settings, the CPU allotment (`taskset` lists for the shipper or
@@ -31,6 +32,7 @@ mod buffer;
 mod chart;
 mod failover;
 mod journal;
+mod journal_checkpoint;
 pub mod peers;
 mod pipe;
 mod report;
@@ -146,6 +148,10 @@ fn run_case(dir: &Path, name: &str, quick: bool, runs: Option<usize>) -> anyhow:
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
             journal::run_case(name, &case, quick, &command)
         }
+        "journal-checkpoint" => {
+            let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            journal_checkpoint::run_case(name, &case, quick, runs, &command)
+        }
         "buffer" => {
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
             buffer::run_case(name, &case, quick, runs, &command)
@@ -159,7 +165,7 @@ fn run_case(dir: &Path, name: &str, quick: bool, runs: Option<usize>) -> anyhow:
             udp::run_case(name, &case, quick, runs, &command)
         }
         other => bail!(
-            "{}: unknown kind {other:?} (pipe, journal, buffer, failover, udp)",
+            "{}: unknown kind {other:?} (pipe, journal, journal-checkpoint, buffer, failover, udp)",
             path.display()
         ),
     }
