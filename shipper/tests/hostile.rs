@@ -215,12 +215,18 @@ fn tcp_stream_lines(env: &Env, app: &str) -> Vec<String> {
     out
 }
 
-/// Whether the shipper closed `c`: a read returns EOF within `limit` (false: still open).
-fn tcp_closed_within(c: &mut TcpStream, limit: Duration) -> bool {
+/// What data from the shipper on a syslog client's connection would be.
+const SYSLOG_PEER: &str = "the shipper sent data on a syslog connection";
+/// What data from the metrics endpoint to a client that sent no request would be.
+const SCRAPER: &str = "the endpoint answered an incomplete request";
+
+/// Whether the peer closed `c` (EOF or reset) within `limit` (false: still open); data from it
+/// fails the test (`what` says what it would have been).
+fn closed_within(c: &mut TcpStream, limit: Duration, what: &str) -> bool {
     c.set_read_timeout(Some(limit)).unwrap();
-    match c.read(&mut [0u8; 16]) {
+    match c.read(&mut [0u8; 64]) {
         Ok(0) => true,
-        Ok(n) => panic!("the shipper sent {n} bytes on a syslog connection"),
+        Ok(n) => panic!("{what} ({n} bytes)"),
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
         Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
         Err(e) => panic!("read failed: {e}"),
@@ -267,9 +273,16 @@ fn idle_tcp_peers_at_connections_max_make_room_for_a_real_sender() {
     // The evicted ones are the oldest, and were told (EOF); the others are still served.
     for (i, c) in idle.iter_mut().enumerate() {
         let limit = if i < evicted { LIMIT } else { Duration::from_millis(50) };
-        assert_eq!(tcp_closed_within(c, limit), i < evicted, "idle connection {i}");
+        assert_eq!(closed_within(c, limit, SYSLOG_PEER), i < evicted, "idle connection {i}");
     }
-    assert!(!tcp_closed_within(&mut sender, Duration::from_millis(50)), "the sender is open");
+    assert!(
+        !closed_within(
+            &mut sender,
+            Duration::from_millis(50),
+            "the shipper sent data on a syslog connection"
+        ),
+        "the sender is open"
+    );
     // An evicted connection's task ended and closed its socket: no descriptor leaks.
     wait_for("the shipper to hold exactly connections_max sockets more", LIMIT, || {
         fds() == fds_before + MAX
@@ -300,9 +313,23 @@ fn a_silent_tcp_peer_is_closed_after_idle_timeout_ms_and_a_talking_one_is_not() 
         std::thread::sleep(Duration::from_millis(IDLE_MS / 10));
     }
     // The silent one was closed by now (its EOF is waiting), the talking one was not.
-    assert!(tcp_closed_within(&mut silent, Duration::from_secs(5)), "the silent peer closed");
+    assert!(
+        closed_within(
+            &mut silent,
+            Duration::from_secs(5),
+            "the shipper sent data on a syslog connection"
+        ),
+        "the silent peer closed"
+    );
     assert!(started.elapsed() >= Duration::from_millis(IDLE_MS), "not before the timeout");
-    assert!(!tcp_closed_within(&mut talker, Duration::from_millis(50)), "the talker is open");
+    assert!(
+        !closed_within(
+            &mut talker,
+            Duration::from_millis(50),
+            "the shipper sent data on a syslog connection"
+        ),
+        "the talker is open"
+    );
     // Counters are published every 250 ms: the EOF may come before they are.
     shipper.wait_alive("the silent peer counted", || {
         tcp_metric(sm, "shipper_socket_connections_closed_total") == 1.0
@@ -398,18 +425,6 @@ fn metrics_own(port: u16, name: &str) -> f64 {
     metric_at(port, name, &[])
 }
 
-/// Whether the server closed `c` (EOF or reset) within `limit`.
-fn metrics_closed_within(c: &mut TcpStream, limit: Duration) -> bool {
-    c.set_read_timeout(Some(limit)).unwrap();
-    match c.read(&mut [0u8; 64]) {
-        Ok(0) => true,
-        Ok(n) => panic!("the endpoint answered an incomplete request ({n} bytes)"),
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
-        Err(e) => panic!("read failed: {e}"),
-    }
-}
-
 /// Writes `GET /metrics ...` one byte per 500 ms to each of `clients` until every one of them
 /// fails (closed by the server) or `stop` is set.
 fn metrics_drip(clients: Vec<TcpStream>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
@@ -463,11 +478,11 @@ fn slow_metrics_clients_do_not_stall_a_scrape_and_are_closed_at_the_deadline() {
     }
     let mut over = TcpStream::connect(("127.0.0.1", sm)).unwrap();
     let connected = Instant::now();
-    assert!(metrics_closed_within(&mut over, deadline), "the connection over the limit closed");
+    assert!(closed_within(&mut over, deadline, SCRAPER), "the connection over the limit closed");
     assert!(connected.elapsed() < deadline / 2, "closed at once, not at the deadline");
     // Each slow one is closed by the server at its deadline, not before.
     for (i, (c, connected)) in slow.iter_mut().enumerate() {
-        assert!(metrics_closed_within(c, deadline * 2), "slow client {i} closed");
+        assert!(closed_within(c, deadline * 2, SCRAPER), "slow client {i} closed");
         let after = connected.elapsed();
         assert!(after >= deadline, "slow client {i} closed after {after:?}, before the deadline");
     }
