@@ -370,9 +370,7 @@ impl Worker {
         }
         Ok(())
     }
-}
 
-impl Worker {
     /// Books a frame answered with REJECT, and logs it: every one while they are rare, then
     /// the 2nd, 4th, 8th, ... (a misconfigured shipper could have every frame refused).
     fn rejected(&mut self, id: StreamId, h: &crate::protocol::Header, reason: &str) {

@@ -55,6 +55,13 @@ struct Pending {
     reason: String,
 }
 
+impl Pending {
+    /// What it takes in the quarantine: its two files.
+    fn bytes(&self) -> u64 {
+        (self.frame.wire.len() + self.reason.len()) as u64
+    }
+}
+
 pub struct Quarantine {
     dir: PathBuf,
     modes: crate::os::Modes,
@@ -104,12 +111,12 @@ impl Quarantine {
     /// Queues a refused frame with the text of its `.reason` file; gives the frame back when
     /// the quarantine has no room for it.
     pub fn push(&mut self, frame: Rc<Sealed>, reason: String) -> Result<(), Rc<Sealed>> {
-        let bytes = (frame.wire.len() + reason.len()) as u64;
-        if self.counters.bytes + bytes > self.bytes_max {
-            return Err(frame);
+        let pending = Pending { frame, reason };
+        if self.counters.bytes + pending.bytes() > self.bytes_max {
+            return Err(pending.frame);
         }
-        self.counters.bytes += bytes;
-        self.queue.push_back(Pending { frame, reason });
+        self.counters.bytes += pending.bytes();
+        self.queue.push_back(pending);
         self.wake.notify_one();
         Ok(())
     }
@@ -121,10 +128,11 @@ impl Quarantine {
 
     /// Frames queued but not written yet, for counting at a shutdown deadline.
     pub fn take_queued(&mut self) -> Vec<Rc<Sealed>> {
-        let frames: Vec<_> = self.queue.drain(..).map(|p| p.frame).collect();
-        let bytes: u64 = frames.iter().map(|f| f.wire.len() as u64).sum();
-        self.counters.bytes = self.counters.bytes.saturating_sub(bytes);
-        frames
+        let queued: Vec<Pending> = self.queue.drain(..).collect();
+        for p in &queued {
+            self.counters.bytes -= p.bytes();
+        }
+        queued.into_iter().map(|p| p.frame).collect()
     }
 
     /// The frames written since the last call, and those that could not be.
@@ -148,7 +156,7 @@ impl Quarantine {
             }
             Err(e) => {
                 self.counters.write_errors += 1;
-                self.counters.bytes -= (p.frame.wire.len() + p.reason.len()) as u64;
+                self.counters.bytes -= p.bytes();
                 let n = self.counters.write_errors;
                 if n.is_power_of_two() {
                     tracing::error!(path = %stem.display(), records = p.frame.records, "quarantine: cannot keep a refused frame: {e}; it is dropped (reason rejected; write errors so far: {n})");

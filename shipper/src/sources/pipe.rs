@@ -10,9 +10,9 @@
 //! The FIFO is created if missing, then opened `O_NOFOLLOW` and checked to be a FIFO on the
 //! descriptor, and a new FIFO's mode is set on the descriptor (`fchmod`): a symbolic link
 //! planted at the path, or swapped in after the check, is refused and never followed (the
-//! shipper often runs as root). It is opened `O_RDWR`: the shipper itself counts as a writer, so the reader never
-//! sees EOF when the last application closes it, and as a reader, so writers' opens succeed at
-//! once. Reads go through io_uring (an owned buffer handed to the kernel and back); a read on
+//! shipper often runs as root). It is opened `O_RDWR`: the shipper itself counts as a writer,
+//! so the reader never sees EOF when the last application closes it, and as a reader, so
+//! writers' opens succeed at once. Reads go through io_uring (an owned buffer handed to the kernel and back); a read on
 //! an empty pipe parks in the ring until data arrives, costing no thread.
 
 use std::io;

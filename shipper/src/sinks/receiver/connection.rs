@@ -5,7 +5,8 @@
 //! # Operation
 //! 0. A slot of a standby or dead-letter receiver idles until its tier is wanted
 //!    (`health.rs`).
-//! 1. Name lookup on the resolver thread (`resolve.rs`) and TCP connect (`connect_timeout_ms`), TLS 1.3 handshake and HELLO/WELCOME
+//! 1. Name lookup on the resolver thread (`resolve.rs`) and TCP connect
+//!    (`connect_timeout_ms`), TLS 1.3 handshake and HELLO/WELCOME
 //!    (`handshake_timeout_ms`); the WELCOME marks the receiver up.
 //! 2. A reader task decodes ACK, HEARTBEAT and ERROR frames; the writer (this task) sends
 //!    frames as the outbox releases them while its receiver's tier takes frames, and a
@@ -328,7 +329,7 @@ async fn write_frames(
                 return Ok(());
             }
             if !needed(&c, target.tier) && c.outbox.inflight_on(id) == 0 {
-                tracing::info!(receiver = %target.address, "closing: a higher tier is back");
+                tracing::info!(receiver = %target.address, "closing: a higher tier is back, and no refused frame waits");
                 return Ok(());
             }
         }
