@@ -9,6 +9,7 @@
 //! the process's limits. `docs/` has the architecture, protocol and configuration.
 
 pub mod buffer;
+pub mod clock;
 pub mod config;
 pub mod ebpf;
 pub mod fault;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod os;
 pub mod protocol;
 pub mod receiver;
+pub mod record;
 pub mod runtime;
 pub mod sinks;
 pub mod sources;

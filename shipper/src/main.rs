@@ -122,12 +122,12 @@ fn install_panic_hook() {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config, no_ebpf } => {
-            let mut cfg: ShipperConfig = load(&config)?;
+            let mut cfg: ShipperConfig = load(&config, SHIPPER_CHECKS)?;
             cfg.ebpf.enabled &= !no_ebpf;
             shipper::runtime::run(cfg)?;
         }
         Command::Receive { config } => {
-            let cfg: ReceiverConfig = load(&config)?;
+            let cfg: ReceiverConfig = load(&config, &[])?;
             shipper::receiver::run(cfg)?;
         }
         Command::Validate { config } => return Ok(validate(&config)),
@@ -147,10 +147,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The checks stages add to the shipper's configuration, one line per stage that has any.
+const SHIPPER_CHECKS: &[config::Check<ShipperConfig>] = &[shipper::sources::journal::check_config];
+
 fn load<C: serde::de::DeserializeOwned + config::Validate>(
     path: &std::path::Path,
+    checks: &[config::Check<C>],
 ) -> anyhow::Result<C> {
-    config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))
+    config::load(path, checks).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))
 }
 
 /// A file is a receiver configuration if it has a `[receiver]` table, else a shipper one.
@@ -160,9 +164,9 @@ fn validate(path: &std::path::Path) -> ExitCode {
         .and_then(|t| t.parse::<toml::Table>().ok())
         .is_some_and(|t| t.contains_key("receiver"));
     let result = if is_receiver {
-        config::load::<ReceiverConfig>(path).map(|_| "receiver")
+        config::load::<ReceiverConfig>(path, &[]).map(|_| "receiver")
     } else {
-        config::load::<ShipperConfig>(path).map(|_| "shipper")
+        config::load::<ShipperConfig>(path, SHIPPER_CHECKS).map(|_| "shipper")
     };
     match result {
         Ok(kind) => {

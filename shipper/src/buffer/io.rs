@@ -8,27 +8,22 @@ use std::cell::RefCell;
 use std::io;
 use std::path::Path;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_uring::fs::File;
 
 use super::cut::Cutter;
 use super::format::{self, Item, Tally, SEGMENT_MAGIC};
+use super::Spill;
 use super::Tidy;
-use crate::metrics::shipper::DropReason;
 use crate::protocol::frame::{Header, HEADER_BYTES};
-use crate::runtime::core::Core;
-use crate::sinks::receiver::Sealed;
-
-/// Microseconds since the Unix epoch.
-pub fn unix_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
-}
+use crate::sinks::delivery::{Outbox, Sealed};
+use crate::transforms::services::DropReason;
 
 /// Appends queued frames until the worker stops.
-pub async fn write_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool>) {
-    let id = core.borrow().id;
+pub async fn write_loop<S: Spill>(owner: Rc<RefCell<S>>, mut stop: watch::Receiver<bool>) {
+    let id = owner.borrow().worker();
     let cutter = match Cutter::start(id) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -41,16 +36,16 @@ pub async fn write_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool>
     let mut record = Vec::new();
     loop {
         let (frame, wake, fsync_ms) = {
-            let mut c = core.borrow_mut();
-            let wake = c.wake.clone();
-            let b = c.buffer.as_mut().expect("write_loop runs only with a buffer");
+            let mut o = owner.borrow_mut();
+            let wake = o.wake();
+            let b = o.buffer_mut();
             (b.take_pending(), wake, b.fsync_interval_ms)
         };
         let Some(frame) = frame else {
             let due = dirty.map(|t| t + Duration::from_millis(fsync_ms));
             match due {
                 Some(due) if Instant::now() >= due => {
-                    sync(&core, &file).await;
+                    sync(&owner, &file).await;
                     dirty = None;
                 }
                 Some(due) => tokio::select! {
@@ -66,14 +61,14 @@ pub async fn write_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool>
         };
         record.clear();
         let names: Vec<(Vec<u8>, u32)> = {
-            let c = core.borrow();
-            frame.services.iter().map(|&(s, n)| (c.services.name(s).to_vec(), n)).collect()
+            let o = owner.borrow();
+            frame.services.iter().map(|&(s, n)| (o.service_name(s).to_vec(), n)).collect()
         };
         let names: Vec<(&[u8], u32)> = names.iter().map(|(s, n)| (s.as_slice(), *n)).collect();
         format::encode(&frame.wire, frame.first_unix_us, &names, &mut record);
         let (ordinal, path, offset, new, mode) = {
-            let mut c = core.borrow_mut();
-            let b = c.buffer.as_mut().expect("write_loop runs only with a buffer");
+            let mut o = owner.borrow_mut();
+            let b = o.buffer_mut();
             let (ordinal, path, offset, new) = b.write_target();
             (ordinal, path, offset, new, b.modes.file)
         };
@@ -81,32 +76,39 @@ pub async fn write_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool>
         let result = append(&mut file, at, record, cutter.as_ref()).await;
         record = result.1;
         let written = result.0.is_ok();
-        finish_write(&mut core.borrow_mut(), &frame, ordinal, &path, new, result.0, &mut file);
+        let at = Written { ordinal, path: &path, new };
+        finish_write(&mut *owner.borrow_mut(), &frame, at, result.0, &mut file);
         if written {
             let since = *dirty.get_or_insert_with(Instant::now);
             if since.elapsed() >= Duration::from_millis(fsync_ms) {
-                sync(&core, &file).await;
+                sync(&owner, &file).await;
                 dirty = None;
             }
         }
     }
 }
 
-/// Books the outcome of appending `frame` to segment `ordinal`.
-fn finish_write(
-    c: &mut Core,
-    frame: &Sealed,
+/// Where a frame was appended: segment `ordinal` at `path` (a new file when `new`).
+struct Written<'a> {
     ordinal: u64,
-    path: &Path,
+    path: &'a Path,
     new: bool,
+}
+
+/// Books the outcome of appending `frame` to segment `ordinal`.
+fn finish_write<S: Spill>(
+    owner: &mut S,
+    frame: &Sealed,
+    at: Written<'_>,
     result: io::Result<u64>,
     file: &mut Option<(u64, File)>,
 ) {
-    let b = c.buffer.as_mut().expect("buffer tasks run only with a buffer");
+    let Written { ordinal, path, new } = at;
+    let b = owner.buffer_mut();
     match result {
         Ok(len) => {
             b.written(ordinal, len, frame.records, &frame.services);
-            c.wake.notify_waiters();
+            owner.wake().notify_waiters();
         }
         Err(e) => {
             b.writing = false;
@@ -119,7 +121,7 @@ fn finish_write(
             if n.is_power_of_two() {
                 tracing::error!(path = %path.display(), "disk buffer: cannot write a frame of {} records: {e}; it is dropped (write errors so far: {n})", frame.records);
             }
-            c.count_dropped(frame, DropReason::BufferError);
+            owner.dropped(frame, DropReason::BufferError);
         }
     }
 }
@@ -204,11 +206,11 @@ async fn create(path: &Path, mode: u32) -> io::Result<File> {
     Ok(f)
 }
 
-async fn sync(core: &Rc<RefCell<Core>>, file: &Option<(u64, File)>) {
+async fn sync<S: Spill>(owner: &Rc<RefCell<S>>, file: &Option<(u64, File)>) {
     if let Some((_, f)) = file {
         if let Err(e) = f.sync_data().await {
-            let mut c = core.borrow_mut();
-            let b = c.buffer.as_mut().unwrap();
+            let mut o = owner.borrow_mut();
+            let b = o.buffer_mut();
             b.counters.write_errors += 1;
             tracing::error!(dir = %b.dir.display(), "disk buffer: fdatasync failed: {e}");
         }
@@ -216,17 +218,16 @@ async fn sync(core: &Rc<RefCell<Core>>, file: &Option<(u64, File)>) {
 }
 
 /// Reads buffered frames back into the outbox, oldest first, as it has room.
-pub async fn replay_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool>) {
+pub async fn replay_loop<S: Spill>(owner: Rc<RefCell<S>>, mut stop: watch::Receiver<bool>) {
     loop {
         let (next, wake) = {
-            let mut c = core.borrow_mut();
-            feed_outbox(&mut c);
-            let b = c.buffer.as_ref().unwrap();
+            let mut o = owner.borrow_mut();
+            o.feed();
             // Read back only while a receiver takes data: frames loaded into memory during an
             // outage would only wait there, where a crash loses them.
-            let wanted = b.loaded.is_empty() && !c.stopping && c.dests.active().is_some();
-            let next = wanted.then(|| b.next_unread()).flatten();
-            (next, c.wake.clone())
+            let wanted = o.buffer().loaded.is_empty() && o.replay_wanted();
+            let next = wanted.then(|| o.buffer().next_unread()).flatten();
+            (next, o.wake())
         };
         let Some((ordinal, path, from, to)) = next else {
             tokio::select! {
@@ -236,16 +237,16 @@ pub async fn replay_loop(core: Rc<RefCell<Core>>, mut stop: watch::Receiver<bool
             continue;
         };
         let read = read(&path, from, to).await;
-        let mut c = core.borrow_mut();
+        let mut o = owner.borrow_mut();
         let data = read.unwrap_or_else(|e| {
-            let b = c.buffer.as_mut().unwrap();
+            let b = o.buffer_mut();
             b.counters.damaged += 1;
             b.counters.records_damaged_bytes += to - from;
             tracing::error!(path = %path.display(), "disk buffer: cannot read bytes {from}..{to} of a segment: {e}; skipping them");
             Vec::new()
         });
-        let frames = load(&mut c, ordinal, &path, from, &data);
-        c.buffer.as_mut().unwrap().read_done(ordinal, to, frames);
+        let frames = load(&mut *o, ordinal, &path, from, &data);
+        o.buffer_mut().read_done(ordinal, to, frames);
     }
 }
 
@@ -260,13 +261,13 @@ async fn read(path: &Path, from: u64, to: u64) -> io::Result<Vec<u8>> {
 
 /// Checks the records in `data` (bytes of `path` from offset `from`) and queues their frames;
 /// returns how many frames were queued.
-fn load(c: &mut Core, ordinal: u64, path: &Path, from: u64, data: &[u8]) -> u64 {
+fn load<S: Spill>(o: &mut S, ordinal: u64, path: &Path, from: u64, data: &[u8]) -> u64 {
     let mut records = data;
     let mut base = from as usize;
     if from == 0 {
         let magic = SEGMENT_MAGIC.len().min(data.len());
         if data[..magic] != SEGMENT_MAGIC {
-            let b = c.buffer.as_mut().unwrap();
+            let b = o.buffer_mut();
             b.counters.damaged += 1;
             b.counters.records_damaged_bytes += data.len() as u64;
             tracing::error!(path = %path.display(), "disk buffer: not a segment (bad magic); its {} bytes are skipped", data.len());
@@ -275,18 +276,17 @@ fn load(c: &mut Core, ordinal: u64, path: &Path, from: u64, data: &[u8]) -> u64 
         records = &data[magic..];
         base = magic;
     }
-    let now_us = unix_us();
-    let now_ns = c.now_ns();
+    let now_us = crate::clock::unix_us();
+    let now_ns = o.now_ns();
     let mut frames = 0;
     for item in format::Scan::new(records) {
         match item {
             Item::Record(r) => {
-                let services = r.services.iter().map(|&(name, n)| (c.intern(name), n)).collect();
+                let services = r.services.iter().map(|&(name, n)| (o.intern(name), n)).collect();
                 let h: &[u8; HEADER_BYTES] = r.frame[..HEADER_BYTES].try_into().expect("checked");
                 let raw_len = Header::decode(h, u32::MAX).map_or(0, |(h, _)| h.raw_len);
                 let age_ns = now_us.saturating_sub(r.first_unix_us) * 1000;
-                let b = c.buffer.as_mut().unwrap();
-                b.loaded.push_back(Sealed {
+                o.buffer_mut().loaded.push_back(Sealed {
                     wire: r.frame.to_vec(),
                     records: r.records,
                     raw_bytes: raw_len,
@@ -300,7 +300,7 @@ fn load(c: &mut Core, ordinal: u64, path: &Path, from: u64, data: &[u8]) -> u64 
                 frames += 1;
             }
             Item::Damaged { offset, skipped, damage } => {
-                let b = c.buffer.as_mut().unwrap();
+                let b = o.buffer_mut();
                 b.counters.damaged += 1;
                 b.counters.records_damaged_bytes += skipped as u64;
                 let at = base + offset;
@@ -311,22 +311,23 @@ fn load(c: &mut Core, ordinal: u64, path: &Path, from: u64, data: &[u8]) -> u64 
     frames
 }
 
-/// Moves loaded frames into the outbox while it has room, each with the next sequence number.
-pub fn feed_outbox(c: &mut Core) {
-    loop {
-        let Some(b) = c.buffer.as_mut() else { return };
-        let Some(len) = b.loaded.front().map(|f| f.wire.len()) else { return };
-        if !c.outbox.has_room(len) {
-            return;
+/// Moves frames read back from `b` into `outbox` while it has room, each with the next
+/// sequence number; returns how many moved.
+pub fn feed_outbox(b: &mut super::DiskBuffer, outbox: &mut Outbox) -> usize {
+    let mut moved = 0;
+    while let Some(len) = b.loaded.front().map(|f| f.wire.len()) {
+        if !outbox.has_room(len) {
+            break;
         }
         let mut f = b.loaded.pop_front().expect("looked at above");
-        f.seq = c.outbox.next_seq();
+        f.seq = outbox.next_seq();
         let flags = u16::from_le_bytes([f.wire[6], f.wire[7]]);
         Header::restamp(&mut f.wire, f.seq, flags);
         b.counters.frames_replayed += 1;
-        c.outbox.push(f).expect("room checked above");
-        c.wake.notify_waiters();
+        outbox.push(f).expect("room checked above");
+        moved += 1;
     }
+    moved
 }
 
 /// Bytes read at a time when counting an evicted segment's records: with the record a chunk
@@ -335,11 +336,11 @@ pub const TALLY_CHUNK_BYTES: usize = 1 << 20;
 
 /// Does the buffer's file work ([`Tidy`]) in order, on the worker's io_uring, as the
 /// bookkeeping queues it. Runs until the worker's runtime ends.
-pub async fn tidy_loop(core: Rc<RefCell<Core>>) {
+pub async fn tidy_loop<S: Spill>(owner: Rc<RefCell<S>>) {
     loop {
         let (job, wake) = {
-            let mut c = core.borrow_mut();
-            let b = c.buffer.as_mut().expect("tidy_loop runs only with a buffer");
+            let mut o = owner.borrow_mut();
+            let b = o.buffer_mut();
             let job = b.tidy.pop_front();
             b.tidying = job.is_some();
             (job, b.tidy_wake.clone())
@@ -354,17 +355,17 @@ pub async fn tidy_loop(core: Rc<RefCell<Core>>) {
                     tracing::error!(path = %path.display(), "disk buffer: cannot delete a replayed segment: {e}");
                 }
             }
-            Some(Tidy::Evict { path, services }) => evict(&core, &path, services).await,
+            Some(Tidy::Evict { path, services }) => evict(&owner, &path, services).await,
         }
-        let mut c = core.borrow_mut();
-        c.buffer.as_mut().expect("checked above").tidying = false;
-        c.wake.notify_waiters();
+        let mut o = owner.borrow_mut();
+        o.buffer_mut().tidying = false;
+        o.wake().notify_waiters();
     }
 }
 
 /// Deletes the evicted segment at `path` and counts its records as dropped: `services` when
 /// known, else as read from the file.
-async fn evict(core: &Rc<RefCell<Core>>, path: &Path, services: Option<Vec<(u32, u64)>>) {
+async fn evict<S: Spill>(owner: &Rc<RefCell<S>>, path: &Path, services: Option<Vec<(u32, u64)>>) {
     let by_name = match services {
         Some(_) => Vec::new(),
         None => tally(path).await.unwrap_or_else(|e| {
@@ -375,10 +376,10 @@ async fn evict(core: &Rc<RefCell<Core>>, path: &Path, services: Option<Vec<(u32,
     if let Err(e) = tokio_uring::fs::remove_file(path).await {
         tracing::error!(path = %path.display(), "disk buffer: cannot delete an evicted segment: {e}");
     }
-    let mut c = core.borrow_mut();
+    let mut o = owner.borrow_mut();
     let counts =
-        services.unwrap_or_else(|| by_name.iter().map(|(name, n)| (c.intern(name), *n)).collect());
-    c.count_evicted(path, &counts);
+        services.unwrap_or_else(|| by_name.iter().map(|(name, n)| (o.intern(name), *n)).collect());
+    o.evicted(path, &counts);
 }
 
 /// Records per service name of the segment at `path`, read in chunks of

@@ -59,7 +59,35 @@ use std::rc::Rc;
 use tokio::sync::Notify;
 
 use crate::config::shipper::{BufferSection, WhenFull};
-use crate::sinks::receiver::Sealed;
+use crate::sinks::delivery::Sealed;
+use crate::transforms::services::DropReason;
+
+/// What the buffer's tasks ([`io`]) need from the worker that owns the buffer: the buffer,
+/// the names of service ids, and where frames go once read back. Nothing else of the worker.
+pub trait Spill {
+    /// The owning worker's index (for logs).
+    fn worker(&self) -> usize;
+    fn buffer(&self) -> &DiskBuffer;
+    fn buffer_mut(&mut self) -> &mut DiskBuffer;
+    /// Monotonic nanoseconds on the worker's clock.
+    fn now_ns(&self) -> u64;
+    /// Woken when frames wait to be written, room comes in the outbox, or a receiver's
+    /// health changes; the buffer's tasks wake it after each step.
+    fn wake(&self) -> Rc<Notify>;
+    /// The name of service `id`, written beside each record.
+    fn service_name(&self, id: u32) -> &[u8];
+    /// The id of service `name`, read back from a record.
+    fn intern(&mut self, name: &[u8]) -> u32;
+    /// Every record of `frame` is lost for `reason`.
+    fn dropped(&mut self, frame: &Sealed, reason: DropReason);
+    /// Whether to read frames back now: a receiver takes data and the worker is not stopping.
+    fn replay_wanted(&self) -> bool;
+    /// Moves frames read back into the outbox while it has room ([`io::feed_outbox`]).
+    fn feed(&mut self);
+    /// The evicted segment at `path` is deleted (or could not be): `counts` records per
+    /// service id are dropped.
+    fn evicted(&mut self, path: &Path, counts: &[(u32, u64)]);
+}
 
 /// A segment file and how far it has been written, read and acknowledged.
 #[derive(Debug)]

@@ -146,18 +146,36 @@ pub trait Validate {
     fn validate(&self, problems: &mut Problems);
 }
 
-/// Reads, parses and validates the configuration at `file`.
-pub fn load<C: DeserializeOwned + Validate>(file: &Path) -> Result<C, ConfigErrors> {
+/// A check a stage adds to its configuration table's validation: the stage knows grammars
+/// (a journal cursor, a field name) this module does not.
+pub type Check<C> = fn(&C, &mut Problems);
+
+/// Reads, parses and validates the configuration at `file`, running the stages' `checks`
+/// after the config's own.
+pub fn load<C: DeserializeOwned + Validate>(
+    file: &Path,
+    checks: &[Check<C>],
+) -> Result<C, ConfigErrors> {
     let one = |line, key, message| {
         ConfigErrors(vec![ConfigError { file: file.to_path_buf(), line, key, message }])
     };
     let text = std::fs::read_to_string(file)
         .map_err(|e| one(None, None, format!("cannot read configuration: {e}")))?;
-    parse(&text, file)
+    parse_with(&text, file, checks)
 }
 
 /// Parses and validates configuration text; `file` names it in errors.
 pub fn parse<C: DeserializeOwned + Validate>(text: &str, file: &Path) -> Result<C, ConfigErrors> {
+    parse_with(text, file, &[])
+}
+
+/// Parses and validates configuration text, running the stages' `checks` after the
+/// config's own; `file` names it in errors.
+pub fn parse_with<C: DeserializeOwned + Validate>(
+    text: &str,
+    file: &Path,
+    checks: &[Check<C>],
+) -> Result<C, ConfigErrors> {
     let config: C = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start));
         let key = e.span().and_then(|s| key_at(text, s.start));
@@ -170,6 +188,9 @@ pub fn parse<C: DeserializeOwned + Validate>(text: &str, file: &Path) -> Result<
     })?;
     let mut problems = Problems::default();
     config.validate(&mut problems);
+    for check in checks {
+        check(&config, &mut problems);
+    }
     if problems.is_empty() {
         return Ok(config);
     }

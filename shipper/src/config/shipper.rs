@@ -229,18 +229,8 @@ impl JournalSource {
             "give either directory or files, not both".into()
         });
         p.range(self.poll_interval_ms, 10, 60_000, &at("poll_interval_ms"));
-        p.check(
-            crate::sources::journal::reader::field_name_valid(self.service_field.as_bytes()),
-            &at("service_field"),
-            || format!("{:?} is not a journal field name (A-Z, 0-9, _)", self.service_field),
-        );
-        if let Since::Cursor(c) = &self.since {
-            p.check(
-                crate::sources::journal::cursor::Cursor::parse(c).is_some(),
-                &at("since"),
-                || format!("{c:?} is neither \"oldest\", \"now\" nor a journal cursor"),
-            );
-        }
+        // `service_field` and a `since` cursor are checked by the journal source itself
+        // (`sources::journal::check_config`), which knows the journal's grammar.
         if let Some(w) = self.worker {
             p.check(w < workers, &at("worker"), || {
                 format!("{w} is not a worker index (workers = {workers})")
@@ -316,7 +306,7 @@ impl PipeSource {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitSection {
     /// Top-level JSON field whose value is the rate-limit key. Default: "service".
@@ -346,7 +336,7 @@ impl Default for RateLimitSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateOverride {
     /// Events per second for this key; 0 means unlimited.

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{parse_mode, Problems, Seg};
-use crate::transforms::syslog::Syntax;
 
 /// Largest message a socket source accepts (`message_bytes_max` upper bound), in bytes.
 pub const MESSAGE_BYTES_LIMIT: u64 = 16 << 20;
@@ -46,18 +45,6 @@ pub enum MessageFormat {
     Auto,
     /// One JSON object, kept as sent (as pipe sources' `json`).
     Json,
-}
-
-impl MessageFormat {
-    /// The syslog syntax to parse, or `None` for JSON.
-    pub fn syntax(self) -> Option<Syntax> {
-        match self {
-            MessageFormat::Rfc5424 => Some(Syntax::Rfc5424),
-            MessageFormat::Rfc3164 => Some(Syntax::Rfc3164),
-            MessageFormat::Auto => Some(Syntax::Auto),
-            MessageFormat::Json => None,
-        }
-    }
 }
 
 /// How messages are delimited in a TCP stream (RFC 6587).

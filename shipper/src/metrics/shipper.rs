@@ -1,133 +1,14 @@
 //! The shipper's per-core counters and how they are exposed.
 
 use super::text::{Distribution, Exposition};
+use crate::sinks::delivery::health::DestinationCounters;
+use crate::sinks::delivery::DeliveryCounters;
+use crate::sources::journal::JournalCounters;
+use crate::sources::pipe::SourceCounters;
+use crate::sources::socket::SocketCounters;
 use crate::transforms::parse::Failure;
+use crate::transforms::services::{DropReason, ServiceCounters};
 use crate::transforms::syslog::Failure as MessageFailure;
-
-/// Counters of one pipe source.
-#[derive(Clone, Debug, Default)]
-pub struct SourceCounters {
-    pub source: String,
-    pub lines_read: u64,
-    pub bytes_read: u64,
-    pub lines_truncated: u64,
-    /// Keys (service, cfjs1 `format`) cut to the protocol's 255 bytes.
-    pub keys_truncated: u64,
-    pub lines_empty: u64,
-    pub parse_failures: [u64; Failure::ALL.len()],
-    pub read_errors: u64,
-}
-
-/// Counters of one journal source.
-#[derive(Clone, Debug, Default)]
-pub struct JournalCounters {
-    pub source: String,
-    pub entries_read: u64,
-    pub bytes_read: u64,
-    pub entries_filtered: u64,
-    /// Identifiers (the service) cut to the protocol's 255 bytes.
-    pub keys_truncated: u64,
-    pub files_open: u64,
-    pub corrupt_objects: u64,
-    /// Entries in the files not read yet.
-    pub lag_entries: u64,
-    /// Seconds between the newest entry in the files and the last entry read.
-    pub lag_seconds: u64,
-    pub checkpoint_write_errors: u64,
-}
-
-/// Counters of one socket source on one core.
-#[derive(Clone, Debug, Default)]
-pub struct SocketCounters {
-    pub source: String,
-    /// udp | tcp | unix (label `transport` of `shipper_socket_info`).
-    pub transport: &'static str,
-    /// The bound address or path (label `local` of `shipper_socket_info`).
-    pub local: String,
-    pub messages_received: u64,
-    pub bytes_received: u64,
-    pub messages_empty: u64,
-    /// Datagrams and newline-framed messages cut at message_bytes_max, and octet-counted
-    /// messages refused for announcing more.
-    pub messages_oversize: u64,
-    /// APP-NAMEs, TAGs and JSON keys cut to the protocol's 255 bytes.
-    pub keys_truncated: u64,
-    pub parse_failures: [u64; MessageFailure::ALL.len()],
-    pub connections_accepted: u64,
-    pub connections_closed: u64,
-    /// Longest-idle connections closed to make room: connections_max were open.
-    pub connections_evicted: u64,
-    /// Connections closed after sending nothing for idle_timeout_ms.
-    pub connections_idle_closed: u64,
-    pub connections_open: u64,
-    /// TCP streams closed for a malformed octet count.
-    pub framing_errors: u64,
-    /// Partial messages (started, not complete) held when their TCP connection closed: lost.
-    pub messages_partial: u64,
-    pub read_errors: u64,
-}
-
-/// Why a line was dropped (label `reason`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
-    /// Over its service's rate limit.
-    RateLimit = 0,
-    /// Its batch found the outbox full (every receiver too slow or down).
-    OutboxFull = 1,
-    /// Still unacknowledged when the shutdown deadline passed.
-    Shutdown = 2,
-    /// The outbox and the disk buffer were both full.
-    BufferFull = 3,
-    /// The disk buffer could not write it (disk full, I/O error).
-    BufferError = 4,
-    /// A receiver refused its frame for good (REJECT), and neither a dead-letter receiver nor
-    /// the quarantine took it (none configured, full, or failed to write).
-    Rejected = 5,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 6] = [
-        DropReason::RateLimit,
-        DropReason::OutboxFull,
-        DropReason::Shutdown,
-        DropReason::BufferFull,
-        DropReason::BufferError,
-        DropReason::Rejected,
-    ];
-    pub fn label(self) -> &'static str {
-        let labels = ["ratelimit", "outbox_full", "shutdown", "buffer_full", "buffer_error"];
-        labels.get(self as usize).copied().unwrap_or("rejected")
-    }
-}
-
-/// Counters of one service (rate-limit key).
-#[derive(Clone, Debug, Default)]
-pub struct ServiceCounters {
-    pub service: String,
-    pub lines_admitted: u64,
-    pub lines_dropped: [u64; DropReason::ALL.len()],
-}
-
-/// Counters of one receiver address.
-#[derive(Clone, Debug, Default)]
-pub struct DestinationCounters {
-    pub receiver: String,
-    pub connects: u64,
-    pub connect_failures: u64,
-    pub connections_lost: u64,
-    pub connections_up: u64,
-    /// 1 while the receiver is up (welcomed us and has not missed an ack since).
-    pub healthy: u64,
-    /// Times the receiver went down (unhealthy) after being up or unknown.
-    pub failures: u64,
-    /// Frames that were in flight to it when it failed, requeued to go elsewhere.
-    pub frames_resent: u64,
-    pub frames_sent: u64,
-    /// Milliseconds spent down in closed periods.
-    pub unhealthy_ms: u64,
-    /// Milliseconds of the current down period (0 when up).
-    pub unhealthy_ms_open: u64,
-}
 
 /// Everything one worker counts.
 #[derive(Clone, Debug)]
@@ -137,18 +18,10 @@ pub struct ShipperCounters {
     pub journals: Vec<JournalCounters>,
     pub sockets: Vec<SocketCounters>,
     pub services: Vec<ServiceCounters>,
-    pub destinations: Vec<DestinationCounters>,
-    pub frames_sent: u64,
-    pub frame_bytes_sent: u64,
+    pub delivery: DeliveryCounters,
     pub frames_acked: u64,
     pub records_acked: u64,
-    pub frames_resent: u64,
     pub ack_timeouts: u64,
-    /// Times frames moved to a lower tier (or nowhere) because the tier taking them failed.
-    pub failovers: u64,
-    /// Times frames moved back to a higher tier that recovered.
-    pub failbacks: u64,
-    pub frames_dead_lettered: u64,
     /// DATA frames a receiver answered with REJECT.
     pub frames_rejected: u64,
     pub quarantine: crate::sinks::quarantine::QuarantineCounters,
@@ -173,16 +46,10 @@ impl ShipperCounters {
             journals: Vec::new(),
             sockets: Vec::new(),
             services: Vec::new(),
-            destinations: Vec::new(),
-            frames_sent: 0,
-            frame_bytes_sent: 0,
+            delivery: Default::default(),
             frames_acked: 0,
             records_acked: 0,
-            frames_resent: 0,
             ack_timeouts: 0,
-            failovers: 0,
-            failbacks: 0,
-            frames_dead_lettered: 0,
             frames_rejected: 0,
             quarantine: Default::default(),
             outbox_frames: 0,
@@ -327,13 +194,13 @@ const PER_SOCKET: &[Series<SocketCounters>] = &[
 
 const PER_CORE: &[Series<ShipperCounters>] = &[
     ("shipper_frames_sent_total", "counter", "DATA frames written (resends included).", |c| {
-        c.frames_sent
+        c.delivery.frames_sent
     }),
     (
         "shipper_frame_bytes_sent_total",
         "counter",
         "Bytes of DATA frames written (before TLS).",
-        |c| c.frame_bytes_sent,
+        |c| c.delivery.frame_bytes_sent,
     ),
     ("shipper_frames_acked_total", "counter", "DATA frames acknowledged.", |c| c.frames_acked),
     ("shipper_records_acked_total", "counter", "Records in acknowledged frames.", |c| {
@@ -343,7 +210,7 @@ const PER_CORE: &[Series<ShipperCounters>] = &[
         "shipper_frames_resent_total",
         "counter",
         "Frames requeued after a failure, to resend.",
-        |c| c.frames_resent,
+        |c| c.delivery.frames_resent,
     ),
     (
         "shipper_ack_timeouts_total",
@@ -355,19 +222,19 @@ const PER_CORE: &[Series<ShipperCounters>] = &[
         "shipper_failovers_total",
         "counter",
         "Times the tier taking frames failed and frames moved to a lower one (or to the buffer).",
-        |c| c.failovers,
+        |c| c.delivery.failovers,
     ),
     (
         "shipper_failbacks_total",
         "counter",
         "Times frames moved back to a recovered higher tier.",
-        |c| c.failbacks,
+        |c| c.delivery.failbacks,
     ),
     (
         "shipper_frames_dead_lettered_total",
         "counter",
         "DATA frames written to dead-letter receivers.",
-        |c| c.frames_dead_lettered,
+        |c| c.delivery.frames_dead_lettered,
     ),
     (
         "shipper_frames_rejected_total",
@@ -583,7 +450,7 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         out,
         cores,
         PER_DESTINATION,
-        |c| c.destinations.iter().map(|d| (d.receiver.as_str(), d)).collect(),
+        |c| c.delivery.destinations.iter().map(|d| (d.receiver.as_str(), d)).collect(),
         "receiver",
     );
     per_reason(

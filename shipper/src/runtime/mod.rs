@@ -2,7 +2,7 @@
 //!
 //! # Design constraints
 //! - `workers` threads, each pinned to one CPU, each owning its pipes, buckets, batch, zstd
-//!   context, connections and counters ([`core::Core`]). Threads meet only in the control
+//!   context, connections and counters ([`worker::Worker`]). Threads meet only in the control
 //!   plane ([`control`]) and the metrics registry, at ~100 ms pace.
 //!
 //! # Operation
@@ -16,7 +16,6 @@
 //!    worker's exit; then tell every worker to stop and join them.
 
 pub mod control;
-pub mod core;
 pub mod signals;
 pub mod worker;
 
@@ -31,8 +30,8 @@ use crate::config::ShipperConfig;
 use crate::ebpf::KernelCounters;
 use crate::metrics::shipper::{render, render_kernel, ShipperCounters};
 use crate::metrics::{http, scrape, Registry, PUBLISH_INTERVAL_MS};
-use crate::sinks::receiver::connection::Target;
-use worker::{JournalHandle, PipeHandle, SocketHandle, WorkerPlan};
+use crate::sinks::delivery::connection::Target;
+use worker::start::{JournalHandle, PipeHandle, SocketHandle, WorkerPlan};
 
 /// Runs the shipper until SIGTERM/SIGINT; returns once every worker has flushed or given up.
 pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
@@ -98,7 +97,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         let (share_tx, share_rx) = mpsc::channel();
         share_txs.push(share_tx);
         let plan = WorkerPlan {
-            core,
+            index: core,
             cpu: (config.shipper.pin_workers && !cpus.is_empty()).then(|| cpus[core % cpus.len()]),
             pipes,
             journals,
@@ -113,7 +112,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         let exit = exit_tx.clone();
         handles.push(std::thread::Builder::new().name(format!("worker-{core}")).spawn(
             move || {
-                let result = worker::run(plan);
+                let result = worker::start::run(plan);
                 let _ = exit
                     .send(Event::WorkerExit(core, result.as_ref().err().map(|e| format!("{e:#}"))));
             },

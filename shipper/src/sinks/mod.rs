@@ -1,5 +1,6 @@
-//! Where batches go. `receiver` is the sink to `shipper receive` over the framed protocol;
-//! `quarantine` keeps the frames a receiver refused for good on the shipper's disk.
+//! Where frames go. `delivery` sends them to `shipper receive` (the receiver process) over the
+//! framed protocol and takes the acknowledgements back; `quarantine` keeps the frames a
+//! receiver refused for good on the shipper's disk.
 
+pub mod delivery;
 pub mod quarantine;
-pub mod receiver;

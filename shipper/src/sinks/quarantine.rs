@@ -36,7 +36,7 @@ use std::rc::Rc;
 
 use tokio::sync::Notify;
 
-use super::receiver::Sealed;
+use super::delivery::Sealed;
 
 /// What the quarantine counts (per worker).
 #[derive(Clone, Debug, Default)]
@@ -142,7 +142,7 @@ impl Quarantine {
 
     /// The file names of a frame: `UNIXUS-SEQ`, sortable by time.
     fn stem(&self, frame: &Sealed) -> PathBuf {
-        let now = crate::buffer::io::unix_us();
+        let now = crate::clock::unix_us();
         self.dir.join(format!("{now:016}-{:012}", frame.seq))
     }
 

@@ -1,5 +1,9 @@
-//! Where records come from. Each source is owned by one worker and feeds it whole lines
-//! (pipes, sockets) or records (journal).
+//! Where records come from. Each source is a task on one worker, given a narrow handle
+//! ([`Intake`]) and nothing else of the worker: it hands over whole records (pipe lines,
+//! socket messages, journal entries), learns whether to pause, and attaches durable marks
+//! to records (a journal cursor) that come back through [`Marks`] once their frame is
+//! acknowledged.
+//! A source owns its counters; the worker only copies them when it publishes.
 
 pub mod journal;
 pub mod lines;
@@ -7,9 +11,36 @@ pub mod pipe;
 pub mod socket;
 
 use std::io;
+use std::rc::Rc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
+
+pub use crate::record::{Outcome, Record, SourceId};
+
+/// The handle a worker gives each of its sources: the one per-record entry point.
+pub trait Intake {
+    /// Monotonic nanoseconds on the worker's clock.
+    fn now_ns(&self) -> u64;
+    /// Hands over one record of `source`, read at `now_ns`.
+    fn record(&mut self, source: SourceId, record: Record<'_>, now_ns: u64) -> Outcome;
+    /// Whether a durable source must wait before reading more: what it reads now could
+    /// find no room. Wait on [`Intake::resumed`] (or a poll interval), then ask again.
+    fn paused(&self) -> bool;
+    /// Woken whenever room may have come.
+    fn resumed(&self) -> Rc<Notify>;
+}
+
+/// A durable source's positions, as the worker settles them: registered with the worker
+/// when the source starts, told which frame holds which mark and which frames are done.
+pub trait Marks {
+    /// Frame `seq` holds the source's records up to `mark`.
+    fn sealed(&mut self, seq: u64, mark: String);
+    /// Frame `seq`'s fate is settled (acknowledged, or refused and kept or counted).
+    fn settled(&mut self, seq: u64);
+    /// Makes the latest settled position durable (at shutdown).
+    fn sync(&self) -> io::Result<()>;
+}
 
 /// Reads `file` (a FIFO or a datagram socket: no position, offset 0 is ignored) into a buffer
 /// of `capacity` bytes until `stop`, handing each read's bytes to `on_read`. A failed read

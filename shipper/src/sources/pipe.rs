@@ -15,12 +15,19 @@
 //! writers' opens succeed at once. Reads go through io_uring (an owned buffer handed to the kernel and back); a read on
 //! an empty pipe parks in the ring until data arrives, costing no thread.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use thiserror::Error;
+use tokio::sync::watch;
+
+use super::lines::LineSplitter;
+use super::{Intake, Record, SourceId};
+use crate::transforms::parse::Failure;
 
 /// Why a pipe source could not be opened.
 #[derive(Debug, Error)]
@@ -93,4 +100,65 @@ pub fn open(path: &Path, mode: u32, pipe_bytes: usize) -> Result<OpenPipe, PipeE
     unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, want) };
     let granted = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
     Ok(OpenPipe { file, pipe_bytes: usize::try_from(granted).unwrap_or(0) })
+}
+
+/// Counters of one pipe source.
+#[derive(Clone, Debug, Default)]
+pub struct SourceCounters {
+    pub source: String,
+    pub lines_read: u64,
+    pub bytes_read: u64,
+    pub lines_truncated: u64,
+    /// Keys (service, cfjs1 `format`) cut to the protocol's 255 bytes.
+    pub keys_truncated: u64,
+    pub lines_empty: u64,
+    pub parse_failures: [u64; Failure::ALL.len()],
+    pub read_errors: u64,
+}
+
+/// A pipe's reading limits (`sources.pipe`).
+#[derive(Clone, Copy, Debug)]
+pub struct PipeLimits {
+    /// Bytes asked of each read.
+    pub read_bytes: usize,
+    /// Longest line kept whole; longer ones are cut and counted.
+    pub line_bytes_max: usize,
+}
+
+/// Reads the FIFO `file` of source `id` until `stop`, handing each line to `intake`.
+pub async fn run<I: Intake>(
+    intake: Rc<RefCell<I>>,
+    id: SourceId,
+    file: std::fs::File,
+    limits: PipeLimits,
+    counters: Rc<RefCell<SourceCounters>>,
+    stop: watch::Receiver<bool>,
+) {
+    let file = tokio_uring::fs::File::from_std(file);
+    let mut splitter = LineSplitter::new(limits.line_bytes_max);
+    let on_read = |bytes: &[u8]| {
+        let mut intake = intake.borrow_mut();
+        let mut sc = counters.borrow_mut();
+        let now = intake.now_ns();
+        splitter.split(bytes, |line| {
+            sc.lines_read += 1;
+            sc.bytes_read += line.bytes.len() as u64 + 1;
+            sc.lines_truncated += u64::from(line.truncated);
+            if line.bytes.is_empty() {
+                sc.lines_empty += 1;
+                return;
+            }
+            let outcome = intake.record(id, Record::bare(line.bytes), now);
+            sc.keys_truncated += u64::from(outcome.keys_cut);
+            if let Some(f) = outcome.failure {
+                sc.parse_failures[f as usize] += 1;
+            }
+        });
+    };
+    let on_error = |e: &std::io::Error| {
+        let mut sc = counters.borrow_mut();
+        sc.read_errors += 1;
+        tracing::error!(path = %sc.source, "pipe read failed: {e}; retrying in 100 ms");
+    };
+    super::read_until_stopped(file, limits.read_bytes, stop, on_read, on_error).await;
 }

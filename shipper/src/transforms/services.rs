@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+use super::ratelimit::RateLimiter;
+use crate::config::shipper::RateLimitSection;
 use crate::protocol::limits::KEY_BYTES_MAX;
 
 /// Id of the shared bucket for names past the table's capacity.
@@ -29,6 +31,69 @@ pub fn bound_key(name: &[u8]) -> (&[u8], bool) {
         end -= 1;
     }
     (&name[..end], true)
+}
+
+/// A worker's services: the table of names, each one's bucket and its counters, all indexed
+/// by the dense id.
+pub struct Services {
+    pub table: ServiceTable,
+    pub limiter: RateLimiter,
+    /// Per service id: lines admitted and dropped by reason.
+    pub counters: Vec<ServiceCounters>,
+    /// `[ratelimit]`: each service's rate and burst.
+    config: RateLimitSection,
+    /// The rate's share a worker starts with, until the control plane says otherwise.
+    share: f64,
+}
+
+impl Services {
+    pub fn new(config: &RateLimitSection, workers: usize) -> Services {
+        let mut s = Services {
+            table: ServiceTable::new(config.services_max),
+            limiter: RateLimiter::default(),
+            counters: Vec::new(),
+            config: config.clone(),
+            share: 1.0 / workers as f64,
+        };
+        s.added(OTHER, 0);
+        s
+    }
+
+    /// The id of service `name`, creating its bucket and counters on first sight.
+    #[inline]
+    pub fn intern(&mut self, name: &[u8], now_ns: u64) -> u32 {
+        let (id, added) = self.table.intern(name);
+        if added {
+            self.added(id, now_ns);
+        }
+        id
+    }
+
+    /// The rate-limit stage: one token from `id`'s bucket, counted as admitted or dropped.
+    #[inline]
+    pub fn admit(&mut self, id: u32, now_ns: u64) -> bool {
+        let counters = &mut self.counters[id as usize];
+        if !self.limiter.admit(id, now_ns) {
+            counters.lines_dropped[DropReason::RateLimit as usize] += 1;
+            return false;
+        }
+        counters.lines_admitted += 1;
+        true
+    }
+
+    /// Counts `n` records of service `id` as dropped for `reason`.
+    pub fn dropped(&mut self, id: u32, n: u64, reason: DropReason) {
+        self.counters[id as usize].lines_dropped[reason as usize] += n;
+    }
+
+    #[cold]
+    fn added(&mut self, id: u32, now_ns: u64) {
+        let name = String::from_utf8_lossy(self.table.name(id)).into_owned();
+        let (rate, burst) = self.config.limit_for(&name);
+        self.limiter.add(id, rate, burst, self.share, now_ns);
+        self.counters.push(ServiceCounters { service: name, ..Default::default() });
+        debug_assert_eq!(self.counters.len(), self.table.len(), "one counter set per id");
+    }
 }
 
 pub struct ServiceTable {
@@ -79,6 +144,47 @@ impl ServiceTable {
     pub fn is_empty(&self) -> bool {
         false
     }
+}
+
+/// Why a line was dropped (label `reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Over its service's rate limit.
+    RateLimit = 0,
+    /// Its batch found the outbox full (every receiver too slow or down).
+    OutboxFull = 1,
+    /// Still unacknowledged when the shutdown deadline passed.
+    Shutdown = 2,
+    /// The outbox and the disk buffer were both full.
+    BufferFull = 3,
+    /// The disk buffer could not write it (disk full, I/O error).
+    BufferError = 4,
+    /// A receiver refused its frame for good (REJECT), and neither a dead-letter receiver nor
+    /// the quarantine took it (none configured, full, or failed to write).
+    Rejected = 5,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 6] = [
+        DropReason::RateLimit,
+        DropReason::OutboxFull,
+        DropReason::Shutdown,
+        DropReason::BufferFull,
+        DropReason::BufferError,
+        DropReason::Rejected,
+    ];
+    pub fn label(self) -> &'static str {
+        let labels = ["ratelimit", "outbox_full", "shutdown", "buffer_full", "buffer_error"];
+        labels.get(self as usize).copied().unwrap_or("rejected")
+    }
+}
+
+/// Counters of one service (rate-limit key).
+#[derive(Clone, Debug, Default)]
+pub struct ServiceCounters {
+    pub service: String,
+    pub lines_admitted: u64,
+    pub lines_dropped: [u64; DropReason::ALL.len()],
 }
 
 #[cfg(test)]

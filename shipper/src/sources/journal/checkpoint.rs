@@ -99,6 +99,20 @@ impl Checkpoint {
     }
 }
 
+impl crate::sources::Marks for Checkpoint {
+    fn sealed(&mut self, seq: u64, mark: String) {
+        Checkpoint::sealed(self, seq, mark);
+    }
+
+    fn settled(&mut self, seq: u64) {
+        self.acked(seq);
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Checkpoint::sync(self)
+    }
+}
+
 /// Writes `cursor` to `path` through `PATH.tmp` (created with `mode`) and a rename (fsynced
 /// when `sync`).
 fn write(path: &Path, cursor: &str, mode: u32, sync: bool) -> io::Result<()> {

@@ -39,6 +39,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::config::shipper::{ShipperConfig, Since};
+use crate::config::{Problems, Seg};
+
 /// Journal files under `path` (itself if a file; else `*.journal` and `*.journal~` up to two
 /// directory levels down), sorted by name.
 pub fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -110,4 +113,73 @@ pub fn cat(paths: &[PathBuf], since: Option<&str>) -> anyhow::Result<ExitCode> {
         eprintln!("{}: {} corrupt objects skipped", r.file.path.display(), r.corrupt);
     }
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// The journal source's own checks of `sources.journal`: what needs the journal's grammar
+/// (a field name, a cursor). Run by the configuration loader beside its own checks.
+pub fn check_config(config: &ShipperConfig, p: &mut Problems) {
+    for (i, j) in config.sources.journal.iter().enumerate() {
+        let at = |k| [Seg::Key("sources"), Seg::Key("journal"), Seg::Index(i), Seg::Key(k)];
+        p.check(reader::field_name_valid(j.service_field.as_bytes()), &at("service_field"), || {
+            format!("{:?} is not a journal field name (A-Z, 0-9, _)", j.service_field)
+        });
+        if let Since::Cursor(c) = &j.since {
+            p.check(cursor::Cursor::parse(c).is_some(), &at("since"), || {
+                format!("{c:?} is neither \"oldest\", \"now\" nor a journal cursor")
+            });
+        }
+    }
+}
+
+/// Counters of one journal source.
+#[derive(Clone, Debug, Default)]
+pub struct JournalCounters {
+    pub source: String,
+    pub entries_read: u64,
+    pub bytes_read: u64,
+    pub entries_filtered: u64,
+    /// Identifiers (the service) cut to the protocol's 255 bytes.
+    pub keys_truncated: u64,
+    pub files_open: u64,
+    pub corrupt_objects: u64,
+    /// Entries in the files not read yet.
+    pub lag_entries: u64,
+    /// Seconds between the newest entry in the files and the last entry read.
+    pub lag_seconds: u64,
+    pub checkpoint_write_errors: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The journal's own checks run beside the configuration's, with the line of the key.
+    #[test]
+    fn a_bad_field_name_and_a_bad_cursor_are_refused_with_their_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("x.pem");
+        std::fs::write(&pem, "").unwrap();
+        let text = format!(
+            "[receivers]\nprimary = [\"127.0.0.1:1\"]\n\n[tls]\nca = {pem:?}\ncert = {pem:?}\n\
+             key = {pem:?}\n\n[[sources.journal]]\nservice_field = \"bad-name\"\n\
+             since = \"s=12;i=3\"\n"
+        );
+        let text = text.as_str();
+        let file = Path::new("edge.toml");
+        let checks: &[crate::config::Check<ShipperConfig>] = &[check_config];
+        let e = crate::config::parse_with::<ShipperConfig>(text, file, checks).unwrap_err();
+        let got: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "edge.toml:10: sources.journal[0].service_field: \"bad-name\" is not a journal \
+                 field name (A-Z, 0-9, _)",
+                "edge.toml:11: sources.journal[0].since: \"s=12;i=3\" is neither \"oldest\", \
+                 \"now\" nor a journal cursor",
+            ]
+        );
+        let fine = text.replace("bad-name", "MY_FIELD").replace("s=12;i=3", "oldest");
+        assert!(crate::config::parse_with::<ShipperConfig>(&fine, file, checks).is_ok());
+        assert!(crate::config::parse::<ShipperConfig>(text, file).is_ok(), "without the checks");
+    }
 }

@@ -31,12 +31,13 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::checkpoint::Checkpoint;
 use super::cursor::Cursor;
 use super::file::{JournalFile, Load, HEADER_READ_BYTES, STATE_ARCHIVED};
 use super::merge::Merge;
-use super::{files, json, JournalReader};
+use super::{files, json, JournalCounters, JournalReader};
 use crate::config::shipper::{JournalSource, Since};
-use crate::runtime::core::Core;
+use crate::sources::{Intake, Record, SourceId};
 
 /// Entries read before yielding to the worker's other tasks.
 pub const ROUND: usize = 512;
@@ -172,15 +173,23 @@ async fn load(handle: &tokio_uring::fs::File, l: Load) -> io::Result<Vec<u8>> {
     read.map(|()| buf)
 }
 
-/// Runs journal source `j` (configuration `cfg`) on this worker until `stop`.
-pub async fn run(
-    core: Rc<RefCell<Core>>,
-    j: usize,
+/// What a journal source's task is given: its worker's intake and its id there, its
+/// checkpoint (the worker settles it as frames are acknowledged) and its counters.
+pub struct Journal<I> {
+    pub intake: Rc<RefCell<I>>,
+    pub id: SourceId,
+    pub checkpoint: Rc<RefCell<Checkpoint>>,
+    pub counters: Rc<RefCell<JournalCounters>>,
+}
+
+/// Runs a journal source (configuration `cfg`) on this worker until `stop`.
+pub async fn run<I: Intake>(
+    journal: Journal<I>,
     cfg: Rc<JournalSource>,
     mut stop: watch::Receiver<bool>,
 ) {
     let poll = Duration::from_millis(cfg.poll_interval_ms);
-    let checkpoint = core.borrow().journals[j].cursor.clone();
+    let checkpoint = journal.checkpoint.borrow().cursor.clone();
     let mut after: Option<Cursor> = match (&checkpoint, &cfg.since) {
         (Some(c), _) | (None, Since::Cursor(c)) => Cursor::parse(c),
         _ => None,
@@ -200,8 +209,8 @@ pub async fn run(
         if *stop.borrow() {
             return;
         }
-        if !core.borrow().journal_room() {
-            let wake = core.borrow().wake.clone();
+        if journal.intake.borrow().paused() {
+            let wake = journal.intake.borrow().resumed();
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
@@ -222,9 +231,9 @@ pub async fn run(
             after = None;
             n += 1;
             last_realtime = entry.realtime;
-            let mut c = core.borrow_mut();
+            let mut jc = journal.counters.borrow_mut();
             if !wanted(&cfg, entry) {
-                c.counters.journals[j].entries_filtered += 1;
+                jc.entries_filtered += 1;
                 continue;
             }
             line.clear();
@@ -233,17 +242,23 @@ pub async fn run(
                 .field(cfg.service_field.as_bytes())
                 .or_else(|| entry.field(b"_SYSTEMD_UNIT"))
                 .unwrap_or(b"journal");
-            let now = c.now_ns();
-            c.on_journal_entry(j, &line, service, &line[cursor], now);
+            jc.entries_read += 1;
+            jc.bytes_read += line.len() as u64;
+            let mut intake = journal.intake.borrow_mut();
+            let now = intake.now_ns();
+            let mark = Some(&line[cursor]);
+            let record = Record { bytes: &line, key: Some(service), stream: None, mark };
+            let outcome = intake.record(journal.id, record, now);
+            jc.keys_truncated += u64::from(outcome.keys_cut);
         }
-        gauges(&core, j, &follow, last_realtime);
+        gauges(&journal, &follow, last_realtime);
         if n > 0 {
             tokio::task::yield_now().await;
             continue;
         }
         follow.refresh().await;
         follow.scan(false).await;
-        gauges(&core, j, &follow, last_realtime);
+        gauges(&journal, &follow, last_realtime);
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
             _ = stop.changed() => return,
@@ -261,11 +276,11 @@ fn wanted(cfg: &JournalSource, entry: &super::Entry) -> bool {
         && check(b"SYSLOG_IDENTIFIER", &cfg.identifiers, &cfg.exclude_identifiers)
 }
 
-fn gauges(core: &Rc<RefCell<Core>>, j: usize, follow: &Follow, last_realtime: u64) {
+fn gauges<I>(journal: &Journal<I>, follow: &Follow, last_realtime: u64) {
     let readers = &follow.merge.readers;
     let newest = readers.iter().map(|r| r.file.header.tail_entry_realtime).max().unwrap_or(0);
-    let mut c = core.borrow_mut();
-    let jc = &mut c.counters.journals[j];
+    let mut jc = journal.counters.borrow_mut();
+    jc.checkpoint_write_errors = journal.checkpoint.borrow().write_errors();
     jc.files_open = readers.len() as u64;
     jc.corrupt_objects = follow.closed_corrupt + readers.iter().map(|r| r.corrupt).sum::<u64>();
     jc.lag_entries = readers.iter().map(JournalReader::behind).sum();

@@ -13,7 +13,7 @@
 //!   owned by one worker.
 //! - Every socket is bound on the main thread before any worker starts, so a taken port or a
 //!   bad path fails start-up with its name, and its address is logged (`socket source bound`)
-//!   and kept in the worker's [`crate::runtime::core::SocketInfo`] and the
+//!   and kept in the source's [`SocketCounters`] (`local`) and the
 //!   `shipper_socket_info` metric, where the kernel drop counters find it.
 //! - Memory: per datagram socket one buffer of `message_bytes_max + 1` bytes; per TCP
 //!   connection one read buffer of [`TCP_READ_BYTES`] plus a carry of at most
@@ -48,8 +48,9 @@
 //!    most once per 10 s per source and worker. A connection silent for `idle_timeout_ms` is
 //!    closed by its task (`connections_idle_closed`). A message started and not finished
 //!    when a connection closes, for any reason, is lost and counted (`messages_partial`).
-//! 3. Every message goes to [`crate::runtime::core::Core::on_message`]: parsed, given its
-//!    service, and admitted like a pipe line. On stop, reads end and connections close.
+//! 3. Every message goes to the worker through [`crate::sources::Intake::record`]: the
+//!    transforms parse it (syslog rendered as JSON, or JSON), give it its service and admit
+//!    it like a pipe line. On stop, reads end and connections close.
 
 pub mod framing;
 pub mod run;
@@ -63,6 +64,7 @@ use socket2::{Domain, Socket, Type};
 use thiserror::Error;
 
 use crate::config::socket::{SocketSource, Transport};
+use crate::transforms::syslog::Failure as MessageFailure;
 
 /// Bytes asked of one TCP read.
 pub const TCP_READ_BYTES: usize = 64 << 10;
@@ -185,4 +187,35 @@ fn bind_unix(cfg: &SocketSource, path: &Path) -> Result<BoundSocket, SocketError
         local: path.display().to_string(),
         receive_buffer_bytes,
     })
+}
+
+/// Counters of one socket source on one core.
+#[derive(Clone, Debug, Default)]
+pub struct SocketCounters {
+    pub source: String,
+    /// udp | tcp | unix (label `transport` of `shipper_socket_info`).
+    pub transport: &'static str,
+    /// The bound address or path (label `local` of `shipper_socket_info`).
+    pub local: String,
+    pub messages_received: u64,
+    pub bytes_received: u64,
+    pub messages_empty: u64,
+    /// Datagrams and newline-framed messages cut at message_bytes_max, and octet-counted
+    /// messages refused for announcing more.
+    pub messages_oversize: u64,
+    /// APP-NAMEs, TAGs and JSON keys cut to the protocol's 255 bytes.
+    pub keys_truncated: u64,
+    pub parse_failures: [u64; MessageFailure::ALL.len()],
+    pub connections_accepted: u64,
+    pub connections_closed: u64,
+    /// Longest-idle connections closed to make room: connections_max were open.
+    pub connections_evicted: u64,
+    /// Connections closed after sending nothing for idle_timeout_ms.
+    pub connections_idle_closed: u64,
+    pub connections_open: u64,
+    /// TCP streams closed for a malformed octet count.
+    pub framing_errors: u64,
+    /// Partial messages (started, not complete) held when their TCP connection closed: lost.
+    pub messages_partial: u64,
+    pub read_errors: u64,
 }

@@ -10,41 +10,78 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::framing::{Framer, Piece};
-use super::TCP_READ_BYTES;
+use super::{SocketCounters, TCP_READ_BYTES};
 use crate::config::socket::Framing;
-use crate::runtime::core::Core;
+use crate::sources::{Intake, Record, SourceId};
+
+/// One message of a socket source, for its counters and its worker; `oversize` when it was
+/// cut at `message_bytes_max`.
+#[inline]
+fn message<I: Intake>(
+    intake: &mut I,
+    sc: &mut SocketCounters,
+    id: SourceId,
+    bytes: &[u8],
+    oversize: bool,
+    now_ns: u64,
+) {
+    sc.messages_received += 1;
+    sc.bytes_received += bytes.len() as u64;
+    sc.messages_oversize += u64::from(oversize);
+    if bytes.is_empty() {
+        sc.messages_empty += 1;
+        return;
+    }
+    let outcome = intake.record(id, Record::bare(bytes), now_ns);
+    sc.keys_truncated += u64::from(outcome.keys_cut);
+    if let Some(f) = outcome.failure {
+        sc.parse_failures[f as usize] += 1;
+    }
+}
+
+/// What every task of one socket source shares: its worker's intake, its id there and its
+/// counters.
+pub struct Socket<I> {
+    pub intake: Rc<RefCell<I>>,
+    pub id: SourceId,
+    pub counters: Rc<RefCell<SocketCounters>>,
+}
+
+impl<I> Clone for Socket<I> {
+    fn clone(&self) -> Self {
+        Socket { intake: self.intake.clone(), id: self.id, counters: self.counters.clone() }
+    }
+}
 
 /// Reads datagrams (UDP or unix) from `fd` until stopped; each one is a message.
 ///
 /// `read(2)` on a datagram socket returns one datagram and discards what did not fit, so the
 /// buffer is one byte larger than `message_bytes_max`: a read that fills it was longer.
-pub async fn read_datagrams(
-    core: Rc<RefCell<Core>>,
-    s: usize,
+pub async fn read_datagrams<I: Intake>(
+    socket: Socket<I>,
     fd: OwnedFd,
     message_bytes_max: usize,
     stop: watch::Receiver<bool>,
 ) {
     let file = tokio_uring::fs::File::from_std(std::fs::File::from(fd));
     let on_read = |datagram: &[u8]| {
-        let mut c = core.borrow_mut();
-        let now = c.now_ns();
+        let mut intake = socket.intake.borrow_mut();
+        let now = intake.now_ns();
         let cut = datagram.len() > message_bytes_max;
-        c.on_message(s, &datagram[..datagram.len().min(message_bytes_max)], cut, now);
+        let bytes = &datagram[..datagram.len().min(message_bytes_max)];
+        message(&mut *intake, &mut socket.counters.borrow_mut(), socket.id, bytes, cut, now);
     };
     let on_error = |e: &std::io::Error| {
-        let mut c = core.borrow_mut();
-        let sc = &mut c.counters.sockets[s];
+        let mut sc = socket.counters.borrow_mut();
         sc.read_errors += 1;
         tracing::error!(source = %sc.source, "datagram read failed: {e}; retrying in 100 ms");
     };
     crate::sources::read_until_stopped(file, message_bytes_max + 1, stop, on_read, on_error).await;
 }
 
-async fn read_failed(core: &Rc<RefCell<Core>>, s: usize, what: &str, e: &std::io::Error) {
+async fn read_failed(counters: &RefCell<SocketCounters>, what: &str, e: &std::io::Error) {
     {
-        let mut c = core.borrow_mut();
-        let sc = &mut c.counters.sockets[s];
+        let mut sc = counters.borrow_mut();
         sc.read_errors += 1;
         tracing::error!(source = %sc.source, "{what} failed: {e}; retrying in 100 ms");
     }
@@ -70,7 +107,7 @@ const EVICTION_LOG_INTERVAL_NS: u64 = 10_000_000_000;
 pub struct Open {
     pub fd: RawFd,
     pub peer: SocketAddr,
-    /// When it last sent bytes (or was accepted), on the core's clock.
+    /// When it last sent bytes (or was accepted), on the worker's clock.
     pub active_ns: u64,
 }
 
@@ -136,9 +173,8 @@ impl Connections {
 
 /// Accepts connections on `listener` until stopped; each is served by its own task. At
 /// `connections_max` the longest-idle connection is closed to make room for the new one.
-pub async fn serve_tcp(
-    core: Rc<RefCell<Core>>,
-    s: usize,
+pub async fn serve_tcp<I: Intake + 'static>(
+    socket: Socket<I>,
     listener: std::net::TcpListener,
     limits: TcpLimits,
     mut stop: watch::Receiver<bool>,
@@ -156,35 +192,33 @@ pub async fn serve_tcp(
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                read_failed(&core, s, "accept", &e).await;
+                read_failed(&socket.counters, "accept", &e).await;
                 continue;
             }
         };
         let id = {
-            let mut c = core.borrow_mut();
-            let now = c.now_ns();
+            let now = socket.intake.borrow().now_ns();
+            let mut sc = socket.counters.borrow_mut();
             let mut table = conns.borrow_mut();
             if table.len() >= limits.connections_max {
-                evict(&mut c, s, &mut table, limits.connections_max, now);
+                evict(&mut sc, &mut table, limits.connections_max, now);
             }
-            let sc = &mut c.counters.sockets[s];
             sc.connections_accepted += 1;
             sc.connections_open += 1;
             table.insert(Open { fd: stream.as_raw_fd(), peer, active_ns: now })
         };
-        let conn = Conn { core: core.clone(), conns: conns.clone(), s, id, peer, limits };
+        let conn = Conn { socket: socket.clone(), conns: conns.clone(), id, peer, limits };
         tokio_uring::spawn(serve_connection(conn, stream, stop.clone()));
     }
 }
 
 /// Closes the longest-idle connection of `table` (full): counted, logged at a bounded rate.
-fn evict(c: &mut Core, s: usize, table: &mut Connections, max: usize, now_ns: u64) {
+fn evict(sc: &mut SocketCounters, table: &mut Connections, max: usize, now_ns: u64) {
     let Some(old) = table.evict_idlest() else { return };
     // SAFETY: `old.fd` is open: its task removes its entry before it drops (closes) the
     // stream, and the entry was still here. shutdown(2) ends the task's pending io_uring read
     // (it returns 0) and tells the peer; the task then closes the fd.
     unsafe { libc::shutdown(old.fd, libc::SHUT_RDWR) };
-    let sc = &mut c.counters.sockets[s];
     sc.connections_evicted += 1;
     sc.connections_open -= 1;
     sc.connections_closed += 1;
@@ -203,11 +237,10 @@ fn evict(c: &mut Core, s: usize, table: &mut Connections, max: usize, now_ns: u6
     }
 }
 
-/// What a connection task needs: its core, its source's table and its own place in it.
-struct Conn {
-    core: Rc<RefCell<Core>>,
+/// What a connection task needs: its source, its source's table and its own place in it.
+struct Conn<I> {
+    socket: Socket<I>,
     conns: Rc<RefCell<Connections>>,
-    s: usize,
     id: u64,
     peer: SocketAddr,
     limits: TcpLimits,
@@ -227,8 +260,8 @@ enum End {
 
 /// Reads one connection until EOF, an error, a framing error, idleness, eviction or stop;
 /// then closes it.
-async fn serve_connection(
-    conn: Conn,
+async fn serve_connection<I: Intake>(
+    conn: Conn<I>,
     stream: tokio_uring::net::TcpStream,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -250,8 +283,7 @@ async fn serve_connection(
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                let mut c = conn.core.borrow_mut();
-                let sc = &mut c.counters.sockets[conn.s];
+                let mut sc = conn.socket.counters.borrow_mut();
                 sc.read_errors += 1;
                 let (source, peer) = (&sc.source, conn.peer);
                 tracing::warn!(%source, %peer, "connection read failed: {e}");
@@ -261,7 +293,7 @@ async fn serve_connection(
         if !conn.frame(&mut framer, &buf[..n]) {
             break End::Malformed;
         }
-        let now = conn.core.borrow().now_ns();
+        let now = conn.socket.intake.borrow().now_ns();
         if !conn.conns.borrow_mut().touch(conn.id, now) {
             break End::Evicted;
         }
@@ -269,8 +301,7 @@ async fn serve_connection(
     // Out of the table before the stream (and its fd) can close: see `Connections`.
     let listed = conn.conns.borrow_mut().remove(conn.id);
     let _ = stream.shutdown(std::net::Shutdown::Both);
-    let mut c = conn.core.borrow_mut();
-    let sc = &mut c.counters.sockets[conn.s];
+    let mut sc = conn.socket.counters.borrow_mut();
     if framer.holds_partial() && !matches!(end, End::Malformed) {
         sc.messages_partial += 1;
     }
@@ -283,16 +314,16 @@ async fn serve_connection(
     }
 }
 
-impl Conn {
+impl<I: Intake> Conn<I> {
     /// Frames the bytes of one read; false when the stream is malformed (counted, logged).
     fn frame(&self, framer: &mut Framer, bytes: &[u8]) -> bool {
-        let (s, peer, max) = (self.s, self.peer, self.limits.message_bytes_max);
-        let mut c = self.core.borrow_mut();
-        let now = c.now_ns();
+        let (id, peer, max) = (self.socket.id, self.peer, self.limits.message_bytes_max);
+        let mut intake = self.socket.intake.borrow_mut();
+        let mut sc = self.socket.counters.borrow_mut();
+        let now = intake.now_ns();
         let framed = framer.push(bytes, |piece| match piece {
-            Piece::Message { bytes, cut } => c.on_message(s, bytes, cut, now),
+            Piece::Message { bytes, cut } => message(&mut *intake, &mut sc, id, bytes, cut, now),
             Piece::Oversize(len) => {
-                let sc = &mut c.counters.sockets[s];
                 sc.messages_oversize += 1;
                 let source = &sc.source;
                 tracing::warn!(
@@ -305,7 +336,6 @@ impl Conn {
             }
         });
         if let Err(e) = framed {
-            let sc = &mut c.counters.sockets[s];
             sc.framing_errors += 1;
             tracing::warn!(source = %sc.source, %peer, "closing connection: {e}");
             return false;

@@ -41,6 +41,8 @@ mod rfc5424;
 #[cfg(test)]
 mod tests;
 
+use crate::config::socket::MessageFormat;
+
 /// Which syslog syntax to expect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Syntax {
@@ -70,6 +72,28 @@ pub enum Failure {
     BadTimestamp = 6,
     /// Structured data that is not `[ID NAME="VALUE" ...]...`.
     BadStructuredData = 7,
+}
+
+impl From<crate::transforms::parse::Failure> for Failure {
+    /// The reason a JSON message on a socket is counted under.
+    fn from(f: crate::transforms::parse::Failure) -> Failure {
+        use crate::transforms::parse::Failure as F;
+        match f {
+            F::Utf8 => Failure::Utf8,
+            F::NotObject => Failure::NotObject,
+            F::Json | F::NoFormat => Failure::Json,
+        }
+    }
+}
+
+/// The syntax a socket source's `format` asks for, or `None` for JSON.
+pub fn syntax(format: MessageFormat) -> Option<Syntax> {
+    match format {
+        MessageFormat::Rfc5424 => Some(Syntax::Rfc5424),
+        MessageFormat::Rfc3164 => Some(Syntax::Rfc3164),
+        MessageFormat::Auto => Some(Syntax::Auto),
+        MessageFormat::Json => None,
+    }
 }
 
 impl Failure {

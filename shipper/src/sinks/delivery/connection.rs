@@ -20,7 +20,7 @@
 //!    write now") declares it down too, so it is probed with backoff; any other lost
 //!    connection waits a jittered `backoff_initial_ms` before reconnecting.
 //! 5. A REJECT ends nothing: the refused frame leaves the window for its one fate
-//!    (`Core::on_reject`: the dead-letter tier's rejected lane, the quarantine, or a counted
+//!    ([`Link::rejected`]: the dead-letter tier's rejected lane, the quarantine, or a counted
 //!    drop). A dead-letter slot connects while refused frames wait, whatever tier is up, and
 //!    takes them before anything else.
 
@@ -37,10 +37,10 @@ use tokio_uring::net::TcpStream;
 
 use super::batch::Sealed;
 use super::health::State;
+use super::{ConnHandle, Delivery, Link};
 use crate::config::shipper::Tier;
 use crate::protocol::frame::FLAG_DEAD_LETTER;
 use crate::protocol::{Frame, FrameDecoder, Header, Hello, Kind};
-use crate::runtime::core::{ConnHandle, Core};
 use crate::tls::stream::{handshake, TlsStream, READ_BYTES};
 
 /// Largest frame a receiver may send us (acks and errors are tiny).
@@ -58,19 +58,19 @@ pub struct Target {
 }
 
 /// Runs one pool slot until the worker stops and its outbox is empty.
-pub async fn run_slot(
-    core: Rc<RefCell<Core>>,
+pub async fn run_slot<L: Link + 'static>(
+    link: Rc<RefCell<L>>,
     target: Arc<Target>,
     mut stop: watch::Receiver<bool>,
 ) {
     let d = target.destination;
     loop {
-        if done(&core) {
+        if done(link.borrow().delivery()) {
             return;
         }
-        if !needed(&core.borrow(), target.tier) {
+        if !needed(link.borrow().delivery(), target.tier) {
             // Idle until every receiver of the tiers above is down (or the worker stops).
-            let wake = core.borrow().wake.clone();
+            let wake = link.borrow().delivery().wake.clone();
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = stop.changed() => {}
@@ -78,15 +78,15 @@ pub async fn run_slot(
             continue;
         }
         let mut failed = true;
-        match connect(&core, &target).await {
+        match connect(&link, &target).await {
             Ok((stream, dec, _watch)) => {
                 // `_watch` counts this connection's retransmits and resets until it ends.
-                core.borrow_mut().dest_up(d);
-                if let Err(failure) = serve(&core, &target, stream, dec).await {
-                    let mut c = core.borrow_mut();
-                    let others_up = c.conns.values().any(|h| h.destination == d);
+                link.borrow_mut().up(d);
+                if let Err(failure) = serve(&link, &target, stream, dec).await {
+                    let mut l = link.borrow_mut();
+                    let others_up = l.delivery().conns.values().any(|h| h.destination == d);
                     if failure.receiver_at_fault || !others_up {
-                        c.dest_down(d, &failure.reason);
+                        l.down(d, &failure.reason);
                     } else {
                         tracing::warn!(receiver = %target.address, "connection ended: {}", failure.reason);
                     }
@@ -95,20 +95,21 @@ pub async fn run_slot(
                 }
             }
             Err(e) => {
-                let mut c = core.borrow_mut();
-                c.counters.destinations[d].connect_failures += 1;
-                c.dest_down(d, &format!("cannot connect: {e}"));
+                let mut l = link.borrow_mut();
+                l.delivery_mut().counters.destinations[d].connect_failures += 1;
+                l.down(d, &format!("cannot connect: {e}"));
             }
         }
         let delay = {
-            let c = core.borrow();
+            let l = link.borrow();
+            let c = l.delivery();
             let r = &c.config.receivers;
             if c.dests.list[d].state == State::Down {
                 let delay = c.dests.probe_delay_ms(d, r.backoff_initial_ms, r.backoff_max_ms);
-                Some(jitter(delay, &c))
+                Some(jitter(delay, c))
             } else {
                 // A lost connection to a receiver still up: no reconnect storm either.
-                failed.then(|| jitter(r.backoff_initial_ms, &c))
+                failed.then(|| jitter(r.backoff_initial_ms, c))
             }
         };
         if let Some(delay) = delay {
@@ -122,14 +123,14 @@ pub async fn run_slot(
 
 /// Whether connections to receivers of `tier` are needed now: the tiers above are down, or
 /// (dead-letter) frames refused by a receiver wait for the dead-letter tier.
-fn needed(c: &Core, tier: Tier) -> bool {
+fn needed(c: &Delivery, tier: Tier) -> bool {
     c.dests.wanted(tier) || (tier == Tier::DeadLetter && c.outbox.has_rejected())
 }
 
 /// The next frame for connection `id` to receiver `d` of `tier`: a dead-letter connection
 /// takes refused frames first, whatever tier takes the others.
-fn next_frame(c: &mut Core, tier: Tier, d: usize, id: u64) -> Option<Rc<Sealed>> {
-    let now = c.now_ns();
+fn next_frame(c: &mut Delivery, tier: Tier, d: usize, id: u64) -> Option<Rc<Sealed>> {
+    let now = c.clock.now_ns();
     if tier == Tier::DeadLetter && c.dests.list[d].state == State::Up {
         if let Some(f) = c.outbox.next_rejected(id, now) {
             return Some(f);
@@ -143,24 +144,25 @@ fn next_frame(c: &mut Core, tier: Tier, d: usize, id: u64) -> Option<Rc<Sealed>>
 }
 
 /// The worker is stopping and has nothing left to deliver.
-fn done(core: &Rc<RefCell<Core>>) -> bool {
-    let c = core.borrow();
+fn done(c: &Delivery) -> bool {
     c.stopping && c.outbox.is_empty()
 }
 
 /// A delay in [d/2, d], so that workers do not reconnect in lockstep.
-fn jitter(d: u64, core: &Core) -> u64 {
-    let noise = core.now_ns() ^ (core.id as u64).wrapping_mul(0x9e37_79b9);
+fn jitter(d: u64, c: &Delivery) -> u64 {
+    let noise = c.clock.now_ns() ^ (c.worker as u64).wrapping_mul(0x9e37_79b9);
     d / 2 + noise % (d / 2 + 1)
 }
 
-async fn connect(
-    core: &Rc<RefCell<Core>>,
+async fn connect<L: Link>(
+    link: &Rc<RefCell<L>>,
     target: &Target,
 ) -> io::Result<(TlsStream, FrameDecoder, Option<crate::ebpf::Watch>)> {
-    let (connect_ms, handshake_ms) = {
-        let r = &core.borrow().config.receivers;
-        (r.connect_timeout_ms, r.handshake_timeout_ms)
+    let (connect_ms, handshake_ms, worker, name) = {
+        let l = link.borrow();
+        let c = l.delivery();
+        let r = &c.config.receivers;
+        (r.connect_timeout_ms, r.handshake_timeout_ms, c.worker, c.config.shipper.name.clone())
     };
     let tcp = tokio::time::timeout(Duration::from_millis(connect_ms), async {
         TcpStream::connect(super::resolve::resolve(&target.address).await?).await
@@ -180,11 +182,7 @@ async fn connect(
         .map_err(io::Error::other)?;
     let timeout = Duration::from_millis(handshake_ms);
     let stream = handshake(tcp, conn.into(), timeout).await?;
-    let hello = Hello {
-        run_id: target.run_id,
-        core: core.borrow().id as u16,
-        name: core.borrow().config.shipper.name.clone(),
-    };
+    let hello = Hello { run_id: target.run_id, core: worker as u16, name };
     stream.send(&Frame::control(Kind::Hello, 0, &hello.encode())).await?;
     let mut dec = FrameDecoder::new(REPLY_BYTES_MAX);
     let welcome = tokio::time::timeout(timeout, async {
@@ -241,15 +239,16 @@ struct Failure {
 }
 
 /// Runs an established connection until it fails (returns why) or is no longer needed.
-async fn serve(
-    core: &Rc<RefCell<Core>>,
+async fn serve<L: Link + 'static>(
+    link: &Rc<RefCell<L>>,
     target: &Target,
     stream: TlsStream,
     dec: FrameDecoder,
 ) -> Result<(), Failure> {
     let d = target.destination;
     let id = {
-        let mut c = core.borrow_mut();
+        let mut l = link.borrow_mut();
+        let c = l.delivery_mut();
         let id = c.next_conn_id();
         c.conns.insert(
             id,
@@ -260,11 +259,12 @@ async fn serve(
         dc.connections_up += 1;
         id
     };
-    let mut reader = tokio_uring::spawn(read_replies(core.clone(), stream.clone(), dec, id, d));
-    let result = write_frames(core, target, &stream, id, &mut reader).await;
+    let mut reader = tokio_uring::spawn(read_replies(link.clone(), stream.clone(), dec, id, d));
+    let result = write_frames(link, target, &stream, id, &mut reader).await;
     stream.shutdown();
     reader.abort();
-    let mut c = core.borrow_mut();
+    let mut l = link.borrow_mut();
+    let c = l.delivery_mut();
     c.conns.remove(&id);
     let requeued = c.outbox.fail(id);
     c.counters.frames_resent += requeued as u64;
@@ -287,22 +287,24 @@ async fn serve(
     })
 }
 
-async fn write_frames(
-    core: &Rc<RefCell<Core>>,
+async fn write_frames<L: Link>(
+    link: &Rc<RefCell<L>>,
     target: &Target,
     stream: &TlsStream,
     id: u64,
     reader: &mut tokio::task::JoinHandle<io::Result<()>>,
 ) -> io::Result<()> {
     let (heartbeat, write_timeout) = {
-        let r = &core.borrow().config.receivers;
+        let l = link.borrow();
+        let r = &l.delivery().config.receivers;
         (Duration::from_millis(r.heartbeat_interval_ms), Duration::from_millis(r.write_timeout_ms))
     };
     let d = target.destination;
     loop {
         let (frame, wake) = {
-            let mut c = core.borrow_mut();
-            (next_frame(&mut c, target.tier, d, id), c.wake.clone())
+            let mut l = link.borrow_mut();
+            let c = l.delivery_mut();
+            (next_frame(c, target.tier, d, id), c.wake.clone())
         };
         if let Some(f) = frame {
             let sent = if target.tier == Tier::DeadLetter {
@@ -314,7 +316,8 @@ async fn write_frames(
                 timed(write_timeout, stream.send(&f.wire)).await
             };
             sent?;
-            let mut c = core.borrow_mut();
+            let mut l = link.borrow_mut();
+            let c = l.delivery_mut();
             c.counters.frames_sent += 1;
             c.counters.frame_bytes_sent += f.wire.len() as u64;
             c.counters.destinations[d].frames_sent += 1;
@@ -324,11 +327,12 @@ async fn write_frames(
             continue;
         }
         {
-            let c = core.borrow();
-            if done(core) {
+            let l = link.borrow();
+            let c = l.delivery();
+            if done(c) {
                 return Ok(());
             }
-            if !needed(&c, target.tier) && c.outbox.inflight_on(id) == 0 {
+            if !needed(c, target.tier) && c.outbox.inflight_on(id) == 0 {
                 tracing::info!(receiver = %target.address, "closing: a higher tier is back, and no refused frame waits");
                 return Ok(());
             }
@@ -339,7 +343,7 @@ async fn write_frames(
         tokio::select! {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(heartbeat) => {
-                timed(write_timeout, send_heartbeat(core, stream, id)).await?;
+                timed(write_timeout, send_heartbeat(link, stream, id)).await?;
             }
             r = &mut *reader => {
                 return Err(match r {
@@ -362,10 +366,15 @@ async fn timed<T>(limit: Duration, op: impl Future<Output = io::Result<T>>) -> i
     })?
 }
 
-async fn send_heartbeat(core: &Rc<RefCell<Core>>, stream: &TlsStream, id: u64) -> io::Result<()> {
+async fn send_heartbeat<L: Link>(
+    link: &Rc<RefCell<L>>,
+    stream: &TlsStream,
+    id: u64,
+) -> io::Result<()> {
     let now = {
-        let mut c = core.borrow_mut();
-        let now = c.now_ns();
+        let mut l = link.borrow_mut();
+        let c = l.delivery_mut();
+        let now = c.clock.now_ns();
         if let Some(h) = c.conns.get_mut(&id) {
             h.heartbeat_sent_ns.get_or_insert(now);
         }
@@ -374,8 +383,8 @@ async fn send_heartbeat(core: &Rc<RefCell<Core>>, stream: &TlsStream, id: u64) -
     stream.send(&Frame::control(Kind::Heartbeat, now, &[])).await
 }
 
-async fn read_replies(
-    core: Rc<RefCell<Core>>,
+async fn read_replies<L: Link>(
+    link: Rc<RefCell<L>>,
     stream: TlsStream,
     mut dec: FrameDecoder,
     id: u64,
@@ -386,22 +395,22 @@ async fn read_replies(
     let mut open = true;
     loop {
         while let Some(f) = dec.next_frame().map_err(invalid)? {
-            let mut c = core.borrow_mut();
-            let now = c.now_ns();
+            let mut l = link.borrow_mut();
+            let now = l.delivery().clock.now_ns();
             match f.header.kind {
                 Kind::Ack => {
-                    c.on_ack(f.header.seq, now);
-                    c.dests.acked(dest);
+                    l.acked(f.header.seq, now);
+                    l.delivery_mut().dests.acked(dest);
                 }
                 Kind::Reject => {
-                    c.on_reject(f.header.seq, &f.payload, dest);
-                    c.dests.acked(dest);
+                    l.rejected(f.header.seq, &f.payload, dest);
+                    l.delivery_mut().dests.acked(dest);
                 }
                 Kind::Heartbeat => {}
                 Kind::Error => return Err(refused(&f.payload)),
                 k => return Err(invalid(format!("unexpected {k:?} frame from receiver"))),
             }
-            if let Some(h) = c.conns.get_mut(&id) {
+            if let Some(h) = l.delivery_mut().conns.get_mut(&id) {
                 h.heartbeat_sent_ns = None;
             }
         }

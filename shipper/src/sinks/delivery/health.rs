@@ -129,6 +129,27 @@ impl Destinations {
     }
 }
 
+/// Counters of one receiver address.
+#[derive(Clone, Debug, Default)]
+pub struct DestinationCounters {
+    pub receiver: String,
+    pub connects: u64,
+    pub connect_failures: u64,
+    pub connections_lost: u64,
+    pub connections_up: u64,
+    /// 1 while the receiver is up (welcomed us and has not missed an ack since).
+    pub healthy: u64,
+    /// Times the receiver went down (unhealthy) after being up or unknown.
+    pub failures: u64,
+    /// Frames that were in flight to it when it failed, requeued to go elsewhere.
+    pub frames_resent: u64,
+    pub frames_sent: u64,
+    /// Milliseconds spent down in closed periods.
+    pub unhealthy_ms: u64,
+    /// Milliseconds of the current down period (0 when up).
+    pub unhealthy_ms_open: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,343 @@
+//! The state one worker thread owns and how its stages meet: sources hand records to it
+//! ([`Intake`]), the transform chain decides their service and fate, the batch seals them into
+//! frames, and the frames go to the outbox, the disk buffer or a counted drop; connections
+//! ([`crate::sinks::delivery::Link`]) and the disk buffer ([`crate::buffer::Spill`]) reach it
+//! only through their traits.
+//!
+//! # Design constraints
+//! - Everything here belongs to one thread (`Rc<RefCell<Worker>>` shared by that thread's
+//!   tasks only): no lock, no atomic, no allocation per record in the steady state. A
+//!   `RefCell` borrow is never held across an `.await`.
+//! - Stages do not call back into the worker except through the trait they were given; the
+//!   worker is the only place that knows every stage (`start.rs` assembles them).
+//!
+//! # Operation
+//! For each record ([`Intake::record`]): the chain (`crate::transforms`) finds its service
+//! and admits or drops it; an admitted record is appended to the batch (with its source's
+//! durable mark); a full batch is sealed into a frame and queued in the outbox, or written to
+//! the disk buffer, or dropped and counted per service if neither has room
+//! ([`Worker::seal`]). Acknowledgements, refusals and health changes come back through
+//! `Link` (`frames.rs`); the ticker (`tick.rs`) seals overdue batches, times out
+//! connections, publishes counters and runs the shutdown.
+
+mod frames;
+pub mod start;
+mod tick;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::buffer::DiskBuffer;
+use crate::clock::Clock;
+use crate::config::shipper::{ShipperConfig, WhenFull};
+use crate::metrics::shipper::ShipperCounters;
+use crate::sinks::delivery::{BatchBuilder, Delivery, Sealed};
+use crate::sinks::quarantine::Quarantine;
+use crate::sources::journal::JournalCounters;
+use crate::sources::pipe::SourceCounters;
+use crate::sources::socket::SocketCounters;
+use crate::sources::{Intake, Marks, Outcome, Record, SourceId};
+use crate::transforms::services::DropReason;
+use crate::transforms::{Chain, Decode};
+
+/// The counters the worker's sources own, copied when the worker publishes.
+#[derive(Default)]
+struct SourceCounterSets {
+    pipes: Vec<Rc<RefCell<SourceCounters>>>,
+    journals: Vec<Rc<RefCell<JournalCounters>>>,
+    sockets: Vec<Rc<RefCell<SocketCounters>>>,
+}
+
+pub struct Worker {
+    /// This worker's index (the `core` label of its metrics).
+    pub index: usize,
+    pub config: Arc<ShipperConfig>,
+    clock: Clock,
+    pub chain: Chain,
+    batch: BatchBuilder,
+    zstd: zstd::bulk::Compressor<'static>,
+    pub delivery: Delivery,
+    /// Where frames go when the outbox is full, if configured.
+    pub buffer: Option<DiskBuffer>,
+    /// Where frames a receiver refused for good go, if configured (its writer task shares it).
+    pub quarantine: Option<Rc<RefCell<Quarantine>>>,
+    /// The positions of durable sources, by source id.
+    marks: Vec<Option<Rc<RefCell<dyn Marks>>>>,
+    /// The worker's own counters (acknowledgements, latency, batches, the outbox and buffer
+    /// gauges); the sources', the services' and the delivery's are added when published.
+    pub counters: ShipperCounters,
+    sources: SourceCounterSets,
+}
+
+impl Worker {
+    pub fn new(index: usize, config: Arc<ShipperConfig>) -> std::io::Result<Worker> {
+        let b = &config.batch;
+        let clock = Clock::start();
+        Ok(Worker {
+            index,
+            clock,
+            chain: Chain::new(&config.ratelimit, config.shipper.workers),
+            batch: BatchBuilder::new(b.batch_bytes_max as usize, b.batch_events_max),
+            zstd: compressor(b.zstd_level, b.zstd_hash_log)?,
+            delivery: Delivery::new(index, config.clone(), clock),
+            buffer: match &config.buffer.directory {
+                Some(root) => Some(open_buffer(&config, root, index)?),
+                None => None,
+            },
+            quarantine: match &config.quarantine.directory {
+                Some(root) => Some(Rc::new(RefCell::new(open_quarantine(&config, root, index)?))),
+                None => None,
+            },
+            marks: Vec::new(),
+            counters: ShipperCounters::new(index),
+            sources: SourceCounterSets::default(),
+            config,
+        })
+    }
+
+    /// Monotonic nanoseconds since the worker started.
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    /// Registers a source decoded by `decode` (records without a key go to `service`, or to
+    /// `_other`); `marks` when it is durable.
+    fn add_source(
+        &mut self,
+        decode: Decode,
+        service: Option<&str>,
+        marks: Option<Rc<RefCell<dyn Marks>>>,
+    ) -> SourceId {
+        let id = self.chain.add_source(decode, service, self.clock.now_ns());
+        self.marks.push(marks);
+        debug_assert_eq!(self.marks.len(), id.0 as usize + 1, "one entry per source");
+        id
+    }
+
+    /// Registers a pipe source; returns its id and its counters.
+    pub fn add_pipe(
+        &mut self,
+        decode: Decode,
+        service: &str,
+        name: String,
+    ) -> Registered<SourceCounters> {
+        let id = self.add_source(decode, Some(service), None);
+        let counters = Rc::new(RefCell::new(SourceCounters { source: name, ..Default::default() }));
+        self.sources.pipes.push(counters.clone());
+        Registered { id, counters }
+    }
+
+    /// Registers a socket source; returns its id and its counters.
+    pub fn add_socket(
+        &mut self,
+        decode: Decode,
+        service: &str,
+        counters: SocketCounters,
+    ) -> Registered<SocketCounters> {
+        let id = self.add_source(decode, Some(service), None);
+        let counters = Rc::new(RefCell::new(counters));
+        self.sources.sockets.push(counters.clone());
+        Registered { id, counters }
+    }
+
+    /// Registers a journal source, durable through `marks`; returns its id and its counters.
+    pub fn add_journal(
+        &mut self,
+        name: String,
+        marks: Rc<RefCell<dyn Marks>>,
+    ) -> Registered<JournalCounters> {
+        // The source gives every entry's service.
+        let id = self.add_source(Decode::Given, None, Some(marks));
+        let counters =
+            Rc::new(RefCell::new(JournalCounters { source: name, ..Default::default() }));
+        self.sources.journals.push(counters.clone());
+        Registered { id, counters }
+    }
+
+    /// Whether the batch's first record is older than the flush interval.
+    pub fn batch_due(&self, now_ns: u64) -> bool {
+        let interval = self.config.batch.flush_interval_ms * 1_000_000;
+        !self.batch.is_empty() && now_ns.saturating_sub(self.batch.first_ns()) >= interval
+    }
+
+    /// Seals the current batch (if any) into the outbox; when the outbox is full (or frames
+    /// already wait in the disk buffer, which keeps them in order) into the disk buffer; when
+    /// that is full too, or there is none, drops and counts it.
+    pub fn seal(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let outbox = &mut self.delivery.outbox;
+        let mut frame = match self.batch.seal(&mut self.zstd, outbox.next_seq()) {
+            Ok(f) => f,
+            Err(e) => panic!("zstd failed on an in-memory batch: {e}"),
+        };
+        let age_us = self.clock.now_ns().saturating_sub(frame.first_ns) / 1000;
+        frame.first_unix_us = crate::clock::unix_us().saturating_sub(age_us);
+        self.counters.batch_records.record(frame.records.into());
+        self.counters.batch_bytes.record(frame.raw_bytes.into());
+        // With every receiver down, frames go to disk rather than wait in memory, where a
+        // crash would lose them.
+        let all_down = self.delivery.dests.all_down();
+        let to_disk = self.buffer.as_ref().is_some_and(|b| !b.is_empty() || all_down);
+        let durable = !frame.marks.is_empty();
+        if durable || (!to_disk && outbox.has_room(frame.wire.len())) {
+            for (source, mark) in &frame.marks {
+                if let Some(m) = &self.marks[*source] {
+                    m.borrow_mut().sealed(frame.seq, mark.clone());
+                }
+            }
+            match outbox.push(frame) {
+                Ok(()) => self.delivery.wake.notify_waiters(),
+                Err(frame) => self.count_dropped(&frame, DropReason::OutboxFull),
+            }
+            return;
+        }
+        if self.buffer.is_none() {
+            return self.count_dropped(&frame, DropReason::OutboxFull);
+        }
+        self.buffer_push(frame);
+    }
+
+    /// Queues `frame` for the disk buffer, applying `when_full` when it does not fit.
+    pub fn buffer_push(&mut self, frame: Sealed) {
+        let names = frame.services.iter().map(|&(s, _)| self.chain.services.table.name(s).len());
+        let record_bytes = crate::buffer::format::record_bytes(frame.wire.len(), names);
+        let b = self.buffer.as_mut().expect("checked by the caller");
+        let frame = match b.push(frame, record_bytes) {
+            Ok(()) => return self.delivery.wake.notify_waiters(),
+            Err(frame) => frame,
+        };
+        // The evicted segment's records are counted when the tidy task has deleted its file.
+        if b.when_full == WhenFull::DropOldest && b.evict_oldest() {
+            return self.buffer_push(frame);
+        }
+        self.count_dropped(&frame, DropReason::BufferFull);
+    }
+
+    /// Counts every record of `frame` as dropped for `reason`.
+    pub fn count_dropped(&mut self, frame: &Sealed, reason: DropReason) {
+        for &(service, n) in &frame.services {
+            self.chain.services.dropped(service, u64::from(n), reason);
+        }
+    }
+
+    /// Whether a durable source may read: the outbox has room for two more full batches (the
+    /// open one and the next), so nothing it reads can be refused.
+    fn durable_room(&self) -> bool {
+        self.delivery.outbox.fits(2 * self.config.batch.batch_bytes_max as usize)
+    }
+
+    /// Every counter of the worker, gauges refreshed, as published to the metrics registry.
+    pub fn snapshot(&mut self) -> ShipperCounters {
+        self.refresh_gauges();
+        let mut c = self.counters.clone();
+        c.sources = self.sources.pipes.iter().map(|s| s.borrow().clone()).collect();
+        c.journals = self.sources.journals.iter().map(|s| s.borrow().clone()).collect();
+        c.sockets = self.sources.sockets.iter().map(|s| s.borrow().clone()).collect();
+        c.services = self.chain.services.counters.clone();
+        c.delivery = self.delivery.counters.clone();
+        c
+    }
+
+    /// Copies gauges into the counters before they are published.
+    fn refresh_gauges(&mut self) {
+        if let Some(q) = &self.quarantine {
+            self.counters.quarantine = q.borrow().counters.clone();
+        }
+        if let Some(b) = &self.buffer {
+            self.counters.buffer = b.counters.clone();
+            self.counters.buffer_bytes = b.bytes();
+            self.counters.buffer_segments = b.segments.len() as u64;
+        }
+        self.delivery.refresh_gauges();
+        let outbox = &self.delivery.outbox;
+        self.counters.outbox_frames = outbox.frames() as u64;
+        self.counters.outbox_bytes = outbox.bytes() as u64;
+        self.counters.outbox_records = outbox.records();
+        self.counters.inflight_frames = outbox.inflight() as u64;
+    }
+}
+
+/// A source registered with its worker: its id there and the counters it owns.
+pub struct Registered<C> {
+    pub id: SourceId,
+    pub counters: Rc<RefCell<C>>,
+}
+
+impl Intake for Worker {
+    fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    #[inline]
+    fn record(&mut self, source: SourceId, record: Record<'_>, now_ns: u64) -> Outcome {
+        let mark = record.mark;
+        let (outcome, admitted) = self.chain.run(source, record, now_ns);
+        if let Some(a) = admitted {
+            let full = self.batch.push(a.key, a.body, a.service, now_ns);
+            if let Some(m) = mark {
+                self.batch.mark(source.0 as usize, m);
+            }
+            if full {
+                self.seal();
+            }
+        }
+        outcome
+    }
+
+    fn paused(&self) -> bool {
+        !self.durable_room()
+    }
+
+    fn resumed(&self) -> Rc<Notify> {
+        self.delivery.wake.clone()
+    }
+}
+
+/// Opens worker `index`'s disk buffer, saying what it found there.
+fn open_buffer(
+    config: &ShipperConfig,
+    root: &std::path::Path,
+    index: usize,
+) -> std::io::Result<DiskBuffer> {
+    let outbox = config.receivers.outbox_bytes_max;
+    let (workers, modes) = (config.shipper.workers, config.shipper.modes());
+    let b = DiskBuffer::open(&config.buffer, root, index, workers, outbox, modes).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("buffer.directory {}: {e}", root.display()))
+    })?;
+    if !b.segments.is_empty() {
+        tracing::info!(core = index, dir = %b.dir.display(), segments = b.segments.len(), bytes = b.bytes(), "disk buffer: replaying what a previous run left");
+    }
+    Ok(b)
+}
+
+/// Opens worker `index`'s quarantine folder, saying what a previous run left there.
+fn open_quarantine(
+    config: &ShipperConfig,
+    root: &std::path::Path,
+    index: usize,
+) -> std::io::Result<Quarantine> {
+    let share = config.quarantine.bytes_max / config.shipper.workers as u64;
+    let modes = config.shipper.modes();
+    let q = Quarantine::open(root, index, share, modes).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("quarantine.directory {}: {e}", root.display()))
+    })?;
+    if q.counters.bytes > 0 {
+        tracing::warn!(core = index, dir = %q.dir().display(), bytes = q.counters.bytes, "quarantine holds frames refused by a receiver in earlier runs");
+    }
+    Ok(q)
+}
+
+/// A zstd context at `level`, with `hash_log` when not 0 (see `docs/perf.md`: a 4K-entry hash
+/// table stays in cache and compresses 1 MiB JSON batches ~18% faster at the same ratio).
+fn compressor(level: i32, hash_log: u32) -> std::io::Result<zstd::bulk::Compressor<'static>> {
+    let mut z = zstd::bulk::Compressor::new(level)?;
+    if hash_log != 0 {
+        z.set_parameter(zstd::zstd_safe::CParameter::HashLog(hash_log))?;
+    }
+    Ok(z)
+}

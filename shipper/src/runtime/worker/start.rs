@@ -1,0 +1,177 @@
+//! One worker thread: pinned to a CPU, running its own io_uring loop. This is where the
+//! stages are assembled: each source is registered with the worker (its decode stage, its
+//! counters, its marks if durable) and spawned as a task given the worker as its
+//! [`crate::sources::Intake`]; the disk buffer's tasks get it as their
+//! [`crate::buffer::Spill`], each connection slot as its [`crate::sinks::delivery::Link`];
+//! then the ticker (`tick.rs`) runs until the worker stops.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::Worker;
+use crate::config::ShipperConfig;
+use crate::metrics::shipper::ShipperCounters;
+use crate::metrics::Registry;
+use crate::runtime::control::{DemandReport, Shares};
+use crate::sinks::delivery::connection::{run_slot, Target};
+use crate::sources::journal::checkpoint::Checkpoint;
+use crate::sources::journal::source::Journal;
+use crate::sources::pipe::PipeLimits;
+use crate::sources::socket::run::{read_datagrams, serve_tcp, Socket, TcpLimits};
+use crate::sources::socket::{Bound, BoundSocket, SocketCounters};
+use crate::transforms::Decode;
+
+/// A pipe opened by the main thread, handed to its worker.
+pub struct PipeHandle {
+    pub file: std::fs::File,
+    pub config_index: usize,
+}
+
+/// A journal source and its checkpoint, opened by the main thread, handed to its worker.
+pub struct JournalHandle {
+    pub config_index: usize,
+    pub checkpoint: Checkpoint,
+}
+
+/// A socket bound by the main thread, handed to its worker.
+pub struct SocketHandle {
+    pub config_index: usize,
+    pub bound: BoundSocket,
+}
+
+/// Everything a worker thread starts with.
+pub struct WorkerPlan {
+    pub index: usize,
+    pub cpu: Option<core_affinity::CoreId>,
+    pub pipes: Vec<PipeHandle>,
+    pub journals: Vec<JournalHandle>,
+    pub sockets: Vec<SocketHandle>,
+    pub config: Arc<ShipperConfig>,
+    pub targets: Vec<Arc<Target>>,
+    pub registry: Arc<Registry<ShipperCounters>>,
+    pub reports: Sender<DemandReport>,
+    pub shares: Receiver<Shares>,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Runs the worker on the current thread until it has stopped.
+pub fn run(plan: WorkerPlan) -> anyhow::Result<()> {
+    if let Some(cpu) = plan.cpu {
+        if !core_affinity::set_for_current(cpu) {
+            tracing::warn!(core = plan.index, "could not pin worker to CPU {}", cpu.id);
+        }
+    }
+    let ring_entries = 256;
+    tokio_uring::builder().entries(ring_entries).start(work(plan))
+}
+
+async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
+    let worker = Rc::new(RefCell::new(Worker::new(plan.index, plan.config.clone())?));
+    for pipe in plan.pipes {
+        start_pipe(&worker, pipe, &plan.config, &plan.stop);
+    }
+    for handle in plan.journals {
+        start_journal(&worker, handle, &plan.config, &plan.stop);
+    }
+    if let Some(q) = worker.borrow().quarantine.clone() {
+        tokio_uring::spawn(crate::sinks::quarantine::write_loop(q));
+    }
+    if worker.borrow().buffer.is_some() {
+        tokio_uring::spawn(crate::buffer::io::write_loop(worker.clone(), plan.stop.clone()));
+        tokio_uring::spawn(crate::buffer::io::replay_loop(worker.clone(), plan.stop.clone()));
+        tokio_uring::spawn(crate::buffer::io::tidy_loop(worker.clone()));
+    }
+    for handle in plan.sockets {
+        start_socket(&worker, handle, &plan.config, &plan.stop);
+    }
+    for target in &plan.targets {
+        for _ in 0..plan.config.receivers.connections {
+            tokio_uring::spawn(run_slot(worker.clone(), target.clone(), plan.stop.clone()));
+        }
+    }
+    if plan.index == 0 && crate::fault::injected(crate::fault::Fault::PanicWorkerTask) {
+        tokio_uring::spawn(crate::fault::panic_worker_task("worker"));
+    }
+    let plane = super::tick::Plane { reports: plan.reports, shares: plan.shares };
+    super::tick::run(worker, plan.stop, plane, plan.registry).await;
+    Ok(())
+}
+
+/// Registers a pipe source with the worker and spawns its reading task.
+fn start_pipe(
+    worker: &Rc<RefCell<Worker>>,
+    pipe: PipeHandle,
+    config: &ShipperConfig,
+    stop: &watch::Receiver<bool>,
+) {
+    let cfg = &config.sources.pipe[pipe.config_index];
+    let name = cfg.path.display().to_string();
+    let r = worker.borrow_mut().add_pipe(Decode::Line(cfg.format), &cfg.service_name(), name);
+    let limits = PipeLimits {
+        read_bytes: cfg.read_bytes as usize,
+        line_bytes_max: cfg.line_bytes_max as usize,
+    };
+    let task = crate::sources::pipe::run(
+        worker.clone(),
+        r.id,
+        pipe.file,
+        limits,
+        r.counters,
+        stop.clone(),
+    );
+    tokio_uring::spawn(task);
+}
+
+/// Registers a journal source with the worker (durable: its checkpoint takes the marks) and
+/// spawns its reading task.
+fn start_journal(
+    worker: &Rc<RefCell<Worker>>,
+    handle: JournalHandle,
+    config: &ShipperConfig,
+    stop: &watch::Receiver<bool>,
+) {
+    let cfg = Rc::new(config.sources.journal[handle.config_index].clone());
+    let checkpoint = Rc::new(RefCell::new(handle.checkpoint));
+    let r = worker.borrow_mut().add_journal(cfg.name(), checkpoint.clone());
+    let journal = Journal { intake: worker.clone(), id: r.id, checkpoint, counters: r.counters };
+    tokio_uring::spawn(crate::sources::journal::source::run(journal, cfg, stop.clone()));
+}
+
+/// Registers a socket source with the worker and spawns its reading task.
+fn start_socket(
+    worker: &Rc<RefCell<Worker>>,
+    handle: SocketHandle,
+    config: &ShipperConfig,
+    stop: &watch::Receiver<bool>,
+) {
+    let cfg = &config.sources.socket[handle.config_index];
+    let local = handle.bound.local;
+    let transport = cfg.transport.label();
+    let r = {
+        let mut w = worker.borrow_mut();
+        tracing::info!(core = w.index, source = %cfg.name, transport, %local, "socket source reading");
+        let counters =
+            SocketCounters { source: cfg.name.clone(), transport, local, ..Default::default() };
+        w.add_socket(Decode::Message(cfg.format), &cfg.service_name(), counters)
+    };
+    let socket = Socket { intake: worker.clone(), id: r.id, counters: r.counters };
+    let max = cfg.message_bytes_max as usize;
+    match handle.bound.socket {
+        Bound::Datagram(fd) => {
+            tokio_uring::spawn(read_datagrams(socket, fd, max, stop.clone()));
+        }
+        Bound::Listener(listener) => {
+            let limits = TcpLimits {
+                framing: cfg.framing_or_default(),
+                message_bytes_max: max,
+                connections_max: cfg.connections_max_or_default(),
+                idle_timeout: cfg.idle_timeout_or_default(),
+            };
+            tokio_uring::spawn(serve_tcp(socket, listener, limits, stop.clone()));
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The worker's ticker: it seals overdue batches, closes connections whose acks or heartbeats
+//! are overdue, settles the quarantine's writes and, at the control-plane pace, trades demand
+//! for shares with the control thread and publishes counters; and it runs the shutdown.
+//!
+//! # Design constraints
+//! - The ticker runs every `min(flush_interval_ms, 50)` ms.
+//!
+//! # Operation
+//! On stop: sources stop reading, the open batch is sealed, and the worker waits for the
+//! outbox to drain or `shutdown_timeout_ms` to pass. With a disk buffer, [`SPILL_MS`] before
+//! the deadline the connections close and the frames still unacknowledged in memory are
+//! written to the buffer, for the next run to send. What is still unacknowledged at the
+//! deadline (not on disk, not a durable source's) is counted as dropped (reason `shutdown`)
+//! and logged. Last, the worker waits (up to [`TIDY_GRACE_MS`] past the deadline) for the
+//! disk buffer's segment deletions and fdatasyncs its newest segment, both through io_uring,
+//! and makes the durable sources' marks durable.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::Worker;
+use crate::metrics::shipper::ShipperCounters;
+use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
+use crate::runtime::control::{DemandReport, Shares};
+use crate::sinks::delivery::Link;
+use crate::transforms::services::DropReason;
+
+/// The worker's side of the control plane: demand out, shares in.
+pub struct Plane {
+    pub reports: Sender<DemandReport>,
+    pub shares: Receiver<Shares>,
+}
+
+/// The ticker's settings and where it is.
+struct Ticker {
+    rebalance_ns: u64,
+    ack_timeout_ns: u64,
+    shutdown_ns: u64,
+    last_rebalance_ns: u64,
+    last_publish_ns: u64,
+    /// Set when the worker was told to stop.
+    deadline_ns: Option<u64>,
+    spilled: bool,
+}
+
+/// Runs the ticker until the worker has stopped (see the module docs).
+pub async fn run(
+    worker: Rc<RefCell<Worker>>,
+    stop: watch::Receiver<bool>,
+    plane: Plane,
+    registry: Arc<Registry<ShipperCounters>>,
+) {
+    let (tick_ms, mut t) = {
+        let w = worker.borrow();
+        let cfg = &w.config;
+        let ticker = Ticker {
+            rebalance_ns: cfg.ratelimit.rebalance_interval_ms * 1_000_000,
+            ack_timeout_ns: cfg.receivers.ack_timeout_ms * 1_000_000,
+            shutdown_ns: cfg.shipper.shutdown_timeout_ms * 1_000_000,
+            last_rebalance_ns: 0,
+            last_publish_ns: 0,
+            deadline_ns: None,
+            spilled: false,
+        };
+        (cfg.batch.flush_interval_ms.clamp(1, 50), ticker)
+    };
+    let mut interval = tokio::time::interval(Duration::from_millis(tick_ms));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let mut w = worker.borrow_mut();
+        let now = w.now_ns();
+        routine(&mut w, &mut t, &plane, now);
+        if now - t.last_publish_ns >= PUBLISH_INTERVAL_MS * 1_000_000 || t.deadline_ns.is_some() {
+            t.last_publish_ns = now;
+            registry.publish(w.index, w.snapshot());
+        }
+        if *stop.borrow() && t.deadline_ns.is_none() {
+            w.delivery.stopping = true;
+            w.seal();
+            w.delivery.wake.notify_waiters();
+            t.deadline_ns = Some(now + t.shutdown_ns);
+            let frames = w.delivery.outbox.frames();
+            tracing::info!(core = w.index, frames, "stopping: flushing");
+        }
+        if t.deadline_ns.is_some() && stopped(&mut w, &mut t, now) {
+            break;
+        }
+    }
+    finish_buffer(&worker).await;
+    let mut w = worker.borrow_mut();
+    for m in w.marks.iter().flatten() {
+        if let Err(e) = m.borrow().sync() {
+            tracing::error!("journal checkpoint not synced at shutdown: {e}");
+        }
+    }
+    registry.publish(w.index, w.snapshot());
+    for h in w.delivery.conns.values() {
+        h.stream.shutdown();
+    }
+}
+
+/// Every tick: overdue batches, the quarantine's writes, overdue connections, and the
+/// control plane at its pace.
+fn routine(w: &mut Worker, t: &mut Ticker, plane: &Plane, now: u64) {
+    if w.batch_due(now) {
+        w.seal();
+    }
+    w.settle_quarantined();
+    close_overdue(w, now, t.ack_timeout_ns);
+    if now - t.last_rebalance_ns >= t.rebalance_ns {
+        t.last_rebalance_ns = now;
+        exchange_demand(w, plane, now);
+    }
+}
+
+/// While stopping: whether the worker is done (everything acknowledged or on disk, or the
+/// deadline passed); spills to the disk buffer when the deadline is near.
+fn stopped(w: &mut Worker, t: &mut Ticker, now: u64) -> bool {
+    let deadline = t.deadline_ns.expect("called while stopping");
+    let unwritten =
+        w.buffer.as_ref().is_some_and(|b| !b.pending.is_empty() || b.writing || b.tidy_busy())
+            || w.quarantine.as_ref().is_some_and(|q| q.borrow().busy());
+    if w.delivery.outbox.is_empty() && !unwritten {
+        let on_disk = w.buffer.as_ref().map_or(0, |b| b.bytes());
+        tracing::info!(
+            core = w.index,
+            "stopped: everything acknowledged or on disk ({on_disk} bytes buffered)"
+        );
+        return true;
+    }
+    if now >= deadline {
+        leave(w, false);
+        return true;
+    }
+    let spill_ns = (SPILL_MS * 1_000_000).min(t.shutdown_ns / 4);
+    if !t.spilled && w.buffer.is_some() && now + spill_ns >= deadline {
+        t.spilled = true;
+        for h in w.delivery.conns.values() {
+            h.stream.shutdown();
+        }
+        leave(w, true);
+    }
+    false
+}
+
+/// How long the worker waits past the shutdown deadline for the buffer's file work (deleting
+/// replayed and evicted segments, counting an evicted one's records).
+pub const TIDY_GRACE_MS: u64 = 5000;
+
+/// At the end: lets the tidy task finish (a replayed segment left behind is sent again by
+/// the next run, an evicted one delivered instead of dropped), then fdatasyncs the newest
+/// segment, both through the worker's io_uring.
+async fn finish_buffer(worker: &Rc<RefCell<Worker>>) {
+    if worker.borrow().buffer.is_none() {
+        return;
+    }
+    let wake = worker.borrow().delivery.wake.clone();
+    let busy = || worker.borrow().buffer.as_ref().is_some_and(|b| b.tidy_busy());
+    let grace = tokio::time::sleep(Duration::from_millis(TIDY_GRACE_MS));
+    tokio::pin!(grace);
+    // The tidy task wakes `wake` after each entry.
+    while busy() {
+        tokio::select! {
+            _ = &mut grace => break,
+            _ = wake.notified() => {}
+        }
+    }
+    let newest = {
+        let w = worker.borrow();
+        let b = w.buffer.as_ref().expect("checked above");
+        if b.tidy_busy() {
+            let left = b.tidy.len() + usize::from(b.tidying);
+            tracing::error!(core = w.index, left, "disk buffer: segment deletions not done {TIDY_GRACE_MS} ms after the shutdown deadline: the next run replays those segments");
+        }
+        b.segments.back().map(|s| s.path.clone())
+    };
+    let Some(path) = newest else {
+        return;
+    };
+    let synced = match tokio_uring::fs::File::open(&path).await {
+        Ok(f) => {
+            let synced = f.sync_data().await;
+            let _ = f.close().await;
+            synced
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = synced {
+        tracing::error!(path = %path.display(), "disk buffer not synced at shutdown: {e}");
+    }
+}
+
+/// How long before the shutdown deadline (at most a quarter of `shutdown_timeout_ms`) the
+/// frames unacknowledged in memory are written to the disk buffer, if there is one.
+pub const SPILL_MS: u64 = 1000;
+
+/// At shutdown, what is still unacknowledged: frames read back from the disk buffer stay
+/// there for the next run, and journal entries are read again from the checkpoint; the others
+/// go to the disk buffer when `spill` (applying `when_full`), else, with what still waits to
+/// be written to the buffer, are dropped and counted.
+fn leave(c: &mut Worker, spill: bool) {
+    let (durable, mut left): (Vec<_>, Vec<_>) = c
+        .delivery
+        .outbox
+        .drain()
+        .into_iter()
+        .filter(|f| f.origin.is_none())
+        .partition(|f| !f.marks.is_empty());
+    if !durable.is_empty() {
+        tracing::warn!(
+            core = c.index,
+            frames = durable.len(),
+            "shutting down with journal entries unacknowledged: the next run reads them again from the checkpoint"
+        );
+    }
+    if spill {
+        let records: u64 = left.iter().map(|f| u64::from(f.records)).sum();
+        let frames = left.len();
+        for f in left {
+            c.buffer_push(Rc::try_unwrap(f).unwrap_or_else(|f| (*f).clone()));
+        }
+        if frames > 0 {
+            tracing::warn!(
+                core = c.index,
+                frames,
+                records,
+                "shutdown deadline near: unacknowledged frames go to the disk buffer for the next run (any already written by a receiver will arrive twice)"
+            );
+        }
+        return;
+    }
+    let pending = c.buffer.as_mut().map(|b| std::mem::take(&mut b.pending)).unwrap_or_default();
+    left.extend(pending.into_iter().map(|(f, _)| Rc::new(f)));
+    // Refused frames not written to the quarantine yet (a journal's are read again).
+    let refused = c.quarantine.as_ref().map(|q| q.borrow_mut().take_queued()).unwrap_or_default();
+    left.extend(refused.into_iter().filter(|f| f.origin.is_none() && f.marks.is_empty()));
+    if left.is_empty() {
+        return;
+    }
+    let records: u64 = left.iter().map(|f| u64::from(f.records)).sum();
+    for f in &left {
+        c.count_dropped(f, DropReason::Shutdown);
+    }
+    tracing::error!(
+        core = c.index,
+        frames = left.len(),
+        records,
+        "shutdown deadline passed with unacknowledged frames: dropped"
+    );
+}
+
+/// Closes connections with an ack or heartbeat overdue; their frames are resent elsewhere.
+fn close_overdue(c: &mut Worker, now: u64, ack_timeout_ns: u64) {
+    let mut overdue = c.delivery.outbox.overdue(now.saturating_sub(ack_timeout_ns));
+    for (id, h) in &c.delivery.conns {
+        if h.heartbeat_sent_ns.is_some_and(|t| now.saturating_sub(t) > ack_timeout_ns) {
+            overdue.push(*id);
+        }
+    }
+    overdue.sort_unstable();
+    overdue.dedup();
+    for id in overdue {
+        if let Some(dest) = c.delivery.conns.get(&id).map(|h| h.destination) {
+            c.counters.ack_timeouts += 1;
+            let ms = ack_timeout_ns / 1_000_000;
+            c.down(dest, &format!("no acknowledgement within ack_timeout_ms ({ms} ms)"));
+        }
+    }
+}
+
+/// Sends the control thread what each service asked of this worker since the last time, and
+/// takes the shares it answered.
+fn exchange_demand(w: &mut Worker, plane: &Plane, now: u64) {
+    let services = &mut w.chain.services;
+    let demand = services
+        .limiter
+        .take_demand()
+        .into_iter()
+        .map(|(id, n)| (services.table.name(id).into(), n))
+        .collect();
+    let _ = plane.reports.send(DemandReport { core: w.index, demand });
+    while let Ok(update) = plane.shares.try_recv() {
+        for (name, share) in update {
+            if let Some(id) = services.table.get(&name) {
+                services.limiter.set_share(id, share, now);
+            }
+        }
+    }
+}
