@@ -453,6 +453,13 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         |c| c.delivery.destinations.iter().map(|d| (d.receiver.as_str(), d)).collect(),
         "receiver",
     );
+    render_reasons(cores, out);
+    render_services(cores, out);
+    render_summaries(cores, out);
+}
+
+/// The families with a `reason` label: parse failures per source, drops per service.
+fn render_reasons(cores: &[ShipperCounters], out: &mut Exposition) {
     per_reason(
         out,
         cores,
@@ -474,6 +481,10 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
         ("service", DropReason::ALL.map(DropReason::label)),
         |c| c.services.iter().map(|s| (s.service.as_str(), s.lines_dropped)).collect(),
     );
+}
+
+/// Lines admitted per service.
+fn render_services(cores: &[ShipperCounters], out: &mut Exposition) {
     let core_names: Vec<String> = cores.iter().map(|c| c.core.to_string()).collect();
     let name = "shipper_lines_admitted_total";
     out.family(name, "counter", "Lines admitted by the rate limiter, per service.");
@@ -482,6 +493,11 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
             out.sample(name, &[("core", core), ("service", &s.service)], s.lines_admitted as f64);
         }
     }
+}
+
+/// The latency and batch-size summaries per core.
+fn render_summaries(cores: &[ShipperCounters], out: &mut Exposition) {
+    let core_names: Vec<String> = cores.iter().map(|c| c.core.to_string()).collect();
     let summaries: [Summary; 3] = [
         (
             "shipper_read_to_ack_latency_seconds",

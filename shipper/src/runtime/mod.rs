@@ -45,25 +45,8 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let targets = targets(&config, tls, run_id)?;
     // Before any source opens a socket: `ebpf::watch_socket` is a no-op until this ran.
     let kernel = kernel_counters(config.ebpf.enabled)?;
-    let mut pipes: Vec<Vec<PipeHandle>> = (0..workers).map(|_| Vec::new()).collect();
-    for (i, p) in config.sources.pipe.iter().enumerate() {
-        let open = crate::sources::pipe::open(&p.path, p.mode_bits(), p.pipe_bytes as usize)?;
-        if open.pipe_bytes < p.pipe_bytes as usize {
-            tracing::warn!(path = %p.path.display(), granted = open.pipe_bytes, asked = p.pipe_bytes, "pipe buffer smaller than pipe_bytes (see /proc/sys/fs/pipe-max-size)");
-        }
-        let w = p.worker.unwrap_or(i % workers);
-        pipes[w].push(PipeHandle { file: open.file, config_index: i });
-    }
-    let mut journals: Vec<Vec<JournalHandle>> = (0..workers).map(|_| Vec::new()).collect();
-    for (i, j) in config.sources.journal.iter().enumerate() {
-        let checkpoint = crate::sources::journal::checkpoint::Checkpoint::open(
-            j.checkpoint.as_deref(),
-            config.shipper.modes().file,
-        )
-        .with_context(|| format!("sources.journal[{i}].checkpoint"))?;
-        let w = j.worker.unwrap_or((config.sources.pipe.len() + i) % workers);
-        journals[w].push(JournalHandle { config_index: i, checkpoint });
-    }
+    let pipes = open_pipes(&config)?;
+    let journals = open_journals(&config)?;
     // Held for the life of the run: the kernel's drops on these sockets are counted.
     let mut watches = Vec::new();
     let sockets = bind_sockets(&config, &mut watches)?;
@@ -72,52 +55,14 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         copy_kernel_counters(kernel.clone())?;
     }
     let registry = Registry::<ShipperCounters>::new(workers);
-    if !config.metrics.listen.is_empty() {
-        let r = registry.clone();
-        let render_all = move || {
-            let mut text = scrape(&r, render);
-            let k = kernel.lock().expect("kernel counters poisoned").clone();
-            let mut out = crate::metrics::Exposition::default();
-            render_kernel(&k, &mut out);
-            text.push_str(&out.finish());
-            text
-        };
-        let addr = http::serve(&config.metrics.listen, render_all)
-            .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
-        tracing::info!(%addr, "metrics at http://{addr}/metrics");
-    }
+    serve_metrics(&config, registry.clone(), kernel)?;
     let (report_tx, report_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (exit_tx, exit_rx) = mpsc::channel::<Event>();
-    let cpus = core_affinity::get_core_ids().unwrap_or_default();
-    let mut share_txs = Vec::new();
-    let mut handles = Vec::new();
-    let per_worker = pipes.into_iter().zip(journals).zip(sockets);
-    for (core, ((pipes, journals), sockets)) in per_worker.enumerate() {
-        let (share_tx, share_rx) = mpsc::channel();
-        share_txs.push(share_tx);
-        let plan = WorkerPlan {
-            index: core,
-            cpu: (config.shipper.pin_workers && !cpus.is_empty()).then(|| cpus[core % cpus.len()]),
-            pipes,
-            journals,
-            sockets,
-            config: config.clone(),
-            targets: targets.clone(),
-            registry: registry.clone(),
-            reports: report_tx.clone(),
-            shares: share_rx,
-            stop: stop_rx.clone(),
-        };
-        let exit = exit_tx.clone();
-        handles.push(std::thread::Builder::new().name(format!("worker-{core}")).spawn(
-            move || {
-                let result = worker::start::run(plan);
-                let _ = exit
-                    .send(Event::WorkerExit(core, result.as_ref().err().map(|e| format!("{e:#}"))));
-            },
-        )?);
-    }
+    let plans = Plans { pipes, journals, sockets, targets, registry };
+    let shared = Shared { reports: report_tx.clone(), stop: stop_rx, exit: exit_tx.clone() };
+    let (handles, share_txs) = spawn_workers(&config, plans, &shared)?;
+    drop(shared);
     drop(report_tx);
     let plane = control::ControlPlane {
         reports: report_rx,
@@ -147,6 +92,118 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         Some(e) => Err(anyhow::anyhow!("worker failed: {e}")),
         None => Ok(()),
     }
+}
+
+/// Serves `/metrics` (the workers' counters and the kernel's) on its own threads, if
+/// `metrics.listen` is set.
+fn serve_metrics(
+    config: &ShipperConfig,
+    registry: Arc<Registry<ShipperCounters>>,
+    kernel: Arc<Mutex<KernelCounters>>,
+) -> anyhow::Result<()> {
+    if config.metrics.listen.is_empty() {
+        return Ok(());
+    }
+    let render_all = move || {
+        let mut text = scrape(&registry, render);
+        let k = kernel.lock().expect("kernel counters poisoned").clone();
+        let mut out = crate::metrics::Exposition::default();
+        render_kernel(&k, &mut out);
+        text.push_str(&out.finish());
+        text
+    };
+    let addr = http::serve(&config.metrics.listen, render_all)
+        .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    Ok(())
+}
+
+/// What the main thread opened for the workers, per worker, and what they share.
+struct Plans {
+    pipes: Vec<Vec<PipeHandle>>,
+    journals: Vec<Vec<JournalHandle>>,
+    sockets: Vec<Vec<SocketHandle>>,
+    targets: Vec<Arc<Target>>,
+    registry: Arc<Registry<ShipperCounters>>,
+}
+
+/// The channels every worker gets a copy of.
+struct Shared {
+    reports: mpsc::Sender<control::DemandReport>,
+    stop: watch::Receiver<bool>,
+    exit: mpsc::Sender<Event>,
+}
+
+/// Starts one thread per worker; returns their handles and the senders of their shares.
+fn spawn_workers(
+    config: &Arc<ShipperConfig>,
+    plans: Plans,
+    shared: &Shared,
+) -> anyhow::Result<(Vec<std::thread::JoinHandle<()>>, Vec<mpsc::Sender<control::Shares>>)> {
+    let cpus = core_affinity::get_core_ids().unwrap_or_default();
+    let mut share_txs = Vec::new();
+    let mut handles = Vec::new();
+    let Plans { pipes, journals, sockets, targets, registry } = plans;
+    let per_worker = pipes.into_iter().zip(journals).zip(sockets);
+    for (index, ((pipes, journals), sockets)) in per_worker.enumerate() {
+        let (share_tx, share_rx) = mpsc::channel();
+        share_txs.push(share_tx);
+        let pin = config.shipper.pin_workers && !cpus.is_empty();
+        let plan = WorkerPlan {
+            index,
+            cpu: pin.then(|| cpus[index % cpus.len()]),
+            pipes,
+            journals,
+            sockets,
+            config: config.clone(),
+            targets: targets.clone(),
+            registry: registry.clone(),
+            reports: shared.reports.clone(),
+            shares: share_rx,
+            stop: shared.stop.clone(),
+        };
+        let exit = shared.exit.clone();
+        handles.push(std::thread::Builder::new().name(format!("worker-{index}")).spawn(
+            move || {
+                let result = worker::start::run(plan);
+                let error = result.as_ref().err().map(|e| format!("{e:#}"));
+                let _ = exit.send(Event::WorkerExit(index, error));
+            },
+        )?);
+    }
+    Ok((handles, share_txs))
+}
+
+/// Opens (creates) every pipe on the main thread and deals them to their workers.
+fn open_pipes(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<PipeHandle>>> {
+    let workers = config.shipper.workers;
+    let mut pipes: Vec<Vec<PipeHandle>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, p) in config.sources.pipe.iter().enumerate() {
+        let open = crate::sources::pipe::open(&p.path, p.mode_bits(), p.pipe_bytes as usize)?;
+        if open.pipe_bytes < p.pipe_bytes as usize {
+            tracing::warn!(path = %p.path.display(), granted = open.pipe_bytes, asked = p.pipe_bytes, "pipe buffer smaller than pipe_bytes (see /proc/sys/fs/pipe-max-size)");
+        }
+        let w = p.worker.unwrap_or(i % workers);
+        pipes[w].push(PipeHandle { file: open.file, config_index: i });
+    }
+    Ok(pipes)
+}
+
+/// Opens every journal source's checkpoint and deals the sources to their workers, after
+/// the pipes.
+fn open_journals(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<JournalHandle>>> {
+    let workers = config.shipper.workers;
+    let mut journals: Vec<Vec<JournalHandle>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, j) in config.sources.journal.iter().enumerate() {
+        let checkpoint = crate::sources::journal::checkpoint::Checkpoint::open(
+            j.checkpoint.as_deref(),
+            config.shipper.modes().file,
+        )
+        .with_context(|| format!("sources.journal[{i}].checkpoint"))?;
+        let w = j.worker.unwrap_or((config.sources.pipe.len() + i) % workers);
+        journals[w].push(JournalHandle { config_index: i, checkpoint });
+    }
+    Ok(journals)
 }
 
 /// Binds every socket source on the main thread (so a taken port or bad path fails start-up
@@ -257,10 +314,10 @@ fn supervise(
                 );
                 let _ = stop.send(true);
             }
-            Ok(Event::WorkerExit(core, err)) => {
+            Ok(Event::WorkerExit(index, err)) => {
                 running -= 1;
                 if let Some(e) = err {
-                    tracing::error!(core, "worker failed: {e}");
+                    tracing::error!(core = index, "worker failed: {e}");
                     failed.get_or_insert(e);
                     let _ = stop.send(true);
                 }

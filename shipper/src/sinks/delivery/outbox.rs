@@ -2,7 +2,7 @@
 //!
 //! # Design constraints
 //! - At most `bytes_max` bytes of frames held (queued plus in flight), at most
-//!   `inflight_max` frames sent and unacknowledged. Sequence numbers are dense: one is taken
+//!   `inflight_frames_max` frames sent and unacknowledged. Sequence numbers are dense: one is taken
 //!   only when a frame is accepted, so the receiver's de-duplication window stays contiguous.
 //!
 //! # Operation
@@ -46,14 +46,14 @@ pub struct Outbox {
     inflight: BTreeMap<u64, InFlight>,
     bytes: usize,
     bytes_max: usize,
-    inflight_max: usize,
+    inflight_frames_max: usize,
     /// Ordered frames in flight, and the connection carrying them (while there are any).
     ordered: usize,
     ordered_conn: u64,
 }
 
 impl Outbox {
-    pub fn new(bytes_max: usize, inflight_max: usize) -> Outbox {
+    pub fn new(bytes_max: usize, inflight_frames_max: usize) -> Outbox {
         Outbox {
             next_seq: 1,
             queue: VecDeque::new(),
@@ -61,7 +61,7 @@ impl Outbox {
             inflight: BTreeMap::new(),
             bytes: 0,
             bytes_max,
-            inflight_max,
+            inflight_frames_max,
             ordered: 0,
             ordered_conn: 0,
         }
@@ -94,7 +94,7 @@ impl Outbox {
     /// The next frame to send on connection `conn`, if any is queued and the in-flight window
     /// has room. Returns the frame and whether it is a resend.
     pub fn next(&mut self, conn: u64, now_ns: u64) -> Option<Rc<Sealed>> {
-        if self.inflight.len() >= self.inflight_max {
+        if self.inflight.len() >= self.inflight_frames_max {
             return None;
         }
         let front = self.queue.front()?;
@@ -115,7 +115,7 @@ impl Outbox {
     /// The next frame of the rejected lane for dead-letter connection `conn`, if the in-flight
     /// window has room.
     pub fn next_rejected(&mut self, conn: u64, now_ns: u64) -> Option<Rc<Sealed>> {
-        if self.inflight.len() >= self.inflight_max {
+        if self.inflight.len() >= self.inflight_frames_max {
             return None;
         }
         let frame = self.rejected.pop_front()?;

@@ -231,25 +231,7 @@ pub async fn run<I: Intake>(
             after = None;
             n += 1;
             last_realtime = entry.realtime;
-            let mut jc = journal.counters.borrow_mut();
-            if !wanted(&cfg, entry) {
-                jc.entries_filtered += 1;
-                continue;
-            }
-            line.clear();
-            let cursor = json::render(&sid, entry, &mut line);
-            let service = entry
-                .field(cfg.service_field.as_bytes())
-                .or_else(|| entry.field(b"_SYSTEMD_UNIT"))
-                .unwrap_or(b"journal");
-            jc.entries_read += 1;
-            jc.bytes_read += line.len() as u64;
-            let mut intake = journal.intake.borrow_mut();
-            let now = intake.now_ns();
-            let mark = Some(&line[cursor]);
-            let record = Record { bytes: &line, key: Some(service), stream: None, mark };
-            let outcome = intake.record(journal.id, record, now);
-            jc.keys_truncated += u64::from(outcome.keys_cut);
+            hand_over(&journal, &cfg, &sid, entry, &mut line);
         }
         gauges(&journal, &follow, last_realtime);
         if n > 0 {
@@ -264,6 +246,36 @@ pub async fn run<I: Intake>(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Hands one entry to the worker, rendered as JSON into `line` with its cursor as its mark,
+/// or counts it filtered out.
+fn hand_over<I: Intake>(
+    journal: &Journal<I>,
+    cfg: &JournalSource,
+    seqnum_id: &[u8; 16],
+    entry: &super::Entry,
+    line: &mut Vec<u8>,
+) {
+    let mut jc = journal.counters.borrow_mut();
+    if !wanted(cfg, entry) {
+        jc.entries_filtered += 1;
+        return;
+    }
+    line.clear();
+    let cursor = json::render(seqnum_id, entry, line);
+    let service = entry
+        .field(cfg.service_field.as_bytes())
+        .or_else(|| entry.field(b"_SYSTEMD_UNIT"))
+        .unwrap_or(b"journal");
+    jc.entries_read += 1;
+    jc.bytes_read += line.len() as u64;
+    let mut intake = journal.intake.borrow_mut();
+    let now = intake.now_ns();
+    let mark = Some(&line[cursor]);
+    let record = Record { bytes: line, key: Some(service), stream: None, mark };
+    let outcome = intake.record(journal.id, record, now);
+    jc.keys_truncated += u64::from(outcome.keys_cut);
 }
 
 fn wanted(cfg: &JournalSource, entry: &super::Entry) -> bool {
