@@ -4,18 +4,18 @@ use std::time::Duration;
 use shipper::protocol::frame::{Header, Kind, FLAG_ZSTD, HEADER_BYTES};
 use shipper::protocol::{Frame, Hello, RecordWriter};
 
+use testkit::rng::XorShift64;
+
 use crate::harness::*;
 
 /// Deterministic garbage lines: random bytes, no newline.
 fn garbage(n: usize, len: usize) -> Vec<Vec<u8>> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rng = XorShift64::new(0x2545_f491_4f6c_dd1d);
     (0..n)
         .map(|_| {
             (0..len)
                 .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    let x = rng.next();
                     match (x >> 24) as u8 {
                         b'\n' => b'.',
                         b => b,

@@ -10,29 +10,12 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
+use testkit::netns::{in_new_netns, ip};
+
 use crate::harness::*;
 
 /// Why most of these tests need root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_NET_ADMIN).
 const ROOT_WHY: &str = "loads eBPF programs in a new network namespace";
-
-/// Runs `f` on a thread of its own in a new network namespace with `lo` up; the processes it
-/// starts inherit the namespace. Panics of `f` are re-raised.
-fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let thread = std::thread::spawn(move || {
-        // SAFETY: unshare affects only this thread (network namespace is per task).
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-        ip(&["link", "set", "lo", "up"]);
-        f()
-    });
-    thread.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
-/// Runs `ip ARGS` (in the calling thread's namespace), panicking with its output on failure.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2) not installed");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// A field of `/proc/thread-self/net/snmp` (this thread's namespace):
 /// `snmp("Udp:", "RcvbufErrors")`.
@@ -47,18 +30,14 @@ fn snmp(proto: &str, field: &str) -> u64 {
 /// The `drops` column of the UDP socket bound to local `port` in `/proc/thread-self/net/udp`.
 fn udp_drops(port: u16) -> u64 {
     let text = std::fs::read_to_string("/proc/thread-self/net/udp").unwrap();
-    let local = format!(":{port:04X}");
-    let line = text
-        .lines()
-        .skip(1)
-        .find(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(&local)))
-        .unwrap_or_else(|| panic!("no UDP socket on port {port}:\n{text}"));
-    line.split_whitespace().last().unwrap().parse().unwrap()
+    let rows = testkit::procnet::parse_udp(&text);
+    let row = rows.iter().find(|r| r.local_port == port);
+    row.unwrap_or_else(|| panic!("no UDP socket on port {port}:\n{text}")).drops
 }
 
 /// A free UDP port on 127.0.0.1 in this namespace.
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    testkit::net::free_udp_port().unwrap()
 }
 
 /// Starts a shipper with `body` and waits until its eBPF programs are attached.
@@ -78,7 +57,7 @@ fn attached_shipper(env: &Env, body: &str) -> Proc {
 fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
     const SENT: u64 = 20_000;
     require_root(ROOT_WHY);
-    in_netns(|| {
+    in_new_netns(|| {
         let env = Env::new();
         let port = free_udp_port();
         // The real UDP syslog source, one socket (worker 0), the smallest receive buffer.
@@ -151,7 +130,7 @@ fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
 fn unix_datagram_refusals_on_a_full_queue_equal_the_senders_failures() {
     const SENT: u64 = 20_000;
     require_root(ROOT_WHY);
-    in_netns(|| {
+    in_new_netns(|| {
         // Per namespace, read when a socket is created: the queue of the sockets below.
         std::fs::write("/proc/sys/net/unix/max_dgram_qlen", "10").unwrap();
         let env = Env::new();
@@ -309,7 +288,7 @@ fn receiver_at(env: &Env, ip: &str) -> (Proc, String) {
 #[ignore = "needs root: loads eBPF programs, blackholes a route in a new network namespace"]
 fn retransmits_to_a_blackholed_receiver_count_for_that_receiver() {
     require_root(ROOT_WHY);
-    in_netns(|| {
+    in_new_netns(|| {
         let env = Env::new();
         let (_lossy, lossy) = receiver_at(&env, "127.0.0.2");
         let (_healthy, healthy) = receiver_at(&env, "127.0.0.3");
@@ -426,7 +405,7 @@ fn without_privileges_or_with_no_ebpf_the_shipper_runs_unattached() {
 fn resets_from_a_receiver_count_once_each() {
     const RESETS: usize = 5;
     require_root(ROOT_WHY);
-    in_netns(|| {
+    in_new_netns(|| {
         let env = Env::new();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();

@@ -2,6 +2,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use testkit::rng::XorShift64;
+
 use crate::harness::*;
 
 const JOURNAL_REMOTE: &str = "/lib/systemd/systemd-journal-remote";
@@ -19,13 +21,8 @@ fn require_tools() {
 /// with every kind of field the oracle must get right.
 pub fn export(n: usize) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut rnd = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = XorShift64::new(0x9e37_79b9_7f4a_7c15);
+    let mut rnd = move || rng.next();
     let text = |out: &mut Vec<u8>, name: &str, v: &[u8]| {
         out.extend_from_slice(name.as_bytes());
         out.push(b'=');
@@ -324,13 +321,11 @@ fn corrupt_journals_are_skipped_never_fatal() {
         }
     }
     // 300 runs with 8 flipped bytes each, seeded: never a crash, hang or runaway output.
-    let mut x: u64 = 42;
+    let mut rng = XorShift64::new(42);
     for run_no in 0..300 {
         let mut b = bytes.clone();
         for _ in 0..8 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next();
             b[(x % used as u64) as usize] ^= 1 << (x >> 61);
         }
         let (entries, _) = cat("flipped.journal", &b);

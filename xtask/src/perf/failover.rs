@@ -400,7 +400,7 @@ fn cycle(env: &Env, rig: &Rig) -> anyhow::Result<Cycle> {
     })?;
 
     let (b0, m0) = (super::files_bytes(&rig.standby_out, "log"), metric(&rig.spm, w));
-    signal(&rig.primary, libc::SIGSTOP);
+    rig.primary.signal(libc::SIGSTOP);
     let t0 = Instant::now();
     let (mut file_at, mut metric_at, mut down_at) = (None, None, None);
     poll("the standby taking lines", limit, |now| {
@@ -426,7 +426,7 @@ fn cycle(env: &Env, rig: &Rig) -> anyhow::Result<Cycle> {
     // The outage goes on for outage_ms after the standby took over.
     let resume = file_at.unwrap_or(t0) + Duration::from_millis(case.outage_ms);
     std::thread::sleep(resume.saturating_duration_since(Instant::now()));
-    signal(&rig.primary, libc::SIGCONT);
+    rig.primary.signal(libc::SIGCONT);
     let t1 = Instant::now();
     let (mut healthy_at, mut last_write, mut bytes) =
         (None, t1, super::files_bytes(&rig.standby_out, "log"));
@@ -459,22 +459,8 @@ fn poll<T>(
     limit: Duration,
     mut f: impl FnMut(Instant) -> Option<T>,
 ) -> anyhow::Result<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let now = Instant::now();
-        if let Some(v) = f(now) {
-            return Ok(v);
-        }
-        if now > deadline {
-            bail!("{what}: not within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn signal(d: &Daemon, sig: i32) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(d.pid() as i32, sig) };
+    let every = Duration::from_millis(10);
+    testkit::wait::poll(limit, every, || f(Instant::now())).with_context(|| what.to_string())
 }
 
 fn markdown(name: &str, case: &FailoverCase, outcomes: &[Outcome]) -> String {
