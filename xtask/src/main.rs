@@ -7,10 +7,13 @@
 //! - `demo`: setup, release build, then a receiver and a shipper on loopback with a
 //!   throw-away CA, sample logs written into the pipes, live progress, and what arrived.
 //! - `perf [CASE...] [--quick]`: end-to-end benchmark cases from `perf/cases/`.
+//! - `layers [DIR]`: the shipper library's layering (no import of `runtime` from below it,
+//!   no circle between its top-level modules), read from `shipper/src` (or `DIR`).
 
 mod daemon;
 mod demo;
 mod fuzz;
+mod layers;
 mod loadgen;
 mod perf;
 mod setup;
@@ -26,8 +29,9 @@ fn main() -> anyhow::Result<()> {
         Some("test") => test(),
         Some("demo") => demo::run(),
         Some("perf") => perf::run(&args[1..]),
+        Some("layers") => layers::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <setup|test|demo|perf [CASE...] [--quick]>");
+            eprintln!("usage: cargo xtask <setup|test|demo|perf [CASE...] [--quick]|layers [DIR]>");
             std::process::exit(2);
         }
     }
