@@ -7,6 +7,7 @@
 use std::net::UdpSocket;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -128,7 +129,6 @@ fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
 #[test]
 #[ignore = "needs root: loads eBPF programs in a new network namespace"]
 fn unix_datagram_refusals_on_a_full_queue_equal_the_senders_failures() {
-    const SENT: u64 = 20_000;
     require_root(ROOT_WHY);
     in_new_netns(|| {
         // Per namespace, read when a socket is created: the queue of the sockets below.
@@ -140,77 +140,104 @@ fn unix_datagram_refusals_on_a_full_queue_equal_the_senders_failures() {
              format = \"rfc3164\"\nworker = 0\n"
         );
         let mut shipper = attached_shipper(&env, &body);
-        let sm = shipper.metrics;
         // Not the shipper's: a socket of this test, read only at the end. Its cookie exists
         // (as a watched socket's does), so only the lookup keeps it out of the counts.
         let other_path = env.path("other.sock");
         let other = UnixDatagram::bind(&other_path).unwrap();
         shipper::ebpf::cookie(other.as_fd()).unwrap();
-        let connected = |to: &std::path::Path| {
-            let tx = UnixDatagram::unbound().unwrap();
-            tx.connect(to).unwrap();
-            tx.set_nonblocking(true).unwrap();
-            tx
-        };
-        let (tx, tx_other) = (connected(&path), connected(&other_path));
-        let unconnected = UnixDatagram::unbound().unwrap();
-        unconnected.set_nonblocking(true).unwrap();
-        let mut datagram = b"<13>Nov 21 07:00:00 edge app[1]: ".to_vec();
-        datagram.resize(200, b'x');
-        // Half while the shipper reads (refused or not, as it keeps up), half while it is
-        // stopped, so that its queue surely fills.
-        let (mut refused, mut other_refused, mut unconnected_refused) = (0, 0, 0);
-        for i in 0..SENT {
-            if i == SENT / 2 {
-                shipper.signal(libc::SIGSTOP);
-                wait_for("the shipper to stop", Duration::from_secs(10), || {
-                    stopped(shipper.child.id())
-                });
-            }
-            refused += u64::from(!sent(tx.send(&datagram)));
-            other_refused += u64::from(!sent(tx_other.send(&datagram)));
-            if i >= SENT / 2 {
-                unconnected_refused += u64::from(!sent(unconnected.send_to(&datagram, &path)));
-            }
-        }
-        shipper.signal(libc::SIGCONT);
-        assert!(refused >= SENT / 2 - 11, "the stopped shipper's queue refuses: {refused}");
-        assert!(unconnected_refused > 0, "the unconnected sender is refused too");
-        let counted = |labels: &[(&str, &str)]| {
-            metric(&scrape_ok(sm), "shipper_kernel_datagrams_dropped_total", labels) as u64
-        };
-        let source = [("source", "devlog")];
-        shipper.wait_alive_for(
-            "eBPF refusals to reach the sender's failures",
-            Duration::from_secs(10),
-            &mut || counted(&source) >= refused,
-        );
-        // Exact, per source and reason; the other socket's refusals, and those of the sender
-        // that did not connect (no peer to attribute them to), are nowhere.
-        assert_eq!(counted(&source), refused);
-        assert_eq!(counted(&[("source", "devlog"), ("reason", "unix_queue_full")]), refused);
-        assert_eq!(counted(&[]), refused, "only the connected sender's refusals count");
-        // The kernel's side adds up: the shipper read every datagram not refused.
-        let read = "shipper_socket_messages_received_total";
-        let accepted = SENT - refused + SENT / 2 - unconnected_refused;
-        shipper.wait_alive("the source to read every accepted datagram", || {
-            metric(&scrape_ok(sm), read, &[]) as u64 == accepted
-        });
+        let r = send_unix_datagrams(&mut shipper, &path, &other_path);
+        check_unix_refusals_counted(&mut shipper, &r);
         other.set_nonblocking(true).unwrap();
         let mut received = 0;
         let mut buf = [0u8; 512];
         while other.recv(&mut buf).is_ok() {
             received += 1;
         }
-        assert!(other_refused > 0, "the other queue should fill");
-        assert_eq!(received + other_refused, SENT);
-        promtool_lint(&scrape(sm).unwrap());
+        assert!(r.other > 0, "the other queue should fill");
+        assert_eq!(received + r.other, UNIX_SENT);
+        promtool_lint(&scrape(shipper.metrics).unwrap());
         eprintln!(
-            "unix: {SENT} sent to each socket (and {} unconnected to the shipper's); refused: \
-             shipper's {refused} (+{unconnected_refused} unconnected, not counted), \
-             other's {other_refused}",
-            SENT / 2
+            "unix: {UNIX_SENT} sent to each socket (and {} unconnected to the shipper's); \
+             refused: shipper's {} (+{} unconnected, not counted), other's {}",
+            UNIX_SENT / 2,
+            r.connected,
+            r.unconnected,
+            r.other
         );
+    });
+}
+
+/// Datagrams sent to each unix socket.
+const UNIX_SENT: u64 = 20_000;
+
+/// Datagrams the kernel refused (`EAGAIN`), by sender.
+struct Refused {
+    /// The sender connected to the shipper's socket.
+    connected: u64,
+    /// The sender connected to the test's other socket.
+    other: u64,
+    /// The sender to the shipper's socket that did not connect (`send_to`).
+    unconnected: u64,
+}
+
+/// Sends [`UNIX_SENT`] datagrams from a connected sender to `path` and to `other_path`, half
+/// while the shipper reads (refused or not, as it keeps up), half while it is stopped, so
+/// that its queue surely fills; while stopped, as many from a sender that did not connect.
+fn send_unix_datagrams(shipper: &mut Proc, path: &Path, other_path: &Path) -> Refused {
+    let connected = |to: &Path| {
+        let tx = UnixDatagram::unbound().unwrap();
+        tx.connect(to).unwrap();
+        tx.set_nonblocking(true).unwrap();
+        tx
+    };
+    let (tx, tx_other) = (connected(path), connected(other_path));
+    let unconnected = UnixDatagram::unbound().unwrap();
+    unconnected.set_nonblocking(true).unwrap();
+    let mut datagram = b"<13>Nov 21 07:00:00 edge app[1]: ".to_vec();
+    datagram.resize(200, b'x');
+    let mut r = Refused { connected: 0, other: 0, unconnected: 0 };
+    for i in 0..UNIX_SENT {
+        if i == UNIX_SENT / 2 {
+            shipper.signal(libc::SIGSTOP);
+            wait_for("the shipper to stop", Duration::from_secs(10), || {
+                stopped(shipper.child.id())
+            });
+        }
+        r.connected += u64::from(!sent(tx.send(&datagram)));
+        r.other += u64::from(!sent(tx_other.send(&datagram)));
+        if i >= UNIX_SENT / 2 {
+            r.unconnected += u64::from(!sent(unconnected.send_to(&datagram, path)));
+        }
+    }
+    shipper.signal(libc::SIGCONT);
+    r
+}
+
+/// The shipper counted exactly the connected sender's refusals, per source and reason, and
+/// read every datagram the kernel accepted.
+fn check_unix_refusals_counted(shipper: &mut Proc, r: &Refused) {
+    let (sm, refused) = (shipper.metrics, r.connected);
+    assert!(refused >= UNIX_SENT / 2 - 11, "the stopped shipper's queue refuses: {refused}");
+    assert!(r.unconnected > 0, "the unconnected sender is refused too");
+    let counted = |labels: &[(&str, &str)]| {
+        metric(&scrape_ok(sm), "shipper_kernel_datagrams_dropped_total", labels) as u64
+    };
+    let source = [("source", "devlog")];
+    shipper.wait_alive_for(
+        "eBPF refusals to reach the sender's failures",
+        Duration::from_secs(10),
+        &mut || counted(&source) >= refused,
+    );
+    // Exact, per source and reason; the other socket's refusals, and those of the sender
+    // that did not connect (no peer to attribute them to), are nowhere.
+    assert_eq!(counted(&source), refused);
+    assert_eq!(counted(&[("source", "devlog"), ("reason", "unix_queue_full")]), refused);
+    assert_eq!(counted(&[]), refused, "only the connected sender's refusals count");
+    // The kernel's side adds up: the shipper read every datagram not refused.
+    let read = "shipper_socket_messages_received_total";
+    let accepted = UNIX_SENT - refused + UNIX_SENT / 2 - r.unconnected;
+    shipper.wait_alive("the source to read every accepted datagram", || {
+        metric(&scrape_ok(sm), read, &[]) as u64 == accepted
     });
 }
 
