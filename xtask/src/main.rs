@@ -6,7 +6,8 @@
 //!   suite; the CI command (`.ci/run`).
 //! - `demo`: setup, release build, then a receiver and a shipper on loopback with a
 //!   throw-away CA, sample logs written into the pipes, live progress, and what arrived.
-//! - `perf [CASE...] [--quick]`: end-to-end benchmark cases from `perf/cases/`.
+//! - `perf [CASE...] [--quick] [--runs N] [--against REV]`: end-to-end benchmark cases from
+//!   `perf/cases/`; `--against` runs another git revision's shipper beside this one's.
 //! - `layers [DIR]`: the shipper library's layering (no import of `runtime` from below it,
 //!   no circle between its top-level modules), read from `shipper/src` (or `DIR`).
 
@@ -31,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         Some("perf") => perf::run(&args[1..]),
         Some("layers") => layers::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <setup|test|demo|perf [CASE...] [--quick]|layers [DIR]>");
+            eprintln!("usage: cargo xtask <setup|test|demo|perf [CASE...] [--quick] [--against REV]|layers [DIR]>");
             std::process::exit(2);
         }
     }

@@ -48,6 +48,11 @@ impl SystemResult {
     fn is_shipper(&self) -> bool {
         matches!(self.system, System::Shipper { .. })
     }
+
+    /// Whether this is this checkout's shipper (not another revision's).
+    fn is_this_shipper(&self) -> bool {
+        matches!(self.system, System::Shipper { rev: None, .. })
+    }
 }
 
 /// One line per run while the case runs.
@@ -99,7 +104,7 @@ pub fn markdown(
     skipped: &BTreeMap<String, String>,
 ) -> String {
     let mut md = workload(name, case, load, results.first().map_or(0, |r| r.runs.len()));
-    let base = results.iter().find(|r| r.is_shipper()).map(|r| &r.median);
+    let base = results.iter().find(|r| r.is_this_shipper()).map(|r| &r.median);
     let raw = results.iter().find(|r| r.label == "raw").map(|r| r.median.lines_per_s);
     md += "| system | lines/s | MB/s | CPU s | lines per CPU-s (spread) | CPU s per M lines | \
            CPU per line vs shipper | peak RSS | read→ack p50 / p99 / max | writer max block | \
