@@ -370,19 +370,14 @@ fn panic_run(env: &Env, args: &[&str]) -> (Option<i32>, String) {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > PANIC_EXIT_LIMIT {
+    let every = Duration::from_millis(20);
+    let status =
+        testkit::process::exit_within(&mut child, PANIC_EXIT_LIMIT, every).unwrap_or_else(|_| {
             let _ = child.kill();
             let _ = child.wait();
             let said = std::fs::read_to_string(&log).unwrap();
             panic!("{args:?} still running {PANIC_EXIT_LIMIT:?} after its panic:\n{said}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        });
     (status.code(), std::fs::read_to_string(&log).unwrap())
 }
 

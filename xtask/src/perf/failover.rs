@@ -317,23 +317,17 @@ fn run_settings(env: &Env, s: &ReceiverSettings, reps: usize) -> anyhow::Result<
     })();
     let (written, block) = writers.finish()?;
     outcome?;
-    let deadline = Instant::now() + Duration::from_secs(60);
     let acked = |t: &str| sum(t, "shipper_records_acked_total", &[]);
     let dropped = |t: &str| sum(t, "shipper_lines_dropped_total", &[]);
-    let text = loop {
+    let accounted = || {
         let t = get(&rig.sm).unwrap_or_default();
-        if acked(&t) + dropped(&t) >= written as f64 {
-            break t;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} of {written} lines acknowledged after 60 s; see {}",
-                acked(&t),
-                dir.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        (acked(&t) + dropped(&t) >= written as f64).then_some(t)
     };
+    let text = testkit::wait::poll(Duration::from_secs(60), Duration::from_millis(50), accounted)
+        .with_context(|| {
+        let t = get(&rig.sm).unwrap_or_default();
+        format!("{} of {written} lines acknowledged after 60 s; see {}", acked(&t), dir.display())
+    })?;
     // Receivers publish every 250 ms: wait for a publication after the last ack.
     std::thread::sleep(Duration::from_millis(2 * shipper::metrics::PUBLISH_INTERVAL_MS));
     let w = "shipper_receiver_records_written_total";
