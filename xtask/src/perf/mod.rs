@@ -634,3 +634,18 @@ pub(crate) fn today() -> String {
 pub fn default_seed() -> u64 {
     0x5eed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_take_cases_flags_and_a_revision() {
+        let args = ["pipe-throughput", "--quick", "--against", "HEAD~1", "--runs", "3"];
+        let o = options(&args.map(String::from)).unwrap();
+        assert_eq!(o.names, ["pipe-throughput"]);
+        assert_eq!((o.quick, o.runs, o.against.as_deref()), (true, Some(3), Some("HEAD~1")));
+        let e = options(&["--against".to_string()]).err().unwrap();
+        assert_eq!(e.to_string(), "--against needs a revision");
+    }
+}

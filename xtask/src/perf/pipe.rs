@@ -536,3 +536,17 @@ fn start_peer(env: &Env, dir: &Path, peer: &str) -> anyhow::Result<Started> {
     };
     Ok(Started { shipping, receiver: None, fifos, _holds: holds, progress: Progress::Sink(sink) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_revisions_shipper_is_labelled_with_its_commit() {
+        let rev = Rev { short: "abc1234".into(), bin: PathBuf::from("/nowhere/shipper") };
+        let at = System::Shipper { workers: 2, rev: Some(rev) };
+        assert_eq!(at.label(false), "shipper@abc1234");
+        assert_eq!(at.label(true), "shipper@abc1234 (2w)");
+        assert_eq!(System::Shipper { workers: 2, rev: None }.label(true), "shipper (2w)");
+    }
+}
