@@ -4,18 +4,18 @@ use std::time::Duration;
 use shipper::protocol::frame::{Header, Kind, FLAG_ZSTD, HEADER_BYTES};
 use shipper::protocol::{Frame, Hello, RecordWriter};
 
+use testkit::rng::XorShift64;
+
 use crate::harness::*;
 
 /// Deterministic garbage lines: random bytes, no newline.
 fn garbage(n: usize, len: usize) -> Vec<Vec<u8>> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rng = XorShift64::new(0x2545_f491_4f6c_dd1d);
     (0..n)
         .map(|_| {
             (0..len)
                 .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    let x = rng.next();
                     match (x >> 24) as u8 {
                         b'\n' => b'.',
                         b => b,
@@ -105,26 +105,54 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
     let (port, rm) = (free_port(), free_port());
     let receiver =
         start_receiver(&env, port, rm, "frame_bytes_max = 65536\nframe_raw_bytes_max = 65536\n");
-    let p = &env.pki;
-    let good = || shipper::tls::client_config(&p.ca, &p.shipper_cert, &p.shipper_key).unwrap();
     let refused = |reason| {
         receiver.metric("shipper_receiver_connections_refused_total", &[("reason", reason)])
     };
+    refuse_clients_without_a_trusted_certificate(&env, port);
+    // The third: start_receiver's own probe of the port, a TCP connect without TLS.
+    wait_for("three TLS refusals counted", Duration::from_secs(5), || refused("tls") == 3.0);
 
+    refuse_bad_frames(&env, port);
+    wait_for("frame refusals counted", Duration::from_secs(5), || refused("frame") == 3.0);
+    assert_eq!(refused("hello"), 1.0);
+    assert_eq!(receiver.metric("shipper_receiver_frames_rejected_total", &[]), 2.0);
+
+    // After all that, a well-behaved client is served, and its frame written exactly once
+    // even when sent twice.
+    send_one_frame_twice(&env, port);
+    let mut lines = output_lines(&env.out());
+    lines.sort();
+    let expected = [("after", &b"reject"[..]), ("svc", b"{\"ok\":true}")];
+    let expected: Vec<(String, Vec<u8>)> =
+        expected.iter().map(|(s, l)| (s.to_string(), l.to_vec())).collect();
+    assert_eq!(lines, expected);
+    wait_for("the duplicate counted", Duration::from_secs(5), || {
+        receiver.metric("shipper_receiver_frames_duplicate_total", &[]) == 1.0
+    });
+}
+
+/// A client config with the test PKI's shipper certificate.
+fn good_client(env: &Env) -> rustls::ClientConfig {
+    let p = &env.pki;
+    shipper::tls::client_config(&p.ca, &p.shipper_cert, &p.shipper_key).unwrap()
+}
+
+/// A HELLO from a client without a certificate, then from one with another CA's: both are
+/// refused by TLS.
+fn refuse_clients_without_a_trusted_certificate(env: &Env, port: u16) {
+    use rustls::pki_types::pem::PemObject;
+    let p = &env.pki;
+    let hello =
+        || Frame::control(Kind::Hello, 0, &Hello { run_id: 1, core: 0, name: "x".into() }.encode());
     // No client certificate at all.
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_file_iter(&p.ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    use rustls::pki_types::pem::PemObject;
     let anonymous =
         rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     let mut c = RawClient::connect(port, anonymous);
-    let _ = c.send(&Frame::control(
-        Kind::Hello,
-        0,
-        &Hello { run_id: 1, core: 0, name: "x".into() }.encode(),
-    ));
+    let _ = c.send(&hello());
     assert!(c.read().is_err(), "a client without certificate is refused by TLS");
     // A certificate from another CA.
     let other = shipper::tls::pki::generate(&env.path("other-pki"), &["localhost".into()]).unwrap();
@@ -132,42 +160,46 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
         shipper::tls::client_config(&p.ca, &other.shipper_cert, &other.shipper_key).unwrap();
     foreign.alpn_protocols.clear();
     let mut c = RawClient::connect(port, foreign);
-    let _ = c.send(&Frame::control(
-        Kind::Hello,
-        0,
-        &Hello { run_id: 1, core: 0, name: "x".into() }.encode(),
-    ));
+    let _ = c.send(&hello());
     assert!(c.read().is_err(), "a certificate from another CA is refused by TLS");
-    // The third: start_receiver's own probe of the port, a TCP connect without TLS.
-    wait_for("three TLS refusals counted", Duration::from_secs(5), || refused("tls") == 3.0);
+}
 
+/// Bad frames on fresh connections, each refused with its reason: DATA before HELLO, not a
+/// frame, oversized, a flipped byte (all ending the connection), a wrong record count and a
+/// decompression bomb (both REJECTed, the connection going on).
+fn refuse_bad_frames(env: &Env, port: u16) {
     // DATA before HELLO.
-    let mut c = RawClient::connect(port, good());
+    let mut c = RawClient::connect(port, good_client(env));
     c.send(&data_frame(1, &[(b"s", b"x")], 1)).unwrap();
     c.expect_error("expected HELLO");
     // Not a frame at all.
-    let mut c = RawClient::connect(port, good());
+    let mut c = RawClient::connect(port, good_client(env));
     c.hello(2);
     c.send(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     c.expect_error("bad magic");
     // Oversized frame: the header alone is refused, the payload is never read.
-    let mut c = RawClient::connect(port, good());
+    let mut c = RawClient::connect(port, good_client(env));
     c.hello(3);
     let mut h = data_frame(1, &[(b"s", b"x")], 1);
     h[24..28].copy_from_slice(&(100u32 << 20).to_le_bytes());
     c.send(&h[..HEADER_BYTES]).unwrap();
     c.expect_error("exceeds the limit of 65536 bytes");
     // Flipped payload byte.
-    let mut c = RawClient::connect(port, good());
+    let mut c = RawClient::connect(port, good_client(env));
     c.hello(4);
     let mut f = data_frame(1, &[(b"s", b"x")], 1);
     let last = f.len() - 1;
     f[last] ^= 0xff;
     c.send(&f).unwrap();
     c.expect_error("checksum mismatch");
-    // Declared record count does not match the payload: that frame can never be written, so
-    // it is refused for good (REJECT) and the connection goes on with the next frame.
-    let mut c = RawClient::connect(port, good());
+    refuse_unwritable_frames(env, port);
+}
+
+/// Frames that can never be written are refused for good (REJECT), and the connection goes
+/// on with the next frame.
+fn refuse_unwritable_frames(env: &Env, port: u16) {
+    // Declared record count does not match the payload.
+    let mut c = RawClient::connect(port, good_client(env));
     c.hello(5);
     c.send(&data_frame(1, &[(b"s", b"x")], 2)).unwrap();
     c.expect_reject(1, "header declares 2");
@@ -175,7 +207,7 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
     let ack = c.read().unwrap().unwrap();
     assert_eq!((ack.header.kind, ack.header.seq), (Kind::Ack, 2));
     // A decompression bomb: more than frame_raw_bytes_max once inflated.
-    let mut c = RawClient::connect(port, good());
+    let mut c = RawClient::connect(port, good_client(env));
     c.hello(6);
     let zeros = vec![0u8; 1 << 20];
     let z = zstd::bulk::compress(&zeros, 19).unwrap();
@@ -190,13 +222,11 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
     let bomb = hd.wire(&z);
     c.send(&bomb).unwrap();
     c.expect_reject(1, "zstd");
-    wait_for("frame refusals counted", Duration::from_secs(5), || refused("frame") == 3.0);
-    assert_eq!(refused("hello"), 1.0);
-    assert_eq!(receiver.metric("shipper_receiver_frames_rejected_total", &[]), 2.0);
+}
 
-    // After all that, a well-behaved client is served, and its frame written exactly once
-    // even when sent twice.
-    let mut c = RawClient::connect(port, good());
+/// A good client's frame, sent twice: both are acknowledged.
+fn send_one_frame_twice(env: &Env, port: u16) {
+    let mut c = RawClient::connect(port, good_client(env));
     c.hello(7);
     let f = data_frame(1, &[(b"svc", b"{\"ok\":true}")], 1);
     c.send(&f).unwrap();
@@ -205,15 +235,6 @@ fn receiver_refuses_bad_clients_and_frames_and_keeps_serving() {
         let ack = c.read().unwrap().unwrap();
         assert_eq!((ack.header.kind, ack.header.seq), (Kind::Ack, 1));
     }
-    let mut lines = output_lines(&env.out());
-    lines.sort();
-    let expected = [("after", &b"reject"[..]), ("svc", b"{\"ok\":true}")];
-    let expected: Vec<(String, Vec<u8>)> =
-        expected.iter().map(|(s, l)| (s.to_string(), l.to_vec())).collect();
-    assert_eq!(lines, expected);
-    wait_for("the duplicate counted", Duration::from_secs(5), || {
-        receiver.metric("shipper_receiver_frames_duplicate_total", &[]) == 1.0
-    });
 }
 
 // Regression: the HELLO's run id was not tied to the client certificate, so one certificate

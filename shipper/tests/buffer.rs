@@ -2,6 +2,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use testkit::rng::XorShift64;
+
 use crate::harness::*;
 use crate::pipe::line;
 
@@ -211,8 +213,8 @@ fn frames_unacknowledged_at_shutdown_go_to_the_buffer_for_the_next_run() {
 fn sigkill_loses_nothing_that_reached_the_buffer() {
     for run_no in 0..3u64 {
         let seed = 0x5eed_0000 + run_no;
-        let mut rng = xorshift(seed);
-        let kill_after = 2_000 + (rng() % 12_000) as usize;
+        let mut rng = XorShift64::new(seed);
+        let kill_after = 2_000 + (rng.next() % 12_000) as usize;
         let env = Env::new();
         let (port, rm, sm) = (free_port(), free_port(), free_port());
         let dir = env.path("buffer");
@@ -239,15 +241,6 @@ fn sigkill_loses_nothing_that_reached_the_buffer() {
         assert!(k >= on_disk, "seed {seed:#x}: {k} delivered, {on_disk} were on disk");
         assert_in_order(&env.out());
         eprintln!("seed {seed:#x}: killed after {lines} lines, {on_disk} on disk, {k} delivered");
-    }
-}
-
-fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
-    move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
     }
 }
 

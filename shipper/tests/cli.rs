@@ -37,72 +37,75 @@ fn examples_are_valid() {
     }
 }
 
+/// Configuration mistakes added to a valid shipper configuration: the text added, the key
+/// the error must name (its last component is on the line named), and the message.
+const INVALID: &[(&str, &str, &str)] = &[
+    ("[batch]\nbatch_byte_max = 5\n", "batch_byte_max", "unknown field `batch_byte_max`"),
+    ("[ratelimit]\nrate = \"fast\"\n", "rate", "invalid type: string \"fast\""),
+    (
+        "[[sources.pipe]]\npath = \"/tmp/x.pipe\"\nmode = \"999\"\n",
+        "sources.pipe[0].mode",
+        "\"999\" is not an octal file mode",
+    ),
+    ("[batch]\nzstd_level = 40\n", "batch.zstd_level", "40 is out of range (allowed: 1 to 19)"),
+    (
+        "[[sources.socket]]\nname = \"s\"\ntransport = \"sctp\"\n",
+        "transport",
+        "unknown variant `sctp`, expected one of `udp`, `tcp`, `unix`",
+    ),
+    (
+        "[[sources.socket]]\nname = \"s\"\ntransport = \"tcp\"\naddress = \"h:1\"\nframe = 1\n",
+        "frame",
+        "unknown field `frame`",
+    ),
+    (
+        "[[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"nowhere:514\"\n",
+        "sources.socket[0].address",
+        "\"nowhere:514\" is not an ip:port address",
+    ),
+    (
+        "[[sources.socket]]\nname = \"s\"\ntransport = \"unix\"\n",
+        "sources.socket[0].transport",
+        "transport unix needs a path",
+    ),
+    (
+        "[[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"127.0.0.1:514\"\n\
+         framing = \"newline\"\n",
+        "sources.socket[0].framing",
+        "only for transport tcp, not udp",
+    ),
+    (
+        "[[sources.socket]]\nname = \"s\"\ntransport = \"tcp\"\naddress = \"[::1]:514\"\n\
+         message_bytes_max = 10\n",
+        "sources.socket[0].message_bytes_max",
+        "10 is out of range (allowed: 256 to 16777216)",
+    ),
+    (
+        "[[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"127.0.0.1:514\"\n\
+         idle_timeout_ms = 1000\n",
+        "sources.socket[0].idle_timeout_ms",
+        "only for transport tcp, not udp",
+    ),
+    (
+        "[[sources.socket]]\nname = \"s\"\ntransport = \"tcp\"\naddress = \"127.0.0.1:514\"\n\
+         idle_timeout_ms = 10\n",
+        "sources.socket[0].idle_timeout_ms",
+        "10 is out of range (allowed: 100 to 86400000)",
+    ),
+    (
+        "[[sources.socket]]\nname = \"s\"\ntransport = \"unix\"\npath = \"/dev/log\"\n\
+         [[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"0.0.0.0:514\"\n",
+        "sources.socket[1].name",
+        "\"s\" is the name of an earlier socket source",
+    ),
+];
+
 /// Each kind of mistake names the file, the line and the key.
 #[test]
 fn invalid_configurations_name_file_line_and_key() {
     let env = Env::new();
     let base = env.shipper_toml(7000, 9000, "");
-    let cases = [
-        ("[batch]\nbatch_byte_max = 5\n", "batch_byte_max", "unknown field `batch_byte_max`"),
-        ("[ratelimit]\nrate = \"fast\"\n", "rate", "invalid type: string \"fast\""),
-        (
-            "[[sources.pipe]]\npath = \"/tmp/x.pipe\"\nmode = \"999\"\n",
-            "sources.pipe[0].mode",
-            "\"999\" is not an octal file mode",
-        ),
-        ("[batch]\nzstd_level = 40\n", "batch.zstd_level", "40 is out of range (allowed: 1 to 19)"),
-        (
-            "[[sources.socket]]\nname = \"s\"\ntransport = \"sctp\"\n",
-            "transport",
-            "unknown variant `sctp`, expected one of `udp`, `tcp`, `unix`",
-        ),
-        (
-            "[[sources.socket]]\nname = \"s\"\ntransport = \"tcp\"\naddress = \"h:1\"\nframe = 1\n",
-            "frame",
-            "unknown field `frame`",
-        ),
-        (
-            "[[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"nowhere:514\"\n",
-            "sources.socket[0].address",
-            "\"nowhere:514\" is not an ip:port address",
-        ),
-        (
-            "[[sources.socket]]\nname = \"s\"\ntransport = \"unix\"\n",
-            "sources.socket[0].transport",
-            "transport unix needs a path",
-        ),
-        (
-            "[[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"127.0.0.1:514\"\n\
-             framing = \"newline\"\n",
-            "sources.socket[0].framing",
-            "only for transport tcp, not udp",
-        ),
-        (
-            "[[sources.socket]]\nname = \"s\"\ntransport = \"tcp\"\naddress = \"[::1]:514\"\n\
-             message_bytes_max = 10\n",
-            "sources.socket[0].message_bytes_max",
-            "10 is out of range (allowed: 256 to 16777216)",
-        ),
-        (
-            "[[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"127.0.0.1:514\"\n\
-             idle_timeout_ms = 1000\n",
-            "sources.socket[0].idle_timeout_ms",
-            "only for transport tcp, not udp",
-        ),
-        (
-            "[[sources.socket]]\nname = \"s\"\ntransport = \"tcp\"\naddress = \"127.0.0.1:514\"\n\
-             idle_timeout_ms = 10\n",
-            "sources.socket[0].idle_timeout_ms",
-            "10 is out of range (allowed: 100 to 86400000)",
-        ),
-        (
-            "[[sources.socket]]\nname = \"s\"\ntransport = \"unix\"\npath = \"/dev/log\"\n\
-             [[sources.socket]]\nname = \"s\"\ntransport = \"udp\"\naddress = \"0.0.0.0:514\"\n",
-            "sources.socket[1].name",
-            "\"s\" is the name of an earlier socket source",
-        ),
-    ];
-    for (extra, key, message) in cases {
+    for (extra, key, message) in INVALID {
         let text = format!("{base}{extra}");
         let leaf = format!("{} =", key.rsplit('.').next().unwrap());
         // The last line with the key: the base's [shipper] has a `name` of its own.

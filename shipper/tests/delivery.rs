@@ -1,6 +1,8 @@
 use std::io::Write;
 use std::time::Duration;
 
+use testkit::netns::VethNamespace;
+
 use crate::harness::*;
 use crate::pipe::{ids, line};
 
@@ -103,72 +105,25 @@ fn check_refused(env: &Env, port: u16, sm: u16, server_name: &str) {
     assert!(shipper.log_text().contains("cannot connect"), "{}", shipper.log_text());
 }
 
-/// A network namespace joined to this one by a veth pair, torn down when dropped.
-struct Netns {
-    name: String,
-    host_if: String,
-    ns_if: String,
+/// Drops every packet in and out of the namespace's side of the veth (an nftables table
+/// inside the namespace): no RST, no ICMP, just silence. (This kernel has no netem.)
+fn partition(ns: &VethNamespace, on: bool) {
+    if !on {
+        return ns.exec(&["nft", "delete", "table", "inet", "partition"]);
+    }
+    let dev = &ns.ns_if;
+    let rules = format!(
+        "table inet partition {{\n\
+         chain input {{ type filter hook input priority 0; iifname \"{dev}\" drop; }}\n\
+         chain output {{ type filter hook output priority 0; oifname \"{dev}\" drop; }}\n}}\n"
+    );
+    let file = std::env::temp_dir().join(format!("{}.nft", ns.name));
+    std::fs::write(&file, rules).unwrap();
+    ns.exec(&["nft", "-f", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(file);
 }
 
-const NS_HOST_IP: &str = "10.231.0.1";
-const NS_PEER_IP: &str = "10.231.0.2";
-
-fn sh(args: &[&str]) {
-    let status = std::process::Command::new(args[0]).args(&args[1..]).status().unwrap();
-    assert!(status.success(), "{args:?} failed: {status}");
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let id = std::process::id() % 100_000;
-        let n = Netns {
-            name: format!("shipper-test-{id}"),
-            host_if: format!("shp{id}h"),
-            ns_if: format!("shp{id}n"),
-        };
-        sh(&["ip", "netns", "add", &n.name]);
-        sh(&["ip", "link", "add", &n.host_if, "type", "veth", "peer", "name", &n.ns_if]);
-        sh(&["ip", "link", "set", &n.ns_if, "netns", &n.name]);
-        sh(&["ip", "addr", "add", &format!("{NS_HOST_IP}/24"), "dev", &n.host_if]);
-        sh(&["ip", "link", "set", &n.host_if, "up"]);
-        let addr = format!("{NS_PEER_IP}/24");
-        n.exec(&["ip", "addr", "add", &addr, "dev", &n.ns_if]);
-        n.exec(&["ip", "link", "set", &n.ns_if, "up"]);
-        n.exec(&["ip", "link", "set", "lo", "up"]);
-        n
-    }
-
-    fn exec(&self, args: &[&str]) {
-        let mut all = vec!["ip", "netns", "exec", &self.name];
-        all.extend_from_slice(args);
-        sh(&all);
-    }
-
-    /// Drops every packet in and out of the namespace's side of the veth (an nftables table
-    /// inside the namespace): no RST, no ICMP, just silence. (This kernel has no netem.)
-    fn partition(&self, on: bool) {
-        if !on {
-            return self.exec(&["nft", "delete", "table", "inet", "partition"]);
-        }
-        let dev = &self.ns_if;
-        let rules = format!(
-            "table inet partition {{\n\
-             chain input {{ type filter hook input priority 0; iifname \"{dev}\" drop; }}\n\
-             chain output {{ type filter hook output priority 0; oifname \"{dev}\" drop; }}\n}}\n"
-        );
-        let file = std::env::temp_dir().join(format!("{}.nft", self.name));
-        std::fs::write(&file, rules).unwrap();
-        self.exec(&["nft", "-f", file.to_str().unwrap()]);
-        let _ = std::fs::remove_file(file);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
-        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_if]).status();
-    }
-}
+const NS_PEER_IP: &str = VethNamespace::PEER_IP;
 
 /// A silent partition of 60 s between the shipper and its receiver (packets dropped both ways,
 /// no RST): the receiver is declared down by its missing acks, the lines wait in the disk
@@ -179,7 +134,7 @@ impl Drop for Netns {
 fn a_silent_partition_of_a_minute_loses_nothing() {
     require_root("partitions a network namespace (ip netns, nft)");
     let env = Env::new();
-    let ns = Netns::new();
+    let ns = VethNamespace::create();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let rx = env.receiver_toml(port, rm, "").replace("127.0.0.1:", &format!("{NS_PEER_IP}:"));
     let rx = env.write("receiver.toml", &rx);
@@ -211,7 +166,7 @@ fn a_silent_partition_of_a_minute_loses_nothing() {
         metric_at(sm, "shipper_records_acked_total", &[]) >= 2000.0
     });
 
-    ns.partition(true);
+    partition(&ns, true);
     shipper.wait_alive("the receiver declared down", || {
         metric_at(sm, "shipper_receiver_failures_total", &[]) >= 1.0
     });
@@ -221,7 +176,7 @@ fn a_silent_partition_of_a_minute_loses_nothing() {
         std::time::Instant::now() >= heal
     });
     assert!(metric_at(sm, "shipper_buffer_records_written_total", &[]) > 0.0);
-    ns.partition(false);
+    partition(&ns, false);
 
     let resume = writer.written();
     shipper.wait_alive("1000 more lines written", || writer.written() >= resume + 1000);

@@ -7,32 +7,16 @@
 use std::net::UdpSocket;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+
+use testkit::netns::{in_new_netns, ip};
 
 use crate::harness::*;
 
 /// Why most of these tests need root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_NET_ADMIN).
 const ROOT_WHY: &str = "loads eBPF programs in a new network namespace";
-
-/// Runs `f` on a thread of its own in a new network namespace with `lo` up; the processes it
-/// starts inherit the namespace. Panics of `f` are re-raised.
-fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let thread = std::thread::spawn(move || {
-        // SAFETY: unshare affects only this thread (network namespace is per task).
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-        ip(&["link", "set", "lo", "up"]);
-        f()
-    });
-    thread.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
-/// Runs `ip ARGS` (in the calling thread's namespace), panicking with its output on failure.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2) not installed");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// A field of `/proc/thread-self/net/snmp` (this thread's namespace):
 /// `snmp("Udp:", "RcvbufErrors")`.
@@ -47,18 +31,14 @@ fn snmp(proto: &str, field: &str) -> u64 {
 /// The `drops` column of the UDP socket bound to local `port` in `/proc/thread-self/net/udp`.
 fn udp_drops(port: u16) -> u64 {
     let text = std::fs::read_to_string("/proc/thread-self/net/udp").unwrap();
-    let local = format!(":{port:04X}");
-    let line = text
-        .lines()
-        .skip(1)
-        .find(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(&local)))
-        .unwrap_or_else(|| panic!("no UDP socket on port {port}:\n{text}"));
-    line.split_whitespace().last().unwrap().parse().unwrap()
+    let rows = testkit::procnet::parse_udp(&text);
+    let row = rows.iter().find(|r| r.local_port == port);
+    row.unwrap_or_else(|| panic!("no UDP socket on port {port}:\n{text}")).drops
 }
 
 /// A free UDP port on 127.0.0.1 in this namespace.
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    testkit::net::free_udp_port().unwrap()
 }
 
 /// Starts a shipper with `body` and waits until its eBPF programs are attached.
@@ -78,7 +58,7 @@ fn attached_shipper(env: &Env, body: &str) -> Proc {
 fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
     const SENT: u64 = 20_000;
     require_root(ROOT_WHY);
-    in_netns(|| {
+    in_new_netns(|| {
         let env = Env::new();
         let port = free_udp_port();
         // The real UDP syslog source, one socket (worker 0), the smallest receive buffer.
@@ -149,9 +129,8 @@ fn udp_drops_on_a_full_receive_queue_equal_the_kernels_counters() {
 #[test]
 #[ignore = "needs root: loads eBPF programs in a new network namespace"]
 fn unix_datagram_refusals_on_a_full_queue_equal_the_senders_failures() {
-    const SENT: u64 = 20_000;
     require_root(ROOT_WHY);
-    in_netns(|| {
+    in_new_netns(|| {
         // Per namespace, read when a socket is created: the queue of the sockets below.
         std::fs::write("/proc/sys/net/unix/max_dgram_qlen", "10").unwrap();
         let env = Env::new();
@@ -161,77 +140,104 @@ fn unix_datagram_refusals_on_a_full_queue_equal_the_senders_failures() {
              format = \"rfc3164\"\nworker = 0\n"
         );
         let mut shipper = attached_shipper(&env, &body);
-        let sm = shipper.metrics;
         // Not the shipper's: a socket of this test, read only at the end. Its cookie exists
         // (as a watched socket's does), so only the lookup keeps it out of the counts.
         let other_path = env.path("other.sock");
         let other = UnixDatagram::bind(&other_path).unwrap();
         shipper::ebpf::cookie(other.as_fd()).unwrap();
-        let connected = |to: &std::path::Path| {
-            let tx = UnixDatagram::unbound().unwrap();
-            tx.connect(to).unwrap();
-            tx.set_nonblocking(true).unwrap();
-            tx
-        };
-        let (tx, tx_other) = (connected(&path), connected(&other_path));
-        let unconnected = UnixDatagram::unbound().unwrap();
-        unconnected.set_nonblocking(true).unwrap();
-        let mut datagram = b"<13>Nov 21 07:00:00 edge app[1]: ".to_vec();
-        datagram.resize(200, b'x');
-        // Half while the shipper reads (refused or not, as it keeps up), half while it is
-        // stopped, so that its queue surely fills.
-        let (mut refused, mut other_refused, mut unconnected_refused) = (0, 0, 0);
-        for i in 0..SENT {
-            if i == SENT / 2 {
-                shipper.signal(libc::SIGSTOP);
-                wait_for("the shipper to stop", Duration::from_secs(10), || {
-                    stopped(shipper.child.id())
-                });
-            }
-            refused += u64::from(!sent(tx.send(&datagram)));
-            other_refused += u64::from(!sent(tx_other.send(&datagram)));
-            if i >= SENT / 2 {
-                unconnected_refused += u64::from(!sent(unconnected.send_to(&datagram, &path)));
-            }
-        }
-        shipper.signal(libc::SIGCONT);
-        assert!(refused >= SENT / 2 - 11, "the stopped shipper's queue refuses: {refused}");
-        assert!(unconnected_refused > 0, "the unconnected sender is refused too");
-        let counted = |labels: &[(&str, &str)]| {
-            metric(&scrape_ok(sm), "shipper_kernel_datagrams_dropped_total", labels) as u64
-        };
-        let source = [("source", "devlog")];
-        shipper.wait_alive_for(
-            "eBPF refusals to reach the sender's failures",
-            Duration::from_secs(10),
-            &mut || counted(&source) >= refused,
-        );
-        // Exact, per source and reason; the other socket's refusals, and those of the sender
-        // that did not connect (no peer to attribute them to), are nowhere.
-        assert_eq!(counted(&source), refused);
-        assert_eq!(counted(&[("source", "devlog"), ("reason", "unix_queue_full")]), refused);
-        assert_eq!(counted(&[]), refused, "only the connected sender's refusals count");
-        // The kernel's side adds up: the shipper read every datagram not refused.
-        let read = "shipper_socket_messages_received_total";
-        let accepted = SENT - refused + SENT / 2 - unconnected_refused;
-        shipper.wait_alive("the source to read every accepted datagram", || {
-            metric(&scrape_ok(sm), read, &[]) as u64 == accepted
-        });
+        let r = send_unix_datagrams(&mut shipper, &path, &other_path);
+        check_unix_refusals_counted(&mut shipper, &r);
         other.set_nonblocking(true).unwrap();
         let mut received = 0;
         let mut buf = [0u8; 512];
         while other.recv(&mut buf).is_ok() {
             received += 1;
         }
-        assert!(other_refused > 0, "the other queue should fill");
-        assert_eq!(received + other_refused, SENT);
-        promtool_lint(&scrape(sm).unwrap());
+        assert!(r.other > 0, "the other queue should fill");
+        assert_eq!(received + r.other, UNIX_SENT);
+        promtool_lint(&scrape(shipper.metrics).unwrap());
         eprintln!(
-            "unix: {SENT} sent to each socket (and {} unconnected to the shipper's); refused: \
-             shipper's {refused} (+{unconnected_refused} unconnected, not counted), \
-             other's {other_refused}",
-            SENT / 2
+            "unix: {UNIX_SENT} sent to each socket (and {} unconnected to the shipper's); \
+             refused: shipper's {} (+{} unconnected, not counted), other's {}",
+            UNIX_SENT / 2,
+            r.connected,
+            r.unconnected,
+            r.other
         );
+    });
+}
+
+/// Datagrams sent to each unix socket.
+const UNIX_SENT: u64 = 20_000;
+
+/// Datagrams the kernel refused (`EAGAIN`), by sender.
+struct Refused {
+    /// The sender connected to the shipper's socket.
+    connected: u64,
+    /// The sender connected to the test's other socket.
+    other: u64,
+    /// The sender to the shipper's socket that did not connect (`send_to`).
+    unconnected: u64,
+}
+
+/// Sends [`UNIX_SENT`] datagrams from a connected sender to `path` and to `other_path`, half
+/// while the shipper reads (refused or not, as it keeps up), half while it is stopped, so
+/// that its queue surely fills; while stopped, as many from a sender that did not connect.
+fn send_unix_datagrams(shipper: &mut Proc, path: &Path, other_path: &Path) -> Refused {
+    let connected = |to: &Path| {
+        let tx = UnixDatagram::unbound().unwrap();
+        tx.connect(to).unwrap();
+        tx.set_nonblocking(true).unwrap();
+        tx
+    };
+    let (tx, tx_other) = (connected(path), connected(other_path));
+    let unconnected = UnixDatagram::unbound().unwrap();
+    unconnected.set_nonblocking(true).unwrap();
+    let mut datagram = b"<13>Nov 21 07:00:00 edge app[1]: ".to_vec();
+    datagram.resize(200, b'x');
+    let mut r = Refused { connected: 0, other: 0, unconnected: 0 };
+    for i in 0..UNIX_SENT {
+        if i == UNIX_SENT / 2 {
+            shipper.signal(libc::SIGSTOP);
+            wait_for("the shipper to stop", Duration::from_secs(10), || {
+                stopped(shipper.child.id())
+            });
+        }
+        r.connected += u64::from(!sent(tx.send(&datagram)));
+        r.other += u64::from(!sent(tx_other.send(&datagram)));
+        if i >= UNIX_SENT / 2 {
+            r.unconnected += u64::from(!sent(unconnected.send_to(&datagram, path)));
+        }
+    }
+    shipper.signal(libc::SIGCONT);
+    r
+}
+
+/// The shipper counted exactly the connected sender's refusals, per source and reason, and
+/// read every datagram the kernel accepted.
+fn check_unix_refusals_counted(shipper: &mut Proc, r: &Refused) {
+    let (sm, refused) = (shipper.metrics, r.connected);
+    assert!(refused >= UNIX_SENT / 2 - 11, "the stopped shipper's queue refuses: {refused}");
+    assert!(r.unconnected > 0, "the unconnected sender is refused too");
+    let counted = |labels: &[(&str, &str)]| {
+        metric(&scrape_ok(sm), "shipper_kernel_datagrams_dropped_total", labels) as u64
+    };
+    let source = [("source", "devlog")];
+    shipper.wait_alive_for(
+        "eBPF refusals to reach the sender's failures",
+        Duration::from_secs(10),
+        &mut || counted(&source) >= refused,
+    );
+    // Exact, per source and reason; the other socket's refusals, and those of the sender
+    // that did not connect (no peer to attribute them to), are nowhere.
+    assert_eq!(counted(&source), refused);
+    assert_eq!(counted(&[("source", "devlog"), ("reason", "unix_queue_full")]), refused);
+    assert_eq!(counted(&[]), refused, "only the connected sender's refusals count");
+    // The kernel's side adds up: the shipper read every datagram not refused.
+    let read = "shipper_socket_messages_received_total";
+    let accepted = UNIX_SENT - refused + UNIX_SENT / 2 - r.unconnected;
+    shipper.wait_alive("the source to read every accepted datagram", || {
+        metric(&scrape_ok(sm), read, &[]) as u64 == accepted
     });
 }
 
@@ -309,7 +315,7 @@ fn receiver_at(env: &Env, ip: &str) -> (Proc, String) {
 #[ignore = "needs root: loads eBPF programs, blackholes a route in a new network namespace"]
 fn retransmits_to_a_blackholed_receiver_count_for_that_receiver() {
     require_root(ROOT_WHY);
-    in_netns(|| {
+    in_new_netns(|| {
         let env = Env::new();
         let (_lossy, lossy) = receiver_at(&env, "127.0.0.2");
         let (_healthy, healthy) = receiver_at(&env, "127.0.0.3");
@@ -426,7 +432,7 @@ fn without_privileges_or_with_no_ebpf_the_shipper_runs_unattached() {
 fn resets_from_a_receiver_count_once_each() {
     const RESETS: usize = 5;
     require_root(ROOT_WHY);
-    in_netns(|| {
+    in_new_netns(|| {
         let env = Env::new();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();

@@ -370,19 +370,14 @@ fn panic_run(env: &Env, args: &[&str]) -> (Option<i32>, String) {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > PANIC_EXIT_LIMIT {
+    let every = Duration::from_millis(20);
+    let status =
+        testkit::process::exit_within(&mut child, PANIC_EXIT_LIMIT, every).unwrap_or_else(|_| {
             let _ = child.kill();
             let _ = child.wait();
             let said = std::fs::read_to_string(&log).unwrap();
             panic!("{args:?} still running {PANIC_EXIT_LIMIT:?} after its panic:\n{said}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        });
     (status.code(), std::fs::read_to_string(&log).unwrap())
 }
 
@@ -532,7 +527,7 @@ fn receiver_holds_frames_in_progress_within_its_budget() {
     // Regression: each connection buffered its frame in progress on its own, up to
     // frame_bytes_max, so peers each sending part of a large frame made the receiver hold all
     // those parts at once (1000 half frames of 16 MiB: 8 GB).
-    use shipper::protocol::frame::{Kind, HEADER_BYTES};
+    use shipper::protocol::frame::HEADER_BYTES;
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let extra = format!(
@@ -544,20 +539,51 @@ fn receiver_holds_frames_in_progress_within_its_budget() {
     let mut receiver = start_receiver(&env, port, rm, &extra);
     let pid = receiver.child.id();
     let rss_before = peak_rss_kib(pid);
-    let p = &env.pki;
-    let config = || shipper::tls::client_config(&p.ca, &p.shipper_cert, &p.shipper_key).unwrap();
     let wire = frame_of_payload(HALF_FRAME_PAYLOAD_BYTES);
     let half = HEADER_BYTES + HALF_FRAME_PAYLOAD_BYTES / 2;
-    // Each client: HELLO, the first half of its frame, then a read. Those without room get an
-    // ERROR once frames_in_progress_wait_ms has passed; those with room get nothing.
-    let clients: Vec<(RawClient, Option<String>)> = std::thread::scope(|s| {
+    let clients = send_half_frames(&env, port, &wire[..half]);
+    let refused: Vec<&String> = clients.iter().filter_map(|(_, e)| e.as_ref()).collect();
+    assert_eq!(refused.len(), HALF_FRAME_CLIENTS - HALF_FRAME_HOLDERS);
+    for e in &refused {
+        assert!(e.starts_with("busy: no room for a frame of 2097152 payload bytes"), "{e}");
+    }
+    check_frames_in_progress_bounded(&mut receiver, rss_before);
+    // A frame with room completes: acknowledged, and its room given back.
+    let holders: Vec<RawClient> =
+        clients.into_iter().filter(|(_, e)| e.is_none()).map(|(c, _)| c).collect();
+    complete_one_and_give_all_back(&mut receiver, holders, &wire[half..]);
+    let pipe = env.path("app.pipe");
+    let mut shipper =
+        start_shipper(&env, port, sm, &format!("[[sources.pipe]]\npath = {pipe:?}\n"));
+    let line = "{\"service\":\"web\",\"n\":1}";
+    open_writer(&pipe).write_all(format!("{line}\n").as_bytes()).unwrap();
+    shipper.wait_alive("the line acknowledged", || {
+        metric_at(sm, "shipper_records_acked_total", &[]) >= 1.0
+    });
+    let mut lines = output_lines(&env.out());
+    lines.sort();
+    let big = (b"x".repeat(HALF_FRAME_PAYLOAD_BYTES - 8)).to_vec();
+    assert_eq!(lines, vec![("big".to_string(), big), ("web".to_string(), line.into())]);
+    let waited = metric_at(rm, "shipper_receiver_frames_waited_total", &[]);
+    assert_eq!(waited, (HALF_FRAME_CLIENTS - HALF_FRAME_HOLDERS) as f64);
+    assert!(receiver.child.try_wait().unwrap().is_none(), "the receiver is alive");
+}
+
+/// [`HALF_FRAME_CLIENTS`] clients at once, each: HELLO, `first_half` of its frame, then a
+/// read. Those without room get an ERROR once frames_in_progress_wait_ms has passed (its
+/// text returned); those with room get nothing.
+fn send_half_frames(env: &Env, port: u16, first_half: &[u8]) -> Vec<(RawClient, Option<String>)> {
+    use shipper::protocol::frame::Kind;
+    let p = &env.pki;
+    let config = || shipper::tls::client_config(&p.ca, &p.shipper_cert, &p.shipper_key).unwrap();
+    std::thread::scope(|s| {
         let run = |i: usize| {
-            let (config, wire) = (config(), &wire);
+            let config = config();
             move || {
                 let mut c = RawClient::connect(port, config);
                 c.hello(1000 + i as u64);
                 c.set_read_timeout(Duration::from_secs(6));
-                let writer = c.send_detached(&wire[..half]);
+                let writer = c.send_detached(first_half);
                 let error = match c.read() {
                     Ok(Some(f)) if f.header.kind == Kind::Error => {
                         Some(String::from_utf8_lossy(&f.payload).into_owned())
@@ -575,12 +601,13 @@ fn receiver_holds_frames_in_progress_within_its_budget() {
         };
         let threads: Vec<_> = (0..HALF_FRAME_CLIENTS).map(|i| s.spawn(run(i))).collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
-    });
-    let refused: Vec<&String> = clients.iter().filter_map(|(_, e)| e.as_ref()).collect();
-    assert_eq!(refused.len(), HALF_FRAME_CLIENTS - HALF_FRAME_HOLDERS);
-    for e in &refused {
-        assert!(e.starts_with("busy: no room for a frame of 2097152 payload bytes"), "{e}");
-    }
+    })
+}
+
+/// The receiver's counters and its peak RSS (grown from `rss_before` KiB) after the half
+/// frames: the refusals counted, the budget held, the memory bounded.
+fn check_frames_in_progress_bounded(receiver: &mut Proc, rss_before: u64) {
+    let rm = receiver.metrics;
     let m = |name: &str, labels: &[(&str, &str)]| metric_at(rm, name, labels);
     let refused_memory = (HALF_FRAME_CLIENTS - HALF_FRAME_HOLDERS) as f64;
     receiver.wait_alive("the refusals published", || {
@@ -588,8 +615,8 @@ fn receiver_holds_frames_in_progress_within_its_budget() {
     });
     // Every frame past the 8th waited, and none of them got room.
     assert_eq!(m("shipper_receiver_frames_waited_total", &[]), refused_memory);
-    let in_progress = |n: usize| (n * HALF_FRAME_PAYLOAD_BYTES) as f64;
-    assert_eq!(m("shipper_receiver_frames_in_progress_bytes", &[]), in_progress(8));
+    let in_progress = (8 * HALF_FRAME_PAYLOAD_BYTES) as f64;
+    assert_eq!(m("shipper_receiver_frames_in_progress_bytes", &[]), in_progress);
     assert_eq!(
         m("shipper_receiver_frames_in_progress_bytes_max", &[]),
         HALF_FRAME_BUDGET_BYTES as f64
@@ -598,37 +625,30 @@ fn receiver_holds_frames_in_progress_within_its_budget() {
     // of payload read without room, the frame header, a 64 KiB read buffer, 64 KiB of
     // plaintext and its TLS state: under 256 KiB each, 12.5 MiB for 50. Without the budget the
     // 50 half frames alone were 50 MiB.
-    let grown_kib = peak_rss_kib(pid) - rss_before;
+    let grown_kib = peak_rss_kib(receiver.child.id()) - rss_before;
     let bound_kib = (HALF_FRAME_BUDGET_BYTES >> 10) + HALF_FRAME_CLIENTS * 256;
     eprintln!("receiver peak RSS grew by {grown_kib} KiB (bound {bound_kib} KiB)");
     assert!(grown_kib < bound_kib as u64, "peak RSS grew by {grown_kib} KiB");
-    // A frame with room completes: acknowledged, and its room given back.
-    let mut holders: Vec<RawClient> =
-        clients.into_iter().filter(|(_, e)| e.is_none()).map(|(c, _)| c).collect();
-    holders[0].send(&wire[half..]).unwrap();
+}
+
+/// The first holder sends `second_half` of its frame: acknowledged, and its room given back;
+/// then all holders close, and every reservation is given back.
+fn complete_one_and_give_all_back(
+    receiver: &mut Proc,
+    mut holders: Vec<RawClient>,
+    second_half: &[u8],
+) {
+    use shipper::protocol::frame::Kind;
+    let rm = receiver.metrics;
+    let in_progress = || metric_at(rm, "shipper_receiver_frames_in_progress_bytes", &[]);
+    holders[0].send(second_half).unwrap();
     let ack = holders[0].read().unwrap().unwrap();
     assert_eq!((ack.header.kind, ack.header.seq), (Kind::Ack, 1));
     receiver.wait_alive("the acknowledged frame's room given back", || {
-        m("shipper_receiver_frames_in_progress_bytes", &[]) == in_progress(7)
+        in_progress() == (7 * HALF_FRAME_PAYLOAD_BYTES) as f64
     });
     drop(holders);
-    receiver.wait_alive("every reservation given back", || {
-        m("shipper_receiver_frames_in_progress_bytes", &[]) == 0.0
-    });
-    let pipe = env.path("app.pipe");
-    let mut shipper =
-        start_shipper(&env, port, sm, &format!("[[sources.pipe]]\npath = {pipe:?}\n"));
-    let line = "{\"service\":\"web\",\"n\":1}";
-    open_writer(&pipe).write_all(format!("{line}\n").as_bytes()).unwrap();
-    shipper.wait_alive("the line acknowledged", || {
-        metric_at(sm, "shipper_records_acked_total", &[]) >= 1.0
-    });
-    let mut lines = output_lines(&env.out());
-    lines.sort();
-    let big = (b"x".repeat(HALF_FRAME_PAYLOAD_BYTES - 8)).to_vec();
-    assert_eq!(lines, vec![("big".to_string(), big), ("web".to_string(), line.into())]);
-    assert_eq!(m("shipper_receiver_frames_waited_total", &[]), refused_memory);
-    assert!(receiver.child.try_wait().unwrap().is_none(), "the receiver is alive");
+    receiver.wait_alive("every reservation given back", || in_progress() == 0.0);
 }
 
 #[test]

@@ -2,6 +2,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use testkit::rng::XorShift64;
+
 use crate::harness::*;
 
 const JOURNAL_REMOTE: &str = "/lib/systemd/systemd-journal-remote";
@@ -19,90 +21,88 @@ fn require_tools() {
 /// with every kind of field the oracle must get right.
 pub fn export(n: usize) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut rnd = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let text = |out: &mut Vec<u8>, name: &str, v: &[u8]| {
-        out.extend_from_slice(name.as_bytes());
-        out.push(b'=');
-        out.extend_from_slice(v);
-        out.push(b'\n');
-    };
-    let binary = |out: &mut Vec<u8>, name: &str, v: &[u8]| {
-        out.extend_from_slice(name.as_bytes());
-        out.push(b'\n');
-        out.extend_from_slice(&(v.len() as u64).to_le_bytes());
-        out.extend_from_slice(v);
-        out.push(b'\n');
-    };
+    let mut rng = XorShift64::new(0x9e37_79b9_7f4a_7c15);
     for i in 0..n {
-        text(
-            &mut out,
-            "__REALTIME_TIMESTAMP",
-            format!("{}", 1_700_000_000_000_000u64 + i as u64 * 1000).as_bytes(),
-        );
-        text(
-            &mut out,
-            "__MONOTONIC_TIMESTAMP",
-            format!("{}", 5_000_000 + i as u64 * 1000).as_bytes(),
-        );
-        text(&mut out, "_BOOT_ID", b"0123456789abcdef0123456789abcdef");
-        let ident = ["app", "db", "web", "kernel"][i % 4];
-        text(&mut out, "SYSLOG_IDENTIFIER", ident.as_bytes());
-        text(&mut out, "_SYSTEMD_UNIT", format!("{ident}.service").as_bytes());
-        text(&mut out, "PRIORITY", format!("{}", i % 8).as_bytes());
-        if i % 7 == 0 {
-            binary(
-                &mut out,
-                "MESSAGE",
-                format!("line one of {i}\n\tline two é\nline three").as_bytes(),
-            );
-        } else {
-            text(
-                &mut out,
-                "MESSAGE",
-                format!("request {i} served in {} ms", rnd() % 1000).as_bytes(),
-            );
-        }
-        if i % 5 == 0 {
-            text(&mut out, "EMPTY", b"");
-        }
-        if i % 3 == 0 {
-            let v: Vec<u8> = (0..(rnd() % 64) as usize).map(|_| rnd() as u8).collect();
-            binary(&mut out, "BLOB", &v);
-        }
-        if i % 11 == 0 {
-            text(&mut out, "LATIN1", b"caf\xe9 cr\xe8me");
-        }
-        if i % 13 == 0 {
-            text(&mut out, "CONTROL", b"bell\x07 and del\x7f");
-        }
-        if i % 17 == 0 {
-            text(&mut out, "TAG", b"first");
-            text(&mut out, "TAG", format!("second {}", i % 3).as_bytes());
-        }
-        if i % 10 == 0 {
-            // Mid-sized and compressible, unique per entry (DATA objects are de-duplicated).
-            let frames: String =
-                (0..12).map(|f| format!("  at frame{f} (src/lib.rs:{})\n", i + f)).collect();
-            binary(&mut out, "TRACE", frames.as_bytes());
-        }
-        if i % 20_000 == 0 {
-            let big: Vec<u8> = (0..100_000).map(|k| b"abcdefghij\n"[(k + i) % 11]).collect();
-            binary(&mut out, "LARGE", &big);
-        }
-        if i % 1000 == 0 {
-            // Large, but random: stays uncompressed or compresses badly.
-            let big: Vec<u8> = (0..70_000).map(|_| b'a' + (rnd() % 26) as u8).collect();
-            text(&mut out, "NOISE", &big);
-        }
+        export_common_fields(&mut out, i, &mut rng);
+        export_occasional_fields(&mut out, i, &mut rng);
         out.push(b'\n');
     }
     out
+}
+
+/// A text field: `NAME=value\n`.
+fn text_field(out: &mut Vec<u8>, name: &str, v: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'=');
+    out.extend_from_slice(v);
+    out.push(b'\n');
+}
+
+/// A binary field: `NAME\n`, the length as 64-bit little endian, the value, `\n`.
+fn binary_field(out: &mut Vec<u8>, name: &str, v: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+    out.extend_from_slice(v);
+    out.push(b'\n');
+}
+
+/// Entry `i`'s fields that every entry has: timestamps, boot id, identifier, unit, priority
+/// and the message (every 7th a binary one of three lines).
+fn export_common_fields(out: &mut Vec<u8>, i: usize, rng: &mut XorShift64) {
+    let realtime = 1_700_000_000_000_000u64 + i as u64 * 1000;
+    text_field(out, "__REALTIME_TIMESTAMP", format!("{realtime}").as_bytes());
+    let monotonic = 5_000_000 + i as u64 * 1000;
+    text_field(out, "__MONOTONIC_TIMESTAMP", format!("{monotonic}").as_bytes());
+    text_field(out, "_BOOT_ID", b"0123456789abcdef0123456789abcdef");
+    let ident = ["app", "db", "web", "kernel"][i % 4];
+    text_field(out, "SYSLOG_IDENTIFIER", ident.as_bytes());
+    text_field(out, "_SYSTEMD_UNIT", format!("{ident}.service").as_bytes());
+    text_field(out, "PRIORITY", format!("{}", i % 8).as_bytes());
+    if i % 7 == 0 {
+        let message = format!("line one of {i}\n\tline two é\nline three");
+        binary_field(out, "MESSAGE", message.as_bytes());
+    } else {
+        let message = format!("request {i} served in {} ms", rng.next() % 1000);
+        text_field(out, "MESSAGE", message.as_bytes());
+    }
+}
+
+/// Entry `i`'s fields that some entries have: empty, binary, Latin-1, control characters,
+/// repeated, mid-sized, large and large random values.
+fn export_occasional_fields(out: &mut Vec<u8>, i: usize, rng: &mut XorShift64) {
+    if i % 5 == 0 {
+        text_field(out, "EMPTY", b"");
+    }
+    if i % 3 == 0 {
+        let v: Vec<u8> = (0..(rng.next() % 64) as usize).map(|_| rng.next() as u8).collect();
+        binary_field(out, "BLOB", &v);
+    }
+    if i % 11 == 0 {
+        text_field(out, "LATIN1", b"caf\xe9 cr\xe8me");
+    }
+    if i % 13 == 0 {
+        text_field(out, "CONTROL", b"bell\x07 and del\x7f");
+    }
+    if i % 17 == 0 {
+        text_field(out, "TAG", b"first");
+        text_field(out, "TAG", format!("second {}", i % 3).as_bytes());
+    }
+    if i % 10 == 0 {
+        // Mid-sized and compressible, unique per entry (DATA objects are de-duplicated).
+        let frames: String =
+            (0..12).map(|f| format!("  at frame{f} (src/lib.rs:{})\n", i + f)).collect();
+        binary_field(out, "TRACE", frames.as_bytes());
+    }
+    if i % 20_000 == 0 {
+        let big: Vec<u8> = (0..100_000).map(|k| b"abcdefghij\n"[(k + i) % 11]).collect();
+        binary_field(out, "LARGE", &big);
+    }
+    if i % 1000 == 0 {
+        // Large, but random: stays uncompressed or compresses badly.
+        let big: Vec<u8> = (0..70_000).map(|_| b'a' + (rng.next() % 26) as u8).collect();
+        text_field(out, "NOISE", &big);
+    }
 }
 
 /// Writes `export` into a journal file with systemd-journal-remote and `env`.
@@ -324,13 +324,11 @@ fn corrupt_journals_are_skipped_never_fatal() {
         }
     }
     // 300 runs with 8 flipped bytes each, seeded: never a crash, hang or runaway output.
-    let mut x: u64 = 42;
+    let mut rng = XorShift64::new(42);
     for run_no in 0..300 {
         let mut b = bytes.clone();
         for _ in 0..8 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next();
             b[(x % used as u64) as usize] ^= 1 << (x >> 61);
         }
         let (entries, _) = cat("flipped.journal", &b);

@@ -111,53 +111,13 @@ fn tcp_newline_octet_counting_and_auto_framing_with_split_writes() {
         );
     }
     let mut shipper = start_shipper(&env, port, sm, &body);
-    let (a, ra) = record5424(14, "nl", "1", "first");
-    let (b, rb) = record5424(14, "nl", "2", "second, split across writes");
-    let mut nl = TcpStream::connect(("127.0.0.1", ports[0])).unwrap();
-    nl.set_nodelay(true).unwrap();
-    nl.write_all(format!("{a}\n{}", &b[..20]).as_bytes()).unwrap();
-    let sm_ = sm;
-    shipper.wait_alive("the first newline-framed message", || {
-        metric(
-            &scrape_ok(sm_),
-            "shipper_socket_messages_received_total",
-            &[("source", "tcp-newline")],
-        ) == 1.0
-    });
-    nl.write_all(format!("{}\n", &b[20..]).as_bytes()).unwrap();
-
-    let (c, rc) = record5424(14, "oc", "1", "line\nbreak kept");
-    let (d, rd) = record5424(14, "oc", "2", "split");
-    let mut oc = TcpStream::connect(("127.0.0.1", ports[1])).unwrap();
-    oc.set_nodelay(true).unwrap();
-    let framed = format!("{} {c}{} {d}", c.len(), d.len());
-    let cut = framed.len() - 7;
-    oc.write_all(&framed.as_bytes()[..cut]).unwrap();
-    shipper.wait_alive("the first octet-counted message", || {
-        metric(
-            &scrape_ok(sm_),
-            "shipper_socket_messages_received_total",
-            &[("source", "tcp-octet_counting")],
-        ) == 1.0
-    });
-    oc.write_all(&framed.as_bytes()[cut..]).unwrap();
-
-    // Auto: both framings on one connection, and util-linux logger with --octet-count.
-    let (e, re) = record5424(14, "auto", "1", "nl");
-    let (f, rf) = record5424(14, "auto", "2", "oc");
-    let mut au = TcpStream::connect(("127.0.0.1", ports[2])).unwrap();
-    au.write_all(format!("{e}\n{} {f}", f.len()).as_bytes()).unwrap();
-    let status = Command::new("logger")
-        .args(["-T", "-n", "127.0.0.1", "-P", &ports[2].to_string(), "--octet-count"])
-        .args(["--rfc5424", "-t", "loggertcp", "--msgid", "M1", "from logger"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let (nl, want_nl) = newline_split_across_writes(&mut shipper, ports[0]);
+    let (oc, want_oc) = octet_counted_split_across_writes(&mut shipper, ports[1]);
+    let (au, want_auto) = both_framings_and_logger(ports[2]);
     wait_lines(&mut shipper, &env, 7);
-    assert_eq!(stream(&env, "nl"), sorted(vec![ra, rb]));
-    // The newline inside an octet-counted message is part of it.
-    assert_eq!(stream(&env, "oc"), sorted(vec![rc.replace("line\nbreak", "line\\nbreak"), rd]));
-    assert_eq!(stream(&env, "auto"), sorted(vec![re, rf]));
+    assert_eq!(stream(&env, "nl"), sorted(want_nl));
+    assert_eq!(stream(&env, "oc"), sorted(want_oc));
+    assert_eq!(stream(&env, "auto"), sorted(want_auto));
     let logged = stream(&env, "loggertcp");
     assert_eq!(logged.len(), 1);
     let v: serde_json::Value = serde_json::from_str(&logged[0]).unwrap();
@@ -174,6 +134,60 @@ fn tcp_newline_octet_counting_and_auto_framing_with_split_writes() {
     assert_eq!(shipper.metric("shipper_socket_connections_accepted_total", &[]), 4.0);
     assert_eq!(shipper.metric("shipper_socket_connections_open", &[]), 0.0);
     assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
+}
+
+/// Waits until socket source `source` of `shipper` has received `n` messages.
+fn wait_received(shipper: &mut Proc, what: &str, source: &str, n: f64) {
+    let sm = shipper.metrics;
+    shipper.wait_alive(what, || {
+        let labels = [("source", source)];
+        metric(&scrape_ok(sm), "shipper_socket_messages_received_total", &labels) == n
+    });
+}
+
+/// Two newline-framed messages to `port`, the second split across two writes (the first
+/// received in between); the connection and the records expected.
+fn newline_split_across_writes(shipper: &mut Proc, port: u16) -> (TcpStream, Vec<String>) {
+    let (a, ra) = record5424(14, "nl", "1", "first");
+    let (b, rb) = record5424(14, "nl", "2", "second, split across writes");
+    let mut nl = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    nl.set_nodelay(true).unwrap();
+    nl.write_all(format!("{a}\n{}", &b[..20]).as_bytes()).unwrap();
+    wait_received(shipper, "the first newline-framed message", "tcp-newline", 1.0);
+    nl.write_all(format!("{}\n", &b[20..]).as_bytes()).unwrap();
+    (nl, vec![ra, rb])
+}
+
+/// Two octet-counted messages to `port`, the second split across two writes; the connection
+/// and the records expected.
+fn octet_counted_split_across_writes(shipper: &mut Proc, port: u16) -> (TcpStream, Vec<String>) {
+    let (c, rc) = record5424(14, "oc", "1", "line\nbreak kept");
+    let (d, rd) = record5424(14, "oc", "2", "split");
+    let mut oc = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    oc.set_nodelay(true).unwrap();
+    let framed = format!("{} {c}{} {d}", c.len(), d.len());
+    let cut = framed.len() - 7;
+    oc.write_all(&framed.as_bytes()[..cut]).unwrap();
+    wait_received(shipper, "the first octet-counted message", "tcp-octet_counting", 1.0);
+    oc.write_all(&framed.as_bytes()[cut..]).unwrap();
+    // The newline inside an octet-counted message is part of it.
+    (oc, vec![rc.replace("line\nbreak", "line\\nbreak"), rd])
+}
+
+/// Auto framing on `port`: both framings on one connection, and util-linux logger with
+/// --octet-count; the connection and the records expected (logger's aside).
+fn both_framings_and_logger(port: u16) -> (TcpStream, Vec<String>) {
+    let (e, re) = record5424(14, "auto", "1", "nl");
+    let (f, rf) = record5424(14, "auto", "2", "oc");
+    let mut au = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    au.write_all(format!("{e}\n{} {f}", f.len()).as_bytes()).unwrap();
+    let status = Command::new("logger")
+        .args(["-T", "-n", "127.0.0.1", "-P", &port.to_string(), "--octet-count"])
+        .args(["--rfc5424", "-t", "loggertcp", "--msgid", "M1", "from logger"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    (au, vec![re, rf])
 }
 
 #[test]
@@ -254,6 +268,19 @@ fn bad_socket_input_is_counted_and_never_stops_a_source() {
          format = \"json\"\nframing = \"newline\"\nservice = \"junkjson\"\n"
     );
     let mut shipper = start_shipper(&env, port, sm, &body);
+    let datagrams = send_bad_datagrams(udp);
+    let _open = send_bad_streams(sm, tcp, json);
+    // 6 datagrams less the empty one, 1 from tcp, 4 json lines.
+    wait_lines(&mut shipper, &env, 5 + 1 + 4);
+    check_bad_input_outputs(&env, &datagrams[1]);
+    check_bad_input_counted(&shipper);
+    assert!(shipper.log_text().contains("octet-counted message over message_bytes_max"));
+    assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
+}
+
+/// Six datagrams to `udp`: garbage, invalid UTF-8, a bad PRI, an empty one, an oversize one,
+/// and a good one after them; returns them.
+fn send_bad_datagrams(udp: u16) -> Vec<Vec<u8>> {
     let udp_out = UdpSocket::bind("127.0.0.1:0").unwrap();
     let big = format!("<13>Jan  5 03:04:05 big: {}", "x".repeat(400));
     let datagrams: Vec<Vec<u8>> = vec![
@@ -267,6 +294,13 @@ fn bad_socket_input_is_counted_and_never_stops_a_source() {
     for d in &datagrams {
         udp_out.send_to(d, ("127.0.0.1", udp)).unwrap();
     }
+    datagrams
+}
+
+/// Bad streams to the octet-counted source on `tcp` and the JSON one on `json`, and
+/// connections past connections_max; returns the connections still open.
+fn send_bad_streams(sm: u16, tcp: u16, json: u16) -> Vec<TcpStream> {
+    let counter = |name: &str| metric(&scrape_ok(sm), name, &[("source", "t")]);
     // TCP: an oversize count is skipped (the stream stays in sync), garbage closes the stream.
     let mut t1 = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
     let ok = "<13>Jan  5 03:04:05 good: tcp after oversize";
@@ -277,48 +311,50 @@ fn bad_socket_input_is_counted_and_never_stops_a_source() {
     let mut j = TcpStream::connect(("127.0.0.1", json)).unwrap();
     j.write_all(text).unwrap();
     wait_for("the garbage connection closed", LIMIT, || {
-        let t = scrape_ok(sm);
-        metric(&t, "shipper_socket_framing_errors_total", &[("source", "t")]) == 1.0
+        counter("shipper_socket_framing_errors_total") == 1.0
     });
     wait_for("the message after the oversize one", LIMIT, || {
-        let t = scrape_ok(sm);
-        metric(&t, "shipper_socket_messages_received_total", &[("source", "t")]) == 1.0
+        counter("shipper_socket_messages_received_total") == 1.0
     });
     // Past connections_max (2 on the one worker: t1 and a third one held open), a new
     // connection evicts the longest-idle one (t1: it sent its bytes before t3 connected).
-    let _t3 = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
-    wait_for("two connections open", LIMIT, || {
-        let t = scrape_ok(sm);
-        metric(&t, "shipper_socket_connections_open", &[("source", "t")]) == 2.0
-    });
-    let _t4 = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+    let t3 = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+    wait_for("two connections open", LIMIT, || counter("shipper_socket_connections_open") == 2.0);
+    let t4 = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
     wait_for("a connection evicted", LIMIT, || {
-        let t = scrape_ok(sm);
-        metric(&t, "shipper_socket_connections_evicted_total", &[("source", "t")]) == 1.0
+        counter("shipper_socket_connections_evicted_total") == 1.0
     });
-    // 6 datagrams less the empty one, 1 from tcp, 4 json lines.
-    wait_lines(&mut shipper, &env, 5 + 1 + 4);
-    let junk = stream(&env, "junk");
+    vec![t1, t2, j, t3, t4]
+}
+
+/// What arrived of the bad input: the junk as sent (`not_utf8` kept byte for byte), the
+/// oversize message cut, the good ones after the junk.
+fn check_bad_input_outputs(env: &Env, not_utf8: &[u8]) {
+    let junk = stream(env, "junk");
     assert_eq!(
         junk,
         ["<13>Jan  5 03:04:05 t: \u{fffd}\u{fffd}", "<999>1 - - - - - -", "plain garbage"]
     );
     let raw = output_lines(&env.out());
-    assert!(raw.contains(&("junk".into(), datagrams[1].clone())), "non-UTF-8 kept as sent");
+    assert!(raw.contains(&("junk".into(), not_utf8.to_vec())), "non-UTF-8 kept as sent");
     let cut = format!(
         r#"{{"service":"big","facility":"user","severity":"notice","timestamp":"Jan  5 03:04:05","app":"big","message":"{}"}}"#,
         "x".repeat(256 - "<13>Jan  5 03:04:05 big: ".len())
     );
-    assert_eq!(stream(&env, "big"), [cut]);
+    assert_eq!(stream(env, "big"), [cut]);
     assert_eq!(
-        stream(&env, "good"),
+        stream(env, "good"),
         [
             r#"{"service":"good","facility":"user","severity":"notice","timestamp":"Jan  5 03:04:05","app":"good","message":"after the junk"}"#,
             r#"{"service":"good","facility":"user","severity":"notice","timestamp":"Jan  5 03:04:05","app":"good","message":"tcp after oversize"}"#,
         ]
     );
-    assert_eq!(stream(&env, "svc"), [r#"{"service":"svc","n":1}"#]);
-    assert_eq!(stream(&env, "junkjson").len(), 3);
+    assert_eq!(stream(env, "svc"), [r#"{"service":"svc","n":1}"#]);
+    assert_eq!(stream(env, "junkjson").len(), 3);
+}
+
+/// Each bad input counted once, by source and reason.
+fn check_bad_input_counted(shipper: &Proc) {
     let m = |name: &str, labels: &[(&str, &str)]| shipper.metric(name, labels);
     let reason =
         |source, r| m("shipper_socket_parse_failures_total", &[("source", source), ("reason", r)]);
@@ -332,6 +368,4 @@ fn bad_socket_input_is_counted_and_never_stops_a_source() {
     assert_eq!(m("shipper_socket_messages_oversize_total", &[("source", "u")]), 1.0);
     assert_eq!(m("shipper_socket_messages_oversize_total", &[("source", "t")]), 1.0);
     assert_eq!(m("shipper_socket_messages_received_total", &[("source", "u")]), 6.0);
-    assert!(shipper.log_text().contains("octet-counted message over message_bytes_max"));
-    assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
 }

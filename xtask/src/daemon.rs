@@ -3,9 +3,10 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use testkit::process::{poll_alive, NotReady};
 
 /// A started shipper process, killed when dropped (unless stopped first).
 pub struct Daemon(pub Child);
@@ -54,17 +55,15 @@ impl Daemon {
     ) -> anyhow::Result<Daemon> {
         let cmd = args.first().copied().unwrap_or_default();
         let mut d = Daemon::spawn(cpus, &bin.to_string_lossy(), args, log)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while shipper::metrics::http::get(metrics).is_none() {
-            if let Some(status) = d.0.try_wait()? {
-                bail!("{cmd} exited ({status}); see {}", log.display());
+        let up = || shipper::metrics::http::get(metrics).is_some();
+        match poll_alive(&mut d.0, Duration::from_secs(10), POLL, up) {
+            Ok(()) => Ok(d),
+            Err(NotReady::Exited(status)) => {
+                bail!("{cmd} exited ({status}); see {}", log.display())
             }
-            if Instant::now() > deadline {
-                bail!("{cmd} did not start; see {}", log.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            Err(NotReady::TimedOut(_)) => bail!("{cmd} did not start; see {}", log.display()),
+            Err(e @ NotReady::Wait(_)) => Err(e.into()),
         }
-        Ok(d)
     }
 
     /// Runs `program args` on `cpus` (all when empty), standard output and error into `log`.
@@ -100,13 +99,20 @@ impl Daemon {
 
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         Ok(self.0.wait()?)
+    }
+
+    /// Sends `sig` (a process that has exited already is no error: it is reaped on drop).
+    pub fn signal(&self, sig: i32) {
+        let _ = testkit::process::signal(&self.0, sig);
     }
 }
 
+/// How often a start is checked for.
+const POLL: Duration = Duration::from_millis(20);
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(testkit::net::free_tcp_port()?)
 }

@@ -2,21 +2,7 @@
 //! cases), syslog datagrams from a host's daemons (UDP cases), journal export entries, and
 //! the writers and the sender that deliver them.
 
-/// xorshift64*: fast, deterministic from its seed.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
+use testkit::rng::XorShift64Star as Rng;
 
 const PATHS: [&str; 6] =
     ["/api/v1/items", "/api/v1/users", "/static/app.js", "/", "/health", "/api/v2/search"];

@@ -6,11 +6,15 @@
 //!   suite; the CI command (`.ci/run`).
 //! - `demo`: setup, release build, then a receiver and a shipper on loopback with a
 //!   throw-away CA, sample logs written into the pipes, live progress, and what arrived.
-//! - `perf [CASE...] [--quick]`: end-to-end benchmark cases from `perf/cases/`.
+//! - `perf [CASE...] [--quick] [--runs N] [--against REV]`: end-to-end benchmark cases from
+//!   `perf/cases/`; `--against` runs another git revision's shipper beside this one's.
+//! - `layers [DIR]`: the shipper library's layering (no import of `runtime` from below it,
+//!   no circle between its top-level modules), read from `shipper/src` (or `DIR`).
 
 mod daemon;
 mod demo;
 mod fuzz;
+mod layers;
 mod loadgen;
 mod perf;
 mod setup;
@@ -26,8 +30,9 @@ fn main() -> anyhow::Result<()> {
         Some("test") => test(),
         Some("demo") => demo::run(),
         Some("perf") => perf::run(&args[1..]),
+        Some("layers") => layers::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <setup|test|demo|perf [CASE...] [--quick]>");
+            eprintln!("usage: cargo xtask <setup|test|demo|perf [CASE...] [--quick] [--against REV]|layers [DIR]>");
             std::process::exit(2);
         }
     }

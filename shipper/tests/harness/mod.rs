@@ -6,10 +6,12 @@
 mod raw;
 pub use raw::RawClient;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use testkit::process::NotReady;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shipper");
 
@@ -24,16 +26,16 @@ pub fn require_root(why: &str) {
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes; panics with `what` on timeout.
 pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let polled = testkit::wait::poll(limit, POLL, || cond().then_some(()));
+    polled.unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what}"));
 }
+
+/// How often the harness checks a condition it waits for.
+const POLL: Duration = Duration::from_millis(20);
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    testkit::net::free_tcp_port().unwrap()
 }
 
 pub struct Env {
@@ -129,23 +131,20 @@ impl Proc {
     }
 
     pub fn wait_alive_for(&mut self, what: &str, limit: Duration, cond: &mut dyn FnMut() -> bool) {
-        let deadline = Instant::now() + limit;
-        while !cond() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "{} exited ({status}) while waiting for {what}:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
+        match testkit::process::poll_alive(&mut self.child, limit, POLL, cond) {
+            Ok(()) => {}
+            Err(NotReady::Exited(status)) => panic!(
+                "{} exited ({status}) while waiting for {what}:\n{}",
+                self.name,
+                self.log_text()
+            ),
+            Err(NotReady::TimedOut(_)) => panic!(
                 "{}: timed out waiting for {what}:\n{}\nnon-zero metrics:\n{}",
                 self.name,
                 self.log_text(),
                 self.nonzero_metrics()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            ),
+            Err(e @ NotReady::Wait(_)) => panic!("{}: {e}", self.name),
         }
     }
 
@@ -162,26 +161,15 @@ impl Proc {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        let _ = testkit::process::signal(&self.child, sig);
     }
 
     /// SIGTERM, then the exit status within `limit`.
     pub fn stop(&mut self, limit: Duration) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit after SIGTERM:\n{}",
-                self.name,
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        testkit::process::exit_within(&mut self.child, limit, POLL).unwrap_or_else(|e| {
+            panic!("{} did not exit after SIGTERM ({e}):\n{}", self.name, self.log_text())
+        })
     }
 
     pub fn kill(&mut self) {

@@ -159,20 +159,7 @@ pub fn run_case(
         shipper::tls::pki::generate(&dir.join("tls"), &["localhost".into(), "127.0.0.1".into()])?;
     let deadline = Duration::from_secs(if quick { 60 } else { 600 });
     let env = Env { dir: &dir, case, pki: &pki, load: &load, deadline, quick };
-    let mut all: Vec<Vec<Phase>> = vec![Vec::new(); PHASES.len()];
-    let mut rotations = Vec::new();
-    for r in 0..runs {
-        let phases = run_once(&env, r).with_context(|| format!("run {}", r + 1))?;
-        for (i, p) in phases.into_iter().enumerate() {
-            print_phase(&p, r, runs);
-            all[i].push(p);
-        }
-        let dir = dir.join(format!("rotation{r}"));
-        let p = rotation(&env, &dir).with_context(|| format!("run {}: rotation", r + 1))?;
-        let _ = std::fs::remove_dir_all(&dir);
-        print_phase(&p, r, runs);
-        rotations.push(p);
-    }
+    let (all, rotations) = run_all(&env, runs)?;
     let _ = std::fs::remove_dir_all(&dir);
     // The median run of each phase by lines/s, with the spread.
     let medians: Vec<Phase> = all
@@ -183,15 +170,6 @@ pub fn run_case(
             sorted[sorted.len() / 2].clone()
         })
         .collect();
-    // The rotation's median run by longest write(), and the worst.
-    let mut by_block = rotations.clone();
-    by_block.sort_by(|a, b| a.write_block_max_ms.total_cmp(&b.write_block_max_ms));
-    let rotation = by_block[by_block.len() / 2].clone();
-    let worst_ms = by_block.last().map_or(0.0, |p| p.write_block_max_ms);
-    let mut md = markdown(name, case, &load, &medians, &all);
-    md += &rotation_markdown(case, &rotation, worst_ms, rotations.len());
-    println!("\n{md}");
-    let charts = charts(name, quick, &load, &medians)?;
     let run = super::Run {
         name,
         description: &case.description,
@@ -199,6 +177,54 @@ pub fn run_case(
         quick,
         command,
     };
+    let rotation = save(&run, case, &load, (&medians, &all), &rotations)?;
+    for p in medians.iter().chain([&rotation]) {
+        if p.lines == 0 {
+            bail!("{name}: phase \"{}\" moved no line", p.label);
+        }
+    }
+    Ok(())
+}
+
+/// `runs` runs of the three phases and of the rotation, each printed as it ends: each phase's
+/// runs, and the rotation's.
+fn run_all(env: &Env, runs: usize) -> anyhow::Result<(Vec<Vec<Phase>>, Vec<Phase>)> {
+    let mut all: Vec<Vec<Phase>> = vec![Vec::new(); PHASES.len()];
+    let mut rotations = Vec::new();
+    for r in 0..runs {
+        let phases = run_once(env, r).with_context(|| format!("run {}", r + 1))?;
+        for (i, p) in phases.into_iter().enumerate() {
+            print_phase(&p, r, runs);
+            all[i].push(p);
+        }
+        let dir = env.dir.join(format!("rotation{r}"));
+        let p = rotation(env, &dir).with_context(|| format!("run {}: rotation", r + 1))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        print_phase(&p, r, runs);
+        rotations.push(p);
+    }
+    Ok((all, rotations))
+}
+
+/// Prints and saves the summary, charts and results (`phases`: the medians and every run);
+/// returns the rotation's median run by longest write().
+fn save(
+    run: &super::Run,
+    case: &BufferCase,
+    load: &Load,
+    phases: (&[Phase], &[Vec<Phase>]),
+    rotations: &[Phase],
+) -> anyhow::Result<Phase> {
+    let (medians, all) = phases;
+    // The rotation's median run by longest write(), and the worst.
+    let mut by_block = rotations.to_vec();
+    by_block.sort_by(|a, b| a.write_block_max_ms.total_cmp(&b.write_block_max_ms));
+    let rotation = by_block[by_block.len() / 2].clone();
+    let worst_ms = by_block.last().map_or(0.0, |p| p.write_block_max_ms);
+    let mut md = markdown(run.name, case, load, medians, all);
+    md += &rotation_markdown(case, &rotation, worst_ms, rotations.len());
+    println!("\n{md}");
+    let charts = charts(run.name, run.quick, load, medians)?;
     let fields = serde_json::json!({
         "case_toml": case,
         "lines": load.lines,
@@ -214,13 +240,8 @@ pub fn run_case(
         },
         "charts": charts,
     });
-    super::save(&run, fields, Some(&md))?;
-    for p in medians.iter().chain([&rotation]) {
-        if p.lines == 0 {
-            bail!("{name}: phase \"{}\" moved no line", p.label);
-        }
-    }
-    Ok(())
+    super::save(run, fields, Some(&md))?;
+    Ok(rotation)
 }
 
 fn print_phase(p: &Phase, run: usize, runs: usize) {
@@ -520,14 +541,39 @@ fn thousands(v: f64) -> String {
 }
 
 fn markdown(name: &str, case: &BufferCase, load: &Load, m: &[Phase], all: &[Vec<Phase>]) -> String {
-    use std::fmt::Write;
-    let mut md = String::new();
+    let mut md = workload(name, case, load, all[0].len());
+    md += "| phase | lines/s (spread) | MB/s | CPU s | lines per CPU-s | CPU per line vs \
+           straight | peak RSS | writer max block | on disk | not delivered |\n";
+    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    let base = m[0].lines_per_cpu_s.max(1e-9);
+    for (p, runs) in m.iter().zip(all) {
+        md += &phase_row(p, runs, load, base);
+    }
+    let r = &m[2];
+    md += &format!(
+        "\nReplay: the receiver started → its first replayed line written {:.3} s (the shipper's probe \
+         backoff, `[receivers]` {}); first → last line written {:.3} s (then every line \
+         acknowledged and no segment left), reading {:.1} MB/s of segments. `shipper receive` used {:.3} CPU-s \
+         straight and {:.3} CPU-s for the replay. Frames through the buffer in the straight \
+         phase: {}.\n",
+        r.first_line_s,
+        inline(&case.receivers),
+        r.wall_s,
+        r.disk_mb_per_s,
+        m[0].receiver_cpu_s,
+        r.receiver_cpu_s,
+        m[0].buffer_frames_written,
+    );
+    md
+}
+
+/// The summary's first paragraph: the case, its workload, shipper settings and CPUs.
+fn workload(name: &str, case: &BufferCase, load: &Load, runs: usize) -> String {
     let w = &case.workload;
-    let _ = writeln!(
-        md,
+    format!(
         "**{name}** ({}): {} lines, {:.0} bytes on average ({}–{}), {} pipe(s) × {} writer(s), \
          as fast as possible; shipper {} worker(s), zstd level {}, `[buffer]` {}; CPUs: shipper \
-         {:?}, load generator {:?}, receiver {:?}; median of {} run(s) by lines/s.\n",
+         {:?}, load generator {:?}, receiver {:?}; median of {runs} run(s) by lines/s.\n\n",
         case.description,
         thousands(load.lines as f64),
         load.bytes as f64 / load.lines.max(1) as f64,
@@ -541,66 +587,46 @@ fn markdown(name: &str, case: &BufferCase, load: &Load, m: &[Phase], all: &[Vec<
         case.cpus.shipper,
         case.cpus.loadgen,
         case.cpus.receiver,
-        all[0].len(),
-    );
-    md += "| phase | lines/s (spread) | MB/s | CPU s | lines per CPU-s | CPU per line vs \
-           straight | peak RSS | writer max block | on disk | not delivered |\n";
-    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-    let base = m[0].lines_per_cpu_s.max(1e-9);
-    for (p, runs) in m.iter().zip(all) {
-        let (lo, hi) = runs
-            .iter()
-            .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(r.lines_per_s), hi.max(r.lines_per_s)));
-        let disk = if p.disk_bytes > 0 {
-            format!(
-                "{:.1} MB in {} segments ({:.1}× smaller)",
-                p.disk_bytes as f64 / 1e6,
-                p.segments,
-                load.bytes as f64 / p.disk_bytes as f64
-            )
-        } else if p.frame_bytes_sent > 0 {
-            format!("– ({:.1} MB of frames sent)", p.frame_bytes_sent as f64 / 1e6)
-        } else {
-            "–".into()
-        };
-        let block = if p.write_block_max_ms > 0.0 {
-            format!("{:.1} ms", p.write_block_max_ms)
-        } else {
-            "–".into()
-        };
-        let _ = writeln!(
-            md,
-            "| {} | **{}** ({}–{}) | {:.1} | {:.3} | {} | {:.2}× | {:.1} MiB | {block} | {disk} | \
-             {} |",
-            p.label,
-            thousands(p.lines_per_s),
-            thousands(lo),
-            thousands(hi),
-            p.mb_per_s,
-            p.cpu_s,
-            thousands(p.lines_per_cpu_s),
-            base / p.lines_per_cpu_s.max(1e-9),
-            p.peak_rss_kib as f64 / 1024.0,
-            thousands(p.dropped as f64),
-        );
-    }
-    let r = &m[2];
-    let _ = writeln!(
-        md,
-        "\nReplay: the receiver started → its first replayed line written {:.3} s (the shipper's probe \
-         backoff, `[receivers]` {}); first → last line written {:.3} s (then every line \
-         acknowledged and no segment left), reading {:.1} MB/s of segments. `shipper receive` used {:.3} CPU-s \
-         straight and {:.3} CPU-s for the replay. Frames through the buffer in the straight \
-         phase: {}.",
-        r.first_line_s,
-        inline(&case.receivers),
-        r.wall_s,
-        r.disk_mb_per_s,
-        m[0].receiver_cpu_s,
-        r.receiver_cpu_s,
-        m[0].buffer_frames_written,
-    );
-    md
+    )
+}
+
+/// Phase `p`'s row (its median run), the spread over its `runs`, its CPU per line against
+/// `base` (the straight phase's lines per CPU-s).
+fn phase_row(p: &Phase, runs: &[Phase], load: &Load, base: f64) -> String {
+    let (lo, hi) = runs
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(r.lines_per_s), hi.max(r.lines_per_s)));
+    let disk = if p.disk_bytes > 0 {
+        format!(
+            "{:.1} MB in {} segments ({:.1}× smaller)",
+            p.disk_bytes as f64 / 1e6,
+            p.segments,
+            load.bytes as f64 / p.disk_bytes as f64
+        )
+    } else if p.frame_bytes_sent > 0 {
+        format!("– ({:.1} MB of frames sent)", p.frame_bytes_sent as f64 / 1e6)
+    } else {
+        "–".into()
+    };
+    let block = if p.write_block_max_ms > 0.0 {
+        format!("{:.1} ms", p.write_block_max_ms)
+    } else {
+        "–".into()
+    };
+    format!(
+        "| {} | **{}** ({}–{}) | {:.1} | {:.3} | {} | {:.2}× | {:.1} MiB | {block} | {disk} | \
+         {} |\n",
+        p.label,
+        thousands(p.lines_per_s),
+        thousands(lo),
+        thousands(hi),
+        p.mb_per_s,
+        p.cpu_s,
+        thousands(p.lines_per_cpu_s),
+        base / p.lines_per_cpu_s.max(1e-9),
+        p.peak_rss_kib as f64 / 1024.0,
+        thousands(p.dropped as f64),
+    )
 }
 
 /// A TOML table on one line: `{ a = 1, b = "x" }`.

@@ -212,10 +212,10 @@ fn scaling(path: &PathBuf, name: &str, results: &[SystemResult]) -> anyhow::Resu
     let pts: Vec<(i32, f64, f64)> = results
         .iter()
         .filter_map(|r| match r.system {
-            System::Shipper { workers } => {
+            System::Shipper { workers, rev: None } => {
                 Some((workers as i32, r.median.lines_per_s, r.median.lines_per_cpu_s))
             }
-            System::Peer(_) => None,
+            System::Shipper { rev: Some(_), .. } | System::Peer(_) => None,
         })
         .collect();
     let xmax = pts.iter().map(|p| p.0).max().unwrap_or(1) + 1;

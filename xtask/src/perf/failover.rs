@@ -317,23 +317,17 @@ fn run_settings(env: &Env, s: &ReceiverSettings, reps: usize) -> anyhow::Result<
     })();
     let (written, block) = writers.finish()?;
     outcome?;
-    let deadline = Instant::now() + Duration::from_secs(60);
     let acked = |t: &str| sum(t, "shipper_records_acked_total", &[]);
     let dropped = |t: &str| sum(t, "shipper_lines_dropped_total", &[]);
-    let text = loop {
+    let accounted = || {
         let t = get(&rig.sm).unwrap_or_default();
-        if acked(&t) + dropped(&t) >= written as f64 {
-            break t;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} of {written} lines acknowledged after 60 s; see {}",
-                acked(&t),
-                dir.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        (acked(&t) + dropped(&t) >= written as f64).then_some(t)
     };
+    let text = testkit::wait::poll(Duration::from_secs(60), Duration::from_millis(50), accounted)
+        .with_context(|| {
+        let t = get(&rig.sm).unwrap_or_default();
+        format!("{} of {written} lines acknowledged after 60 s; see {}", acked(&t), dir.display())
+    })?;
     // Receivers publish every 250 ms: wait for a publication after the last ack.
     std::thread::sleep(Duration::from_millis(2 * shipper::metrics::PUBLISH_INTERVAL_MS));
     let w = "shipper_receiver_records_written_total";
@@ -400,7 +394,7 @@ fn cycle(env: &Env, rig: &Rig) -> anyhow::Result<Cycle> {
     })?;
 
     let (b0, m0) = (super::files_bytes(&rig.standby_out, "log"), metric(&rig.spm, w));
-    signal(&rig.primary, libc::SIGSTOP);
+    rig.primary.signal(libc::SIGSTOP);
     let t0 = Instant::now();
     let (mut file_at, mut metric_at, mut down_at) = (None, None, None);
     poll("the standby taking lines", limit, |now| {
@@ -426,7 +420,7 @@ fn cycle(env: &Env, rig: &Rig) -> anyhow::Result<Cycle> {
     // The outage goes on for outage_ms after the standby took over.
     let resume = file_at.unwrap_or(t0) + Duration::from_millis(case.outage_ms);
     std::thread::sleep(resume.saturating_duration_since(Instant::now()));
-    signal(&rig.primary, libc::SIGCONT);
+    rig.primary.signal(libc::SIGCONT);
     let t1 = Instant::now();
     let (mut healthy_at, mut last_write, mut bytes) =
         (None, t1, super::files_bytes(&rig.standby_out, "log"));
@@ -459,22 +453,8 @@ fn poll<T>(
     limit: Duration,
     mut f: impl FnMut(Instant) -> Option<T>,
 ) -> anyhow::Result<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let now = Instant::now();
-        if let Some(v) = f(now) {
-            return Ok(v);
-        }
-        if now > deadline {
-            bail!("{what}: not within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn signal(d: &Daemon, sig: i32) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(d.pid() as i32, sig) };
+    let every = Duration::from_millis(10);
+    testkit::wait::poll(limit, every, || f(Instant::now())).with_context(|| what.to_string())
 }
 
 fn markdown(name: &str, case: &FailoverCase, outcomes: &[Outcome]) -> String {

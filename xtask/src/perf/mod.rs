@@ -1,4 +1,4 @@
-//! `cargo xtask perf [CASE...] [--quick] [--runs N]`: end-to-end cases from
+//! `cargo xtask perf [CASE...] [--quick] [--runs N] [--against REV]`: end-to-end cases from
 //! `perf/cases/<case>/case.toml`, each run beside its baseline and peers in the same invocation.
 //! A case's `kind` says what it runs: `pipe` ([`pipe`], the default), `journal` ([`journal`]),
 //! `journal-checkpoint` ([`journal_checkpoint`]: a pipe writer's longest `write()` while a
@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::Serialize;
 
+use against::Rev;
+
+mod against;
 mod bpf;
 mod buffer;
 mod chart;
@@ -86,36 +89,52 @@ impl Measure {
     }
 }
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let quick = args.iter().any(|a| a == "--quick");
-    let mut runs = None;
-    let mut names = Vec::new();
+/// What `cargo xtask perf` was asked for.
+struct Options {
+    names: Vec<String>,
+    quick: bool,
+    runs: Option<usize>,
+    /// `--against REV`: the revision whose shipper runs beside this checkout's.
+    against: Option<String>,
+}
+
+fn options(args: &[String]) -> anyhow::Result<Options> {
+    let mut o = Options { names: Vec::new(), quick: false, runs: None, against: None };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--quick" => {}
+            "--quick" => o.quick = true,
             "--runs" => {
                 let n = it.next().context("--runs needs a number")?;
-                runs = Some(n.parse::<usize>().with_context(|| format!("--runs {n}"))?.max(1));
+                o.runs = Some(n.parse::<usize>().with_context(|| format!("--runs {n}"))?.max(1));
+            }
+            "--against" => {
+                o.against = Some(it.next().context("--against needs a revision")?.clone())
             }
             flag if flag.starts_with("--") => bail!("unknown option {flag}"),
-            name => names.push(name.to_string()),
+            name => o.names.push(name.to_string()),
         }
     }
+    Ok(o)
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut o = options(args)?;
     let cases_dir = crate::root().join("perf/cases");
-    if names.is_empty() {
+    if o.names.is_empty() {
         for e in std::fs::read_dir(&cases_dir)? {
-            names.push(e?.file_name().to_string_lossy().into_owned());
+            o.names.push(e?.file_name().to_string_lossy().into_owned());
         }
-        names.sort();
+        o.names.sort();
     }
     for (peer, why) in crate::setup::peers() {
         println!("perf peer {peer} will be skipped: {why}");
     }
     crate::run("cargo", &["build", "--release", "-p", "shipper"])?;
+    let against = o.against.as_deref().map(against::build).transpose()?;
     let mut failed = Vec::new();
-    for name in &names {
-        if let Err(e) = run_case(&cases_dir, name, quick, runs) {
+    for name in &o.names {
+        if let Err(e) = run_case(&cases_dir, name, &o, against.as_ref()) {
             eprintln!(
                 "
 !! case {name} FAILED: {e:#}"
@@ -129,20 +148,26 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_case(dir: &Path, name: &str, quick: bool, runs: Option<usize>) -> anyhow::Result<()> {
+fn run_case(dir: &Path, name: &str, o: &Options, against: Option<&Rev>) -> anyhow::Result<()> {
+    let (quick, runs) = (o.quick, o.runs);
     let path = dir.join(name).join("case.toml");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
     let command = format!(
-        "cargo xtask perf {name}{}{}",
+        "cargo xtask perf {name}{}{}{}",
         if quick { " --quick" } else { "" },
-        runs.map_or(String::new(), |n| format!(" --runs {n}"))
+        runs.map_or(String::new(), |n| format!(" --runs {n}")),
+        o.against.as_ref().map_or(String::new(), |r| format!(" --against {r}"))
     );
-    match table.get("kind").and_then(|k| k.as_str()).unwrap_or("pipe") {
+    let kind = table.get("kind").and_then(|k| k.as_str()).unwrap_or("pipe");
+    if against.is_some() && kind != "pipe" {
+        bail!("--against runs pipe cases only; {name} is a {kind} case");
+    }
+    match kind {
         "pipe" => {
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-            run_pipe_case(name, &case, quick, runs, &command)
+            run_pipe_case(name, &case, (quick, runs, against), &command)
         }
         "journal" => {
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
@@ -171,6 +196,39 @@ fn run_case(dir: &Path, name: &str, quick: bool, runs: Option<usize>) -> anyhow:
     }
 }
 
+/// The systems a pipe case runs, in the order of each run: this checkout's shipper at each
+/// worker count (each followed by `against`'s at the same count), then the peers that can do
+/// the case's work; and the peers skipped, with why.
+fn systems(
+    case: &pipe::PipeCase,
+    against: Option<&Rev>,
+) -> (Vec<pipe::System>, BTreeMap<String, String>) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let counts: Vec<usize> = match &case.shipper.worker_counts {
+        Some(c) if c == &[0] => (1..=cores).collect(),
+        Some(c) => c.clone(),
+        None => vec![case.shipper.workers.unwrap_or(cores)],
+    };
+    let mut systems = Vec::new();
+    for workers in counts {
+        systems.push(pipe::System::Shipper { workers, rev: None });
+        if let Some(rev) = against {
+            systems.push(pipe::System::Shipper { workers, rev: Some(rev.clone()) });
+        }
+    }
+    let mut skipped = BTreeMap::new();
+    for peer in &case.peers {
+        match skip_reason(case, peer) {
+            Some(why) => {
+                println!("   {peer}: skipped ({why})");
+                skipped.insert(peer.clone(), why);
+            }
+            None => systems.push(pipe::System::Peer(peer.clone())),
+        }
+    }
+    (systems, skipped)
+}
+
 /// Why a case's peer cannot do the case's work, if it cannot.
 fn skip_reason(case: &pipe::PipeCase, peer: &str) -> Option<String> {
     if let Err(why) = peers::available(peer) {
@@ -187,11 +245,12 @@ fn skip_reason(case: &pipe::PipeCase, peer: &str) -> Option<String> {
     None
 }
 
+/// Runs a pipe case: every system `runs` times, interleaved run by run (`(quick, runs,
+/// against)`: `against` adds another revision's shipper beside each of this checkout's).
 fn run_pipe_case(
     name: &str,
     case: &pipe::PipeCase,
-    quick: bool,
-    runs: Option<usize>,
+    (quick, runs, against): (bool, Option<usize>, Option<&Rev>),
     command: &str,
 ) -> anyhow::Result<()> {
     let w = &case.workload;
@@ -205,25 +264,8 @@ fn run_pipe_case(
         w.writers_per_pipe,
         if w.rate > 0 { format!("{} lines/s", w.rate) } else { "as fast as possible".into() }
     );
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let scaling = case.shipper.worker_counts.is_some();
-    let mut systems: Vec<pipe::System> = match &case.shipper.worker_counts {
-        Some(c) if c == &[0] => {
-            (1..=cores).map(|workers| pipe::System::Shipper { workers }).collect()
-        }
-        Some(c) => c.iter().map(|&workers| pipe::System::Shipper { workers }).collect(),
-        None => vec![pipe::System::Shipper { workers: case.shipper.workers.unwrap_or(cores) }],
-    };
-    let mut skipped = BTreeMap::new();
-    for peer in &case.peers {
-        match skip_reason(case, peer) {
-            Some(why) => {
-                println!("   {peer}: skipped ({why})");
-                skipped.insert(peer.clone(), why);
-            }
-            None => systems.push(pipe::System::Peer(peer.clone())),
-        }
-    }
+    let (systems, skipped) = systems(case, against);
     let runs = if quick { 1 } else { runs.unwrap_or(case.runs) };
     let dir = tempdir()?;
     let pki =
@@ -591,4 +633,19 @@ pub(crate) fn today() -> String {
 /// The load generators' seed when a case names none.
 pub fn default_seed() -> u64 {
     0x5eed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_take_cases_flags_and_a_revision() {
+        let args = ["pipe-throughput", "--quick", "--against", "HEAD~1", "--runs", "3"];
+        let o = options(&args.map(String::from)).unwrap();
+        assert_eq!(o.names, ["pipe-throughput"]);
+        assert_eq!((o.quick, o.runs, o.against.as_deref()), (true, Some(3), Some("HEAD~1")));
+        let e = options(&["--against".to_string()]).err().unwrap();
+        assert_eq!(e.to_string(), "--against needs a revision");
+    }
 }

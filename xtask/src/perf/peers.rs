@@ -16,9 +16,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use testkit::process::{poll_alive, NotReady};
 
 use crate::daemon::Daemon;
 
@@ -183,32 +184,30 @@ pub fn rsyslog(dir: &Path, port: u16, tls: &Tls, cpus: &[usize]) -> anyhow::Resu
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let log = dir.join("rsyslog.log");
     let mut d = Daemon::spawn(cpus, &bin.display().to_string(), &args, &log)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", input)).is_err() {
-        if let Some(status) = d.0.try_wait()? {
-            bail!("rsyslogd exited ({status}); see {}", log.display());
+    let open = || std::net::TcpStream::connect(("127.0.0.1", input)).is_ok();
+    match poll_alive(&mut d.0, Duration::from_secs(10), POLL, open) {
+        Ok(()) => Ok((d, input)),
+        Err(NotReady::Exited(status)) => bail!("rsyslogd exited ({status}); see {}", log.display()),
+        Err(NotReady::TimedOut(_)) => {
+            bail!("rsyslogd did not open its input; see {}", log.display())
         }
-        if Instant::now() > deadline {
-            bail!("rsyslogd did not open its input; see {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        Err(e @ NotReady::Wait(_)) => Err(e.into()),
     }
-    Ok((d, input))
 }
 
 /// Waits (10 s at most) until `ready()`, failing with the log of `d` if it exits first.
 pub fn wait_ready(d: &mut Daemon, log: &Path, ready: impl Fn() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ready() {
-        if let Some(status) = d.0.try_wait()? {
+    match poll_alive(&mut d.0, Duration::from_secs(10), POLL, ready) {
+        Ok(()) => Ok(()),
+        Err(NotReady::Exited(status)) => {
             let text = std::fs::read_to_string(log).unwrap_or_default();
             bail!("exited ({status}): {}", text.trim());
         }
-        if Instant::now() > deadline {
-            return Err(anyhow::anyhow!("not ready after 10 s"))
-                .with_context(|| format!("see {}", log.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        Err(NotReady::TimedOut(_)) => Err(anyhow::anyhow!("not ready after 10 s"))
+            .with_context(|| format!("see {}", log.display())),
+        Err(e @ NotReady::Wait(_)) => Err(e.into()),
     }
-    Ok(())
 }
+
+/// How often a peer's start is checked for.
+const POLL: Duration = Duration::from_millis(20);

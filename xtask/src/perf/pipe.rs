@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use shipper::metrics::http::get;
 use shipper::metrics::text::sum;
 
+use super::against::Rev;
 use super::peers::{self, Tls};
 use super::sink::Sink;
 use super::{proc_cpu, proc_hwm_kib, Measure};
@@ -136,18 +137,28 @@ pub struct Cpus {
     pub receiver: Vec<usize>,
 }
 
-/// One system under test: the shipper with a worker count, or a peer.
+/// One system under test: the shipper with a worker count (this checkout's build, or
+/// another revision's: `--against`), or a peer.
 #[derive(Clone)]
 pub enum System {
-    Shipper { workers: usize },
+    Shipper { workers: usize, rev: Option<Rev> },
     Peer(String),
 }
 
 impl System {
+    /// `shipper`, `shipper@<rev>`, with ` (<workers>w)` when the case scales the workers; or
+    /// the peer's name.
     pub fn label(&self, scaling: bool) -> String {
         match self {
-            System::Shipper { workers } if scaling => format!("shipper ({workers}w)"),
-            System::Shipper { .. } => "shipper".into(),
+            System::Shipper { workers, rev } => {
+                let name =
+                    rev.as_ref().map_or("shipper".into(), |r| format!("shipper@{}", r.short));
+                if scaling {
+                    format!("{name} ({workers}w)")
+                } else {
+                    name
+                }
+            }
             System::Peer(p) => p.clone(),
         }
     }
@@ -243,7 +254,7 @@ pub fn run_once(env: &Env, system: &System, label: &str) -> anyhow::Result<Measu
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let started = match system {
-        System::Shipper { workers } => start_shipper(env, &dir, *workers)?,
+        System::Shipper { workers, rev } => start_shipper(env, &dir, *workers, rev.as_ref())?,
         System::Peer(p) => start_peer(env, &dir, p)?,
     };
     let cpu0: Vec<f64> = started.shipping.iter().map(|(_, d)| proc_cpu(d.pid())).collect();
@@ -401,9 +412,16 @@ pub(super) fn clear_bar(tty: bool) {
     }
 }
 
-fn start_shipper(env: &Env, dir: &Path, workers: usize) -> anyhow::Result<Started> {
+/// Starts a receiver and the shipper (this checkout's release build, or `rev`'s) with
+/// `workers` workers.
+fn start_shipper(
+    env: &Env,
+    dir: &Path,
+    workers: usize,
+    rev: Option<&Rev>,
+) -> anyhow::Result<Started> {
     let (case, pki) = (env.case, env.pki);
-    let bin = crate::root().join("target/release/shipper");
+    let bin = rev.map_or_else(|| crate::root().join("target/release/shipper"), |r| r.bin.clone());
     let (rx, rm, sm) = (free_port()?, free_port()?, free_port()?);
     let rworkers = if case.cpus.receiver.is_empty() { 2 } else { case.cpus.receiver.len() };
     let rcfg = receiver_config(dir, "receiver", pki, rx, rm, rworkers)?;
@@ -517,4 +535,18 @@ fn start_peer(env: &Env, dir: &Path, peer: &str) -> anyhow::Result<Started> {
         other => bail!("unknown peer {other:?}"),
     };
     Ok(Started { shipping, receiver: None, fifos, _holds: holds, progress: Progress::Sink(sink) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_revisions_shipper_is_labelled_with_its_commit() {
+        let rev = Rev { short: "abc1234".into(), bin: PathBuf::from("/nowhere/shipper") };
+        let at = System::Shipper { workers: 2, rev: Some(rev) };
+        assert_eq!(at.label(false), "shipper@abc1234");
+        assert_eq!(at.label(true), "shipper@abc1234 (2w)");
+        assert_eq!(System::Shipper { workers: 2, rev: None }.label(true), "shipper (2w)");
+    }
 }

@@ -48,6 +48,11 @@ impl SystemResult {
     fn is_shipper(&self) -> bool {
         matches!(self.system, System::Shipper { .. })
     }
+
+    /// Whether this is this checkout's shipper (not another revision's).
+    fn is_this_shipper(&self) -> bool {
+        matches!(self.system, System::Shipper { rev: None, .. })
+    }
 }
 
 /// One line per run while the case runs.
@@ -98,13 +103,39 @@ pub fn markdown(
     results: &[SystemResult],
     skipped: &BTreeMap<String, String>,
 ) -> String {
+    let mut md = workload(name, case, load, results.first().map_or(0, |r| r.runs.len()));
+    let base = results.iter().find(|r| r.is_this_shipper()).map(|r| &r.median);
+    let raw = results.iter().find(|r| r.label == "raw").map(|r| r.median.lines_per_s);
+    md += "| system | lines/s | MB/s | CPU s | lines per CPU-s (spread) | CPU s per M lines | \
+           CPU per line vs shipper | peak RSS | read→ack p50 / p99 / max | writer max block | \
+           not delivered |\n";
+    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for r in results {
+        md += &system_row(r, base, raw);
+    }
+    for r in results.iter().filter(|r| r.is_shipper()) {
+        let _ = writeln!(
+            md,
+            "\n{}: `shipper receive` (decompression, files, acks) used {:.3} CPU-s beside it.",
+            r.label, r.median.receiver_cpu_s
+        );
+    }
+    for (peer, why) in skipped {
+        let _ = writeln!(md, "\n{peer}: **skipped**: {why}.");
+    }
+    if case.shipper.ratelimit_rate > 0 {
+        fairness(&mut md, case, load, results);
+    }
+    md
+}
+
+/// The summary's first paragraph: the case, its workload and CPUs, and how many runs.
+fn workload(name: &str, case: &PipeCase, load: &Load, runs: usize) -> String {
     let w = &case.workload;
-    let mut md = String::new();
-    let _ = writeln!(
-        md,
+    format!(
         "**{name}** ({}; optimises {}): {} lines, {:.0} bytes on average ({}–{}), {} services{}, \
          {} pipe(s) × {} writer(s){}, {}; CPUs: shipper/peer {:?}, load generator {:?}, \
-         receiver/sink {:?}; median of {} run(s).\n",
+         receiver/sink {:?}; median of {runs} run(s).\n\n",
         case.description,
         case.optimises,
         thousands(load.lines as f64),
@@ -128,59 +159,40 @@ pub fn markdown(
         case.cpus.shipper,
         case.cpus.loadgen,
         case.cpus.receiver,
-        results.first().map_or(0, |r| r.runs.len()),
-    );
-    let base = results.iter().find(|r| r.is_shipper()).map(|r| &r.median);
-    let raw = results.iter().find(|r| r.label == "raw").map(|r| r.median.lines_per_s);
-    md += "| system | lines/s | MB/s | CPU s | lines per CPU-s (spread) | CPU s per M lines | \
-           CPU per line vs shipper | peak RSS | read→ack p50 / p99 / max | writer max block | \
-           not delivered |\n";
-    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-    for r in results {
-        let m = &r.median;
-        let vs = base.map_or("–".into(), |b| {
-            format!("{:.2}×", m.cpu_s_per_million_lines / b.cpu_s_per_million_lines.max(1e-12))
-        });
-        let lat = match (m.latency(0.5), m.latency(0.99), m.latency(1.0)) {
-            (Some(a), Some(b), Some(c)) => format!("{a:.1} / {b:.1} / {c:.1} ms"),
-            _ => "–".into(),
-        };
-        let tput = match raw {
-            Some(raw) if r.label != "raw" => {
-                format!("{} ({:.0}% of raw)", thousands(m.lines_per_s), m.lines_per_s / raw * 100.0)
-            }
-            _ => thousands(m.lines_per_s),
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {tput} | {:.1} | {:.3} | **{}** ({}–{}) | {:.2} | {vs} | {:.1} MiB | {lat} | \
-             {:.1} ms | {} |",
-            r.label,
-            m.mb_per_s,
-            m.cpu_s,
-            thousands(m.lines_per_cpu_s),
-            kilo(r.spread_lines_per_cpu_s.0),
-            kilo(r.spread_lines_per_cpu_s.1),
-            m.cpu_s_per_million_lines,
-            m.peak_rss_kib as f64 / 1024.0,
-            m.write_block_max_ms,
-            thousands(m.dropped as f64),
-        );
-    }
-    for r in results.iter().filter(|r| r.is_shipper()) {
-        let _ = writeln!(
-            md,
-            "\n{}: `shipper receive` (decompression, files, acks) used {:.3} CPU-s beside it.",
-            r.label, r.median.receiver_cpu_s
-        );
-    }
-    for (peer, why) in skipped {
-        let _ = writeln!(md, "\n{peer}: **skipped**: {why}.");
-    }
-    if case.shipper.ratelimit_rate > 0 {
-        fairness(&mut md, case, load, results);
-    }
-    md
+    )
+}
+
+/// One system's row of the table, its CPU per line against the shipper's (`base`) and its
+/// throughput against `raw`'s.
+fn system_row(r: &SystemResult, base: Option<&Measure>, raw: Option<f64>) -> String {
+    let m = &r.median;
+    let vs = base.map_or("–".into(), |b| {
+        format!("{:.2}×", m.cpu_s_per_million_lines / b.cpu_s_per_million_lines.max(1e-12))
+    });
+    let lat = match (m.latency(0.5), m.latency(0.99), m.latency(1.0)) {
+        (Some(a), Some(b), Some(c)) => format!("{a:.1} / {b:.1} / {c:.1} ms"),
+        _ => "–".into(),
+    };
+    let tput = match raw {
+        Some(raw) if r.label != "raw" => {
+            format!("{} ({:.0}% of raw)", thousands(m.lines_per_s), m.lines_per_s / raw * 100.0)
+        }
+        _ => thousands(m.lines_per_s),
+    };
+    format!(
+        "| {} | {tput} | {:.1} | {:.3} | **{}** ({}–{}) | {:.2} | {vs} | {:.1} MiB | {lat} | \
+         {:.1} ms | {} |\n",
+        r.label,
+        m.mb_per_s,
+        m.cpu_s,
+        thousands(m.lines_per_cpu_s),
+        kilo(r.spread_lines_per_cpu_s.0),
+        kilo(r.spread_lines_per_cpu_s.1),
+        m.cpu_s_per_million_lines,
+        m.peak_rss_kib as f64 / 1024.0,
+        m.write_block_max_ms,
+        thousands(m.dropped as f64),
+    )
 }
 
 /// Per-service deliveries against what the limit allows (`rate × wall + burst`, at most what

@@ -34,6 +34,7 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -639,23 +640,20 @@ fn ebpf_state(text: &str) -> Option<(String, f64)> {
 
 /// A UDP port on 127.0.0.1 that was free a moment ago.
 fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(testkit::net::free_udp_port()?)
 }
 
 /// Waits until the receive queues of the UDP sockets on 127.0.0.1:`port` are empty (polled
 /// every 2 ms), and returns when they were.
 fn drained(port: u16, limit: Duration, dir: &Path) -> anyhow::Result<Instant> {
-    let deadline = Instant::now() + limit;
-    loop {
+    let every = Duration::from_millis(2);
+    let empty = || {
         let now = Instant::now();
-        if udp_column(port, true) == 0 {
-            return Ok(now);
-        }
-        if now > deadline {
-            bail!("the UDP receive queue not empty after {limit:?}; see {}", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+        (udp_column(port, true) == 0).then_some(now)
+    };
+    testkit::wait::poll(limit, every, empty).with_context(|| {
+        format!("the UDP receive queue not empty after {limit:?}; see {}", dir.display())
+    })
 }
 
 /// The kernel's drops on the UDP sockets bound to 127.0.0.1:`port` (the `drops` column of
@@ -668,21 +666,9 @@ fn udp_drops(port: u16) -> u64 {
 /// in their receive queues (`rx_queue`, hexadecimal) or their drops (`drops`, the last).
 fn udp_column(port: u16, rx_queue: bool) -> u64 {
     let text = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
-    let local = format!("0100007F:{port:04X}");
-    let mut total = 0;
-    for line in text.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.get(1) != Some(&local.as_str()) {
-            continue;
-        }
-        total += if rx_queue {
-            let queue = f.get(4).and_then(|q| q.split(':').nth(1)).unwrap_or("0");
-            u64::from_str_radix(queue, 16).unwrap_or(0)
-        } else {
-            f.last().and_then(|d| d.parse().ok()).unwrap_or(0)
-        };
-    }
-    total
+    let rows = testkit::procnet::parse_udp(&text).into_iter();
+    let ours = rows.filter(|r| (r.local_ip, r.local_port) == (Ipv4Addr::LOCALHOST, port));
+    ours.map(|r| if rx_queue { r.rx_queue_bytes } else { r.drops }).sum()
 }
 
 /// The figure a case judges the variants by, from its `optimises`: `throughput` (datagrams
