@@ -413,11 +413,11 @@ pub struct ReceiversSection {
     pub outbox_bytes_max: u64,
     /// First delay before probing an unhealthy receiver again, doubled (with jitter) per
     /// failed probe until an acknowledgement arrives, in ms. Default: 100.
-    #[serde(default = "default_backoff_initial_ms")]
-    pub backoff_initial_ms: u64,
+    #[serde(default = "default_backoff_ms_initial")]
+    pub backoff_ms_initial: u64,
     /// Largest delay between probes, in ms. Default: 5000.
-    #[serde(default = "default_backoff_max_ms")]
-    pub backoff_max_ms: u64,
+    #[serde(default = "default_backoff_ms_max")]
+    pub backoff_ms_max: u64,
 }
 
 fn default_connections() -> usize {
@@ -438,10 +438,10 @@ fn default_inflight_frames_max() -> usize {
 fn default_outbox_bytes_max() -> u64 {
     8 << 20
 }
-fn default_backoff_initial_ms() -> u64 {
+fn default_backoff_ms_initial() -> u64 {
     100
 }
-fn default_backoff_max_ms() -> u64 {
+fn default_backoff_ms_max() -> u64 {
     5000
 }
 
@@ -671,9 +671,9 @@ impl ReceiversSection {
             &at("inflight_frames_max"),
         );
         p.range(self.outbox_bytes_max, 64 << 10, 16 << 30, &at("outbox_bytes_max"));
-        p.range(self.backoff_initial_ms, 1, 600_000, &at("backoff_initial_ms"));
-        p.check(self.backoff_max_ms >= self.backoff_initial_ms, &at("backoff_max_ms"), || {
-            format!("{} is below backoff_initial_ms", self.backoff_max_ms)
+        p.range(self.backoff_ms_initial, 1, 600_000, &at("backoff_ms_initial"));
+        p.check(self.backoff_ms_max >= self.backoff_ms_initial, &at("backoff_ms_max"), || {
+            format!("{} is below backoff_ms_initial", self.backoff_ms_max)
         });
     }
 }

@@ -79,7 +79,7 @@ impl Env {
             "[shipper]\nname = \"test\"\nworkers = 2\nshutdown_timeout_ms = 20000\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
              [receivers]\nprimary = [\"127.0.0.1:{port}\"]\nack_timeout_ms = 3000\n\
-             backoff_initial_ms = 20\nbackoff_max_ms = 200\n\
+             backoff_ms_initial = 20\nbackoff_ms_max = 200\n\
              [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\nserver_name = \"localhost\"\n{body}",
             self.pki.ca, self.pki.shipper_cert, self.pki.shipper_key
         )

@@ -49,7 +49,7 @@ pub struct BufferCase {
     pub shipper: Settings,
     /// The `[buffer]` table given to the shipper, as written (keys of docs/config.md).
     pub buffer: toml::Table,
-    /// Extra keys of `[receivers]` (e.g. `backoff_max_ms`), as written.
+    /// Extra keys of `[receivers]` (e.g. `backoff_ms_max`), as written.
     #[serde(default)]
     pub receivers: toml::Table,
     #[serde(default)]

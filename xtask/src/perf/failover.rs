@@ -375,8 +375,8 @@ fn cycle(env: &Env, rig: &Rig) -> anyhow::Result<Cycle> {
         let s = case.settings.iter().filter_map(|s| s.receivers.get(key)?.as_integer()).max();
         Duration::from_millis(s.unwrap_or(default).max(default) as u64)
     };
-    // Deadlines: a detection takes about ack_timeout_ms, a failback up to backoff_max_ms.
-    let limit = timeout("ack_timeout_ms", 5000) * 3 + timeout("backoff_max_ms", 5000) * 3;
+    // Deadlines: a detection takes about ack_timeout_ms, a failback up to backoff_ms_max.
+    let limit = timeout("ack_timeout_ms", 5000) * 3 + timeout("backoff_ms_max", 5000) * 3;
     let w = "shipper_receiver_records_written_total";
     let primary = [("receiver", rig.primary_label.as_str())];
     let standby = [("receiver", rig.standby_label.as_str())];

@@ -18,7 +18,7 @@
 //!    receiver is declared down) ends the connection; its in-flight frames go back to the
 //!    front of the outbox, to go to another receiver. An ERROR from the receiver ("cannot
 //!    write now") declares it down too, so it is probed with backoff; any other lost
-//!    connection waits a jittered `backoff_initial_ms` before reconnecting.
+//!    connection waits a jittered `backoff_ms_initial` before reconnecting.
 //! 5. A REJECT ends nothing: the refused frame leaves the window for its one fate
 //!    ([`Link::rejected`]: the dead-letter tier's rejected lane, the quarantine, or a counted
 //!    drop). A dead-letter slot connects while refused frames wait, whatever tier is up, and
@@ -105,11 +105,11 @@ pub async fn run_slot<L: Link + 'static>(
             let c = l.delivery();
             let r = &c.config.receivers;
             if c.dests.list[d].state == State::Down {
-                let delay = c.dests.probe_delay_ms(d, r.backoff_initial_ms, r.backoff_max_ms);
+                let delay = c.dests.probe_delay_ms(d, r.backoff_ms_initial, r.backoff_ms_max);
                 Some(jitter(delay, c))
             } else {
                 // A lost connection to a receiver still up: no reconnect storm either.
-                failed.then(|| jitter(r.backoff_initial_ms, c))
+                failed.then(|| jitter(r.backoff_ms_initial, c))
             }
         };
         if let Some(delay) = delay {

@@ -7,7 +7,7 @@
 //! - A receiver is `Up` from its WELCOME (an answer from the receiving process, not the
 //!   kernel's accept) until a frame or heartbeat goes unanswered for `ack_timeout_ms`, a write
 //!   misses `write_timeout_ms`, or its last connection fails. Probes of a `Down` receiver back
-//!   off exponentially (jittered, capped at `backoff_max_ms`), and the backoff only resets
+//!   off exponentially (jittered, capped at `backoff_ms_max`), and the backoff only resets
 //!   when an acknowledgement arrives: a receiver that welcomes connections but never acks
 //!   (a hung disk, a half-open path) is probed ever more slowly, not hammered.
 //!
@@ -112,9 +112,9 @@ impl Destinations {
     }
 
     /// How long to wait before probing `dest` again, in ms (before jitter).
-    pub fn probe_delay_ms(&self, dest: usize, initial_ms: u64, max_ms: u64) -> u64 {
+    pub fn probe_delay_ms(&self, dest: usize, backoff_ms_initial: u64, backoff_ms_max: u64) -> u64 {
         let doublings = self.list[dest].failures.saturating_sub(1).min(32);
-        initial_ms.saturating_mul(1 << doublings).min(max_ms)
+        backoff_ms_initial.saturating_mul(1 << doublings).min(backoff_ms_max)
     }
 
     fn set(&mut self, dest: usize, state: State, now_ns: u64) -> Option<Failover> {
