@@ -13,7 +13,7 @@ use crate::transforms::syslog::Failure as MessageFailure;
 /// Everything one worker counts.
 #[derive(Clone, Debug)]
 pub struct ShipperCounters {
-    pub core: usize,
+    pub worker: usize,
     pub sources: Vec<SourceCounters>,
     pub journals: Vec<JournalCounters>,
     pub sockets: Vec<SocketCounters>,
@@ -39,9 +39,9 @@ pub struct ShipperCounters {
 }
 
 impl ShipperCounters {
-    pub fn new(core: usize) -> ShipperCounters {
+    pub fn new(worker: usize) -> ShipperCounters {
         ShipperCounters {
-            core,
+            worker,
             sources: Vec::new(),
             journals: Vec::new(),
             sockets: Vec::new(),
@@ -192,7 +192,7 @@ const PER_SOCKET: &[Series<SocketCounters>] = &[
     }),
 ];
 
-const PER_CORE: &[Series<ShipperCounters>] = &[
+const PER_WORKER: &[Series<ShipperCounters>] = &[
     ("shipper_frames_sent_total", "counter", "DATA frames written (resends included).", |c| {
         c.delivery.frames_sent
     }),
@@ -350,15 +350,15 @@ const PER_DESTINATION: &[Series<DestinationCounters>] = &[
 /// Renders one family per series, one sample per (core, item) with `label` naming the item.
 fn families<T>(
     out: &mut Exposition,
-    cores: &[ShipperCounters],
+    workers: &[ShipperCounters],
     series: &[Series<T>],
     items: fn(&ShipperCounters) -> Vec<(&str, &T)>,
     label: &str,
 ) {
     for (name, kind, help, get) in series {
         out.family(name, kind, help);
-        for c in cores {
-            let core = c.core.to_string();
+        for c in workers {
+            let core = c.worker.to_string();
             for (item, t) in items(c) {
                 let labels: &[(&str, &str)] = if label.is_empty() {
                     &[("core", &core)]
@@ -377,14 +377,14 @@ type Reasons<'a, const N: usize> = Vec<(&'a str, [u64; N])>;
 /// Renders a counter family with one sample per (core, item, reason).
 fn per_reason<const N: usize>(
     out: &mut Exposition,
-    cores: &[ShipperCounters],
+    workers: &[ShipperCounters],
     (name, help): (&str, &str),
     (item_label, reasons): (&str, [&str; N]),
     items: fn(&ShipperCounters) -> Reasons<'_, N>,
 ) {
     out.family(name, "counter", help);
-    for c in cores {
-        let core = c.core.to_string();
+    for c in workers {
+        let core = c.worker.to_string();
         for (item, counts) in items(c) {
             for (reason, n) in reasons.iter().zip(counts) {
                 out.sample(
@@ -399,11 +399,11 @@ fn per_reason<const N: usize>(
 
 /// `shipper_socket_info`: which core reads which socket, bound where (for the eBPF drop
 /// counters, and for people looking for the port).
-fn render_socket_info(cores: &[ShipperCounters], out: &mut Exposition) {
+fn render_socket_info(workers: &[ShipperCounters], out: &mut Exposition) {
     let name = "shipper_socket_info";
     out.family(name, "gauge", "A socket source read by this core: its transport and address.");
-    for c in cores {
-        let core = c.core.to_string();
+    for c in workers {
+        let core = c.worker.to_string();
         for s in &c.sockets {
             let labels = [
                 ("core", core.as_str()),
@@ -417,7 +417,7 @@ fn render_socket_info(cores: &[ShipperCounters], out: &mut Exposition) {
 }
 
 /// Renders every core's counters.
-pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
+pub fn render(workers: &[ShipperCounters], out: &mut Exposition) {
     out.family("shipper_build_info", "gauge", "Version of the running shipper.").sample(
         "shipper_build_info",
         &[("version", env!("CARGO_PKG_VERSION"))],
@@ -425,58 +425,58 @@ pub fn render(cores: &[ShipperCounters], out: &mut Exposition) {
     );
     families(
         out,
-        cores,
+        workers,
         PER_SOURCE,
         |c| c.sources.iter().map(|s| (s.source.as_str(), s)).collect(),
         "source",
     );
     families(
         out,
-        cores,
+        workers,
         PER_JOURNAL,
         |c| c.journals.iter().map(|j| (j.source.as_str(), j)).collect(),
         "source",
     );
     families(
         out,
-        cores,
+        workers,
         PER_SOCKET,
         |c| c.sockets.iter().map(|s| (s.source.as_str(), s)).collect(),
         "source",
     );
-    render_socket_info(cores, out);
-    families(out, cores, PER_CORE, |c| vec![("", c)], "");
+    render_socket_info(workers, out);
+    families(out, workers, PER_WORKER, |c| vec![("", c)], "");
     families(
         out,
-        cores,
+        workers,
         PER_DESTINATION,
         |c| c.delivery.destinations.iter().map(|d| (d.receiver.as_str(), d)).collect(),
         "receiver",
     );
-    render_reasons(cores, out);
-    render_services(cores, out);
-    render_summaries(cores, out);
+    render_reasons(workers, out);
+    render_services(workers, out);
+    render_summaries(workers, out);
 }
 
 /// The families with a `reason` label: parse failures per source, drops per service.
-fn render_reasons(cores: &[ShipperCounters], out: &mut Exposition) {
+fn render_reasons(workers: &[ShipperCounters], out: &mut Exposition) {
     per_reason(
         out,
-        cores,
+        workers,
         ("shipper_source_parse_failures_total", "Lines passed on as text: did not parse."),
         ("source", Failure::ALL.map(Failure::label)),
         |c| c.sources.iter().map(|s| (s.source.as_str(), s.parse_failures)).collect(),
     );
     per_reason(
         out,
-        cores,
+        workers,
         ("shipper_socket_parse_failures_total", "Messages passed on as text: did not parse."),
         ("source", MessageFailure::ALL.map(MessageFailure::label)),
         |c| c.sockets.iter().map(|s| (s.source.as_str(), s.parse_failures)).collect(),
     );
     per_reason(
         out,
-        cores,
+        workers,
         ("shipper_lines_dropped_total", "Lines dropped, per service and reason."),
         ("service", DropReason::ALL.map(DropReason::label)),
         |c| c.services.iter().map(|s| (s.service.as_str(), s.lines_dropped)).collect(),
@@ -484,11 +484,11 @@ fn render_reasons(cores: &[ShipperCounters], out: &mut Exposition) {
 }
 
 /// Lines admitted per service.
-fn render_services(cores: &[ShipperCounters], out: &mut Exposition) {
-    let core_names: Vec<String> = cores.iter().map(|c| c.core.to_string()).collect();
+fn render_services(workers: &[ShipperCounters], out: &mut Exposition) {
+    let core_names: Vec<String> = workers.iter().map(|c| c.worker.to_string()).collect();
     let name = "shipper_lines_admitted_total";
     out.family(name, "counter", "Lines admitted by the rate limiter, per service.");
-    for (c, core) in cores.iter().zip(&core_names) {
+    for (c, core) in workers.iter().zip(&core_names) {
         for s in &c.services {
             out.sample(name, &[("core", core), ("service", &s.service)], s.lines_admitted as f64);
         }
@@ -496,8 +496,8 @@ fn render_services(cores: &[ShipperCounters], out: &mut Exposition) {
 }
 
 /// The latency and batch-size summaries per core.
-fn render_summaries(cores: &[ShipperCounters], out: &mut Exposition) {
-    let core_names: Vec<String> = cores.iter().map(|c| c.core.to_string()).collect();
+fn render_summaries(workers: &[ShipperCounters], out: &mut Exposition) {
+    let core_names: Vec<String> = workers.iter().map(|c| c.worker.to_string()).collect();
     let summaries: [Summary; 3] = [
         (
             "shipper_read_to_ack_latency_seconds",
@@ -510,7 +510,7 @@ fn render_summaries(cores: &[ShipperCounters], out: &mut Exposition) {
     ];
     for (name, help, hist, scale) in summaries {
         out.family(name, "summary", help);
-        for (c, core) in cores.iter().zip(&core_names) {
+        for (c, core) in workers.iter().zip(&core_names) {
             out.summary(name, &[("core", core)], hist(c), scale);
         }
     }

@@ -16,7 +16,7 @@ pub type Name = std::sync::Arc<[u8]>;
 
 /// One worker's arrivals per service during its last interval.
 pub struct DemandReport {
-    pub core: usize,
+    pub worker: usize,
     pub demand: Vec<(Name, u64)>,
 }
 
@@ -41,7 +41,7 @@ pub fn run(plane: ControlPlane) {
         if now < deadline {
             match plane.reports.recv_timeout(deadline - now) {
                 Ok(r) => {
-                    latest[r.core] = r.demand.into_iter().collect();
+                    latest[r.worker] = r.demand.into_iter().collect();
                     fresh = true;
                     continue;
                 }
@@ -54,9 +54,9 @@ pub fn run(plane: ControlPlane) {
             continue;
         }
         fresh = false;
-        for (core, shares) in compute(&latest).into_iter().enumerate() {
+        for (worker, shares) in compute(&latest).into_iter().enumerate() {
             // A worker that has stopped no longer listens; that is not an error.
-            let _ = plane.shares[core].send(shares);
+            let _ = plane.shares[worker].send(shares);
         }
     }
 }
@@ -64,16 +64,16 @@ pub fn run(plane: ControlPlane) {
 /// Every service's shares from the latest reports, per worker.
 pub fn compute(latest: &[HashMap<Name, u64>]) -> Vec<Shares> {
     let mut arrivals: BTreeMap<&Name, Vec<u64>> = BTreeMap::new();
-    for (core, report) in latest.iter().enumerate() {
+    for (worker, report) in latest.iter().enumerate() {
         for (name, &n) in report {
-            arrivals.entry(name).or_insert_with(|| vec![0; latest.len()])[core] = n;
+            arrivals.entry(name).or_insert_with(|| vec![0; latest.len()])[worker] = n;
         }
     }
     let mut out = vec![Vec::new(); latest.len()];
     for (name, a) in arrivals {
         if let Some(shares) = rebalance(&a) {
-            for (core, s) in shares.into_iter().enumerate() {
-                out[core].push((name.clone(), s));
+            for (worker, s) in shares.into_iter().enumerate() {
+                out[worker].push((name.clone(), s));
             }
         }
     }

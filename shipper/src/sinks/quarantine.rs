@@ -81,11 +81,11 @@ impl Quarantine {
     /// Runs once at start.
     pub fn open(
         root: &Path,
-        core: usize,
+        worker: usize,
         bytes_max: u64,
         modes: crate::os::Modes,
     ) -> io::Result<Quarantine> {
-        let dir = root.join(format!("w{core}"));
+        let dir = root.join(format!("w{worker}"));
         modes.create_dir_all(&dir)?;
         let mut bytes = 0;
         for entry in std::fs::read_dir(&dir)? {

@@ -181,22 +181,24 @@ mod tests {
     #[test]
     fn shared_nothing_total_tracks_global_rate() {
         let (rate, burst) = (1000u64, 200u64);
-        let mut cores = [RateLimiter::default(), RateLimiter::default()];
-        for c in &mut cores {
+        let mut workers = [RateLimiter::default(), RateLimiter::default()];
+        for c in &mut workers {
             c.add(0, rate, burst, 0.5, 0);
         }
         let mut admitted = 0u64;
-        let step = SEC / 10_000; // 10k arrivals/s in total, 3:1 between the cores
+        let step = SEC / 10_000; // 10k arrivals/s in total, 3:1 between the workers
         let t_end = 10 * SEC;
         let mut now = 0;
         while now < t_end {
-            let core = usize::from(now / step % 4 == 0);
-            admitted += u64::from(cores[core].admit(0, now));
+            let w = usize::from(now / step % 4 == 0);
+            admitted += u64::from(workers[w].admit(0, now));
             now += step;
             if now % (SEC / 10) == 0 {
-                let d: Vec<u64> =
-                    cores.iter_mut().map(|c| c.take_demand().first().map_or(0, |x| x.1)).collect();
-                for (c, s) in cores.iter_mut().zip(rebalance(&d).unwrap()) {
+                let d: Vec<u64> = workers
+                    .iter_mut()
+                    .map(|c| c.take_demand().first().map_or(0, |x| x.1))
+                    .collect();
+                for (c, s) in workers.iter_mut().zip(rebalance(&d).unwrap()) {
                     c.set_share(0, s, now);
                 }
             }

@@ -284,7 +284,7 @@ fn exchange_demand(w: &mut Worker, plane: &Plane, now: u64) {
         .into_iter()
         .map(|(id, n)| (services.table.name(id).into(), n))
         .collect();
-    let _ = plane.reports.send(DemandReport { core: w.index, demand });
+    let _ = plane.reports.send(DemandReport { worker: w.index, demand });
     while let Ok(update) = plane.shares.try_recv() {
         for (name, share) in update {
             if let Some(id) = services.table.get(&name) {
