@@ -134,12 +134,15 @@ struct Shared {
     exit: mpsc::Sender<Event>,
 }
 
+/// Where the control thread sends a worker its shares.
+type ShareSender = mpsc::Sender<control::Shares>;
+
 /// Starts one thread per worker; returns their handles and the senders of their shares.
 fn spawn_workers(
     config: &Arc<ShipperConfig>,
     plans: Plans,
     shared: &Shared,
-) -> anyhow::Result<(Vec<std::thread::JoinHandle<()>>, Vec<mpsc::Sender<control::Shares>>)> {
+) -> anyhow::Result<(Vec<std::thread::JoinHandle<()>>, Vec<ShareSender>)> {
     let cpus = core_affinity::get_core_ids().unwrap_or_default();
     let mut share_txs = Vec::new();
     let mut handles = Vec::new();
