@@ -36,20 +36,12 @@ use crate::config::shipper::{ShipperConfig, WhenFull};
 use crate::metrics::shipper::ShipperCounters;
 use crate::sinks::delivery::{BatchBuilder, Delivery, Sealed};
 use crate::sinks::quarantine::Quarantine;
-use crate::sources::journal::JournalCounters;
-use crate::sources::pipe::SourceCounters;
-use crate::sources::socket::SocketCounters;
 use crate::sources::{Intake, Marks, Outcome, Record, SourceId};
 use crate::transforms::services::DropReason;
 use crate::transforms::{Chain, Decode};
 
-/// The counters the worker's sources own, copied when the worker publishes.
-#[derive(Default)]
-struct SourceCounterSets {
-    pipes: Vec<Rc<RefCell<SourceCounters>>>,
-    journals: Vec<Rc<RefCell<JournalCounters>>>,
-    sockets: Vec<Rc<RefCell<SocketCounters>>>,
-}
+/// Adds a copy of one source's counters to the counters being published.
+type Publisher = Box<dyn Fn(&mut ShipperCounters)>;
 
 pub struct Worker {
     /// This worker's index (the `core` label of its metrics).
@@ -69,7 +61,8 @@ pub struct Worker {
     /// The worker's own counters (acknowledgements, latency, batches, the outbox and buffer
     /// gauges); the sources', the services' and the delivery's are added when published.
     pub counters: ShipperCounters,
-    sources: SourceCounterSets,
+    /// One per source, in the order they were registered.
+    publishers: Vec<Publisher>,
 }
 
 impl Worker {
@@ -93,7 +86,7 @@ impl Worker {
             },
             marks: Vec::new(),
             counters: ShipperCounters::new(index),
-            sources: SourceCounterSets::default(),
+            publishers: Vec::new(),
             config,
         })
     }
@@ -104,56 +97,23 @@ impl Worker {
     }
 
     /// Registers a source decoded by `decode` (records without a key go to `service`, or to
-    /// `_other`); `marks` when it is durable.
-    fn add_source(
+    /// `_other`), durable through `marks` if given, counting into `counters`, which `publish`
+    /// adds to the worker's counters each time they are published. Returns its id and its
+    /// counters, shared with its task.
+    pub fn add_source<C: Clone + 'static>(
         &mut self,
         decode: Decode,
         service: Option<&str>,
         marks: Option<Rc<RefCell<dyn Marks>>>,
-    ) -> SourceId {
+        counters: C,
+        publish: fn(&mut ShipperCounters, C),
+    ) -> Registered<C> {
         let id = self.chain.add_source(decode, service, self.clock.now_ns());
         self.marks.push(marks);
         debug_assert_eq!(self.marks.len(), id.0 as usize + 1, "one entry per source");
-        id
-    }
-
-    /// Registers a pipe source; returns its id and its counters.
-    pub fn add_pipe(
-        &mut self,
-        decode: Decode,
-        service: &str,
-        name: String,
-    ) -> Registered<SourceCounters> {
-        let id = self.add_source(decode, Some(service), None);
-        let counters = Rc::new(RefCell::new(SourceCounters { source: name, ..Default::default() }));
-        self.sources.pipes.push(counters.clone());
-        Registered { id, counters }
-    }
-
-    /// Registers a socket source; returns its id and its counters.
-    pub fn add_socket(
-        &mut self,
-        decode: Decode,
-        service: &str,
-        counters: SocketCounters,
-    ) -> Registered<SocketCounters> {
-        let id = self.add_source(decode, Some(service), None);
         let counters = Rc::new(RefCell::new(counters));
-        self.sources.sockets.push(counters.clone());
-        Registered { id, counters }
-    }
-
-    /// Registers a journal source, durable through `marks`; returns its id and its counters.
-    pub fn add_journal(
-        &mut self,
-        name: String,
-        marks: Rc<RefCell<dyn Marks>>,
-    ) -> Registered<JournalCounters> {
-        // The source gives every entry's service.
-        let id = self.add_source(Decode::Given, None, Some(marks));
-        let counters =
-            Rc::new(RefCell::new(JournalCounters { source: name, ..Default::default() }));
-        self.sources.journals.push(counters.clone());
+        let shared = counters.clone();
+        self.publishers.push(Box::new(move |out| publish(out, shared.borrow().clone())));
         Registered { id, counters }
     }
 
@@ -235,9 +195,9 @@ impl Worker {
     pub fn snapshot(&mut self) -> ShipperCounters {
         self.refresh_gauges();
         let mut c = self.counters.clone();
-        c.sources = self.sources.pipes.iter().map(|s| s.borrow().clone()).collect();
-        c.journals = self.sources.journals.iter().map(|s| s.borrow().clone()).collect();
-        c.sockets = self.sources.sockets.iter().map(|s| s.borrow().clone()).collect();
+        for publish in &self.publishers {
+            publish(&mut c);
+        }
         c.services = self.chain.services.counters.clone();
         c.delivery = self.delivery.counters.clone();
         c

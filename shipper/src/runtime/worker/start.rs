@@ -20,7 +20,9 @@ use crate::runtime::control::{DemandReport, Shares};
 use crate::sinks::delivery::connection::{run_slot, Target};
 use crate::sources::journal::checkpoint::Checkpoint;
 use crate::sources::journal::source::Journal;
+use crate::sources::journal::JournalCounters;
 use crate::sources::pipe::PipeLimits;
+use crate::sources::pipe::SourceCounters;
 use crate::sources::socket::run::{read_datagrams, serve_tcp, Socket, TcpLimits};
 use crate::sources::socket::{Bound, BoundSocket, SocketCounters};
 use crate::transforms::Decode;
@@ -110,7 +112,14 @@ fn start_pipe(
 ) {
     let cfg = &config.sources.pipe[pipe.config_index];
     let name = cfg.path.display().to_string();
-    let r = worker.borrow_mut().add_pipe(Decode::Line(cfg.format), &cfg.service_name(), name);
+    let counters = SourceCounters { source: name, ..Default::default() };
+    let r = worker.borrow_mut().add_source(
+        Decode::Line(cfg.format),
+        Some(&cfg.service_name()),
+        None,
+        counters,
+        |out, c| out.sources.push(c),
+    );
     let limits = PipeLimits {
         read_bytes: cfg.read_bytes as usize,
         line_bytes_max: cfg.line_bytes_max as usize,
@@ -136,7 +145,15 @@ fn start_journal(
 ) {
     let cfg = Rc::new(config.sources.journal[handle.config_index].clone());
     let checkpoint = Rc::new(RefCell::new(handle.checkpoint));
-    let r = worker.borrow_mut().add_journal(cfg.name(), checkpoint.clone());
+    let counters = JournalCounters { source: cfg.name(), ..Default::default() };
+    // The source gives every entry's service.
+    let r = worker.borrow_mut().add_source(
+        Decode::Given,
+        None,
+        Some(checkpoint.clone()),
+        counters,
+        |out, c| out.journals.push(c),
+    );
     let journal = Journal { intake: worker.clone(), id: r.id, checkpoint, counters: r.counters };
     tokio_uring::spawn(crate::sources::journal::source::run(journal, cfg, stop.clone()));
 }
@@ -156,7 +173,10 @@ fn start_socket(
         tracing::info!(core = w.index, source = %cfg.name, transport, %local, "socket source reading");
         let counters =
             SocketCounters { source: cfg.name.clone(), transport, local, ..Default::default() };
-        w.add_socket(Decode::Message(cfg.format), &cfg.service_name(), counters)
+        let decode = Decode::Message(cfg.format);
+        w.add_source(decode, Some(&cfg.service_name()), None, counters, |out, c| {
+            out.sockets.push(c);
+        })
     };
     let socket = Socket { intake: worker.clone(), id: r.id, counters: r.counters };
     let max = cfg.message_bytes_max as usize;
