@@ -98,22 +98,22 @@ impl Worker {
 
     /// Registers a source decoded by `decode` (records without a key go to `service`, or to
     /// `_other`), durable through `marks` if given, counting into `counters`, which `publish`
-    /// adds to the worker's counters each time they are published. Returns its id and its
+    /// copies into the worker's counters each time they are published. Returns its id and its
     /// counters, shared with its task.
-    pub fn add_source<C: Clone + 'static>(
+    pub fn add_source<C: 'static>(
         &mut self,
         decode: Decode,
         service: Option<&str>,
         marks: Option<Rc<RefCell<dyn Marks>>>,
         counters: C,
-        publish: fn(&mut ShipperCounters, C),
+        publish: impl Fn(&mut ShipperCounters, &C) + 'static,
     ) -> Registered<C> {
         let id = self.chain.add_source(decode, service, self.clock.now_ns());
         self.marks.push(marks);
         debug_assert_eq!(self.marks.len(), id.0 as usize + 1, "one entry per source");
         let counters = Rc::new(RefCell::new(counters));
         let shared = counters.clone();
-        self.publishers.push(Box::new(move |out| publish(out, shared.borrow().clone())));
+        self.publishers.push(Box::new(move |out| publish(out, &shared.borrow())));
         Registered { id, counters }
     }
 

@@ -118,7 +118,7 @@ fn start_pipe(
         Some(&cfg.service_name()),
         None,
         counters,
-        |out, c| out.sources.push(c),
+        |out, c| out.sources.push(c.clone()),
     );
     let limits = PipeLimits {
         read_bytes: cfg.read_bytes as usize,
@@ -146,14 +146,14 @@ fn start_journal(
     let cfg = Rc::new(config.sources.journal[handle.config_index].clone());
     let checkpoint = Rc::new(RefCell::new(handle.checkpoint));
     let counters = JournalCounters { source: cfg.name(), ..Default::default() };
+    let errors = checkpoint.clone();
+    let publish = move |out: &mut ShipperCounters, c: &JournalCounters| {
+        let checkpoint_write_errors = errors.borrow().write_errors();
+        out.journals.push(JournalCounters { checkpoint_write_errors, ..c.clone() });
+    };
     // The source gives every entry's service.
-    let r = worker.borrow_mut().add_source(
-        Decode::Given,
-        None,
-        Some(checkpoint.clone()),
-        counters,
-        |out, c| out.journals.push(c),
-    );
+    let marks = Some(checkpoint.clone() as Rc<RefCell<dyn crate::sources::Marks>>);
+    let r = worker.borrow_mut().add_source(Decode::Given, None, marks, counters, publish);
     let journal = Journal { intake: worker.clone(), id: r.id, checkpoint, counters: r.counters };
     tokio_uring::spawn(crate::sources::journal::source::run(journal, cfg, stop.clone()));
 }
@@ -175,7 +175,7 @@ fn start_socket(
             SocketCounters { source: cfg.name.clone(), transport, local, ..Default::default() };
         let decode = Decode::Message(cfg.format);
         w.add_source(decode, Some(&cfg.service_name()), None, counters, |out, c| {
-            out.sockets.push(c);
+            out.sockets.push(c.clone());
         })
     };
     let socket = Socket { intake: worker.clone(), id: r.id, counters: r.counters };

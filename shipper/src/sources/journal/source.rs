@@ -292,7 +292,6 @@ fn gauges<I>(journal: &Journal<I>, follow: &Follow, last_realtime: u64) {
     let readers = &follow.merge.readers;
     let newest = readers.iter().map(|r| r.file.header.tail_entry_realtime).max().unwrap_or(0);
     let mut jc = journal.counters.borrow_mut();
-    jc.checkpoint_write_errors = journal.checkpoint.borrow().write_errors();
     jc.files_open = readers.len() as u64;
     jc.corrupt_objects = follow.closed_corrupt + readers.iter().map(|r| r.corrupt).sum::<u64>();
     jc.lag_entries = readers.iter().map(JournalReader::behind).sum();
