@@ -287,8 +287,8 @@ mod tests {
         // Per shard 16 streams + 2 open at most, + 8; 2 shards; 44 for the process.
         assert_eq!(files_open_per_shard(16, 256), 18);
         assert_eq!(descriptors_reserved(2, 18), 2 * 26 + 44);
-        let fit = |max, limit| {
-            fit_connections(config(max, "streams_max = 16"), limit)
+        let fit = |connections_max, open_files| {
+            fit_connections(config(connections_max, "streams_max = 16"), open_files)
                 .map(|c| c.receiver.connections_max)
         };
         assert_eq!(fit(4096, 256).unwrap(), 256 - 96);

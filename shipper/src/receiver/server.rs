@@ -111,9 +111,9 @@ pub fn accept(
                     continue;
                 }
             };
-            let max = a.config.receiver.connections_max;
-            if a.open.load(Ordering::Relaxed) >= max {
-                let e = format!("connections_max {max} reached");
+            let connections_max = a.config.receiver.connections_max;
+            if a.open.load(Ordering::Relaxed) >= connections_max {
+                let e = format!("connections_max {connections_max} reached");
                 refused(&a, peer, Refusal::Limit, &e);
                 continue;
             }

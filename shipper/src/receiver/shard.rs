@@ -100,10 +100,10 @@ impl Shard {
     ) -> Result<(), FrameFault> {
         let h = f.header;
         let invalid = |what: String| FrameFault::Refused(format!("frame {}: {what}", h.seq));
-        let raw_max = self.config.receiver.frame_raw_bytes_max;
-        if h.raw_len > raw_max {
+        let raw_bytes_max = self.config.receiver.frame_raw_bytes_max;
+        if h.raw_len > raw_bytes_max {
             return Err(invalid(format!(
-                "{} decompressed bytes is over frame_raw_bytes_max {raw_max}",
+                "{} decompressed bytes is over frame_raw_bytes_max {raw_bytes_max}",
                 h.raw_len
             )));
         }
@@ -270,11 +270,11 @@ async fn connection(
 ) -> io::Result<()> {
     let stream = TlsStream::from_parts(h.tcp, h.tls);
     let id = h.id;
-    let (frame_max, idle) = {
+    let (frame_bytes_max, idle_timeout) = {
         let r = &shard.borrow().config.receiver;
         (r.frame_bytes_max, Duration::from_millis(r.idle_timeout_ms))
     };
-    let mut dec = FrameDecoder::new(frame_max);
+    let mut dec = FrameDecoder::new(frame_bytes_max);
     dec.push(&h.pending);
     let mut buf = Vec::with_capacity(READ_BYTES);
     let mut plain = Vec::new();
@@ -315,7 +315,7 @@ async fn connection(
         if let (Some(len), None) = (awaited, &room) {
             room = Some((make_room(shard, &stream, budget, len).await?, decoded));
         }
-        let read = tokio::time::timeout(idle, stream.recv(buf, &mut plain)).await;
+        let read = tokio::time::timeout(idle_timeout, stream.recv(buf, &mut plain)).await;
         let Ok((res, b)) = read else {
             let e = "no frame within idle_timeout_ms".to_string();
             return Err(refuse(shard, &stream, Refusal::Idle, e).await);
@@ -389,11 +389,11 @@ async fn make_room(
     match budget.reserve(len, Duration::from_millis(wait_ms)).await {
         Ok(room) => Ok(room),
         Err(_) => {
-            let max = budget.bytes_max();
+            let bytes_max = budget.bytes_max();
             let e = format!(
                 "busy: no room for a frame of {len} payload bytes within \
-                 frames_in_progress_wait_ms {wait_ms} (frames_in_progress_bytes_max {max} in \
-                 use by other frames); try again later"
+                 frames_in_progress_wait_ms {wait_ms} (frames_in_progress_bytes_max \
+                 {bytes_max} in use by other frames); try again later"
             );
             Err(refuse(shard, stream, Refusal::Memory, e).await)
         }

@@ -166,7 +166,6 @@ pub fn stream_name(key: &[u8]) -> (String, bool) {
     (s, true)
 }
 
-/// What a written frame touched: relative path and new end of each file.
 /// Opens shard `shard`'s files output ([`Kind::open`]).
 fn open(config: &ReceiverConfig, gen: u64, shard: usize) -> Vec<Box<dyn Output>> {
     vec![Box::new(Files::new(&config.output, gen, shard))]
