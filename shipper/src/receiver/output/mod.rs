@@ -13,9 +13,12 @@
 //! - An output that can take back what it wrote (files: cut back) gets exactly-once: recovery
 //!   cuts whatever is not committed. One that cannot (a Kafka topic, a ClickHouse table) has
 //!   no marks to cut back to and relies on the de-duplication windows alone: a frame it wrote
-//!   whose commit did not happen (a crash, a failed sync of another output, a failed commit) is
-//!   not acknowledged, so the shipper resends it and that output gets its records twice.
-//!   Committed frames are never written twice by any output.
+//!   whose commit did not happen (a crash, a failed sync of another output) is not
+//!   acknowledged, so the shipper resends it and that output gets its records twice.
+//! - A commit that fails takes nothing back from any output: its record may have reached the
+//!   log, and a frame cut but named there would count as written after a restart, its resend
+//!   dropped as a duplicate and the frame lost. Not acknowledged, it is resent and written
+//!   again: a duplicate in every output, never a loss.
 //!
 //! # Format
 //! ```text
@@ -31,8 +34,8 @@
 //! 2. Per DATA frame, on its shard: [`Output::write`] on every output (one that fails has taken
 //!    its part back; those written before it are [undone](Output::undo)); then
 //!    [`Output::sync`] on every output (one failure undoes them all); then the commit record
-//!    names every output's [`Output::marks`]; then ACK. A failed commit undoes nothing: the
-//!    record may have reached the log, and cutting the frame it names would lose it.
+//!    names every output's [`Output::marks`]; then ACK. A failed commit undoes nothing (see
+//!    above).
 //! 3. When the commit log is compacted, [`Output::checkpoint`] gives what the snapshot must
 //!    keep for recovery to cut nothing committed (files: every stream's current file and end).
 
