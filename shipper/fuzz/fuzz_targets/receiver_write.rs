@@ -9,7 +9,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use shipper::protocol::frame::{Header, Kind, FLAG_ZSTD};
 use shipper::protocol::{FrameDecoder, RecordWriter};
-use shipper::receiver::{commit, output, server};
+use shipper::receiver::{commit, output, shard};
 
 /// Records from the input: `[key_len, key..., body_len, body...]`, repeated.
 fn records(mut data: &[u8]) -> Vec<(&[u8], &[u8])> {
@@ -39,10 +39,11 @@ fuzz_target!(|data: &[u8]| {
     let config: shipper::config::ReceiverConfig = toml::from_str(&text).unwrap();
     // As `shipper receive` starts: recovery lays out the state directory and the generation.
     let modes = shipper::os::Modes::DEFAULT;
-    let state = commit::recover(dir.path(), 3600, modes).unwrap();
-    let out = output::Output::new(&config.output, state.gen, 0);
+    let recover_outputs = |gen, marks: &_| output::recover(&config, gen, marks);
+    let state = commit::recover(dir.path(), 3600, modes, recover_outputs).unwrap();
+    let outputs = output::open(&config, state.gen, 0);
     let commits = commit::CommitLog::create(dir.path(), 0, false, modes).unwrap();
-    let mut worker = server::Worker::new(0, out, commits, Default::default(), Arc::new(config));
+    let mut shard = shard::Shard::new(0, outputs, commits, Default::default(), Arc::new(config));
     let mut raw = Vec::new();
     for (k, b) in &records {
         RecordWriter::push(&mut raw, k, b);
@@ -53,13 +54,13 @@ fuzz_target!(|data: &[u8]| {
     let mut dec = FrameDecoder::new(1 << 24);
     dec.push(&h.wire(&z));
     let frame = dec.next_frame().unwrap().unwrap();
-    if let Err(e) = worker.data((7, 0), &frame) {
+    if let Err(e) = shard.data((7, 0), &frame) {
         panic!("a valid frame was not written: {e}");
     }
     let body_bytes: usize = records.iter().map(|(_, b)| b.len() + 1).sum();
-    assert_eq!(worker.counters.records_written, u64::from(count));
-    assert_eq!(worker.counters.bytes_written, body_bytes as u64);
+    assert_eq!(shard.counters.records_written, u64::from(count));
+    assert_eq!(shard.counters.bytes_written, body_bytes as u64);
     // The same frame again is a duplicate, not a second copy.
-    worker.data((7, 0), &frame).unwrap();
-    assert_eq!(worker.counters.frames_duplicate, 1);
+    shard.data((7, 0), &frame).unwrap();
+    assert_eq!(shard.counters.frames_duplicate, 1);
 });

@@ -32,7 +32,8 @@ fn receiver_metrics() -> MetricsSection {
 pub struct ReceiverSection {
     /// Address to accept shippers on.
     pub listen: String,
-    /// Worker threads; each owns the (shipper, core) streams hashed to it. Default: online CPUs.
+    /// Receiver shards: threads, each owning the sender streams (run, shipper worker) hashed
+    /// to it. Default: online CPUs.
     #[serde(default = "online_cpus")]
     pub workers: usize,
     /// Concurrent connections accepted (TLS handshakes included); more are closed at once and
@@ -116,7 +117,7 @@ pub struct OutputSection {
     /// fdatasync output and commit log before acknowledging a frame. Default: true.
     #[serde(default = "default_fsync")]
     pub fsync: bool,
-    /// Distinct streams a worker keeps open; records of further streams go to `_other`.
+    /// Distinct streams a shard keeps open; records of further streams go to `_other`.
     /// Default: 1024.
     #[serde(default = "default_streams_max")]
     pub streams_max: usize,
@@ -127,7 +128,7 @@ pub struct OutputSection {
     /// Mode of the directories it creates (streams, `.state`), octal. Default: "0750".
     #[serde(default = "default_dir_mode")]
     pub dir_mode: String,
-    /// Stream files a worker keeps open at once; writing to one more closes the least
+    /// Stream files a shard keeps open at once; writing to one more closes the least
     /// recently written (it is opened again, appending, when next written). Default: 256.
     #[serde(default = "default_files_open_max")]
     pub files_open_max: usize,

@@ -1,4 +1,5 @@
-//! The receiver's per-core counters and how they are exposed.
+//! The receiver's counters, one set per shard and one for the acceptor, and how they are
+//! exposed (label `core`: the shard's index, or `acceptor`).
 
 use super::text::{Distribution, Exposition};
 
@@ -67,8 +68,8 @@ impl AcceptError {
 
 #[derive(Clone, Debug)]
 pub struct ReceiverCounters {
-    /// `0`, `1`, ... for workers, `acceptor` for the accepting thread.
-    pub core: String,
+    /// `0`, `1`, ... for shards, `acceptor` for the accepting thread: the label `core`.
+    pub shard: String,
     pub connections_accepted: u64,
     pub connections_refused: [u64; Refusal::ALL.len()],
     /// Failed `accept()` calls (acceptor only).
@@ -87,7 +88,7 @@ pub struct ReceiverCounters {
     /// no output can take), and the shipper gives them another fate.
     pub frames_rejected: u64,
     pub records_rejected: u64,
-    /// Streams written by the worker, each with a current file (open or closed).
+    /// Streams written by the shard, each with a current file (open or closed).
     pub streams_open: u64,
     /// Stream files open now, at most `output.files_open_max`.
     pub files_open: u64,
@@ -96,7 +97,7 @@ pub struct ReceiverCounters {
     /// Stream files closed to make room for another (the least recently written).
     pub files_closed: u64,
     pub records_folded: u64,
-    /// Streams created under a shortened name (`output::stream_name`).
+    /// Streams created under a shortened name (`output::files::stream_name`).
     pub stream_names_shortened: u64,
     /// Records of frames a shipper sent here as its dead-letter destination.
     pub records_dead_letter: u64,
@@ -106,9 +107,9 @@ pub struct ReceiverCounters {
 }
 
 impl ReceiverCounters {
-    pub fn new(core: String) -> ReceiverCounters {
+    pub fn new(shard: String) -> ReceiverCounters {
         ReceiverCounters {
-            core,
+            shard,
             connections_accepted: 0,
             connections_refused: [0; Refusal::ALL.len()],
             accept_errors: [0; AcceptError::ALL.len()],
@@ -137,28 +138,36 @@ impl ReceiverCounters {
 
 fn family(
     out: &mut Exposition,
-    cores: &[ReceiverCounters],
+    shards: &[ReceiverCounters],
     name: &str,
     kind: &str,
     help: &str,
     get: fn(&ReceiverCounters) -> u64,
 ) {
     out.family(name, kind, help);
-    for c in cores {
-        out.sample(name, &[("core", &c.core)], get(c) as f64);
+    for c in shards {
+        out.sample(name, &[("core", &c.shard)], get(c) as f64);
     }
 }
 
-/// Renders every core's counters.
-pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
+/// Renders every shard's counters, and the acceptor's.
+pub fn render(shards: &[ReceiverCounters], out: &mut Exposition) {
     out.family("shipper_receiver_build_info", "gauge", "Version of the running receiver.").sample(
         "shipper_receiver_build_info",
         &[("version", env!("CARGO_PKG_VERSION"))],
         1.0,
     );
+    render_connections(shards, out);
+    render_frames(shards, out);
+    render_streams(shards, out);
+    render_summaries(shards, out);
+}
+
+/// Connections accepted, refused, open, and failed accepts.
+fn render_connections(shards: &[ReceiverCounters], out: &mut Exposition) {
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_connections_accepted_total",
         "counter",
         "Connections that completed TLS and HELLO.",
@@ -166,37 +175,41 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     let name = "shipper_receiver_connections_refused_total";
     out.family(name, "counter", "Connections closed by the receiver, per reason.");
-    for c in cores {
+    for c in shards {
         for r in Refusal::ALL {
             out.sample(
                 name,
-                &[("core", &c.core), ("reason", r.label())],
+                &[("core", &c.shard), ("reason", r.label())],
                 c.connections_refused[r as usize] as f64,
             );
         }
     }
     let name = "shipper_receiver_accept_errors_total";
     out.family(name, "counter", "Failed accepts of the listening socket, per reason.");
-    for c in cores {
+    for c in shards {
         for r in AcceptError::ALL {
             out.sample(
                 name,
-                &[("core", &c.core), ("reason", r.label())],
+                &[("core", &c.shard), ("reason", r.label())],
                 c.accept_errors[r as usize] as f64,
             );
         }
     }
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_connections_open",
         "gauge",
         "Connections being served.",
         |c| c.connections_open,
     );
+}
+
+/// DATA frames and their records: received, waited, duplicate, acknowledged, written, refused.
+fn render_frames(shards: &[ReceiverCounters], out: &mut Exposition) {
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_frames_received_total",
         "counter",
         "DATA frames received (duplicates included).",
@@ -204,7 +217,7 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_frames_waited_total",
         "counter",
         "Frames whose payload waited for room in receiver.frames_in_progress_bytes_max.",
@@ -212,18 +225,18 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_frames_duplicate_total",
         "counter",
         "DATA frames already written, acknowledged again and not written.",
         |c| c.frames_duplicate,
     );
-    family(out, cores, "shipper_receiver_frames_acked_total", "counter", "ACKs sent.", |c| {
+    family(out, shards, "shipper_receiver_frames_acked_total", "counter", "ACKs sent.", |c| {
         c.frames_acked
     });
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_records_written_total",
         "counter",
         "Records written to output streams.",
@@ -231,7 +244,7 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_bytes_written_total",
         "counter",
         "Bytes written to output streams.",
@@ -239,7 +252,7 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_write_errors_total",
         "counter",
         "Frames that could not be written now (not acknowledged; the shipper resends).",
@@ -247,7 +260,7 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_frames_rejected_total",
         "counter",
         "DATA frames answered with REJECT: never writable here, given another fate by the shipper.",
@@ -255,15 +268,19 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_records_rejected_total",
         "counter",
         "Records in frames answered with REJECT.",
         |c| c.records_rejected,
     );
+}
+
+/// The files output: its streams and files.
+fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_streams_open",
         "gauge",
         "Output streams written, each with a current file, open or closed.",
@@ -271,7 +288,7 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_files_open",
         "gauge",
         "Output stream files open (at most output.files_open_max per worker).",
@@ -279,7 +296,7 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_files_open_peak",
         "gauge",
         "The most output stream files open at once since start.",
@@ -287,7 +304,7 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_files_closed_total",
         "counter",
         "Output stream files closed to make room for another (least recently written first).",
@@ -295,7 +312,7 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_records_folded_total",
         "counter",
         "Records written to the _other stream because streams_max streams were open.",
@@ -303,7 +320,7 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_stream_names_shortened_total",
         "counter",
         "Streams created under a shortened name: a key too long for a file name.",
@@ -311,21 +328,25 @@ pub fn render(cores: &[ReceiverCounters], out: &mut Exposition) {
     );
     family(
         out,
-        cores,
+        shards,
         "shipper_receiver_records_dead_letter_total",
         "counter",
         "Records written to STREAM@dead_letter: sent here because the shipper's primary and standby receivers were down.",
         |c| c.records_dead_letter,
     );
+}
+
+/// Time to write a frame, and records per frame.
+fn render_summaries(shards: &[ReceiverCounters], out: &mut Exposition) {
     let name = "shipper_receiver_write_latency_seconds";
     out.family(name, "summary", "Time to write and commit one frame.");
-    for c in cores {
-        out.summary(name, &[("core", &c.core)], &c.write_us, 1e-6);
+    for c in shards {
+        out.summary(name, &[("core", &c.shard)], &c.write_us, 1e-6);
     }
     let name = "shipper_receiver_frame_records";
     out.family(name, "summary", "Records per DATA frame.");
-    for c in cores {
-        out.summary(name, &[("core", &c.core)], &c.frame_records, 1.0);
+    for c in shards {
+        out.summary(name, &[("core", &c.shard)], &c.frame_records, 1.0);
     }
 }
 

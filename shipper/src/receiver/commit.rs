@@ -1,19 +1,21 @@
-//! The receiver's commit log: which frames are written, and up to where each output file holds
-//! committed data. It is what makes "acknowledged once written" and "written exactly once"
-//! survive a crash of the receiver.
+//! The receiver's commit log: which frames are written, and the marks up to which each output
+//! holds committed data. It is what makes "acknowledged once written" and "written exactly
+//! once" survive a crash of the receiver; it knows outputs only by their marks
+//! ([`super::output::Mark`]).
 //!
 //! # Design constraints
 //! - A frame is acknowledged only after its commit record is appended (and fdatasync'd when
-//!   `fsync` is on). Each worker appends to its own log; a log over [`LOG_BYTES_MAX`] is
-//!   compacted into a snapshot of that worker's windows and the end of each stream's current
-//!   file, open or closed (`Output::current_files`).
-//! - Only the newest file of a (stream, worker) can hold uncommitted bytes: files rotate
-//!   between frames, and a failed write is cut back before the worker goes on.
+//!   `fsync` is on), naming the marks every output gave for it. Each shard appends to its own
+//!   log; a log over [`LOG_BYTES_MAX`] is compacted into a snapshot of that shard's windows
+//!   and what its outputs' [`super::output::Output::checkpoint`] must keep (the files output:
+//!   the end of each stream's current file, open or closed).
+//! - Marks are handed back at recovery, before the logs naming them are let go, to each output
+//!   to cut back what it wrote uncommitted ([`super::output::recover`]).
 //!
 //! # Format
 //! ```text
 //! .state/base          Gen { gen } then Window records: the state at the last start
-//! .state/core-N.log    records appended by worker N during generation `gen`
+//! .state/core-N.log    records appended by shard N during generation `gen`
 //! Record  { len: u32, crc32c: u32 (of kind and body), kind: u8, body: [u8; len] }
 //! Commit  (1) { run_id: u64, core: u16, seq: u64, files: u16, [path_len: u16, path, end: u64] }
 //! Window  (2) { run_id: u64, core: u16, below: u64, above: u32, [seq: u64] }   (read only)
@@ -21,13 +23,17 @@
 //! FileEnd (4) { path_len: u16, path, end: u64 }
 //! WindowAt(5) { Window's fields, written_unix_s: u64 }
 //! ```
-//! Paths are relative to the output directory: `STREAM/gGEN-cCORE-INDEX.log`.
+//! (`run_id`, `core`) is the sender stream ([`StreamId`]: `core` is the sender's worker
+//! index from HELLO). Each (`path`, `end`) is a mark; the files output's paths are relative to
+//! the output directory: `STREAM/gGEN-cSHARD-INDEX.log`.
 //!
-//! # Operation (recovery, before any worker starts)
-//! 1. Read `base` and every worker log; a record that is truncated or fails its checksum ends
+//! # Operation (recovery, before any shard starts)
+//! 1. Read `base` and every shard log; a record that is truncated or fails its checksum ends
 //!    that log (a torn tail), and is logged.
-//! 2. For the generation that was running, cut the newest file of each (stream, worker) back
-//!    to its last committed end (removing it when nothing in it was committed).
+//! 2. Hand the generation that was running and the largest mark of each name to the outputs,
+//!    which cut back what they wrote past them (the files output: the newest file of each
+//!    (stream, shard) back to its last committed end, removed when nothing in it was
+//!    committed).
 //! 3. Forget the windows of streams not written to for `dedup_window_ttl_s` (runs that ended:
 //!    their shippers will never send those sequence numbers again, except from a disk buffer
 //!    older than that, which could then be written twice). A window written in the generation
@@ -41,8 +47,9 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::dedup::{StreamId, Window};
+use super::output::Mark;
 
-/// A worker log larger than this is compacted.
+/// A shard's log larger than this is compacted.
 pub const LOG_BYTES_MAX: u64 = 64 << 20;
 
 const COMMIT: u8 = 1;
@@ -58,23 +65,8 @@ pub fn state_dir(out: &Path) -> PathBuf {
     out.join(".state")
 }
 
-fn log_path(out: &Path, core: usize) -> PathBuf {
-    state_dir(out).join(format!("core-{core}.log"))
-}
-
-/// Name of an output file, relative to the output directory.
-pub fn file_name(stream: &str, gen: u64, core: usize, index: u64) -> String {
-    format!("{stream}/g{gen:06}-c{core:03}-{index:06}.log")
-}
-
-/// Parses `gGEN-cCORE-INDEX.log`.
-fn parse_file_name(name: &str) -> Option<(u64, usize, u64)> {
-    let rest = name.strip_prefix('g')?.strip_suffix(".log")?;
-    let mut parts = rest.split('-');
-    let gen = parts.next()?.parse().ok()?;
-    let core = parts.next()?.strip_prefix('c')?.parse().ok()?;
-    let index = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some((gen, core, index))
+fn log_path(out: &Path, shard: usize) -> PathBuf {
+    state_dir(out).join(format!("core-{shard}.log"))
 }
 
 struct Enc(Vec<u8>);
@@ -128,8 +120,9 @@ fn file_end_record(path: &str, end: u64, out: &mut Vec<u8>) {
 pub struct LogState {
     pub gen: u64,
     pub windows: HashMap<StreamId, Window>,
-    /// Committed end of each output file named in the logs.
-    pub ends: HashMap<String, u64>,
+    /// The largest mark of each name in the logs: for the files output, the committed end
+    /// of each file.
+    pub marks: HashMap<String, u64>,
 }
 
 struct Dec<'a>(&'a [u8]);
@@ -192,7 +185,7 @@ impl LogState {
                 let seq = d.u64()?;
                 for _ in 0..d.u16()? {
                     let (path, end) = (d.path()?, d.u64()?);
-                    let e = self.ends.entry(path).or_default();
+                    let e = self.marks.entry(path).or_default();
                     *e = (*e).max(end);
                 }
                 let w = self.windows.entry(id).or_default();
@@ -215,7 +208,7 @@ impl LogState {
             GEN => self.gen = self.gen.max(d.u64()?),
             FILE_END => {
                 let (path, end) = (d.path()?, d.u64()?);
-                let e = self.ends.entry(path).or_default();
+                let e = self.marks.entry(path).or_default();
                 *e = (*e).max(end);
             }
             _ => return None,
@@ -257,8 +250,14 @@ pub fn unix_s() -> u64 {
 }
 
 /// Recovers the output directory after any stop, clean or not; returns the new generation
-/// and the window of every stream written to in the last `ttl_s` seconds.
-pub fn recover(out: &Path, ttl_s: u64, modes: crate::os::Modes) -> io::Result<LogState> {
+/// and the window of every stream written to in the last `ttl_s` seconds. `recover_outputs`
+/// gets the generation that was running and the marks its logs name, before the logs go.
+pub fn recover(
+    out: &Path,
+    ttl_s: u64,
+    modes: crate::os::Modes,
+    recover_outputs: impl FnOnce(u64, &HashMap<String, u64>) -> io::Result<()>,
+) -> io::Result<LogState> {
     let state_dir = state_dir(out);
     modes.create_dir_all(&state_dir)?;
     let mut state = LogState::default();
@@ -275,7 +274,7 @@ pub fn recover(out: &Path, ttl_s: u64, modes: crate::os::Modes) -> io::Result<Lo
             logs.push(path);
         }
     }
-    cut_uncommitted(out, state.gen, &state.ends)?;
+    recover_outputs(state.gen, &state.marks)?;
     let expired = expire(&mut state.windows, unix_s(), ttl_s);
     if expired > 0 {
         tracing::info!(
@@ -300,55 +299,14 @@ pub fn recover(out: &Path, ttl_s: u64, modes: crate::os::Modes) -> io::Result<Lo
     for log in logs {
         fs::remove_file(log)?;
     }
-    state.ends.clear();
+    state.marks.clear();
     Ok(state)
 }
 
-/// Cuts the newest file of each (stream, worker) of generation `gen` back to its committed end.
-fn cut_uncommitted(out: &Path, gen: u64, ends: &HashMap<String, u64>) -> io::Result<()> {
-    let mut newest: HashMap<(String, usize), (u64, String)> = HashMap::new();
-    for entry in fs::read_dir(out)? {
-        let entry = entry?;
-        let stream = entry.file_name().to_string_lossy().into_owned();
-        if stream.starts_with('.') || !entry.file_type()?.is_dir() {
-            continue;
-        }
-        for f in fs::read_dir(entry.path())? {
-            let name = f?.file_name().to_string_lossy().into_owned();
-            let Some((g, core, index)) = parse_file_name(&name) else {
-                continue;
-            };
-            if g != gen {
-                continue;
-            }
-            let slot = newest.entry((stream.clone(), core)).or_insert((index, name.clone()));
-            if index >= slot.0 {
-                *slot = (index, name);
-            }
-        }
-    }
-    for ((stream, _), (_, name)) in newest {
-        let rel = format!("{stream}/{name}");
-        let path = out.join(&rel);
-        let end = ends.get(&rel).copied().unwrap_or(0);
-        let len = fs::metadata(&path)?.len();
-        if end == 0 {
-            tracing::info!(file = %rel, bytes = len, "removing output file with no committed frame");
-            fs::remove_file(&path)?;
-        } else if len > end {
-            tracing::info!(file = %rel, cut = len - end, "cutting uncommitted tail");
-            let f = OpenOptions::new().write(true).open(&path)?;
-            f.set_len(end)?;
-            f.sync_all()?;
-        }
-    }
-    Ok(())
-}
-
-/// A worker's append-only commit log.
+/// A shard's append-only commit log.
 pub struct CommitLog {
     out: PathBuf,
-    core: usize,
+    shard: usize,
     modes: crate::os::Modes,
     file: File,
     bytes: u64,
@@ -359,22 +317,22 @@ pub struct CommitLog {
 impl CommitLog {
     pub fn create(
         out: &Path,
-        core: usize,
+        shard: usize,
         fsync: bool,
         modes: crate::os::Modes,
     ) -> io::Result<CommitLog> {
-        let path = log_path(out, core);
+        let path = log_path(out, shard);
         let file = modes.create_file().append(true).open(&path)?;
         let bytes = file.metadata()?.len();
         let out = out.to_path_buf();
-        Ok(CommitLog { out, core, modes, file, bytes, fsync, scratch: Vec::new() })
+        Ok(CommitLog { out, shard, modes, file, bytes, fsync, scratch: Vec::new() })
     }
 
-    /// Appends the commit of frame `seq` of `id`, which wrote `files` up to the given ends.
-    pub fn commit(&mut self, id: StreamId, seq: u64, files: &[(&str, u64)]) -> io::Result<()> {
-        let mut e = Enc(Vec::with_capacity(32 + files.len() * 48));
-        e.u64(id.0).u16(id.1).u64(seq).u16(files.len() as u16);
-        for (path, end) in files {
+    /// Appends the commit of frame `seq` of `id`, with the `marks` its outputs gave.
+    pub fn commit(&mut self, id: StreamId, seq: u64, marks: &[Mark]) -> io::Result<()> {
+        let mut e = Enc(Vec::with_capacity(32 + marks.len() * 48));
+        e.u64(id.0).u16(id.1).u64(seq).u16(marks.len() as u16);
+        for (path, end) in marks {
             e.path(path).u64(*end);
         }
         self.scratch.clear();
@@ -391,22 +349,22 @@ impl CommitLog {
         self.bytes > LOG_BYTES_MAX
     }
 
-    /// Replaces the log with a snapshot of `windows` and the ends of `files`: the current file
-    /// of every stream, open or closed, or recovery would take a file it does not name for
-    /// one with nothing committed.
+    /// Replaces the log with a snapshot of `windows` and `marks`, the outputs' checkpoints:
+    /// for the files output the current file of every stream, open or closed, or recovery
+    /// would take a file it does not name for one with nothing committed.
     pub fn compact<'a>(
         &mut self,
         windows: impl Iterator<Item = (&'a StreamId, &'a Window)>,
-        files: &[(String, u64)],
+        marks: &[(impl AsRef<str>, u64)],
     ) -> io::Result<()> {
         let mut bytes = Vec::new();
         for (id, w) in windows {
             window_record(*id, w, &mut bytes);
         }
-        for (path, end) in files {
-            file_end_record(path, *end, &mut bytes);
+        for (path, end) in marks {
+            file_end_record(path.as_ref(), *end, &mut bytes);
         }
-        let path = log_path(&self.out, self.core);
+        let path = log_path(&self.out, self.shard);
         let tmp = path.with_extension("tmp");
         let mut f = self.modes.create_file().truncate(true).open(&tmp)?;
         f.write_all(&bytes)?;
@@ -434,12 +392,10 @@ mod tests {
         let mut s = LogState::default();
         assert_eq!(s.apply(&bytes[..bytes.len() - 3]), Some(good));
         assert!(s.windows[&(7, 1)].contains(1));
-        assert_eq!(s.ends["s/g000001-c000-000000.log"], 100);
+        assert_eq!(s.marks["s/g000001-c000-000000.log"], 100);
         bytes[good + 12] ^= 1;
         let mut s = LogState::default();
         assert_eq!(s.apply(&bytes), Some(good));
-        assert_eq!(parse_file_name("g000002-c001-000003.log"), Some((2, 1, 3)));
-        assert_eq!(parse_file_name("g2-c1.log"), None);
     }
 
     // Regression: the windows of runs that ended stayed in .state/base forever.
@@ -462,7 +418,7 @@ mod tests {
         let modes = crate::os::Modes::DEFAULT;
         let mut log = CommitLog::create(dir.path(), 0, false, modes).unwrap();
         log.commit((4, 0), 1, &[]).unwrap();
-        let state = recover(dir.path(), 100, modes).unwrap();
+        let state = recover(dir.path(), 100, modes, |_, _| Ok(())).unwrap();
         let mut ids: Vec<_> = state.windows.keys().copied().collect();
         ids.sort();
         assert_eq!(ids, vec![(2, 0), (3, 0), (4, 0)], "stream 1 idle 1000 s > 100 s");
@@ -470,7 +426,7 @@ mod tests {
         assert!(state.windows[&(3, 0)].written_unix_s >= now);
         assert!(state.windows[&(4, 0)].contains(1));
         // The new base keeps the times: a second recovery agrees.
-        let again = recover(dir.path(), 100, modes).unwrap();
+        let again = recover(dir.path(), 100, modes, |_, _| Ok(())).unwrap();
         assert_eq!(again.windows[&(2, 0)].written_unix_s, now - 10);
         assert_eq!(again.gen, state.gen + 1);
     }

@@ -1,12 +1,14 @@
-//! `shipper receive`: accepts shippers over mutual TLS, writes their records to per-stream
-//! files, and acknowledges each frame once it is written (and fsync'd) and committed.
+//! `shipper receive`: accepts shippers over mutual TLS, writes their records to its outputs
+//! (per-stream files today), and acknowledges each frame once it is written, durable and
+//! committed.
 //!
 //! # Design constraints
-//! - `workers` threads each own the sender streams hashed to them ([`server::owner`]), their
-//!   output files and their commit log; the acceptor thread only handshakes and hands off.
+//! - `receiver.workers` shards ([`shard`]), one thread each, own the sender streams hashed to
+//!   them ([`server::owner`]), their outputs ([`output`]) and their commit log ([`commit`]);
+//!   the acceptor thread ([`server`]) only handshakes and hands off.
 //! - Descriptors: the soft open-file limit is raised to the hard one at start, and
 //!   `connections_max` lowered (one warning) to what that limit leaves after what the receiver
-//!   itself may hold ([`descriptors_reserved`]: per worker its open stream files, at most
+//!   itself may hold ([`descriptors_reserved`]: per shard its open stream files, at most
 //!   `files_open_max` (or `streams_max` + 2 when fewer), + 8; plus 44); the effective figure is
 //!   the gauge `shipper_receiver_connections_max`. A limit that leaves no room for one
 //!   connection fails start-up, naming the figures.
@@ -16,9 +18,10 @@
 //!
 //! # Operation
 //! 1. Raise the open-file limit and fit `connections_max` to it ([`fit_connections`]).
-//! 2. [`commit::recover`] repairs the output directory after any stop and yields the
-//!    de-duplication windows, which are dealt to their owning workers.
-//! 3. Workers and the acceptor start; SIGTERM/SIGINT end the process once the listener is
+//! 2. [`commit::recover`] repairs the output directory after any stop, the outputs cutting
+//!    back what was not committed ([`output::recover`]), and yields the de-duplication
+//!    windows, which are dealt to their owning shards.
+//! 3. Shards and the acceptor start; SIGTERM/SIGINT end the process once the listener is
 //!    closed (frames in progress are not acknowledged, and so are resent by shippers). No
 //!    peer and no accept error ends it ([`accept`]).
 
@@ -28,6 +31,7 @@ pub mod commit;
 pub mod dedup;
 pub mod output;
 pub mod server;
+pub mod shard;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -36,7 +40,9 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use anyhow::Context;
+use tokio::sync::mpsc;
 
+use self::dedup::{StreamId, Window};
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::{render, render_limits, ReceiverCounters, ReceiverLimits};
 use crate::metrics::{http, scrape, Registry};
@@ -49,73 +55,123 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let config = Arc::new(fit_connections(config, open_files.soft)?);
     let t = &config.tls;
     let tls = Arc::new(crate::tls::server_config(&t.ca, &t.cert, &t.key)?);
-    let out = &config.output.directory;
-    let modes = config.output.modes();
-    modes.create_dir_all(out).with_context(|| format!("output.directory {}", out.display()))?;
-    let ttl_s = config.receiver.dedup_window_ttl_s;
-    let state = commit::recover(out, ttl_s, modes)
-        .with_context(|| format!("recovering {}", out.display()))?;
-    let workers = config.receiver.workers;
-    let mut windows: Vec<HashMap<_, _>> = (0..workers).map(|_| HashMap::new()).collect();
-    for (id, w) in state.windows {
-        windows[server::owner(id, workers)].insert(id, w);
-    }
+    let state = recover(&config)?;
+    let shards = config.receiver.workers;
+    let windows = deal_windows(state.windows, shards);
     let listener = bind(&config.receiver.listen)
         .with_context(|| format!("receiver.listen {}", config.receiver.listen))?;
-    let registry = Registry::<ReceiverCounters>::new(workers + 1);
+    let registry = Registry::<ReceiverCounters>::new(shards + 1);
     let budget = budget::FrameBudget::new(config.receiver.frames_in_progress_bytes_max);
-    if !config.metrics.listen.is_empty() {
-        let (r, b) = (registry.clone(), budget.clone());
-        let connections_max = config.receiver.connections_max;
-        let addr = http::serve(&config.metrics.listen, move || {
-            scrape(&r, |cores, out| {
-                render(cores, out);
-                let limits = ReceiverLimits {
-                    connections_max,
-                    frames_in_progress_bytes_max: b.bytes_max(),
-                    frames_in_progress_bytes: b.bytes_reserved(),
-                };
-                render_limits(&limits, out);
-            })
-        })
-        .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
-        tracing::info!(%addr, "metrics at http://{addr}/metrics");
-    }
+    serve_metrics(&config, &registry, &budget)?;
     let open = Arc::new(AtomicUsize::new(0));
-    let cpus = core_affinity::get_core_ids().unwrap_or_default();
     let mut inboxes = Vec::new();
-    for (core, windows) in windows.into_iter().enumerate() {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        inboxes.push(tx);
-        let (config, open, registry) = (config.clone(), open.clone(), registry.clone());
-        let budget = budget.clone();
-        let cpu = cpus.get(core % cpus.len().max(1)).copied();
-        let o = &config.output;
-        let output = output::Output::new(o, state.gen, core);
-        let commits = commit::CommitLog::create(&o.directory, core, o.fsync, modes)?;
-        std::thread::Builder::new().name(format!("receiver-{core}")).spawn(move || {
-            if let Some(cpu) = cpu {
-                core_affinity::set_for_current(cpu);
-            }
-            let worker = server::Worker::new(core, output, commits, windows, config);
-            tokio_uring::start(async move {
-                if core == 0 && crate::fault::injected(crate::fault::Fault::PanicWorkerTask) {
-                    tokio_uring::spawn(crate::fault::panic_worker_task("receiver worker"));
-                }
-                let worker = Rc::new(RefCell::new(worker));
-                server::serve_worker(worker, rx, open, budget, registry).await
-            });
-        })?;
+    for (index, windows) in windows.into_iter().enumerate() {
+        let shared = Shared { config: &config, open: &open, budget: &budget, registry: &registry };
+        inboxes.push(start_shard(index, state.gen, windows, shared)?);
     }
     let addr = listener.local_addr()?;
     let connections_max = config.receiver.connections_max;
     std::thread::Builder::new()
         .name("acceptor".into())
         .spawn(move || server::accept(listener, config, tls, inboxes, open, registry))?;
-    tracing::info!(%addr, workers, connections_max, generation = state.gen, "receiver listening");
+    let (workers, gen) = (shards, state.gen);
+    tracing::info!(%addr, workers, connections_max, generation = gen, "receiver listening");
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "receiver stopping");
     Ok(())
+}
+
+/// Creates the output directory and recovers it and the outputs after any stop
+/// ([`commit::recover`]).
+fn recover(config: &ReceiverConfig) -> anyhow::Result<commit::LogState> {
+    let out = &config.output.directory;
+    let modes = config.output.modes();
+    modes.create_dir_all(out).with_context(|| format!("output.directory {}", out.display()))?;
+    let ttl_s = config.receiver.dedup_window_ttl_s;
+    let outputs = |gen, marks: &HashMap<String, u64>| output::recover(config, gen, marks);
+    commit::recover(out, ttl_s, modes, outputs)
+        .with_context(|| format!("recovering {}", out.display()))
+}
+
+/// Deals the recovered de-duplication windows to the shards that own their streams.
+fn deal_windows(
+    windows: HashMap<StreamId, Window>,
+    shards: usize,
+) -> Vec<HashMap<StreamId, Window>> {
+    let mut dealt: Vec<HashMap<_, _>> = (0..shards).map(|_| HashMap::new()).collect();
+    for (id, w) in windows {
+        dealt[server::owner(id, shards)].insert(id, w);
+    }
+    dealt
+}
+
+/// Serves `/metrics` on `metrics.listen`, unless it is empty.
+fn serve_metrics(
+    config: &ReceiverConfig,
+    registry: &Arc<Registry<ReceiverCounters>>,
+    budget: &Arc<budget::FrameBudget>,
+) -> anyhow::Result<()> {
+    if config.metrics.listen.is_empty() {
+        return Ok(());
+    }
+    let (r, b) = (registry.clone(), budget.clone());
+    let connections_max = config.receiver.connections_max;
+    let addr = http::serve(&config.metrics.listen, move || {
+        scrape(&r, |shards, out| {
+            render(shards, out);
+            let limits = ReceiverLimits {
+                connections_max,
+                frames_in_progress_bytes_max: b.bytes_max(),
+                frames_in_progress_bytes: b.bytes_reserved(),
+            };
+            render_limits(&limits, out);
+        })
+    })
+    .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    Ok(())
+}
+
+/// What every shard shares with the others and the acceptor.
+#[derive(Clone, Copy)]
+struct Shared<'a> {
+    config: &'a Arc<ReceiverConfig>,
+    /// Connections from accept until served, over every thread.
+    open: &'a Arc<AtomicUsize>,
+    budget: &'a Arc<budget::FrameBudget>,
+    registry: &'a Arc<Registry<ReceiverCounters>>,
+}
+
+/// Opens shard `index`'s outputs and commit log, and starts its thread (pinned to a CPU when
+/// the CPUs are known); returns its inbox.
+fn start_shard(
+    index: usize,
+    gen: u64,
+    windows: HashMap<StreamId, Window>,
+    shared: Shared,
+) -> anyhow::Result<mpsc::UnboundedSender<server::HandOff>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let config = shared.config.clone();
+    let (open, budget) = (shared.open.clone(), shared.budget.clone());
+    let registry = shared.registry.clone();
+    let cpus = core_affinity::get_core_ids().unwrap_or_default();
+    let cpu = cpus.get(index % cpus.len().max(1)).copied();
+    let o = &config.output;
+    let outputs = output::open(&config, gen, index);
+    let commits = commit::CommitLog::create(&o.directory, index, o.fsync, o.modes())?;
+    std::thread::Builder::new().name(format!("receiver-{index}")).spawn(move || {
+        if let Some(cpu) = cpu {
+            core_affinity::set_for_current(cpu);
+        }
+        let shard = shard::Shard::new(index, outputs, commits, windows, config);
+        tokio_uring::start(async move {
+            if index == 0 && crate::fault::injected(crate::fault::Fault::PanicWorkerTask) {
+                tokio_uring::spawn(crate::fault::panic_worker_task("receiver worker"));
+            }
+            shard::serve(Rc::new(RefCell::new(shard)), rx, open, budget, registry).await
+        });
+    })?;
+    Ok(tx)
 }
 
 /// How long a bind may wait for the listening address to be let go.
@@ -148,25 +204,25 @@ fn bind(addr: &str) -> std::io::Result<std::net::TcpListener> {
     }
 }
 
-/// Stream files a worker may have open at once: `files_open_max`, or one per stream it may
+/// Stream files a shard may have open at once: `files_open_max`, or one per stream it may
 /// have (`streams_max`, plus `_other` and `_other@dead_letter`) when that is fewer.
-pub fn files_open_per_worker(streams_max: usize, files_open_max: usize) -> usize {
+pub fn files_open_per_shard(streams_max: usize, files_open_max: usize) -> usize {
     files_open_max.min(streams_max + 2)
 }
 
-/// Descriptors the receiver holds besides its connections, at most, with `workers` workers of
-/// at most `files_open` open stream files each ([`files_open_per_worker`]): what is left of
+/// Descriptors the receiver holds besides its connections, at most, with `shards` shards of
+/// at most `files_open` open stream files each ([`files_open_per_shard`]): what is left of
 /// the open-file limit is for connections. Keep in step with what the code opens.
-pub fn descriptors_reserved(workers: usize, files_open: usize) -> u64 {
-    let per_worker = files_open as u64 // open stream files; past this the least recent closes
+pub fn descriptors_reserved(shards: usize, files_open: usize) -> u64 {
+    let per_shard = files_open as u64 // open stream files; past this the least recent closes
         + 1 // a closed stream file opened to cut back a failed frame
         + 3 // the commit log; while compacting, also its snapshot and the directory synced
         + 4; // its tokio-uring runtime: io_uring, two epolls, an eventfd (as measured)
-    workers as u64 * per_worker
+    shards as u64 * per_shard
         + 4 // the acceptor's tokio-uring runtime
         + 1 // the listening socket
         + 1 // a connection over `connections_max`: accepted, then closed at once
-        + 1 // a connection's duplicate, made to hand it to its worker
+        + 1 // a connection's duplicate, made to hand it to its shard
         + 2 // the metrics endpoint: its listening socket and the scrape being served
         + 3 // standard input, output and error
         + 32 // slack: descriptors inherited (a pipe), opened by libraries, or briefly at start
@@ -195,7 +251,7 @@ pub fn fit_connections(
 ) -> Result<ReceiverConfig, NoRoomForConnections> {
     let workers = config.receiver.workers;
     let o = &config.output;
-    let files_open = files_open_per_worker(o.streams_max, o.files_open_max);
+    let files_open = files_open_per_shard(o.streams_max, o.files_open_max);
     let reserved = descriptors_reserved(workers, files_open);
     let fit = open_files.saturating_sub(reserved);
     if fit == 0 {
@@ -228,11 +284,11 @@ mod tests {
 
     #[test]
     fn connections_max_is_lowered_to_the_descriptors_left() {
-        // Per worker 16 streams + 2 open at most, + 8; 2 workers; 44 for the process.
-        assert_eq!(files_open_per_worker(16, 256), 18);
+        // Per shard 16 streams + 2 open at most, + 8; 2 shards; 44 for the process.
+        assert_eq!(files_open_per_shard(16, 256), 18);
         assert_eq!(descriptors_reserved(2, 18), 2 * 26 + 44);
-        let fit = |max, limit| {
-            fit_connections(config(max, "streams_max = 16"), limit)
+        let fit = |connections_max, open_files| {
+            fit_connections(config(connections_max, "streams_max = 16"), open_files)
                 .map(|c| c.receiver.connections_max)
         };
         assert_eq!(fit(4096, 256).unwrap(), 256 - 96);
@@ -245,7 +301,7 @@ mod tests {
 
     #[test]
     fn open_stream_files_are_reserved_as_files_open_max_says() {
-        // The defaults: 1024 streams, 256 files open, per worker 256 + 8.
+        // The defaults: 1024 streams, 256 files open, per shard 256 + 8.
         let fit = |output, limit| {
             fit_connections(config(4096, output), limit).map(|c| c.receiver.connections_max)
         };

@@ -1,17 +1,18 @@
-//! A receiver worker's output streams: one directory per stream (cfjs1 `format`, or service),
-//! newline-delimited records exactly as the application wrote them, rotated by size.
+//! The files output: one directory per stream (cfjs1 `format`, or service), newline-delimited
+//! records exactly as the application wrote them, rotated by size. Today the receiver's only
+//! [`Output`]; it can cut back whatever it wrote, so nothing is written twice.
 //!
 //! # Design constraints
-//! - A worker owns its files (`STREAM/gGEN-cCORE-INDEX.log`), so no two threads append to
-//!   one file. At most `streams_max` streams per worker; records of further streams go to
+//! - A shard owns its files (`STREAM/gGEN-cSHARD-INDEX.log`), so no two threads append to
+//!   one file. At most `streams_max` streams per shard; records of further streams go to
 //!   `_other`. Records of frames flagged dead-letter go to `STREAM@dead_letter`.
-//! - At most `files_open_max` stream files open per worker. Writing to a stream whose file is
+//! - At most `files_open_max` stream files open per shard. Writing to a stream whose file is
 //!   closed, with that many open, first closes the least recently written one (fdatasync'd
 //!   first when the frame being written touched it); the closed stream's next write opens its
 //!   current file again and appends to it: no new file, no new name. Finding the least recent
-//!   is a scan over the worker's streams (at most `streams_max` + 2), paid only when a file is
+//!   is a scan over the shard's streams (at most `streams_max` + 2), paid only when a file is
 //!   opened, next to the cost of the open(2) itself. Every stream keeps its current file's
-//!   name and end while closed: [`Output::current_files`] gives them all to commit-log
+//!   name and end while closed: [`Output::checkpoint`] gives them all to commit-log
 //!   compaction, since recovery cuts a stream's newest file back to the end the log names and
 //!   removes it when the log names none.
 //! - A stream name is at most [`STREAM_NAME_BYTES_MAX`] (200) bytes, so that with the longest
@@ -22,30 +23,41 @@
 //!   keys that differ only past the cut stay in different streams, and `~` never occurs in
 //!   a name that was not shortened, so the two kinds never meet. Each stream created under a
 //!   shortened name is counted (`names_shortened`).
+//! - Only the newest file of a (stream, shard) can hold uncommitted bytes: files rotate
+//!   between frames, and a failed write is cut back before the shard goes on.
 //!
 //! # Format
 //! ```text
-//! DIRECTORY/STREAM/gGEN-cCORE-INDEX.log             records of stream STREAM
-//! DIRECTORY/STREAM@dead_letter/gGEN-cCORE-INDEX.log records of dead-lettered frames
+//! DIRECTORY/STREAM/gGEN-cSHARD-INDEX.log             records of stream STREAM
+//! DIRECTORY/STREAM@dead_letter/gGEN-cSHARD-INDEX.log records of dead-lettered frames
 //! STREAM = sanitised key                            when it has at most 200 bytes
 //!        | sanitised key[..183] '~' hex16(fnv1a64(key))   otherwise (200 bytes)
+//! Mark   = (STREAM/gGEN-cSHARD-INDEX.log, end in bytes)   per file a frame touched
 //! ```
 //!
 //! # Operation
-//! `write_frame` groups a frame's records by stream, appends each group with one write (opening
-//! the stream's file first if it was closed, closing the least recently written one if
-//! `files_open_max` are open), and on any failure cuts every touched file back to where it was
-//! (a file closed meanwhile is opened for the cut alone), so a frame is in the output entirely
-//! or not at all; then [`super::commit::CommitLog`] records it.
+//! [`Output::write`] groups a frame's records by stream, appends each group with one write
+//! (opening the stream's file first if it was closed, closing the least recently written one
+//! if `files_open_max` are open), and on any failure cuts every touched file back to where it
+//! was (a file closed meanwhile is opened for the cut alone), so a frame is in the output
+//! entirely or not at all. [`Output::sync`] fdatasyncs the touched files (with `fsync` on);
+//! [`Output::undo`] cuts them back; [`Output::marks`] names each and its new end for the
+//! commit record. At start, [`recover`] cuts the newest file of each (stream, shard) of the
+//! generation that was running back to its committed end, removing it when nothing in it was
+//! committed.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::commit::file_name;
+use super::{Kind, Mark, Output, Records, WriteError};
 use crate::config::receiver::OutputSection;
-use crate::protocol::RecordIter;
+use crate::config::ReceiverConfig;
+use crate::metrics::receiver::ReceiverCounters;
+
+/// The files output as [`super::KINDS`] lists it.
+pub const KIND: Kind = Kind { recover, open };
 
 pub const OTHER_STREAM: &str = "_other";
 pub const OTHER_STREAM_DEAD_LETTER: &str = "_other@dead_letter";
@@ -63,23 +75,33 @@ struct StreamFile {
     /// Bytes in the current file.
     size: u64,
     index: u64,
-    /// [`Output::clock`] at its last write: the least recent is closed first.
+    /// [`Files::clock`] at its last write: the least recent is closed first.
     used: u64,
     /// Written since its last fdatasync (with `fsync` on).
     unsynced: bool,
 }
 
-pub struct Output {
+/// A file the frame written last touched.
+struct Touched {
+    /// Relative to the output directory.
+    rel: String,
+    /// Its size before the frame, and after.
+    before: u64,
+    after: u64,
+}
+
+/// A shard's stream files.
+pub struct Files {
     dir: PathBuf,
     gen: u64,
-    core: usize,
+    shard: usize,
     file_bytes_max: u64,
     fsync: bool,
     streams_max: usize,
     files_open_max: usize,
     /// Modes of the stream files and directories created (`output.file_mode`, `dir_mode`).
     modes: crate::os::Modes,
-    /// Every stream written by this worker and its current file, open or closed.
+    /// Every stream written by this shard and its current file, open or closed.
     streams: HashMap<String, StreamFile>,
     names: HashMap<Vec<u8>, String>,
     names_dead_letter: HashMap<Vec<u8>, String>,
@@ -96,6 +118,8 @@ pub struct Output {
     /// The most stream files open at once.
     pub files_open_peak: usize,
     groups: Vec<(String, Vec<u8>)>,
+    /// The files the frame written last touched, until the next frame.
+    touched: Vec<Touched>,
 }
 
 /// The longest stream name, in bytes: 255 (`NAME_MAX`) less the `@dead_letter` suffix (12)
@@ -142,16 +166,147 @@ pub fn stream_name(key: &[u8]) -> (String, bool) {
     (s, true)
 }
 
-/// What a written frame touched: relative path and new end of each file.
-pub type Touched = Vec<(String, u64)>;
+/// Opens shard `shard`'s files output ([`Kind::open`]).
+fn open(config: &ReceiverConfig, gen: u64, shard: usize) -> Vec<Box<dyn Output>> {
+    vec![Box::new(Files::new(&config.output, gen, shard))]
+}
 
-impl Output {
-    /// The output of worker `core` in generation `gen`, as `[output]` says.
-    pub fn new(config: &OutputSection, gen: u64, core: usize) -> Output {
-        Output {
+/// Cuts the files of generation `gen` back to their committed ends ([`Kind::recover`]).
+fn recover(config: &ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()> {
+    cut_uncommitted(&config.output.directory, gen, marks)
+}
+
+/// Name of an output file, relative to the output directory.
+pub fn file_name(stream: &str, gen: u64, shard: usize, index: u64) -> String {
+    format!("{stream}/g{gen:06}-c{shard:03}-{index:06}.log")
+}
+
+/// Parses `gGEN-cSHARD-INDEX.log`.
+fn parse_file_name(name: &str) -> Option<(u64, usize, u64)> {
+    let rest = name.strip_prefix('g')?.strip_suffix(".log")?;
+    let mut parts = rest.split('-');
+    let gen = parts.next()?.parse().ok()?;
+    let shard = parts.next()?.strip_prefix('c')?.parse().ok()?;
+    let index = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((gen, shard, index))
+}
+
+/// Cuts the newest file of each (stream, shard) of generation `gen` in `out` back to its
+/// committed end in `ends`, removing it when it has none.
+pub fn cut_uncommitted(out: &Path, gen: u64, ends: &HashMap<String, u64>) -> io::Result<()> {
+    for ((stream, _), (_, name)) in newest_files(out, gen)? {
+        let rel = format!("{stream}/{name}");
+        let path = out.join(&rel);
+        let end = ends.get(&rel).copied().unwrap_or(0);
+        let len = fs::metadata(&path)?.len();
+        if end == 0 {
+            tracing::info!(file = %rel, bytes = len, "removing output file with no committed frame");
+            fs::remove_file(&path)?;
+        } else if len > end {
+            tracing::info!(file = %rel, cut = len - end, "cutting uncommitted tail");
+            let f = OpenOptions::new().write(true).open(&path)?;
+            f.set_len(end)?;
+            f.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+/// The newest file (index, name) of each (stream, shard) of generation `gen` in `out`.
+fn newest_files(out: &Path, gen: u64) -> io::Result<HashMap<(String, usize), (u64, String)>> {
+    let mut newest: HashMap<(String, usize), (u64, String)> = HashMap::new();
+    for entry in fs::read_dir(out)? {
+        let entry = entry?;
+        let stream = entry.file_name().to_string_lossy().into_owned();
+        if stream.starts_with('.') || !entry.file_type()?.is_dir() {
+            continue;
+        }
+        for f in fs::read_dir(entry.path())? {
+            let name = f?.file_name().to_string_lossy().into_owned();
+            let Some((g, shard, index)) = parse_file_name(&name) else {
+                continue;
+            };
+            if g != gen {
+                continue;
+            }
+            let slot = newest.entry((stream.clone(), shard)).or_insert((index, name.clone()));
+            if index >= slot.0 {
+                *slot = (index, name);
+            }
+        }
+    }
+    Ok(newest)
+}
+
+/// Whether an error says the frame can never be written, whatever is retried: a name the
+/// filesystem refuses, or content that is not what the output takes. Everything else
+/// (ENOSPC, EIO, EDQUOT, ...) may pass, and is answered as "try again later".
+fn never_writable(e: &io::Error) -> bool {
+    let refused = [libc::ENAMETOOLONG, libc::EINVAL, libc::EILSEQ, libc::ENOTDIR, libc::EISDIR];
+    e.kind() == io::ErrorKind::InvalidData || e.raw_os_error().is_some_and(|n| refused.contains(&n))
+}
+
+impl Output for Files {
+    fn write(&mut self, records: &Records) -> Result<u64, WriteError> {
+        self.append_frame(records).map_err(|e| {
+            if never_writable(&e) {
+                WriteError::Refused(e)
+            } else {
+                WriteError::Failed(e)
+            }
+        })
+    }
+
+    /// fdatasyncs the files the frame touched (with `fsync` on); one closed since was synced
+    /// as it closed.
+    fn sync(&mut self) -> io::Result<()> {
+        if !self.fsync {
+            return Ok(());
+        }
+        for t in &self.touched {
+            let s = self.streams.values_mut().find(|s| s.rel == t.rel).expect("a written stream");
+            if let Some(file) = &s.file {
+                file.sync_data()?;
+            }
+            s.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// Cuts the files the frame touched back to their size before it.
+    fn undo(&mut self) {
+        let touched = std::mem::take(&mut self.touched);
+        self.cut_back(&touched);
+    }
+
+    fn marks<'a>(&'a self, marks: &mut Vec<Mark<'a>>) {
+        marks.extend(self.touched.iter().map(|t| (t.rel.as_str(), t.after)));
+    }
+
+    /// The current file of every stream, open or closed, and its end: recovery cuts each
+    /// stream's newest file back to the end the log names (and removes it when the log names
+    /// none).
+    fn checkpoint<'a>(&'a self, marks: &mut Vec<Mark<'a>>) {
+        marks.extend(self.streams.values().map(|s| (s.rel.as_str(), s.size)));
+    }
+
+    fn report(&self, counters: &mut ReceiverCounters) {
+        counters.streams_open = self.streams_open() as u64;
+        counters.files_open = self.files_open() as u64;
+        counters.files_open_peak = self.files_open_peak as u64;
+        counters.files_closed = self.files_closed;
+        counters.records_folded = self.records_folded;
+        counters.stream_names_shortened = self.names_shortened;
+    }
+}
+
+impl Files {
+    /// The files of shard `shard` in generation `gen`, as `[output]` says.
+    pub fn new(config: &OutputSection, gen: u64, shard: usize) -> Files {
+        Files {
             dir: config.directory.clone(),
             gen,
-            core,
+            shard,
             file_bytes_max: config.file_bytes_max,
             fsync: config.fsync,
             streams_max: config.streams_max,
@@ -167,10 +322,11 @@ impl Output {
             files_closed: 0,
             files_open_peak: 0,
             groups: Vec::new(),
+            touched: Vec::new(),
         }
     }
 
-    /// Streams written by this worker, each with a current file (open or closed).
+    /// Streams written by this shard, each with a current file (open or closed).
     pub fn streams_open(&self) -> usize {
         self.streams.len()
     }
@@ -178,13 +334,6 @@ impl Output {
     /// Stream files open now.
     pub fn files_open(&self) -> usize {
         self.files_open
-    }
-
-    /// The current file of every stream, open or closed, and its end: what commit-log
-    /// compaction must keep, since recovery cuts each stream's newest file back to the end
-    /// the log names (and removes it when the log names none).
-    pub fn current_files(&self) -> Vec<(String, u64)> {
-        self.streams.values().map(|s| (s.rel.clone(), s.size)).collect()
     }
 
     /// The stream of records with `key`; past `streams_max` streams, `_other` (counted).
@@ -208,20 +357,17 @@ impl Output {
         &names[key]
     }
 
-    /// Writes every record of a validated payload; returns the files touched and the bytes.
-    pub fn write_frame(
-        &mut self,
-        payload: &[u8],
-        count: u32,
-        dead_letter: bool,
-    ) -> io::Result<(Touched, u64)> {
+    /// Writes every record of a validated frame, grouped by stream; returns the bytes. On
+    /// failure, every file it touched is cut back.
+    fn append_frame(&mut self, records: &Records) -> io::Result<u64> {
+        self.touched.clear();
         let mut groups = std::mem::take(&mut self.groups);
         for g in &mut groups {
             g.1.clear();
         }
-        for rec in RecordIter::new(payload, count) {
+        for rec in records.iter() {
             let (key, body) = rec.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let name = self.stream_for(key, dead_letter);
+            let name = self.stream_for(key, records.dead_letter);
             let slot = match groups.iter().position(|g| g.0 == name) {
                 Some(i) => i,
                 None => {
@@ -246,46 +392,26 @@ impl Output {
         result
     }
 
-    fn append_groups(&mut self, groups: &[(String, Vec<u8>)]) -> io::Result<(Touched, u64)> {
-        let mut touched: Vec<(String, u64, u64)> = Vec::new();
+    fn append_groups(&mut self, groups: &[(String, Vec<u8>)]) -> io::Result<u64> {
         let mut bytes = 0;
         for (name, data) in groups.iter().filter(|g| !g.1.is_empty()) {
-            let res = self.append(name, data);
-            match res {
-                Ok((rel, before, after)) => {
-                    touched.push((rel, before, after));
+            match self.append(name, data) {
+                Ok(touched) => {
+                    self.touched.push(touched);
                     bytes += data.len() as u64;
                 }
                 Err(e) => {
-                    self.undo(&touched);
+                    self.undo();
                     return Err(e);
                 }
             }
         }
-        if self.fsync {
-            if let Err(e) = self.sync(&touched) {
-                self.undo(&touched);
-                return Err(e);
-            }
-        }
-        Ok((touched.into_iter().map(|(rel, _, after)| (rel, after)).collect(), bytes))
-    }
-
-    /// fdatasyncs the files a frame touched; one closed since was synced as it closed.
-    fn sync(&mut self, touched: &[(String, u64, u64)]) -> io::Result<()> {
-        for (rel, ..) in touched {
-            let s = self.streams.values_mut().find(|s| &s.rel == rel).expect("a written stream");
-            if let Some(file) = &s.file {
-                file.sync_data()?;
-            }
-            s.unsynced = false;
-        }
-        Ok(())
+        Ok(bytes)
     }
 
     /// Appends to stream `name`: starts its next file first if its file is full, opens its
     /// file again if it was closed to make room.
-    fn append(&mut self, name: &str, data: &[u8]) -> io::Result<(String, u64, u64)> {
+    fn append(&mut self, name: &str, data: &[u8]) -> io::Result<Touched> {
         self.clock += 1;
         match self.streams.get(name) {
             Some(s) if s.size < self.file_bytes_max => {
@@ -305,9 +431,8 @@ impl Output {
         }
         s.size += data.len() as u64;
         s.unsynced = self.fsync;
-        Ok((s.rel.clone(), before, s.size))
+        Ok(Touched { rel: s.rel.clone(), before, after: s.size })
     }
-
     /// Starts stream `name`'s next file (its first, for a new stream). The full file is
     /// closed first: it holds nothing of the frame being written (a stream is appended to once
     /// per frame), and anything before is synced.
@@ -321,7 +446,7 @@ impl Output {
             }
             None => 0,
         };
-        let rel = file_name(name, self.gen, self.core, index);
+        let rel = file_name(name, self.gen, self.shard, index);
         let path = self.dir.join(&rel);
         self.modes.create_dir_all(path.parent().expect("stream dir"))?;
         let file = self.open(&path)?;
@@ -376,9 +501,9 @@ impl Output {
         Ok(())
     }
 
-    /// Cuts files back to their size before a failed frame.
-    fn undo(&mut self, touched: &[(String, u64, u64)]) {
-        for (rel, before, _) in touched {
+    /// Cuts the files of a frame that will not be committed back to their size before it.
+    fn cut_back(&mut self, touched: &[Touched]) {
+        for Touched { rel, before, .. } in touched {
             let Some(s) = self.streams.values_mut().find(|s| &s.rel == rel) else {
                 continue;
             };
@@ -395,6 +520,34 @@ impl Output {
             }
             s.size = *before;
         }
+    }
+}
+
+#[cfg(test)]
+impl Files {
+    /// Writes a frame as a shard does (write, then sync, undone when the sync fails); returns
+    /// the marks its commit record names and the bytes written.
+    pub fn write_frame(
+        &mut self,
+        payload: &[u8],
+        count: u32,
+        dead_letter: bool,
+    ) -> Result<(Vec<(String, u64)>, u64), WriteError> {
+        let bytes = self.write(&Records { payload, count, dead_letter })?;
+        if let Err(e) = self.sync() {
+            self.undo();
+            return Err(WriteError::Failed(e));
+        }
+        let mut marks = Vec::new();
+        self.marks(&mut marks);
+        Ok((marks.into_iter().map(|(rel, end)| (rel.to_string(), end)).collect(), bytes))
+    }
+
+    /// What [`Output::checkpoint`] gives, owned.
+    pub fn current_files(&self) -> Vec<(String, u64)> {
+        let mut marks = Vec::new();
+        self.checkpoint(&mut marks);
+        marks.into_iter().map(|(rel, end)| (rel.to_string(), end)).collect()
     }
 }
 
@@ -429,6 +582,12 @@ mod tests {
         assert_eq!(name(b".."), "_..");
         assert_eq!(name(".hidden".as_bytes()), "_.hidden");
         assert_eq!(name("é".as_bytes()), "__");
+    }
+
+    #[test]
+    fn file_names_parse() {
+        assert_eq!(parse_file_name("g000002-c001-000003.log"), Some((2, 1, 3)));
+        assert_eq!(parse_file_name("g2-c1.log"), None);
     }
 
     #[test]
@@ -483,7 +642,7 @@ mod tests {
     #[test]
     fn the_longest_name_makes_a_file_name_with_its_suffix() {
         let dir = tempfile::tempdir().unwrap();
-        let mut out = Output::new(&test_config(dir.path(), 1 << 20, 8), 1, 0);
+        let mut out = Files::new(&test_config(dir.path(), 1 << 20, 8), 1, 0);
         let keys: [&[u8]; 3] = [&[b'.'; 255], &[0xff; 255], &[b'z'; 201]];
         let mut payload = Vec::new();
         for key in keys {
@@ -519,7 +678,7 @@ mod rotation_tests {
     #[test]
     fn rotates_between_frames_and_keeps_every_record() {
         let dir = tempfile::tempdir().unwrap();
-        let mut out = Output::new(&test_config(dir.path(), 4096, 8), 3, 1);
+        let mut out = Files::new(&test_config(dir.path(), 4096, 8), 3, 1);
         let body = [b'x'; 1000];
         for _ in 0..10 {
             let mut payload = Vec::new();
@@ -543,7 +702,7 @@ mod rotation_tests {
     #[test]
     fn streams_past_the_limit_fold_into_other_and_are_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let mut out = Output::new(&test_config(dir.path(), 1 << 20, 2), 1, 0);
+        let mut out = Files::new(&test_config(dir.path(), 1 << 20, 2), 1, 0);
         let mut payload = Vec::new();
         for key in [&b"a"[..], b"b", b"c", b"d", b"a"] {
             RecordWriter::push(&mut payload, key, b"x");
@@ -575,12 +734,18 @@ mod files_open_tests {
         (payload, keys.len() as u32)
     }
 
-    fn output(dir: &Path, files_open_max: usize, fsync: bool) -> Output {
+    fn output(dir: &Path, files_open_max: usize, fsync: bool) -> Files {
         let config = OutputSection { files_open_max, fsync, ..test_config(dir, 1 << 20, 16) };
-        Output::new(&config, 1, 0)
+        Files::new(&config, 1, 0)
     }
 
-    fn open(out: &Output, stream: &str) -> bool {
+    /// Recovers `dir` as `shipper receive` does at start.
+    fn recover(dir: &Path) -> commit::LogState {
+        let cut = |gen, marks: &HashMap<String, u64>| cut_uncommitted(dir, gen, marks);
+        commit::recover(dir, 3600, crate::os::Modes::DEFAULT, cut).unwrap()
+    }
+
+    fn open(out: &Files, stream: &str) -> bool {
         out.streams[stream].file.is_some()
     }
 
@@ -646,7 +811,7 @@ mod files_open_tests {
         // Regression guard: a compacted log that named only open files made recovery remove
         // the newest file of every closed stream, acknowledged records and all.
         let dir = tempfile::tempdir().unwrap();
-        let gen = commit::recover(dir.path(), 3600, crate::os::Modes::DEFAULT).unwrap().gen;
+        let gen = recover(dir.path()).gen;
         assert_eq!(gen, 1);
         let mut out = output(dir.path(), 1, false);
         let mut log = CommitLog::create(dir.path(), 0, false, crate::os::Modes::DEFAULT).unwrap();
@@ -663,7 +828,7 @@ mod files_open_tests {
         let (payload, count) = frame(&["b"], 3);
         out.write_frame(&payload, count, false).unwrap();
         drop((out, log));
-        commit::recover(dir.path(), 3600, crate::os::Modes::DEFAULT).unwrap();
+        recover(dir.path());
         let read = |key: &str| {
             fs::read_to_string(dir.path().join(key).join("g000001-c000-000000.log")).unwrap()
         };

@@ -1,0 +1,136 @@
+//! What a receiver shard writes a frame's records to: the [`Output`] seam, and every kind of
+//! output behind it ([`files`]: per-stream files, today the only one).
+//!
+//! # Design constraints
+//! - A frame is acknowledged only after every output that took its records made them durable
+//!   ([`Output::sync`]) and the shard's commit log recorded the frame
+//!   ([`super::commit::CommitLog::commit`]) with the [marks](Mark) the outputs gave for it. A
+//!   frame's records go to every output or, as far as the outputs can take them back, to none.
+//! - An output writes on its shard's thread, one frame at a time, without `.await` between
+//!   write, sync and commit (an `.await` would let a duplicate of the frame slip in).
+//! - The shard calls an output through `dyn Output` once per frame and step, never per record:
+//!   the per-record loop is the output's own.
+//! - An output that can take back what it wrote (files: cut back) gets exactly-once: recovery
+//!   cuts whatever is not committed. One that cannot (a Kafka topic, a ClickHouse table) has
+//!   no marks to cut back to and relies on the de-duplication windows alone: a frame it wrote
+//!   whose commit did not happen (a crash, a failed sync of another output) is not
+//!   acknowledged, so the shipper resends it and that output gets its records twice.
+//! - A commit that fails takes nothing back from any output: its record may have reached the
+//!   log, and a frame cut but named there would count as written after a restart, its resend
+//!   dropped as a duplicate and the frame lost. Not acknowledged, it is resent and written
+//!   again: a duplicate in every output, never a loss.
+//!
+//! # Format
+//! ```text
+//! Mark = (name: &str, end: u64)    what a commit record names for one output's frame
+//!   files: (STREAM/gGEN-cSHARD-INDEX.log, its end in bytes after the frame)
+//!   others: name starts with the output's kind and ':' (a stream file's never holds ':')
+//! ```
+//!
+//! # Operation
+//! 1. At start, before any shard runs, [`recover`] hands every kind of output the marks of the
+//!    generation that was running, read from the commit logs: each cuts what it wrote past
+//!    them, if it can (files: the newest file of each stream back to its committed end).
+//! 2. Per DATA frame, on its shard: [`Output::write`] on every output (one that fails has taken
+//!    its part back; those written before it are [undone](Output::undo)); then
+//!    [`Output::sync`] on every output (one failure undoes them all); then the commit record
+//!    names every output's [`Output::marks`]; then ACK. A failed commit undoes nothing (see
+//!    above).
+//! 3. When the commit log is compacted, [`Output::checkpoint`] gives what the snapshot must
+//!    keep for recovery to cut nothing committed (files: every stream's current file and end).
+
+pub mod files;
+
+use std::collections::HashMap;
+use std::io;
+
+use crate::config::ReceiverConfig;
+use crate::metrics::receiver::ReceiverCounters;
+use crate::protocol::RecordIter;
+
+/// What a commit record names for an output: how far `name` holds committed data. Marks of
+/// one name only grow; recovery gets the largest of each.
+pub type Mark<'a> = (&'a str, u64);
+
+/// The records of one DATA frame, validated ([`RecordIter::validate`]), on their way to the
+/// outputs.
+#[derive(Clone, Copy)]
+pub struct Records<'a> {
+    /// The decompressed payload: `count` records.
+    pub payload: &'a [u8],
+    pub count: u32,
+    /// Sent here as the shipper's dead-letter destination (`FLAG_DEAD_LETTER`).
+    pub dead_letter: bool,
+}
+
+impl<'a> Records<'a> {
+    /// The (key, body) of every record, in order.
+    pub fn iter(&self) -> RecordIter<'a> {
+        RecordIter::new(self.payload, self.count)
+    }
+}
+
+/// Why an output did not take a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// It never will, whatever is retried: a name it refuses, content it does not take. The
+    /// frame is answered with REJECT and the shipper gives it another fate.
+    #[error("the output cannot take it: {0}")]
+    Refused(io::Error),
+    /// Not now (disk full, I/O error): no ACK, the connection closes, the shipper resends.
+    #[error("{0}")]
+    Failed(io::Error),
+}
+
+/// A place a shard writes frames' records to. One instance per shard, opened at start and
+/// then owned by its shard's thread (so `Send`).
+pub trait Output: Send {
+    /// Writes every record of `records` (grouped by stream, as the output names them); returns
+    /// the bytes written. All or nothing: on error, what it wrote of the frame is taken back,
+    /// as far as the output can ([`Output::undo`]).
+    fn write(&mut self, records: &Records) -> Result<u64, WriteError>;
+
+    /// Returns once everything [`Output::write`] wrote since the last sync is durable, as the
+    /// output's config says (files: fdatasync of the files the frame touched, with `fsync`
+    /// on). An error leaves the frame to be [undone](Output::undo).
+    fn sync(&mut self) -> io::Result<()>;
+
+    /// Takes back the frame written last, which will not be committed (another output failed,
+    /// or a sync). An output that cannot take records back does nothing: a frame not
+    /// acknowledged is resent, and it then holds its records twice.
+    fn undo(&mut self);
+
+    /// Adds to `marks` what the commit record of the frame written last must name, for
+    /// recovery to cut the output back to it after a crash; nothing for an output that cannot
+    /// be cut back.
+    fn marks<'a>(&'a self, marks: &mut Vec<Mark<'a>>);
+
+    /// Adds to `marks` what a compacted commit log must keep naming, for recovery to cut back
+    /// nothing committed (files: every stream's current file, open or closed, and its end).
+    fn checkpoint<'a>(&'a self, marks: &mut Vec<Mark<'a>>);
+
+    /// Copies the output's own figures into its shard's counters.
+    fn report(&self, counters: &mut ReceiverCounters);
+}
+
+/// One kind of output: how it recovers after any stop, and how a shard opens it.
+pub struct Kind {
+    /// Cuts what the generation `gen` wrote past its marks (the largest of each name in the
+    /// commit logs), if the output can; removes what holds nothing committed.
+    pub recover: fn(&ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()>,
+    /// The outputs of this kind the config names, opened for shard `shard` of generation `gen`.
+    pub open: fn(&ReceiverConfig, gen: u64, shard: usize) -> Vec<Box<dyn Output>>,
+}
+
+/// Every kind of output. Adding one: its file under `output/` and one line here.
+const KINDS: &[Kind] = &[files::KIND];
+
+/// Recovers every kind of output (Operation, step 1).
+pub fn recover(config: &ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()> {
+    KINDS.iter().try_for_each(|kind| (kind.recover)(config, gen, marks))
+}
+
+/// Every output of shard `shard` in generation `gen`, as the config names them.
+pub fn open(config: &ReceiverConfig, gen: u64, shard: usize) -> Vec<Box<dyn Output>> {
+    KINDS.iter().flat_map(|kind| (kind.open)(config, gen, shard)).collect()
+}
