@@ -19,6 +19,7 @@ pub mod protocol;
 pub mod receiver;
 pub mod record;
 pub mod runtime;
+pub mod signals;
 pub mod sinks;
 pub mod sources;
 pub mod tls;

@@ -46,7 +46,7 @@ use self::dedup::{StreamId, Window};
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::{render, render_limits, ReceiverCounters, ReceiverLimits};
 use crate::metrics::{http, scrape, Registry};
-use crate::runtime::signals;
+use crate::signals;
 
 /// Runs the receiver until SIGTERM/SIGINT.
 pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {

@@ -16,7 +16,6 @@
 //!    worker's exit; then tell every worker to stop and join them.
 
 pub mod control;
-pub mod signals;
 pub mod worker;
 
 use std::sync::mpsc;
@@ -30,6 +29,7 @@ use crate::config::ShipperConfig;
 use crate::ebpf::KernelCounters;
 use crate::metrics::shipper::{render, render_kernel, ShipperCounters};
 use crate::metrics::{http, scrape, Registry, PUBLISH_INTERVAL_MS};
+use crate::signals;
 use crate::sinks::delivery::connection::Target;
 use worker::start::{JournalHandle, PipeHandle, SocketHandle, WorkerPlan};
 

@@ -1,4 +1,5 @@
-//! Process-level plumbing: termination signals taken synchronously, and a random run id.
+//! Process-level plumbing both `shipper run` and `shipper receive` use: termination signals
+//! taken synchronously, and a random run id.
 
 use std::io;
 
