@@ -166,16 +166,22 @@ fn receiver_pauses_on_accept_errors_and_goes_on_accepting() {
     // How many accepts failed depends on how long the limit was low: one per 100 ms pause.
     assert!(errors(&[("reason", "fd_limit")]) >= 1.0);
     assert_eq!(errors(&[]), errors(&[("reason", "fd_limit")]));
+    let (_shipper, line) = one_line_acknowledged(&env, port, sm);
+    assert_eq!(output_lines(&env.out()), vec![("web".to_string(), line.as_bytes().to_vec())]);
+    assert!(receiver.child.try_wait().unwrap().is_none(), "the receiver is alive");
+}
+
+/// Starts a shipper with one pipe, writes one line into it and waits until it is
+/// acknowledged; returns the shipper and the line.
+fn one_line_acknowledged(env: &Env, port: u16, sm: u16) -> (Proc, &'static str) {
     let pipe = env.path("app.pipe");
-    let mut shipper =
-        start_shipper(&env, port, sm, &format!("[[sources.pipe]]\npath = {pipe:?}\n"));
+    let mut shipper = start_shipper(env, port, sm, &format!("[[sources.pipe]]\npath = {pipe:?}\n"));
     let line = "{\"service\":\"web\",\"n\":1}";
     open_writer(&pipe).write_all(format!("{line}\n").as_bytes()).unwrap();
     shipper.wait_alive("the line acknowledged", || {
         metric_at(sm, "shipper_records_acked_total", &[]) >= 1.0
     });
-    assert_eq!(output_lines(&env.out()), vec![("web".to_string(), line.as_bytes().to_vec())]);
-    assert!(receiver.child.try_wait().unwrap().is_none(), "the receiver is alive");
+    (shipper, line)
 }
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -552,14 +558,7 @@ fn receiver_holds_frames_in_progress_within_its_budget() {
     let holders: Vec<RawClient> =
         clients.into_iter().filter(|(_, e)| e.is_none()).map(|(c, _)| c).collect();
     complete_one_and_give_all_back(&mut receiver, holders, &wire[half..]);
-    let pipe = env.path("app.pipe");
-    let mut shipper =
-        start_shipper(&env, port, sm, &format!("[[sources.pipe]]\npath = {pipe:?}\n"));
-    let line = "{\"service\":\"web\",\"n\":1}";
-    open_writer(&pipe).write_all(format!("{line}\n").as_bytes()).unwrap();
-    shipper.wait_alive("the line acknowledged", || {
-        metric_at(sm, "shipper_records_acked_total", &[]) >= 1.0
-    });
+    let (_shipper, line) = one_line_acknowledged(&env, port, sm);
     let mut lines = output_lines(&env.out());
     lines.sort();
     let big = (b"x".repeat(HALF_FRAME_PAYLOAD_BYTES - 8)).to_vec();

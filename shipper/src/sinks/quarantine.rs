@@ -231,17 +231,7 @@ mod tests {
     use super::*;
 
     fn frame(seq: u64, bytes: usize) -> Rc<Sealed> {
-        Rc::new(Sealed {
-            wire: vec![7; bytes],
-            records: 3,
-            raw_bytes: 1,
-            first_ns: 0,
-            first_unix_us: 0,
-            services: vec![],
-            marks: vec![],
-            seq,
-            origin: None,
-        })
+        Rc::new(Sealed::for_test(seq, bytes, 3, 7))
     }
 
     #[test]

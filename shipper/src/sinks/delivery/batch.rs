@@ -18,12 +18,30 @@ pub struct Sealed {
     pub first_unix_us: u64,
     /// Records per service id, for counting drops of the whole frame.
     pub services: Vec<(u32, u32)>,
-    /// Durable sources in the frame: (journal source index, cursor of its last entry here).
+    /// Durable sources in the frame: (source id, the mark of its last record here).
     /// A frame with marks is never dropped: its source pauses instead.
     pub marks: Vec<(usize, String)>,
     pub seq: u64,
     /// The disk buffer segment it was read back from, if any.
     pub origin: Option<u64>,
+}
+
+#[cfg(test)]
+impl Sealed {
+    /// A frame for tests: `records` records in `bytes` bytes of `fill`, sequence `seq`.
+    pub fn for_test(seq: u64, bytes: usize, records: u32, fill: u8) -> Sealed {
+        Sealed {
+            wire: vec![fill; bytes],
+            records,
+            raw_bytes: 1,
+            first_ns: 0,
+            first_unix_us: 0,
+            services: vec![],
+            marks: vec![],
+            seq,
+            origin: None,
+        }
+    }
 }
 
 pub struct BatchBuilder {

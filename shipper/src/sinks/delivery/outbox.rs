@@ -241,17 +241,7 @@ mod tests {
     use super::*;
 
     fn frame(seq: u64, bytes: usize) -> Sealed {
-        Sealed {
-            wire: vec![0; bytes],
-            records: 1,
-            raw_bytes: 1,
-            first_ns: 0,
-            first_unix_us: 0,
-            services: vec![],
-            marks: vec![],
-            seq,
-            origin: None,
-        }
+        Sealed::for_test(seq, bytes, 1, 0)
     }
 
     #[test]
