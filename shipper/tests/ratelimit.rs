@@ -71,3 +71,39 @@ fn one_service_on_two_cores_stays_within_its_global_rate() {
     let text = scrape(sm);
     assert!(text.is_none(), "shipper has exited");
 }
+
+/// Past `services_max`, services share the `_other` bucket and label, but every record still
+/// goes to the stream of its own key.
+#[test]
+fn services_past_services_max_share_a_bucket_but_keep_their_own_streams() {
+    // Regression: records of the services past the table's room were written to `_other/`.
+    const SERVICES: usize = 6;
+    const EACH: usize = 3;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let pipe = env.path("app.pipe");
+    // The pipe's own service ("app") takes one of the three places, s0 and s1 the others.
+    let body = format!("[[sources.pipe]]\npath = {pipe:?}\n[ratelimit]\nservices_max = 3\n");
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    let mut w = open_writer(&pipe);
+    let mut want = Vec::new();
+    for s in 0..SERVICES {
+        for n in 0..EACH {
+            let line = format!(r#"{{"service":"s{s}","n":{n}}}"#);
+            writeln!(w, "{line}").unwrap();
+            want.push((format!("s{s}"), line.into_bytes()));
+        }
+    }
+    drop(w);
+    shipper.wait_alive("every line acknowledged", || {
+        metric_at(sm, "shipper_records_acked_total", &[]) == (SERVICES * EACH) as f64
+    });
+    let mut got = output_lines(&env.out());
+    got.sort();
+    assert_eq!(got, want, "each service in its own stream");
+    let admitted = |service| metric_at(sm, "shipper_lines_admitted_total", &[("service", service)]);
+    assert_eq!((admitted("s0"), admitted("s1")), (EACH as f64, EACH as f64));
+    assert_eq!(admitted("_other"), ((SERVICES - 2) * EACH) as f64);
+    assert!(shipper.stop(Duration::from_secs(30)).success());
+}

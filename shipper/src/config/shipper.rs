@@ -317,7 +317,8 @@ pub struct RateLimitSection {
     pub burst: Option<u64>,
     /// How often workers' shares of each key's rate follow their demand, in ms. Default: 100.
     pub rebalance_interval_ms: u64,
-    /// Distinct keys tracked per worker; further keys share the bucket `_other`. Default: 1024.
+    /// Distinct keys tracked per worker; further keys share the bucket and metrics label
+    /// `_other` (their records still go to their own stream). Default: 1024.
     pub services_max: usize,
     /// Per-key overrides of `rate` and `burst`.
     pub services: BTreeMap<String, RateOverride>,

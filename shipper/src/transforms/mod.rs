@@ -15,7 +15,8 @@
 //!    (`syslog/`), or take the key the source gave (journal). What does not parse is kept as
 //!    text under the source's service, and the failure is reported to the source.
 //! 2. **services** (`services.rs`): the key cut to the protocol's limit (reported), interned
-//!    into a dense id with its bucket and counters (`[ratelimit] services_max`).
+//!    into a dense id with its bucket and counters (`[ratelimit] services_max`; past it, keys
+//!    share `_other`'s bucket and label, but each record keeps its own key as its stream).
 //! 3. **rate limit** (`ratelimit.rs`, `[ratelimit]`): one token from the service's bucket, or
 //!    the record is dropped and counted (`reason="ratelimit"`).
 //!
@@ -53,8 +54,10 @@ struct Input {
 
 /// A record the chain admitted: where it goes and what to batch.
 pub struct Admitted<'c> {
+    /// Its rate-limit bucket and metrics label (`_other` once `services_max` are in use).
     pub service: u32,
-    /// The stream key: the record's stream (cfjs1 `format`), else its service's name.
+    /// The stream key: the record's stream (cfjs1 `format`), else its own key, else its
+    /// source's service.
     pub key: &'c [u8],
     pub body: &'c [u8],
 }
@@ -126,13 +129,15 @@ impl Chain {
             }
         };
         let Decoded { key, stream, body } = decoded;
-        let service = match key {
+        // Routing never depends on the table's room: a record whose service shares the
+        // `_other` bucket still goes to the stream of its own (bounded) key.
+        let (service, own) = match key {
             Some(k) => {
                 let (k, cut) = bound_key(k);
                 outcome.keys_cut += u8::from(cut);
-                self.services.intern(k, now_ns)
+                (self.services.intern(k, now_ns), Some(k))
             }
-            None => default,
+            None => (default, None),
         };
         let stream = stream.map(|s| {
             let (s, cut) = bound_key(s);
@@ -142,7 +147,7 @@ impl Chain {
         if !self.services.admit(service, now_ns) {
             return (outcome, None);
         }
-        let key = stream.unwrap_or_else(|| self.services.table.name(service));
+        let key = stream.or(own).unwrap_or_else(|| self.services.table.name(service));
         (outcome, Some(Admitted { service, key, body }))
     }
 }

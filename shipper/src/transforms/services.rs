@@ -2,9 +2,9 @@
 //! vectors indexed by id instead of maps keyed by strings.
 //!
 //! # Design constraints
-//! - At most `services_max` names per core (config); names beyond that share id
+//! - At most `services_max` names per worker (config); names beyond that share id
 //!   [`OTHER`] ("_other"), so a hostile writer inventing keys cannot grow memory or metric
-//!   cardinality. Names are cut to [`KEY_BYTES_MAX`] (255) bytes, the protocol's key limit,
+//!   cardinality. The id is a bucket and a label only: a record is routed by its own key. Names are cut to [`KEY_BYTES_MAX`] (255) bytes, the protocol's key limit,
 //!   at a UTF-8 character boundary ([`bound_key`]); the sources count every cut.
 
 use std::collections::HashMap;
