@@ -327,3 +327,60 @@ fn journal_entries_unacknowledged_at_shutdown_are_read_again() {
     assert!(arrivals(&env.out(), N).iter().all(|&n| n == 1), "every entry exactly once");
     assert!(shipper.stop(Duration::from_secs(20)).success());
 }
+
+/// Pipe lines read beside a journal on one worker and unacknowledged at the shutdown deadline
+/// are counted as dropped, every one, while the journal's entries are left to be read again.
+#[test]
+fn pipe_lines_beside_a_journal_are_counted_when_shutdown_gives_them_up() {
+    // Regression: a frame could mix journal entries and pipe lines; at the deadline it was
+    // given up as "read again from the checkpoint", and its pipe lines were lost uncounted.
+    const N: usize = 2_000;
+    const P: usize = 300;
+    let env = Env::new();
+    let (port, sm) = (free_port(), free_port());
+    let jdir = env.path("journal");
+    write_journal(&jdir, N);
+    let pipe = env.path("app.pipe");
+    // One open batch for everything read within 3 s: the entries and the lines meet in it.
+    let body = shipper_body(&jdir, &env.path("cursor"))
+        .replace("poll_interval_ms = 50\n", "poll_interval_ms = 50\nworker = 0\n")
+        .replace("batch_events_max = 500\nflush_interval_ms = 20", "flush_interval_ms = 3000")
+        + &format!("[[sources.pipe]]\npath = {pipe:?}\nworker = 0\n");
+    let cfg = env
+        .shipper_toml(port, sm, &body)
+        .replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 300");
+    let path = env.write("edge.toml", &cfg);
+    let log = env.path("shipper.log");
+    // No receiver: everything read waits in the outbox until the deadline.
+    let mut shipper = Proc::start("shipper", &["run", "--config", path.to_str().unwrap()], sm, log);
+    shipper.wait_alive("every entry read", || {
+        metric(&scrape_ok(sm), "shipper_journal_entries_read_total", &[]) == N as f64
+    });
+    let mut w = open_writer(&pipe);
+    for n in 0..P {
+        writeln!(w, r#"{{"service":"app","n":{n}}}"#).unwrap();
+    }
+    shipper.wait_alive("every entry and line in the outbox", || {
+        metric(&scrape_ok(sm), "shipper_outbox_records", &[]) == (N + P) as f64
+    });
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+    let log = without_colours(&shipper.log_text());
+    assert!(log.contains("reads them again from the checkpoint"), "{log}");
+    let dropped = log
+        .lines()
+        .find(|l| l.contains("shutdown deadline passed with unacknowledged frames: dropped"))
+        .unwrap_or_else(|| panic!("no drop at the deadline:\n{log}"));
+    assert!(dropped.contains(&format!("records={P}")), "{dropped}");
+}
+
+/// `text` without its ANSI colour sequences.
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('\x1b') {
+        out.push_str(&rest[..i]);
+        rest = rest[i..].find('m').map_or("", |j| &rest[i + j + 1..]);
+    }
+    out.push_str(rest);
+    out
+}

@@ -40,7 +40,12 @@ use crate::sources::{Intake, Marks, Outcome, Record, SourceId};
 use crate::transforms::services::DropReason;
 use crate::transforms::{Chain, Decode};
 
-/// Adds a copy of one source's counters to the counters being published.
+/// The batch of records without a mark.
+const VOLATILE: usize = 0;
+/// The batch of a durable source's records.
+const DURABLE: usize = 1;
+
+/// Copies one source's counters into the counters being published.
 type Publisher = Box<dyn Fn(&mut ShipperCounters)>;
 
 pub struct Worker {
@@ -49,7 +54,11 @@ pub struct Worker {
     pub config: Arc<ShipperConfig>,
     clock: Clock,
     pub chain: Chain,
-    batch: BatchBuilder,
+    /// The open batches: [`VOLATILE`] for records without a mark (pipes, sockets),
+    /// [`DURABLE`] for a durable source's (journal), so that a frame is all one or the other:
+    /// at shutdown a durable frame is read again from its marks, a volatile one spilled or
+    /// counted, and never a mix whose volatile records nothing would account for.
+    batches: [BatchBuilder; 2],
     zstd: zstd::bulk::Compressor<'static>,
     pub delivery: Delivery,
     /// Where frames go when the outbox is full, if configured.
@@ -73,7 +82,8 @@ impl Worker {
             index,
             clock,
             chain: Chain::new(&config.ratelimit, config.shipper.workers),
-            batch: BatchBuilder::new(b.batch_bytes_max as usize, b.batch_events_max),
+            batches: [0, 1]
+                .map(|_| BatchBuilder::new(b.batch_bytes_max as usize, b.batch_events_max)),
             zstd: compressor(b.zstd_level, b.zstd_hash_log)?,
             delivery: Delivery::new(index, config.clone(), clock),
             buffer: match &config.buffer.directory {
@@ -117,21 +127,34 @@ impl Worker {
         Registered { id, counters }
     }
 
-    /// Whether the batch's first record is older than the flush interval.
-    pub fn batch_due(&self, now_ns: u64) -> bool {
+    /// Seals the batches whose first record is older than the flush interval.
+    pub fn seal_due(&mut self, now_ns: u64) {
         let interval = self.config.batch.flush_interval_ms * 1_000_000;
-        !self.batch.is_empty() && now_ns.saturating_sub(self.batch.first_ns()) >= interval
+        for kind in [VOLATILE, DURABLE] {
+            let b = &self.batches[kind];
+            if !b.is_empty() && now_ns.saturating_sub(b.first_ns()) >= interval {
+                self.seal(kind);
+            }
+        }
     }
 
-    /// Seals the current batch (if any) into the outbox; when the outbox is full (or frames
+    /// Seals both open batches (at shutdown).
+    pub fn seal_all(&mut self) {
+        self.seal(VOLATILE);
+        self.seal(DURABLE);
+    }
+
+    /// Seals batch `kind` (if not empty) into the outbox; when the outbox is full (or frames
     /// already wait in the disk buffer, which keeps them in order) into the disk buffer; when
-    /// that is full too, or there is none, drops and counts it.
-    pub fn seal(&mut self) {
-        if self.batch.is_empty() {
+    /// that is full too, or there is none, drops and counts it. A durable frame always goes
+    /// to the outbox: its source paused before it could overfill it.
+    fn seal(&mut self, kind: usize) {
+        let batch = &mut self.batches[kind];
+        if batch.is_empty() {
             return;
         }
         let outbox = &mut self.delivery.outbox;
-        let mut frame = match self.batch.seal(&mut self.zstd, outbox.next_seq()) {
+        let mut frame = match batch.seal(&mut self.zstd, outbox.next_seq()) {
             Ok(f) => f,
             Err(e) => panic!("zstd failed on an in-memory batch: {e}"),
         };
@@ -238,12 +261,14 @@ impl Intake for Worker {
         let mark = record.mark;
         let (outcome, admitted) = self.chain.run(source, record, now_ns);
         if let Some(a) = admitted {
-            let full = self.batch.push(a.key, a.body, a.service, now_ns);
+            let kind = if mark.is_some() { DURABLE } else { VOLATILE };
+            let batch = &mut self.batches[kind];
+            let full = batch.push(a.key, a.body, a.service, now_ns);
             if let Some(m) = mark {
-                self.batch.mark(source.0 as usize, m);
+                batch.mark(source.0 as usize, m);
             }
             if full {
-                self.seal();
+                self.seal(kind);
             }
         }
         outcome

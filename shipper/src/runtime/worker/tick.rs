@@ -82,7 +82,7 @@ pub async fn run(
         }
         if *stop.borrow() && t.deadline_ns.is_none() {
             w.delivery.stopping = true;
-            w.seal();
+            w.seal_all();
             w.delivery.wake.notify_waiters();
             t.deadline_ns = Some(now + t.shutdown_ns);
             let frames = w.delivery.outbox.frames();
@@ -108,9 +108,7 @@ pub async fn run(
 /// Every tick: overdue batches, the quarantine's writes, overdue connections, and the
 /// control plane at its pace.
 fn routine(w: &mut Worker, t: &mut Ticker, plane: &Plane, now: u64) {
-    if w.batch_due(now) {
-        w.seal();
-    }
+    w.seal_due(now);
     w.settle_quarantined();
     close_overdue(w, now, t.ack_timeout_ns);
     if now - t.last_rebalance_ns >= t.rebalance_ns {
@@ -201,7 +199,8 @@ async fn finish_buffer(worker: &Rc<RefCell<Worker>>) {
 pub const SPILL_MS: u64 = 1000;
 
 /// At shutdown, what is still unacknowledged: frames read back from the disk buffer stay
-/// there for the next run, and journal entries are read again from the checkpoint; the others
+/// there for the next run, and durable frames (a durable source's records only: the worker
+/// batches them apart) are read again from their marks; the others
 /// go to the disk buffer when `spill` (applying `when_full`), else, with what still waits to
 /// be written to the buffer, are dropped and counted.
 fn leave(c: &mut Worker, spill: bool) {
