@@ -22,6 +22,9 @@ mod hostile;
 mod journal;
 /// The journal source following live files across rotations, and resuming after SIGKILL.
 mod journal_follow;
+/// Several receiver outputs, each taking its streams: files, and a real ClickHouse (also
+/// stopped mid-stream).
+mod outputs;
 /// Pipes to receiver: a million lines from four writers arrive byte-identical, once each.
 mod pipe;
 /// A real Prometheus scrapes both endpoints; promtool lints them.

@@ -1,6 +1,7 @@
 //! Installs what is missing, idempotently: the rustfmt and clippy components, cargo-fuzz
 //! (the fuzz targets run on the machine's nightly toolchain), the Debian packages the
-//! tests use (a real Prometheus scrapes the metrics endpoints in the tests), and the eBPF
+//! tests use (a real Prometheus scrapes the metrics endpoints in the tests, a real ClickHouse
+//! server takes the receiver's ClickHouse output), and the eBPF
 //! toolchain (docs/ebpf.md): Debian's rustc-web with its prebuilt `core` for the BPF target,
 //! and bpf-linker built against Debian's LLVM 22 into `.tools/` (gitignored), with a copy in
 //! `~/.cache/shipper-tools/` so that fresh clones on the same machine (CI) skip the build.
@@ -36,6 +37,9 @@ const PACKAGES: &[(&str, &str)] = &[
     // The eBPF tests: capsh/setpriv to drop capabilities, ip for namespaces and routes.
     ("setpriv", "util-linux"),
     ("ip", "iproute2"),
+    // The ClickHouse output's tests start a real server (Debian's 18.16) from a scratch
+    // directory; its package does not start one (no init system needed).
+    ("/usr/sbin/clickhouse-server", "clickhouse-server"),
 ];
 
 /// bpf-linker, pinned: 0.13.0 is the release that links with LLVM 22.

@@ -18,7 +18,13 @@ pub const FRAMES_IN_PROGRESS_BYTES_LIMIT: u64 = 1 << 40;
 pub struct ReceiverConfig {
     pub receiver: ReceiverSection,
     pub tls: ServerTlsSection,
-    pub output: OutputSection,
+    /// The files output of earlier versions: one `[[outputs.file]]` (named `files` unless it
+    /// says otherwise), whose directory also holds the commit logs.
+    #[serde(default)]
+    pub output: Option<OutputSection>,
+    /// Further outputs, each of its kind: `[[outputs.file]]`, `[[outputs.clickhouse]]`.
+    #[serde(default)]
+    pub outputs: OutputsSection,
     #[serde(default = "receiver_metrics")]
     pub metrics: MetricsSection,
 }
@@ -68,6 +74,10 @@ pub struct ReceiverSection {
     /// read meanwhile) before the connection is refused with ERROR, in ms. Default: 1000.
     #[serde(default = "default_frames_in_progress_wait_ms")]
     pub frames_in_progress_wait_ms: u64,
+    /// Directory of the commit logs and de-duplication windows (in `.state/` inside it).
+    /// Default: `output.directory`; required without `[output]`.
+    #[serde(default)]
+    pub state_directory: Option<PathBuf>,
 }
 
 fn default_connections_max() -> usize {
@@ -106,10 +116,38 @@ pub struct ServerTlsSection {
     pub key: PathBuf,
 }
 
+/// The outputs besides `[output]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputsSection {
+    /// Per-stream files (`receiver/output/files.rs`), as `[output]`.
+    #[serde(default)]
+    pub file: Vec<OutputSection>,
+    /// HTTP inserts into a ClickHouse table (`receiver/output/clickhouse.rs`).
+    #[serde(default)]
+    pub clickhouse: Vec<ClickhouseSection>,
+}
+
+/// A files output: `[output]` or one `[[outputs.file]]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
-    /// Directory of the output streams (one sub-directory per stream) and the commit logs.
+    /// The output's name: the label `output` of its metrics, and the prefix of its marks in
+    /// the commit log (never rename a files output whose directory holds data of the last
+    /// run: recovery would find no mark for its newest files and remove them). At most 64
+    /// bytes of `[A-Za-z0-9_-]`, unique among the outputs. Default: "files".
+    #[serde(default = "default_files_name")]
+    pub name: String,
+    /// Globs over record keys (`*`: any run, `?`: one byte): the streams this output takes.
+    /// Default: empty, every stream.
+    #[serde(default)]
+    pub streams: Vec<String>,
+    /// Globs over record keys this output does not take, even when `streams` matches.
+    /// Default: empty.
+    #[serde(default)]
+    pub exclude_streams: Vec<String>,
+    /// Directory of the output streams (one sub-directory per stream); for `[output]` also
+    /// of the commit logs, unless `receiver.state_directory` is set.
     pub directory: PathBuf,
     /// A stream file is rotated once it reaches this size, in bytes. Default: 134217728.
     #[serde(default = "default_file_bytes_max")]
@@ -140,6 +178,44 @@ impl OutputSection {
         let mode = |s: &str| super::parse_mode(s).expect("validated");
         crate::os::Modes { file: mode(&self.file_mode), dir: mode(&self.dir_mode) }
     }
+}
+
+fn default_files_name() -> String {
+    "files".into()
+}
+
+/// A ClickHouse output: `[[outputs.clickhouse]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickhouseSection {
+    /// The output's name, as a files output's. Required.
+    pub name: String,
+    /// The server's HTTP interface, `http://HOST:PORT` (no TLS, no path). Required.
+    pub url: String,
+    /// Table the records are inserted into (`[A-Za-z0-9_.]`, at most 128 bytes), with the
+    /// columns `stream String, record String` (docs/config.md has its `CREATE TABLE`).
+    /// Required.
+    pub table: String,
+    /// User for HTTP basic authentication. Default: none (ClickHouse's `default`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password for HTTP basic authentication. Default: none.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// An insert (connect, send, answer) taking longer fails, in ms; the shard waits for it
+    /// meanwhile. Default: 5000.
+    #[serde(default = "default_clickhouse_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Globs over record keys this output takes, as a files output's. Default: every stream.
+    #[serde(default)]
+    pub streams: Vec<String>,
+    /// Globs over record keys this output does not take. Default: empty.
+    #[serde(default)]
+    pub exclude_streams: Vec<String>,
+}
+
+fn default_clickhouse_timeout_ms() -> u64 {
+    5000
 }
 
 fn default_file_mode() -> String {
@@ -196,19 +272,126 @@ impl Validate for ReceiverConfig {
                 format!("{} is not a readable file", path.display())
             });
         }
-        let o = &self.output;
-        p.check(!o.directory.as_os_str().is_empty(), &[K("output"), K("directory")], || {
-            "must not be empty".into()
-        });
-        p.range(o.file_bytes_max, 4096, 1 << 40, &[K("output"), K("file_bytes_max")]);
-        p.range(o.streams_max as u64, 1, 1 << 20, &[K("output"), K("streams_max")]);
-        for (key, mode) in [("file_mode", &o.file_mode), ("dir_mode", &o.dir_mode)] {
-            p.check(super::parse_mode(mode).is_some(), &[K("output"), K(key)], || {
-                format!("{mode:?} is not an octal file mode like \"0640\"")
-            });
-        }
-        p.range(o.files_open_max as u64, 1, 1 << 20, &[K("output"), K("files_open_max")]);
+        self.validate_outputs(p);
         self.metrics.check(&[K("metrics"), K("listen")], p);
+    }
+}
+
+/// Output names: the label `output`, bounded.
+const OUTPUT_NAME_BYTES_MAX: usize = 64;
+/// Globs per `streams` or `exclude_streams`, and bytes per glob.
+const GLOBS_MAX: usize = 256;
+const GLOB_BYTES_MAX: usize = 1024;
+
+impl ReceiverConfig {
+    /// Every files output: `[output]`, then `[[outputs.file]]` in order.
+    pub fn file_outputs(&self) -> impl Iterator<Item = &OutputSection> {
+        self.output.iter().chain(&self.outputs.file)
+    }
+
+    /// Where the commit logs live (`.state/` inside it): `receiver.state_directory`, else
+    /// `output.directory` (validation makes sure one is set).
+    pub fn state_directory(&self) -> &std::path::Path {
+        let from_output = self.output.as_ref().map(|o| o.directory.as_path());
+        self.receiver.state_directory.as_deref().or(from_output).expect("validated")
+    }
+
+    /// Modes of the commit logs and `.state/`: `[output]`'s, else 0640 and 0750.
+    pub fn state_modes(&self) -> crate::os::Modes {
+        self.output.as_ref().map_or(crate::os::Modes::DEFAULT, OutputSection::modes)
+    }
+
+    /// Whether the commit log is fdatasync'd before an ACK: `output.fsync`, else true.
+    pub fn state_fsync(&self) -> bool {
+        self.output.as_ref().is_none_or(|o| o.fsync)
+    }
+
+    fn validate_outputs(&self, p: &mut Problems) {
+        let state = self.receiver.state_directory.is_some() || self.output.is_some();
+        p.check(state, &[K("receiver"), K("state_directory")], || {
+            "must be set when there is no [output] (it holds the commit logs)".into()
+        });
+        let count = self.file_outputs().count() + self.outputs.clickhouse.len();
+        p.check(count > 0, &[K("outputs")], || "no output: add [output] or [[outputs.*]]".into());
+        let mut names: Vec<&str> = Vec::new();
+        let mut dirs: Vec<&std::path::Path> = Vec::new();
+        for (i, o) in self.file_outputs().enumerate() {
+            let at = |k| match (&self.output, i) {
+                (Some(_), 0) => vec![K("output"), K(k)],
+                (Some(_), i) => vec![K("outputs"), K("file"), Seg::Index(i - 1), K(k)],
+                (None, i) => vec![K("outputs"), K("file"), Seg::Index(i), K(k)],
+            };
+            check_name(&o.name, &mut names, &at("name"), p);
+            check_globs(&o.streams, &o.exclude_streams, &at, p);
+            validate_files(o, &at, p);
+            p.check(!dirs.contains(&o.directory.as_path()), &at("directory"), || {
+                format!("{} is another files output's directory", o.directory.display())
+            });
+            dirs.push(&o.directory);
+        }
+        for (i, c) in self.outputs.clickhouse.iter().enumerate() {
+            let at = |k| vec![K("outputs"), K("clickhouse"), Seg::Index(i), K(k)];
+            check_name(&c.name, &mut names, &at("name"), p);
+            check_globs(&c.streams, &c.exclude_streams, &at, p);
+            let url_ok = http_host_port(&c.url).is_some();
+            p.check(url_ok, &at("url"), || {
+                format!("{:?} is not http://HOST:PORT (no TLS, no path)", c.url)
+            });
+            let table_ok = (1..=128).contains(&c.table.len())
+                && c.table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+            p.check(table_ok, &at("table"), || {
+                format!("{:?} is not 1 to 128 bytes of [A-Za-z0-9_.]", c.table)
+            });
+            p.range(c.timeout_ms, 1, 600_000, &at("timeout_ms"));
+        }
+    }
+}
+
+/// The `HOST:PORT` of an `http://HOST:PORT` URL (a trailing `/` allowed), if it is one.
+pub fn http_host_port(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("http://")?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':')?;
+    let host_ok = !host.is_empty() && !host.contains(['/', '@', '?', '#']);
+    (host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)).then_some(rest)
+}
+
+/// A files output's own keys.
+fn validate_files(o: &OutputSection, at: &dyn Fn(&'static str) -> Vec<Seg>, p: &mut Problems) {
+    p.check(!o.directory.as_os_str().is_empty(), &at("directory"), || "must not be empty".into());
+    p.range(o.file_bytes_max, 4096, 1 << 40, &at("file_bytes_max"));
+    p.range(o.streams_max as u64, 1, 1 << 20, &at("streams_max"));
+    for (key, mode) in [("file_mode", &o.file_mode), ("dir_mode", &o.dir_mode)] {
+        p.check(super::parse_mode(mode).is_some(), &at(key), || {
+            format!("{mode:?} is not an octal file mode like \"0640\"")
+        });
+    }
+    p.range(o.files_open_max as u64, 1, 1 << 20, &at("files_open_max"));
+}
+
+/// An output's name: bounded, of safe bytes, unique.
+fn check_name<'a>(name: &'a str, names: &mut Vec<&'a str>, at: &[Seg], p: &mut Problems) {
+    let ok = (1..=OUTPUT_NAME_BYTES_MAX).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    p.check(ok, at, || {
+        format!("{name:?} is not 1 to {OUTPUT_NAME_BYTES_MAX} bytes of [A-Za-z0-9_-]")
+    });
+    p.check(!names.contains(&name), at, || format!("{name:?} names another output too"));
+    names.push(name);
+}
+
+/// `streams` and `exclude_streams`: bounded in count and length.
+fn check_globs(
+    streams: &[String],
+    exclude: &[String],
+    at: &dyn Fn(&'static str) -> Vec<Seg>,
+    p: &mut Problems,
+) {
+    for (key, globs) in [("streams", streams), ("exclude_streams", exclude)] {
+        let ok = globs.len() <= GLOBS_MAX && globs.iter().all(|g| g.len() <= GLOB_BYTES_MAX);
+        p.check(ok, &at(key), || {
+            format!("at most {GLOBS_MAX} globs of at most {GLOB_BYTES_MAX} bytes each")
+        });
     }
 }
 
@@ -241,5 +424,68 @@ mod tests {
         assert!(e.contains("r.toml:12: output.files_open_max: 0 is out of range (allowed: 1"));
         let e = crate::config::parse::<ReceiverConfig>(&text(2097152), file).unwrap_err();
         assert!(!e.to_string().contains("frames_in_progress_bytes_max"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod outputs_tests {
+    use super::*;
+
+    fn parse(outputs: &str) -> Result<ReceiverConfig, String> {
+        let text = format!(
+            "[receiver]\nlisten = \"127.0.0.1:1\"\n\
+             [tls]\nca = \"Cargo.toml\"\ncert = \"Cargo.toml\"\n\
+             key = \"Cargo.toml\"\n\
+             {outputs}"
+        );
+        crate::config::parse::<ReceiverConfig>(&text, std::path::Path::new("r.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn several_outputs_parse_and_output_stays_one_files_output() {
+        let c = parse(
+            "[output]\ndirectory = \"a\"\n\
+             [[outputs.file]]\nname = \"web\"\ndirectory = \"b\"\nstreams = [\"nginx_*\"]\n\
+             [[outputs.clickhouse]]\nname = \"ch\"\nurl = \"http://127.0.0.1:8123\"\n\
+             table = \"db.logs\"\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = c.file_outputs().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["files", "web"]);
+        assert_eq!(c.state_directory(), std::path::Path::new("a"));
+        assert_eq!(c.outputs.clickhouse[0].timeout_ms, 5000);
+        assert!(c.state_fsync());
+    }
+
+    #[test]
+    fn output_problems_name_their_key() {
+        let e = parse("[[outputs.file]]\ndirectory = \"a\"\n").unwrap_err();
+        assert!(
+            e.contains("receiver.state_directory: must be set when there is no [output]"),
+            "{e}"
+        );
+        let e = parse(
+            "[output]\ndirectory = \"a\"\n[[outputs.file]]\ndirectory = \"a\"\n\
+             [[outputs.clickhouse]]\nname = \"c h\"\nurl = \"https://x:1\"\ntable = \"t;\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("outputs.file[0].name: \"files\" names another output too"), "{e}");
+        assert!(e.contains("outputs.file[0].directory: a is another files output's"), "{e}");
+        assert!(e.contains("outputs.clickhouse[0].name: \"c h\" is not 1 to 64 bytes"), "{e}");
+        assert!(e.contains("outputs.clickhouse[0].url: \"https://x:1\" is not http://"), "{e}");
+        assert!(e.contains("outputs.clickhouse[0].table: \"t;\" is not 1 to 128"), "{e}");
+        let e = parse("").unwrap_err();
+        assert!(e.contains("no output: add [output] or [[outputs.*]]"), "{e}");
+    }
+
+    #[test]
+    fn http_urls_are_host_and_port_only() {
+        assert_eq!(http_host_port("http://127.0.0.1:8123"), Some("127.0.0.1:8123"));
+        assert_eq!(http_host_port("http://ch.example:8123/"), Some("ch.example:8123"));
+        assert_eq!(http_host_port("http://ch:8123/db"), None);
+        assert_eq!(http_host_port("http://u@ch:8123"), None);
+        assert_eq!(http_host_port("http://ch"), None);
+        assert_eq!(http_host_port("https://ch:8443"), None);
     }
 }

@@ -88,17 +88,8 @@ pub struct ReceiverCounters {
     /// no output can take), and the shipper gives them another fate.
     pub frames_rejected: u64,
     pub records_rejected: u64,
-    /// Streams written by the shard, each with a current file (open or closed).
-    pub streams_open: u64,
-    /// Stream files open now, at most `output.files_open_max`.
-    pub files_open: u64,
-    /// The most stream files open at once since start.
-    pub files_open_peak: u64,
-    /// Stream files closed to make room for another (the least recently written).
-    pub files_closed: u64,
-    pub records_folded: u64,
-    /// Streams created under a shortened name (`output::files::stream_name`).
-    pub stream_names_shortened: u64,
+    /// One set per output of the shard, in the order the shard writes them.
+    pub outputs: Vec<OutputCounters>,
     /// Records of frames a shipper sent here as its dead-letter destination.
     pub records_dead_letter: u64,
     /// Time to write (and fsync) one frame, µs.
@@ -123,17 +114,66 @@ impl ReceiverCounters {
             write_errors: 0,
             frames_rejected: 0,
             records_rejected: 0,
-            streams_open: 0,
-            files_open: 0,
-            files_open_peak: 0,
-            files_closed: 0,
-            records_folded: 0,
-            stream_names_shortened: 0,
+            outputs: Vec::new(),
             records_dead_letter: 0,
             write_us: Distribution::new(3_600_000_000),
             frame_records: Distribution::new(10_000_000),
         }
     }
+}
+
+/// One output's counters on one shard (label `output`: its configured name).
+#[derive(Clone, Debug)]
+pub struct OutputCounters {
+    pub name: String,
+    /// Records and bytes the output took of frames committed (not of those undone).
+    pub records: u64,
+    pub bytes: u64,
+    /// Frames whose write or sync failed in this output.
+    pub errors: u64,
+    /// Whether its last write and sync succeeded (true before its first frame).
+    pub up: bool,
+    /// Time of its `write`, and of its `sync`, per frame it took records of, µs.
+    pub write_us: Distribution,
+    pub sync_us: Distribution,
+    /// What a files output reports of its streams and files (`Output::report`).
+    pub files: FileFigures,
+}
+
+impl OutputCounters {
+    pub fn new(name: String) -> OutputCounters {
+        OutputCounters {
+            name,
+            records: 0,
+            bytes: 0,
+            errors: 0,
+            up: true,
+            write_us: Distribution::new(3_600_000_000),
+            sync_us: Distribution::new(3_600_000_000),
+            files: FileFigures::default(),
+        }
+    }
+}
+
+/// A files output's figures (zero for other kinds).
+#[derive(Clone, Debug, Default)]
+pub struct FileFigures {
+    /// Streams written, each with a current file (open or closed).
+    pub streams_open: u64,
+    /// Stream files open now, at most `files_open_max`.
+    pub files_open: u64,
+    /// The most stream files open at once since start.
+    pub files_open_peak: u64,
+    /// Stream files closed to make room for another (the least recently written).
+    pub files_closed: u64,
+    pub records_folded: u64,
+    /// Streams created under a shortened name (`output::files::stream_name`).
+    pub stream_names_shortened: u64,
+}
+
+/// The sum of a files figure over a shard's outputs.
+fn files_sum(c: &ReceiverCounters, get: fn(&FileFigures) -> u64) -> u64 {
+    c.outputs.iter().map(|o| get(&o.files)).sum()
 }
 
 fn family(
@@ -161,6 +201,64 @@ pub fn render(shards: &[ReceiverCounters], out: &mut Exposition) {
     render_frames(shards, out);
     render_streams(shards, out);
     render_summaries(shards, out);
+    render_outputs(shards, out);
+}
+
+/// One output's figure, per shard and output.
+fn per_output(
+    out: &mut Exposition,
+    shards: &[ReceiverCounters],
+    (name, kind, help): (&str, &str, &str),
+    get: fn(&OutputCounters) -> u64,
+) {
+    out.family(name, kind, help);
+    for c in shards {
+        for o in &c.outputs {
+            out.sample(name, &[("core", &c.shard), ("output", &o.name)], get(o) as f64);
+        }
+    }
+}
+
+/// Every output's records, bytes, errors, state and latencies (label `output`).
+fn render_outputs(shards: &[ReceiverCounters], out: &mut Exposition) {
+    let records = "shipper_receiver_output_records_total";
+    per_output(
+        out,
+        shards,
+        (records, "counter", "Records an output took, of frames committed."),
+        |o| o.records,
+    );
+    let bytes = "shipper_receiver_output_bytes_total";
+    per_output(
+        out,
+        shards,
+        (bytes, "counter", "Bytes an output took, of frames committed."),
+        |o| o.bytes,
+    );
+    let help = "Frames an output failed to write or make durable (not acknowledged).";
+    let errors = "shipper_receiver_output_errors_total";
+    per_output(out, shards, (errors, "counter", help), |o| o.errors);
+    let help = "1 when an output's last write and sync succeeded, else 0.";
+    per_output(out, shards, ("shipper_receiver_output_up", "gauge", help), |o| o.up.into());
+    for (name, help, get) in [
+        (
+            "shipper_receiver_output_write_latency_seconds",
+            "Time of an output's write of one frame.",
+            (|o| &o.write_us) as fn(&OutputCounters) -> &Distribution,
+        ),
+        (
+            "shipper_receiver_output_sync_latency_seconds",
+            "Time of an output's sync (durability) of one frame.",
+            |o| &o.sync_us,
+        ),
+    ] {
+        out.family(name, "summary", help);
+        for c in shards {
+            for o in &c.outputs {
+                out.summary(name, &[("core", &c.shard), ("output", &o.name)], get(o), 1e-6);
+            }
+        }
+    }
 }
 
 /// Connections accepted, refused, open, and failed accepts.
@@ -247,7 +345,7 @@ fn render_frames(shards: &[ReceiverCounters], out: &mut Exposition) {
         shards,
         "shipper_receiver_bytes_written_total",
         "counter",
-        "Bytes written to output streams.",
+        "Bytes written to the outputs, added over every output.",
         |c| c.bytes_written,
     );
     family(
@@ -284,7 +382,7 @@ fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
         "shipper_receiver_streams_open",
         "gauge",
         "Output streams written, each with a current file, open or closed.",
-        |c| c.streams_open,
+        |c| files_sum(c, |f| f.streams_open),
     );
     family(
         out,
@@ -292,7 +390,7 @@ fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
         "shipper_receiver_files_open",
         "gauge",
         "Output stream files open (at most output.files_open_max per worker).",
-        |c| c.files_open,
+        |c| files_sum(c, |f| f.files_open),
     );
     family(
         out,
@@ -300,7 +398,7 @@ fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
         "shipper_receiver_files_open_peak",
         "gauge",
         "The most output stream files open at once since start.",
-        |c| c.files_open_peak,
+        |c| files_sum(c, |f| f.files_open_peak),
     );
     family(
         out,
@@ -308,7 +406,7 @@ fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
         "shipper_receiver_files_closed_total",
         "counter",
         "Output stream files closed to make room for another (least recently written first).",
-        |c| c.files_closed,
+        |c| files_sum(c, |f| f.files_closed),
     );
     family(
         out,
@@ -316,7 +414,7 @@ fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
         "shipper_receiver_records_folded_total",
         "counter",
         "Records written to the _other stream because streams_max streams were open.",
-        |c| c.records_folded,
+        |c| files_sum(c, |f| f.records_folded),
     );
     family(
         out,
@@ -324,7 +422,7 @@ fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
         "shipper_receiver_stream_names_shortened_total",
         "counter",
         "Streams created under a shortened name: a key too long for a file name.",
-        |c| c.stream_names_shortened,
+        |c| files_sum(c, |f| f.stream_names_shortened),
     );
     family(
         out,

@@ -1,5 +1,6 @@
 //! `shipper receive`: accepts shippers over mutual TLS, writes their records to its outputs
-//! (per-stream files today), and acknowledges each frame once it is written, durable and
+//! (per-stream files, ClickHouse; each taking the streams it selects), and acknowledges each
+//! frame once every output that took its records made them durable and the frame is
 //! committed.
 //!
 //! # Design constraints
@@ -8,8 +9,9 @@
 //!   the acceptor thread ([`server`]) only handshakes and hands off.
 //! - Descriptors: the soft open-file limit is raised to the hard one at start, and
 //!   `connections_max` lowered (one warning) to what that limit leaves after what the receiver
-//!   itself may hold ([`descriptors_reserved`]: per shard its open stream files, at most
-//!   `files_open_max` (or `streams_max` + 2 when fewer), + 8; plus 44); the effective figure is
+//!   itself may hold ([`descriptors_reserved`]: per shard the open stream files of every files
+//!   output, at most its `files_open_max` (or `streams_max` + 2 when fewer), one connection
+//!   per ClickHouse output, + 8; plus 44); the effective figure is
 //!   the gauge `shipper_receiver_connections_max`. A limit that leaves no room for one
 //!   connection fails start-up, naming the figures.
 //! - Memory: the payloads of frames being received, over every connection, stay within
@@ -18,7 +20,8 @@
 //!
 //! # Operation
 //! 1. Raise the open-file limit and fit `connections_max` to it ([`fit_connections`]).
-//! 2. [`commit::recover`] repairs the output directory after any stop, the outputs cutting
+//! 2. [`commit::recover`] repairs the state directory (`receiver.state_directory`, default
+//!    `output.directory`) after any stop, the outputs cutting
 //!    back what was not committed ([`output::recover`]), and yields the de-duplication
 //!    windows, which are dealt to their owning shards.
 //! 3. Shards and the acceptor start; SIGTERM/SIGINT end the process once the listener is
@@ -43,6 +46,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use self::dedup::{StreamId, Window};
+use crate::config::receiver::OutputSection;
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::{render, render_limits, ReceiverCounters, ReceiverLimits};
 use crate::metrics::{http, scrape, Registry};
@@ -81,12 +85,12 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the output directory and recovers it and the outputs after any stop
+/// Creates the state directory and recovers it and the outputs after any stop
 /// ([`commit::recover`]).
 fn recover(config: &ReceiverConfig) -> anyhow::Result<commit::LogState> {
-    let out = &config.output.directory;
-    let modes = config.output.modes();
-    modes.create_dir_all(out).with_context(|| format!("output.directory {}", out.display()))?;
+    let out = config.state_directory();
+    let modes = config.state_modes();
+    modes.create_dir_all(out).with_context(|| format!("state directory {}", out.display()))?;
     let ttl_s = config.receiver.dedup_window_ttl_s;
     let outputs = |gen, marks: &HashMap<String, u64>| output::recover(config, gen, marks);
     commit::recover(out, ttl_s, modes, outputs)
@@ -156,9 +160,9 @@ fn start_shard(
     let registry = shared.registry.clone();
     let cpus = core_affinity::get_core_ids().unwrap_or_default();
     let cpu = cpus.get(index % cpus.len().max(1)).copied();
-    let o = &config.output;
     let outputs = output::open(&config, gen, index);
-    let commits = commit::CommitLog::create(&o.directory, index, o.fsync, o.modes())?;
+    let (dir, fsync) = (config.state_directory(), config.state_fsync());
+    let commits = commit::CommitLog::create(dir, index, fsync, config.state_modes())?;
     std::thread::Builder::new().name(format!("receiver-{index}")).spawn(move || {
         if let Some(cpu) = cpu {
             core_affinity::set_for_current(cpu);
@@ -211,7 +215,8 @@ pub fn files_open_per_shard(streams_max: usize, files_open_max: usize) -> usize 
 }
 
 /// Descriptors the receiver holds besides its connections, at most, with `shards` shards of
-/// at most `files_open` open stream files each ([`files_open_per_shard`]): what is left of
+/// at most `files_open` open stream files each ([`files_open_per_shard`], summed over the files
+/// outputs, plus one per ClickHouse output for its HTTP connection): what is left of
 /// the open-file limit is for connections. Keep in step with what the code opens.
 pub fn descriptors_reserved(shards: usize, files_open: usize) -> u64 {
     let per_shard = files_open as u64 // open stream files; past this the least recent closes
@@ -250,8 +255,10 @@ pub fn fit_connections(
     open_files: u64,
 ) -> Result<ReceiverConfig, NoRoomForConnections> {
     let workers = config.receiver.workers;
-    let o = &config.output;
-    let files_open = files_open_per_shard(o.streams_max, o.files_open_max);
+    let per_output = |o: &OutputSection| files_open_per_shard(o.streams_max, o.files_open_max);
+    // A ClickHouse output holds one connection per shard while it inserts.
+    let files_open =
+        config.file_outputs().map(per_output).sum::<usize>() + config.outputs.clickhouse.len();
     let reserved = descriptors_reserved(workers, files_open);
     let fit = open_files.saturating_sub(reserved);
     if fit == 0 {

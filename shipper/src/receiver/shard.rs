@@ -8,23 +8,27 @@
 //!   duplicate could slip in).
 //! - Memory: per shard, for the one frame it handles at a time, a copy of the payload (at
 //!   most `frame_bytes_max`), the decompressed payload and what its outputs build from the
-//!   records (the files output: its records grouped by stream, at most `frame_raw_bytes_max`
-//!   each). Between frames a shard keeps at most 4 MiB of decompression buffer
-//!   ([`SCRATCH_KEEP_BYTES_MAX`]), the files output 4 MiB of grouping buffers.
+//!   records, for each output (a files output: its records grouped by stream, at most
+//!   `frame_raw_bytes_max`; a ClickHouse output: the insert's body, the records as JSON
+//!   strings, at most 6 times `frame_raw_bytes_max` when every byte is a control byte, about
+//!   `frame_raw_bytes_max` + 30 bytes per record for text). Between frames a shard keeps at
+//!   most 4 MiB of decompression buffer ([`SCRATCH_KEEP_BYTES_MAX`]), and each output 4 MiB.
 //!
 //! # Operation (per connection, on its shard)
 //! Read frames (each within `idle_timeout_ms`; a frame over 64 KiB only with room reserved for
 //! its payload, else ERROR `busy` after `frames_in_progress_wait_ms`, the reservation given
 //! back once the frame is handled); for a DATA frame: check flags and sizes,
 //! decompress into a buffer of exactly the declared size, validate every record, then either
-//! (already written) count a duplicate, or write it to every output, make it durable, commit
-//! and mark it ([`super::output`] has the contract); then ACK. HEARTBEATs are echoed. A DATA
+//! (already written) count a duplicate, or write it to every output (each takes the records
+//! it selects), have each that took any make them durable, commit and mark it
+//! ([`super::output`] has the contract); then ACK. HEARTBEATs are echoed. A DATA
 //! frame that can never be written (invalid records or zstd, over `frame_raw_bytes_max`, a
 //! name the output refuses for good) is answered with REJECT and the connection goes on: the
 //! shipper gives that frame another fate. A stream that is not valid frames (bad magic,
 //! checksum, size) gets an ERROR naming the problem and is closed; so does a write that fails
-//! for now (disk full, I/O error): ERROR "cannot write now", no ACK, and the shipper backs off
-//! and resends.
+//! for now in any output (disk full, I/O error, ClickHouse down): ERROR "cannot write now"
+//! naming the output, no ACK, and the shipper backs off and resends. Each output's records,
+//! bytes, errors, latencies and state are counted apart (label `output`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,10 +43,10 @@ use tokio::sync::mpsc;
 use super::budget::{FrameBudget, Reservation, FRAME_PAYLOAD_UNRESERVED_BYTES};
 use super::commit::CommitLog;
 use super::dedup::{StreamId, Window};
-use super::output::{Output, Records, WriteError};
+use super::output::{Output, Records, WriteError, Written};
 use super::server::{owner, HandOff};
 use crate::config::ReceiverConfig;
-use crate::metrics::receiver::{ReceiverCounters, Refusal};
+use crate::metrics::receiver::{OutputCounters, ReceiverCounters, Refusal};
 use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
 use crate::protocol::frame::{FLAG_DEAD_LETTER, FLAG_ZSTD};
 use crate::protocol::{Frame, FrameDecoder, Kind, RecordIter};
@@ -55,8 +59,10 @@ const SCRATCH_KEEP_BYTES_MAX: usize = 4 << 20;
 pub struct Shard {
     /// Which shard: `0..receiver.workers`, what [`owner`] returns.
     pub index: usize,
-    /// Where frames' records go ([`super::output::open`]); one today, the files.
+    /// Where frames' records go ([`super::output::open`]), in the order they are written.
     pub outputs: Vec<Box<dyn Output>>,
+    /// What each output of `outputs` took of the frame being written.
+    taken: Vec<Written>,
     pub commits: CommitLog,
     pub windows: HashMap<StreamId, Window>,
     pub counters: ReceiverCounters,
@@ -72,8 +78,10 @@ impl Shard {
         windows: HashMap<StreamId, Window>,
         config: Arc<ReceiverConfig>,
     ) -> Shard {
-        let counters = ReceiverCounters::new(index.to_string());
-        Shard { index, outputs, commits, windows, counters, config, scratch: Vec::new() }
+        let mut counters = ReceiverCounters::new(index.to_string());
+        counters.outputs = outputs.iter().map(|o| OutputCounters::new(o.name().into())).collect();
+        let taken = vec![Written::default(); outputs.len()];
+        Shard { index, outputs, taken, commits, windows, counters, config, scratch: Vec::new() }
     }
 
     /// Handles one DATA frame; `Ok(())` means it may be acknowledged.
@@ -154,8 +162,12 @@ impl Shard {
         window.written_unix_s = super::commit::unix_s();
         self.counters.records_written += u64::from(records.count);
         self.counters.bytes_written += bytes;
-        for output in &self.outputs {
-            output.report(&mut self.counters);
+        for ((output, c), taken) in
+            self.outputs.iter().zip(&mut self.counters.outputs).zip(&self.taken)
+        {
+            c.records += taken.records;
+            c.bytes += taken.bytes;
+            output.report(c);
         }
         if self.commits.needs_compaction() {
             self.compact().map_err(FrameFault::Write)?;
@@ -163,26 +175,54 @@ impl Shard {
         Ok(())
     }
 
-    /// Writes `records` to every output, then has each make them durable; on a failure,
-    /// takes back what the outputs wrote. Returns the bytes written.
+    /// Writes `records` to every output, then has each that took any make them durable; on a
+    /// failure, takes back what the outputs wrote (the failing output counted and marked
+    /// down). Returns the bytes written over all outputs.
     fn write_outputs(&mut self, seq: u64, records: &Records) -> Result<u64, FrameFault> {
         let mut bytes = 0;
         for i in 0..self.outputs.len() {
-            match self.outputs[i].write(records) {
-                Ok(n) => bytes += n,
+            let started = Instant::now();
+            let result = self.outputs[i].write(records);
+            let c = &mut self.counters.outputs[i];
+            match result {
+                Ok(w) => {
+                    if w.records > 0 {
+                        c.write_us.record(started.elapsed().as_micros() as u64);
+                    }
+                    bytes += w.bytes;
+                    self.taken[i] = w;
+                }
                 Err(e) => {
+                    c.errors += 1;
+                    c.up = matches!(e, WriteError::Refused(_));
+                    let name = self.outputs[i].name();
+                    let fault = match e {
+                        WriteError::Refused(_) => FrameFault::Refused(format!("frame {seq}: {e}")),
+                        WriteError::Failed(e) => {
+                            FrameFault::Write(io::Error::new(e.kind(), format!("{name}: {e}")))
+                        }
+                    };
                     // The failed output took its own part back.
                     self.outputs[..i].iter_mut().for_each(|o| o.undo());
-                    return Err(match e {
-                        WriteError::Refused(_) => FrameFault::Refused(format!("frame {seq}: {e}")),
-                        WriteError::Failed(e) => FrameFault::Write(e),
-                    });
+                    return Err(fault);
                 }
             }
         }
-        if let Err(e) = self.outputs.iter_mut().try_for_each(|o| o.sync()) {
-            self.outputs.iter_mut().for_each(|o| o.undo());
-            return Err(FrameFault::Write(e));
+        for i in 0..self.outputs.len() {
+            if self.taken[i].records == 0 {
+                continue;
+            }
+            let started = Instant::now();
+            let result = self.outputs[i].sync();
+            let c = &mut self.counters.outputs[i];
+            c.sync_us.record(started.elapsed().as_micros() as u64);
+            c.up = result.is_ok();
+            if let Err(e) = result {
+                c.errors += 1;
+                self.outputs.iter_mut().for_each(|o| o.undo());
+                let name = self.outputs[i].name();
+                return Err(FrameFault::Write(io::Error::new(e.kind(), format!("{name}: {e}"))));
+            }
         }
         Ok(bytes)
     }

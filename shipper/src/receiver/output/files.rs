@@ -51,10 +51,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Kind, Mark, Output, Records, WriteError};
+use super::{Kind, Mark, Output, Records, Select, WriteError, Written};
 use crate::config::receiver::OutputSection;
 use crate::config::ReceiverConfig;
-use crate::metrics::receiver::ReceiverCounters;
+use crate::metrics::receiver::OutputCounters;
 
 /// The files output as [`super::KINDS`] lists it.
 pub const KIND: Kind = Kind { recover, open };
@@ -69,6 +69,8 @@ const GROUP_KEEP_BYTES_MAX: usize = 4 << 20;
 struct StreamFile {
     /// Its current file, relative to the output directory.
     rel: String,
+    /// What the commit log names it: [`Files::prefix`] and `rel`.
+    mark: String,
     /// Open while among the `files_open_max` most recently written; closed otherwise, and
     /// opened again (same name, appending) by the next write.
     file: Option<File>,
@@ -83,8 +85,8 @@ struct StreamFile {
 
 /// A file the frame written last touched.
 struct Touched {
-    /// Relative to the output directory.
-    rel: String,
+    /// Its [`StreamFile::mark`].
+    mark: String,
     /// Its size before the frame, and after.
     before: u64,
     after: u64,
@@ -92,6 +94,11 @@ struct Touched {
 
 /// A shard's stream files.
 pub struct Files {
+    name: String,
+    /// Before a file's name in its marks: "" for the output named `files` (as before several
+    /// outputs), `file:NAME:` for the others.
+    prefix: String,
+    select: Select,
     dir: PathBuf,
     gen: u64,
     shard: usize,
@@ -166,14 +173,35 @@ pub fn stream_name(key: &[u8]) -> (String, bool) {
     (s, true)
 }
 
-/// Opens shard `shard`'s files output ([`Kind::open`]).
+/// Opens shard `shard`'s files outputs ([`Kind::open`]).
 fn open(config: &ReceiverConfig, gen: u64, shard: usize) -> Vec<Box<dyn Output>> {
-    vec![Box::new(Files::new(&config.output, gen, shard))]
+    let open = |o| Box::new(Files::new(o, gen, shard)) as Box<dyn Output>;
+    config.file_outputs().map(open).collect()
 }
 
-/// Cuts the files of generation `gen` back to their committed ends ([`Kind::recover`]).
+/// The prefix of the marks of the files output named `name`.
+pub fn mark_prefix(name: &str) -> String {
+    if name == "files" {
+        String::new()
+    } else {
+        format!("file:{name}:")
+    }
+}
+
+/// Cuts the files of generation `gen` of every files output back to their committed ends
+/// ([`Kind::recover`]), each output reading the marks with its prefix.
 fn recover(config: &ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()> {
-    cut_uncommitted(&config.output.directory, gen, marks)
+    for o in config.file_outputs() {
+        let modes = o.modes();
+        modes.create_dir_all(&o.directory)?;
+        let prefix = mark_prefix(&o.name);
+        let ends: HashMap<String, u64> = marks
+            .iter()
+            .filter_map(|(m, &end)| Some((m.strip_prefix(prefix.as_str())?.to_string(), end)))
+            .collect();
+        cut_uncommitted(&o.directory, gen, &ends)?;
+    }
+    Ok(())
 }
 
 /// Name of an output file, relative to the output directory.
@@ -247,7 +275,11 @@ fn never_writable(e: &io::Error) -> bool {
 }
 
 impl Output for Files {
-    fn write(&mut self, records: &Records) -> Result<u64, WriteError> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn write(&mut self, records: &Records) -> Result<Written, WriteError> {
         self.append_frame(records).map_err(|e| {
             if never_writable(&e) {
                 WriteError::Refused(e)
@@ -264,7 +296,7 @@ impl Output for Files {
             return Ok(());
         }
         for t in &self.touched {
-            let s = self.streams.values_mut().find(|s| s.rel == t.rel).expect("a written stream");
+            let s = self.streams.values_mut().find(|s| s.mark == t.mark).expect("written");
             if let Some(file) = &s.file {
                 file.sync_data()?;
             }
@@ -280,30 +312,35 @@ impl Output for Files {
     }
 
     fn marks<'a>(&'a self, marks: &mut Vec<Mark<'a>>) {
-        marks.extend(self.touched.iter().map(|t| (t.rel.as_str(), t.after)));
+        marks.extend(self.touched.iter().map(|t| (t.mark.as_str(), t.after)));
     }
 
     /// The current file of every stream, open or closed, and its end: recovery cuts each
     /// stream's newest file back to the end the log names (and removes it when the log names
     /// none).
     fn checkpoint<'a>(&'a self, marks: &mut Vec<Mark<'a>>) {
-        marks.extend(self.streams.values().map(|s| (s.rel.as_str(), s.size)));
+        marks.extend(self.streams.values().map(|s| (s.mark.as_str(), s.size)));
     }
 
-    fn report(&self, counters: &mut ReceiverCounters) {
-        counters.streams_open = self.streams_open() as u64;
-        counters.files_open = self.files_open() as u64;
-        counters.files_open_peak = self.files_open_peak as u64;
-        counters.files_closed = self.files_closed;
-        counters.records_folded = self.records_folded;
-        counters.stream_names_shortened = self.names_shortened;
+    fn report(&self, counters: &mut OutputCounters) {
+        let f = &mut counters.files;
+        f.streams_open = self.streams_open() as u64;
+        f.files_open = self.files_open() as u64;
+        f.files_open_peak = self.files_open_peak as u64;
+        f.files_closed = self.files_closed;
+        f.records_folded = self.records_folded;
+        f.stream_names_shortened = self.names_shortened;
     }
 }
 
 impl Files {
-    /// The files of shard `shard` in generation `gen`, as `[output]` says.
+    /// The files of shard `shard` in generation `gen`, as `[output]` (or `[[outputs.file]]`)
+    /// says.
     pub fn new(config: &OutputSection, gen: u64, shard: usize) -> Files {
         Files {
+            name: config.name.clone(),
+            prefix: mark_prefix(&config.name),
+            select: Select::new(&config.streams, &config.exclude_streams),
             dir: config.directory.clone(),
             gen,
             shard,
@@ -357,16 +394,21 @@ impl Files {
         &names[key]
     }
 
-    /// Writes every record of a validated frame, grouped by stream; returns the bytes. On
-    /// failure, every file it touched is cut back.
-    fn append_frame(&mut self, records: &Records) -> io::Result<u64> {
+    /// Writes every record of a validated frame that the output selects, grouped by stream;
+    /// returns the records and bytes. On failure, every file it touched is cut back.
+    fn append_frame(&mut self, records: &Records) -> io::Result<Written> {
         self.touched.clear();
         let mut groups = std::mem::take(&mut self.groups);
         for g in &mut groups {
             g.1.clear();
         }
+        let mut taken = 0;
         for rec in records.iter() {
             let (key, body) = rec.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if !self.select.takes(key) {
+                continue;
+            }
+            taken += 1;
             let name = self.stream_for(key, records.dead_letter);
             let slot = match groups.iter().position(|g| g.0 == name) {
                 Some(i) => i,
@@ -389,7 +431,7 @@ impl Files {
             kept += g.1.capacity();
         }
         self.groups = groups;
-        result
+        result.map(|bytes| Written { records: taken, bytes })
     }
 
     fn append_groups(&mut self, groups: &[(String, Vec<u8>)]) -> io::Result<u64> {
@@ -431,7 +473,7 @@ impl Files {
         }
         s.size += data.len() as u64;
         s.unsynced = self.fsync;
-        Ok(Touched { rel: s.rel.clone(), before, after: s.size })
+        Ok(Touched { mark: s.mark.clone(), before, after: s.size })
     }
     /// Starts stream `name`'s next file (its first, for a new stream). The full file is
     /// closed first: it holds nothing of the frame being written (a stream is appended to once
@@ -451,7 +493,8 @@ impl Files {
         self.modes.create_dir_all(path.parent().expect("stream dir"))?;
         let file = self.open(&path)?;
         let size = file.metadata()?.len();
-        let s = StreamFile { rel, file: Some(file), size, index, used: 0, unsynced: false };
+        let mark = format!("{}{rel}", self.prefix);
+        let s = StreamFile { rel, mark, file: Some(file), size, index, used: 0, unsynced: false };
         self.streams.insert(name.to_string(), s);
         Ok(())
     }
@@ -503,10 +546,11 @@ impl Files {
 
     /// Cuts the files of a frame that will not be committed back to their size before it.
     fn cut_back(&mut self, touched: &[Touched]) {
-        for Touched { rel, before, .. } in touched {
-            let Some(s) = self.streams.values_mut().find(|s| &s.rel == rel) else {
+        for Touched { mark, before, .. } in touched {
+            let Some(s) = self.streams.values_mut().find(|s| &s.mark == mark) else {
                 continue;
             };
+            let rel = &s.rel;
             let cut = match &s.file {
                 Some(file) => file.set_len(*before),
                 // Closed during this frame to make room: opened for the cut alone.
@@ -533,7 +577,7 @@ impl Files {
         count: u32,
         dead_letter: bool,
     ) -> Result<(Vec<(String, u64)>, u64), WriteError> {
-        let bytes = self.write(&Records { payload, count, dead_letter })?;
+        let bytes = self.write(&Records { payload, count, dead_letter })?.bytes;
         if let Err(e) = self.sync() {
             self.undo();
             return Err(WriteError::Failed(e));
@@ -555,6 +599,9 @@ impl Files {
 #[cfg(test)]
 pub fn test_config(dir: &Path, file_bytes_max: u64, streams_max: usize) -> OutputSection {
     OutputSection {
+        name: "files".into(),
+        streams: Vec::new(),
+        exclude_streams: Vec::new(),
         directory: dir.to_path_buf(),
         file_bytes_max,
         fsync: false,
@@ -834,5 +881,61 @@ mod files_open_tests {
         };
         assert_eq!(read("a"), "a:1\n", "the closed stream's committed file is kept");
         assert_eq!(read("b"), "b:2\n", "the uncommitted frame is cut");
+    }
+}
+
+#[cfg(test)]
+mod several_outputs_tests {
+    use std::fs;
+
+    use super::*;
+    use crate::protocol::RecordWriter;
+
+    /// Commits what `out` wrote last: its marks, the largest of each name, as recovery reads.
+    fn commit(out: &dyn Output, marks: &mut HashMap<String, u64>) {
+        let mut m = Vec::new();
+        out.marks(&mut m);
+        for (name, end) in m {
+            let e = marks.entry(name.to_string()).or_default();
+            *e = (*e).max(end);
+        }
+    }
+
+    #[test]
+    fn two_files_outputs_recover_each_to_its_own_marks() {
+        // Regression guard: two files outputs write the same names (STREAM/gGEN-cSHARD-INDEX);
+        // unprefixed, their marks would mix in the commit log and recovery would cut one
+        // output to the other's end.
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[receiver]\nlisten = \"127.0.0.1:1\"\n[tls]\nca = \"c\"\ncert = \"c\"\nkey = \"c\"\n\
+             [output]\ndirectory = {:?}\nfsync = false\n\
+             [[outputs.file]]\nname = \"b\"\ndirectory = {:?}\nfsync = false\n",
+            dir.path().join("a"),
+            dir.path().join("b"),
+        );
+        let config: ReceiverConfig = toml::from_str(&text).unwrap();
+        let mut outs = open(&config, 1, 0);
+        let mut payload = Vec::new();
+        RecordWriter::push(&mut payload, b"x", b"x:1");
+        let records = Records { payload: &payload, count: 1, dead_letter: false };
+        let mut marks = HashMap::new();
+        for out in &mut outs {
+            assert_eq!(out.write(&records).unwrap(), Written { records: 1, bytes: 4 });
+            out.sync().unwrap();
+            commit(out.as_ref(), &mut marks);
+        }
+        // A frame to `files` alone, never committed; one to `b` alone, committed.
+        outs[0].write(&records).unwrap();
+        outs[1].write(&records).unwrap();
+        commit(outs[1].as_ref(), &mut marks);
+        let mut names: Vec<(&str, u64)> = marks.iter().map(|(n, e)| (n.as_str(), *e)).collect();
+        names.sort();
+        let rel = "x/g000001-c000-000000.log";
+        assert_eq!(names, [("file:b:x/g000001-c000-000000.log", 8), (rel, 4)]);
+        drop(outs);
+        recover(&config, 1, &marks).unwrap();
+        let read = |o: &str| fs::read_to_string(dir.path().join(o).join(rel)).unwrap();
+        assert_eq!((read("a"), read("b")), ("x:1\n".to_string(), "x:1\nx:1\n".to_string()));
     }
 }

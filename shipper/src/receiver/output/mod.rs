@@ -1,5 +1,7 @@
 //! What a receiver shard writes a frame's records to: the [`Output`] seam, and every kind of
-//! output behind it ([`files`]: per-stream files, today the only one).
+//! output behind it ([`files`]: per-stream files; [`clickhouse`]: HTTP inserts into a table).
+//! A receiver has one or more outputs (`[output]`, `[[outputs.file]]`, `[[outputs.clickhouse]]`),
+//! each taking the records of the streams it [selects](Select).
 //!
 //! # Design constraints
 //! - A frame is acknowledged only after every output that took its records made them durable
@@ -10,6 +12,13 @@
 //!   write, sync and commit (an `.await` would let a duplicate of the frame slip in).
 //! - The shard calls an output through `dyn Output` once per frame and step, never per record:
 //!   the per-record loop is the output's own.
+//! - An output takes the records whose key matches one of its `streams` globs (all when there
+//!   are none) and none of its `exclude_streams`; a frame none of whose records it takes
+//!   costs it one scan and nothing else (no write, nothing to sync, no marks). The match of
+//!   each key is cached, at most [`SELECT_CACHED_KEYS_MAX`] keys per output and shard (the
+//!   cache is emptied when full: a cache, nothing is lost).
+//! - Every output is named (`name`, unique, at most 64 bytes of `[A-Za-z0-9_-]`): the label
+//!   `output` of its metrics, bounded by the configuration.
 //! - An output that can take back what it wrote (files: cut back) gets exactly-once: recovery
 //!   cuts whatever is not committed. One that cannot (a Kafka topic, a ClickHouse table) has
 //!   no marks to cut back to and relies on the de-duplication windows alone: a frame it wrote
@@ -23,7 +32,8 @@
 //! # Format
 //! ```text
 //! Mark = (name: &str, end: u64)    what a commit record names for one output's frame
-//!   files: (STREAM/gGEN-cSHARD-INDEX.log, its end in bytes after the frame)
+//!   files named `files` (`[output]`): (STREAM/gGEN-cSHARD-INDEX.log, its end after the frame)
+//!   files named NAME: ("file:NAME:STREAM/gGEN-cSHARD-INDEX.log", its end)
 //!   others: name starts with the output's kind and ':' (a stream file's never holds ':')
 //! ```
 //!
@@ -39,13 +49,14 @@
 //! 3. When the commit log is compacted, [`Output::checkpoint`] gives what the snapshot must
 //!    keep for recovery to cut nothing committed (files: every stream's current file and end).
 
+pub mod clickhouse;
 pub mod files;
 
 use std::collections::HashMap;
 use std::io;
 
 use crate::config::ReceiverConfig;
-use crate::metrics::receiver::ReceiverCounters;
+use crate::metrics::receiver::OutputCounters;
 use crate::protocol::RecordIter;
 
 /// What a commit record names for an output: how far `name` holds committed data. Marks of
@@ -85,10 +96,14 @@ pub enum WriteError {
 /// A place a shard writes frames' records to. One instance per shard, opened at start and
 /// then owned by its shard's thread (so `Send`).
 pub trait Output: Send {
-    /// Writes every record of `records` (grouped by stream, as the output names them); returns
-    /// the bytes written. All or nothing: on error, what it wrote of the frame is taken back,
-    /// as far as the output can ([`Output::undo`]).
-    fn write(&mut self, records: &Records) -> Result<u64, WriteError>;
+    /// Its `name` in the configuration: the label `output` of its metrics.
+    fn name(&self) -> &str;
+
+    /// Writes every record of `records` that it [selects](Select) (grouped by stream, as the
+    /// output names them); returns the records and bytes taken (none: nothing to sync). All
+    /// or nothing: on error, what it wrote of the frame is taken back, as far as the output
+    /// can ([`Output::undo`]).
+    fn write(&mut self, records: &Records) -> Result<Written, WriteError>;
 
     /// Returns once everything [`Output::write`] wrote since the last sync is durable, as the
     /// output's config says (files: fdatasync of the files the frame touched, with `fsync`
@@ -109,8 +124,80 @@ pub trait Output: Send {
     /// nothing committed (files: every stream's current file, open or closed, and its end).
     fn checkpoint<'a>(&'a self, marks: &mut Vec<Mark<'a>>);
 
-    /// Copies the output's own figures into its shard's counters.
-    fn report(&self, counters: &mut ReceiverCounters);
+    /// Copies the output's own figures into its own counters (one set per output and shard,
+    /// so that outputs never overwrite each other's gauges).
+    fn report(&self, counters: &mut OutputCounters);
+}
+
+/// What [`Output::write`] took of a frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    pub records: u64,
+    /// As the output counts them (files: bytes appended; ClickHouse: bytes of the insert).
+    pub bytes: u64,
+}
+
+/// Keys whose match an output keeps (per shard); past this the cache is emptied.
+pub const SELECT_CACHED_KEYS_MAX: usize = 4096;
+
+/// Which streams an output takes: keys matching one of `streams` (every key when empty) and
+/// none of `exclude_streams`, globs where `*` is any run of bytes and `?` one byte.
+pub struct Select {
+    streams: Vec<String>,
+    exclude: Vec<String>,
+    cache: HashMap<Vec<u8>, bool>,
+}
+
+impl Select {
+    pub fn new(streams: &[String], exclude: &[String]) -> Select {
+        Select { streams: streams.to_vec(), exclude: exclude.to_vec(), cache: HashMap::new() }
+    }
+
+    /// Whether the output takes records of `key`.
+    pub fn takes(&mut self, key: &[u8]) -> bool {
+        if self.streams.is_empty() && self.exclude.is_empty() {
+            return true;
+        }
+        if let Some(&taken) = self.cache.get(key) {
+            return taken;
+        }
+        let matches = |globs: &[String]| globs.iter().any(|g| glob(g.as_bytes(), key));
+        let taken = (self.streams.is_empty() || matches(&self.streams)) && !matches(&self.exclude);
+        if self.cache.len() >= SELECT_CACHED_KEYS_MAX {
+            self.cache.clear();
+        }
+        self.cache.insert(key.to_vec(), taken);
+        taken
+    }
+}
+
+/// Whether `name` matches `pattern`: `*` any run of bytes (none included), `?` any one byte,
+/// every other byte itself. Linear backtracking to the last `*`: O(pattern × name).
+pub fn glob(pattern: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    // Where the last `*` was, and the name position it matches up to now.
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == name[n] => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    star = Some((sp, sn + 1));
+                    p = sp + 1;
+                    n = sn + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 /// One kind of output: how it recovers after any stop, and how a shard opens it.
@@ -123,7 +210,7 @@ pub struct Kind {
 }
 
 /// Every kind of output. Adding one: its file under `output/` and one line here.
-const KINDS: &[Kind] = &[files::KIND];
+const KINDS: &[Kind] = &[files::KIND, clickhouse::KIND];
 
 /// Recovers every kind of output (Operation, step 1).
 pub fn recover(config: &ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()> {
@@ -133,4 +220,41 @@ pub fn recover(config: &ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) 
 /// Every output of shard `shard` in generation `gen`, as the config names them.
 pub fn open(config: &ReceiverConfig, gen: u64, shard: usize) -> Vec<Box<dyn Output>> {
     KINDS.iter().flat_map(|kind| (kind.open)(config, gen, shard)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_as_documented() {
+        let yes = |p: &str, n: &str| glob(p.as_bytes(), n.as_bytes());
+        assert!(yes("nginx_*", "nginx_access"));
+        assert!(yes("nginx_*", "nginx_"));
+        assert!(!yes("nginx_*", "nginx"));
+        assert!(yes("*", ""));
+        assert!(yes("a?c", "abc"));
+        assert!(!yes("a?c", "ac"));
+        assert!(yes("*_access*log", "nginx_access_error_log"));
+        assert!(!yes("*_access*log", "nginx_access_error_lo"));
+        assert!(yes("exact", "exact"));
+        assert!(!yes("exact", "exact2"));
+        assert!(yes("**a", "ba"));
+    }
+
+    #[test]
+    fn select_takes_streams_less_the_excluded() {
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut all = Select::new(&[], &[]);
+        assert!(all.takes(b"anything"));
+        let mut some = Select::new(&s(&["nginx_*", "app"]), &s(&["nginx_debug"]));
+        let taken: Vec<bool> = ["nginx_access", "nginx_debug", "app", "apps"]
+            .iter()
+            .map(|k| some.takes(k.as_bytes()))
+            .collect();
+        assert_eq!(taken, [true, false, true, false]);
+        assert!(!some.takes(b"nginx_debug"), "the cached answer is the same");
+        let mut but = Select::new(&[], &s(&["secret*"]));
+        assert_eq!((but.takes(b"secrets"), but.takes(b"web")), (false, true));
+    }
 }

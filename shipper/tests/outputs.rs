@@ -1,0 +1,333 @@
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::pipe::{ids, line};
+
+/// `lines` lines of each writer in `writers`, interleaved, written into the FIFO `pipe`.
+fn write_lines(pipe: &Path, writers: &[usize], lines: usize, pause_every: Option<usize>) {
+    let mut f = open_writer(pipe);
+    for chunk in 0..lines.div_ceil(500) {
+        let mut buf = Vec::new();
+        for seq in chunk * 500..((chunk + 1) * 500).min(lines) {
+            for &w in writers {
+                buf.extend_from_slice(line(w, seq).as_bytes());
+                buf.push(b'\n');
+            }
+        }
+        f.write_all(&buf).unwrap();
+        if pause_every.is_some() {
+            // Pacing the writer so that the outage lands mid-stream, not waiting for a state.
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+fn pipe_source(env: &Env) -> (PathBuf, String) {
+    let pipe = env.path("app.pipe");
+    let body = format!(
+        "[[sources.pipe]]\npath = {pipe:?}\n\
+         [batch]\nbatch_events_max = 500\nflush_interval_ms = 10\n"
+    );
+    (pipe, body)
+}
+
+/// Three streams to `[output]` (every stream) and a `[[outputs.file]]` taking `w*` less `w1`:
+/// each output holds exactly its streams' lines, once each, and counts them per output.
+#[test]
+fn each_output_takes_exactly_its_streams() {
+    const LINES: usize = 3000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let some = env.path("some");
+    let extra = format!(
+        "\n[[outputs.file]]\nname = \"some\"\ndirectory = {some:?}\nfsync = false\n\
+         streams = [\"w*\"]\nexclude_streams = [\"w1\"]\n"
+    );
+    let config = env.receiver_toml(port, rm, "") + &extra;
+    let receiver = start_receiver_toml(&env, port, rm, &config);
+    let (pipe, body) = pipe_source(&env);
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    write_lines(&pipe, &[0, 1, 2], LINES, None);
+    shipper.wait_alive("every line acknowledged", || {
+        metric_at(sm, "shipper_records_acked_total", &[]) >= (3 * LINES) as f64
+    });
+    assert_eq!(per_writer(&env.out(), LINES), [LINES; 3], "every stream once each");
+    assert_eq!(per_writer(&some, LINES), [LINES, 0, LINES], "w0 and w2 once each, no w1");
+    let at = |name, output| receiver.metric(name, &[("output", output)]);
+    // The receiver publishes its counters every 250 ms: wait for the last frames in them.
+    wait_for("the receiver's counters published", Duration::from_secs(10), || {
+        at("shipper_receiver_output_records_total", "files") >= (3 * LINES) as f64
+    });
+    assert_eq!(at("shipper_receiver_output_records_total", "files"), (3 * LINES) as f64);
+    assert_eq!(at("shipper_receiver_output_records_total", "some"), (2 * LINES) as f64);
+    assert_eq!(at("shipper_receiver_output_errors_total", "some"), 0.0);
+    assert_eq!(at("shipper_receiver_output_up", "some"), 2.0, "up on both shards");
+    // Each output's streams counted once: 3 in `files`, 2 in `some`.
+    assert_eq!(receiver.metric("shipper_receiver_streams_open", &[]), 5.0);
+    assert!(shipper.stop(Duration::from_secs(30)).success());
+}
+
+/// Lines of writers 0, 1 and 2 in the files output `out`, each checked (its stream, its bytes,
+/// never twice).
+fn per_writer(out: &Path, lines: usize) -> [usize; 3] {
+    let mut seen = vec![[0u8; 3]; lines];
+    let mut counts = [0; 3];
+    for (stream, l) in output_lines(out) {
+        let (w, seq) = ids(&l);
+        assert_eq!((stream, l.as_slice()), (format!("w{w}"), line(w, seq).as_bytes()));
+        seen[seq][w] += 1;
+        assert_eq!(seen[seq][w], 1, "line {seq} of w{w} twice in {}", out.display());
+        counts[w] += 1;
+    }
+    counts
+}
+
+/// A ClickHouse server of its own, in a scratch directory, on free ports.
+struct ClickHouse {
+    proc: Proc,
+    http: u16,
+}
+
+const CLICKHOUSE: &str = "/usr/sbin/clickhouse-server";
+
+impl ClickHouse {
+    /// Starts one in `dir` (kept across restarts: its tables stay), or says why it cannot.
+    fn start(dir: &Path, http: u16) -> Result<ClickHouse, String> {
+        if !Path::new(CLICKHOUSE).exists() {
+            return Err(format!("{CLICKHOUSE} missing (cargo xtask setup installs it)"));
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let d = dir.display();
+        let users = "<?xml version=\"1.0\"?><yandex><profiles><default/></profiles><users>\
+             <default><password></password><networks><ip>127.0.0.1</ip></networks>\
+             <profile>default</profile><quota>default</quota></default></users>\
+             <quotas><default/></quotas></yandex>\n";
+        std::fs::write(dir.join("users.xml"), users).unwrap();
+        let config = format!(
+            "<?xml version=\"1.0\"?><yandex><logger><level>information</level>\
+             <log>{d}/server.log</log><errorlog>{d}/server.err.log</errorlog></logger>\
+             <http_port>{http}</http_port><tcp_port>{}</tcp_port>\
+             <listen_host>127.0.0.1</listen_host><path>{d}/data/</path>\
+             <tmp_path>{d}/tmp/</tmp_path><user_files_path>{d}/user_files/</user_files_path>\
+             <format_schema_path>{d}/format_schemas/</format_schema_path>\
+             <users_config>{d}/users.xml</users_config><mark_cache_size>67108864</mark_cache_size>\
+             <default_profile>default</default_profile><default_database>default</default_database>\
+             </yandex>\n",
+            free_port()
+        );
+        std::fs::write(dir.join("config.xml"), config).unwrap();
+        let arg = format!("--config-file={d}/config.xml");
+        let log = dir.join(format!("stderr-{}.log", std::process::id()));
+        let mut proc = Proc::start_any("clickhouse", CLICKHOUSE, &[&arg], log);
+        let mut up = false;
+        let answer = |sql: &str| query(http, sql);
+        testkit::wait::poll(Duration::from_secs(60), Duration::from_millis(50), || {
+            up = answer("SELECT 1").is_some_and(|a| a == "1\n");
+            up.then_some(())
+        })
+        .ok();
+        if !up {
+            proc.kill();
+            let err = std::fs::read_to_string(dir.join("server.err.log")).unwrap_or_default();
+            return Err(format!("clickhouse-server did not answer on {http}: {err}"));
+        }
+        Ok(ClickHouse { proc, http })
+    }
+
+    fn query(&self, sql: &str) -> String {
+        query(self.http, sql).unwrap_or_else(|| panic!("clickhouse query failed: {sql}"))
+    }
+}
+
+/// Runs `sql` through ClickHouse's HTTP interface with curl (an independent client); the
+/// answer, or `None` when it is not 200.
+fn query(http: u16, sql: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "10", "--data-binary", sql])
+        .arg(format!("http://127.0.0.1:{http}/"))
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const CREATE_TABLE: &str =
+    "CREATE TABLE logs (stream String, record String) ENGINE = MergeTree ORDER BY stream";
+
+/// A receiver without `[output]` (its commit logs in `receiver.state_directory`): a
+/// ClickHouse output taking `streams`, and the outputs in `more`.
+fn clickhouse_receiver(env: &Env, ports: (u16, u16), http: u16, streams: &str, more: &str) -> Proc {
+    let (port, metrics) = ports;
+    let state = env.path("state");
+    let text = env.receiver_toml(port, metrics, &format!("state_directory = {state:?}"));
+    let start = text.find("[output]").unwrap();
+    let end = text.find("[metrics]").unwrap();
+    let text = format!(
+        "{}[[outputs.clickhouse]]\nname = \"ch\"\nurl = \"http://127.0.0.1:{http}\"\n\
+         table = \"logs\"\ntimeout_ms = 2000\nstreams = {streams}\n{more}\n{}",
+        &text[..start],
+        &text[end..]
+    );
+    start_receiver_toml(env, port, metrics, &text)
+}
+
+/// Every row of stream `w{writer}`: each line of that writer exactly once, byte for byte.
+fn check_rows(ch: &ClickHouse, writer: usize, lines: usize) -> usize {
+    let rows = ch.query(&format!("SELECT record FROM logs WHERE stream = 'w{writer}' FORMAT TSV"));
+    let mut seen = vec![0u32; lines];
+    for row in rows.lines() {
+        let (w, seq) = ids(row.as_bytes());
+        assert_eq!((w, row), (writer, line(writer, seq).as_str()));
+        seen[seq] += 1;
+    }
+    assert_eq!(seen.iter().filter(|&&n| n == 0).count(), 0, "w{writer}: lines missing");
+    rows.lines().count()
+}
+
+/// `cargo xtask setup` installs the server, so a test that cannot start it fails: it never
+/// passes without having run.
+const NO_CLICKHOUSE: &str =
+    "ClickHouse did not start (cargo xtask setup installs clickhouse-server)";
+
+/// Lines from a real shipper arrive in a real ClickHouse with exact counts per stream, and
+/// only the streams the output selects.
+#[test]
+fn clickhouse_gets_exact_counts_per_stream() {
+    const LINES: usize = 5000;
+    let env = Env::new();
+    let ch = match ClickHouse::start(&env.path("clickhouse"), free_port()) {
+        Ok(ch) => ch,
+        Err(why) => panic!("{NO_CLICKHOUSE}: {why}"),
+    };
+    ch.query(CREATE_TABLE);
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let receiver = clickhouse_receiver(&env, (port, rm), ch.http, "[\"w0\", \"w1\"]", "");
+    let (pipe, body) = pipe_source(&env);
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    write_lines(&pipe, &[0, 1, 2], LINES, None);
+    shipper.wait_alive("every line acknowledged", || {
+        metric_at(sm, "shipper_records_acked_total", &[]) >= (3 * LINES) as f64
+    });
+    let counts =
+        ch.query("SELECT stream, count() FROM logs GROUP BY stream ORDER BY stream FORMAT TSV");
+    assert_eq!(counts, format!("w0\t{LINES}\nw1\t{LINES}\n"));
+    assert_eq!((check_rows(&ch, 0, LINES), check_rows(&ch, 1, LINES)), (LINES, LINES));
+    let at = |name| receiver.metric(name, &[("output", "ch")]);
+    wait_for("the receiver's counters published", Duration::from_secs(10), || {
+        at("shipper_receiver_output_records_total") >= (2 * LINES) as f64
+    });
+    assert_eq!(at("shipper_receiver_output_records_total"), (2 * LINES) as f64);
+    assert_eq!(at("shipper_receiver_output_errors_total"), 0.0);
+    assert!(shipper.stop(Duration::from_secs(30)).success());
+}
+
+/// ClickHouse stopped mid-stream: its frames are refused (ERROR) and resent, none acknowledged
+/// meanwhile; once it is back, every line is in the table, and a files output beside it,
+/// whose part of each refused frame was cut back, holds every line exactly once.
+#[test]
+fn clickhouse_stopped_mid_stream_loses_nothing() {
+    const LINES: usize = 40_000;
+    let env = Env::new();
+    let (dir, http) = (env.path("clickhouse"), free_port());
+    let mut ch = match ClickHouse::start(&dir, http) {
+        Ok(ch) => ch,
+        Err(why) => panic!("{NO_CLICKHOUSE}: {why}"),
+    };
+    ch.query(CREATE_TABLE);
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let archive = env.path("archive");
+    let files =
+        format!("[[outputs.file]]\nname = \"archive\"\ndirectory = {archive:?}\nfsync = false\n");
+    let receiver = clickhouse_receiver(&env, (port, rm), http, "[\"*\"]", &files);
+    let (pipe, body) = pipe_source(&env);
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    let writer = std::thread::spawn(move || write_lines(&pipe, &[0], LINES, Some(1)));
+    let rows = || query(http, "SELECT count() FROM logs").and_then(|n| n.trim().parse().ok());
+    ch.proc.wait_alive("a fifth of the lines inserted", || rows().unwrap_or(0) >= LINES / 5);
+    ch.proc.kill();
+    let refused = || metric_at(rm, "shipper_receiver_output_errors_total", &[("output", "ch")]);
+    wait_for("frames refused while ClickHouse is down", Duration::from_secs(20), || {
+        refused() >= 3.0
+    });
+    let up = metric_at(rm, "shipper_receiver_output_up", &[("output", "ch")]);
+    assert!(up < 2.0, "a shard that inserted since is down: {up}");
+    let acked = || metric_at(sm, "shipper_records_acked_total", &[]);
+    let acked_down = acked();
+    assert!(acked_down < LINES as f64, "the outage is mid-stream: {acked_down} acked");
+    let ch = ClickHouse::start(&dir, http).expect("clickhouse starts again");
+    writer.join().unwrap();
+    shipper.wait_alive_for("every line acknowledged", Duration::from_secs(120), &mut || {
+        acked() >= LINES as f64
+    });
+    let distinct = ch.query("SELECT count(DISTINCT record) FROM logs");
+    assert_eq!(distinct.trim(), LINES.to_string(), "every line in the table");
+    let total = check_rows(&ch, 0, LINES);
+    assert!(total >= LINES);
+    eprintln!("rows {total} for {LINES} lines (duplicates: inserts whose answer was lost)");
+    assert_eq!(per_writer(&archive, LINES), [LINES, 0, 0], "the files output: once each");
+    let written = |o| metric_at(rm, "shipper_receiver_output_records_total", &[("output", o)]);
+    // Counted once committed: a frame cut back after ClickHouse failed is counted at its resend.
+    wait_for("the receiver's counters published", Duration::from_secs(10), || {
+        written("archive") >= LINES as f64 && written("ch") >= LINES as f64
+    });
+    assert_eq!((written("archive"), written("ch")), (LINES as f64, LINES as f64));
+    assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
+    assert!(receiver.metric("shipper_receiver_write_errors_total", &[]) >= 3.0);
+    assert!(shipper.metric("shipper_receiver_frames_resent_total", &[]) >= 1.0, "resent");
+    assert!(shipper.stop(Duration::from_secs(30)).success());
+}
+
+/// A ClickHouse that accepts connections and never answers: each insert fails at `timeout_ms`
+/// (the shard waits that long, no longer), nothing is acknowledged meanwhile; once a real
+/// server listens there, every line arrives.
+#[test]
+fn a_hung_clickhouse_is_timed_out_and_its_frames_resent() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const LINES: usize = 2000;
+    let env = Env::new();
+    let http = free_port();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", http)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let hung = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => held.push(s),
+                    // Polling the stop flag of this stand-in server, not waiting for a state.
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            held.len()
+        })
+    };
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let receiver = clickhouse_receiver(&env, (port, rm), http, "[\"*\"]", "");
+    let text = std::fs::read_to_string(env.path(&format!("receiver-{port}.toml"))).unwrap();
+    assert!(text.contains("timeout_ms = 2000"));
+    let (pipe, body) = pipe_source(&env);
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    write_lines(&pipe, &[0], LINES, None);
+    let errors = || metric_at(rm, "shipper_receiver_output_errors_total", &[("output", "ch")]);
+    wait_for("inserts timed out", Duration::from_secs(30), || errors() >= 2.0);
+    assert_eq!(metric_at(sm, "shipper_records_acked_total", &[]), 0.0);
+    let log = std::fs::read_to_string(&receiver.log).unwrap();
+    assert!(log.contains(" now: ch: answer over timeout_ms (from "), "{log}");
+    stop.store(true, Ordering::SeqCst);
+    assert!(hung.join().unwrap() >= 2, "the receiver connected to the hung server");
+    let ch = match ClickHouse::start(&env.path("clickhouse"), http) {
+        Ok(ch) => ch,
+        Err(why) => panic!("{NO_CLICKHOUSE}: {why}"),
+    };
+    ch.query(CREATE_TABLE);
+    shipper.wait_alive_for("every line acknowledged", Duration::from_secs(60), &mut || {
+        metric_at(sm, "shipper_records_acked_total", &[]) >= LINES as f64
+    });
+    let distinct = ch.query("SELECT count(DISTINCT record) FROM logs");
+    assert_eq!(distinct.trim(), LINES.to_string());
+    assert!(shipper.stop(Duration::from_secs(30)).success());
+}
