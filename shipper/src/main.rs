@@ -76,19 +76,40 @@ enum JournalCommand {
     },
 }
 
+/// Logs go to standard error: text, coloured only when it is a terminal (not in a file or
+/// the journal), or one JSON object per line with `SHIPPER_LOG_FORMAT=json`; `SHIPPER_LOG`
+/// filters them (`info` by default).
+fn init_logging() -> Result<(), String> {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHIPPER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match std::env::var("SHIPPER_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().init(),
+        Ok("text") | Err(std::env::VarError::NotPresent) => {
+            builder.with_ansi(std::io::stderr().is_terminal()).init();
+        }
+        Ok(other) => {
+            let shown: String = other.chars().take(64).collect();
+            return Err(format!("SHIPPER_LOG_FORMAT: {shown:?} is neither \"text\" nor \"json\""));
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err("SHIPPER_LOG_FORMAT is not UTF-8 (use \"text\" or \"json\")".into());
+        }
+    }
+    Ok(())
+}
+
 /// Exit status after a panic in any thread (the status Rust gives a panic in `main`).
 const EXIT_PANIC: i32 = 101;
 
 fn main() -> ExitCode {
     install_panic_hook();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHIPPER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = init_logging() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {

@@ -189,3 +189,43 @@ fn files_created_have_the_configured_modes() {
     // Two buffer directories, a segment, a stream directory and file, `.state`, base, 2 logs.
     assert!(checked >= 8, "only {checked} paths checked");
 }
+
+/// Logs written to a file carry no colour codes; `SHIPPER_LOG_FORMAT=json` makes each log
+/// line one JSON object; another value is a usage error.
+#[test]
+fn logs_are_plain_in_a_file_and_json_when_asked() {
+    // Regression: logs carried ANSI colour escapes even when written to a file or the journal.
+    let env = Env::new();
+    // A pipe in a directory that does not exist: start-up logs, then fails with its name.
+    let missing = env.path("no-such-dir").join("app.pipe");
+    let body = format!("[[sources.pipe]]\npath = {missing:?}\n");
+    let cfg = env.write("edge.toml", &env.shipper_toml(free_port(), free_port(), &body));
+    let run = |format: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args(["run", "--no-ebpf", "--config", cfg.to_str().unwrap()]);
+        c.env_remove("SHIPPER_LOG_FORMAT");
+        if let Some(f) = format {
+            c.env("SHIPPER_LOG_FORMAT", f);
+        }
+        let out = c.output().unwrap();
+        (out.status.code().unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (code, text) = run(None);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("open-file limit"), "{text}");
+    assert!(!text.contains('\x1b'), "colour codes in a file: {text:?}");
+    let (code, json) = run(Some("json"));
+    assert_eq!(code, 1, "{json}");
+    let logged: Vec<serde_json::Value> = json
+        .lines()
+        .filter(|l| !l.starts_with("error: "))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!logged.is_empty(), "{json}");
+    let first = &logged[0];
+    assert_eq!(first["level"], "INFO", "{first}");
+    assert!(first["fields"]["message"].as_str().unwrap().contains("open-file limit"), "{first}");
+    let (code, err) = run(Some("xml"));
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim(), "error: SHIPPER_LOG_FORMAT: \"xml\" is neither \"text\" nor \"json\"");
+}
