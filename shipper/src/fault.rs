@@ -17,12 +17,19 @@ pub enum Fault {
     /// `panic-worker-task`: worker 0 of `shipper run` and receiver worker 0 of
     /// `shipper receive` spawn a task that panics once the worker is running.
     PanicWorkerTask,
+    /// `stall-worker`: worker 0 of `shipper run` blocks its thread for [`STALL_MS`], a second
+    /// after it started (what a stuck worker looks like to the watchdog).
+    StallWorker,
 }
+
+/// How long [`Fault::StallWorker`] blocks the worker's thread.
+pub const STALL_MS: u64 = 3000;
 
 impl Fault {
     fn parse(value: &str) -> Option<Fault> {
         match value {
             "panic-worker-task" => Some(Fault::PanicWorkerTask),
+            "stall-worker" => Some(Fault::StallWorker),
             _ => None,
         }
     }
@@ -47,4 +54,12 @@ pub fn injected(fault: Fault) -> bool {
 pub async fn panic_worker_task(worker: &'static str) {
     tokio::task::yield_now().await;
     panic!("{ENV}=panic-worker-task: {worker} 0 panics on purpose (a test asked for it)");
+}
+
+/// The task [`Fault::StallWorker`] spawns on worker 0: a second after start, it blocks the
+/// worker's thread for [`STALL_MS`], as a worker stuck in a blocking call would.
+pub async fn stall_worker_task() {
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    tracing::warn!("{ENV}=stall-worker: worker 0 blocks its thread for {STALL_MS} ms on purpose");
+    std::thread::sleep(std::time::Duration::from_millis(STALL_MS));
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod ebpf;
 pub mod fault;
 pub mod metrics;
+pub mod notify;
 pub mod os;
 pub mod protocol;
 pub mod receiver;

@@ -36,6 +36,8 @@ mod ratelimit;
 mod rejected;
 /// The receiver killed mid-stream and restarted: nothing lost, nothing duplicated.
 mod restart;
+/// Under systemd: READY, STOPPING, and a watchdog fed by the workers' progress.
+mod service;
 /// SIGTERM flushes and exits 0; with no receiver the writer is never blocked.
 mod shutdown;
 /// Syslog and JSON over UDP, TCP (both framings) and a unix socket arrive once, exactly parsed;

@@ -15,6 +15,7 @@ pub mod receiver;
 pub mod shipper;
 pub mod text;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use text::Exposition;
@@ -25,16 +26,40 @@ pub const PUBLISH_INTERVAL_MS: u64 = 250;
 /// The latest published snapshot of each core, plus process-wide series.
 pub struct Registry<T> {
     slots: Vec<Mutex<Option<T>>>,
+    /// Publishes per slot so far: a worker's sign of life for the watchdog.
+    publishes: Vec<AtomicU64>,
 }
 
 impl<T: Clone + Send> Registry<T> {
     pub fn new(cores: usize) -> Arc<Registry<T>> {
-        Arc::new(Registry { slots: (0..cores).map(|_| Mutex::new(None)).collect() })
+        Arc::new(Registry {
+            slots: (0..cores).map(|_| Mutex::new(None)).collect(),
+            publishes: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+        })
     }
 
     /// Called by worker `core` with a copy of its counters.
     pub fn publish(&self, core: usize, snapshot: T) {
         *self.slots[core].lock().expect("metrics slot poisoned") = Some(snapshot);
+        self.publishes[core].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A check for the watchdog: true when every slot was published since the last call.
+    pub fn progress(self: &Arc<Self>) -> impl FnMut() -> bool + Send + 'static
+    where
+        T: 'static,
+    {
+        let registry = self.clone();
+        let count = move || -> Vec<u64> {
+            registry.publishes.iter().map(|p| p.load(Ordering::Relaxed)).collect()
+        };
+        let mut last = count();
+        move || {
+            let now = count();
+            let moved = now.iter().zip(&last).all(|(n, l)| n > l);
+            last = now;
+            moved
+        }
     }
 
     /// Copies of every published snapshot, in core order.

@@ -50,6 +50,7 @@ use crate::config::receiver::OutputSection;
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::{render, render_limits, ReceiverCounters, ReceiverLimits};
 use crate::metrics::{http, scrape, Registry};
+use crate::notify::Notifier;
 use crate::signals;
 
 /// Runs the receiver until SIGTERM/SIGINT.
@@ -65,6 +66,7 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let listener = bind(&config.receiver.listen)
         .with_context(|| format!("receiver.listen {}", config.receiver.listen))?;
     let registry = Registry::<ReceiverCounters>::new(shards + 1);
+    let watched = registry.clone();
     let budget = budget::FrameBudget::new(config.receiver.frames_in_progress_bytes_max);
     serve_metrics(&config, &registry, &budget)?;
     let open = Arc::new(AtomicUsize::new(0));
@@ -80,8 +82,14 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
         .spawn(move || server::accept(listener, config, tls, inboxes, open, registry))?;
     let (workers, gen) = (shards, state.gen);
     tracing::info!(%addr, workers, connections_max, generation = gen, "receiver listening");
+    let notifier = Notifier::from_env();
+    notifier.send("READY=1");
+    if let Some(interval) = Notifier::watchdog_interval() {
+        notifier.watch(interval, watched.progress());
+    }
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "receiver stopping");
+    notifier.send("STOPPING=1");
     Ok(())
 }
 

@@ -29,6 +29,7 @@ use crate::config::ShipperConfig;
 use crate::ebpf::KernelCounters;
 use crate::metrics::shipper::{render, render_kernel, ShipperCounters};
 use crate::metrics::{http, scrape, Registry, PUBLISH_INTERVAL_MS};
+use crate::notify::Notifier;
 use crate::signals;
 use crate::sinks::delivery::connection::Target;
 use worker::start::{JournalHandle, PipeHandle, SocketHandle, WorkerPlan};
@@ -55,6 +56,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         copy_kernel_counters(kernel.clone())?;
     }
     let registry = Registry::<ShipperCounters>::new(workers);
+    let watched = registry.clone();
     serve_metrics(&config, registry.clone(), kernel)?;
     let (report_tx, report_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -84,7 +86,12 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         pipes = config.sources.pipe.len(),
         "shipper running"
     );
-    let failed = supervise(exit_rx, &stop_tx, workers);
+    let notifier = Notifier::from_env();
+    notifier.send("READY=1");
+    if let Some(interval) = Notifier::watchdog_interval() {
+        notifier.watch(interval, watched.progress());
+    }
+    let failed = supervise(exit_rx, &stop_tx, workers, &notifier);
     for h in handles {
         let _ = h.join();
     }
@@ -305,6 +312,7 @@ fn supervise(
     events: mpsc::Receiver<Event>,
     stop: &watch::Sender<bool>,
     workers: usize,
+    notifier: &Notifier,
 ) -> Option<String> {
     let mut running = workers;
     let mut failed = None;
@@ -315,6 +323,7 @@ fn supervise(
                     signal = sig,
                     "stopping: no more reads, flushing and waiting for acknowledgements"
                 );
+                notifier.send("STOPPING=1");
                 let _ = stop.send(true);
             }
             Ok(Event::WorkerExit(index, err)) => {

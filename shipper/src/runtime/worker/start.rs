@@ -98,6 +98,9 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     if plan.index == 0 && crate::fault::injected(crate::fault::Fault::PanicWorkerTask) {
         tokio_uring::spawn(crate::fault::panic_worker_task("worker"));
     }
+    if plan.index == 0 && crate::fault::injected(crate::fault::Fault::StallWorker) {
+        tokio_uring::spawn(crate::fault::stall_worker_task());
+    }
     let plane = super::tick::Plane { reports: plan.reports, shares: plan.shares };
     super::tick::run(worker, plan.stop, plane, plan.registry).await;
     Ok(())
