@@ -7,6 +7,7 @@
 
 pub mod journal;
 pub mod lines;
+pub mod persist;
 pub mod pipe;
 pub mod socket;
 
