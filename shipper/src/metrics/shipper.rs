@@ -3,6 +3,7 @@
 use super::text::{Distribution, Exposition};
 use crate::sinks::delivery::health::DestinationCounters;
 use crate::sinks::delivery::DeliveryCounters;
+use crate::sources::file::FileCounters;
 use crate::sources::journal::JournalCounters;
 use crate::sources::pipe::SourceCounters;
 use crate::sources::socket::SocketCounters;
@@ -16,6 +17,7 @@ pub struct ShipperCounters {
     pub worker: usize,
     pub sources: Vec<SourceCounters>,
     pub journals: Vec<JournalCounters>,
+    pub files: Vec<FileCounters>,
     pub sockets: Vec<SocketCounters>,
     pub services: Vec<ServiceCounters>,
     pub delivery: DeliveryCounters,
@@ -44,6 +46,7 @@ impl ShipperCounters {
             worker,
             sources: Vec::new(),
             journals: Vec::new(),
+            files: Vec::new(),
             sockets: Vec::new(),
             services: Vec::new(),
             delivery: Default::default(),
@@ -131,6 +134,33 @@ const PER_JOURNAL: &[Series<JournalCounters>] = &[
         "counter",
         "Checkpoint writes that failed.",
         |j| j.checkpoint_write_errors,
+    ),
+];
+
+const PER_FILE: &[Series<FileCounters>] = &[
+    (
+        "shipper_file_lines_partial_total",
+        "counter",
+        "Last lines without a newline sent after partial_line_ms.",
+        |f| f.lines_partial,
+    ),
+    ("shipper_file_rotations_total", "counter", "Files replaced at their path.", |f| f.rotations),
+    (
+        "shipper_file_truncations_total",
+        "counter",
+        "Files cut below their position or rewritten: read again from the start.",
+        |f| f.truncations,
+    ),
+    ("shipper_file_files_open", "gauge", "Files followed.", |f| f.files_open),
+    ("shipper_file_files_unfollowed", "gauge", "Matches left out over files_max.", |f| {
+        f.files_unfollowed
+    }),
+    ("shipper_file_lag_bytes", "gauge", "Bytes in the files not read yet.", |f| f.lag_bytes),
+    (
+        "shipper_file_positions_write_errors_total",
+        "counter",
+        "Positions file writes that failed.",
+        |f| f.positions_write_errors,
     ),
 ];
 
@@ -435,6 +465,13 @@ pub fn render(workers: &[ShipperCounters], out: &mut Exposition) {
         workers,
         PER_JOURNAL,
         |c| c.journals.iter().map(|j| (j.source.as_str(), j)).collect(),
+        "source",
+    );
+    families(
+        out,
+        workers,
+        PER_FILE,
+        |c| c.files.iter().map(|f| (f.source.as_str(), f)).collect(),
         "source",
     );
     families(
