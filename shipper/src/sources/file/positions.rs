@@ -39,6 +39,12 @@ use thiserror::Error;
 use super::identity::Fingerprint;
 use crate::sources::persist::{self, Settling};
 
+/// Most entries kept in the log of where the source left each file; past it the oldest go
+/// (a position then lags, lines may repeat after a crash: never a loss). Consecutive entries
+/// of one file are one entry, so it fills only if the source switches files thousands of
+/// times between two settled frames (its records all dropped by the rate limit, say).
+pub const LOG_MAX: usize = 4096;
+
 const HEADER: &str =
     "# shipper file positions v1: device inode fingerprint_bytes fingerprint offset path";
 
@@ -189,6 +195,15 @@ impl Positions {
 
     /// The source left file `id` at `offset`, after the record it handed over as `handed`.
     pub fn left(&mut self, handed: u64, id: u32, offset: u64) {
+        // A frame settling between two entries of one file ends with a record of that file,
+        // whose own mark says where: only the newer entry is needed.
+        if let Some(back) = self.log.back_mut().filter(|b| b.1 == id) {
+            *back = (handed, id, offset);
+            return;
+        }
+        if self.log.len() == LOG_MAX {
+            self.log.pop_front();
+        }
         self.log.push_back((handed, id, offset));
     }
 
@@ -312,5 +327,12 @@ mod tests {
         assert_eq!(again.claim(2049, 8, b"other line\n"), None, "a new file at a reused inode");
         p.closed(1, 30);
         assert!(!p.render().contains("/a\n"), "closed and settled to its end: gone");
+        for k in 0..2 * LOG_MAX as u64 {
+            p.left(100 + k, (k % 2) as u32, k);
+        }
+        p.left(10_000, 1, 5);
+        p.left(10_001, 1, 6);
+        assert_eq!(p.log.len(), LOG_MAX, "bounded; one file's consecutive entries are one");
+        assert_eq!(p.log.back(), Some(&(10_001, 1, 6)));
     }
 }

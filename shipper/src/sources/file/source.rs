@@ -53,6 +53,8 @@ struct Tail {
     fp: Fingerprint,
     /// The next byte to read.
     offset: u64,
+    /// The end of the last line handed over (where its position can reach).
+    handed_end: u64,
     /// Its size at the last listing (or what was read, if more).
     size: u64,
     splitter: LineSplitter,
@@ -234,6 +236,7 @@ impl<I: Intake> Follow<I> {
         t.size = t.size.max(t.offset);
         (t.eof, t.partial_since_ns) = (false, None);
         if let Some((k, offset)) = last {
+            t.handed_end = offset;
             files.positions.borrow_mut().left(k, id, offset);
         }
     }
@@ -276,6 +279,7 @@ impl<I: Intake> Follow<I> {
         h.counters.lines_partial += 1;
         t.partial_since_ns = None;
         if let Some(k) = last {
+            t.handed_end = offset;
             files.positions.borrow_mut().left(k, id, offset);
         }
     }
@@ -351,7 +355,7 @@ impl<I: Intake> Follow<I> {
         let mut positions = self.files.positions.borrow_mut();
         positions.forget(t.id);
         t.id = id;
-        t.offset = 0;
+        (t.offset, t.handed_end) = (0, 0);
         t.fp = Fingerprint::of(head);
         t.splitter = LineSplitter::new(self.cfg.line_bytes_max as usize);
         (t.partial_since_ns, t.eof) = (None, false);
@@ -402,6 +406,7 @@ impl<I: Intake> Follow<I> {
             ino: m.ino(),
             fp,
             offset,
+            handed_end: offset,
             size: m.len().max(offset),
             splitter: LineSplitter::new(self.cfg.line_bytes_max as usize),
             partial_since_ns: None,
@@ -434,7 +439,8 @@ impl<I: Intake> Follow<I> {
             }
             let t = self.tails.remove(i);
             tracing::info!(file = %t.path.display(), end = t.offset, "file read to its end; closed");
-            self.files.positions.borrow_mut().closed(t.id, t.offset);
+            // Its entry goes once its last line handed over is settled.
+            self.files.positions.borrow_mut().closed(t.id, t.handed_end);
         }
     }
 }
