@@ -149,17 +149,9 @@ fn killed_and_restarted_resumes_at_its_saved_position() {
     });
     // The receiver writes each run's frames into the files of the shard that owns that run:
     // order holds within a file, not across them.
-    let index = |l: &[u8]| -> usize {
-        let s = std::str::from_utf8(l).unwrap();
-        s.split("\"seq\":\"").nth(1).unwrap()[..8].parse().unwrap()
-    };
     let mut seen = vec![0u32; N];
-    let dir = env.out().join("app");
-    for file in std::fs::read_dir(&dir).unwrap().flatten() {
-        let bytes = std::fs::read(file.path()).unwrap();
-        let lines: Vec<usize> =
-            bytes.split(|&c| c == b'\n').filter(|l| !l.is_empty()).map(index).collect();
-        assert!(lines.windows(2).all(|w| w[0] < w[1]), "{:?}: lines in order", file.path());
+    for (k, lines) in seqs_per_file(&env).iter().enumerate() {
+        assert!(lines.windows(2).all(|w| w[0] < w[1]), "receiver file {k}: lines in order");
         lines.iter().for_each(|&i| seen[i] += 1);
     }
     let a = b + seen.iter().filter(|&&n| n == 2).count();
@@ -228,6 +220,7 @@ fn paused_without_a_receiver_and_a_deleted_file_read_to_its_end() {
     let _receiver = start_receiver(&env, port, rm, "");
     let text = lines_read(&mut shipper, sm, N);
     assert_eq!(metric(&text, "shipper_lines_dropped_total", &[]), 0.0);
+    assert_eq!(metric(&text, "shipper_file_rotations_total", &[]), 1.0, "the deletion");
     shipper.wait_alive_for("every line at the receiver", Duration::from_secs(60), &mut || {
         output_lines(&env.out()).len() >= N
     });
@@ -265,5 +258,56 @@ fn a_symlink_is_followed_and_retargeting_it_is_a_rotation() {
     assert_eq!(metric(&text, "shipper_file_rotations_total", &[]), 1.0);
     shipper.wait_alive("every line at the receiver", || output_lines(&env.out()).len() >= 200);
     assert!(received(&env) == (0..200).map(line).collect::<Vec<_>>(), "once each, in order");
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+}
+
+/// The seq of every line in each of the receiver's files of stream `app`, file by file.
+fn seqs_per_file(env: &Env) -> Vec<Vec<usize>> {
+    let index = |l: &[u8]| -> usize {
+        let s = std::str::from_utf8(l).unwrap();
+        s.split("\"seq\":\"").nth(1).unwrap()[..8].parse().unwrap()
+    };
+    let mut out = Vec::new();
+    for file in std::fs::read_dir(env.out().join("app")).unwrap().flatten() {
+        let bytes = std::fs::read(file.path()).unwrap();
+        out.push(bytes.split(|&c| c == b'\n').filter(|l| !l.is_empty()).map(index).collect());
+    }
+    out
+}
+
+/// A file deleted while the shipper is stopped and replaced by a new one that the file
+/// system gives the same inode (ext4 does at once) is told apart by its fingerprint: the new
+/// file is read from its start, not from the old one's saved position.
+#[test]
+fn a_new_file_at_an_old_inode_is_read_from_its_start() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let (log, positions) = (env.path("app.log"), env.path("positions"));
+    let mut f = append(&log);
+    (0..100).for_each(|i| writeln!(f, "{}", line(i)).unwrap());
+    drop(f);
+    let body = body(&[&log], &positions, "");
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    shipper
+        .wait_alive("the first file saved", || saved_offset(&positions) == Some(100 * LINE_BYTES));
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+    use std::os::unix::fs::MetadataExt;
+    let old_inode = std::fs::metadata(&log).unwrap().ino();
+    std::fs::remove_file(&log).unwrap();
+    let mut f = append(&log);
+    if std::fs::metadata(&log).unwrap().ino() != old_inode {
+        eprintln!("skipped: the file system did not reuse the inode (the case this test guards)");
+        return;
+    }
+    (1000..1150).for_each(|i| writeln!(f, "{}", line(i)).unwrap());
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    shipper.wait_alive("the new file saved", || saved_offset(&positions) == Some(150 * LINE_BYTES));
+    let files = seqs_per_file(&env);
+    assert!(files.iter().all(|f| f.windows(2).all(|w| w[0] < w[1])), "in order per file");
+    let mut all: Vec<usize> = files.concat();
+    all.sort_unstable();
+    let want: Vec<usize> = (0..100).chain(1000..1150).collect();
+    assert!(all == want, "each line of both files once ({} received)", all.len());
     assert!(shipper.stop(Duration::from_secs(20)).success());
 }

@@ -144,7 +144,12 @@ const PER_FILE: &[Series<FileCounters>] = &[
         "Last lines without a newline sent after partial_line_ms.",
         |f| f.lines_partial,
     ),
-    ("shipper_file_rotations_total", "counter", "Files replaced at their path.", |f| f.rotations),
+    (
+        "shipper_file_rotations_total",
+        "counter",
+        "Files that left their path: renamed or deleted.",
+        |f| f.rotations,
+    ),
     (
         "shipper_file_truncations_total",
         "counter",

@@ -45,7 +45,8 @@ pub struct FileCounters {
     pub lines: SourceCounters,
     /// Last lines without a newline handed over after `partial_line_ms`.
     pub lines_partial: u64,
-    /// Files replaced at their path by another file.
+    /// Files that left the path they were followed at (renamed, within `paths` or out of
+    /// them, or deleted): rotations by rename, as logrotate's `create` does.
     pub rotations: u64,
     /// Files cut shorter than their position, or rewritten from their start: read again.
     pub truncations: u64,

@@ -310,8 +310,9 @@ impl<I: Intake> Follow<I> {
                 continue;
             }
             if let Some(i) = self.tails.iter().position(|t| (t.dev, t.ino) == (m.dev(), m.ino())) {
-                seen.insert(self.tails[i].id);
+                // After the check: a file read again from its start has a new id.
                 self.check(i, p, m.len()).await;
+                seen.insert(self.tails[i].id);
             } else if self.tails.len() < max {
                 if let Some(id) = self.open(p, first).await {
                     seen.insert(id);
@@ -334,6 +335,7 @@ impl<I: Intake> Follow<I> {
         if t.path != path {
             tracing::info!(from = %t.path.display(), to = %path.display(), "file renamed; followed under its new name");
             self.files.positions.borrow_mut().moved(t.id, &path);
+            self.files.counters.borrow_mut().rotations += 1;
             t.path = path;
         }
         let Ok(head) = head else { return };
@@ -391,9 +393,6 @@ impl<I: Intake> Follow<I> {
         let id = self.next_id;
         self.next_id += 1;
         let after = self.tails.iter().find(|t| t.path == path).map(|t| t.id);
-        if after.is_some() {
-            self.files.counters.borrow_mut().rotations += 1;
-        }
         tracing::info!(file = %path.display(), offset, "file followed");
         let shown = path.display().to_string();
         let saved = Saved { dev: m.dev(), ino: m.ino(), fp, offset, path: shown };
@@ -425,6 +424,7 @@ impl<I: Intake> Follow<I> {
             if !seen.contains(&t.id) && t.gone_at.is_none() {
                 tracing::info!(file = %t.path.display(), "file renamed away or deleted; reading it to its end");
                 (t.gone_at, t.eof) = (Some(listing), false);
+                self.files.counters.borrow_mut().rotations += 1;
             }
         }
         let mut i = 0;
