@@ -311,3 +311,64 @@ fn a_new_file_at_an_old_inode_is_read_from_its_start() {
     assert!(all == want, "each line of both files once ({} received)", all.len());
     assert!(shipper.stop(Duration::from_secs(20)).success());
 }
+
+/// With the rotated names in `paths` (`app.log*`), a renamed file is followed under its new
+/// name, never read again; the one its rename replaced is read to its end: every line once,
+/// in order.
+#[test]
+fn rotated_names_in_paths_are_followed_not_read_again() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let dir = env.path("logs");
+    std::fs::create_dir(&dir).unwrap();
+    let (log, old) = (dir.join("app.log"), dir.join("app.log.1"));
+    let pattern = dir.join("app.log*");
+    let mut shipper = start_shipper(&env, port, sm, &body(&[&pattern], &env.path("positions"), ""));
+    let mut f = append(&log);
+    for i in 0..3000 {
+        if i == 1000 || i == 2000 {
+            std::fs::rename(&log, &old).unwrap();
+            f = append(&log);
+        }
+        writeln!(f, "{}", line(i)).unwrap();
+        if i % 50 == 49 {
+            // Pacing the writer (10,000 lines a second), not waiting for a condition.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let text = lines_read(&mut shipper, sm, 3000);
+    // Renamed twice (the first file, then the second), and the first replaced (deleted).
+    assert_eq!(metric(&text, "shipper_file_rotations_total", &[]), 3.0);
+    shipper.wait_alive("every line at the receiver", || output_lines(&env.out()).len() >= 3000);
+    assert!(received(&env) == (0..3000).map(line).collect::<Vec<_>>(), "once each, in order");
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+}
+
+/// `since = "now"` skips what the files hold when the source starts; what is written after
+/// arrives, and a file appearing later is read from its start.
+#[test]
+fn since_now_skips_what_is_there_at_start() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let dir = env.path("logs");
+    std::fs::create_dir(&dir).unwrap();
+    let (log, later) = (dir.join("a.log"), dir.join("b.log"));
+    let mut f = append(&log);
+    (0..100).for_each(|i| writeln!(f, "{}", line(i)).unwrap());
+    let pattern = dir.join("*.log");
+    let body = body(&[&pattern], &env.path("positions"), "since = \"now\"\n");
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    shipper.wait_alive("the file followed", || {
+        metric(&scrape_ok(sm), "shipper_file_files_open", &[]) == 1.0
+    });
+    (100..150).for_each(|i| writeln!(f, "{}", line(i)).unwrap());
+    shipper.wait_alive("50 lines at the receiver", || output_lines(&env.out()).len() >= 50);
+    let mut g = append(&later);
+    (150..170).for_each(|i| writeln!(g, "{}", line(i)).unwrap());
+    lines_read(&mut shipper, sm, 70);
+    shipper.wait_alive("70 lines at the receiver", || output_lines(&env.out()).len() >= 70);
+    assert!(received(&env) == (100..170).map(line).collect::<Vec<_>>());
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+}
