@@ -348,8 +348,12 @@ impl<I: Intake> Follow<I> {
         }
     }
 
-    /// File `i` was truncated or rewritten: read again from its start, as a new content.
+    /// File `i` was truncated or rewritten: read again from its start, as a new content. A
+    /// partial line held from the old content is handed over first, as it is.
     fn restart(&mut self, i: usize, head: &[u8]) {
+        if self.tails[i].splitter.pending() > 0 {
+            self.flush(i);
+        }
         let id = self.next_id;
         self.next_id += 1;
         let t = &mut self.tails[i];
