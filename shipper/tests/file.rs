@@ -107,6 +107,18 @@ fn rotated_by_rename_and_by_copy_and_truncate_every_line_once_in_order() {
     assert_eq!(metric(&text, "shipper_file_truncations_total", &[]), 3.0, "copies 2, 4, 6");
     assert_eq!(metric(&text, "shipper_source_lines_read_total", &[]), N as f64);
     assert_eq!(metric(&text, "shipper_lines_dropped_total", &[]), 0.0);
+    // Per file: the live file, read to its end (the orphans are closed by now, or soon).
+    let file = [("file", log.to_str().unwrap())];
+    shipper.wait_alive("the live file's gauges", || {
+        let text = scrape_ok(sm);
+        let (read, size) = (
+            metric(&text, "shipper_file_position_bytes", &file),
+            metric(&text, "shipper_file_size_bytes", &file),
+        );
+        read == size && read == ((N - 17_500) as u64 * LINE_BYTES) as f64
+    });
+    let (lint_ok, said) = promtool_check(&scrape_ok(sm));
+    assert!(lint_ok, "promtool check metrics, with a file source's families: {said}");
     assert!(shipper.stop(Duration::from_secs(20)).success());
 }
 

@@ -432,6 +432,28 @@ fn per_reason<const N: usize>(
     }
 }
 
+/// Per followed file (at most `files_max` per file source): how far it was read and its
+/// size at the last listing; their difference is the file's lag.
+fn render_followed(workers: &[ShipperCounters], out: &mut Exposition) {
+    let families = [
+        ("shipper_file_position_bytes", "Bytes of a followed file read (its position in it).", 0),
+        ("shipper_file_size_bytes", "Size of a followed file at the last listing.", 1),
+    ];
+    for (name, help, which) in families {
+        out.family(name, "gauge", help);
+        for c in workers {
+            let core = c.worker.to_string();
+            for f in c.files.iter().flat_map(|s| s.followed.iter().map(move |f| (s, f))) {
+                let (s, f) = f;
+                let labels =
+                    [("core", core.as_str()), ("source", s.source.as_str()), ("file", &f.path)];
+                let v = if which == 0 { f.read_bytes } else { f.size_bytes };
+                out.sample(name, &labels, v as f64);
+            }
+        }
+    }
+}
+
 /// `shipper_socket_info`: which core reads which socket, bound where (for the eBPF drop
 /// counters, and for people looking for the port).
 fn render_socket_info(workers: &[ShipperCounters], out: &mut Exposition) {
@@ -487,6 +509,7 @@ pub fn render(workers: &[ShipperCounters], out: &mut Exposition) {
         "source",
     );
     render_socket_info(workers, out);
+    render_followed(workers, out);
     families(out, workers, PER_WORKER, |c| vec![("", c)], "");
     families(
         out,

@@ -56,6 +56,16 @@ pub struct FileCounters {
     /// Bytes in the files followed not read yet (sizes at the last listing).
     pub lag_bytes: u64,
     pub positions_write_errors: u64,
+    /// Each file followed, as of the last listing (at most `files_max`).
+    pub followed: Vec<Followed>,
+}
+
+/// One followed file as published: its path, how far it was read, and its size.
+#[derive(Clone, Debug, Default)]
+pub struct Followed {
+    pub path: String,
+    pub read_bytes: u64,
+    pub size_bytes: u64,
 }
 
 #[cfg(test)]

@@ -323,6 +323,13 @@ impl<I: Intake> Follow<I> {
         }
         self.files.counters.borrow_mut().files_unfollowed = over as u64;
         self.retire(&seen);
+        let mut c = self.files.counters.borrow_mut();
+        c.followed.clear();
+        c.followed.extend(self.tails.iter().map(|t| super::Followed {
+            path: t.path.display().to_string(),
+            read_bytes: t.offset,
+            size_bytes: t.size,
+        }));
     }
 
     /// Checks file `i`, found at `path` with `size` bytes: moved, grown, truncated or
