@@ -15,6 +15,9 @@ mod delivery;
 mod ebpf;
 /// Receivers in tiers: a hung primary fails over to the standby and back; dead letter.
 mod failover;
+/// Log files followed through rotation (rename, copy-and-truncate) and SIGKILL, with positions;
+/// over-long and unfinished last lines.
+mod file;
 /// Hostile input and peers: over-long names, floods of connections, exhausted descriptors,
 /// idle peers, slow scrapers, panics; the next good record still arrives, and it is counted.
 mod hostile;

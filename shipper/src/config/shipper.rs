@@ -128,6 +128,8 @@ pub struct Sources {
     pub journal: Vec<JournalSource>,
     #[serde(default)]
     pub socket: Vec<super::socket::SocketSource>,
+    #[serde(default)]
+    pub file: Vec<FileSource>,
 }
 
 /// Where a journal source starts when it has no checkpoint.
@@ -236,6 +238,116 @@ impl JournalSource {
                 format!("{w} is not a worker index (workers = {workers})")
             });
         }
+    }
+}
+
+/// Where a file source starts reading a file it has no saved position for.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FileSince {
+    /// At its first byte.
+    #[default]
+    Oldest,
+    /// At its end when the source starts (files appearing later are read from their start).
+    Now,
+}
+
+/// A file source (`sources/file/`): log files followed by path or glob, with positions.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSource {
+    /// Absolute paths of the files to follow; `*` and `?` match within one path component
+    /// (no `**`). Listed again every `poll_interval_ms`. Required.
+    pub paths: Vec<String>,
+    /// File holding each followed file's position (the end of its last acknowledged line).
+    /// Default: none (nothing persisted: every start begins at `since`).
+    #[serde(default)]
+    pub positions: Option<PathBuf>,
+    /// "oldest" or "now": where a file without a saved position starts. Default: "oldest".
+    #[serde(default)]
+    pub since: FileSince,
+    /// Service for lines that carry no key field, and for text lines. Default: the file stem
+    /// of the first path if it has no wildcard, else "file".
+    #[serde(default)]
+    pub service: Option<String>,
+    /// json | cfjs1 | text, as for pipes. Default: json.
+    #[serde(default)]
+    pub format: Format,
+    /// Longest line kept, in bytes; longer lines are cut and counted. Default: 65536.
+    #[serde(default = "default_line_bytes_max")]
+    pub line_bytes_max: u64,
+    /// How often paths are listed again and files checked for growth, rotation and
+    /// truncation, in ms. Default: 250.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// How long a last line without its newline stays unfinished before it is sent as it
+    /// is, in ms. Default: 1000.
+    #[serde(default = "default_partial_line_ms")]
+    pub partial_line_ms: u64,
+    /// Most files followed at once by this source; more matches are left out and counted.
+    /// Default: 1024.
+    #[serde(default = "default_files_max")]
+    pub files_max: u64,
+    /// Worker that owns this source. Default: dealt round-robin after pipes and journals.
+    #[serde(default)]
+    pub worker: Option<usize>,
+}
+
+fn default_partial_line_ms() -> u64 {
+    1000
+}
+fn default_files_max() -> u64 {
+    1024
+}
+
+impl FileSource {
+    /// A name for metrics and logs: `file:` and the first path (and how many more).
+    pub fn name(&self) -> String {
+        match self.paths.as_slice() {
+            [] => "file:".into(),
+            [one] => format!("file:{one}"),
+            [first, ..] => format!("file:{first}+{}", self.paths.len() - 1),
+        }
+    }
+
+    /// The service of lines without a key field.
+    pub fn service_name(&self) -> String {
+        self.service.clone().unwrap_or_else(|| match self.paths.first() {
+            Some(p) if !p.contains(['*', '?']) => std::path::Path::new(p)
+                .file_stem()
+                .map_or("file".into(), |s| s.to_string_lossy().into_owned()),
+            _ => "file".into(),
+        })
+    }
+
+    fn check(&self, i: usize, all: &[FileSource], workers: usize, p: &mut Problems) {
+        let at = |k| [K("sources"), K("file"), Seg::Index(i), K(k)];
+        p.check(!self.paths.is_empty(), &at("paths"), || "give at least one path".into());
+        for path in &self.paths {
+            p.check(path.starts_with('/'), &at("paths"), || format!("{path:?} is not absolute"));
+            p.check(!path.contains("**"), &at("paths"), || {
+                format!("{path:?}: `**` is not supported (`*` matches within one component)")
+            });
+        }
+        if let Some(pos) = &self.positions {
+            let shared = all[..i].iter().any(|o| o.positions.as_ref() == Some(pos));
+            p.check(!shared, &at("positions"), || {
+                format!("{} is the positions file of an earlier file source", pos.display())
+            });
+        }
+        p.range(self.line_bytes_max, 64, LINE_BYTES_LIMIT, &at("line_bytes_max"));
+        p.range(self.poll_interval_ms, 10, 60_000, &at("poll_interval_ms"));
+        p.range(self.partial_line_ms, 10, 3_600_000, &at("partial_line_ms"));
+        p.range(self.files_max, 1, 65_536, &at("files_max"));
+        if let Some(w) = self.worker {
+            p.check(w < workers, &at("worker"), || {
+                format!("{w} is not a worker index (workers = {workers})")
+            });
+        }
+        let service = self.service_name();
+        p.check(!service.is_empty() && service.len() <= 255, &at("service"), || {
+            "must be 1 to 255 bytes".into()
+        });
     }
 }
 
@@ -569,6 +681,9 @@ impl Validate for ShipperConfig {
         }
         for (i, socket) in self.sources.socket.iter().enumerate() {
             socket.check(i, &self.sources.socket, s.workers, p);
+        }
+        for (i, file) in self.sources.file.iter().enumerate() {
+            file.check(i, &self.sources.file, s.workers, p);
         }
         self.ratelimit.check(p);
         let b = &self.batch;

@@ -3,6 +3,7 @@
 use super::text::{Distribution, Exposition};
 use crate::sinks::delivery::health::DestinationCounters;
 use crate::sinks::delivery::DeliveryCounters;
+use crate::sources::file::FileCounters;
 use crate::sources::journal::JournalCounters;
 use crate::sources::pipe::SourceCounters;
 use crate::sources::socket::SocketCounters;
@@ -16,6 +17,7 @@ pub struct ShipperCounters {
     pub worker: usize,
     pub sources: Vec<SourceCounters>,
     pub journals: Vec<JournalCounters>,
+    pub files: Vec<FileCounters>,
     pub sockets: Vec<SocketCounters>,
     pub services: Vec<ServiceCounters>,
     pub delivery: DeliveryCounters,
@@ -44,6 +46,7 @@ impl ShipperCounters {
             worker,
             sources: Vec::new(),
             journals: Vec::new(),
+            files: Vec::new(),
             sockets: Vec::new(),
             services: Vec::new(),
             delivery: Default::default(),
@@ -131,6 +134,38 @@ const PER_JOURNAL: &[Series<JournalCounters>] = &[
         "counter",
         "Checkpoint writes that failed.",
         |j| j.checkpoint_write_errors,
+    ),
+];
+
+const PER_FILE: &[Series<FileCounters>] = &[
+    (
+        "shipper_file_lines_partial_total",
+        "counter",
+        "Last lines without a newline sent after partial_line_ms.",
+        |f| f.lines_partial,
+    ),
+    (
+        "shipper_file_rotations_total",
+        "counter",
+        "Files that left their path: renamed or deleted.",
+        |f| f.rotations,
+    ),
+    (
+        "shipper_file_truncations_total",
+        "counter",
+        "Files cut below their position or rewritten: read again from the start.",
+        |f| f.truncations,
+    ),
+    ("shipper_file_files_open", "gauge", "Files followed.", |f| f.files_open),
+    ("shipper_file_files_unfollowed", "gauge", "Matches left out over files_max.", |f| {
+        f.files_unfollowed
+    }),
+    ("shipper_file_lag_bytes", "gauge", "Bytes in the files not read yet.", |f| f.lag_bytes),
+    (
+        "shipper_file_positions_write_errors_total",
+        "counter",
+        "Positions file writes that failed.",
+        |f| f.positions_write_errors,
     ),
 ];
 
@@ -397,6 +432,28 @@ fn per_reason<const N: usize>(
     }
 }
 
+/// Per followed file (at most `files_max` per file source): how far it was read and its
+/// size at the last listing; their difference is the file's lag.
+fn render_followed(workers: &[ShipperCounters], out: &mut Exposition) {
+    let families = [
+        ("shipper_file_position_bytes", "Bytes of a followed file read (its position in it).", 0),
+        ("shipper_file_size_bytes", "Size of a followed file at the last listing.", 1),
+    ];
+    for (name, help, which) in families {
+        out.family(name, "gauge", help);
+        for c in workers {
+            let core = c.worker.to_string();
+            for f in c.files.iter().flat_map(|s| s.followed.iter().map(move |f| (s, f))) {
+                let (s, f) = f;
+                let labels =
+                    [("core", core.as_str()), ("source", s.source.as_str()), ("file", &f.path)];
+                let v = if which == 0 { f.read_bytes } else { f.size_bytes };
+                out.sample(name, &labels, v as f64);
+            }
+        }
+    }
+}
+
 /// `shipper_socket_info`: which core reads which socket, bound where (for the eBPF drop
 /// counters, and for people looking for the port).
 fn render_socket_info(workers: &[ShipperCounters], out: &mut Exposition) {
@@ -440,11 +497,19 @@ pub fn render(workers: &[ShipperCounters], out: &mut Exposition) {
     families(
         out,
         workers,
+        PER_FILE,
+        |c| c.files.iter().map(|f| (f.source.as_str(), f)).collect(),
+        "source",
+    );
+    families(
+        out,
+        workers,
         PER_SOCKET,
         |c| c.sockets.iter().map(|s| (s.source.as_str(), s)).collect(),
         "source",
     );
     render_socket_info(workers, out);
+    render_followed(workers, out);
     families(out, workers, PER_WORKER, |c| vec![("", c)], "");
     families(
         out,

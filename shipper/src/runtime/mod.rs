@@ -32,7 +32,7 @@ use crate::metrics::{http, scrape, Registry, PUBLISH_INTERVAL_MS};
 use crate::notify::Notifier;
 use crate::signals;
 use crate::sinks::delivery::connection::Target;
-use worker::start::{JournalHandle, PipeHandle, SocketHandle, WorkerPlan};
+use worker::start::{FileHandle, JournalHandle, PipeHandle, SocketHandle, WorkerPlan};
 
 /// Runs the shipper until SIGTERM/SIGINT; returns once every worker has flushed or given up.
 pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
@@ -48,6 +48,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let kernel = kernel_counters(config.ebpf.enabled)?;
     let pipes = open_pipes(&config)?;
     let journals = open_journals(&config)?;
+    let files = open_files(&config)?;
     // Held for the life of the run: the kernel's drops on these sockets are counted.
     let mut watches = Vec::new();
     let sockets = bind_sockets(&config, &mut watches)?;
@@ -61,7 +62,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let (report_tx, report_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (exit_tx, exit_rx) = mpsc::channel::<Event>();
-    let plans = Plans { pipes, journals, sockets, targets, registry };
+    let plans = Plans { pipes, journals, files, sockets, targets, registry };
     let shared = Shared { reports: report_tx.clone(), stop: stop_rx, exit: exit_tx.clone() };
     let (handles, share_txs) = spawn_workers(&config, plans, &shared)?;
     drop(shared);
@@ -129,6 +130,7 @@ fn serve_metrics(
 struct Plans {
     pipes: Vec<Vec<PipeHandle>>,
     journals: Vec<Vec<JournalHandle>>,
+    files: Vec<Vec<FileHandle>>,
     sockets: Vec<Vec<SocketHandle>>,
     targets: Vec<Arc<Target>>,
     registry: Arc<Registry<ShipperCounters>>,
@@ -153,9 +155,9 @@ fn spawn_workers(
     let cpus = core_affinity::get_core_ids().unwrap_or_default();
     let mut share_txs = Vec::new();
     let mut handles = Vec::new();
-    let Plans { pipes, journals, sockets, targets, registry } = plans;
-    let per_worker = pipes.into_iter().zip(journals).zip(sockets);
-    for (index, ((pipes, journals), sockets)) in per_worker.enumerate() {
+    let Plans { pipes, journals, files, sockets, targets, registry } = plans;
+    let per_worker = pipes.into_iter().zip(journals).zip(files).zip(sockets);
+    for (index, (((pipes, journals), files), sockets)) in per_worker.enumerate() {
         let (share_tx, share_rx) = mpsc::channel();
         share_txs.push(share_tx);
         let pin = config.shipper.pin_workers && !cpus.is_empty();
@@ -164,6 +166,7 @@ fn spawn_workers(
             cpu: pin.then(|| cpus[index % cpus.len()]),
             pipes,
             journals,
+            files,
             sockets,
             config: config.clone(),
             targets: targets.clone(),
@@ -216,9 +219,29 @@ fn open_journals(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<JournalHandle
     Ok(journals)
 }
 
+/// Opens every file source's positions and deals the sources to their workers, after the
+/// pipes and journals.
+fn open_files(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<FileHandle>>> {
+    let workers = config.shipper.workers;
+    let mut files: Vec<Vec<FileHandle>> = (0..workers).map(|_| Vec::new()).collect();
+    let before = config.sources.pipe.len() + config.sources.journal.len();
+    for (i, f) in config.sources.file.iter().enumerate() {
+        let mode = config.shipper.modes().file;
+        let positions = crate::sources::file::positions::Positions::open(
+            f.positions.as_deref(),
+            mode,
+            f.files_max as usize,
+        )
+        .with_context(|| format!("sources.file[{i}].positions"))?;
+        let w = f.worker.unwrap_or((before + i) % workers);
+        files[w].push(FileHandle { config_index: i, positions });
+    }
+    Ok(files)
+}
+
 /// Binds every socket source on the main thread (so a taken port or bad path fails start-up
 /// with its name) and deals the sockets to their workers: udp and tcp to every worker
-/// (SO_REUSEPORT) unless `worker` is set, unix to one worker, round-robin after the journals.
+/// (SO_REUSEPORT) unless `worker` is set, unix to one worker, round-robin after the file sources.
 fn bind_sockets(
     config: &ShipperConfig,
     watches: &mut Vec<crate::ebpf::Watch>,
@@ -226,7 +249,8 @@ fn bind_sockets(
     use crate::config::socket::Transport;
     let workers = config.shipper.workers;
     let mut out: Vec<Vec<SocketHandle>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut dealt = config.sources.pipe.len() + config.sources.journal.len();
+    let src = &config.sources;
+    let mut dealt = src.pipe.len() + src.journal.len() + src.file.len();
     for (i, s) in config.sources.socket.iter().enumerate() {
         let owners: Vec<usize> = match (s.worker, s.transport) {
             (Some(w), _) => vec![w],

@@ -17,6 +17,10 @@ pub struct Line<'a> {
     pub bytes: &'a [u8],
     /// The line was longer than the limit and this is its first `line_bytes_max` bytes.
     pub truncated: bool,
+    /// Bytes of the chunk consumed through this line: up to and including its `\n`, or the
+    /// whole chunk for a line handed out before its end (a truncated prefix, a flush). A source
+    /// with positions adds it to the chunk's offset to know where the next line starts.
+    pub end: usize,
 }
 
 pub struct LineSplitter {
@@ -39,32 +43,41 @@ impl LineSplitter {
 
     /// Splits `chunk` into lines (without their `\n`), calling `emit` for each one completed.
     pub fn split(&mut self, chunk: &[u8], mut emit: impl FnMut(Line<'_>)) {
-        let mut rest = chunk;
-        while let Some(i) = memchr(b'\n', rest) {
-            self.finish(&rest[..i], &mut emit);
-            rest = &rest[i + 1..];
+        let mut start = 0;
+        while let Some(i) = memchr(b'\n', &chunk[start..]) {
+            self.finish(&chunk[start..start + i], start + i + 1, &mut emit);
+            start += i + 1;
         }
-        self.hold(rest, &mut emit);
+        self.hold(&chunk[start..], chunk.len(), &mut emit);
     }
 
-    fn finish(&mut self, piece: &[u8], emit: &mut impl FnMut(Line<'_>)) {
+    /// Hands out the partial line held, if any, as a line of its own (a file whose last line
+    /// never got its newline); `end` is 0: the bytes were consumed by earlier chunks.
+    pub fn flush(&mut self, mut emit: impl FnMut(Line<'_>)) {
+        if !self.carry.is_empty() {
+            emit(Line { bytes: &self.carry, truncated: false, end: 0 });
+            self.carry.clear();
+        }
+    }
+
+    fn finish(&mut self, piece: &[u8], end: usize, emit: &mut impl FnMut(Line<'_>)) {
         if self.discarding {
             self.discarding = false;
             return;
         }
         if self.carry.is_empty() {
             let truncated = piece.len() > self.max;
-            emit(Line { bytes: &piece[..piece.len().min(self.max)], truncated });
+            emit(Line { bytes: &piece[..piece.len().min(self.max)], truncated, end });
             return;
         }
         let room = self.max - self.carry.len();
         let truncated = piece.len() > room;
         self.carry.extend_from_slice(&piece[..piece.len().min(room)]);
-        emit(Line { bytes: &self.carry, truncated });
+        emit(Line { bytes: &self.carry, truncated, end });
         self.carry.clear();
     }
 
-    fn hold(&mut self, tail: &[u8], emit: &mut impl FnMut(Line<'_>)) {
+    fn hold(&mut self, tail: &[u8], end: usize, emit: &mut impl FnMut(Line<'_>)) {
         if self.discarding || tail.is_empty() {
             return;
         }
@@ -74,7 +87,7 @@ impl LineSplitter {
             return;
         }
         self.carry.extend_from_slice(&tail[..room]);
-        emit(Line { bytes: &self.carry, truncated: true });
+        emit(Line { bytes: &self.carry, truncated: true, end });
         self.carry.clear();
         self.discarding = true;
     }
@@ -112,5 +125,19 @@ mod tests {
         // Exactly the limit is not truncated.
         let (lines, _) = run(4, &[b"ab", b"cd\n"]);
         assert_eq!(lines, vec![("abcd".into(), false)]);
+    }
+
+    /// Where each line ends in its chunk, and a held partial line flushed on its own.
+    #[test]
+    fn ends_and_flush() {
+        let mut s = LineSplitter::new(4);
+        let mut ends = Vec::new();
+        s.split(b"ab\ncdefgh\nx", |l| ends.push(l.end));
+        assert_eq!(ends, [3, 10], "a cut line whose newline is in the chunk ends after it");
+        s.split(b"y", |l| ends.push(l.end));
+        let mut flushed = Vec::new();
+        s.flush(|l| flushed.push((l.bytes.to_vec(), l.end)));
+        assert_eq!(flushed, [(b"xy".to_vec(), 0)]);
+        assert_eq!(s.pending(), 0);
     }
 }

@@ -5,8 +5,10 @@
 //! acknowledged.
 //! A source owns its counters; the worker only copies them when it publishes.
 
+pub mod file;
 pub mod journal;
 pub mod lines;
+pub mod persist;
 pub mod pipe;
 pub mod socket;
 

@@ -18,6 +18,9 @@ use crate::metrics::shipper::ShipperCounters;
 use crate::metrics::Registry;
 use crate::runtime::control::{DemandReport, Shares};
 use crate::sinks::delivery::connection::{run_slot, Target};
+use crate::sources::file::positions::Positions;
+use crate::sources::file::source::Files;
+use crate::sources::file::FileCounters;
 use crate::sources::journal::checkpoint::Checkpoint;
 use crate::sources::journal::source::Journal;
 use crate::sources::journal::JournalCounters;
@@ -39,6 +42,12 @@ pub struct JournalHandle {
     pub checkpoint: Checkpoint,
 }
 
+/// A file source and its positions, opened by the main thread, handed to its worker.
+pub struct FileHandle {
+    pub config_index: usize,
+    pub positions: Positions,
+}
+
 /// A socket bound by the main thread, handed to its worker.
 pub struct SocketHandle {
     pub config_index: usize,
@@ -51,6 +60,7 @@ pub struct WorkerPlan {
     pub cpu: Option<core_affinity::CoreId>,
     pub pipes: Vec<PipeHandle>,
     pub journals: Vec<JournalHandle>,
+    pub files: Vec<FileHandle>,
     pub sockets: Vec<SocketHandle>,
     pub config: Arc<ShipperConfig>,
     pub targets: Vec<Arc<Target>>,
@@ -78,6 +88,9 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     }
     for handle in plan.journals {
         start_journal(&worker, handle, &plan.config, &plan.stop);
+    }
+    for handle in plan.files {
+        start_file(&worker, handle, &plan.config, &plan.stop);
     }
     if let Some(q) = worker.borrow().quarantine.clone() {
         tokio_uring::spawn(crate::sinks::quarantine::write_loop(q));
@@ -159,6 +172,33 @@ fn start_journal(
     let r = worker.borrow_mut().add_source(Decode::Given, None, marks, counters, publish);
     let journal = Journal { intake: worker.clone(), id: r.id, checkpoint, counters: r.counters };
     tokio_uring::spawn(crate::sources::journal::source::run(journal, cfg, stop.clone()));
+}
+
+/// Registers a file source with the worker (durable: its positions take the marks) and
+/// spawns its reading task.
+fn start_file(
+    worker: &Rc<RefCell<Worker>>,
+    handle: FileHandle,
+    config: &ShipperConfig,
+    stop: &watch::Receiver<bool>,
+) {
+    let cfg = Rc::new(config.sources.file[handle.config_index].clone());
+    let positions = Rc::new(RefCell::new(handle.positions));
+    let name = cfg.name();
+    let lines = SourceCounters { source: name.clone(), ..Default::default() };
+    let counters = FileCounters { source: name, lines, ..Default::default() };
+    let errors = positions.clone();
+    let publish = move |out: &mut ShipperCounters, c: &FileCounters| {
+        let positions_write_errors = errors.borrow().write_errors();
+        out.sources.push(c.lines.clone());
+        out.files.push(FileCounters { positions_write_errors, ..c.clone() });
+    };
+    let marks = Some(positions.clone() as Rc<RefCell<dyn crate::sources::Marks>>);
+    let decode = Decode::Line(cfg.format);
+    let service = cfg.service_name();
+    let r = worker.borrow_mut().add_source(decode, Some(&service), marks, counters, publish);
+    let files = Files { intake: worker.clone(), id: r.id, positions, counters: r.counters };
+    tokio_uring::spawn(crate::sources::file::source::run(files, cfg, stop.clone()));
 }
 
 /// Registers a socket source with the worker and spawns its reading task.

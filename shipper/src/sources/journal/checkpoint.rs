@@ -11,23 +11,24 @@
 //! only over the acknowledged prefix of that list, and is written each time it advances.
 //!
 //! The file is not written on the worker's thread (create, write and rename block): the new
-//! cursor goes to one writer thread per process ([`Writer`]), which keeps only the latest
-//! cursor per checkpoint path (so its queue is bounded by the number of journal sources) and
-//! writes them in turn. At shutdown [`Checkpoint::sync`] drops the queued cursor of its path,
-//! waits for a write of that path in progress, and writes and fsyncs the newest one itself.
+//! cursor goes to the process's writer thread (`sources::persist`, shared with the file
+//! source's positions), which keeps only the latest cursor per path. At shutdown
+//! [`Checkpoint::sync`] waits for a write of its path in progress, and writes and fsyncs the
+//! newest cursor itself.
 
-use std::collections::{HashMap, VecDeque};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::Arc;
+
+use crate::sources::persist::{self, Settling};
 
 pub struct Checkpoint {
     path: Option<PathBuf>,
     /// Mode of the checkpoint file (`shipper.file_mode`).
     mode: u32,
-    /// Frames holding this source's entries, in sequence order: (seq, cursor, acknowledged).
-    pending: VecDeque<(u64, String, bool)>,
+    /// Frames holding this source's entries, in sequence order, with their last cursors.
+    pending: Settling<String>,
     /// The cursor last handed to the writer.
     pub cursor: Option<String>,
     /// Writes that failed (the checkpoint lags; data is not lost, it may repeat on restart).
@@ -49,7 +50,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             path: path.map(Path::to_path_buf),
             mode,
-            pending: VecDeque::new(),
+            pending: Settling::default(),
             cursor,
             errors: Arc::new(AtomicU64::new(0)),
         })
@@ -57,21 +58,16 @@ impl Checkpoint {
 
     /// Frame `seq` holds entries up to `cursor`.
     pub fn sealed(&mut self, seq: u64, cursor: String) {
-        debug_assert!(self.pending.back().is_none_or(|b| b.0 < seq), "frames register in order");
-        self.pending.push_back((seq, cursor, false));
+        self.pending.sealed(seq, cursor);
     }
 
     /// Frame `seq` was acknowledged; advances and writes the checkpoint if it can.
     pub fn acked(&mut self, seq: u64) {
-        let Some(slot) = self.pending.iter_mut().find(|p| p.0 == seq) else { return };
-        slot.2 = true;
         let mut advanced = None;
-        while self.pending.front().is_some_and(|p| p.2) {
-            advanced = self.pending.pop_front().map(|p| p.1);
-        }
+        self.pending.settled(seq, |c| advanced = Some(c));
         if let Some(c) = advanced {
             if let Some(path) = &self.path {
-                writer().submit(path, &c, self.mode, &self.errors);
+                persist::submit(path, format!("{c}\n").into_bytes(), self.mode, &self.errors);
             }
             self.cursor = Some(c);
         }
@@ -91,8 +87,8 @@ impl Checkpoint {
     pub fn sync(&self) -> io::Result<()> {
         match (&self.path, &self.cursor) {
             (Some(path), Some(c)) => {
-                writer().settle(path);
-                write(path, c, self.mode, true)
+                persist::settle(path);
+                persist::write(path, format!("{c}\n").as_bytes(), self.mode, true)
             }
             _ => Ok(()),
         }
@@ -110,93 +106,6 @@ impl crate::sources::Marks for Checkpoint {
 
     fn sync(&self) -> io::Result<()> {
         Checkpoint::sync(self)
-    }
-}
-
-/// Writes `cursor` to `path` through `PATH.tmp` (created with `mode`) and a rename (fsynced
-/// when `sync`).
-fn write(path: &Path, cursor: &str, mode: u32, sync: bool) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(cursor.as_bytes())?;
-    f.write_all(b"\n")?;
-    if sync {
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
-/// The checkpoint writer thread's state: the newest cursor per path not written yet, and the
-/// path being written.
-#[derive(Default)]
-struct Queue {
-    latest: HashMap<PathBuf, (String, u32, Arc<AtomicU64>)>,
-    writing: Option<PathBuf>,
-}
-
-/// Writes checkpoints for every worker, off their threads.
-struct Writer {
-    queue: Mutex<Queue>,
-    changed: Condvar,
-}
-
-/// The process's checkpoint writer, started on first use.
-fn writer() -> &'static Writer {
-    static WRITER: OnceLock<&'static Writer> = OnceLock::new();
-    WRITER.get_or_init(|| {
-        let w: &'static Writer =
-            Box::leak(Box::new(Writer { queue: Mutex::default(), changed: Condvar::new() }));
-        std::thread::Builder::new()
-            .name("checkpoints".into())
-            .spawn(move || w.run())
-            .expect("cannot start the checkpoint writer thread");
-        w
-    })
-}
-
-impl Writer {
-    /// Queues `cursor` for `path`, replacing an older one not written yet.
-    fn submit(&self, path: &Path, cursor: &str, mode: u32, errors: &Arc<AtomicU64>) {
-        let mut q = self.queue.lock().expect("checkpoint queue poisoned");
-        q.latest.insert(path.to_path_buf(), (cursor.to_string(), mode, errors.clone()));
-        self.changed.notify_all();
-    }
-
-    /// Drops the cursor queued for `path` and waits for a write of it in progress.
-    fn settle(&self, path: &Path) {
-        let mut q = self.queue.lock().expect("checkpoint queue poisoned");
-        q.latest.remove(path);
-        while q.writing.as_deref() == Some(path) {
-            q = self.changed.wait(q).expect("checkpoint queue poisoned");
-        }
-    }
-
-    fn run(&self) {
-        let mut q = self.queue.lock().expect("checkpoint queue poisoned");
-        loop {
-            let Some(path) = q.latest.keys().next().cloned() else {
-                q = self.changed.wait(q).expect("checkpoint queue poisoned");
-                continue;
-            };
-            let (cursor, mode, errors) = q.latest.remove(&path).expect("listed above");
-            q.writing = Some(path.clone());
-            drop(q);
-            if let Err(e) = write(&path, &cursor, mode, false) {
-                let n = errors.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::error!(path = %path.display(), "journal checkpoint not written: {e} (failures so far: {n})");
-                }
-            }
-            q = self.queue.lock().expect("checkpoint queue poisoned");
-            q.writing = None;
-            self.changed.notify_all();
-        }
     }
 }
 
