@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod ebpf;
 pub mod fault;
+pub mod glob;
 pub mod metrics;
 pub mod notify;
 pub mod os;

@@ -161,7 +161,8 @@ impl Select {
         if let Some(&taken) = self.cache.get(key) {
             return taken;
         }
-        let matches = |globs: &[String]| globs.iter().any(|g| glob(g.as_bytes(), key));
+        let matches =
+            |globs: &[String]| globs.iter().any(|g| crate::glob::matches(g.as_bytes(), key));
         let taken = (self.streams.is_empty() || matches(&self.streams)) && !matches(&self.exclude);
         if self.cache.len() >= SELECT_CACHED_KEYS_MAX {
             self.cache.clear();
@@ -169,35 +170,6 @@ impl Select {
         self.cache.insert(key.to_vec(), taken);
         taken
     }
-}
-
-/// Whether `name` matches `pattern`: `*` any run of bytes (none included), `?` any one byte,
-/// every other byte itself. Linear backtracking to the last `*`: O(pattern × name).
-pub fn glob(pattern: &[u8], name: &[u8]) -> bool {
-    let (mut p, mut n) = (0, 0);
-    // Where the last `*` was, and the name position it matches up to now.
-    let mut star: Option<(usize, usize)> = None;
-    while n < name.len() {
-        match pattern.get(p) {
-            Some(b'*') => {
-                star = Some((p, n));
-                p += 1;
-            }
-            Some(&c) if c == b'?' || c == name[n] => {
-                p += 1;
-                n += 1;
-            }
-            _ => match star {
-                Some((sp, sn)) => {
-                    star = Some((sp, sn + 1));
-                    p = sp + 1;
-                    n = sn + 1;
-                }
-                None => return false,
-            },
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 /// One kind of output: how it recovers after any stop, and how a shard opens it.
@@ -225,22 +197,6 @@ pub fn open(config: &ReceiverConfig, gen: u64, shard: usize) -> Vec<Box<dyn Outp
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs_match_as_documented() {
-        let yes = |p: &str, n: &str| glob(p.as_bytes(), n.as_bytes());
-        assert!(yes("nginx_*", "nginx_access"));
-        assert!(yes("nginx_*", "nginx_"));
-        assert!(!yes("nginx_*", "nginx"));
-        assert!(yes("*", ""));
-        assert!(yes("a?c", "abc"));
-        assert!(!yes("a?c", "ac"));
-        assert!(yes("*_access*log", "nginx_access_error_log"));
-        assert!(!yes("*_access*log", "nginx_access_error_lo"));
-        assert!(yes("exact", "exact"));
-        assert!(!yes("exact", "exact2"));
-        assert!(yes("**a", "ba"));
-    }
 
     #[test]
     fn select_takes_streams_less_the_excluded() {

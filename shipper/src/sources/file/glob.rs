@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::glob::matches;
+
 /// Paths matching the absolute `pattern`, sorted, at most `max` of them, into `out`; returns
 /// how many more matched (or could not be listed for the limit).
 pub fn expand(pattern: &str, max: usize, out: &mut Vec<PathBuf>) -> usize {
@@ -58,47 +60,9 @@ fn list(dir: &Path, part: &[u8], max: usize, out: &mut Vec<PathBuf>) -> usize {
     over
 }
 
-/// Whether `name` matches `pat` (`*` any run of bytes, `?` one byte), without recursion:
-/// on a mismatch, the last `*` takes one more byte.
-pub fn matches(pat: &[u8], name: &[u8]) -> bool {
-    let (mut p, mut n) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while n < name.len() {
-        match pat.get(p) {
-            Some(b'*') => {
-                star = Some((p, n));
-                p += 1;
-            }
-            Some(&c) if c == b'?' || c == name[n] => {
-                p += 1;
-                n += 1;
-            }
-            _ => match star {
-                Some((sp, sn)) => {
-                    p = sp + 1;
-                    n = sn + 1;
-                    star = Some((sp, sn + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    pat[p..].iter().all(|&c| c == b'*')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wildcards_within_a_component() {
-        assert!(matches(b"*.log", b"app.log"));
-        assert!(matches(b"app.log*", b"app.log"));
-        assert!(matches(b"app.log*", b"app.log.1"));
-        assert!(matches(b"a?c*d", b"abcxxd"));
-        assert!(!matches(b"*.log", b"app.log.1"));
-        assert!(!matches(b"a?c", b"ac"));
-    }
 
     #[test]
     fn expands_sorted_and_bounded() {
