@@ -41,8 +41,10 @@ impl VethNamespace {
     pub const HOST_IP: &'static str = "10.231.0.1";
     pub const PEER_IP: &'static str = "10.231.0.2";
 
-    /// Creates the namespace, the veth pair and their addresses.
+    /// Creates the namespace, the veth pair and their addresses, first removing what a killed
+    /// run left (it holds the same addresses, and the host would route to it).
     pub fn create() -> VethNamespace {
+        remove_stale();
         let id = std::process::id() % 100_000;
         let n = VethNamespace {
             name: format!("shipper-test-{id}"),
@@ -66,6 +68,20 @@ impl VethNamespace {
         let mut all = vec!["ip", "netns", "exec", &self.name];
         all.extend_from_slice(args);
         sh(&all);
+    }
+}
+
+/// Deletes the `shipper-test-PID` namespaces, and their host-side links, whose process is gone.
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else { continue };
+        let Some(pid) = name.strip_prefix("shipper-test-") else { continue };
+        if pid.parse::<u32>().is_err() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = Command::new("ip").args(["link", "del", &format!("shp{pid}h")]).status();
     }
 }
 
