@@ -6,8 +6,9 @@
 //! - Outside systemd (`NOTIFY_SOCKET` unset) everything here is a no-op. A message that cannot
 //!   be sent is logged once and never ends the process.
 //! - The watchdog is pinged from the workers' progress, not from a timer alone: a thread wakes
-//!   every half `WATCHDOG_USEC` and pings only if every worker published its counters since
-//!   the last wake (they do every 250 ms from their ticker). A worker stuck in a loop or a
+//!   every half `WATCHDOG_USEC` and pings only if every worker published its counters within
+//!   the last `WATCHDOG_USEC` (they do every 250 ms from their ticker; the window is at least
+//!   two of those). A worker stuck in a loop or a
 //!   blocking call stops the pings, and systemd restarts the service.
 //!
 //! # Format
@@ -62,7 +63,7 @@ impl Notifier {
     }
 
     /// Starts the watchdog thread: every half `interval` it calls `progress`, and pings only
-    /// when it says every worker moved since the last call.
+    /// when it says every worker moved lately.
     pub fn watch(&self, interval: Duration, mut progress: impl FnMut() -> bool + Send + 'static) {
         let notifier = self.clone();
         let spawned = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
@@ -77,7 +78,7 @@ impl Notifier {
                     notifier.send("WATCHDOG=1");
                 } else if !stalled {
                     stalled = true;
-                    tracing::error!("a worker made no progress for {} ms: the watchdog is not pinged (the service manager restarts us)", interval.as_millis() / 2);
+                    tracing::error!("a worker made no progress for {} ms: the watchdog is not pinged (the service manager restarts us)", interval.as_millis());
                 }
             }
         });

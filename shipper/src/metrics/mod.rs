@@ -44,21 +44,32 @@ impl<T: Clone + Send> Registry<T> {
         self.publishes[core].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A check for the watchdog: true when every slot was published since the last call.
-    pub fn progress(self: &Arc<Self>) -> impl FnMut() -> bool + Send + 'static
+    /// A check for the watchdog: true when every slot was published within the last `window`
+    /// (at least a publish interval: a check more frequent than the publishes must not see a
+    /// healthy worker as stuck).
+    pub fn progress(
+        self: &Arc<Self>,
+        window: std::time::Duration,
+    ) -> impl FnMut() -> bool + Send + 'static
     where
         T: 'static,
     {
         let registry = self.clone();
+        let window = window.max(std::time::Duration::from_millis(2 * PUBLISH_INTERVAL_MS));
         let count = move || -> Vec<u64> {
             registry.publishes.iter().map(|p| p.load(Ordering::Relaxed)).collect()
         };
-        let mut last = count();
+        let start = std::time::Instant::now();
+        let mut seen: Vec<(u64, std::time::Instant)> =
+            count().into_iter().map(|c| (c, start)).collect();
         move || {
-            let now = count();
-            let moved = now.iter().zip(&last).all(|(n, l)| n > l);
-            last = now;
-            moved
+            let now = std::time::Instant::now();
+            for (slot, c) in seen.iter_mut().zip(count()) {
+                if c != slot.0 {
+                    *slot = (c, now);
+                }
+            }
+            seen.iter().all(|&(_, at)| now.duration_since(at) <= window)
         }
     }
 

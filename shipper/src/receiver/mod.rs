@@ -85,7 +85,7 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let notifier = Notifier::from_env();
     notifier.send("READY=1");
     if let Some(interval) = Notifier::watchdog_interval() {
-        notifier.watch(interval, watched.progress());
+        notifier.watch(interval, watched.progress(interval));
     }
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "receiver stopping");

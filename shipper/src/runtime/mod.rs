@@ -90,7 +90,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let notifier = Notifier::from_env();
     notifier.send("READY=1");
     if let Some(interval) = Notifier::watchdog_interval() {
-        notifier.watch(interval, watched.progress());
+        notifier.watch(interval, watched.progress(interval));
     }
     let failed = supervise(exit_rx, &stop_tx, workers, &notifier);
     for h in handles {
