@@ -316,7 +316,7 @@ fn a_hung_clickhouse_is_timed_out_and_its_frames_resent() {
     wait_for("inserts timed out", Duration::from_secs(30), || errors() >= 2.0);
     assert_eq!(metric_at(sm, "shipper_records_acked_total", &[]), 0.0);
     let log = std::fs::read_to_string(&receiver.log).unwrap();
-    assert!(log.contains(" now: ch: answer over timeout_ms (from "), "{log}");
+    assert!(log.contains(" now: ch: answer over timeout_ms; not acknowledged"), "{log}");
     stop.store(true, Ordering::SeqCst);
     assert!(hung.join().unwrap() >= 2, "the receiver connected to the hung server");
     let ch = match ClickHouse::start(&env.path("clickhouse"), http) {

@@ -92,8 +92,10 @@ pub struct ReceiverCounters {
     pub outputs: Vec<OutputCounters>,
     /// Records of frames a shipper sent here as its dead-letter destination.
     pub records_dead_letter: u64,
-    /// Time to write (and fsync) one frame, µs.
+    /// Time to write, sync and commit one group of frames, µs.
     pub write_us: Distribution,
+    /// Frames written per group commit.
+    pub group_frames: Distribution,
     pub frame_records: Distribution,
 }
 
@@ -117,8 +119,18 @@ impl ReceiverCounters {
             outputs: Vec::new(),
             records_dead_letter: 0,
             write_us: Distribution::new(3_600_000_000),
+            group_frames: Distribution::new(1_000_000),
             frame_records: Distribution::new(10_000_000),
         }
+    }
+
+    /// Takes the figures a shard's connections count (its writer counts the rest).
+    pub fn add_connection_figures(&mut self, from: &ReceiverCounters) {
+        self.connections_open = from.connections_open;
+        self.connections_refused = from.connections_refused;
+        self.frames_received = from.frames_received;
+        self.frames_waited = from.frames_waited;
+        self.frames_acked = from.frames_acked;
     }
 }
 
@@ -248,7 +260,7 @@ fn render_outputs(shards: &[ReceiverCounters], out: &mut Exposition) {
         ),
         (
             "shipper_receiver_output_sync_latency_seconds",
-            "Time of an output's sync (durability) of one frame.",
+            "Time of an output's sync (durability) of one group of frames.",
             |o| &o.sync_us,
         ),
     ] {
@@ -437,9 +449,14 @@ fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
 /// Time to write a frame, and records per frame.
 fn render_summaries(shards: &[ReceiverCounters], out: &mut Exposition) {
     let name = "shipper_receiver_write_latency_seconds";
-    out.family(name, "summary", "Time to write and commit one frame.");
+    out.family(name, "summary", "Time to write, sync and commit one group of frames.");
     for c in shards {
         out.summary(name, &[("core", &c.shard)], &c.write_us, 1e-6);
+    }
+    let name = "shipper_receiver_group_frames";
+    out.family(name, "summary", "Frames made durable by one group commit.");
+    for c in shards {
+        out.summary(name, &[("core", &c.shard)], &c.group_frames, 1.0);
     }
     let name = "shipper_receiver_frame_records";
     out.family(name, "summary", "Records per DATA frame.");

@@ -51,6 +51,8 @@ use super::output::Mark;
 
 /// A shard's log larger than this is compacted.
 pub const LOG_BYTES_MAX: u64 = 64 << 20;
+/// Capacity of the staging buffer kept between groups.
+const STAGED_KEEP_BYTES_MAX: usize = 1 << 20;
 
 const COMMIT: u8 = 1;
 const WINDOW: u8 = 2;
@@ -311,7 +313,8 @@ pub struct CommitLog {
     file: File,
     bytes: u64,
     fsync: bool,
-    scratch: Vec<u8>,
+    /// Commit records not yet appended ([`CommitLog::stage`]).
+    staged: Vec<u8>,
 }
 
 impl CommitLog {
@@ -325,24 +328,56 @@ impl CommitLog {
         let file = modes.create_file().append(true).open(&path)?;
         let bytes = file.metadata()?.len();
         let out = out.to_path_buf();
-        Ok(CommitLog { out, shard, modes, file, bytes, fsync, scratch: Vec::new() })
+        Ok(CommitLog { out, shard, modes, file, bytes, fsync, staged: Vec::new() })
     }
 
-    /// Appends the commit of frame `seq` of `id`, with the `marks` its outputs gave.
-    pub fn commit(&mut self, id: StreamId, seq: u64, marks: &[Mark]) -> io::Result<()> {
+    /// Stages the commit of frame `seq` of `id`, with the `marks` its outputs gave: it is
+    /// appended by the next [`CommitLog::flush`].
+    pub fn stage(&mut self, id: StreamId, seq: u64, marks: &[Mark]) {
         let mut e = Enc(Vec::with_capacity(32 + marks.len() * 48));
         e.u64(id.0).u16(id.1).u64(seq).u16(marks.len() as u16);
         for (path, end) in marks {
             e.path(path).u64(*end);
         }
-        self.scratch.clear();
-        record(COMMIT, &e.0, &mut self.scratch);
-        self.file.write_all(&self.scratch)?;
-        self.bytes += self.scratch.len() as u64;
-        if self.fsync {
-            self.file.sync_data()?;
+        record(COMMIT, &e.0, &mut self.staged);
+    }
+
+    /// Forgets the commits staged since the last flush (their frames were taken back).
+    pub fn unstage(&mut self) {
+        self.staged.clear();
+    }
+
+    /// Appends every staged commit, and fdatasyncs the log when `fsync` is on: one write and
+    /// one sync for a whole group of frames. A failed append is cut off the log again (and
+    /// that made durable), so that the group can be taken back from the outputs and a torn
+    /// record never hides the commits appended after it; a log that cannot be cut back is not
+    /// gone on with (a panic: the process restarts and recovery repairs the log).
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.staged.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let result = self.file.write_all(&self.staged);
+        let result = result.and_then(|()| if self.fsync { self.file.sync_data() } else { Ok(()) });
+        match result {
+            Ok(()) => self.bytes += self.staged.len() as u64,
+            Err(_) => {
+                if let Err(e) = self.file.set_len(self.bytes).and_then(|()| self.file.sync_data()) {
+                    let path = log_path(&self.out, self.shard);
+                    panic!("cannot cut {} back to {} bytes after a failed append: {e}; refusing to go on with a torn commit log", path.display(), self.bytes);
+                }
+            }
+        }
+        self.staged.clear();
+        if self.staged.capacity() > STAGED_KEEP_BYTES_MAX {
+            self.staged = Vec::new();
+        }
+        result
+    }
+
+    /// Stages and appends the commit of one frame.
+    pub fn commit(&mut self, id: StreamId, seq: u64, marks: &[Mark]) -> io::Result<()> {
+        self.stage(id, seq, marks);
+        self.flush()
     }
 
     pub fn needs_compaction(&self) -> bool {

@@ -4,9 +4,11 @@
 //! committed.
 //!
 //! # Design constraints
-//! - `receiver.workers` shards ([`shard`]), one thread each, own the sender streams hashed to
-//!   them ([`server::owner`]), their outputs ([`output`]) and their commit log ([`commit`]);
-//!   the acceptor thread ([`server`]) only handshakes and hands off.
+//! - `receiver.workers` shards own the sender streams hashed to them ([`server::owner`]);
+//!   each is two threads: one serving its connections on io_uring ([`shard`]), one writing
+//!   their frames, a group at a time, to the shard's outputs ([`output`]) and commit log
+//!   ([`commit`]) ([`writer`]). The acceptor thread ([`server`]) only handshakes and hands
+//!   off.
 //! - Descriptors: the soft open-file limit is raised to the hard one at start, and
 //!   `connections_max` lowered (one warning) to what that limit leaves after what the receiver
 //!   itself may hold ([`descriptors_reserved`]: per shard the open stream files of every files
@@ -35,6 +37,7 @@ pub mod dedup;
 pub mod output;
 pub mod server;
 pub mod shard;
+pub mod writer;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -171,11 +174,17 @@ fn start_shard(
     let outputs = output::open(&config, gen, index);
     let (dir, fsync) = (config.state_directory(), config.state_fsync());
     let commits = commit::CommitLog::create(dir, index, fsync, config.state_modes())?;
+    let writer = writer::Writer::new(index, outputs, commits, windows, config.clone());
+    let (jobs, queue) = std::sync::mpsc::channel();
+    let written = writer.figures();
+    std::thread::Builder::new()
+        .name(format!("receiver-{index}-writer"))
+        .spawn(move || writer.run(queue))?;
     std::thread::Builder::new().name(format!("receiver-{index}")).spawn(move || {
         if let Some(cpu) = cpu {
             core_affinity::set_for_current(cpu);
         }
-        let shard = shard::Shard::new(index, outputs, commits, windows, config);
+        let shard = shard::Shard::new(index, config, jobs, written);
         tokio_uring::start(async move {
             if index == 0 && crate::fault::injected(crate::fault::Fault::PanicWorkerTask) {
                 tokio_uring::spawn(crate::fault::panic_worker_task("receiver worker"));

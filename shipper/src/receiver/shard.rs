@@ -1,273 +1,94 @@
-//! A receiver shard: one thread owning the sender streams (run, core) that [`super::owner`]
-//! routes to it, with their de-duplication windows, its outputs and its commit log; it serves
-//! the connections of those streams and takes their frames to the outputs.
+//! A receiver shard's connections: one io_uring thread serving the sender streams (run,
+//! core) that [`super::server::owner`] routes to it. It reads their frames, hands DATA frames
+//! to the shard's writer thread ([`super::writer`]) and answers each once the writer says
+//! what became of it; it never blocks on an output.
 //!
 //! # Design constraints
-//! - One frame at a time per shard: its check, write, sync, commit and dedup-mark happen
-//!   without an `.await` between them, so no other task of the thread interleaves (a
-//!   duplicate could slip in).
-//! - Memory: per shard, for the one frame it handles at a time, a copy of the payload (at
-//!   most `frame_bytes_max`), the decompressed payload and what its outputs build from the
-//!   records, for each output (a files output: its records grouped by stream, at most
-//!   `frame_raw_bytes_max`; a ClickHouse output: the insert's body, the records as JSON
-//!   strings, at most 6 times `frame_raw_bytes_max` when every byte is a control byte, about
-//!   `frame_raw_bytes_max` + 30 bytes per record for text). Between frames a shard keeps at
-//!   most 4 MiB of decompression buffer ([`SCRATCH_KEEP_BYTES_MAX`]), and each output 4 MiB.
+//! - Two tasks per connection on the shard's thread: the reader (frames in, jobs to the
+//!   writer) and the answerer (ACK, REJECT, ERROR and heartbeat echoes out, batched into one
+//!   send per wake), so a connection keeps reading while its frames are written, and
+//!   heartbeats are echoed while a group is being made durable.
+//! - Per connection at most [`CONNECTION_FRAMES_PENDING_MAX`] frames queued to the writer
+//!   and not yet answered; past that the connection is not read (TCP pushes back on the
+//!   peer). Every queued frame's payload holds room in the receiver's frame budget
+//!   ([`super::budget`]) until it is answered.
+//! - Memory per connection: the decoder's buffer (at most one frame plus one read) and the
+//!   replies of one wake.
 //!
-//! # Operation (per connection, on its shard)
+//! # Operation (per connection)
 //! Read frames (each within `idle_timeout_ms`; a frame over 64 KiB only with room reserved for
-//! its payload, else ERROR `busy` after `frames_in_progress_wait_ms`, the reservation given
-//! back once the frame is handled); for a DATA frame: check flags and sizes,
-//! decompress into a buffer of exactly the declared size, validate every record, then either
-//! (already written) count a duplicate, or write it to every output (each takes the records
-//! it selects), have each that took any make them durable, commit and mark it
-//! ([`super::output`] has the contract); then ACK. HEARTBEATs are echoed. A DATA
-//! frame that can never be written (invalid records or zstd, over `frame_raw_bytes_max`, a
-//! name the output refuses for good) is answered with REJECT and the connection goes on: the
-//! shipper gives that frame another fate. A stream that is not valid frames (bad magic,
-//! checksum, size) gets an ERROR naming the problem and is closed; so does a write that fails
-//! for now in any output (disk full, I/O error, ClickHouse down): ERROR "cannot write now"
-//! naming the output, no ACK, and the shipper backs off and resends. Each output's records,
-//! bytes, errors, latencies and state are counted apart (label `output`).
+//! its payload, else ERROR `busy` after `frames_in_progress_wait_ms`; a smaller one reserves
+//! its room once read, waiting the same way). A DATA frame goes to the writer, which checks,
+//! writes and commits it with the others of its group; then ACK, or REJECT for a frame that
+//! can never be written (the connection goes on: the shipper gives it another fate), or ERROR
+//! "cannot write now" naming the output, after which the connection is closed without ACK and
+//! the shipper backs off and resends. HEARTBEATs are echoed. A stream that is not valid
+//! frames (bad magic, checksum, size, an unexpected kind) gets an ERROR naming the problem
+//! and is closed. Each output's records, bytes, errors, latencies and state are counted apart
+//! by the writer (label `output`).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use super::budget::{FrameBudget, Reservation, FRAME_PAYLOAD_UNRESERVED_BYTES};
-use super::commit::CommitLog;
-use super::dedup::{StreamId, Window};
-use super::output::{Output, Records, WriteError, Written};
-use super::server::{owner, HandOff};
+use super::dedup::StreamId;
+use super::server::HandOff;
+use super::writer::{Job, Verdict};
 use crate::config::ReceiverConfig;
-use crate::metrics::receiver::{OutputCounters, ReceiverCounters, Refusal};
+use crate::metrics::receiver::{ReceiverCounters, Refusal};
 use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
-use crate::protocol::frame::{FLAG_DEAD_LETTER, FLAG_ZSTD};
-use crate::protocol::{Frame, FrameDecoder, Kind, RecordIter};
+use crate::protocol::{Frame, FrameDecoder, Kind};
 use crate::tls::stream::{TlsStream, READ_BYTES};
 
-/// Capacity of the decompression buffer a shard keeps between frames.
-const SCRATCH_KEEP_BYTES_MAX: usize = 4 << 20;
+/// DATA frames a connection may have queued to the writer and not yet answered.
+pub const CONNECTION_FRAMES_PENDING_MAX: usize = 64;
 
-/// A receiver shard's state, owned by its thread.
+/// A receiver shard's connection side, owned by its thread.
 pub struct Shard {
-    /// Which shard: `0..receiver.workers`, what [`owner`] returns.
+    /// Which shard: `0..receiver.workers`, what [`super::server::owner`] returns.
     pub index: usize,
-    /// Where frames' records go ([`super::output::open`]), in the order they are written.
-    pub outputs: Vec<Box<dyn Output>>,
-    /// What each output of `outputs` took of the frame being written.
-    taken: Vec<Written>,
-    pub commits: CommitLog,
-    pub windows: HashMap<StreamId, Window>,
+    /// Its connections' figures; the writer's are in `written`.
     pub counters: ReceiverCounters,
     pub config: Arc<ReceiverConfig>,
-    scratch: Vec<u8>,
+    /// The shard's writer thread's queue.
+    jobs: std::sync::mpsc::Sender<Job>,
+    /// The writer's figures ([`super::writer::Writer::figures`]).
+    written: Arc<Mutex<ReceiverCounters>>,
 }
 
 impl Shard {
     pub fn new(
         index: usize,
-        outputs: Vec<Box<dyn Output>>,
-        commits: CommitLog,
-        windows: HashMap<StreamId, Window>,
         config: Arc<ReceiverConfig>,
+        jobs: std::sync::mpsc::Sender<Job>,
+        written: Arc<Mutex<ReceiverCounters>>,
     ) -> Shard {
-        let mut counters = ReceiverCounters::new(index.to_string());
-        counters.outputs = outputs.iter().map(|o| OutputCounters::new(o.name().into())).collect();
-        let taken = vec![Written::default(); outputs.len()];
-        Shard { index, outputs, taken, commits, windows, counters, config, scratch: Vec::new() }
+        let counters = ReceiverCounters::new(index.to_string());
+        Shard { index, counters, config, jobs, written }
     }
 
-    /// Handles one DATA frame; `Ok(())` means it may be acknowledged.
-    pub fn data(&mut self, id: StreamId, f: &Frame) -> Result<(), FrameFault> {
-        self.counters.frames_received += 1;
-        if self.windows.get(&id).is_some_and(|w| w.contains(f.header.seq)) {
-            self.counters.frames_duplicate += 1;
-            return Ok(());
-        }
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let result = self.decode_and_write(id, f, &mut scratch);
-        // Kept for the next frame, but not a large frame's worth of it.
-        if scratch.capacity() <= SCRATCH_KEEP_BYTES_MAX {
-            self.scratch = scratch;
-        }
-        result
-    }
-
-    fn decode_and_write(
-        &mut self,
-        id: StreamId,
-        f: &Frame,
-        scratch: &mut Vec<u8>,
-    ) -> Result<(), FrameFault> {
-        let h = f.header;
-        let invalid = |what: String| FrameFault::Refused(format!("frame {}: {what}", h.seq));
-        let raw_bytes_max = self.config.receiver.frame_raw_bytes_max;
-        if h.raw_len > raw_bytes_max {
-            return Err(invalid(format!(
-                "{} decompressed bytes is over frame_raw_bytes_max {raw_bytes_max}",
-                h.raw_len
-            )));
-        }
-        let dead_letter = h.flags & FLAG_DEAD_LETTER != 0;
-        let payload: &[u8] = match h.flags & !FLAG_DEAD_LETTER {
-            FLAG_ZSTD => {
-                scratch.clear();
-                scratch.reserve(h.raw_len as usize);
-                zstd::bulk::Decompressor::new()
-                    .and_then(|mut d| d.decompress_to_buffer(&f.payload, scratch))
-                    .map_err(|e| invalid(format!("zstd: {e}")))?;
-                if scratch.len() != h.raw_len as usize {
-                    return Err(invalid(format!(
-                        "decompressed to {} bytes, header says {}",
-                        scratch.len(),
-                        h.raw_len
-                    )));
-                }
-                scratch
-            }
-            0 => &f.payload,
-            other => return Err(invalid(format!("unknown flags {other:#x}"))),
-        };
-        RecordIter::validate(payload, h.count).map_err(|e| invalid(e.to_string()))?;
-        let started = Instant::now();
-        self.write(id, h.seq, &Records { payload, count: h.count, dead_letter })?;
-        self.counters.write_us.record(started.elapsed().as_micros() as u64);
-        self.counters.frame_records.record(h.count.into());
-        Ok(())
-    }
-
-    /// Writes a frame's validated records to every output, makes them durable, and commits
-    /// the frame: then it may be acknowledged.
-    fn write(&mut self, id: StreamId, seq: u64, records: &Records) -> Result<(), FrameFault> {
-        let bytes = self.write_outputs(seq, records)?;
-        if records.dead_letter {
-            self.counters.records_dead_letter += u64::from(records.count);
-        }
-        let mut marks = Vec::new();
-        for output in &self.outputs {
-            output.marks(&mut marks);
-        }
-        // A commit that fails takes nothing back: its record may be in the log all the same,
-        // and cutting what it names would lose the frame. Resent, it is written again.
-        self.commits.commit(id, seq, &marks).map_err(FrameFault::Write)?;
-        let window = self.windows.entry(id).or_default();
-        window.insert(seq);
-        window.written_unix_s = super::commit::unix_s();
-        self.counters.records_written += u64::from(records.count);
-        self.counters.bytes_written += bytes;
-        for ((output, c), taken) in
-            self.outputs.iter().zip(&mut self.counters.outputs).zip(&self.taken)
-        {
-            c.records += taken.records;
-            c.bytes += taken.bytes;
-            output.report(c);
-        }
-        if self.commits.needs_compaction() {
-            self.compact().map_err(FrameFault::Write)?;
-        }
-        Ok(())
-    }
-
-    /// Writes `records` to every output, then has each that took any make them durable; on a
-    /// failure, takes back what the outputs wrote (the failing output counted and marked
-    /// down). Returns the bytes written over all outputs.
-    fn write_outputs(&mut self, seq: u64, records: &Records) -> Result<u64, FrameFault> {
-        let mut bytes = 0;
-        for i in 0..self.outputs.len() {
-            let started = Instant::now();
-            let result = self.outputs[i].write(records);
-            let c = &mut self.counters.outputs[i];
-            match result {
-                Ok(w) => {
-                    if w.records > 0 {
-                        c.write_us.record(started.elapsed().as_micros() as u64);
-                    }
-                    bytes += w.bytes;
-                    self.taken[i] = w;
-                }
-                Err(e) => {
-                    c.errors += 1;
-                    c.up = matches!(e, WriteError::Refused(_));
-                    let name = self.outputs[i].name();
-                    let fault = match e {
-                        WriteError::Refused(_) => FrameFault::Refused(format!("frame {seq}: {e}")),
-                        WriteError::Failed(e) => {
-                            FrameFault::Write(io::Error::new(e.kind(), format!("{name}: {e}")))
-                        }
-                    };
-                    // The failed output took its own part back.
-                    self.outputs[..i].iter_mut().for_each(|o| o.undo());
-                    return Err(fault);
-                }
-            }
-        }
-        for i in 0..self.outputs.len() {
-            if self.taken[i].records == 0 {
-                continue;
-            }
-            let started = Instant::now();
-            let result = self.outputs[i].sync();
-            let c = &mut self.counters.outputs[i];
-            c.sync_us.record(started.elapsed().as_micros() as u64);
-            c.up = result.is_ok();
-            if let Err(e) = result {
-                c.errors += 1;
-                self.outputs.iter_mut().for_each(|o| o.undo());
-                let name = self.outputs[i].name();
-                return Err(FrameFault::Write(io::Error::new(e.kind(), format!("{name}: {e}"))));
-            }
-        }
-        Ok(bytes)
-    }
-
-    /// Compacts the commit log into this shard's windows and its outputs' checkpoints.
-    fn compact(&mut self) -> io::Result<()> {
-        let (index, shards) = (self.index, self.config.receiver.workers);
-        let mine = self.windows.iter().filter(|(id, _)| owner(**id, shards) == index);
-        let mut marks = Vec::new();
-        for output in &self.outputs {
-            output.checkpoint(&mut marks);
-        }
-        self.commits.compact(mine, &marks)
-    }
-
-    /// Books a frame answered with REJECT, and logs it: every one while they are rare, then
-    /// the 2nd, 4th, 8th, ... (a misconfigured shipper could have every frame refused).
-    fn rejected(&mut self, id: StreamId, h: &crate::protocol::Header, reason: &str) {
-        self.counters.frames_rejected += 1;
-        self.counters.records_rejected += u64::from(h.count);
-        let n = self.counters.frames_rejected;
-        if n <= 8 || n.is_power_of_two() {
-            let (seq, records) = (h.seq, h.count);
-            tracing::warn!(
-                sender = format!("{:016x}/{}", id.0, id.1),
-                seq,
-                records,
-                rejected_so_far = n,
-                "frame refused for good (REJECT): {reason}"
-            );
-        }
+    /// The shard's figures: the writer's, with the connections' own.
+    fn figures(&self) -> ReceiverCounters {
+        let mut c = self.written.lock().expect("writer figures poisoned").clone();
+        c.add_connection_figures(&self.counters);
+        c
     }
 }
 
-/// Why a DATA frame was not written.
-#[derive(Debug, thiserror::Error)]
-pub enum FrameFault {
-    /// The frame can never be written: its content is invalid, or the output can never take
-    /// it. Answered with REJECT (the shipper gives it another fate); the connection goes on.
-    #[error("refused for good: {0}")]
-    Refused(String),
-    /// We could not write now (disk full, I/O error): answered with ERROR and the connection
-    /// closed without ACK; the shipper backs off and resends.
-    #[error("cannot write now: {0}")]
-    Write(io::Error),
+/// What a connection's answerer sends.
+enum Reply {
+    /// What became of DATA frame `seq`.
+    Data { seq: u64, verdict: Verdict },
+    /// Echo of a heartbeat.
+    Heartbeat(u64),
+    /// ERROR with this message, then the connection is shut down.
+    Refuse(String),
 }
 
 /// Serves the connections handed to `shard` until the process exits.
@@ -283,7 +104,7 @@ pub async fn serve(
         loop {
             tokio::time::sleep(Duration::from_millis(PUBLISH_INTERVAL_MS)).await;
             let s = s.borrow();
-            r.publish(s.index, s.counters.clone());
+            r.publish(s.index, s.figures());
         }
     });
     while let Some(h) = inbox.recv().await {
@@ -303,155 +124,203 @@ pub async fn serve(
     }
 }
 
+/// Serves one connection: its reader and its answerer, until both are done.
 async fn connection(
     shard: &Rc<RefCell<Shard>>,
     h: HandOff,
     budget: &FrameBudget,
 ) -> io::Result<()> {
     let stream = TlsStream::from_parts(h.tcp, h.tls);
-    let id = h.id;
-    let (frame_bytes_max, idle_timeout) = {
-        let r = &shard.borrow().config.receiver;
-        (r.frame_bytes_max, Duration::from_millis(r.idle_timeout_ms))
-    };
-    let mut dec = FrameDecoder::new(frame_bytes_max);
-    dec.push(&h.pending);
-    let mut buf = Vec::with_capacity(READ_BYTES);
-    let mut plain = Vec::new();
-    let mut replies = Vec::new();
-    let mut open = true;
-    // Frames taken out of the decoder so far; the room reserved for the frame being read, and
-    // how many had been taken out when it was reserved.
-    let mut decoded = 0u64;
-    let mut room: Option<(Reservation, u64)> = None;
-    loop {
+    let (replies, answers) = mpsc::unbounded_channel();
+    let pending = Semaphore::new(CONNECTION_FRAMES_PENDING_MAX);
+    let peer_closed = Cell::new(false);
+    let reader = Reader { shard, stream: &stream, id: h.id, budget, replies, pending: &pending };
+    let (read, answered) = tokio::join!(
+        reader.run(&h.pending, &peer_closed),
+        answer(shard, &stream, answers, &pending, &peer_closed)
+    );
+    // The answerer's error first: after an ERROR it shut the socket down, ending the reader.
+    answered.and(read)
+}
+
+/// A connection's reading half.
+struct Reader<'a> {
+    shard: &'a Rc<RefCell<Shard>>,
+    stream: &'a TlsStream,
+    id: StreamId,
+    budget: &'a FrameBudget,
+    /// To the answerer (dropped when the reader ends: the answerer ends once the writer has
+    /// answered every frame queued).
+    replies: mpsc::UnboundedSender<Reply>,
+    /// Room for frames queued and not yet answered.
+    pending: &'a Semaphore,
+}
+
+impl Reader<'_> {
+    /// Reads frames until the peer closes (`peer_closed` set), the connection is refused, or
+    /// the answerer ends it.
+    async fn run(self, first: &[u8], peer_closed: &Cell<bool>) -> io::Result<()> {
+        let (frame_bytes_max, idle_timeout) = {
+            let r = &self.shard.borrow().config.receiver;
+            (r.frame_bytes_max, Duration::from_millis(r.idle_timeout_ms))
+        };
+        let mut dec = FrameDecoder::new(frame_bytes_max);
+        dec.push(first);
+        let mut buf = Vec::with_capacity(READ_BYTES);
+        let mut plain = Vec::new();
+        // The room reserved for the frame being read, when its payload is over the allowance.
+        let mut room: Option<Reservation> = None;
         loop {
-            let f = match dec.next_frame() {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => return Err(refuse(shard, &stream, Refusal::Frame, e.to_string()).await),
+            loop {
+                let f = match dec.next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return Err(self.refuse(Refusal::Frame, e.to_string())),
+                };
+                self.frame(f, room.take()).await?;
+            }
+            if peer_closed.get() {
+                // What it sent before is queued: the answerer answers it.
+                return Ok(());
+            }
+            let awaited = dec.payload_awaited().filter(|&n| n > FRAME_PAYLOAD_UNRESERVED_BYTES);
+            if let (Some(len), None) = (awaited, &room) {
+                room = Some(self.make_room(len).await?);
+            }
+            let read = tokio::time::timeout(idle_timeout, self.stream.recv(buf, &mut plain)).await;
+            let Ok((res, b)) = read else {
+                let e = "no frame within idle_timeout_ms".to_string();
+                return Err(self.refuse(Refusal::Idle, e));
             };
-            decoded += 1;
-            frame(shard, &stream, id, f, &mut replies).await?;
+            buf = b;
+            peer_closed.set(!res?);
+            dec.push(&plain);
+            plain.clear();
         }
-        // The frame the room was for is handled (and out of the decoder): give it back before
-        // anything is awaited, and so that asking again for the next frame queues behind those
-        // already waiting.
-        if room.as_ref().is_some_and(|(_, at)| *at != decoded) {
-            room = None;
+    }
+
+    /// Handles one frame: a DATA frame is queued to the writer (with `room`, or room reserved
+    /// now), a heartbeat echoed; anything else ends the connection.
+    async fn frame(&self, f: Frame, room: Option<Reservation>) -> io::Result<()> {
+        let h = f.header;
+        match h.kind {
+            Kind::Data => {
+                let room = match room {
+                    Some(room) => Some(room),
+                    None if f.payload.is_empty() => None,
+                    None => Some(self.make_room(f.payload.len() as u32).await?),
+                };
+                let Ok(slot) = self.pending.acquire().await else {
+                    return Err(io::Error::other("closed while frames were being written"));
+                };
+                slot.forget();
+                let replies = self.replies.clone();
+                let answer = Box::new(move |verdict| {
+                    let _ = replies.send(Reply::Data { seq: h.seq, verdict });
+                });
+                let mut shard = self.shard.borrow_mut();
+                shard.counters.frames_received += 1;
+                let job = Job { id: self.id, frame: f, room, answer };
+                if shard.jobs.send(job).is_err() {
+                    unreachable!(
+                        "a shard's writer thread ends only by a panic, which ends the process"
+                    );
+                }
+            }
+            Kind::Heartbeat => {
+                let _ = self.replies.send(Reply::Heartbeat(h.seq));
+            }
+            k => return Err(self.refuse(Refusal::Frame, format!("unexpected {k:?} frame"))),
         }
-        if !replies.is_empty() {
-            let sent = stream.send(&replies).await;
-            replies.clear();
-            if open {
-                sent?;
+        Ok(())
+    }
+
+    /// Reserves room for the `len` payload bytes of a frame: at once when there is, else
+    /// waiting in line, the connection not read meanwhile (TCP pushes back on the peer), up
+    /// to `frames_in_progress_wait_ms`. Still without room, the connection is refused: the
+    /// shipper backs off and resends.
+    async fn make_room(&self, len: u32) -> io::Result<Reservation> {
+        if let Ok(room) = self.budget.try_reserve(len) {
+            return Ok(room);
+        }
+        self.shard.borrow_mut().counters.frames_waited += 1;
+        let wait_ms = self.shard.borrow().config.receiver.frames_in_progress_wait_ms;
+        match self.budget.reserve(len, Duration::from_millis(wait_ms)).await {
+            Ok(room) => Ok(room),
+            Err(_) => {
+                let bytes_max = self.budget.bytes_max();
+                let e = format!(
+                    "busy: no room for a frame of {len} payload bytes within \
+                     frames_in_progress_wait_ms {wait_ms} (frames_in_progress_bytes_max \
+                     {bytes_max} in use by other frames); try again later"
+                );
+                Err(self.refuse(Refusal::Memory, e))
             }
         }
-        if !open {
-            // The peer closed; what it sent before is written and would have been acked.
-            return Ok(());
-        }
-        let awaited = dec.payload_awaited().filter(|&n| n > FRAME_PAYLOAD_UNRESERVED_BYTES);
-        if let (Some(len), None) = (awaited, &room) {
-            room = Some((make_room(shard, &stream, budget, len).await?, decoded));
-        }
-        let read = tokio::time::timeout(idle_timeout, stream.recv(buf, &mut plain)).await;
-        let Ok((res, b)) = read else {
-            let e = "no frame within idle_timeout_ms".to_string();
-            return Err(refuse(shard, &stream, Refusal::Idle, e).await);
-        };
-        buf = b;
-        open = res?;
-        dec.push(&plain);
-        plain.clear();
+    }
+
+    /// Counts a refused connection and has the answerer tell the peer why (ERROR) and shut
+    /// the socket down; the error to end the connection with.
+    fn refuse(&self, reason: Refusal, message: String) -> io::Error {
+        self.shard.borrow_mut().counters.connections_refused[reason as usize] += 1;
+        let _ = self.replies.send(Reply::Refuse(message.clone()));
+        io::Error::new(io::ErrorKind::InvalidData, message)
     }
 }
 
-/// Handles one frame, adding its reply to `replies`. An error ends the connection, the peer
-/// told why when it can be.
-async fn frame(
+/// A connection's answering half: sends what its reader and the writer reply, all that is
+/// ready in one send, until the reader is done and every queued frame is answered, an ERROR
+/// is sent (the socket is then shut down, waking the reader), or a send fails.
+async fn answer(
     shard: &Rc<RefCell<Shard>>,
     stream: &TlsStream,
-    id: StreamId,
-    f: Frame,
-    replies: &mut Vec<u8>,
+    mut replies: mpsc::UnboundedReceiver<Reply>,
+    pending: &Semaphore,
+    peer_closed: &Cell<bool>,
 ) -> io::Result<()> {
-    let h = f.header;
-    match h.kind {
-        Kind::Data => {
-            let result = shard.borrow_mut().data(id, &f);
-            // Written or refused: its payload is let go before anything is awaited.
-            drop(f);
-            match result {
-                Ok(()) => {
-                    replies.extend(Frame::control(Kind::Ack, h.seq, &[]));
-                    shard.borrow_mut().counters.frames_acked += 1;
+    let mut out = Vec::new();
+    while let Some(first) = replies.recv().await {
+        out.clear();
+        let mut end = None;
+        let mut next = Some(first);
+        while let Some(reply) = next {
+            match reply {
+                Reply::Data { seq, verdict } => {
+                    pending.add_permits(1);
+                    match verdict {
+                        Verdict::Ack => {
+                            out.extend(Frame::control(Kind::Ack, seq, &[]));
+                            shard.borrow_mut().counters.frames_acked += 1;
+                        }
+                        Verdict::Reject(e) => {
+                            out.extend(Frame::control(Kind::Reject, seq, e.as_bytes()));
+                        }
+                        Verdict::Error(e) => end = Some(e),
+                    }
                 }
-                Err(FrameFault::Refused(e)) => {
-                    shard.borrow_mut().rejected(id, &h, &e);
-                    replies.extend(Frame::control(Kind::Reject, h.seq, e.as_bytes()));
-                }
-                Err(FrameFault::Write(e)) => {
-                    shard.borrow_mut().counters.write_errors += 1;
-                    let (seq, run, sender_worker) = (h.seq, id.0, id.1);
-                    let text = format!("cannot write frame {seq} now: {e}");
-                    tracing::error!("{text} (from {run:016x}/{sender_worker}); not acknowledged");
-                    replies.extend(Frame::control(Kind::Error, 0, text.as_bytes()));
-                    let _ = stream.send(replies).await;
-                    return Err(e);
-                }
+                Reply::Heartbeat(seq) => out.extend(Frame::control(Kind::Heartbeat, seq, &[])),
+                Reply::Refuse(e) => end = Some(e),
             }
+            if let Some(e) = &end {
+                out.extend(Frame::control(Kind::Error, 0, e.as_bytes()));
+                break;
+            }
+            next = replies.try_recv().ok();
         }
-        Kind::Heartbeat => replies.extend(Frame::control(Kind::Heartbeat, h.seq, &[])),
-        k => {
-            let e = format!("unexpected {k:?} frame");
-            return Err(refuse(shard, stream, Refusal::Frame, e).await);
+        let sent = stream.send(&out).await;
+        let failed = match (end, sent) {
+            (Some(e), _) => Some(io::Error::new(io::ErrorKind::InvalidData, e)),
+            (None, Err(e)) if !peer_closed.get() => Some(e),
+            _ => None,
+        };
+        if let Some(e) = failed {
+            // A read still in the ring would hold the socket open until the peer acts: shut
+            // it down so the reader ends and the descriptor goes now; a reader waiting for
+            // room to queue a frame ends too.
+            stream.shutdown();
+            pending.close();
+            return Err(e);
         }
     }
     Ok(())
-}
-
-/// Reserves room for the `len` payload bytes of the frame whose header just came, before any
-/// more of it is read: at once when there is, else waiting in line, the connection not read
-/// meanwhile (TCP pushes back on the peer), up to `frames_in_progress_wait_ms`. Still without
-/// room, the connection is refused: the shipper backs off and resends.
-async fn make_room(
-    shard: &Rc<RefCell<Shard>>,
-    stream: &TlsStream,
-    budget: &FrameBudget,
-    len: u32,
-) -> io::Result<Reservation> {
-    if let Ok(room) = budget.try_reserve(len) {
-        return Ok(room);
-    }
-    shard.borrow_mut().counters.frames_waited += 1;
-    let wait_ms = shard.borrow().config.receiver.frames_in_progress_wait_ms;
-    match budget.reserve(len, Duration::from_millis(wait_ms)).await {
-        Ok(room) => Ok(room),
-        Err(_) => {
-            let bytes_max = budget.bytes_max();
-            let e = format!(
-                "busy: no room for a frame of {len} payload bytes within \
-                 frames_in_progress_wait_ms {wait_ms} (frames_in_progress_bytes_max \
-                 {bytes_max} in use by other frames); try again later"
-            );
-            Err(refuse(shard, stream, Refusal::Memory, e).await)
-        }
-    }
-}
-
-/// Counts a refused connection, tells the peer why (ERROR), and shuts the socket down; the
-/// error to end the connection with.
-async fn refuse(
-    shard: &Rc<RefCell<Shard>>,
-    stream: &TlsStream,
-    reason: Refusal,
-    message: String,
-) -> io::Error {
-    shard.borrow_mut().counters.connections_refused[reason as usize] += 1;
-    let _ = stream.send(&Frame::control(Kind::Error, 0, message.as_bytes())).await;
-    // A read still in the ring (after an idle timeout) would hold the socket open until the
-    // peer acts: shut it down so the descriptor goes now.
-    stream.shutdown();
-    io::Error::new(io::ErrorKind::InvalidData, message)
 }

@@ -1,16 +1,15 @@
-//! The ClickHouse output: each frame's records it selects, one HTTP insert per frame
-//! (`INSERT INTO TABLE FORMAT JSONEachRow`) into a table with a stream column. It cannot take
-//! back what it inserted, so it has no marks and relies on the de-duplication windows alone.
+//! The ClickHouse output: the records it selects of each group of frames, one HTTP insert
+//! per group (`INSERT INTO TABLE FORMAT JSONEachRow`) into a table with a stream column. It
+//! cannot take back what it inserted, so it has no marks and relies on the de-duplication
+//! windows alone.
 //!
 //! # Design constraints
-//! - The insert is a blocking HTTP/1.1 request made on the shard's own thread, in
-//!   [`Output::sync`], bounded by `timeout_ms` in all (name lookup aside): connect, send and
-//!   the answer. Meanwhile the shard's other connections wait (heartbeats included), so a
-//!   `timeout_ms` near the shippers' `ack_timeout_ms` makes them fail over. This is the first
-//!   increment, honest about its cost: a server that refuses connections fails at once, a
-//!   hung one stalls its shards for `timeout_ms` per frame. Moving the insert off the
-//!   io_uring thread (a thread per output, the shard awaiting its answer without letting
-//!   another frame of the stream in) is what comes next.
+//! - The insert is a blocking HTTP/1.1 request made on the shard's writer thread
+//!   ([`crate::receiver::writer`]), in [`Output::sync`], bounded by `timeout_ms` in all (name
+//!   lookup aside): connect, send and the answer. Meanwhile the shard reads on and answers
+//!   heartbeats; frames queue for the next group (within the frame budget). A hung server
+//!   holds that shard's acknowledgements for `timeout_ms` per group, so a `timeout_ms` near
+//!   the shippers' `ack_timeout_ms` makes them fail over.
 //! - One TCP connection per insert (`Connection: close`): no pool to bound, one descriptor
 //!   per shard and output while it inserts (`descriptors_reserved`). The answer read is at
 //!   most [`RESPONSE_BYTES_MAX`]; its text goes into the error when it is not 200.
@@ -84,8 +83,10 @@ pub struct ClickHouse {
     auth: String,
     timeout: Duration,
     select: Select,
-    /// The insert of the frame written last, until sent or undone.
+    /// The insert of the group being written, until sent or discarded.
     body: Vec<u8>,
+    /// Where the frame written last starts in `body`.
+    frame_start: usize,
 }
 
 impl ClickHouse {
@@ -107,6 +108,7 @@ impl ClickHouse {
             timeout: Duration::from_millis(c.timeout_ms),
             select: Select::new(&c.streams, &c.exclude_streams),
             body: Vec::new(),
+            frame_start: 0,
         }
     }
 
@@ -217,9 +219,9 @@ impl Output for ClickHouse {
         &self.name
     }
 
-    /// Builds the insert of the records it selects; never fails.
+    /// Adds the records it selects to the group's insert; never fails.
     fn write(&mut self, records: &Records) -> Result<Written, WriteError> {
-        self.body.clear();
+        self.frame_start = self.body.len();
         let mut taken = 0;
         for rec in records.iter() {
             let (key, body) = rec
@@ -238,23 +240,31 @@ impl Output for ClickHouse {
             push_json_string(&mut self.body, body);
             self.body.extend_from_slice(b"}\n");
         }
-        Ok(Written { records: taken, bytes: self.body.len() as u64 })
+        Ok(Written { records: taken, bytes: (self.body.len() - self.frame_start) as u64 })
     }
 
-    /// Sends the insert; returns once ClickHouse answered 200.
+    /// Sends the group's insert; returns once ClickHouse answered 200.
     fn sync(&mut self) -> io::Result<()> {
         let result = if self.body.is_empty() { Ok(()) } else { self.insert() };
-        self.body.clear();
-        if self.body.capacity() > BODY_KEEP_BYTES_MAX {
-            self.body = Vec::new();
-        }
+        self.discard();
         result
     }
 
-    /// Forgets a body not sent; rows inserted stay (the resend inserts them again).
+    /// Drops the frame written last from the insert.
     fn undo(&mut self) {
-        self.body.clear();
+        self.body.truncate(self.frame_start);
     }
+
+    /// Forgets an insert not sent; rows inserted stay (the resend inserts them again).
+    fn discard(&mut self) {
+        self.body.clear();
+        self.frame_start = 0;
+        if self.body.capacity() > BODY_KEEP_BYTES_MAX {
+            self.body = Vec::new();
+        }
+    }
+
+    fn committed(&mut self) {}
 
     fn marks<'a>(&'a self, _: &mut Vec<Mark<'a>>) {}
 

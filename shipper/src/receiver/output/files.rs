@@ -24,7 +24,8 @@
 //!   a name that was not shortened, so the two kinds never meet. Each stream created under a
 //!   shortened name is counted (`names_shortened`).
 //! - Only the newest file of a (stream, shard) can hold uncommitted bytes: files rotate
-//!   between frames, and a failed write is cut back before the shard goes on.
+//!   between groups of frames (a file may pass `file_bytes_max` by what one group wrote to
+//!   it), and a failed write is cut back before the shard goes on.
 //!
 //! # Format
 //! ```text
@@ -40,9 +41,10 @@
 //! (opening the stream's file first if it was closed, closing the least recently written one
 //! if `files_open_max` are open), and on any failure cuts every touched file back to where it
 //! was (a file closed meanwhile is opened for the cut alone), so a frame is in the output
-//! entirely or not at all. [`Output::sync`] fdatasyncs the touched files (with `fsync` on);
-//! [`Output::undo`] cuts them back; [`Output::marks`] names each and its new end for the
-//! commit record. At start, [`recover`] cuts the newest file of each (stream, shard) of the
+//! entirely or not at all. [`Output::marks`] names each touched file and its new end for the
+//! frame's commit record; [`Output::undo`] cuts them back to before the frame. Per group,
+//! [`Output::sync`] fdatasyncs every file the group touched (with `fsync` on), and
+//! [`Output::discard`] cuts each back to its size before the group. At start, [`recover`] cuts the newest file of each (stream, shard) of the
 //! generation that was running back to its committed end, removing it when nothing in it was
 //! committed.
 
@@ -79,6 +81,9 @@ struct StreamFile {
     index: u64,
     /// [`Files::clock`] at its last write: the least recent is closed first.
     used: u64,
+    /// Its size before the group of frames being written first touched it, until the group
+    /// is committed: such a file is not rotated (it would hold uncommitted bytes).
+    group_before: Option<u64>,
     /// Written since its last fdatasync (with `fsync` on).
     unsynced: bool,
 }
@@ -127,6 +132,8 @@ pub struct Files {
     groups: Vec<(String, Vec<u8>)>,
     /// The files the frame written last touched, until the next frame.
     touched: Vec<Touched>,
+    /// The streams the group being written touched (each with its `group_before`).
+    group: Vec<String>,
 }
 
 /// The longest stream name, in bytes: 255 (`NAME_MAX`) less the `@dead_letter` suffix (12)
@@ -289,15 +296,15 @@ impl Output for Files {
         })
     }
 
-    /// fdatasyncs the files the frame touched (with `fsync` on); one closed since was synced
+    /// fdatasyncs the files the group touched (with `fsync` on); one closed since was synced
     /// as it closed.
     fn sync(&mut self) -> io::Result<()> {
-        if !self.fsync {
-            return Ok(());
-        }
-        for t in &self.touched {
-            let s = self.streams.values_mut().find(|s| s.mark == t.mark).expect("written");
-            if let Some(file) = &s.file {
+        for name in &self.group {
+            let s = self.streams.get_mut(name).expect("written");
+            if s.group_before.is_none() {
+                continue;
+            }
+            if let (true, Some(file)) = (self.fsync, &s.file) {
                 file.sync_data()?;
             }
             s.unsynced = false;
@@ -305,10 +312,36 @@ impl Output for Files {
         Ok(())
     }
 
+    /// Forgets where the group's files were before it: they are not rotated nor cut back.
+    fn committed(&mut self) {
+        for name in self.group.drain(..) {
+            self.streams.get_mut(&name).expect("written").group_before = None;
+        }
+    }
+
     /// Cuts the files the frame touched back to their size before it.
     fn undo(&mut self) {
         let touched = std::mem::take(&mut self.touched);
         self.cut_back(&touched);
+        for t in &touched {
+            let s = self.streams.values_mut().find(|s| s.mark == t.mark).expect("written");
+            if s.group_before == Some(t.before) {
+                s.group_before = None;
+            }
+        }
+    }
+
+    /// Cuts every file the group touched back to its size before the group.
+    fn discard(&mut self) {
+        self.touched.clear();
+        let mut back = Vec::new();
+        for name in std::mem::take(&mut self.group) {
+            let s = self.streams.get_mut(&name).expect("written");
+            if let Some(before) = s.group_before.take() {
+                back.push(Touched { mark: s.mark.clone(), before, after: s.size });
+            }
+        }
+        self.cut_back(&back);
     }
 
     fn marks<'a>(&'a self, marks: &mut Vec<Mark<'a>>) {
@@ -360,6 +393,7 @@ impl Files {
             files_open_peak: 0,
             groups: Vec::new(),
             touched: Vec::new(),
+            group: Vec::new(),
         }
     }
 
@@ -456,7 +490,7 @@ impl Files {
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<Touched> {
         self.clock += 1;
         match self.streams.get(name) {
-            Some(s) if s.size < self.file_bytes_max => {
+            Some(s) if s.size < self.file_bytes_max || s.group_before.is_some() => {
                 if s.file.is_none() {
                     self.reopen(name)?;
                 }
@@ -471,13 +505,17 @@ impl Files {
             let _ = file.set_len(before);
             return Err(e);
         }
+        if s.group_before.is_none() {
+            s.group_before = Some(before);
+            self.group.push(name.to_string());
+        }
         s.size += data.len() as u64;
         s.unsynced = self.fsync;
         Ok(Touched { mark: s.mark.clone(), before, after: s.size })
     }
     /// Starts stream `name`'s next file (its first, for a new stream). The full file is
-    /// closed first: it holds nothing of the frame being written (a stream is appended to once
-    /// per frame), and anything before is synced.
+    /// closed first: it holds nothing of the group being written (see `group_before`), and
+    /// anything before is synced.
     fn rotate(&mut self, name: &str) -> io::Result<()> {
         let index = match self.streams.get_mut(name) {
             Some(s) => {
@@ -494,7 +532,16 @@ impl Files {
         let file = self.open(&path)?;
         let size = file.metadata()?.len();
         let mark = format!("{}{rel}", self.prefix);
-        let s = StreamFile { rel, mark, file: Some(file), size, index, used: 0, unsynced: false };
+        let s = StreamFile {
+            rel,
+            mark,
+            file: Some(file),
+            size,
+            index,
+            used: 0,
+            unsynced: false,
+            group_before: None,
+        };
         self.streams.insert(name.to_string(), s);
         Ok(())
     }
@@ -579,9 +626,10 @@ impl Files {
     ) -> Result<(Vec<(String, u64)>, u64), WriteError> {
         let bytes = self.write(&Records { payload, count, dead_letter })?.bytes;
         if let Err(e) = self.sync() {
-            self.undo();
+            self.discard();
             return Err(WriteError::Failed(e));
         }
+        self.committed();
         let mut marks = Vec::new();
         self.marks(&mut marks);
         Ok((marks.into_iter().map(|(rel, end)| (rel.to_string(), end)).collect(), bytes))

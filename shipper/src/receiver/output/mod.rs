@@ -8,8 +8,9 @@
 //!   ([`Output::sync`]) and the shard's commit log recorded the frame
 //!   ([`super::commit::CommitLog::commit`]) with the [marks](Mark) the outputs gave for it. A
 //!   frame's records go to every output or, as far as the outputs can take them back, to none.
-//! - An output writes on its shard's thread, one frame at a time, without `.await` between
-//!   write, sync and commit (an `.await` would let a duplicate of the frame slip in).
+//! - An output is called on its shard's writer thread ([`super::writer`]), where blocking is
+//!   allowed and nothing else waits on it but the frames queued for that writer: one frame
+//!   at a time, a group of frames between syncs (group commit).
 //! - The shard calls an output through `dyn Output` once per frame and step, never per record:
 //!   the per-record loop is the output's own.
 //! - An output takes the records whose key matches one of its `streams` globs (all when there
@@ -24,10 +25,10 @@
 //!   no marks to cut back to and relies on the de-duplication windows alone: a frame it wrote
 //!   whose commit did not happen (a crash, a failed sync of another output) is not
 //!   acknowledged, so the shipper resends it and that output gets its records twice.
-//! - A commit that fails takes nothing back from any output: its record may have reached the
-//!   log, and a frame cut but named there would count as written after a restart, its resend
-//!   dropped as a duplicate and the frame lost. Not acknowledged, it is resent and written
-//!   again: a duplicate in every output, never a loss.
+//! - A commit that fails is cut off the log again, durably, before the outputs take the group
+//!   back: a frame cut from an output but named in the log would count as written after a
+//!   restart, its resend dropped as a duplicate and the frame lost. A log that cannot be cut
+//!   back ends the process (a panic), and recovery repairs it.
 //!
 //! # Format
 //! ```text
@@ -41,11 +42,14 @@
 //! 1. At start, before any shard runs, [`recover`] hands every kind of output the marks of the
 //!    generation that was running, read from the commit logs: each cuts what it wrote past
 //!    them, if it can (files: the newest file of each stream back to its committed end).
-//! 2. Per DATA frame, on its shard: [`Output::write`] on every output (one that fails has taken
-//!    its part back; those written before it are [undone](Output::undo)); then
-//!    [`Output::sync`] on every output (one failure undoes them all); then the commit record
-//!    names every output's [`Output::marks`]; then ACK. A failed commit undoes nothing (see
-//!    above).
+//! 2. Per DATA frame of a group, on its shard's writer: [`Output::write`] on every output
+//!    (one that fails has taken its part back; those written before it [undo](Output::undo)
+//!    the frame), and the frame's commit record is staged, naming every output's
+//!    [`Output::marks`]. Then, per group: [`Output::sync`] on every output that took records
+//!    (one failure [discards](Output::discard) the group in all of them); then the staged
+//!    commit records are appended (one fdatasync; a failure discards the group too, see
+//!    above); then every output hears the group is [committed](Output::committed), and every
+//!    frame is acknowledged.
 //! 3. When the commit log is compacted, [`Output::checkpoint`] gives what the snapshot must
 //!    keep for recovery to cut nothing committed (files: every stream's current file and end).
 
@@ -105,15 +109,25 @@ pub trait Output: Send {
     /// can ([`Output::undo`]).
     fn write(&mut self, records: &Records) -> Result<Written, WriteError>;
 
-    /// Returns once everything [`Output::write`] wrote since the last sync is durable, as the
-    /// output's config says (files: fdatasync of the files the frame touched, with `fsync`
-    /// on). An error leaves the frame to be [undone](Output::undo).
+    /// Returns once everything [`Output::write`] wrote since the last sync (a group of
+    /// frames) is durable, as the output's config says (files: fdatasync of the files the
+    /// group touched, with `fsync` on; ClickHouse: one insert of the group's rows). An error
+    /// leaves the group to be [discarded](Output::discard).
     fn sync(&mut self) -> io::Result<()>;
 
-    /// Takes back the frame written last, which will not be committed (another output failed,
-    /// or a sync). An output that cannot take records back does nothing: a frame not
-    /// acknowledged is resent, and it then holds its records twice.
+    /// Takes back the frame written last, which will not be committed (another output could
+    /// not take it); what the frames before it in the group wrote stays. An output that
+    /// cannot take records back does nothing.
     fn undo(&mut self);
+
+    /// Takes back everything written since the last group was [committed](Output::committed)
+    /// (a sync failed here or in another output, or the commit failed: the group is not
+    /// committed). An output that cannot take records back does nothing: a frame not
+    /// acknowledged is resent, and it then holds its records twice.
+    fn discard(&mut self);
+
+    /// The group synced last is committed: nothing of it will be taken back.
+    fn committed(&mut self);
 
     /// Adds to `marks` what the commit record of the frame written last must name, for
     /// recovery to cut the output back to it after a crash; nothing for an output that cannot
