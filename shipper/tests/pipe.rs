@@ -75,3 +75,55 @@ fn million_lines_from_four_writers_arrive_once_byte_identical() {
     assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
     assert!(shipper.stop(Duration::from_secs(30)).success(), "{}", shipper.log_text());
 }
+
+/// With nothing in flight, a line is sealed as soon as its pipe has nothing more ready, not
+/// when `flush_interval_ms` (here a minute) runs out; with `seal_when_idle = false` it waits
+/// (here until the shipper stops).
+#[test]
+fn a_lone_line_is_sealed_once_its_pipe_is_drained_not_at_the_flush_interval() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let body = |pipe: &str, idle: bool| {
+        let p = env.path(pipe);
+        format!(
+            "[[sources.pipe]]\npath = {p:?}\nservice = \"app\"\n\
+             [batch]\nflush_interval_ms = 60000\nseal_when_idle = {idle}\n"
+        )
+    };
+    let sealed = |text: &str, reason| {
+        crate::harness::metric(text, "shipper_batches_sealed_total", &[("reason", reason)])
+    };
+    let mut shipper = start_shipper(&env, port, sm, &body("idle.pipe", true));
+    let mut w = open_writer(&env.path("idle.pipe"));
+    for i in 0..3 {
+        writeln!(w, "line {i}").unwrap();
+        shipper
+            .wait_alive("the line acknowledged", || shipper_records_acked(sm) == f64::from(i + 1));
+    }
+    let text = scrape_ok(sm);
+    let by_reason = ["full", "interval", "idle", "shutdown"].map(|r| sealed(&text, r));
+    assert_eq!(by_reason, [0.0, 0.0, 3.0, 0.0]);
+    drop(w);
+    assert!(shipper.stop(Duration::from_secs(30)).success(), "{}", shipper.log_text());
+
+    let mut shipper = start_shipper(&env, port, sm, &body("waits.pipe", false));
+    let mut w = open_writer(&env.path("waits.pipe"));
+    writeln!(w, "line 3").unwrap();
+    shipper.wait_alive("the line read", || {
+        crate::harness::metric(&scrape_ok(sm), "shipper_source_lines_read_total", &[]) == 1.0
+    });
+    let text = scrape_ok(sm);
+    assert_eq!(crate::harness::metric(&text, "shipper_source_lines_read_total", &[]), 1.0);
+    assert_eq!(crate::harness::metric(&text, "shipper_batches_sealed_total", &[]), 0.0);
+    assert_eq!(crate::harness::metric(&text, "shipper_records_acked_total", &[]), 0.0);
+    drop(w);
+    assert!(shipper.stop(Duration::from_secs(30)).success(), "{}", shipper.log_text());
+    let mut lines: Vec<_> = output_lines(&env.out()).into_iter().map(|(_, l)| l).collect();
+    lines.sort();
+    assert_eq!(lines, ["line 0", "line 1", "line 2", "line 3"].map(|l| l.as_bytes().to_vec()));
+}
+
+fn shipper_records_acked(metrics: u16) -> f64 {
+    crate::harness::metric(&scrape_ok(metrics), "shipper_records_acked_total", &[])
+}

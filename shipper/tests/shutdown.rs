@@ -3,14 +3,18 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-/// SIGTERM seals the open batch (here far from its flush interval), waits for its ack, exits 0.
+/// SIGTERM seals the open batch (here far from its flush interval, and not sealed when idle),
+/// waits for its ack, exits 0.
 #[test]
 fn sigterm_flushes_the_open_batch_and_exits_zero() {
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let _receiver = start_receiver(&env, port, rm, "");
     let pipe = env.path("app.pipe");
-    let body = format!("[[sources.pipe]]\npath = {pipe:?}\n[batch]\nflush_interval_ms = 60000\n");
+    let body = format!(
+        "[[sources.pipe]]\npath = {pipe:?}\n[batch]\nflush_interval_ms = 60000\n\
+         seal_when_idle = false\n"
+    );
     let mut shipper = start_shipper(&env, port, sm, &body);
     let mut w = open_writer(&pipe);
     for n in 0..1000 {

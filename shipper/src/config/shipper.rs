@@ -467,6 +467,10 @@ pub struct BatchSection {
     pub batch_events_max: u32,
     /// A non-empty batch is sealed after this long, in ms. Default: 200.
     pub flush_interval_ms: u64,
+    /// Seal a batch as soon as its source has nothing more ready and the worker has no frame
+    /// queued or in flight, instead of waiting for `flush_interval_ms` (like Nagle's
+    /// algorithm: small frames only while nothing is unacknowledged). Default: true.
+    pub seal_when_idle: bool,
     /// zstd compression level (1..=19). Default: 1.
     pub zstd_level: i32,
     /// zstd hash table size as a power of two (6..=26); 0 keeps the level's own. Default: 12.
@@ -479,6 +483,7 @@ impl Default for BatchSection {
             batch_bytes_max: 1 << 20,
             batch_events_max: 10_000,
             flush_interval_ms: 200,
+            seal_when_idle: true,
             zstd_level: 1,
             zstd_hash_log: 12,
         }

@@ -3,6 +3,7 @@
 use super::text::{Distribution, Exposition};
 use crate::sinks::delivery::health::DestinationCounters;
 use crate::sinks::delivery::DeliveryCounters;
+use crate::sinks::delivery::SealReason;
 use crate::sources::file::FileCounters;
 use crate::sources::journal::JournalCounters;
 use crate::sources::pipe::SourceCounters;
@@ -38,6 +39,8 @@ pub struct ShipperCounters {
     pub latency_us: Distribution,
     pub batch_records: Distribution,
     pub batch_bytes: Distribution,
+    /// Batches sealed, by [`SealReason`] (its index in `SealReason::ALL`).
+    pub batches_sealed: [u64; SealReason::ALL.len()],
 }
 
 impl ShipperCounters {
@@ -65,6 +68,7 @@ impl ShipperCounters {
             latency_us: Distribution::new(3_600_000_000),
             batch_records: Distribution::new(10_000_000),
             batch_bytes: Distribution::new(1 << 32),
+            batches_sealed: [0; SealReason::ALL.len()],
         }
     }
 
@@ -577,6 +581,13 @@ fn render_summaries(workers: &[ShipperCounters], out: &mut Exposition) {
         out.family(name, "summary", help);
         for (c, core) in workers.iter().zip(&core_names) {
             out.summary(name, &[("core", core)], hist(c), scale);
+        }
+    }
+    let name = "shipper_batches_sealed_total";
+    out.family(name, "counter", "Batches sealed into frames, per reason.");
+    for (c, core) in workers.iter().zip(&core_names) {
+        for (reason, n) in SealReason::ALL.iter().zip(c.batches_sealed) {
+            out.sample(name, &[("core", core), ("reason", reason.label())], n as f64);
         }
     }
 }

@@ -26,6 +26,10 @@ pub trait Intake {
     fn now_ns(&self) -> u64;
     /// Hands over one record of `source`, read at `now_ns`.
     fn record(&mut self, source: SourceId, record: Record<'_>, now_ns: u64) -> Outcome;
+    /// The source handed over everything it had ready (its last read came back short, or it
+    /// reached the end of what is written): the worker may seal its batch now instead of
+    /// waiting for `flush_interval_ms`.
+    fn drained(&mut self);
     /// Whether a durable source must wait before reading more: what it reads now could
     /// find no room. Wait on [`Intake::resumed`] (or a poll interval), then ask again.
     fn paused(&self) -> bool;

@@ -154,6 +154,9 @@ pub async fn run<I: Intake>(
                 sc.parse_failures[f as usize] += 1;
             }
         });
+        if bytes.len() < limits.read_bytes {
+            intake.drained();
+        }
     };
     let on_error = |e: &std::io::Error| {
         let mut sc = counters.borrow_mut();

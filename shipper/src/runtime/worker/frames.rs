@@ -113,6 +113,7 @@ impl Link for Worker {
             let us = now_ns.saturating_sub(done.frame.first_ns) / 1000;
             self.counters.latency_us.record(us);
             self.release(&done.frame);
+            self.seal_if_idle();
         }
     }
 

@@ -34,7 +34,7 @@ use crate::buffer::DiskBuffer;
 use crate::clock::Clock;
 use crate::config::shipper::{ShipperConfig, WhenFull};
 use crate::metrics::shipper::ShipperCounters;
-use crate::sinks::delivery::{BatchBuilder, Delivery, Sealed};
+use crate::sinks::delivery::{BatchBuilder, Delivery, SealReason, Sealed};
 use crate::sinks::quarantine::Quarantine;
 use crate::sources::{Intake, Marks, Outcome, Record, SourceId};
 use crate::transforms::services::DropReason;
@@ -72,6 +72,9 @@ pub struct Worker {
     pub counters: ShipperCounters,
     /// One per source, in the order they were registered.
     publishers: Vec<Publisher>,
+    /// A source said it had nothing more ready ([`Intake::drained`]) and no record came
+    /// since.
+    drained: bool,
 }
 
 impl Worker {
@@ -97,6 +100,7 @@ impl Worker {
             marks: Vec::new(),
             counters: ShipperCounters::new(index),
             publishers: Vec::new(),
+            drained: false,
             config,
         })
     }
@@ -133,26 +137,43 @@ impl Worker {
         for kind in [VOLATILE, DURABLE] {
             let b = &self.batches[kind];
             if !b.is_empty() && now_ns.saturating_sub(b.first_ns()) >= interval {
-                self.seal(kind);
+                self.seal(kind, SealReason::Interval);
             }
         }
     }
 
     /// Seals both open batches (at shutdown).
     pub fn seal_all(&mut self) {
-        self.seal(VOLATILE);
-        self.seal(DURABLE);
+        self.seal(VOLATILE, SealReason::Shutdown);
+        self.seal(DURABLE, SealReason::Shutdown);
+    }
+
+    /// Seals the open batches now if that costs no throughput (`seal_when_idle`): the
+    /// sources had nothing more ready, and no frame is queued or in flight, so a connection
+    /// would otherwise sit idle while the records wait for `flush_interval_ms`. While frames
+    /// are in flight, records go on filling the batch (as Nagle's algorithm does), and the
+    /// acknowledgement that empties the outbox seals it.
+    pub fn seal_if_idle(&mut self) {
+        if self.drained
+            && self.config.batch.seal_when_idle
+            && self.delivery.outbox.frames() == 0
+            && !self.delivery.dests.all_down()
+        {
+            self.seal(VOLATILE, SealReason::Idle);
+            self.seal(DURABLE, SealReason::Idle);
+        }
     }
 
     /// Seals batch `kind` (if not empty) into the outbox; when the outbox is full (or frames
     /// already wait in the disk buffer, which keeps them in order) into the disk buffer; when
     /// that is full too, or there is none, drops and counts it. A durable frame always goes
     /// to the outbox: its source paused before it could overfill it.
-    fn seal(&mut self, kind: usize) {
+    fn seal(&mut self, kind: usize, reason: SealReason) {
         let batch = &mut self.batches[kind];
         if batch.is_empty() {
             return;
         }
+        self.counters.batches_sealed[reason as usize] += 1;
         let outbox = &mut self.delivery.outbox;
         let mut frame = match batch.seal(&mut self.zstd, outbox.next_seq()) {
             Ok(f) => f,
@@ -258,6 +279,7 @@ impl Intake for Worker {
 
     #[inline]
     fn record(&mut self, source: SourceId, record: Record<'_>, now_ns: u64) -> Outcome {
+        self.drained = false;
         let mark = record.mark;
         let (outcome, admitted) = self.chain.run(source, record, now_ns);
         if let Some(a) = admitted {
@@ -268,10 +290,15 @@ impl Intake for Worker {
                 batch.mark(source.0 as usize, m);
             }
             if full {
-                self.seal(kind);
+                self.seal(kind, SealReason::Full);
             }
         }
         outcome
+    }
+
+    fn drained(&mut self) {
+        self.drained = true;
+        self.seal_if_idle();
     }
 
     fn paused(&self) -> bool {

@@ -5,6 +5,33 @@ use std::io;
 use crate::protocol::frame::{Header, Kind, FLAG_ZSTD};
 use crate::protocol::RecordWriter;
 
+/// Why a batch was sealed: the label `reason` of `shipper_batches_sealed_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SealReason {
+    /// It reached `batch_bytes_max` or `batch_events_max`.
+    Full,
+    /// Its first record waited `flush_interval_ms`.
+    Interval,
+    /// Its source had nothing more ready and nothing was in flight (`seal_when_idle`).
+    Idle,
+    /// The worker was stopping.
+    Shutdown,
+}
+
+impl SealReason {
+    pub const ALL: [SealReason; 4] =
+        [SealReason::Full, SealReason::Interval, SealReason::Idle, SealReason::Shutdown];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SealReason::Full => "full",
+            SealReason::Interval => "interval",
+            SealReason::Idle => "idle",
+            SealReason::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// A batch turned into a frame, waiting for its sequence number and acknowledgement.
 #[derive(Clone, Debug)]
 pub struct Sealed {

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-pub use batch::{BatchBuilder, Sealed};
+pub use batch::{BatchBuilder, SealReason, Sealed};
 pub use outbox::Outbox;
 
 use crate::clock::Clock;

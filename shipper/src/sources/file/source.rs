@@ -120,6 +120,7 @@ pub async fn run<I: Intake>(files: Files<I>, cfg: Rc<FileSource>, mut stop: watc
             tokio::task::yield_now().await;
             continue;
         }
+        f.files.intake.borrow_mut().drained();
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
             _ = stop.changed() => return,

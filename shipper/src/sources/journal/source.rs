@@ -238,6 +238,7 @@ pub async fn run<I: Intake>(
             tokio::task::yield_now().await;
             continue;
         }
+        journal.intake.borrow_mut().drained();
         follow.refresh().await;
         follow.scan(false).await;
         gauges(&journal, &follow, last_realtime);

@@ -70,6 +70,8 @@ pub async fn read_datagrams<I: Intake>(
         let cut = datagram.len() > message_bytes_max;
         let bytes = &datagram[..datagram.len().min(message_bytes_max)];
         message(&mut *intake, &mut socket.counters.borrow_mut(), socket.id, bytes, cut, now);
+        // One datagram per read: whether more are ready is not known without reading again.
+        intake.drained();
     };
     let on_error = |e: &std::io::Error| {
         let mut sc = socket.counters.borrow_mut();
@@ -340,6 +342,7 @@ impl<I: Intake> Conn<I> {
             tracing::warn!(source = %sc.source, %peer, "closing connection: {e}");
             return false;
         }
+        intake.drained();
         true
     }
 }
