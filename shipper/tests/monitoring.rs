@@ -120,7 +120,8 @@ fn write_journal(dir: &Path, n: usize) {
         write!(
             feed,
             "__REALTIME_TIMESTAMP={}\n__MONOTONIC_TIMESTAMP={}\n\
-             _BOOT_ID=0123456789abcdef0123456789abcdef\nSYSLOG_IDENTIFIER=dash\nMESSAGE=entry {i}\n\n",
+             _BOOT_ID=0123456789abcdef0123456789abcdef\nSYSLOG_IDENTIFIER=dash\n\
+             MESSAGE=entry {i}\n\n",
             1_700_000_000_000_000u64 + i as u64,
             1_000_000 + i as u64,
         )
