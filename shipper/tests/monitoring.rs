@@ -191,7 +191,8 @@ fn every_dashboard_expression_returns_data_under_load() {
         expressions().into_iter().partition(|(_, e)| !is_kernel(e));
     assert!(kernel.len() >= 3, "the kernel panels: {kernel:?}");
     let env = Env::new();
-    let (port, rm, sm, pm, udp) = (free_port(), free_port(), free_port(), free_port(), free_port());
+    let (port, rm, sm, pm) = (free_port(), free_port(), free_port(), free_port());
+    let udp = testkit::net::free_udp_port().unwrap();
     let _receiver = start_receiver(&env, port, rm, "");
     let mut shipper = start_shipper(&env, port, sm, &shipper_body(&env, udp));
     let stop = Arc::new(AtomicBool::new(false));
@@ -225,8 +226,8 @@ fn the_kernel_panels_return_data() {
     let kernel: Vec<_> = expressions().into_iter().filter(|(_, e)| is_kernel(e)).collect();
     testkit::netns::in_new_netns(move || {
         let env = Env::new();
-        let (port, rm, sm, pm, udp) =
-            (free_port(), free_port(), free_port(), free_port(), free_port());
+        let (port, rm, sm, pm) = (free_port(), free_port(), free_port(), free_port());
+        let udp = testkit::net::free_udp_port().unwrap();
         // The receiver on 127.0.0.2, so that a rule can discard what it sends (its ACKs).
         let addr = format!("127.0.0.2:{port}");
         let text = env.receiver_toml(port, rm, "").replace(&format!("127.0.0.1:{port}"), &addr);

@@ -674,3 +674,29 @@ pub fn render_limits(l: &ShipperLimits, out: &mut Exposition) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_have_one_sample_per_core_and_no_buffer_without_one() {
+        let mut out = Exposition::default();
+        let l = ShipperLimits { workers: 2, outbox_bytes_max: 8, buffer_bytes_max: Some(512) };
+        render_limits(&l, &mut out);
+        let text = out.finish();
+        for sample in [
+            "shipper_outbox_bytes_max{core=\"0\"} 8",
+            "shipper_outbox_bytes_max{core=\"1\"} 8",
+            "shipper_buffer_bytes_max{core=\"0\"} 512",
+            "shipper_buffer_bytes_max{core=\"1\"} 512",
+        ] {
+            assert!(text.lines().any(|l| l == sample), "{sample}: {text}");
+        }
+        let mut out = Exposition::default();
+        render_limits(&ShipperLimits { buffer_bytes_max: None, ..l }, &mut out);
+        let text = out.finish();
+        assert!(!text.lines().any(|l| l.starts_with("shipper_buffer_bytes_max{")), "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("shipper_outbox_bytes_max{")).count(), 2);
+    }
+}
