@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-fn http_get(port: u16, path: &str) -> Option<String> {
+/// The body of `GET path` from 127.0.0.1:`port`, if it answers.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
@@ -28,7 +29,8 @@ fn query(port: u16, promql: &str) -> Option<f64> {
     v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
 
-fn require(tool: &str) {
+/// Fails, saying how to install it, when `tool` is not on PATH.
+pub fn require(tool: &str) {
     let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
     assert!(
         found.is_ok_and(|o| o.status.success()),

@@ -25,9 +25,15 @@ mod hostile;
 mod journal;
 /// The journal source following live files across rotations, and resuming after SIGKILL.
 mod journal_follow;
+/// The shipped dashboard and alert rules: every panel's expression returns data from a real
+/// Prometheus scraping a real shipper and receiver under load; promtool checks and tests the
+/// rules.
+mod monitoring;
 /// Several receiver outputs, each taking its streams: files, and a real ClickHouse (also
 /// stopped mid-stream).
 mod outputs;
+/// The Debian package installed, upgraded, removed and purged on this machine (root).
+mod package;
 /// Pipes to receiver: a million lines from four writers arrive byte-identical, once each.
 mod pipe;
 /// A real Prometheus scrapes both endpoints; promtool lints them.

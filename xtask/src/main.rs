@@ -4,8 +4,10 @@
 //!   (idempotent; a no-op when everything is present).
 //! - `test`: setup, then formatting, lints (functions of at most 70 lines), the layering,
 //!   every test, bounded fuzzing and the quick perf suite; the CI command (`.ci/run`).
-//! - `demo`: setup, release build, then a receiver and a shipper on loopback with a
-//!   throw-away CA, sample logs written into the pipes, live progress, and what arrived.
+//! - `demo`: release build (installing nothing), then a receiver and a shipper on loopback
+//!   with a throw-away CA, sample logs written into the pipes, live progress, and what arrived.
+//! - `package`: the Debian package of the release build, in `target/debian/`
+//!   (packaging/debian/, docs/operations.md).
 //! - `perf [CASE...] [--quick] [--runs N] [--against REV]`: end-to-end benchmark cases from
 //!   `perf/cases/`; `--against` runs another git revision's shipper beside this one's.
 //! - `layers [DIR]`: the shipper library's layering (no import of `runtime` from below it,
@@ -16,6 +18,7 @@ mod demo;
 mod fuzz;
 mod layers;
 mod loadgen;
+mod package;
 mod perf;
 mod setup;
 
@@ -29,10 +32,11 @@ fn main() -> anyhow::Result<()> {
         Some("setup") => setup::run(),
         Some("test") => test(),
         Some("demo") => demo::run(),
+        Some("package") => package::run(),
         Some("perf") => perf::run(&args[1..]),
         Some("layers") => layers::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <setup|test|demo|perf [CASE...] [--quick] [--against REV]|layers [DIR]>");
+            eprintln!("usage: cargo xtask <setup|test|demo|package|perf [CASE...] [--quick] [--against REV]|layers [DIR]>");
             std::process::exit(2);
         }
     }

@@ -1,24 +1,47 @@
-//! Installs what is missing, idempotently: the rustfmt and clippy components, cargo-fuzz
-//! (the fuzz targets run on the machine's nightly toolchain), the Debian packages the
-//! tests use (a real Prometheus scrapes the metrics endpoints in the tests, a real ClickHouse
-//! server takes the receiver's ClickHouse output), and the eBPF
-//! toolchain (docs/ebpf.md): Debian's rustc-web with its prebuilt `core` for the BPF target,
-//! and bpf-linker built against Debian's LLVM 22 into `.tools/` (gitignored), with a copy in
-//! `~/.cache/shipper-tools/` so that fresh clones on the same machine (CI) skip the build.
-//! When everything is there, it costs a handful of `command -v` and `dpkg -s` probes.
+//! Installs what is missing, idempotently, in three parts, so that each command installs
+//! only what it uses:
+//! - [`toolchain`]: what a build with the default features needs: the rustfmt and clippy
+//!   components, and the eBPF toolchain (docs/ebpf.md): Debian's rustc-web with its prebuilt
+//!   `core` for the BPF target, and bpf-linker built against Debian's LLVM 22 into `.tools/`
+//!   (gitignored), with a copy in `~/.cache/shipper-tools/` so that fresh clones on the same
+//!   machine (CI) skip the build. `cargo xtask package` needs it, plus dpkg-dev.
+//! - [`for_tests`]: what only the tests and benchmarks use: cargo-fuzz (the fuzz targets run on
+//!   the machine's nightly toolchain), the Debian packages the tests use (a real Prometheus
+//!   scrapes the metrics endpoints, a real ClickHouse server takes the receiver's ClickHouse
+//!   output, dpkg-dev builds the package the package test installs), and the perf suite's
+//!   peers ([`peers`]), on a best-effort basis: one that cannot be installed is reported as
+//!   skipped, with the reason, by every case that names it.
+//! - `cargo xtask demo` installs nothing: it builds without the eBPF programs unless their
+//!   toolchain is already there ([`ebpf_toolchain_ready`]), and shows nothing that needs them.
 //!
-//! The perf suite's peers ([`peers`]) are installed on a best-effort basis: one that cannot be
-//! installed is reported as skipped, with the reason, by every case that names it.
+//! `cargo xtask setup` runs both parts. When everything is there, it costs a handful of
+//! `command -v` and `dpkg -s` probes.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::bail;
 
-/// Debian packages the build and tests need: (probe, package). A probe starting with `dpkg:`
-/// checks that the package is installed (libraries have no command to look for), one starting
-/// with `/` that the file exists, any other that the command exists.
-const PACKAGES: &[(&str, &str)] = &[
+/// A Debian package and how to tell it is there: (probe, package). A probe starting with
+/// `dpkg:` checks that the package is installed (libraries have no command to look for), one
+/// starting with `/` that the file exists, any other that the command exists.
+type Package = (&'static str, &'static str);
+
+/// What builds the eBPF programs: Debian's rustc 1.96 (LLVM 22) and cargo, with the prebuilt
+/// `core` for bpfel-unknown-none (no -Z build-std, which needs rust-src); bpf-linker links
+/// against LLVM 22 (llvm-22-dev to build it, libllvm22 to run it).
+const EBPF_PACKAGES: &[Package] = &[
+    ("/usr/bin/rustc", "rustc-web"),
+    ("/usr/bin/cargo", "cargo-web"),
+    ("dpkg:libstd-rust-web-dev-bpf", "libstd-rust-web-dev-bpf"),
+    ("dpkg:llvm-22-dev", "llvm-22-dev"),
+];
+
+/// `cargo xtask package`: dpkg-shlibdeps (and strip, from binutils) for packaging/debian/.
+pub const PACKAGING_PACKAGES: &[Package] = &[("dpkg-shlibdeps", "dpkg-dev"), ("strip", "binutils")];
+
+/// Debian packages only the tests and the perf suite use.
+const TEST_PACKAGES: &[Package] = &[
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
     // Journal files for the journal tests are written by systemd's own tool.
@@ -27,19 +50,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
     // Fault injection in the delivery tests: silent drops in a network namespace.
     ("nft", "nftables"),
-    // The eBPF programs: Debian's rustc 1.96 (LLVM 22) and cargo build them, with the
-    // prebuilt `core` for bpfel-unknown-none (no -Z build-std, which needs rust-src).
-    ("/usr/bin/rustc", "rustc-web"),
-    ("/usr/bin/cargo", "cargo-web"),
-    ("dpkg:libstd-rust-web-dev-bpf", "libstd-rust-web-dev-bpf"),
-    // bpf-linker links against LLVM 22 (llvm-22-dev to build it, libllvm22 to run it).
-    ("dpkg:llvm-22-dev", "llvm-22-dev"),
     // The eBPF tests: capsh/setpriv to drop capabilities, ip for namespaces and routes.
     ("setpriv", "util-linux"),
     ("ip", "iproute2"),
     // The ClickHouse output's tests start a real server (Debian's 18.16) from a scratch
     // directory; its package does not start one (no init system needed).
     ("/usr/sbin/clickhouse-server", "clickhouse-server"),
+    // The package test builds the .deb from the test build's binary.
+    ("dpkg-shlibdeps", "dpkg-dev"),
+    ("strip", "binutils"),
 ];
 
 /// bpf-linker, pinned: 0.13.0 is the release that links with LLVM 22.
@@ -50,7 +69,14 @@ pub fn tools_dir() -> PathBuf {
     crate::root().join(".tools")
 }
 
+/// `cargo xtask setup`: everything the build, the tests and the benchmarks use.
 pub fn run() -> anyhow::Result<()> {
+    toolchain()?;
+    for_tests()
+}
+
+/// What a build with the default features needs: rustfmt, clippy and the eBPF toolchain.
+pub fn toolchain() -> anyhow::Result<()> {
     for component in ["rustfmt", "clippy"] {
         let probe = if component == "rustfmt" { "fmt" } else { "clippy" };
         let ok = Command::new("cargo")
@@ -61,6 +87,13 @@ pub fn run() -> anyhow::Result<()> {
             crate::run("rustup", &["component", "add", component])?;
         }
     }
+    install(EBPF_PACKAGES)?;
+    install_bpf_linker()
+}
+
+/// What only the tests and benchmarks use: cargo-fuzz, a nightly toolchain, their Debian
+/// packages and the perf suite's peers.
+fn for_tests() -> anyhow::Result<()> {
     let fuzz = Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()
@@ -72,12 +105,21 @@ pub fn run() -> anyhow::Result<()> {
     if !nightly.is_ok_and(|o| o.status.success()) {
         bail!("the fuzz targets need a nightly toolchain (`rustup toolchain install nightly`)");
     }
-    apt_install(&missing(PACKAGES))?;
-    install_bpf_linker()?;
+    install(TEST_PACKAGES)?;
     for (peer, why) in peers() {
         println!("perf peer {peer} skipped: {why}");
     }
     Ok(())
+}
+
+/// Installs the packages of `packages` that are missing.
+pub fn install(packages: &[Package]) -> anyhow::Result<()> {
+    apt_install(&missing(packages))
+}
+
+/// Whether the eBPF programs can be built here without installing anything.
+pub fn ebpf_toolchain_ready() -> bool {
+    missing(EBPF_PACKAGES).is_empty() && linker_ok(&tools_dir().join("bin/bpf-linker"))
 }
 
 /// The packages of `packages` whose probe fails.
@@ -88,7 +130,7 @@ fn missing<'a>(packages: &[(&str, &'a str)]) -> Vec<&'a str> {
     missing
 }
 
-/// Whether a probe of [`PACKAGES`] finds its package, file or command.
+/// Whether a probe of a [`Package`] finds its package, file or command.
 fn present(probe: &str) -> bool {
     if probe.starts_with('/') {
         return std::path::Path::new(probe).exists();

@@ -662,3 +662,52 @@ pub fn render_kernel(k: &crate::ebpf::KernelCounters, out: &mut Exposition) {
         out.sample(name, &[("core", cpu.to_string().as_str())], count as f64);
     }
 }
+
+/// What one worker may hold, fixed at start: the denominators of the fill ratios a dashboard
+/// and the alerts compute (`shipper_buffer_bytes / shipper_buffer_bytes_max`).
+pub struct ShipperLimits {
+    pub workers: usize,
+    /// `receivers.outbox_bytes_max`: each worker's own.
+    pub outbox_bytes_max: u64,
+    /// Each worker's share of `buffer.bytes_max`; `None` without a disk buffer.
+    pub buffer_bytes_max: Option<u64>,
+}
+
+/// Renders the per-worker limits (one sample per core, so that a ratio matches on `core`).
+pub fn render_limits(l: &ShipperLimits, out: &mut Exposition) {
+    let outbox = ("shipper_outbox_bytes_max", "receivers.outbox_bytes_max of each worker.");
+    let buffer = ("shipper_buffer_bytes_max", "Each worker's share of buffer.bytes_max.");
+    for ((name, help), value) in [(outbox, Some(l.outbox_bytes_max)), (buffer, l.buffer_bytes_max)]
+    {
+        out.family(name, "gauge", help);
+        for core in (0..l.workers).filter(|_| value.is_some()) {
+            out.sample(name, &[("core", &core.to_string())], value.unwrap_or(0) as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_have_one_sample_per_core_and_no_buffer_without_one() {
+        let mut out = Exposition::default();
+        let l = ShipperLimits { workers: 2, outbox_bytes_max: 8, buffer_bytes_max: Some(512) };
+        render_limits(&l, &mut out);
+        let text = out.finish();
+        for sample in [
+            "shipper_outbox_bytes_max{core=\"0\"} 8",
+            "shipper_outbox_bytes_max{core=\"1\"} 8",
+            "shipper_buffer_bytes_max{core=\"0\"} 512",
+            "shipper_buffer_bytes_max{core=\"1\"} 512",
+        ] {
+            assert!(text.lines().any(|l| l == sample), "{sample}: {text}");
+        }
+        let mut out = Exposition::default();
+        render_limits(&ShipperLimits { buffer_bytes_max: None, ..l }, &mut out);
+        let text = out.finish();
+        assert!(!text.lines().any(|l| l.starts_with("shipper_buffer_bytes_max{")), "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("shipper_outbox_bytes_max{")).count(), 2);
+    }
+}

@@ -27,7 +27,9 @@ use tokio::sync::watch;
 use crate::config::shipper::split_host_port;
 use crate::config::ShipperConfig;
 use crate::ebpf::KernelCounters;
-use crate::metrics::shipper::{render, render_kernel, ShipperCounters};
+use crate::metrics::shipper::{
+    render, render_kernel, render_limits, ShipperCounters, ShipperLimits,
+};
 use crate::metrics::{http, scrape, Registry, PUBLISH_INTERVAL_MS};
 use crate::notify::Notifier;
 use crate::signals;
@@ -112,11 +114,21 @@ fn serve_metrics(
     if config.metrics.listen.is_empty() {
         return Ok(());
     }
+    let limits = ShipperLimits {
+        workers: config.shipper.workers,
+        outbox_bytes_max: config.receivers.outbox_bytes_max,
+        buffer_bytes_max: config
+            .buffer
+            .directory
+            .as_ref()
+            .map(|_| config.buffer.bytes_max / config.shipper.workers as u64),
+    };
     let render_all = move || {
         let mut text = scrape(&registry, render);
         let k = kernel.lock().expect("kernel counters poisoned").clone();
         let mut out = crate::metrics::Exposition::default();
         render_kernel(&k, &mut out);
+        render_limits(&limits, &mut out);
         text.push_str(&out.finish());
         text
     };
