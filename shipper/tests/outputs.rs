@@ -331,3 +331,187 @@ fn a_hung_clickhouse_is_timed_out_and_its_frames_resent() {
     assert_eq!(distinct.trim(), LINES.to_string());
     assert!(shipper.stop(Duration::from_secs(30)).success());
 }
+
+/// Every file of `dir` (one directory per stream): (stream, file name, its lines), compressed
+/// ones decompressed.
+fn files_of(dir: &Path) -> Vec<(String, String, Vec<String>)> {
+    let mut all = Vec::new();
+    for s in std::fs::read_dir(dir).unwrap() {
+        let s = s.unwrap();
+        let stream = s.file_name().to_string_lossy().into_owned();
+        if stream.starts_with('.') {
+            continue;
+        }
+        for f in std::fs::read_dir(s.path()).unwrap() {
+            let f = f.unwrap();
+            let name = f.file_name().to_string_lossy().into_owned();
+            let bytes = std::fs::read(f.path()).unwrap();
+            let bytes =
+                if name.ends_with(".zst") { zstd::decode_all(&bytes[..]).unwrap() } else { bytes };
+            let text = String::from_utf8(bytes).unwrap();
+            all.push((stream.clone(), name, text.lines().map(String::from).collect()));
+        }
+    }
+    all.sort();
+    all
+}
+
+/// The (writer, seq) of every line in `files`, each checked by `check` (which gives the
+/// line the shipper read back out of the line written); panics on a line seen twice.
+fn each_once(
+    files: &[(String, String, Vec<String>)],
+    lines: usize,
+    check: impl Fn(&str, &str) -> String,
+) -> usize {
+    let mut seen = vec![[false; 3]; lines];
+    let mut n = 0;
+    for (stream, _, ls) in files {
+        for l in ls {
+            let original = check(stream, l);
+            let (w, seq) = ids(original.as_bytes());
+            assert_eq!(
+                (stream.as_str(), original.as_str()),
+                (format!("w{w}").as_str(), line(w, seq).as_str())
+            );
+            assert!(!seen[seq][w], "line {seq} of w{w} twice");
+            seen[seq][w] = true;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// One receiver writing the same lines as raw, JSON, RFC 5424 and cfjs1 files: each parsed
+/// back line by line, every line once; modes as configured; the cfjs1 files rotated by size
+/// and compressed to the same lines; a retention limit removing the oldest rotated files
+/// first; and rotation by age.
+#[test]
+fn files_in_each_format_rotate_compress_and_keep_only_the_newest() {
+    const LINES: usize = 600;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = |n: &str| env.path(n);
+    let output = |name: &str, more: &str| {
+        let d = dir(name);
+        format!("\n[[outputs.file]]\nname = \"{name}\"\ndirectory = {d:?}\nfsync = false\n{more}")
+    };
+    let extra = output("json", "format = \"json\"\nfile_mode = \"0600\"\ndir_mode = \"0700\"\n")
+        + &output("syslog", "format = \"rfc5424\"\n")
+        + &output("cfjs1", "format = \"cfjs1\"\nfile_bytes_max = 4096\ncompress_rotated = true\n")
+        + &output("kept", "file_bytes_max = 4096\nretention_bytes_max = 200000\n")
+        + &output("aged", "file_age_max_s = 1\n");
+    let receiver = start_receiver_toml(&env, port, rm, &(env.receiver_toml(port, rm, "") + &extra));
+    let (pipe, body) = pipe_source(&env);
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    write_lines(&pipe, &[0, 1, 2], LINES / 2, None);
+    let acked = |n: usize| metric_at(sm, "shipper_records_acked_total", &[]) >= n as f64;
+    shipper.wait_alive("the first half acknowledged", || acked(3 * LINES / 2));
+    // Rotation by age: the files of the first half are a second old before the second half.
+    let first = std::time::Instant::now();
+    wait_for("a second to pass", Duration::from_secs(5), || {
+        first.elapsed() >= Duration::from_millis(1100)
+    });
+    let mut w = open_writer(&pipe);
+    for seq in LINES / 2..LINES {
+        for writer in 0..3 {
+            writeln!(w, "{}", line(writer, seq)).unwrap();
+        }
+    }
+    drop(w);
+    shipper.wait_alive("every line acknowledged", || acked(3 * LINES));
+
+    assert_eq!(per_writer(&env.out(), LINES), [LINES; 3], "raw: every line once");
+    check_json_and_syslog(&dir("json"), &dir("syslog"), LINES);
+    check_cfjs1(&dir("cfjs1"), LINES);
+    check_kept(&receiver, &dir("kept"), LINES);
+    check_aged(&dir("aged"), LINES);
+    assert!(shipper.stop(Duration::from_secs(30)).success());
+}
+
+fn check_json_and_syslog(json_dir: &Path, syslog_dir: &Path, lines: usize) {
+    use std::os::unix::fs::PermissionsExt;
+    let json = files_of(json_dir);
+    let n = each_once(&json, lines, |stream, l| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!((v["host"].as_str(), v["stream"].as_str()), (Some("test"), Some(stream)));
+        let t = v["time"].as_str().unwrap();
+        assert!(t.len() == 27 && t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+        v["record"].as_str().unwrap().to_string()
+    });
+    assert_eq!(n, 3 * lines);
+    let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(json_dir.join("w0")), 0o700);
+    assert_eq!(mode(json_dir.join("w0").join(&json[0].1)), 0o600);
+    let syslog = files_of(syslog_dir);
+    let n = each_once(&syslog, lines, |stream, l| {
+        use shipper::transforms::syslog::{parse, Syntax};
+        let m = parse(l.as_bytes(), Syntax::Rfc5424).unwrap();
+        assert_eq!((m.pri, m.host, m.app), (134, Some("test"), Some(stream)));
+        m.message.to_string()
+    });
+    assert_eq!(n, 3 * lines);
+}
+
+fn check_cfjs1(dir: &Path, lines: usize) {
+    // Compression is off the write path: wait for the janitors to be done.
+    let rotated_logs = || {
+        let files = files_of(dir);
+        let mut newest = std::collections::HashMap::new();
+        for (s, f, _) in &files {
+            let shard = f[8..12].to_string();
+            let e = newest.entry((s.clone(), shard)).or_insert(f.clone());
+            *e = e.clone().max(f.clone());
+        }
+        files
+            .iter()
+            .filter(|(s, f, _)| {
+                f.ends_with(".log") && newest[&(s.clone(), f[8..12].to_string())] != *f
+            })
+            .count()
+    };
+    wait_for("rotated cfjs1 files compressed", Duration::from_secs(20), || rotated_logs() == 0);
+    let cfjs1 = files_of(dir);
+    for w in 0..3 {
+        let stream = format!("w{w}");
+        let zst = cfjs1.iter().filter(|(s, f, _)| *s == stream && f.ends_with(".log.zst"));
+        assert!(zst.count() >= 1, "{stream}: rotated by size and compressed");
+    }
+    let n = each_once(&cfjs1, lines, |stream, l| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["format"].as_str(), Some(stream));
+        assert!(v[stream].is_object(), "the record kept as JSON: {l}");
+        let head = format!("{{\"format\":\"{stream}\",\"{stream}\":");
+        l.strip_prefix(&head).and_then(|r| r.strip_suffix('}')).unwrap().to_string()
+    });
+    assert_eq!(n, 3 * lines);
+}
+
+fn check_kept(receiver: &Proc, dir: &Path, lines: usize) {
+    // Retention: what is left of each (stream, shard) is its newest files, in a row.
+    wait_for("retention applied", Duration::from_secs(20), || {
+        receiver.metric("shipper_receiver_files_removed_total", &[]) > 0.0
+    });
+    let kept = files_of(dir);
+    let mut by: std::collections::BTreeMap<(String, String), Vec<u64>> = Default::default();
+    for (s, f, _) in &kept {
+        by.entry((s.clone(), f[8..12].to_string())).or_default().push(f[13..19].parse().unwrap());
+    }
+    for (key, indexes) in &by {
+        let newest = *indexes.iter().max().unwrap();
+        let want: Vec<u64> = (newest + 1 - indexes.len() as u64..=newest).collect();
+        assert_eq!(indexes, &want, "{key:?} keeps its newest files in a row");
+    }
+    assert!(kept.iter().map(|(_, _, l)| l.len()).sum::<usize>() < 3 * lines, "some removed");
+}
+
+fn check_aged(dir: &Path, lines: usize) {
+    // Rotation by age: lines of the first half only in each stream's first file.
+    for (stream, f, ls) in files_of(dir) {
+        let second_half = ls.iter().filter(|l| ids(l.as_bytes()).1 >= lines / 2).count();
+        if f.ends_with("-000000.log") {
+            assert_eq!(second_half, 0, "{stream}/{f} holds only the first half");
+        } else {
+            assert_eq!(second_half, ls.len(), "{stream}/{f} holds only the second half");
+        }
+    }
+}

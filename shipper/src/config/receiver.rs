@@ -170,6 +170,39 @@ pub struct OutputSection {
     /// recently written (it is opened again, appending, when next written). Default: 256.
     #[serde(default = "default_files_open_max")]
     pub files_open_max: usize,
+    /// How each record is written: `raw` (its bytes and a newline), `json` (one object per
+    /// line: time written, sender, stream, record as a string), `rfc5424` (a syslog line),
+    /// `cfjs1` (`{"format": STREAM, STREAM: record}`). Default: "raw".
+    #[serde(default)]
+    pub format: FileFormat,
+    /// A stream's file is rotated at its next write once it is this old, in seconds; 0:
+    /// never by age. Default: 0.
+    #[serde(default)]
+    pub file_age_max_s: u64,
+    /// Rotated files are compressed with zstd (`NAME.log.zst`) by a thread of their own, off
+    /// the write path. Default: false.
+    #[serde(default)]
+    pub compress_rotated: bool,
+    /// Rotated files (compressed or not) of a shard are removed, oldest first, while they
+    /// hold more than this many bytes over all streams; 0: no limit. Each shard keeps
+    /// `retention_bytes_max / receiver.workers`. Default: 0.
+    #[serde(default)]
+    pub retention_bytes_max: u64,
+    /// Rotated files last written longer ago than this are removed, in seconds; 0: kept.
+    /// Default: 0.
+    #[serde(default)]
+    pub retention_age_s: u64,
+}
+
+/// How a files output writes each record (`format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    #[default]
+    Raw,
+    Json,
+    Rfc5424,
+    Cfjs1,
 }
 
 impl OutputSection {
@@ -367,6 +400,8 @@ fn validate_files(o: &OutputSection, at: &dyn Fn(&'static str) -> Vec<Seg>, p: &
         });
     }
     p.range(o.files_open_max as u64, 1, 1 << 20, &at("files_open_max"));
+    p.range(o.file_age_max_s, 0, 366 * 86_400, &at("file_age_max_s"));
+    p.range(o.retention_age_s, 0, 100 * 366 * 86_400, &at("retention_age_s"));
 }
 
 /// An output's name: bounded, of safe bytes, unique.

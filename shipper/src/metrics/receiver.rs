@@ -181,6 +181,15 @@ pub struct FileFigures {
     pub records_folded: u64,
     /// Streams created under a shortened name (`output::files::stream_name`).
     pub stream_names_shortened: u64,
+    /// Stream files rotated (by size or age).
+    pub rotations: u64,
+    /// Rotated files compressed, and removed by retention, by the output's janitors.
+    pub files_compressed: u64,
+    pub files_removed: u64,
+    /// Compressions or removals that failed (tried again at the next pass).
+    pub janitor_errors: u64,
+    /// Bytes of the rotated files kept (current files not counted).
+    pub rotated_bytes: u64,
 }
 
 /// The sum of a files figure over a shard's outputs.
@@ -212,6 +221,7 @@ pub fn render(shards: &[ReceiverCounters], out: &mut Exposition) {
     render_connections(shards, out);
     render_frames(shards, out);
     render_streams(shards, out);
+    render_rotation(shards, out);
     render_summaries(shards, out);
     render_outputs(shards, out);
 }
@@ -443,6 +453,50 @@ fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
         "counter",
         "Records written to STREAM@dead_letter: sent here because the shipper's primary and standby receivers were down.",
         |c| c.records_dead_letter,
+    );
+}
+
+/// What the files outputs' rotation and janitors did.
+fn render_rotation(shards: &[ReceiverCounters], out: &mut Exposition) {
+    family(
+        out,
+        shards,
+        "shipper_receiver_files_rotated_total",
+        "counter",
+        "Output stream files rotated (file_bytes_max or file_age_max_s).",
+        |c| files_sum(c, |f| f.rotations),
+    );
+    family(
+        out,
+        shards,
+        "shipper_receiver_files_compressed_total",
+        "counter",
+        "Rotated output files compressed with zstd (compress_rotated).",
+        |c| files_sum(c, |f| f.files_compressed),
+    );
+    family(
+        out,
+        shards,
+        "shipper_receiver_files_removed_total",
+        "counter",
+        "Rotated output files removed by retention_bytes_max or retention_age_s.",
+        |c| files_sum(c, |f| f.files_removed),
+    );
+    family(
+        out,
+        shards,
+        "shipper_receiver_janitor_errors_total",
+        "counter",
+        "Compressions or removals of rotated output files that failed (tried again).",
+        |c| files_sum(c, |f| f.janitor_errors),
+    );
+    family(
+        out,
+        shards,
+        "shipper_receiver_rotated_bytes",
+        "gauge",
+        "Bytes of the rotated output files kept (current files not counted).",
+        |c| files_sum(c, |f| f.rotated_bytes),
     );
 }
 

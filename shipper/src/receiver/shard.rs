@@ -134,7 +134,9 @@ async fn connection(
     let (replies, answers) = mpsc::unbounded_channel();
     let pending = Semaphore::new(CONNECTION_FRAMES_PENDING_MAX);
     let peer_closed = Cell::new(false);
-    let reader = Reader { shard, stream: &stream, id: h.id, budget, replies, pending: &pending };
+    let sender = Arc::from(h.hello.name.as_str());
+    let reader =
+        Reader { shard, stream: &stream, id: h.id, sender, budget, replies, pending: &pending };
     let (read, answered) = tokio::join!(
         reader.run(&h.pending, &peer_closed),
         answer(shard, &stream, answers, &pending, &peer_closed)
@@ -148,6 +150,8 @@ struct Reader<'a> {
     shard: &'a Rc<RefCell<Shard>>,
     stream: &'a TlsStream,
     id: StreamId,
+    /// The shipper's name, from its HELLO.
+    sender: Arc<str>,
     budget: &'a FrameBudget,
     /// To the answerer (dropped when the reader ends: the answerer ends once the writer has
     /// answered every frame queued).
@@ -220,7 +224,8 @@ impl Reader<'_> {
                 });
                 let mut shard = self.shard.borrow_mut();
                 shard.counters.frames_received += 1;
-                let job = Job { id: self.id, frame: f, room, answer };
+                let sender = self.sender.clone();
+                let job = Job { id: self.id, sender, frame: f, room, answer };
                 if shard.jobs.send(job).is_err() {
                     unreachable!(
                         "a shard's writer thread ends only by a panic, which ends the process"

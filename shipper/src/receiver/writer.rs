@@ -58,6 +58,8 @@ const SCRATCH_KEEP_BYTES_MAX: usize = 4 << 20;
 /// A DATA frame read by a connection, on its way to the writer.
 pub struct Job {
     pub id: StreamId,
+    /// The sending shipper's name, from its HELLO.
+    pub sender: Arc<str>,
     pub frame: Frame,
     /// Room the payload holds in the receiver's frame budget, given back once it is answered.
     pub room: Option<Reservation>,
@@ -227,7 +229,7 @@ impl Writer {
             return Step::Duplicate { in_group: false };
         }
         let mut scratch = std::mem::take(&mut self.scratch);
-        let result = self.decode_and_write(job.id, &job.frame, &mut scratch);
+        let result = self.decode_and_write(job.id, &job.sender, &job.frame, &mut scratch);
         // Kept for the next frame, but not a large frame's worth of it.
         if scratch.capacity() <= SCRATCH_KEEP_BYTES_MAX {
             self.scratch = scratch;
@@ -258,6 +260,7 @@ impl Writer {
     fn decode_and_write(
         &mut self,
         id: StreamId,
+        sender: &str,
         f: &Frame,
         scratch: &mut Vec<u8>,
     ) -> Result<(), FrameFault> {
@@ -291,7 +294,8 @@ impl Writer {
             other => return Err(invalid(format!("unknown flags {other:#x}"))),
         };
         RecordIter::validate(payload, h.count).map_err(|e| invalid(e.to_string()))?;
-        self.write(id, h.seq, &Records { payload, count: h.count, dead_letter })?;
+        let records = Records { payload, count: h.count, dead_letter, sender };
+        self.write(id, h.seq, &records)?;
         self.counters.frame_records.record(h.count.into());
         Ok(())
     }
@@ -537,7 +541,8 @@ mod tests {
             let header = Header { kind: Kind::Data, flags: 0, seq, count: 1, raw_len: len, len };
             let tx = self.answer_tx.clone();
             let answer = Box::new(move |v| tx.send((seq, v)).unwrap());
-            let job = Job { id: (1, 0), frame: Frame { header, payload }, room: None, answer };
+            let frame = Frame { header, payload };
+            let job = Job { id: (1, 0), sender: "test".into(), frame, room: None, answer };
             self.jobs.send(job).unwrap();
         }
 

@@ -76,6 +76,8 @@ pub struct Records<'a> {
     pub count: u32,
     /// Sent here as the shipper's dead-letter destination (`FLAG_DEAD_LETTER`).
     pub dead_letter: bool,
+    /// The sending shipper's name, from its HELLO (at most 255 bytes).
+    pub sender: &'a str,
 }
 
 impl<'a> Records<'a> {

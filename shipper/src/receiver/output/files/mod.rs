@@ -1,6 +1,7 @@
-//! The files output: one directory per stream (cfjs1 `format`, or service), newline-delimited
-//! records exactly as the application wrote them, rotated by size. Today the receiver's only
-//! [`Output`]; it can cut back whatever it wrote, so nothing is written twice.
+//! The files output: one directory per stream (cfjs1 `format`, or service), one record per
+//! line in the output's `format` ([`format`]: raw, JSON, RFC 5424, cfjs1), rotated by size and
+//! age, rotated files compressed and removed past the retention limits by a thread of its own
+//! ([`janitor`]). It can cut back whatever it wrote, so nothing is written twice.
 //!
 //! # Design constraints
 //! - A shard owns its files (`STREAM/gGEN-cSHARD-INDEX.log`), so no two threads append to
@@ -53,6 +54,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+pub mod format;
+pub mod janitor;
+
 use super::{Kind, Mark, Output, Records, Select, WriteError, Written};
 use crate::config::receiver::OutputSection;
 use crate::config::ReceiverConfig;
@@ -81,6 +85,8 @@ struct StreamFile {
     index: u64,
     /// [`Files::clock`] at its last write: the least recent is closed first.
     used: u64,
+    /// When it was created, in seconds since the Unix epoch (for `file_age_max_s`).
+    created_s: u64,
     /// Its size before the group of frames being written first touched it, until the group
     /// is committed: such a file is not rotated (it would hold uncommitted bytes).
     group_before: Option<u64>,
@@ -129,11 +135,21 @@ pub struct Files {
     pub files_closed: u64,
     /// The most stream files open at once.
     pub files_open_peak: usize,
+    /// Files rotated (by size or age).
+    pub rotations: u64,
     groups: Vec<(String, Vec<u8>)>,
     /// The files the frame written last touched, until the next frame.
     touched: Vec<Touched>,
     /// The streams the group being written touched (each with its `group_before`).
     group: Vec<String>,
+    /// How records are written (`format`).
+    format: format::LineFormat,
+    /// A file is rotated at its next write once this old (`file_age_max_s`; 0: never).
+    file_age_max_s: u64,
+    /// Seconds since the Unix epoch, as of the frame being written.
+    now_s: u64,
+    /// Compresses and removes rotated files, when the config asks for either.
+    janitor: Option<janitor::Janitor>,
 }
 
 /// The longest stream name, in bytes: 255 (`NAME_MAX`) less the `@dead_letter` suffix (12)
@@ -182,7 +198,11 @@ pub fn stream_name(key: &[u8]) -> (String, bool) {
 
 /// Opens shard `shard`'s files outputs ([`Kind::open`]).
 fn open(config: &ReceiverConfig, gen: u64, shard: usize) -> Vec<Box<dyn Output>> {
-    let open = |o| Box::new(Files::new(o, gen, shard)) as Box<dyn Output>;
+    let workers = config.receiver.workers;
+    let open = |o| {
+        let files = Files::new(o, gen, shard).with_janitor(o, workers);
+        Box::new(files.expect("a thread for the janitor")) as Box<dyn Output>
+    };
     config.file_outputs().map(open).collect()
 }
 
@@ -363,6 +383,14 @@ impl Output for Files {
         f.files_closed = self.files_closed;
         f.records_folded = self.records_folded;
         f.stream_names_shortened = self.names_shortened;
+        f.rotations = self.rotations;
+        if let Some(j) = &self.janitor {
+            use std::sync::atomic::Ordering::Relaxed;
+            f.files_compressed = j.figures.compressed.load(Relaxed);
+            f.files_removed = j.figures.removed.load(Relaxed);
+            f.janitor_errors = j.figures.errors.load(Relaxed);
+            f.rotated_bytes = j.figures.bytes_kept.load(Relaxed);
+        }
     }
 }
 
@@ -391,10 +419,33 @@ impl Files {
             names_shortened: 0,
             files_closed: 0,
             files_open_peak: 0,
+            rotations: 0,
             groups: Vec::new(),
             touched: Vec::new(),
             group: Vec::new(),
+            format: format::LineFormat::new(config.format),
+            file_age_max_s: config.file_age_max_s,
+            now_s: 0,
+            janitor: None,
         }
+    }
+
+    /// Starts the janitor of this shard's files (`compress_rotated`, `retention_*`), if the
+    /// config asks for one; `workers` shards share `retention_bytes_max`.
+    pub fn with_janitor(mut self, config: &OutputSection, workers: usize) -> io::Result<Files> {
+        let policy = janitor::Policy {
+            dir: self.dir.clone(),
+            shard: self.shard,
+            workers,
+            gen: self.gen,
+            compress: config.compress_rotated,
+            bytes_max: config.retention_bytes_max / workers as u64,
+            age_max_s: config.retention_age_s,
+        };
+        if policy.needed() {
+            self.janitor = Some(janitor::Janitor::start(policy)?);
+        }
+        Ok(self)
     }
 
     /// Streams written by this shard, each with a current file (open or closed).
@@ -437,6 +488,9 @@ impl Files {
             g.1.clear();
         }
         let mut taken = 0;
+        let now_us = crate::clock::unix_us();
+        self.now_s = now_us / 1_000_000;
+        self.format.frame(records.sender, now_us);
         for rec in records.iter() {
             let (key, body) = rec.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             if !self.select.takes(key) {
@@ -451,8 +505,7 @@ impl Files {
                     groups.len() - 1
                 }
             };
-            groups[slot].1.extend_from_slice(body);
-            groups[slot].1.push(b'\n');
+            self.format.line(key, body, &mut groups[slot].1);
         }
         let result = self.append_groups(&groups);
         // Keep the buffers for the next frame, but not a large frame's worth of them: at most
@@ -490,7 +543,7 @@ impl Files {
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<Touched> {
         self.clock += 1;
         match self.streams.get(name) {
-            Some(s) if s.size < self.file_bytes_max || s.group_before.is_some() => {
+            Some(s) if !self.due(s) || s.group_before.is_some() => {
                 if s.file.is_none() {
                     self.reopen(name)?;
                 }
@@ -513,6 +566,12 @@ impl Files {
         s.unsynced = self.fsync;
         Ok(Touched { mark: s.mark.clone(), before, after: s.size })
     }
+    /// Whether stream file `s` is to be rotated before its next write: full, or old.
+    fn due(&self, s: &StreamFile) -> bool {
+        let age_s = self.now_s.saturating_sub(s.created_s);
+        s.size >= self.file_bytes_max || (self.file_age_max_s > 0 && age_s >= self.file_age_max_s)
+    }
+
     /// Starts stream `name`'s next file (its first, for a new stream). The full file is
     /// closed first: it holds nothing of the group being written (see `group_before`), and
     /// anything before is synced.
@@ -522,6 +581,10 @@ impl Files {
                 if s.file.take().is_some() {
                     self.files_open -= 1;
                 }
+                if let Some(j) = &self.janitor {
+                    j.rotated(self.dir.join(&s.rel));
+                }
+                self.rotations += 1;
                 s.index + 1
             }
             None => 0,
@@ -541,6 +604,7 @@ impl Files {
             used: 0,
             unsynced: false,
             group_before: None,
+            created_s: self.now_s,
         };
         self.streams.insert(name.to_string(), s);
         Ok(())
@@ -624,7 +688,7 @@ impl Files {
         count: u32,
         dead_letter: bool,
     ) -> Result<(Vec<(String, u64)>, u64), WriteError> {
-        let bytes = self.write(&Records { payload, count, dead_letter })?.bytes;
+        let bytes = self.write(&Records { payload, count, dead_letter, sender: "test" })?.bytes;
         if let Err(e) = self.sync() {
             self.discard();
             return Err(WriteError::Failed(e));
@@ -657,6 +721,11 @@ pub fn test_config(dir: &Path, file_bytes_max: u64, streams_max: usize) -> Outpu
         files_open_max: 256,
         file_mode: "0640".into(),
         dir_mode: "0750".into(),
+        format: Default::default(),
+        file_age_max_s: 0,
+        compress_rotated: false,
+        retention_bytes_max: 0,
+        retention_age_s: 0,
     }
 }
 
@@ -966,7 +1035,7 @@ mod several_outputs_tests {
         let mut outs = open(&config, 1, 0);
         let mut payload = Vec::new();
         RecordWriter::push(&mut payload, b"x", b"x:1");
-        let records = Records { payload: &payload, count: 1, dead_letter: false };
+        let records = Records { payload: &payload, count: 1, dead_letter: false, sender: "t" };
         let mut marks = HashMap::new();
         for out in &mut outs {
             assert_eq!(out.write(&records).unwrap(), Written { records: 1, bytes: 4 });
