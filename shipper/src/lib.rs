@@ -14,6 +14,7 @@ pub mod config;
 pub mod ebpf;
 pub mod fault;
 pub mod glob;
+pub mod http;
 pub mod metrics;
 pub mod notify;
 pub mod os;

@@ -366,7 +366,7 @@ impl ReceiverConfig {
             let at = |k| vec![K("outputs"), K("clickhouse"), Seg::Index(i), K(k)];
             check_name(&c.name, &mut names, &at("name"), p);
             check_globs(&c.streams, &c.exclude_streams, &at, p);
-            let url_ok = http_host_port(&c.url).is_some();
+            let url_ok = crate::http::host_port(&c.url).is_some();
             p.check(url_ok, &at("url"), || {
                 format!("{:?} is not http://HOST:PORT (no TLS, no path)", c.url)
             });
@@ -378,15 +378,6 @@ impl ReceiverConfig {
             p.range(c.timeout_ms, 1, 600_000, &at("timeout_ms"));
         }
     }
-}
-
-/// The `HOST:PORT` of an `http://HOST:PORT` URL (a trailing `/` allowed), if it is one.
-pub fn http_host_port(url: &str) -> Option<&str> {
-    let rest = url.strip_prefix("http://")?;
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let (host, port) = rest.rsplit_once(':')?;
-    let host_ok = !host.is_empty() && !host.contains(['/', '@', '?', '#']);
-    (host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)).then_some(rest)
 }
 
 /// A files output's own keys.
@@ -516,11 +507,11 @@ mod outputs_tests {
 
     #[test]
     fn http_urls_are_host_and_port_only() {
-        assert_eq!(http_host_port("http://127.0.0.1:8123"), Some("127.0.0.1:8123"));
-        assert_eq!(http_host_port("http://ch.example:8123/"), Some("ch.example:8123"));
-        assert_eq!(http_host_port("http://ch:8123/db"), None);
-        assert_eq!(http_host_port("http://u@ch:8123"), None);
-        assert_eq!(http_host_port("http://ch"), None);
-        assert_eq!(http_host_port("https://ch:8443"), None);
+        assert_eq!(crate::http::host_port("http://127.0.0.1:8123"), Some("127.0.0.1:8123"));
+        assert_eq!(crate::http::host_port("http://ch.example:8123/"), Some("ch.example:8123"));
+        assert_eq!(crate::http::host_port("http://ch:8123/db"), None);
+        assert_eq!(crate::http::host_port("http://u@ch:8123"), None);
+        assert_eq!(crate::http::host_port("http://ch"), None);
+        assert_eq!(crate::http::host_port("https://ch:8443"), None);
     }
 }

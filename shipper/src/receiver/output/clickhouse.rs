@@ -11,8 +11,9 @@
 //!   holds that shard's acknowledgements for `timeout_ms` per group, so a `timeout_ms` near
 //!   the shippers' `ack_timeout_ms` makes them fail over.
 //! - One TCP connection per insert (`Connection: close`): no pool to bound, one descriptor
-//!   per shard and output while it inserts (`descriptors_reserved`). The answer read is at
-//!   most [`RESPONSE_BYTES_MAX`]; its text goes into the error when it is not 200.
+//!   per shard and output while it inserts (`descriptors_reserved`), through
+//!   [`crate::http::request`]. An answer over [`RESPONSE_BYTES_MAX`] is an error; its text
+//!   goes into the error when it is not 200.
 //! - Durable means: ClickHouse answered 200 to the insert, sent with `wait_end_of_query=1` so
 //!   that the status is the insert's outcome. The rows are then in the table's parts on that
 //!   server: they survive the server's restart; whether they survive its host losing power
@@ -43,12 +44,11 @@
 //! backs off and resends); [`Output::undo`] forgets a body not sent (one sent stays).
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::io;
+use std::time::Duration;
 
 use super::{Kind, Mark, Output, Records, Select, WriteError, Written};
-use crate::config::receiver::{http_host_port, ClickhouseSection};
+use crate::config::receiver::ClickhouseSection;
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::OutputCounters;
 
@@ -102,7 +102,7 @@ impl ClickHouse {
         };
         ClickHouse {
             name: c.name.clone(),
-            addr: http_host_port(&c.url).expect("validated").to_string(),
+            addr: crate::http::host_port(&c.url).expect("validated").to_string(),
             target: format!("/?query={query}&wait_end_of_query=1"),
             auth,
             timeout: Duration::from_millis(c.timeout_ms),
@@ -114,8 +114,6 @@ impl ClickHouse {
 
     /// Sends the insert in `body`; `Ok` once ClickHouse answered 200.
     fn insert(&self) -> io::Result<()> {
-        let deadline = Instant::now() + self.timeout;
-        let mut stream = connect(&self.addr, deadline)?;
         let head = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n",
             self.target,
@@ -123,65 +121,20 @@ impl ClickHouse {
             self.body.len(),
             self.auth
         );
-        stream.set_write_timeout(Some(left(deadline)?))?;
-        stream.write_all(head.as_bytes())?;
-        stream.set_write_timeout(Some(left(deadline)?))?;
-        stream.write_all(&self.body)?;
-        let answer = read_answer(&mut stream, deadline)?;
-        let text = String::from_utf8_lossy(&answer);
-        let status = text.split(' ').nth(1).unwrap_or("");
-        if text.starts_with("HTTP/1.") && status == "200" {
+        let answer =
+            crate::http::request(&self.addr, &head, &self.body, self.timeout, RESPONSE_BYTES_MAX)?;
+        if answer.status == 200 {
             return Ok(());
         }
-        let body = text.split_once("\r\n\r\n").map_or(text.as_ref(), |(_, b)| b);
-        let line = text.lines().next().unwrap_or("");
-        let cut: String = body.trim().chars().take(300).collect();
+        let text = String::from_utf8_lossy(&answer.body);
+        let cut: String = text.trim().chars().take(300).collect();
+        let line = answer.status_line;
         Err(io::Error::other(format!("clickhouse {} answered {line:?}: {cut}", self.addr)))
     }
 }
 
-/// Time left before `deadline`, or a timeout error.
-fn left(deadline: Instant) -> io::Result<Duration> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::Error::new(io::ErrorKind::TimedOut, "insert over timeout_ms"));
-    }
-    Ok(left)
-}
 
-/// Connects to the first address of `addr` that answers before `deadline`.
-fn connect(addr: &str, deadline: Instant) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address"));
-    for a in addr.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&a, left(deadline)?) {
-            Ok(s) => {
-                s.set_nodelay(true)?;
-                return Ok(s);
-            }
-            Err(e) => last = io::Error::new(e.kind(), format!("connecting to {a}: {e}")),
-        }
-    }
-    Err(last)
-}
 
-/// Reads the answer until the server closes, at most [`RESPONSE_BYTES_MAX`].
-fn read_answer(stream: &mut TcpStream, deadline: Instant) -> io::Result<Vec<u8>> {
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while answer.len() < RESPONSE_BYTES_MAX {
-        stream.set_read_timeout(Some(left(deadline)?))?;
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "answer over timeout_ms"))
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(answer)
-}
 
 /// Appends `bytes` as a JSON string: `"` `\` and bytes below 0x20 escaped, others as they are.
 pub fn push_json_string(out: &mut Vec<u8>, bytes: &[u8]) {
