@@ -5,6 +5,8 @@
 //!   a shared-state limiter takes per record)
 //! - zstd: levels 1 and 3 vs a plain copy of the batch
 //! - frame: encode + decode with checksum vs a plain copy of the frame bytes
+//! - chain: the whole transform chain per record, with a static enrichment field and with a
+//!   fetched value looked up by service, vs the chain without enrichment
 
 use std::hint::black_box;
 use std::sync::Mutex;
@@ -143,5 +145,52 @@ fn frame(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, split, extract, ratelimit, zstd_levels, frame);
+/// The transform chain per record (decode, services, rate limit, enrich) with enrichments,
+/// beside the same chain without any.
+fn chain(c: &mut Criterion) {
+    use shipper::config::enrich::{EnrichSection, Lookup};
+    use shipper::record::Record;
+    use shipper::transforms::enrich::feed::Feed;
+    use shipper::transforms::enrich::Enrich;
+    use shipper::transforms::{Chain, Decode};
+    let data = json_lines(LINES);
+    let lines: Vec<&[u8]> = data.split(|&c| c == b'\n').filter(|l| !l.is_empty()).collect();
+    #[derive(serde::Deserialize)]
+    struct T {
+        enrich: Vec<EnrichSection>,
+    }
+    let config = |text: &str| toml::from_str::<T>(text).unwrap().enrich;
+    let owners: String = (0..64).map(|i| format!("\"svc-{i}\":{{\"team\":\"t{i}\"}},")).collect();
+    let owners = format!("{{{}\"_\":null}}", owners);
+    type Variant = (&'static str, Vec<EnrichSection>, Vec<std::sync::Arc<Feed>>);
+    let variants: [Variant; 3] = [
+        ("baseline_no_enrichment", Vec::new(), Vec::new()),
+        ("static_field", config("[[enrich]]\nname = \"s\"\nfields = { colo = \"fra\" }\n"), Vec::new()),
+        (
+            "lookup_by_service",
+            config("[[enrich]]\nname = \"o\"\nfield = \"owner\"\ncommand = [\"x\"]\nlookup = \"service\"\n"),
+            vec![Feed::fixed(owners.as_bytes(), Some(Lookup::Service)).unwrap()],
+        ),
+    ];
+    let mut g = c.benchmark_group("chain");
+    g.throughput(Throughput::Elements(lines.len() as u64));
+    for (name, configs, feeds) in variants {
+        let rl = shipper::config::shipper::RateLimitSection::default();
+        let mut chain = Chain::new(&rl, Enrich::new(&configs, &feeds), 1);
+        let source = chain.add_source(Decode::Line(Format::Json), Some("app"), 0);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut bytes = 0;
+                for l in &lines {
+                    let (_, admitted) = chain.run(source, Record::bare(l), 1);
+                    bytes += admitted.map_or(0, |a| a.body.len());
+                }
+                black_box(bytes)
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, split, extract, ratelimit, zstd_levels, frame, chain);
 criterion_main!(benches);

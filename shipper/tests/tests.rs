@@ -13,6 +13,8 @@ mod cli;
 mod delivery;
 /// eBPF drop accounting against the kernel's counters: UDP drops, retransmits, no privileges.
 mod ebpf;
+/// Enrichment: static and fetched fields (HTTP, a command) added to JSON records.
+mod enrich;
 /// Receivers in tiers: a hung primary fails over to the standby and back; dead letter.
 mod failover;
 /// Log files followed through rotation (rename, copy-and-truncate) and SIGKILL, with positions;

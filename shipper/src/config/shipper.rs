@@ -24,6 +24,8 @@ pub struct ShipperConfig {
     #[serde(default)]
     pub ratelimit: RateLimitSection,
     #[serde(default)]
+    pub transforms: super::enrich::TransformsSection,
+    #[serde(default)]
     pub batch: BatchSection,
     pub receivers: ReceiversSection,
     #[serde(default)]
@@ -691,6 +693,9 @@ impl Validate for ShipperConfig {
             file.check(i, &self.sources.file, s.workers, p);
         }
         self.ratelimit.check(p);
+        for (i, e) in self.transforms.enrich.iter().enumerate() {
+            e.check(i, &self.transforms.enrich, p);
+        }
         let b = &self.batch;
         let at = |k| [K("batch"), K(k)];
         p.range(b.batch_bytes_max, 1024, 32 << 20, &at("batch_bytes_max"));

@@ -8,6 +8,7 @@ use crate::sources::file::FileCounters;
 use crate::sources::journal::JournalCounters;
 use crate::sources::pipe::SourceCounters;
 use crate::sources::socket::SocketCounters;
+use crate::transforms::enrich::EnrichCounters;
 use crate::transforms::parse::Failure;
 use crate::transforms::services::{DropReason, ServiceCounters};
 use crate::transforms::syslog::Failure as MessageFailure;
@@ -41,6 +42,8 @@ pub struct ShipperCounters {
     pub batch_bytes: Distribution,
     /// Batches sealed, by [`SealReason`] (its index in `SealReason::ALL`).
     pub batches_sealed: [u64; SealReason::ALL.len()],
+    /// Per `[[transforms.enrich]]`, in config order.
+    pub enrich: Vec<EnrichCounters>,
 }
 
 impl ShipperCounters {
@@ -69,6 +72,7 @@ impl ShipperCounters {
             batch_records: Distribution::new(10_000_000),
             batch_bytes: Distribution::new(1 << 32),
             batches_sealed: [0; SealReason::ALL.len()],
+            enrich: Vec::new(),
         }
     }
 
@@ -525,6 +529,7 @@ pub fn render(workers: &[ShipperCounters], out: &mut Exposition) {
     render_reasons(workers, out);
     render_services(workers, out);
     render_summaries(workers, out);
+    render_enrich(workers, out);
 }
 
 /// The families with a `reason` label: parse failures per source, drops per service.
@@ -560,6 +565,43 @@ fn render_services(workers: &[ShipperCounters], out: &mut Exposition) {
     for (c, core) in workers.iter().zip(&core_names) {
         for s in &c.services {
             out.sample(name, &[("core", core), ("service", &s.service)], s.lines_admitted as f64);
+        }
+    }
+}
+
+/// Per enrichment: records it added fields to, per core; and its refresher's figures (the
+/// process's, as the first worker saw them).
+fn render_enrich(workers: &[ShipperCounters], out: &mut Exposition) {
+    let name = "shipper_enrich_records_total";
+    out.family(name, "counter", "Records an enrichment added fields to.");
+    for c in workers {
+        let core = c.worker.to_string();
+        for e in &c.enrich {
+            out.sample(name, &[("core", &core), ("transform", &e.transform)], e.records as f64);
+        }
+    }
+    let Some(first) = workers.first() else { return };
+    type Get = fn(&EnrichCounters) -> u64;
+    let families: [(&str, &str, &str, Get); 4] = [
+        ("shipper_enrich_refreshes_total", "counter", "Values fetched and kept.", |e| e.refreshes),
+        (
+            "shipper_enrich_refresh_failures_total",
+            "counter",
+            "Fetches refused (failed, over bytes_max, not JSON): the last good value stays.",
+            |e| e.refresh_failures,
+        ),
+        ("shipper_enrich_value_bytes", "gauge", "Bytes of the value kept.", |e| e.value_bytes),
+        (
+            "shipper_enrich_refreshed_timestamp_seconds",
+            "gauge",
+            "When the value kept was fetched (0: never).",
+            |e| e.refreshed_unix_s,
+        ),
+    ];
+    for (name, kind, help, get) in families {
+        out.family(name, kind, help);
+        for e in &first.enrich {
+            out.sample(name, &[("transform", &e.transform)], get(e) as f64);
         }
     }
 }

@@ -65,7 +65,8 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (exit_tx, exit_rx) = mpsc::channel::<Event>();
     let plans = Plans { pipes, journals, files, sockets, targets, registry };
-    let shared = Shared { reports: report_tx.clone(), stop: stop_rx, exit: exit_tx.clone() };
+    let feeds = start_feeds(&config)?;
+    let shared = Shared { reports: report_tx.clone(), stop: stop_rx, exit: exit_tx.clone(), feeds };
     let (handles, share_txs) = spawn_workers(&config, plans, &shared)?;
     drop(shared);
     drop(report_tx);
@@ -153,6 +154,16 @@ struct Shared {
     reports: mpsc::Sender<control::DemandReport>,
     stop: watch::Receiver<bool>,
     exit: mpsc::Sender<Event>,
+    /// The values the enrichments fetch, one per `[[transforms.enrich]]` that fetches.
+    feeds: Vec<Arc<crate::transforms::enrich::feed::Feed>>,
+}
+
+/// Starts the refresher of every enrichment that fetches a value.
+fn start_feeds(
+    config: &ShipperConfig,
+) -> anyhow::Result<Vec<Arc<crate::transforms::enrich::feed::Feed>>> {
+    let fetching = config.transforms.enrich.iter().filter(|c| c.fetches());
+    Ok(fetching.map(crate::transforms::enrich::feed::start).collect::<std::io::Result<_>>()?)
 }
 
 /// Where the control thread sends a worker its shares.
@@ -186,6 +197,7 @@ fn spawn_workers(
             reports: shared.reports.clone(),
             shares: share_rx,
             stop: shared.stop.clone(),
+            feeds: shared.feeds.clone(),
         };
         let exit = shared.exit.clone();
         handles.push(std::thread::Builder::new().name(format!("worker-{index}")).spawn(

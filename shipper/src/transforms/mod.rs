@@ -19,10 +19,13 @@
 //!    share `_other`'s bucket and label, but each record keeps its own key as its stream).
 //! 3. **rate limit** (`ratelimit.rs`, `[ratelimit]`): one token from the service's bucket, or
 //!    the record is dropped and counted (`reason="ratelimit"`).
+//! 4. **enrich** (`enrich/`, `[[transforms.enrich]]`): static and fetched fields appended to
+//!    JSON object records (looked up by service when configured); others pass unchanged.
 //!
 //! Adding a stage: its own file here with its config table, one field in [`Chain`], one call
 //! in [`Chain::run`] (see docs/architecture.md).
 
+pub mod enrich;
 pub mod parse;
 pub mod ratelimit;
 pub mod services;
@@ -31,6 +34,7 @@ pub mod syslog;
 use crate::config::shipper::{Format, RateLimitSection};
 use crate::config::socket::MessageFormat;
 use crate::record::{Outcome, Record, SourceId};
+use enrich::Enrich;
 use parse::Parser;
 use services::{bound_key, Services};
 
@@ -71,16 +75,18 @@ pub struct Chain {
     /// A syslog message rendered as JSON; reused, so it stops growing.
     rendered: Vec<u8>,
     pub services: Services,
+    pub enrich: Enrich,
 }
 
 impl Chain {
-    pub fn new(config: &RateLimitSection, workers: usize) -> Chain {
+    pub fn new(config: &RateLimitSection, enrich: Enrich, workers: usize) -> Chain {
         Chain {
             inputs: Vec::new(),
             key_field: config.key_field.clone(),
             parser: Parser::default(),
             rendered: Vec::new(),
             services: Services::new(config, workers),
+            enrich,
         }
     }
 
@@ -147,7 +153,15 @@ impl Chain {
         if !self.services.admit(service, now_ns) {
             return (outcome, None);
         }
-        let key = stream.or(own).unwrap_or_else(|| self.services.table.name(service));
+        let name = own.unwrap_or_else(|| self.services.table.name(service));
+        let key = stream.unwrap_or(name);
+        // Records that are JSON objects: their source's format is JSON and they parsed.
+        let json = outcome.failure.is_none() && decode != Decode::Line(Format::Text);
+        let body = if json && !self.enrich.is_empty() {
+            self.enrich.apply(body, service, name)
+        } else {
+            body
+        };
         (outcome, Some(Admitted { service, key, body }))
     }
 }

@@ -133,9 +133,6 @@ impl ClickHouse {
     }
 }
 
-
-
-
 /// Appends `bytes` as a JSON string: `"` `\` and bytes below 0x20 escaped, others as they are.
 pub fn push_json_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');

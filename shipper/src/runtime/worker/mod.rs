@@ -78,13 +78,21 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(index: usize, config: Arc<ShipperConfig>) -> std::io::Result<Worker> {
+    pub fn new(
+        index: usize,
+        config: Arc<ShipperConfig>,
+        feeds: &[Arc<crate::transforms::enrich::feed::Feed>],
+    ) -> std::io::Result<Worker> {
         let b = &config.batch;
         let clock = Clock::start();
         Ok(Worker {
             index,
             clock,
-            chain: Chain::new(&config.ratelimit, config.shipper.workers),
+            chain: Chain::new(
+                &config.ratelimit,
+                crate::transforms::enrich::Enrich::new(&config.transforms.enrich, feeds),
+                config.shipper.workers,
+            ),
             batches: [0, 1]
                 .map(|_| BatchBuilder::new(b.batch_bytes_max as usize, b.batch_events_max)),
             zstd: compressor(b.zstd_level, b.zstd_hash_log)?,
@@ -243,6 +251,7 @@ impl Worker {
             publish(&mut c);
         }
         c.services = self.chain.services.counters.clone();
+        c.enrich = self.chain.enrich.counters(&self.config.transforms.enrich);
         c.delivery = self.delivery.counters.clone();
         c
     }

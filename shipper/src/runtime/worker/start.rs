@@ -68,6 +68,8 @@ pub struct WorkerPlan {
     pub reports: Sender<DemandReport>,
     pub shares: Receiver<Shares>,
     pub stop: watch::Receiver<bool>,
+    /// The enrichments' fetched values.
+    pub feeds: Vec<Arc<crate::transforms::enrich::feed::Feed>>,
 }
 
 /// Runs the worker on the current thread until it has stopped.
@@ -82,7 +84,7 @@ pub fn run(plan: WorkerPlan) -> anyhow::Result<()> {
 }
 
 async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
-    let worker = Rc::new(RefCell::new(Worker::new(plan.index, plan.config.clone())?));
+    let worker = Rc::new(RefCell::new(Worker::new(plan.index, plan.config.clone(), &plan.feeds)?));
     for pipe in plan.pipes {
         start_pipe(&worker, pipe, &plan.config, &plan.stop);
     }
