@@ -145,6 +145,7 @@ impl Chain {
             s
         });
         if !self.services.admit(service, now_ns) {
+            outcome.dropped = true;
             return (outcome, None);
         }
         let key = stream.or(own).unwrap_or_else(|| self.services.table.name(service));
