@@ -252,6 +252,8 @@ impl<I: Intake> Conn<I> {
         let timeout = self.source.settings.handshake_timeout;
         match tls_handshake(stream, rustls::Connection::Server(server), timeout).await {
             Ok(t) => Ok(Wire::Tls(t)),
+            // A peer that closes during the handshake (a port probe) failed nothing.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(End::Closed),
             Err(e) => {
                 let failure = if e.kind() == io::ErrorKind::TimedOut {
                     Handshake::Timeout
@@ -285,6 +287,8 @@ impl<I: Intake> Conn<I> {
         let timeout = self.source.settings.handshake_timeout;
         let ping = match tokio::time::timeout(timeout, self.next_message(wire, inbound)).await {
             Ok(Ok(len)) => len,
+            // A peer that closes before sending anything (a port probe) failed nothing.
+            Ok(Err(End::Closed)) if inbound.carry.is_empty() => return Err(End::Closed),
             Ok(Err(end)) => {
                 self.handshake_failed(Handshake::SharedKey, "no PING");
                 return Err(end);
