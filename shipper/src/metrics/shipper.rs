@@ -627,10 +627,13 @@ fn render_reasons(workers: &[ShipperCounters], out: &mut Exposition) {
     );
 }
 
+/// A forward family with a second label: (name, help, label, its values, the counts by value).
+type ForwardFamily<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], fn(&ForwardCounters) -> &[u64]);
+
 /// The forward sources' families with a second label: messages by mode, refusals and
 /// failed handshakes by reason.
 fn render_forward_reasons(workers: &[ShipperCounters], out: &mut Exposition) {
-    let families: [(&str, &str, &str, &[&str], fn(&ForwardCounters) -> &[u64]); 3] = [
+    let families: [ForwardFamily<'_>; 3] = [
         (
             "shipper_forward_messages_received_total",
             "Messages handed over, by mode.",

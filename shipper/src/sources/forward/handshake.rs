@@ -67,15 +67,17 @@ pub fn answer(
 }
 
 /// A PING's host name, salt and proof.
-fn read_ping(ping: &[u8]) -> Result<(&[u8], &[u8], &[u8]), PingError> {
+type Ping<'a> = (&'a [u8], &'a [u8], &'a [u8]);
+
+fn read_ping(ping: &[u8]) -> Result<Ping<'_>, PingError> {
     fn text<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], PingError> {
-        match r.next()? {
+        match r.read()? {
             Item::Str(s) | Item::Bin(s) => Ok(s),
             _ => Err(PingError::NotPing),
         }
     }
     let mut r = Reader::new(ping);
-    if r.next()? != Item::Array(6) || text(&mut r)? != b"PING" {
+    if r.read()? != Item::Array(6) || text(&mut r)? != b"PING" {
         return Err(PingError::NotPing);
     }
     Ok((text(&mut r)?, text(&mut r)?, text(&mut r)?))
@@ -128,13 +130,13 @@ mod tests {
         let (client, pong) = answer(&good, &nonce, b"secret", b"agg").unwrap();
         assert_eq!(client, "edge-1");
         let mut r = Reader::new(&pong);
-        assert_eq!(r.next(), Ok(Item::Array(5)));
-        assert_eq!(r.next(), Ok(Item::Str(b"PONG")));
-        assert_eq!(r.next(), Ok(Item::Bool(true)));
-        assert_eq!(r.next(), Ok(Item::Str(b"")));
-        assert_eq!(r.next(), Ok(Item::Str(b"agg")));
+        assert_eq!(r.read(), Ok(Item::Array(5)));
+        assert_eq!(r.read(), Ok(Item::Str(b"PONG")));
+        assert_eq!(r.read(), Ok(Item::Bool(true)));
+        assert_eq!(r.read(), Ok(Item::Str(b"")));
+        assert_eq!(r.read(), Ok(Item::Str(b"agg")));
         let ours = proof(b"salt", b"agg", &nonce, b"secret");
-        assert_eq!(r.next(), Ok(Item::Str(ours.as_bytes())));
+        assert_eq!(r.read(), Ok(Item::Str(ours.as_bytes())));
     }
 
     #[test]
@@ -145,10 +147,10 @@ mod tests {
         assert_eq!(e, PingError::KeyMismatch);
         let mut r = Reader::new(&pong);
         assert_eq!(
-            (r.next(), r.next(), r.next()),
+            (r.read(), r.read(), r.read()),
             (Ok(Item::Array(5)), Ok(Item::Str(b"PONG")), Ok(Item::Bool(false)))
         );
-        assert_eq!(r.next(), Ok(Item::Str(b"shared_key mismatch")));
+        assert_eq!(r.read(), Ok(Item::Str(b"shared_key mismatch")));
         let (e, _) = answer(&[0x93, 0xa1, b'x', 0x01, 0x02], &nonce, b"k", b"a").unwrap_err();
         assert_eq!(e, PingError::NotPing);
         let (e, _) = answer(&[0x96, 0xa4], &nonce, b"k", b"a").unwrap_err();

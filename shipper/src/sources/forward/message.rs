@@ -109,16 +109,16 @@ pub struct Message<'a> {
 /// `[tag, [[time, record], ...], option?]` or `[tag, packed entries, option?]`.
 pub fn parse(bytes: &[u8]) -> Result<Message<'_>, Refused> {
     let mut r = Reader::new(bytes);
-    let Item::Array(len @ 2..=4) = r.next()? else {
+    let Item::Array(len @ 2..=4) = r.read()? else {
         return Err(Refused::Shape("not an array of 2 to 4 items"));
     };
-    let tag = match r.next()? {
+    let tag = match r.read()? {
         Item::Str(t) | Item::Bin(t) => t,
         _ => return Err(Refused::Shape("the tag is not a string")),
     };
-    let second = r.clone();
-    let (mode, entries, rest) = match r.next()? {
-        Item::Array(n) if len <= 3 => (Mode::Forward, Entries::Array(r.clone(), n), len - 2),
+    let second = r;
+    let (mode, entries, rest) = match r.read()? {
+        Item::Array(n) if len <= 3 => (Mode::Forward, Entries::Array(r, n), len - 2),
         Item::Str(p) | Item::Bin(p) if len <= 3 => {
             (Mode::PackedForward, Entries::Packed(p), len - 2)
         }
@@ -156,17 +156,17 @@ struct Options<'a> {
 /// are skipped; nil is no option.
 fn options<'a>(r: &mut Reader<'a>) -> Result<Options<'a>, Refused> {
     let mut o = Options::default();
-    let n = match r.next()? {
+    let n = match r.read()? {
         Item::Map(n) => n,
         Item::Nil => return Ok(o),
         _ => return Err(Refused::Shape("the option is not a map")),
     };
     for _ in 0..n {
-        let key = match r.next()? {
+        let key = match r.read()? {
             Item::Str(k) | Item::Bin(k) => k,
             _ => return Err(Refused::Shape("an option key is not a string")),
         };
-        match (key, r.next()?) {
+        match (key, r.read()?) {
             (b"chunk", Item::Str(c) | Item::Bin(c)) if c.len() <= CHUNK_BYTES_MAX => {
                 o.chunk = Some(c)
             }
@@ -246,7 +246,7 @@ impl Message<'_> {
         let mut one = |r: &mut Reader<'_>, pair: bool| -> Result<(), Refused> {
             json.clear();
             if pair {
-                let Item::Array(2) = r.next()? else {
+                let Item::Array(2) = r.read()? else {
                     return Err(Refused::Shape("an entry is not [time, record]"));
                 };
             }
@@ -315,7 +315,7 @@ fn entry(
         }
         Some(t) => t,
     };
-    let Item::Map(n) = r.next()? else {
+    let Item::Map(n) = r.read()? else {
         return Err(Refused::Shape("a record is not a map"));
     };
     json.push(b'{');
@@ -349,9 +349,9 @@ fn entry(
 /// An entry's time: integer seconds, a float, an EventTime, or `[time, metadata]` (Fluent
 /// Bit's event format 2); `None` for nil.
 fn time(r: &mut Reader<'_>) -> Result<Option<(u64, Option<u32>)>, Refused> {
-    match r.next()? {
+    match r.read()? {
         Item::Array(2) => {
-            let t = scalar_time(r.next()?)?;
+            let t = scalar_time(r.read()?)?;
             r.skip(2)?;
             Ok(t)
         }

@@ -172,7 +172,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next head; a truncated one is an error (the buffer is all there is).
-    pub fn next(&mut self) -> Result<Item<'a>, Malformed> {
+    pub fn read(&mut self) -> Result<Item<'a>, Malformed> {
         let rest = &self.buf[self.pos..];
         match head(rest)? {
             Head::Whole(n) => {
@@ -191,7 +191,7 @@ impl<'a> Reader<'a> {
     }
 
     fn skip_value(&mut self, depth: usize) -> Result<(), Malformed> {
-        let items = match self.next()? {
+        let items = match self.read()? {
             Item::Array(n) => u64::from(n),
             Item::Map(n) => 2 * u64::from(n),
             _ => return Ok(()),
@@ -208,7 +208,7 @@ impl<'a> Reader<'a> {
     /// Writes the next value as JSON into `out` (see the module docs), at nesting `depth`;
     /// fails on malformed input, or with `Ok(false)` once `out` passes `max` bytes.
     pub fn json(&mut self, depth: usize, out: &mut Vec<u8>, max: usize) -> Result<bool, Malformed> {
-        let value = self.next()?;
+        let value = self.read()?;
         match value {
             Item::Array(n) | Item::Map(n) if depth + 1 > DEPTH_MAX && n > 0 => {
                 return Err(Malformed::TooDeep)
@@ -244,7 +244,7 @@ impl<'a> Reader<'a> {
 
     /// Writes a map key and its colon: a string as is, a scalar as its JSON text in quotes.
     pub fn json_key(&mut self, out: &mut Vec<u8>) -> Result<bool, Malformed> {
-        match self.next()? {
+        match self.read()? {
             Item::Str(s) | Item::Bin(s) => json_string(s, out),
             Item::Array(_) | Item::Map(_) => return Err(Malformed::ContainerKey),
             scalar => {
@@ -430,7 +430,10 @@ mod tests {
         rmp::encode::write_str(&mut m, "t").unwrap();
         rmp::encode::write_ext_meta(&mut m, 8, 0).unwrap();
         m.extend_from_slice(&[0x65, 0x53, 0xf1, 0x00, 0, 0, 0, 5]);
-        let want = r#"{"s":"a\"\\\n\u0001é","n":-300,"1":1.5,"bin":"ok�","a":[null,true,null],"t":"2023-11-14T22:13:20.000000005Z"}"#;
+        let want = concat!(
+            r#"{"s":"a\"\\\n\u0001é","n":-300,"1":1.5,"bin":"ok�","a":[null,true,null],"#,
+            r#""t":"2023-11-14T22:13:20.000000005Z"}"#
+        );
         assert_eq!(json(&m).unwrap(), want);
     }
 

@@ -115,7 +115,14 @@ fn admit<I: Intake>(
             if let Some(n) = evicted.to_log {
                 let idle_ms = now.saturating_sub(evicted.open.active_ns) / 1_000_000;
                 let (source, peer) = (&fc.source, evicted.open.peer);
-                tracing::warn!(%source, %peer, idle_ms, evicted = n, max, "connections_max connections open: closed the longest-idle one to make room");
+                tracing::warn!(
+                    %source,
+                    %peer,
+                    idle_ms,
+                    evicted = n,
+                    max,
+                    "connections_max connections open: closed the longest-idle one to make room"
+                );
             }
         }
     }
