@@ -275,3 +275,27 @@ fn garbage_closes_its_connection_only_and_handshakes_are_checked() {
     assert_eq!(m("shipper_forward_chunks_acked_total", &[]), 4.0);
     assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
 }
+
+#[test]
+fn a_chunk_whose_records_the_rate_limit_dropped_is_still_acknowledged() {
+    let env = Env::new();
+    let (port, rm, sm, fwd) = (free_port(), free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let limited = "[ratelimit.services.limited]\nrate = 1\nburst = 1\n";
+    let mut shipper = start_shipper(&env, port, sm, &(forward_toml("fwd", fwd, "") + limited));
+    wait_listening(&mut shipper, fwd);
+    let mut c = Client::connect(fwd);
+    // Most of these records are dropped, the last one surely: nothing holds it, no wait.
+    c.send("forward", "limited", &entries("forward", 20), Some("r1"));
+    assert_eq!(c.ack(20.0).as_deref(), Some("r1"));
+    let dropped =
+        ("shipper_lines_dropped_total", [("service", "limited"), ("reason", "ratelimit")]);
+    let sm = shipper.metrics;
+    shipper.wait_alive("every record admitted or dropped", || {
+        let text = scrape_ok(sm);
+        let written = stream(&env, "limited").len() as f64;
+        metric(&text, dropped.0, &dropped.1) + written == 20.0
+    });
+    assert!(shipper.metric(dropped.0, &dropped.1) >= 18.0, "the rate limit dropped most");
+    assert!(shipper.stop(LIMIT).success(), "{}", shipper.log_text());
+}
