@@ -21,7 +21,7 @@ pub const RECORD_BYTES_LIMIT: u64 = 16 << 20;
 #[serde(deny_unknown_fields)]
 pub struct ForwardSource {
     /// Name of the source in metrics (`source` label) and logs; unique among forward sources.
-    /// Also the service of records whose tag is empty.
+    /// Also the service of records whose tag is empty. Required.
     pub name: String,
     /// `ip:port` to listen on. Required (Fluentd's port is 24224).
     pub address: String,
