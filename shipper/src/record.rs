@@ -36,4 +36,7 @@ pub struct Outcome {
     /// of the failure in the source kind's failure list (`parse::Failure` for lines,
     /// `syslog::Failure` for socket messages).
     pub failure: Option<u8>,
+    /// The chain dropped the record (rate limit): no frame holds it, and its mark is not
+    /// registered (a source that waits for its records' frames must not wait for this one).
+    pub dropped: bool,
 }

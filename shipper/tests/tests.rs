@@ -20,6 +20,10 @@ mod failover;
 /// Log files followed through rotation (rename, copy-and-truncate) and SIGKILL, with positions;
 /// over-long and unfinished last lines.
 mod file;
+/// Fluentd's forward protocol from real clients (fluent-logger, msgpack): every mode, acks
+/// only once the receiver wrote the records, resent chunks written once, garbage and bad
+/// handshakes closing their connection only.
+mod forward;
 /// Hostile input and peers: over-long names, floods of connections, exhausted descriptors,
 /// idle peers, slow scrapers, panics; the next good record still arrives, and it is counted.
 mod hostile;

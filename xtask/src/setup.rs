@@ -16,6 +16,8 @@
 //!
 //! `cargo xtask setup` runs both parts. When everything is there, it costs a handful of
 //! `command -v` and `dpkg -s` probes.
+//!
+//! The tests' Python clients ([`PYPI`]) go into a venv under `.tools/` ([`for_tests`]).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -59,7 +61,56 @@ const TEST_PACKAGES: &[Package] = &[
     // The package test builds the .deb from the test build's binary.
     ("dpkg-shlibdeps", "dpkg-dev"),
     ("strip", "binutils"),
+    // The tests' Python clients live in a venv (PYPI); the enrichment test serves its
+    // values with Python's own HTTP server.
+    ("python3", "python3"),
+    ("dpkg:python3-venv", "python3-venv"),
 ];
+
+/// Python packages the tests use, pinned, installed into [`venv_dir`] from PyPI: one line per
+/// package, so a test that needs another adds its line.
+pub const PYPI: &[&str] = &[
+    // The forward source's tests: Fluentd's own Python client (Message mode)...
+    "fluent-logger==0.11.1",
+    // ...and MessagePack for the other modes, chunk acks and the shared-key handshake.
+    "msgpack==1.2.4",
+];
+
+/// The tests' Python environment: `<workspace>/.tools/venv` (its `bin/python`).
+pub fn venv_dir() -> PathBuf {
+    tools_dir().join("venv")
+}
+
+/// Creates the venv if it is missing and installs the [`PYPI`] packages not there at their
+/// pinned versions (one probe of the installed versions when all are).
+fn install_pypi() -> anyhow::Result<()> {
+    let venv = venv_dir();
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        crate::run("python3", &["-m", "venv", venv.to_str().expect("workspace path is UTF-8")])?;
+    }
+    let probe = "import sys, importlib.metadata as m\n\
+                 for spec in sys.argv[1:]:\n\
+                 \x20   name, version = spec.split('==')\n\
+                 \x20   try:\n\
+                 \x20       ok = m.version(name) == version\n\
+                 \x20   except m.PackageNotFoundError:\n\
+                 \x20       ok = False\n\
+                 \x20   if not ok:\n\
+                 \x20       print(spec)\n";
+    let out = Command::new(&python).arg("-c").arg(probe).args(PYPI).output()?;
+    if !out.status.success() {
+        bail!("{}: {}", python.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let missing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let missing: Vec<&str> = missing.lines().collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut args = vec!["-m", "pip", "install", "--disable-pip-version-check", "-q"];
+    args.extend(&missing);
+    crate::run(python.to_str().expect("workspace path is UTF-8"), &args)
+}
 
 /// bpf-linker, pinned: 0.13.0 is the release that links with LLVM 22.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -106,6 +157,7 @@ fn for_tests() -> anyhow::Result<()> {
         bail!("the fuzz targets need a nightly toolchain (`rustup toolchain install nightly`)");
     }
     install(TEST_PACKAGES)?;
+    install_pypi()?;
     for (peer, why) in peers() {
         println!("perf peer {peer} skipped: {why}");
     }

@@ -9,6 +9,7 @@
 //! Every field's unit and default are in its doc comment and in `docs/config.md`.
 
 pub mod enrich;
+pub mod forward;
 pub mod receiver;
 pub mod shipper;
 pub mod socket;

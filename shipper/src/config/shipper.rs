@@ -132,6 +132,8 @@ pub struct Sources {
     pub socket: Vec<super::socket::SocketSource>,
     #[serde(default)]
     pub file: Vec<FileSource>,
+    #[serde(default)]
+    pub forward: Vec<super::forward::ForwardSource>,
 }
 
 /// Where a journal source starts when it has no checkpoint.
@@ -691,6 +693,9 @@ impl Validate for ShipperConfig {
         }
         for (i, file) in self.sources.file.iter().enumerate() {
             file.check(i, &self.sources.file, s.workers, p);
+        }
+        for (i, forward) in self.sources.forward.iter().enumerate() {
+            forward.check(i, &self.sources.forward, s.workers, p);
         }
         self.ratelimit.check(p);
         for (i, e) in self.transforms.enrich.iter().enumerate() {

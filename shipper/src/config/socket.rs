@@ -14,6 +14,26 @@ pub const MESSAGE_BYTES_LIMIT: u64 = 16 << 20;
 /// Default `idle_timeout_ms` of a TCP source (10 minutes).
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 600_000;
 
+/// Default `connections_max` of a TCP source.
+pub const CONNECTIONS_MAX_DEFAULT: u64 = 256;
+
+/// Checks the connection limits every TCP-based source shares (`sources.socket` with
+/// `transport = "tcp"`, `sources.forward`): `connections_max` and `idle_timeout_ms`, where
+/// `at` names a key of the source's table.
+pub(crate) fn check_connection_limits(
+    connections_max: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    at: impl Fn(&'static str) -> Vec<Seg>,
+    p: &mut Problems,
+) {
+    if let Some(n) = connections_max {
+        p.range(n, 1, 65_536, &at("connections_max"));
+    }
+    if let Some(ms) = idle_timeout_ms {
+        p.range(ms, 100, 86_400_000, &at("idle_timeout_ms"));
+    }
+}
+
 /// How the bytes reach the shipper.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -136,7 +156,7 @@ impl SocketSource {
     }
 
     pub fn connections_max_or_default(&self) -> usize {
-        self.connections_max.unwrap_or(256) as usize
+        self.connections_max.unwrap_or(CONNECTIONS_MAX_DEFAULT) as usize
     }
 
     pub fn idle_timeout_or_default(&self) -> std::time::Duration {
@@ -182,14 +202,13 @@ impl SocketSource {
         if self.framing.is_some() {
             p.check(tcp, &at("framing"), || format!("only for transport tcp, not {t}"));
         }
-        if let Some(n) = self.connections_max {
+        if self.connections_max.is_some() {
             p.check(tcp, &at("connections_max"), || format!("only for transport tcp, not {t}"));
-            p.range(n, 1, 65_536, &at("connections_max"));
         }
-        if let Some(ms) = self.idle_timeout_ms {
+        if self.idle_timeout_ms.is_some() {
             p.check(tcp, &at("idle_timeout_ms"), || format!("only for transport tcp, not {t}"));
-            p.range(ms, 100, 86_400_000, &at("idle_timeout_ms"));
         }
+        check_connection_limits(self.connections_max, self.idle_timeout_ms, |k| at(k).into(), p);
         p.range(self.receive_buffer_bytes, 4096, 1 << 30, &at("receive_buffer_bytes"));
         p.range(self.message_bytes_max, 256, MESSAGE_BYTES_LIMIT, &at("message_bytes_max"));
         let service = self.service_name();

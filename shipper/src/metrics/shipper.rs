@@ -5,6 +5,8 @@ use crate::sinks::delivery::health::DestinationCounters;
 use crate::sinks::delivery::DeliveryCounters;
 use crate::sinks::delivery::SealReason;
 use crate::sources::file::FileCounters;
+use crate::sources::forward::message::{Cut, Mode};
+use crate::sources::forward::{ForwardCounters, Handshake};
 use crate::sources::journal::JournalCounters;
 use crate::sources::pipe::SourceCounters;
 use crate::sources::socket::SocketCounters;
@@ -21,6 +23,7 @@ pub struct ShipperCounters {
     pub journals: Vec<JournalCounters>,
     pub files: Vec<FileCounters>,
     pub sockets: Vec<SocketCounters>,
+    pub forwards: Vec<ForwardCounters>,
     pub services: Vec<ServiceCounters>,
     pub delivery: DeliveryCounters,
     pub frames_acked: u64,
@@ -54,6 +57,7 @@ impl ShipperCounters {
             journals: Vec::new(),
             files: Vec::new(),
             sockets: Vec::new(),
+            forwards: Vec::new(),
             services: Vec::new(),
             delivery: Default::default(),
             frames_acked: 0,
@@ -232,6 +236,73 @@ const PER_SOCKET: &[Series<SocketCounters>] = &[
     ),
     ("shipper_socket_read_errors_total", "counter", "Failed socket reads and accepts.", |s| {
         s.read_errors
+    }),
+];
+
+const PER_FORWARD: &[Series<ForwardCounters>] = &[
+    ("shipper_forward_connections_accepted_total", "counter", "Connections accepted.", |f| {
+        f.connections_accepted
+    }),
+    ("shipper_forward_connections_closed_total", "counter", "Connections closed.", |f| {
+        f.connections_closed
+    }),
+    (
+        "shipper_forward_connections_evicted_total",
+        "counter",
+        "Longest-idle connections closed to make room for a new one: connections_max open.",
+        |f| f.connections_evicted,
+    ),
+    (
+        "shipper_forward_connections_idle_closed_total",
+        "counter",
+        "Connections closed after sending nothing for idle_timeout_ms.",
+        |f| f.connections_idle_closed,
+    ),
+    ("shipper_forward_connections_open", "gauge", "Connections open.", |f| f.connections_open),
+    ("shipper_forward_bytes_received_total", "counter", "Bytes of messages handed over.", |f| {
+        f.bytes_received
+    }),
+    ("shipper_forward_records_received_total", "counter", "Records handed over.", |f| {
+        f.records_received
+    }),
+    ("shipper_forward_keys_truncated_total", "counter", "Tags cut to 255 bytes.", |f| {
+        f.keys_truncated
+    }),
+    (
+        "shipper_forward_messages_malformed_total",
+        "counter",
+        "Connections closed for bytes that are not a forward message.",
+        |f| f.messages_malformed,
+    ),
+    (
+        "shipper_forward_messages_partial_total",
+        "counter",
+        "Messages unfinished when their connection closed: not acknowledged.",
+        |f| f.messages_partial,
+    ),
+    ("shipper_forward_chunks_acked_total", "counter", "Acks written to clients.", |f| {
+        f.chunks_acked
+    }),
+    (
+        "shipper_forward_chunks_resent_total",
+        "counter",
+        "Chunks seen again: answered when the first copy settled, not handed over again.",
+        |f| f.chunks_resent,
+    ),
+    (
+        "shipper_forward_chunks_forgotten_total",
+        "counter",
+        "Acknowledged chunk ids forgotten to make room (chunks_max).",
+        |f| f.chunks_forgotten,
+    ),
+    (
+        "shipper_forward_chunks_table_full_total",
+        "counter",
+        "Times a chunk waited: every remembered chunk id was still pending (chunks_max).",
+        |f| f.chunks_table_full,
+    ),
+    ("shipper_forward_read_errors_total", "counter", "Failed reads and accepts.", |f| {
+        f.read_errors
     }),
 ];
 
@@ -517,6 +588,14 @@ pub fn render(workers: &[ShipperCounters], out: &mut Exposition) {
         "source",
     );
     render_socket_info(workers, out);
+    families(
+        out,
+        workers,
+        PER_FORWARD,
+        |c| c.forwards.iter().map(|f| (f.source.as_str(), f)).collect(),
+        "source",
+    );
+    render_forward_reasons(workers, out);
     render_followed(workers, out);
     families(out, workers, PER_WORKER, |c| vec![("", c)], "");
     families(
@@ -555,6 +634,50 @@ fn render_reasons(workers: &[ShipperCounters], out: &mut Exposition) {
         ("service", DropReason::ALL.map(DropReason::label)),
         |c| c.services.iter().map(|s| (s.service.as_str(), s.lines_dropped)).collect(),
     );
+}
+
+/// A forward family with a second label: (name, help, label, its values, the counts by value).
+type ForwardFamily<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], fn(&ForwardCounters) -> &[u64]);
+
+/// The forward sources' families with a second label: messages by mode, refusals and
+/// failed handshakes by reason.
+fn render_forward_reasons(workers: &[ShipperCounters], out: &mut Exposition) {
+    let families: [ForwardFamily<'_>; 3] = [
+        (
+            "shipper_forward_messages_received_total",
+            "Messages handed over, by mode.",
+            "mode",
+            &Mode::ALL.map(Mode::label),
+            |f| &f.messages,
+        ),
+        (
+            "shipper_forward_messages_cut_total",
+            "Messages refused whole over a limit (their connections closed), by limit.",
+            "reason",
+            &Cut::ALL.map(Cut::label),
+            |f| &f.messages_cut,
+        ),
+        (
+            "shipper_forward_handshakes_failed_total",
+            "Connections closed for a failed TLS or shared-key handshake, by reason.",
+            "reason",
+            &Handshake::ALL.map(Handshake::label),
+            |f| &f.handshakes_failed,
+        ),
+    ];
+    for (name, help, label, values, counts) in families {
+        out.family(name, "counter", help);
+        for c in workers {
+            let core = c.worker.to_string();
+            for f in &c.forwards {
+                for (value, n) in values.iter().zip(counts(f)) {
+                    let labels =
+                        [("core", core.as_str()), ("source", f.source.as_str()), (label, value)];
+                    out.sample(name, &labels, *n as f64);
+                }
+            }
+        }
+    }
 }
 
 /// Lines admitted per service.

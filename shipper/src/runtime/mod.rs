@@ -34,7 +34,9 @@ use crate::metrics::{http, scrape, Registry, PUBLISH_INTERVAL_MS};
 use crate::notify::Notifier;
 use crate::signals;
 use crate::sinks::delivery::connection::Target;
-use worker::start::{FileHandle, JournalHandle, PipeHandle, SocketHandle, WorkerPlan};
+use worker::start::{
+    FileHandle, ForwardHandle, JournalHandle, PipeHandle, SocketHandle, WorkerPlan,
+};
 
 /// Runs the shipper until SIGTERM/SIGINT; returns once every worker has flushed or given up.
 pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
@@ -54,6 +56,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     // Held for the life of the run: the kernel's drops on these sockets are counted.
     let mut watches = Vec::new();
     let sockets = bind_sockets(&config, &mut watches)?;
+    let forwards = bind_forwards(&config)?;
     drop_capabilities(&kernel)?;
     if kernel.lock().expect("kernel counters poisoned").state == crate::ebpf::State::Attached {
         copy_kernel_counters(kernel.clone())?;
@@ -64,7 +67,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let (report_tx, report_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (exit_tx, exit_rx) = mpsc::channel::<Event>();
-    let plans = Plans { pipes, journals, files, sockets, targets, registry };
+    let plans = Plans { pipes, journals, files, sockets, forwards, targets, registry };
     let feeds = start_feeds(&config)?;
     let shared = Shared { reports: report_tx.clone(), stop: stop_rx, exit: exit_tx.clone(), feeds };
     let (handles, share_txs) = spawn_workers(&config, plans, &shared)?;
@@ -145,6 +148,7 @@ struct Plans {
     journals: Vec<Vec<JournalHandle>>,
     files: Vec<Vec<FileHandle>>,
     sockets: Vec<Vec<SocketHandle>>,
+    forwards: Vec<Vec<ForwardHandle>>,
     targets: Vec<Arc<Target>>,
     registry: Arc<Registry<ShipperCounters>>,
 }
@@ -178,9 +182,9 @@ fn spawn_workers(
     let cpus = core_affinity::get_core_ids().unwrap_or_default();
     let mut share_txs = Vec::new();
     let mut handles = Vec::new();
-    let Plans { pipes, journals, files, sockets, targets, registry } = plans;
-    let per_worker = pipes.into_iter().zip(journals).zip(files).zip(sockets);
-    for (index, (((pipes, journals), files), sockets)) in per_worker.enumerate() {
+    let Plans { pipes, journals, files, sockets, forwards, targets, registry } = plans;
+    let per_worker = pipes.into_iter().zip(journals).zip(files).zip(sockets).zip(forwards);
+    for (index, ((((pipes, journals), files), sockets), forwards)) in per_worker.enumerate() {
         let (share_tx, share_rx) = mpsc::channel();
         share_txs.push(share_tx);
         let pin = config.shipper.pin_workers && !cpus.is_empty();
@@ -191,6 +195,7 @@ fn spawn_workers(
             journals,
             files,
             sockets,
+            forwards,
             config: config.clone(),
             targets: targets.clone(),
             registry: registry.clone(),
@@ -314,6 +319,46 @@ fn bind_sockets(
                 }
             }
             out[worker].push(SocketHandle { config_index: i, bound: b });
+        }
+    }
+    Ok(out)
+}
+
+/// Binds every forward source's port on the main thread (a taken port or unreadable
+/// certificate fails start-up with its name), on every worker (SO_REUSEPORT) unless `worker`
+/// is set, and makes each source's chunk table, shared by its workers.
+fn bind_forwards(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<ForwardHandle>>> {
+    use crate::config::socket::Transport;
+    use crate::sources::socket::{bind_inet, Bound, Inet};
+    let workers = config.shipper.workers;
+    let mut out: Vec<Vec<ForwardHandle>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, f) in config.sources.forward.iter().enumerate() {
+        let tls = match &f.tls {
+            Some(t) => Some(Arc::new(
+                crate::tls::listener_config(&t.cert, &t.key, t.ca.as_deref())
+                    .with_context(|| format!("sources.forward[{i}].tls"))?,
+            )),
+            None => None,
+        };
+        let registry = crate::sources::forward::chunks::Registry::new(f.chunks_max as usize);
+        let self_hostname =
+            f.self_hostname.clone().unwrap_or_else(crate::sources::forward::handshake::hostname);
+        let owners: Vec<usize> = f.worker.map_or_else(|| (0..workers).collect(), |w| vec![w]);
+        let addr = f.socket_addr().context("validated address")?;
+        let inet =
+            Inet { name: &f.name, transport: Transport::Tcp, addr, receive_buffer_bytes: 4 << 20 };
+        let bound = bind_inet(&inet, owners.len())?;
+        for (worker, b) in owners.into_iter().zip(bound) {
+            tracing::info!(source = %f.name, local = %b.local, worker, "forward source bound");
+            let Bound::Listener(listener) = b.socket else { unreachable!("tcp binds listeners") };
+            out[worker].push(ForwardHandle {
+                config_index: i,
+                listener,
+                local: b.local,
+                tls: tls.clone(),
+                registry: registry.clone(),
+                self_hostname: self_hostname.clone(),
+            });
         }
     }
     Ok(out)

@@ -5,7 +5,9 @@
 //! acknowledged.
 //! A source owns its counters; the worker only copies them when it publishes.
 
+pub mod connections;
 pub mod file;
+pub mod forward;
 pub mod journal;
 pub mod lines;
 pub mod persist;

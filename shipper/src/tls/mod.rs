@@ -3,7 +3,8 @@
 //!
 //! # Design constraints
 //! - TLS 1.3 only, the `ring` provider; the receiver requires a client certificate signed by
-//!   its CA, the shipper verifies the receiver's certificate chain and name.
+//!   its CA, the shipper verifies the receiver's certificate chain and name. A forward
+//!   source's port ([`listener_config`]) also takes TLS 1.2, for Fluentd's forwarders.
 
 pub mod pki;
 pub mod stream;
@@ -70,6 +71,29 @@ pub fn client_config(ca: &Path, cert: &Path, key_path: &Path) -> Result<ClientCo
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca)?)
         .with_client_auth_cert(certs(cert)?, key(key_path)?)?)
+}
+
+/// A listening source's side (`[[sources.forward]]` with `tls`): presents `cert`/`key`, TLS
+/// 1.2 or 1.3 (Fluentd's forward output speaks 1.2 by default); with `client_ca`, requires
+/// client certificates it signed.
+pub fn listener_config(
+    cert: &Path,
+    key_path: &Path,
+    client_ca: Option<&Path>,
+) -> Result<ServerConfig, TlsError> {
+    let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(&versions)?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                    .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(builder.with_single_cert(certs(cert)?, key(key_path)?)?)
 }
 
 /// The receiver's side: requires client certificates from `ca`, presents `cert`/`key`.

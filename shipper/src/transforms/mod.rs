@@ -151,6 +151,7 @@ impl Chain {
             s
         });
         if !self.services.admit(service, now_ns) {
+            outcome.dropped = true;
             return (outcome, None);
         }
         let name = own.unwrap_or_else(|| self.services.table.name(service));

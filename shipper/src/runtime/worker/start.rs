@@ -21,6 +21,9 @@ use crate::sinks::delivery::connection::{run_slot, Target};
 use crate::sources::file::positions::Positions;
 use crate::sources::file::source::Files;
 use crate::sources::file::FileCounters;
+use crate::sources::forward::chunks::{Acks, Registry as Chunks};
+use crate::sources::forward::run::{Forward, Settings};
+use crate::sources::forward::ForwardCounters;
 use crate::sources::journal::checkpoint::Checkpoint;
 use crate::sources::journal::source::Journal;
 use crate::sources::journal::JournalCounters;
@@ -54,6 +57,18 @@ pub struct SocketHandle {
     pub bound: BoundSocket,
 }
 
+/// A forward source's listener, bound by the main thread, with what its workers share.
+pub struct ForwardHandle {
+    pub config_index: usize,
+    pub listener: std::net::TcpListener,
+    pub local: String,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The source's chunk ids, shared by its workers.
+    pub registry: Arc<Chunks>,
+    /// The host name PONG gives.
+    pub self_hostname: String,
+}
+
 /// Everything a worker thread starts with.
 pub struct WorkerPlan {
     pub index: usize,
@@ -62,6 +77,7 @@ pub struct WorkerPlan {
     pub journals: Vec<JournalHandle>,
     pub files: Vec<FileHandle>,
     pub sockets: Vec<SocketHandle>,
+    pub forwards: Vec<ForwardHandle>,
     pub config: Arc<ShipperConfig>,
     pub targets: Vec<Arc<Target>>,
     pub registry: Arc<Registry<ShipperCounters>>,
@@ -104,6 +120,9 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     }
     for handle in plan.sockets {
         start_socket(&worker, handle, &plan.config, &plan.stop);
+    }
+    for handle in plan.forwards {
+        start_forward(&worker, handle, &plan.config, &plan.stop);
     }
     for target in &plan.targets {
         for _ in 0..plan.config.receivers.connections {
@@ -239,4 +258,51 @@ fn start_socket(
             tokio_uring::spawn(serve_tcp(socket, listener, limits, stop.clone()));
         }
     }
+}
+
+/// Registers a forward source with the worker (durable for chunks: its acks take the marks)
+/// and spawns its acceptor.
+fn start_forward(
+    worker: &Rc<RefCell<Worker>>,
+    handle: ForwardHandle,
+    config: &ShipperConfig,
+    stop: &watch::Receiver<bool>,
+) {
+    let cfg = &config.sources.forward[handle.config_index];
+    let acks = Rc::new(RefCell::new(Acks::new(handle.registry.clone())));
+    let local = handle.local;
+    let r = {
+        let mut w = worker.borrow_mut();
+        tracing::info!(core = w.index, source = %cfg.name, %local, "forward source listening");
+        let counters = ForwardCounters { source: cfg.name.clone(), local, ..Default::default() };
+        let marks = Some(acks.clone() as Rc<RefCell<dyn crate::sources::Marks>>);
+        // The tag is every record's key; an empty tag goes to the source's name.
+        w.add_source(Decode::Given, Some(&cfg.name), marks, counters, |out, c| {
+            out.forwards.push(c.clone());
+        })
+    };
+    let limits = crate::sources::forward::message::Limits {
+        entries_max: cfg.entries_max as usize,
+        decompressed_bytes_max: cfg.decompressed_bytes_max as usize,
+        record_bytes_max: cfg.record_bytes_max as usize,
+    };
+    let settings = Settings {
+        limits,
+        message_bytes_max: cfg.message_bytes_max as usize,
+        connections_max: cfg.connections_max_or_default(),
+        idle_timeout: cfg.idle_timeout_or_default(),
+        handshake_timeout: std::time::Duration::from_millis(cfg.handshake_timeout_ms),
+        tls: handle.tls,
+        shared_key: cfg.shared_key.as_ref().map(|k| k.as_bytes().to_vec()),
+        self_hostname: handle.self_hostname.into_bytes(),
+    };
+    let source = Forward {
+        intake: worker.clone(),
+        id: r.id,
+        counters: r.counters,
+        acks,
+        registry: handle.registry,
+        settings: Rc::new(settings),
+    };
+    tokio_uring::spawn(crate::sources::forward::run::serve(source, handle.listener, stop.clone()));
 }

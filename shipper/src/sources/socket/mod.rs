@@ -105,31 +105,47 @@ pub fn bind(cfg: &SocketSource, count: usize) -> Result<Vec<BoundSocket>, Socket
             Ok(vec![bind_unix(cfg, path)?])
         }
         Transport::Udp | Transport::Tcp => {
-            let mut addr = cfg.socket_addr().expect("validated: udp and tcp have an address");
-            let mut out = Vec::with_capacity(count);
-            for _ in 0..count {
-                let s = bind_inet(cfg, addr, count > 1)?;
-                // Port 0: the others join the port the kernel chose for the first.
-                addr = s.local.parse().expect("a formatted SocketAddr");
-                out.push(s);
-            }
-            Ok(out)
+            let addr = cfg.socket_addr().expect("validated: udp and tcp have an address");
+            let receive_buffer_bytes = cfg.receive_buffer_bytes;
+            let inet =
+                Inet { name: &cfg.name, transport: cfg.transport, addr, receive_buffer_bytes };
+            bind_inet(&inet, count)
         }
     }
 }
 
-fn bind_inet(
-    cfg: &SocketSource,
-    addr: SocketAddr,
-    reuse: bool,
-) -> Result<BoundSocket, SocketError> {
+/// What to bind for one inet source (a socket source, or a forward source's TCP port).
+pub struct Inet<'a> {
+    /// The source's name, for errors.
+    pub name: &'a str,
+    /// Udp or Tcp.
+    pub transport: Transport,
+    pub addr: SocketAddr,
+    /// SO_RCVBUF asked for, in bytes.
+    pub receive_buffer_bytes: u64,
+}
+
+/// Binds `count` sockets on `inet.addr`, with SO_REUSEPORT when more than one; with port 0
+/// the others join the port the kernel chose for the first. A TCP socket listens.
+pub fn bind_inet(inet: &Inet<'_>, count: usize) -> Result<Vec<BoundSocket>, SocketError> {
+    let mut addr = inet.addr;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let s = bind_one(inet, addr, count > 1)?;
+        addr = s.local.parse().expect("a formatted SocketAddr");
+        out.push(s);
+    }
+    Ok(out)
+}
+
+fn bind_one(inet: &Inet<'_>, addr: SocketAddr, reuse: bool) -> Result<BoundSocket, SocketError> {
     let err = |source| SocketError::Bind {
-        name: cfg.name.clone(),
-        transport: cfg.transport.label(),
+        name: inet.name.to_string(),
+        transport: inet.transport.label(),
         local: addr.to_string(),
         source,
     };
-    let tcp = cfg.transport == Transport::Tcp;
+    let tcp = inet.transport == Transport::Tcp;
     let ty = if tcp { Type::STREAM } else { Type::DGRAM };
     let socket = Socket::new(Domain::for_address(addr), ty, None).map_err(err)?;
     if reuse {
@@ -138,7 +154,7 @@ fn bind_inet(
     if tcp {
         socket.set_reuse_address(true).map_err(err)?;
     }
-    let _ = socket.set_recv_buffer_size(cfg.receive_buffer_bytes as usize);
+    let _ = socket.set_recv_buffer_size(inet.receive_buffer_bytes as usize);
     socket.bind(&addr.into()).map_err(err)?;
     if tcp {
         socket.listen(LISTEN_BACKLOG).map_err(err)?;
