@@ -383,3 +383,88 @@ fn since_now_skips_what_is_there_at_start() {
     assert!(received(&env) == (100..170).map(line).collect::<Vec<_>>());
     assert!(shipper.stop(Duration::from_secs(20)).success());
 }
+
+/// `multiline_start`: a stack trace is one record under the line that starts it, lines
+/// before the first start are a record of their own, a record over `line_bytes_max` loses
+/// the lines past it (counted as cut), and the last record goes after the idle time. Read
+/// back from a JSON files output, where a record's newlines are escaped.
+#[test]
+fn stack_traces_are_joined_under_the_line_that_starts_them() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let json = env.path("json");
+    let extra =
+        format!("\n[[outputs.file]]\nname = \"j\"\ndirectory = {json:?}\nformat = \"json\"\n");
+    let _receiver =
+        start_receiver_toml(&env, port, rm, &(env.receiver_toml(port, rm, "") + &extra));
+    let log: PathBuf = env.path("app.log");
+    let mut f = append(&log);
+    let extra = "format = \"text\"\nline_bytes_max = 128\npartial_line_ms = 200\n\
+                 multiline_start = '^\\d{4}-\\d{2}-\\d{2} '\n";
+    let mut shipper = start_shipper(&env, port, sm, &body(&[&log], &env.path("positions"), extra));
+    let frames: Vec<String> = (0..8).map(|i| format!("\tat frame{i}(Source.java:{i})")).collect();
+    writeln!(f, "  orphan continuation\n2026-12-01 boom\n{}\n{}", frames[0], frames[1]).unwrap();
+    writeln!(f, "2026-12-01 fine\n2026-12-01 long\n{}", frames.join("\n")).unwrap();
+    let records = || -> Vec<String> {
+        output_lines(&json)
+            .iter()
+            .map(|(_, l)| {
+                let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+                v["record"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    shipper.wait_alive("four records at the receiver", || records().len() >= 4);
+    let mut long = "2026-12-01 long".to_string();
+    for fr in &frames {
+        if long.len() + 1 + fr.len() <= 128 {
+            long = format!("{long}\n{fr}");
+        }
+    }
+    assert!(long.len() < "2026-12-01 long".len() + 8 * 25, "the long record was cut");
+    let boom = format!("2026-12-01 boom\n{}\n{}", frames[0], frames[1]);
+    let want = ["  orphan continuation", boom.as_str(), "2026-12-01 fine", long.as_str()];
+    assert_eq!(records(), want);
+    let text = lines_read(&mut shipper, sm, 4);
+    assert_eq!(metric(&text, "shipper_file_lines_joined_total", &[]), 10.0);
+    assert_eq!(metric(&text, "shipper_source_lines_truncated_total", &[]), 1.0);
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+}
+
+/// A binary file: pieces between newline bytes are records, those over `line_bytes_max` cut
+/// and counted; every byte otherwise arrives as it was.
+#[test]
+fn a_binary_file_is_read_as_cut_text_and_counted() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let log: PathBuf = env.path("blob.log");
+    let mut bytes = vec![0u8; 64 << 10];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in bytes.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = (x >> 56) as u8;
+    }
+    bytes.push(b'\n');
+    std::fs::write(&log, &bytes).unwrap();
+    let extra = "format = \"text\"\nservice = \"blob\"\nline_bytes_max = 256\n";
+    let mut shipper = start_shipper(&env, port, sm, &body(&[&log], &env.path("positions"), extra));
+    let pieces: Vec<&[u8]> = bytes[..bytes.len() - 1].split(|&b| b == b'\n').collect();
+    let kept: Vec<Vec<u8>> =
+        pieces.iter().filter(|p| !p.is_empty()).map(|p| p[..p.len().min(256)].to_vec()).collect();
+    let cut = pieces.iter().filter(|p| p.len() > 256).count();
+    assert!(cut > 0, "the random file has pieces over 256 bytes");
+    shipper
+        .wait_alive("every piece at the receiver", || output_lines(&env.out()).len() >= kept.len());
+    let got: Vec<Vec<u8>> = output_lines(&env.out()).into_iter().map(|(_, l)| l).collect();
+    assert_eq!(got, kept);
+    let text = lines_read(&mut shipper, sm, pieces.len());
+    assert_eq!(metric(&text, "shipper_source_lines_truncated_total", &[]), cut as f64);
+    assert_eq!(
+        metric(&text, "shipper_source_lines_empty_total", &[]),
+        (pieces.len() - kept.len()) as f64
+    );
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+}

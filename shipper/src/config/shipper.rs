@@ -292,6 +292,11 @@ pub struct FileSource {
     /// Default: 1024.
     #[serde(default = "default_files_max")]
     pub files_max: u64,
+    /// A regular expression (the `regex` crate's syntax, at most 1024 bytes): a line that
+    /// matches it starts a record, and the lines after it that do not are joined to it with
+    /// `\n` (stack traces). Default: none, every line a record.
+    #[serde(default)]
+    pub multiline_start: Option<String>,
     /// Worker that owns this source. Default: dealt round-robin after pipes and journals.
     #[serde(default)]
     pub worker: Option<usize>,
@@ -340,6 +345,16 @@ impl FileSource {
             });
         }
         p.range(self.line_bytes_max, 64, LINE_BYTES_LIMIT, &at("line_bytes_max"));
+        if let Some(re) = &self.multiline_start {
+            let bad = match regex::bytes::Regex::new(re) {
+                _ if re.len() > 1024 => Some("over 1024 bytes".to_string()),
+                Ok(_) => None,
+                Err(e) => Some(e.to_string().lines().last().unwrap_or("").trim().to_string()),
+            };
+            p.check(bad.is_none(), &at("multiline_start"), || {
+                format!("{re:?} is not a pattern: {}", bad.clone().unwrap_or_default())
+            });
+        }
         p.range(self.poll_interval_ms, 10, 60_000, &at("poll_interval_ms"));
         p.range(self.partial_line_ms, 10, 3_600_000, &at("partial_line_ms"));
         p.range(self.files_max, 1, 65_536, &at("files_max"));

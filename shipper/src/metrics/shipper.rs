@@ -157,6 +157,12 @@ const PER_FILE: &[Series<FileCounters>] = &[
         |f| f.lines_partial,
     ),
     (
+        "shipper_file_lines_joined_total",
+        "counter",
+        "Lines joined to the record before them (multiline_start).",
+        |f| f.lines_joined,
+    ),
+    (
         "shipper_file_rotations_total",
         "counter",
         "Files that left their path: renamed or deleted.",

@@ -26,11 +26,13 @@
 //! # Operation
 //! [`source::run`] lists the paths (`glob`), opens each new file at its saved position (found
 //! by device, inode and fingerprint, [`identity`]) or at `since`, reads every file in turn
-//! and hands each line over (`sources::lines` cuts lines over `line_bytes_max`), and checks
+//! and hands each line over (`sources::lines` cuts lines over `line_bytes_max`; with
+//! `multiline_start`, [`multiline`] joins them into records first), and checks
 //! each file at every poll for rotation and truncation.
 
 pub mod glob;
 pub mod identity;
+pub mod multiline;
 pub mod positions;
 pub mod source;
 
@@ -45,6 +47,10 @@ pub struct FileCounters {
     pub lines: SourceCounters,
     /// Last lines without a newline handed over after `partial_line_ms`.
     pub lines_partial: u64,
+    /// Lines joined to the record before them (`multiline_start`): a source's lines read
+    /// (`shipper_source_lines_read_total`) count records, these count the lines in them past
+    /// the first.
+    pub lines_joined: u64,
     /// Files that left the path they were followed at (renamed, within `paths` or out of
     /// them, or deleted): rotations by rename, as logrotate's `create` does.
     pub rotations: u64,

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::identity::{Fingerprint, FINGERPRINT_BYTES};
+use super::multiline::Joiner;
 use super::positions::{Positions, Saved};
 use super::{glob, FileCounters};
 use crate::config::shipper::{FileSince, FileSource};
@@ -58,7 +59,9 @@ struct Tail {
     /// Its size at the last listing (or what was read, if more).
     size: u64,
     splitter: LineSplitter,
-    /// Since when a partial last line has waited for its newline.
+    /// Its lines joined into multi-line records (`multiline_start`).
+    joiner: Option<Joiner>,
+    /// Since when a partial last line (or a joined record) has waited for more.
     partial_since_ns: Option<u64>,
     /// The listing that found its path naming another file (or nothing).
     gone_at: Option<u64>,
@@ -66,6 +69,13 @@ struct Tail {
     eof: bool,
     /// The file this one replaced at its path, read to its end first.
     after: Option<u32>,
+}
+
+impl Tail {
+    /// Bytes read but not handed over yet: a partial last line, a record being joined.
+    fn held(&self) -> usize {
+        self.splitter.pending() + self.joiner.as_ref().map_or(0, Joiner::pending)
+    }
 }
 
 struct Follow<I> {
@@ -78,11 +88,17 @@ struct Follow<I> {
     listings: u64,
     buf: Vec<u8>,
     mark: Vec<u8>,
+    /// `multiline_start`, compiled.
+    start: Option<regex::bytes::Regex>,
 }
 
 /// Runs a file source (configuration `cfg`) on this worker until `stop`.
 pub async fn run<I: Intake>(files: Files<I>, cfg: Rc<FileSource>, mut stop: watch::Receiver<bool>) {
     let poll = Duration::from_millis(cfg.poll_interval_ms);
+    let start = cfg
+        .multiline_start
+        .as_deref()
+        .map(|re| regex::bytes::Regex::new(re).expect("validated with the configuration"));
     let mut f = Follow {
         files,
         cfg,
@@ -92,6 +108,7 @@ pub async fn run<I: Intake>(files: Files<I>, cfg: Rc<FileSource>, mut stop: watc
         listings: 0,
         buf: Vec::with_capacity(READ_BYTES),
         mark: Vec::with_capacity(64),
+        start,
     };
     f.scan(true).await;
     f.files.positions.borrow_mut().forget_unclaimed();
@@ -145,9 +162,11 @@ struct Handing<'a, I> {
 }
 
 impl<I: Intake> Handing<'_, I> {
-    /// Hands over `line` of file `file`, which ends at `offset`; returns its number, or none
-    /// for an empty line (counted, not handed over).
-    fn line(&mut self, line: Line<'_>, file: u32, offset: u64) -> Option<u64> {
+    /// Hands over `line` of file `file`, which ends at `offset` (with `joined` more lines
+    /// joined into it); returns its number, or none for an empty line (counted, not handed
+    /// over).
+    fn line(&mut self, line: Line<'_>, file: u32, offset: u64, joined: u64) -> Option<u64> {
+        self.counters.lines_joined += joined;
         let c = &mut self.counters.lines;
         c.lines_read += 1;
         c.lines_truncated += u64::from(line.truncated);
@@ -169,6 +188,12 @@ impl<I: Intake> Handing<'_, I> {
 }
 
 impl<I: Intake> Follow<I> {
+    /// A new file's joiner, when lines are joined (`multiline_start`).
+    fn joiner(&self) -> Option<Joiner> {
+        let max = self.cfg.line_bytes_max as usize;
+        self.start.as_ref().map(|start| Joiner::new(start.clone(), max))
+    }
+
     /// One chunk from every file that may be read; returns the bytes read.
     async fn read_round(&mut self) -> usize {
         let mut total = 0;
@@ -176,9 +201,9 @@ impl<I: Intake> Follow<I> {
             if self.files.intake.borrow().paused() {
                 break;
             }
-            let waits = self.tails[i].after.is_some_and(|a| {
-                self.tails.iter().any(|t| t.id == a && !(t.eof && t.splitter.pending() == 0))
-            });
+            let waits = self.tails[i]
+                .after
+                .is_some_and(|a| self.tails.iter().any(|t| t.id == a && !(t.eof && t.held() == 0)));
             if !waits {
                 total += self.read_chunk(i).await;
             }
@@ -226,10 +251,17 @@ impl<I: Intake> Follow<I> {
             now,
         };
         let mut last = None;
+        let mut take = |bytes: &[u8], truncated: bool, end: u64, joined: u64| {
+            if let Some(k) = h.line(Line { bytes, truncated, end: 0 }, id, end, joined) {
+                last = Some((k, end));
+            }
+        };
+        let joiner = &mut t.joiner;
         t.splitter.split(&buf[..n], |line| {
             let offset = base + line.end as u64;
-            if let Some(k) = h.line(line, id, offset) {
-                last = Some((k, offset));
+            match joiner {
+                Some(j) => j.push(line.bytes, line.truncated, offset, &mut take),
+                None => take(line.bytes, line.truncated, offset, 0),
             }
         });
         h.counters.lines.bytes_read += n as u64;
@@ -248,7 +280,7 @@ impl<I: Intake> Follow<I> {
         let wait = self.cfg.partial_line_ms * 1_000_000;
         for i in 0..self.tails.len() {
             let t = &mut self.tails[i];
-            if !t.eof || t.splitter.pending() == 0 {
+            if !t.eof || t.held() == 0 {
                 continue;
             }
             match t.partial_since_ns {
@@ -276,8 +308,21 @@ impl<I: Intake> Follow<I> {
             now,
         };
         let mut last = None;
-        t.splitter.flush(|line| last = h.line(line, id, offset));
-        h.counters.lines_partial += 1;
+        let partial = t.splitter.pending() > 0;
+        let mut take = |bytes: &[u8], truncated: bool, end: u64, joined: u64| {
+            if let Some(k) = h.line(Line { bytes, truncated, end: 0 }, id, end, joined) {
+                last = Some(k);
+            }
+        };
+        let joiner = &mut t.joiner;
+        t.splitter.flush(|line| match joiner {
+            Some(j) => j.push(line.bytes, line.truncated, offset, &mut take),
+            None => take(line.bytes, line.truncated, offset, 0),
+        });
+        if let Some(j) = joiner {
+            j.flush(&mut take);
+        }
+        h.counters.lines_partial += u64::from(partial);
         t.partial_since_ns = None;
         if let Some(k) = last {
             t.handed_end = offset;
@@ -359,11 +404,12 @@ impl<I: Intake> Follow<I> {
     /// File `i` was truncated or rewritten: read again from its start, as a new content. A
     /// partial line held from the old content is handed over first, as it is.
     fn restart(&mut self, i: usize, head: &[u8]) {
-        if self.tails[i].splitter.pending() > 0 {
+        if self.tails[i].held() > 0 {
             self.flush(i);
         }
         let id = self.next_id;
         self.next_id += 1;
+        let joiner = self.joiner();
         let t = &mut self.tails[i];
         tracing::info!(file = %t.path.display(), position = t.offset, "file truncated or rewritten; reading it again from its start");
         let mut positions = self.files.positions.borrow_mut();
@@ -372,6 +418,7 @@ impl<I: Intake> Follow<I> {
         (t.offset, t.handed_end) = (0, 0);
         t.fp = Fingerprint::of(head);
         t.splitter = LineSplitter::new(self.cfg.line_bytes_max as usize);
+        t.joiner = joiner;
         (t.partial_since_ns, t.eof) = (None, false);
         let path = t.path.display().to_string();
         positions.follow(id, Saved { dev: t.dev, ino: t.ino, fp: t.fp, offset: 0, path });
@@ -420,6 +467,7 @@ impl<I: Intake> Follow<I> {
             handed_end: offset,
             size: m.len().max(offset),
             splitter: LineSplitter::new(self.cfg.line_bytes_max as usize),
+            joiner: self.joiner(),
             partial_since_ns: None,
             gone_at: None,
             eof: false,
@@ -446,7 +494,7 @@ impl<I: Intake> Follow<I> {
                 i += 1;
                 continue;
             }
-            if t.splitter.pending() > 0 {
+            if t.held() > 0 {
                 self.flush(i);
             }
             let t = self.tails.remove(i);
