@@ -468,3 +468,32 @@ fn a_binary_file_is_read_as_cut_text_and_counted() {
     );
     assert!(shipper.stop(Duration::from_secs(20)).success());
 }
+
+/// inotify: with a poll once a minute, lines appended and a new file matching the glob are
+/// read at once, woken by the directory's events.
+#[test]
+fn inotify_wakes_the_source_between_polls() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let dir = env.path("logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut a = append(&dir.join("a.log"));
+    writeln!(a, "{}", line(0)).unwrap();
+    let glob = dir.join("*.log");
+    let body = body(&[&glob], &env.path("positions"), "")
+        .replace("poll_interval_ms = 20", "poll_interval_ms = 60000");
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    // The first listing (at start) finds a.log; from here on only events can wake the source
+    // within the minute.
+    shipper.wait_alive("the first line", || received(&env).len() == 1);
+    writeln!(a, "{}", line(1)).unwrap();
+    shipper.wait_alive("the appended line", || received(&env).len() == 2);
+    let mut b = append(&dir.join("b.log"));
+    writeln!(b, "{}", line(2)).unwrap();
+    shipper.wait_alive("the new file's line", || received(&env).len() == 3);
+    let mut got = received(&env);
+    got.sort();
+    assert_eq!(got, [line(0), line(1), line(2)]);
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+}

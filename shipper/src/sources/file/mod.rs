@@ -11,9 +11,10 @@
 //! - Every read of a file goes through the worker's io_uring (the chunk at the position, the
 //!   first 256 bytes for its fingerprint); listing the paths, `stat` of each path and
 //!   opening a new file are the only synchronous calls, once per poll, as the journal's.
-//! - Change detection by polling every `poll_interval_ms` (no inotify yet): a poll bounds the
-//!   work whatever the write rate, and catches what inotify misses (NFS, files replaced
-//!   behind a link).
+//! - Change detection by inotify ([`watch`]: the directories of the paths and of the files
+//!   followed), and by polling every `poll_interval_ms` besides: a poll bounds the work
+//!   whatever the write rate, and catches what inotify misses (NFS, files replaced behind a
+//!   link, watches exhausted).
 //! - Known limits: a file renamed to a name `paths` does not match is read to its end only
 //!   while the shipper runs (after a crash its unread tail is not found again: list rotated
 //!   names in `paths`, `app.log*`, to be safe); with copy-and-truncate, lines written between
@@ -35,6 +36,7 @@ pub mod identity;
 pub mod multiline;
 pub mod positions;
 pub mod source;
+pub mod watch;
 
 use crate::sources::pipe::SourceCounters;
 

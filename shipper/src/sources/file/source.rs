@@ -90,6 +90,8 @@ struct Follow<I> {
     mark: Vec<u8>,
     /// `multiline_start`, compiled.
     start: Option<regex::bytes::Regex>,
+    /// inotify's watches, when the kernel gives an instance.
+    watcher: Option<super::watch::Watcher>,
 }
 
 /// Runs a file source (configuration `cfg`) on this worker until `stop`.
@@ -99,6 +101,7 @@ pub async fn run<I: Intake>(files: Files<I>, cfg: Rc<FileSource>, mut stop: watc
         .multiline_start
         .as_deref()
         .map(|re| regex::bytes::Regex::new(re).expect("validated with the configuration"));
+    let dirs_max = cfg.files_max as usize + cfg.paths.len();
     let mut f = Follow {
         files,
         cfg,
@@ -109,6 +112,7 @@ pub async fn run<I: Intake>(files: Files<I>, cfg: Rc<FileSource>, mut stop: watc
         buf: Vec::with_capacity(READ_BYTES),
         mark: Vec::with_capacity(64),
         start,
+        watcher: super::watch::Watcher::start(dirs_max, stop.clone()),
     };
     f.scan(true).await;
     f.files.positions.borrow_mut().forget_unclaimed();
@@ -138,7 +142,15 @@ pub async fn run<I: Intake>(files: Files<I>, cfg: Rc<FileSource>, mut stop: watc
             continue;
         }
         f.files.intake.borrow_mut().drained();
+        let wake = f.watcher.as_ref().map(|w| w.wake.clone());
+        let changed = async {
+            match &wake {
+                Some(wake) => wake.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = changed => {}
             _ = tokio::time::sleep(poll) => {}
             _ = stop.changed() => return,
         }
@@ -347,10 +359,19 @@ impl<I: Intake> Follow<I> {
         let mut over = 0;
         for pattern in &self.cfg.paths {
             over += glob::expand(pattern, max, &mut paths);
+            let dir = std::path::Path::new(pattern).parent();
+            if let (Some(w), Some(dir)) = (&mut self.watcher, dir) {
+                if !dir.to_string_lossy().contains(['*', '?']) {
+                    w.watch(dir);
+                }
+            }
         }
         // Files found (a file named by two paths, a link and its target, is followed once).
         let (mut found, mut seen) = (HashSet::new(), HashSet::new());
         for p in paths {
+            if let (Some(w), Some(dir)) = (&mut self.watcher, p.parent()) {
+                w.watch(dir);
+            }
             let Ok(m) = std::fs::metadata(&p) else { continue };
             if !m.is_file() || !found.insert((m.dev(), m.ino())) {
                 continue;
