@@ -159,11 +159,14 @@ fn killed_and_restarted_resumes_at_its_saved_position() {
     shipper.wait_alive_for("the last line saved", Duration::from_secs(60), &mut || {
         saved_offset(&positions) == Some(N as u64 * LINE_BYTES)
     });
-    // The receiver writes each run's frames into the files of the shard that owns that run:
-    // order holds within a file, not across them.
+    // The receiver writes each run's frames into the files of the shard that owns that run,
+    // in order. When both runs have the same shard, the second run's lines follow the
+    // first's in one file: the order steps back once, to the saved position, where the lines
+    // written but not acknowledged before the kill come again.
     let mut seen = vec![0u32; N];
     for (k, lines) in seqs_per_file(&env).iter().enumerate() {
-        assert!(lines.windows(2).all(|w| w[0] < w[1]), "receiver file {k}: lines in order");
+        let back: Vec<usize> = lines.windows(2).filter(|w| w[0] >= w[1]).map(|w| w[1]).collect();
+        assert!(back.is_empty() || back == [b], "receiver file {k}: lines in order per run");
         lines.iter().for_each(|&i| seen[i] += 1);
     }
     let a = b + seen.iter().filter(|&&n| n == 2).count();

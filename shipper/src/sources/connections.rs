@@ -6,6 +6,21 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
+/// The next connection on `listener`, or `None` once `stop` is set. A failed accept is
+/// handed back for the source to count (and pause after: the error may repeat).
+pub async fn accept(
+    listener: &tokio_uring::net::TcpListener,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<std::io::Result<(tokio_uring::net::TcpStream, SocketAddr)>> {
+    if *stop.borrow() {
+        return None;
+    }
+    tokio::select! {
+        r = listener.accept() => Some(r),
+        _ = stop.changed() => None,
+    }
+}
+
 /// Least time between two eviction warnings of one source on one worker: a flood of new
 /// connections evicts at the rate it connects, the log says so once per interval.
 const EVICTION_LOG_INTERVAL_NS: u64 = 10_000_000_000;

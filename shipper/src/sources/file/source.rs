@@ -133,8 +133,13 @@ pub async fn run<I: Intake>(files: Files<I>, cfg: Rc<FileSource>, mut stop: watc
         let read = f.read_round().await;
         f.partials();
         if read == 0 || listed.elapsed() >= poll {
+            let known = f.next_id;
             f.scan(false).await;
             listed = Instant::now();
+            if f.next_id != known {
+                // New files (or contents): read them now, not at the next event or poll.
+                continue;
+            }
         }
         f.gauges();
         if read > 0 {

@@ -73,12 +73,8 @@ pub async fn serve<I: Intake + 'static>(
     let listener = tokio_uring::net::TcpListener::from_std(listener);
     let conns = Rc::new(RefCell::new(Connections::default()));
     loop {
-        if *stop.borrow() {
+        let Some(accepted) = crate::sources::connections::accept(&listener, &mut stop).await else {
             return;
-        }
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.changed() => return,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
