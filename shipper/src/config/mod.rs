@@ -8,6 +8,7 @@
 //!
 //! Every field's unit and default are in its doc comment and in `docs/config.md`.
 
+pub mod kafka;
 pub mod receiver;
 pub mod shipper;
 pub mod socket;

@@ -51,6 +51,7 @@
 
 pub mod clickhouse;
 pub mod files;
+pub mod kafka;
 
 use std::collections::HashMap;
 use std::io;
@@ -182,7 +183,7 @@ pub struct Kind {
 }
 
 /// Every kind of output. Adding one: its file under `output/` and one line here.
-const KINDS: &[Kind] = &[files::KIND, clickhouse::KIND];
+const KINDS: &[Kind] = &[files::KIND, clickhouse::KIND, kafka::KIND];
 
 /// Recovers every kind of output (Operation, step 1).
 pub fn recover(config: &ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()> {
