@@ -25,6 +25,9 @@ mod hostile;
 mod journal;
 /// The journal source following live files across rotations, and resuming after SIGKILL.
 mod journal_follow;
+/// The Kafka output against a real broker (tansu), read back by kafka-python: a million lines
+/// once each in their streams' topics, a broker killed mid-stream, a topic name refused.
+mod kafka;
 /// Several receiver outputs, each taking its streams: files, and a real ClickHouse (also
 /// stopped mid-stream).
 mod outputs;
