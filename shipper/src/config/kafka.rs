@@ -169,3 +169,50 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use crate::config::ReceiverConfig;
+
+    fn parse(kafka: &str) -> Result<ReceiverConfig, String> {
+        let text = format!(
+            "[receiver]\nlisten = \"127.0.0.1:1\"\nstate_directory = \"s\"\n\
+             [tls]\nca = \"Cargo.toml\"\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\n\
+             [[outputs.kafka]]\nname = \"k\"\n{kafka}"
+        );
+        crate::config::parse::<ReceiverConfig>(&text, std::path::Path::new("r.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_as_documented() {
+        let c = parse("brokers = [\"127.0.0.1:9092\"]\n").unwrap();
+        let k = &c.outputs.kafka[0];
+        assert_eq!(
+            (k.topic.as_str(), k.key, k.compression),
+            ("{stream}", super::KafkaKey::None, super::KafkaCompression::Lz4)
+        );
+        assert_eq!(
+            (k.timeout_ms, k.queue_bytes_max, k.record_bytes_max),
+            (5000, 64 << 20, 1_000_000)
+        );
+        assert_eq!(super::KafkaCompression::Zstd.codec(), "zstd");
+    }
+
+    #[test]
+    fn problems_name_their_key() {
+        let e = parse("brokers = [\"kafka\"]\ntopic = \"logs/{stream}\"\ntimeout_ms = 0\n")
+            .unwrap_err();
+        assert!(
+            e.contains("r.toml:10: outputs.kafka[0].brokers: \"kafka\" is not HOST:PORT"),
+            "{e}"
+        );
+        assert!(
+            e.contains("outputs.kafka[0].topic: \"logs/{stream}\" is not a Kafka topic"),
+            "{e}"
+        );
+        assert!(e.contains("outputs.kafka[0].timeout_ms: 0 is out of range"), "{e}");
+        let e = parse("brokers = []\ncompression = \"brotli\"\n").unwrap_err();
+        assert!(e.contains("unknown variant `brotli`"), "{e}");
+    }
+}

@@ -491,11 +491,9 @@ mod tests {
         assert_eq!(render_topic(&parts("{stream}"), b"a b", false), None);
         assert_eq!(render_topic(&parts("{stream}"), b"", false), None);
         assert_eq!(render_topic(&parts("{stream}"), b"..", false), None);
-        assert_eq!(render_topic(&parts("x{stream}"), &[b'a'; 248], false).map(|t| t.len()), None);
-        assert_eq!(
-            render_topic(&parts("x{stream}"), &[b'a'; 247], false).map(|t| t.len()),
-            Some(248)
-        );
+        let long = |n: usize| render_topic(&parts("x{stream}"), &vec![b'a'; n], false);
+        assert_eq!(long(248).map(|t| t.len()), Some(249), "249 bytes: the longest name");
+        assert_eq!(long(249), None);
     }
 
     #[test]

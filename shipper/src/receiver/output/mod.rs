@@ -1,7 +1,8 @@
 //! What a receiver shard writes a frame's records to: the [`Output`] seam, and every kind of
-//! output behind it ([`files`]: per-stream files; [`clickhouse`]: HTTP inserts into a table).
-//! A receiver has one or more outputs (`[output]`, `[[outputs.file]]`, `[[outputs.clickhouse]]`),
-//! each taking the records of the streams it [selects](Select).
+//! output behind it ([`files`]: per-stream files; [`clickhouse`]: HTTP inserts into a table;
+//! [`kafka`]: records produced to topics). A receiver has one or more outputs (`[output]`,
+//! `[[outputs.file]]`, `[[outputs.clickhouse]]`, `[[outputs.kafka]]`), each taking the records
+//! of the streams it [selects](Select).
 //!
 //! # Design constraints
 //! - A frame is acknowledged only after every output that took its records made them durable
