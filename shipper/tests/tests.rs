@@ -31,6 +31,9 @@ mod hostile;
 mod journal;
 /// The journal source following live files across rotations, and resuming after SIGKILL.
 mod journal_follow;
+/// The Kafka output against a real broker (tansu), read back by kafka-python: a million lines
+/// once each in their streams' topics, a broker killed mid-stream, a topic name refused.
+mod kafka;
 /// The shipped dashboard and alert rules: every panel's expression returns data from a real
 /// Prometheus scraping a real shipper and receiver under load; promtool checks and tests the
 /// rules.

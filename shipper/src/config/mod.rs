@@ -10,6 +10,7 @@
 
 pub mod enrich;
 pub mod forward;
+pub mod kafka;
 pub mod receiver;
 pub mod shipper;
 pub mod socket;

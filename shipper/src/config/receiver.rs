@@ -22,7 +22,8 @@ pub struct ReceiverConfig {
     /// says otherwise), whose directory also holds the commit logs.
     #[serde(default)]
     pub output: Option<OutputSection>,
-    /// Further outputs, each of its kind: `[[outputs.file]]`, `[[outputs.clickhouse]]`.
+    /// Further outputs, each of its kind: `[[outputs.file]]`, `[[outputs.clickhouse]]`,
+    /// `[[outputs.kafka]]`.
     #[serde(default)]
     pub outputs: OutputsSection,
     #[serde(default = "receiver_metrics")]
@@ -126,6 +127,9 @@ pub struct OutputsSection {
     /// HTTP inserts into a ClickHouse table (`receiver/output/clickhouse.rs`).
     #[serde(default)]
     pub clickhouse: Vec<ClickhouseSection>,
+    /// Records produced to Kafka topics (`receiver/output/kafka.rs`).
+    #[serde(default)]
+    pub kafka: Vec<super::kafka::KafkaSection>,
 }
 
 /// A files output: `[output]` or one `[[outputs.file]]`.
@@ -344,7 +348,8 @@ impl ReceiverConfig {
         p.check(state, &[K("receiver"), K("state_directory")], || {
             "must be set when there is no [output] (it holds the commit logs)".into()
         });
-        let count = self.file_outputs().count() + self.outputs.clickhouse.len();
+        let count =
+            self.file_outputs().count() + self.outputs.clickhouse.len() + self.outputs.kafka.len();
         p.check(count > 0, &[K("outputs")], || "no output: add [output] or [[outputs.*]]".into());
         let mut names: Vec<&str> = Vec::new();
         let mut dirs: Vec<&std::path::Path> = Vec::new();
@@ -376,6 +381,12 @@ impl ReceiverConfig {
                 format!("{:?} is not 1 to 128 bytes of [A-Za-z0-9_.]", c.table)
             });
             p.range(c.timeout_ms, 1, 600_000, &at("timeout_ms"));
+        }
+        for (i, k) in self.outputs.kafka.iter().enumerate() {
+            let at = |k| vec![K("outputs"), K("kafka"), Seg::Index(i), K(k)];
+            check_name(&k.name, &mut names, &at("name"), p);
+            check_globs(&k.streams, &k.exclude_streams, &at, p);
+            super::kafka::validate(k, &at, p);
         }
     }
 }

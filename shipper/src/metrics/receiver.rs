@@ -150,6 +150,8 @@ pub struct OutputCounters {
     pub sync_us: Distribution,
     /// What a files output reports of its streams and files (`Output::report`).
     pub files: FileFigures,
+    /// What a Kafka output reports (`Output::report`).
+    pub kafka: KafkaFigures,
 }
 
 impl OutputCounters {
@@ -163,6 +165,7 @@ impl OutputCounters {
             write_us: Distribution::new(3_600_000_000),
             sync_us: Distribution::new(3_600_000_000),
             files: FileFigures::default(),
+            kafka: KafkaFigures::default(),
         }
     }
 }
@@ -190,6 +193,17 @@ pub struct FileFigures {
     pub janitor_errors: u64,
     /// Bytes of the rotated files kept (current files not counted).
     pub rotated_bytes: u64,
+}
+
+/// A Kafka output's figures (zero for other kinds).
+#[derive(Clone, Debug, Default)]
+pub struct KafkaFigures {
+    /// Records whose topic would not be a Kafka topic name (their frames refused).
+    pub records_refused_topic: u64,
+    /// Records over `record_bytes_max` (their frames refused).
+    pub records_refused_size: u64,
+    /// Producers created: the first, and one after each fatal producer error.
+    pub producers_created: u64,
 }
 
 /// The sum of a files figure over a shard's outputs.
@@ -224,6 +238,7 @@ pub fn render(shards: &[ReceiverCounters], out: &mut Exposition) {
     render_rotation(shards, out);
     render_summaries(shards, out);
     render_outputs(shards, out);
+    render_kafka(shards, out);
 }
 
 /// One output's figure, per shard and output.
@@ -279,6 +294,36 @@ fn render_outputs(shards: &[ReceiverCounters], out: &mut Exposition) {
             for o in &c.outputs {
                 out.summary(name, &[("core", &c.shard), ("output", &o.name)], get(o), 1e-6);
             }
+        }
+    }
+}
+
+/// The Kafka outputs' own figures (label `output`; only Kafka outputs are listed).
+fn render_kafka(shards: &[ReceiverCounters], out: &mut Exposition) {
+    let name = "shipper_receiver_kafka_records_refused_total";
+    let help = "Records a Kafka output refused, their frames answered REJECT, per reason.";
+    out.family(name, "counter", help);
+    let kafka = |c: &'_ ReceiverCounters| {
+        let ids = c.outputs.iter().filter(|o| o.kafka.producers_created > 0);
+        ids.map(|o| (o.name.clone(), o.kafka.clone())).collect::<Vec<_>>()
+    };
+    for c in shards {
+        for (output, k) in kafka(c) {
+            for (reason, n) in
+                [("topic", k.records_refused_topic), ("size", k.records_refused_size)]
+            {
+                let labels = [("core", c.shard.as_str()), ("output", &output), ("reason", reason)];
+                out.sample(name, &labels, n as f64);
+            }
+        }
+    }
+    let name = "shipper_receiver_kafka_producers_created_total";
+    let help = "Kafka producers a Kafka output created: its first, and one per fatal error.";
+    out.family(name, "counter", help);
+    for c in shards {
+        for (output, k) in kafka(c) {
+            let labels = [("core", c.shard.as_str()), ("output", &output)];
+            out.sample(name, &labels, k.producers_created as f64);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `shipper receive`: accepts shippers over mutual TLS, writes their records to its outputs
-//! (per-stream files, ClickHouse; each taking the streams it selects), and acknowledges each
-//! frame once every output that took its records made them durable and the frame is
+//! (per-stream files, ClickHouse, Kafka; each taking the streams it selects), and acknowledges
+//! each frame once every output that took its records made them durable and the frame is
 //! committed.
 //!
 //! # Design constraints
@@ -13,7 +13,8 @@
 //!   `connections_max` lowered (one warning) to what that limit leaves after what the receiver
 //!   itself may hold ([`descriptors_reserved`]: per shard the open stream files of every files
 //!   output, at most its `files_open_max` (or `streams_max` + 2 when fewer), one connection
-//!   per ClickHouse output, + 8; plus 44); the effective figure is
+//!   per ClickHouse output, those of each Kafka output's producer
+//!   ([`output::kafka::descriptors`]), + 8; plus 44); the effective figure is
 //!   the gauge `shipper_receiver_connections_max`. A limit that leaves no room for one
 //!   connection fails start-up, naming the figures.
 //! - Memory: the payloads of frames being received, over every connection, stay within
@@ -49,6 +50,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use self::dedup::{StreamId, Window};
+use crate::config::kafka::KafkaSection;
 use crate::config::receiver::OutputSection;
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::{render, render_limits, ReceiverCounters, ReceiverLimits};
@@ -274,8 +276,10 @@ pub fn fit_connections(
     let workers = config.receiver.workers;
     let per_output = |o: &OutputSection| files_open_per_shard(o.streams_max, o.files_open_max);
     // A ClickHouse output holds one connection per shard while it inserts.
-    let files_open =
-        config.file_outputs().map(per_output).sum::<usize>() + config.outputs.clickhouse.len();
+    let kafka = |k: &KafkaSection| output::kafka::descriptors(k.brokers.len());
+    let files_open = config.file_outputs().map(per_output).sum::<usize>()
+        + config.outputs.clickhouse.len()
+        + config.outputs.kafka.iter().map(kafka).sum::<usize>();
     let reserved = descriptors_reserved(workers, files_open);
     let fit = open_files.saturating_sub(reserved);
     if fit == 0 {

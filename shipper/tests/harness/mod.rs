@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod kafka;
 mod raw;
 pub use raw::RawClient;
 

@@ -1,7 +1,8 @@
 //! What a receiver shard writes a frame's records to: the [`Output`] seam, and every kind of
-//! output behind it ([`files`]: per-stream files; [`clickhouse`]: HTTP inserts into a table).
-//! A receiver has one or more outputs (`[output]`, `[[outputs.file]]`, `[[outputs.clickhouse]]`),
-//! each taking the records of the streams it [selects](Select).
+//! output behind it ([`files`]: per-stream files; [`clickhouse`]: HTTP inserts into a table;
+//! [`kafka`]: records produced to topics). A receiver has one or more outputs (`[output]`,
+//! `[[outputs.file]]`, `[[outputs.clickhouse]]`, `[[outputs.kafka]]`), each taking the records
+//! of the streams it [selects](Select).
 //!
 //! # Design constraints
 //! - A frame is acknowledged only after every output that took its records made them durable
@@ -55,6 +56,7 @@
 
 pub mod clickhouse;
 pub mod files;
+pub mod kafka;
 
 use std::collections::HashMap;
 use std::io;
@@ -198,7 +200,7 @@ pub struct Kind {
 }
 
 /// Every kind of output. Adding one: its file under `output/` and one line here.
-const KINDS: &[Kind] = &[files::KIND, clickhouse::KIND];
+const KINDS: &[Kind] = &[files::KIND, clickhouse::KIND, kafka::KIND];
 
 /// Recovers every kind of output (Operation, step 1).
 pub fn recover(config: &ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()> {
