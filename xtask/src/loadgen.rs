@@ -150,8 +150,55 @@ pub struct Written {
 /// Writes `data` (whole lines) into the FIFO at `path` with blocking writes, paced by `pace`.
 pub fn write_lines(path: &std::path::Path, data: &[u8], pace: Pace) -> std::io::Result<Written> {
     use std::io::Write;
-    use std::time::{Duration, Instant};
     let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    write_paced(data, pace, || u64::MAX, |bytes, _| f.write_all(bytes))
+}
+
+/// Appends `data` (whole lines) to the file at `path` (created), paced by `pace`, as an
+/// application logging to a file does; after every `rotate_lines` lines (0: never) renames
+/// the file to `PATH.N` (N = 1, 2, ...: names never reused, nothing deleted) and creates a
+/// new one at `path`, as logrotate's `create` does. A write never spans a rotation.
+pub fn append_lines(
+    path: &std::path::Path,
+    data: &[u8],
+    pace: Pace,
+    rotate_lines: u64,
+) -> std::io::Result<Written> {
+    use std::io::Write;
+    let open = || std::fs::OpenOptions::new().append(true).create(true).open(path);
+    let (mut f, mut in_file, mut rotations) = (open()?, 0u64, 0u64);
+    let room = std::cell::Cell::new(if rotate_lines == 0 { u64::MAX } else { rotate_lines });
+    write_paced(
+        data,
+        pace,
+        || room.get(),
+        |bytes, lines| {
+            f.write_all(bytes)?;
+            in_file += lines;
+            if rotate_lines > 0 && in_file >= rotate_lines {
+                rotations += 1;
+                let mut to = path.as_os_str().to_owned();
+                to.push(format!(".{rotations}"));
+                std::fs::rename(path, to)?;
+                (f, in_file) = (open()?, 0);
+            }
+            if rotate_lines > 0 {
+                room.set(rotate_lines - in_file);
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Writes `data` (whole lines) with `write(bytes, lines)`, paced by `pace`, each write at most
+/// `room()` lines.
+fn write_paced(
+    data: &[u8],
+    pace: Pace,
+    room: impl Fn() -> u64,
+    mut write: impl FnMut(&[u8], u64) -> std::io::Result<()>,
+) -> std::io::Result<Written> {
+    use std::time::{Duration, Instant};
     let mut w = Written::default();
     let start = Instant::now();
     let (mut at, mut sent_lines) = (0, 0u64);
@@ -169,9 +216,9 @@ pub fn write_lines(path: &std::path::Path, data: &[u8], pace: Pace) -> std::io::
         } else {
             u64::MAX
         };
-        let (end, n) = next_write(data, at, pace, due);
+        let (end, n) = next_write(data, at, pace, due.min(room()));
         let t = Instant::now();
-        f.write_all(&data[at..end])?;
+        write(&data[at..end], n)?;
         w.write_block_max_s = w.write_block_max_s.max(t.elapsed().as_secs_f64());
         w.writes += 1;
         at = end;
@@ -601,6 +648,25 @@ pub fn send_datagrams(
 mod tests {
     use super::*;
     use shipper::transforms::syslog::{self, Syntax};
+
+    /// Guards the file-tail case's rotating writer: a rotation every 3 lines renames the file
+    /// to PATH.1, PATH.2, ... holding exactly 3 lines each, the rest at PATH, none lost.
+    #[test]
+    fn append_lines_rotates_every_n_lines_under_new_names() {
+        let dir = std::env::temp_dir().join(format!("loadgen-append-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.log");
+        let data: Vec<u8> = (0..7).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+        let pace = Pace { rate: 0.0, write_per_line: false, chunk_bytes: 64 << 10 };
+        append_lines(&path, &data, pace, 3).unwrap();
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        assert_eq!(read("app.log.1"), "line 0\nline 1\nline 2\n");
+        assert_eq!(read("app.log.2"), "line 3\nline 4\nline 5\n");
+        assert_eq!(read("app.log"), "line 6\n");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// Guards the UDP case's workload: every datagram is valid syslog of its syntax, with the
     /// app it was drawn for, and the same seed gives the same bytes.

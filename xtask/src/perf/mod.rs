@@ -3,7 +3,10 @@
 //! A case's `kind` says what it runs: `pipe` ([`pipe`], the default), `journal` ([`journal`]),
 //! `journal-checkpoint` ([`journal_checkpoint`]: a pipe writer's longest `write()` while a
 //! journal on the same worker checkpoints at full speed), `buffer` ([`buffer`]), `failover`
-//! ([`failover`]) or `udp` ([`udp`]: the UDP syslog source with and without the eBPF programs).
+//! ([`failover`]), `udp` ([`udp`]: the UDP syslog source with and without the eBPF programs),
+//! `file-tail` ([`file_tail`]: files followed while written and rotated, beside syslog-ng's and
+//! rsyslog's file inputs) or `receiver-outputs` ([`receiver_outputs`]: records per receiver
+//! CPU-second into each kind of output).
 //!
 //! A pipe case declares its workload (lines, size distribution, services and their skew, pipes,
 //! writers, rate), the shipper's settings, the CPU allotment (`taskset` lists for the shipper or
@@ -34,10 +37,12 @@ mod bpf;
 mod buffer;
 mod chart;
 mod failover;
+mod file_tail;
 mod journal;
 mod journal_checkpoint;
 pub mod peers;
 mod pipe;
+mod receiver_outputs;
 mod report;
 mod sink;
 mod udp;
@@ -189,8 +194,17 @@ fn run_case(dir: &Path, name: &str, o: &Options, against: Option<&Rev>) -> anyho
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
             udp::run_case(name, &case, quick, runs, &command)
         }
+        "file-tail" => {
+            let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            file_tail::run_case(name, &case, quick, runs, &command)
+        }
+        "receiver-outputs" => {
+            let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            receiver_outputs::run_case(name, &case, quick, runs, &command)
+        }
         other => bail!(
-            "{}: unknown kind {other:?} (pipe, journal, journal-checkpoint, buffer, failover, udp)",
+            "{}: unknown kind {other:?} (pipe, journal, journal-checkpoint, buffer, failover, \
+             udp, file-tail, receiver-outputs)",
             path.display()
         ),
     }

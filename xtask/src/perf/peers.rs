@@ -11,6 +11,10 @@
 //!   is counted with rsyslog's); `mmjsonparse` on the raw message, `omfwd` over mutual TLS
 //!   (OpenSSL driver) into the counting sink. It has no per-key rate limit in this version.
 //!
+//! File-tailing cases ([`super::file_tail`]) give the same two their own file inputs:
+//! syslog-ng's `file()` (one file) and `wildcard-file()` (a directory and a pattern), and
+//! rsyslog's `imfile` (inotify mode), each with the same JSON parsing and TLS output.
+//!
 //! The peers encrypt like the shipper but neither compress nor wait for acknowledgements, and
 //! the sink does less than `shipper receive`: all of that favours them.
 
@@ -95,17 +99,61 @@ pub fn syslog_ng(
     rate_limit: u64,
     cpus: &[usize],
 ) -> anyhow::Result<Daemon> {
+    let sources: Vec<String> = fifos
+        .iter()
+        .map(|f| {
+            format!(
+                "pipe({:?} flags(no-parse) log-iw-size(100000) log-fetch-limit(1000))",
+                f.display()
+            )
+        })
+        .collect();
+    start_syslog_ng(dir, &syslog_ng_conf(&sources, port, tls, rate_limit), cpus)
+}
+
+/// What a file-tailing peer follows: one file, or the files of a directory whose names match
+/// a pattern (`*` and `?`).
+pub enum Tail<'a> {
+    File(&'a Path),
+    Dir { dir: &'a Path, pattern: &'a str },
+}
+
+/// Starts syslog-ng following `tail` (`file()` or `wildcard-file()`, checked for growth every
+/// `follow_s` seconds once at its end; new files in a directory found by inotify) and sending
+/// to the sink at `port`.
+pub fn syslog_ng_files(
+    dir: &Path,
+    tail: &Tail,
+    follow_s: f64,
+    port: u16,
+    tls: &Tls,
+    cpus: &[usize],
+) -> anyhow::Result<Daemon> {
+    let common = format!(
+        "follow-freq({follow_s}) flags(no-parse) log-iw-size(100000) log-fetch-limit(1000)"
+    );
+    let source = match tail {
+        Tail::File(f) => format!("file({:?} {common})", f.display()),
+        Tail::Dir { dir, pattern } => format!(
+            "wildcard-file(base-dir({:?}) filename-pattern({pattern:?}) recursive(no) \
+             monitor-method(\"inotify\") max-files(1024) {common})",
+            dir.display()
+        ),
+    };
+    start_syslog_ng(dir, &syslog_ng_conf(&[source], port, tls, 0), cpus)
+}
+
+/// syslog-ng's configuration: `sources` (driver calls), `json-parser()`, `rate-limit()` keyed
+/// on the service when `rate_limit` > 0, and a `network()` destination over mutual TLS 1.3
+/// into the sink at `port`, flow control on.
+fn syslog_ng_conf(sources: &[String], port: u16, tls: &Tls, rate_limit: u64) -> String {
     let mut conf = String::from(
         "@version: 3.38\n\
          options { threaded(yes); stats-freq(0); use-dns(no); use-fqdn(no); \
          keep-hostname(yes); chain-hostnames(no); log-msg-size(65536); };\n",
     );
-    for (i, f) in fifos.iter().enumerate() {
-        conf += &format!(
-            "source s{i} {{ pipe({:?} flags(no-parse) log-iw-size(100000) \
-             log-fetch-limit(1000)); }};\n",
-            f.display()
-        );
+    for (i, s) in sources.iter().enumerate() {
+        conf += &format!("source s{i} {{ {s}; }};\n");
     }
     conf += "parser p_json { json-parser(prefix(\".json.\")); };\n";
     if rate_limit > 0 {
@@ -121,13 +169,17 @@ pub fn syslog_ng(
         tls.cert.display(),
         tls.key.display()
     );
-    let sources: String = (0..fifos.len()).map(|i| format!("source(s{i}); ")).collect();
+    let sources: String = (0..sources.len()).map(|i| format!("source(s{i}); ")).collect();
     let filter = if rate_limit > 0 { "filter(f_rate); " } else { "" };
     conf += &format!(
         "log {{ {sources}parser(p_json); {filter}destination(d_sink); flags(flow-control); }};\n"
     );
-    let cfg = dir.join("syslog-ng.conf");
-    std::fs::write(&cfg, conf)?;
+    conf
+}
+
+/// Writes `conf` to `dir/syslog-ng.conf` and starts syslog-ng on it in the foreground.
+fn start_syslog_ng(dir: &Path, conf: &str, cpus: &[usize]) -> anyhow::Result<Daemon> {
+    std::fs::write(dir.join("syslog-ng.conf"), conf)?;
     let p = |name: &str| dir.join(name).display().to_string();
     let args = [
         "-F",
@@ -148,15 +200,69 @@ pub fn syslog_ng(
 /// the sink at `port`; waits until the input accepts connections.
 pub fn rsyslog(dir: &Path, port: u16, tls: &Tls, cpus: &[usize]) -> anyhow::Result<(Daemon, u16)> {
     let input = crate::daemon::free_port()?;
+    let inputs = format!(
+        "module(load=\"imptcp\")\n\
+         input(type=\"imptcp\" address=\"127.0.0.1\" port=\"{input}\" ruleset=\"ship\")\n"
+    );
+    let (mut d, log) = start_rsyslog(dir, &inputs, port, tls, cpus)?;
+    let open = || std::net::TcpStream::connect(("127.0.0.1", input)).is_ok();
+    match poll_alive(&mut d.0, Duration::from_secs(10), POLL, open) {
+        Ok(()) => Ok((d, input)),
+        Err(NotReady::Exited(status)) => bail!("rsyslogd exited ({status}); see {}", log.display()),
+        Err(NotReady::TimedOut(_)) => {
+            bail!("rsyslogd did not open its input; see {}", log.display())
+        }
+        Err(e @ NotReady::Wait(_)) => Err(e.into()),
+    }
+}
+
+/// Starts rsyslogd following `tail` with `imfile` in inotify mode (a wildcard in the file
+/// name for a directory; new files are read from their start) and TLS output to the sink at
+/// `port`; waits until it wrote its pid file (it has no port to wait for).
+pub fn rsyslog_files(
+    dir: &Path,
+    tail: &Tail,
+    port: u16,
+    tls: &Tls,
+    cpus: &[usize],
+) -> anyhow::Result<Daemon> {
+    let file = match tail {
+        Tail::File(f) => f.to_path_buf(),
+        Tail::Dir { dir, pattern } => dir.join(pattern),
+    };
+    let inputs = format!(
+        "module(load=\"imfile\" mode=\"inotify\")\n\
+         input(type=\"imfile\" file={:?} tag=\"app\" addMetadata=\"off\" ruleset=\"ship\")\n",
+        file.display().to_string()
+    );
+    let (mut d, log) = start_rsyslog(dir, &inputs, port, tls, cpus)?;
+    let pid = dir.join("rsyslog.pid");
+    match poll_alive(&mut d.0, Duration::from_secs(10), POLL, || pid.exists()) {
+        Ok(()) => Ok(d),
+        Err(NotReady::Exited(status)) => bail!("rsyslogd exited ({status}); see {}", log.display()),
+        Err(NotReady::TimedOut(_)) => bail!("rsyslogd did not start; see {}", log.display()),
+        Err(e @ NotReady::Wait(_)) => Err(e.into()),
+    }
+}
+
+/// Starts rsyslogd in the foreground with `inputs` (module loads and inputs into the ruleset
+/// `ship`): `mmjsonparse` on the raw message, `omfwd` over mutual TLS (OpenSSL driver) to the
+/// sink at `port`. Returns it and its log.
+fn start_rsyslog(
+    dir: &Path,
+    inputs: &str,
+    port: u16,
+    tls: &Tls,
+    cpus: &[usize],
+) -> anyhow::Result<(Daemon, PathBuf)> {
     let work = dir.join("rsyslog");
     std::fs::create_dir_all(&work)?;
     let conf = format!(
         "global(workDirectory={work:?} maxMessageSize=\"64k\"\n\
          \x20 defaultNetstreamDriverCAFile={ca:?} defaultNetstreamDriverCertFile={cert:?}\n\
          \x20 defaultNetstreamDriverKeyFile={key:?})\n\
-         module(load=\"imptcp\")\n\
          module(load=\"mmjsonparse\")\n\
-         input(type=\"imptcp\" address=\"127.0.0.1\" port=\"{input}\" ruleset=\"ship\")\n\
+         {inputs}\
          template(name=\"raw\" type=\"string\" string=\"%rawmsg%\\n\")\n\
          ruleset(name=\"ship\" queue.type=\"LinkedList\" queue.size=\"100000\") {{\n\
          \x20 action(type=\"mmjsonparse\" cookie=\"\" useRawMsg=\"on\")\n\
@@ -183,16 +289,8 @@ pub fn rsyslog(dir: &Path, port: u16, tls: &Tls, cpus: &[usize]) -> anyhow::Resu
     .map(|s| s.to_string());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let log = dir.join("rsyslog.log");
-    let mut d = Daemon::spawn(cpus, &bin.display().to_string(), &args, &log)?;
-    let open = || std::net::TcpStream::connect(("127.0.0.1", input)).is_ok();
-    match poll_alive(&mut d.0, Duration::from_secs(10), POLL, open) {
-        Ok(()) => Ok((d, input)),
-        Err(NotReady::Exited(status)) => bail!("rsyslogd exited ({status}); see {}", log.display()),
-        Err(NotReady::TimedOut(_)) => {
-            bail!("rsyslogd did not open its input; see {}", log.display())
-        }
-        Err(e @ NotReady::Wait(_)) => Err(e.into()),
-    }
+    let d = Daemon::spawn(cpus, &bin.display().to_string(), &args, &log)?;
+    Ok((d, log))
 }
 
 /// Waits (10 s at most) until `ready()`, failing with the log of `d` if it exits first.
