@@ -62,13 +62,53 @@ pub struct Variant {
     pub fsync: Option<bool>,
 }
 
-/// What a variant's output needs running beside the receiver. To add one (the Kafka output,
-/// being built as this case is written): a `[[variants]]` entry with `output = "kafka"` (there
-/// is one), and [`Backend::start`]'s arm for it starting a broker as that output's tests do,
-/// with [`Backend::output`] giving its `[[outputs.kafka]]` table (`brokers`, `topic`).
+/// What a variant's output needs running beside the receiver: nothing (files), a
+/// ClickHouse server, or a Kafka-protocol broker (tansu, memory storage, from `.tools/bin`).
 enum Backend {
     None,
     ClickHouse(ClickHouse),
+    Kafka(Broker),
+}
+
+/// A tansu broker of the case's own on a free port.
+struct Broker {
+    server: std::process::Child,
+    port: u16,
+}
+
+impl Broker {
+    fn start(dir: &Path) -> Result<Broker, String> {
+        let bin = crate::setup::tools_dir().join("bin/tansu");
+        if !bin.exists() {
+            return Err(format!("{} missing (cargo xtask setup)", bin.display()));
+        }
+        let port = free_port().map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(dir.join("tansu.log")).map_err(|e| e.to_string())?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let server = std::process::Command::new(&bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("tansu did not listen within 20 s".into());
+            }
+            // Polling the broker's port until it listens, with the deadline above.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Broker { server, port })
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
 }
 
 impl Backend {
@@ -77,9 +117,7 @@ impl Backend {
         match variant.output.as_str() {
             "files" => Ok(Backend::None),
             "clickhouse" => ClickHouse::start(&dir.join("clickhouse")).map(Backend::ClickHouse),
-            "kafka" => Err("no Kafka broker is started by this case yet (receiver_outputs.rs: \
-                            Backend::start's kafka arm)"
-                .into()),
+            "kafka" => Broker::start(&dir.join("kafka")).map(Backend::Kafka),
             other => Err(format!("unknown output {other:?} (files, clickhouse, kafka)")),
         }
     }
@@ -101,6 +139,14 @@ impl Backend {
                 ),
                 format!("state_directory = {:?}\n", dir.join("state").display().to_string()),
             ),
+            Backend::Kafka(b) => (
+                format!(
+                    "[[outputs.kafka]]\nname = \"k\"\nbrokers = [\"127.0.0.1:{}\"]\n\
+                     topic = \"logs.{{stream}}\"\n",
+                    b.port
+                ),
+                format!("state_directory = {:?}\n", dir.join("state").display().to_string()),
+            ),
         }
     }
 
@@ -112,10 +158,15 @@ impl Backend {
         Ok(())
     }
 
-    /// Records the output holds after a run under `dir`.
-    fn records(&self, dir: &Path) -> anyhow::Result<u64> {
+    /// Records the output holds after a run under `dir` (for Kafka: those the broker
+    /// acknowledged, from the receiver's last scrape `metrics`).
+    fn records(&self, dir: &Path, metrics: &str) -> anyhow::Result<u64> {
         match self {
             Backend::None => Ok(lines_in(&dir.join("out"))),
+            Backend::Kafka(_) => {
+                let labels = [("output", "k")];
+                Ok(sum(metrics, "shipper_receiver_output_records_total", &labels) as u64)
+            }
             Backend::ClickHouse(ch) => {
                 let n = ch.query("SELECT count() FROM logs")?;
                 n.trim().parse().with_context(|| format!("count() answered {n:?}"))
@@ -127,6 +178,7 @@ impl Backend {
         match self {
             Backend::None => None,
             Backend::ClickHouse(ch) => Some(ch.server.pid()),
+            Backend::Kafka(b) => Some(b.server.id()),
         }
     }
 }
@@ -283,10 +335,22 @@ fn run_once(env: &Env, variant: &Variant, backend: &Backend) -> anyhow::Result<T
         shipper_cpu_s: proc_cpu(ship.pid()) - cpu0.2,
         ..Trial::default()
     };
-    groups(&shipper::metrics::http::get(&rmetrics).unwrap_or_default(), &mut t);
+    // The receiver publishes its figures every 250 ms: scrape once they count every record
+    // acknowledged (or after 5 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let m = shipper::metrics::http::get(&rmetrics).unwrap_or_default();
+        let written = sum(&m, "shipper_receiver_records_written_total", &[]);
+        if written >= acked as f64 || Instant::now() > deadline {
+            break m;
+        }
+        // Polling the receiver's metrics until they count what was acknowledged (deadline).
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    groups(&metrics, &mut t);
     drop(ship);
     drop(receiver);
-    t.in_output = backend.records(&dir)?;
+    t.in_output = backend.records(&dir, &metrics)?;
     t.records_per_s = t.records as f64 / t.wall_s.max(1e-9);
     t.records_per_receiver_cpu_s = t.records as f64 / t.receiver_cpu_s.max(1e-9);
     t.records_per_cpu_s_with_server =
