@@ -4,12 +4,13 @@
 //! never a panic, and every byte must land in the output.
 #![no_main]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use shipper::protocol::frame::{Header, Kind, FLAG_ZSTD};
 use shipper::protocol::{FrameDecoder, RecordWriter};
-use shipper::receiver::{commit, output, shard};
+use shipper::receiver::writer::{Job, Verdict, Writer};
+use shipper::receiver::{commit, output};
 
 /// Records from the input: `[key_len, key..., body_len, body...]`, repeated.
 fn records(mut data: &[u8]) -> Vec<(&[u8], &[u8])> {
@@ -43,7 +44,8 @@ fuzz_target!(|data: &[u8]| {
     let state = commit::recover(dir.path(), 3600, modes, recover_outputs).unwrap();
     let outputs = output::open(&config, state.gen, 0);
     let commits = commit::CommitLog::create(dir.path(), 0, false, modes).unwrap();
-    let mut shard = shard::Shard::new(0, outputs, commits, Default::default(), Arc::new(config));
+    let writer = Writer::new(0, outputs, commits, Default::default(), Arc::new(config));
+    let figures = writer.figures();
     let mut raw = Vec::new();
     for (k, b) in &records {
         RecordWriter::push(&mut raw, k, b);
@@ -51,16 +53,24 @@ fuzz_target!(|data: &[u8]| {
     let z = zstd::bulk::compress(&raw, 1).unwrap();
     let count = records.len() as u32;
     let h = Header { kind: Kind::Data, flags: FLAG_ZSTD, seq: 1, count, raw_len: raw.len() as u32, len: z.len() as u32 };
-    let mut dec = FrameDecoder::new(1 << 24);
-    dec.push(&h.wire(&z));
-    let frame = dec.next_frame().unwrap().unwrap();
-    if let Err(e) = shard.data((7, 0), &frame) {
-        panic!("a valid frame was not written: {e}");
+    // The frame, then the same frame again (a duplicate, not a second copy), through the
+    // writer as a shard queues them.
+    let verdicts = Arc::new(Mutex::new(Vec::new()));
+    let (jobs, queue) = std::sync::mpsc::channel();
+    for _ in 0..2 {
+        let mut dec = FrameDecoder::new(1 << 24);
+        dec.push(&h.wire(&z));
+        let frame = dec.next_frame().unwrap().unwrap();
+        let v = verdicts.clone();
+        let answer = Box::new(move |verdict| v.lock().unwrap().push(verdict));
+        jobs.send(Job { id: (7, 0), sender: "fuzz".into(), frame, room: None, answer }).unwrap();
     }
+    drop(jobs);
+    writer.run(queue);
+    assert_eq!(*verdicts.lock().unwrap(), [Verdict::Ack, Verdict::Ack], "a valid frame was not written");
     let body_bytes: usize = records.iter().map(|(_, b)| b.len() + 1).sum();
-    assert_eq!(shard.counters.records_written, u64::from(count));
-    assert_eq!(shard.counters.bytes_written, body_bytes as u64);
-    // The same frame again is a duplicate, not a second copy.
-    shard.data((7, 0), &frame).unwrap();
-    assert_eq!(shard.counters.frames_duplicate, 1);
+    let f = figures.lock().unwrap();
+    assert_eq!(f.records_written, u64::from(count));
+    assert_eq!(f.bytes_written, body_bytes as u64);
+    assert_eq!(f.frames_duplicate, 1);
 });
