@@ -113,6 +113,27 @@ impl Connections {
         unsafe { libc::shutdown(open.fd, libc::SHUT_RDWR) };
         Some(Evicted { open, to_log: self.evictions_to_log(now_ns) })
     }
+
+    /// Closes the longest-idle connection to make room (the table holds `max`), logging it
+    /// at a bounded rate under `source`'s name; whether one was closed (for the caller's
+    /// counters).
+    pub fn make_room(&mut self, now_ns: u64, max: usize, source: &str) -> bool {
+        let Some(evicted) = self.evict(now_ns) else { return false };
+        if let Some(n) = evicted.to_log {
+            let idle_ms = now_ns.saturating_sub(evicted.open.active_ns) / 1_000_000;
+            let peer = evicted.open.peer;
+            // `n`: how many since the last such message (this one included).
+            tracing::warn!(
+                %source,
+                %peer,
+                idle_ms,
+                evicted = n,
+                max,
+                "connections_max connections open: closed the longest-idle one to make room"
+            );
+        }
+        true
+    }
 }
 
 #[cfg(test)]

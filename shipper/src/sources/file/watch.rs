@@ -49,8 +49,17 @@ impl Watcher {
             tracing::warn!("inotify unavailable ({e}): file sources poll only");
             return None;
         }
-        // SAFETY: fd is a new descriptor that we own; the reading task owns the duplicate.
-        let owned = unsafe { OwnedFd::from_raw_fd(libc::dup(fd)) };
+        // SAFETY: fd is ours; dup returns a new descriptor or -1.
+        let copy = unsafe { libc::dup(fd) };
+        if copy < 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("inotify unavailable (dup: {e}): file sources poll only");
+            // SAFETY: fd is ours and not used after this.
+            unsafe { libc::close(fd) };
+            return None;
+        }
+        // SAFETY: copy is a new descriptor that we own; the reading task owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(copy) };
         let wake = Rc::new(Notify::new());
         let woken = wake.clone();
         tokio_uring::spawn(async move {

@@ -103,24 +103,10 @@ fn admit<I: Intake>(
     let mut fc = source.counters.borrow_mut();
     let mut table = conns.borrow_mut();
     let max = source.settings.connections_max;
-    if table.len() >= max {
-        if let Some(evicted) = table.evict(now) {
-            fc.connections_evicted += 1;
-            fc.connections_open -= 1;
-            fc.connections_closed += 1;
-            if let Some(n) = evicted.to_log {
-                let idle_ms = now.saturating_sub(evicted.open.active_ns) / 1_000_000;
-                let (source, peer) = (&fc.source, evicted.open.peer);
-                tracing::warn!(
-                    %source,
-                    %peer,
-                    idle_ms,
-                    evicted = n,
-                    max,
-                    "connections_max connections open: closed the longest-idle one to make room"
-                );
-            }
-        }
+    if table.len() >= max && table.make_room(now, max, &fc.source) {
+        fc.connections_evicted += 1;
+        fc.connections_open -= 1;
+        fc.connections_closed += 1;
     }
     fc.connections_accepted += 1;
     fc.connections_open += 1;

@@ -139,22 +139,10 @@ pub async fn serve_tcp<I: Intake + 'static>(
 
 /// Closes the longest-idle connection of `table` (full): counted, logged at a bounded rate.
 fn evict(sc: &mut SocketCounters, table: &mut Connections, max: usize, now_ns: u64) {
-    let Some(evicted) = table.evict(now_ns) else { return };
-    sc.connections_evicted += 1;
-    sc.connections_open -= 1;
-    sc.connections_closed += 1;
-    if let Some(n) = evicted.to_log {
-        let idle_ms = now_ns.saturating_sub(evicted.open.active_ns) / 1_000_000;
-        let (source, peer) = (&sc.source, evicted.open.peer);
-        // `n`: how many since the last such message (this one included).
-        tracing::warn!(
-            %source,
-            %peer,
-            idle_ms,
-            evicted = n,
-            max,
-            "connections_max connections open: closed the longest-idle one to make room"
-        );
+    if table.make_room(now_ns, max, &sc.source) {
+        sc.connections_evicted += 1;
+        sc.connections_open -= 1;
+        sc.connections_closed += 1;
     }
 }
 
