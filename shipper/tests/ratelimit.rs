@@ -107,3 +107,61 @@ fn services_past_services_max_share_a_bucket_but_keep_their_own_streams() {
     assert_eq!(admitted("_other"), ((SERVICES - 2) * EACH) as f64);
     assert!(shipper.stop(Duration::from_secs(30)).success());
 }
+
+/// 3,000 services through one worker with `services_max = 1024`: every line in its own
+/// stream, the services past the table's room counted under `_other`; once the burst's
+/// services are idle for `services_idle_s` they are forgotten, and a new service gets its own
+/// bucket and label again.
+#[test]
+fn a_burst_of_services_is_forgotten_once_idle_and_new_services_get_their_own_label() {
+    // Regression: the table never forgot a key, so one burst of invented keys sent every
+    // later service to `_other` until the shipper restarted.
+    const SERVICES: usize = 3000;
+    const ROOM: usize = 1024;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let text = env.receiver_toml(port, rm, "");
+    let text = text.replace("fsync = false", "fsync = false\nstreams_max = 4096");
+    let _receiver = start_receiver_toml(&env, port, rm, &text);
+    let pipe = env.path("app.pipe");
+    let body = format!(
+        "[[sources.pipe]]\npath = {pipe:?}\nworker = 0\n\
+         [ratelimit]\nservices_max = {ROOM}\nservices_idle_s = 1\n"
+    );
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    let mut w = BufWriter::new(open_writer(&pipe));
+    let mut want = Vec::new();
+    for s in 0..SERVICES {
+        let line = format!(r#"{{"service":"s{s}"}}"#);
+        writeln!(w, "{line}").unwrap();
+        want.push((format!("s{s}"), line.into_bytes()));
+    }
+    w.flush().unwrap();
+    shipper.wait_alive("every line acknowledged", || {
+        metric_at(sm, "shipper_records_acked_total", &[]) == SERVICES as f64
+    });
+    let admitted = |service| metric_at(sm, "shipper_lines_admitted_total", &[("service", service)]);
+    // The pipe's own service ("app") holds one place: s0..s1022 take the rest.
+    assert_eq!(admitted("s1022"), 1.0);
+    assert_eq!(admitted("_other"), (SERVICES - (ROOM - 1)) as f64);
+    let core0 = [("core", "0")];
+    assert_eq!(metric_at(sm, "shipper_services", &core0), (ROOM + 1) as f64);
+    shipper.wait_alive("the burst's services forgotten", || {
+        metric_at(sm, "shipper_services_forgotten_total", &core0) == (ROOM - 1) as f64
+    });
+    assert_eq!(metric_at(sm, "shipper_services", &core0), 2.0, "_other and app stay");
+    writeln!(w, r#"{{"service":"late"}}"#).unwrap();
+    w.flush().unwrap();
+    want.push(("late".into(), br#"{"service":"late"}"#.to_vec()));
+    shipper.wait_alive("the late line acknowledged", || {
+        metric_at(sm, "shipper_records_acked_total", &[]) == (SERVICES + 1) as f64
+    });
+    assert_eq!(admitted("late"), 1.0, "a new service gets its own label again");
+    assert_eq!(admitted("_other"), (SERVICES - (ROOM - 1)) as f64);
+    let mut got = output_lines(&env.out());
+    got.sort();
+    want.sort();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "each service in its own stream");
+    assert!(shipper.stop(Duration::from_secs(30)).success());
+}

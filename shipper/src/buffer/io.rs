@@ -15,8 +15,8 @@ use tokio_uring::fs::File;
 
 use super::cut::Cutter;
 use super::format::{self, Item, Tally, SEGMENT_MAGIC};
-use super::Spill;
 use super::Tidy;
+use super::{ServiceRecords, Spill};
 use crate::protocol::frame::{Header, HEADER_BYTES};
 use crate::sinks::delivery::{Outbox, Sealed};
 use crate::transforms::services::DropReason;
@@ -60,11 +60,7 @@ pub async fn write_loop<S: Spill>(owner: Rc<RefCell<S>>, mut stop: watch::Receiv
             continue;
         };
         record.clear();
-        let names: Vec<(Vec<u8>, u32)> = {
-            let o = owner.borrow();
-            frame.services.iter().map(|&(s, n)| (o.service_name(s).to_vec(), n)).collect()
-        };
-        let names: Vec<(&[u8], u32)> = names.iter().map(|(s, n)| (s.as_slice(), *n)).collect();
+        let names: Vec<(&[u8], u32)> = frame.services.iter().map(|(s, n)| (&s[..], *n)).collect();
         format::encode(&frame.wire, frame.first_unix_us, &names, &mut record);
         let (ordinal, path, offset, new, mode) = {
             let mut o = owner.borrow_mut();
@@ -282,7 +278,7 @@ fn load<S: Spill>(o: &mut S, ordinal: u64, path: &Path, from: u64, data: &[u8]) 
     for item in format::Scan::new(records) {
         match item {
             Item::Record(r) => {
-                let services = r.services.iter().map(|&(name, n)| (o.intern(name), n)).collect();
+                let services = r.services.iter().map(|&(name, n)| (Rc::from(name), n)).collect();
                 let h: &[u8; HEADER_BYTES] = r.frame[..HEADER_BYTES].try_into().expect("checked");
                 let raw_len = Header::decode(h, u32::MAX).map_or(0, |(h, _)| h.raw_len);
                 let age_ns = now_us.saturating_sub(r.first_unix_us) * 1000;
@@ -365,7 +361,7 @@ pub async fn tidy_loop<S: Spill>(owner: Rc<RefCell<S>>) {
 
 /// Deletes the evicted segment at `path` and counts its records as dropped: `services` when
 /// known, else as read from the file.
-async fn evict<S: Spill>(owner: &Rc<RefCell<S>>, path: &Path, services: Option<Vec<(u32, u64)>>) {
+async fn evict<S: Spill>(owner: &Rc<RefCell<S>>, path: &Path, services: Option<ServiceRecords>) {
     let by_name = match services {
         Some(_) => Vec::new(),
         None => tally(path).await.unwrap_or_else(|e| {
@@ -376,10 +372,9 @@ async fn evict<S: Spill>(owner: &Rc<RefCell<S>>, path: &Path, services: Option<V
     if let Err(e) = tokio_uring::fs::remove_file(path).await {
         tracing::error!(path = %path.display(), "disk buffer: cannot delete an evicted segment: {e}");
     }
-    let mut o = owner.borrow_mut();
-    let counts =
-        services.unwrap_or_else(|| by_name.iter().map(|(name, n)| (o.intern(name), *n)).collect());
-    o.evicted(path, &counts);
+    let counts = services
+        .unwrap_or_else(|| by_name.into_iter().map(|(name, n)| (Rc::from(name), n)).collect());
+    owner.borrow_mut().evicted(path, &counts);
 }
 
 /// Records per service name of the segment at `path`, read in chunks of

@@ -74,10 +74,6 @@ pub trait Spill {
     /// Woken when frames wait to be written, room comes in the outbox, or a receiver's
     /// health changes; the buffer's tasks wake it after each step.
     fn wake(&self) -> Rc<Notify>;
-    /// The name of service `id`, written beside each record.
-    fn service_name(&self, id: u32) -> &[u8];
-    /// The id of service `name`, read back from a record.
-    fn intern(&mut self, name: &[u8]) -> u32;
     /// Every record of `frame` is lost for `reason`.
     fn dropped(&mut self, frame: &Sealed, reason: DropReason);
     /// Whether to read frames back now: a receiver takes data and the worker is not stopping.
@@ -85,8 +81,8 @@ pub trait Spill {
     /// Moves frames read back into the outbox while it has room ([`io::feed_outbox`]).
     fn feed(&mut self);
     /// The evicted segment at `path` is deleted (or could not be): `counts` records per
-    /// service id are dropped.
-    fn evicted(&mut self, path: &Path, counts: &[(u32, u64)]);
+    /// service are dropped.
+    fn evicted(&mut self, path: &Path, counts: &[(Rc<[u8]>, u64)]);
 }
 
 /// A segment file and how far it has been written, read and acknowledged.
@@ -103,13 +99,13 @@ pub struct Segment {
     pub unacked: u64,
     /// No more records will be appended.
     pub closed: bool,
-    /// Records per service id appended in this run; `None` for a segment a previous run left
+    /// Records per service appended in this run; `None` for a segment a previous run left
     /// (its file must be read to count them).
     pub services: Option<ServiceRecords>,
 }
 
-/// Records per service id, one entry per service, in the order first written.
-pub type ServiceRecords = Vec<(u32, u64)>;
+/// Records per service name, one entry per service, in the order first written.
+pub type ServiceRecords = Vec<(Rc<[u8]>, u64)>;
 
 /// File work the buffer's bookkeeping decided and the tidy task does on the worker's io_uring
 /// ([`io::tidy_loop`]): the bookkeeping runs in plain functions that must not block.
@@ -294,19 +290,19 @@ impl DiskBuffer {
         self.segments.retain(|s| s.ordinal != ordinal);
     }
 
-    /// `len` bytes holding `records` records, `services` of them per service id, were
+    /// `len` bytes holding `records` records, `services` of them per service, were
     /// appended to segment `ordinal`.
-    pub fn written(&mut self, ordinal: u64, len: u64, records: u32, services: &[(u32, u32)]) {
+    pub fn written(&mut self, ordinal: u64, len: u64, records: u32, services: &[(Rc<[u8]>, u32)]) {
         self.writing = false;
         if let Some(s) = self.segments.iter_mut().find(|s| s.ordinal == ordinal) {
             s.size += len;
             self.counters.frames_written += 1;
             self.counters.records_written += u64::from(records);
             let counts = s.services.get_or_insert_with(Vec::new);
-            for &(service, n) in services {
-                match counts.iter_mut().find(|(id, _)| *id == service) {
-                    Some((_, total)) => *total += u64::from(n),
-                    None => counts.push((service, n.into())),
+            for (service, n) in services {
+                match counts.iter_mut().find(|(name, _)| name == service) {
+                    Some((_, total)) => *total += u64::from(*n),
+                    None => counts.push((service.clone(), u64::from(*n))),
                 }
             }
         }
@@ -414,11 +410,20 @@ mod tests {
         DiskBuffer::open(&config, dir, 0, 1, 1 << 20, crate::os::Modes::DEFAULT).unwrap()
     }
 
-    /// What the writer does for a 400-byte record holding `services` (id, records).
+    /// What the writer does for a 400-byte record holding `services` (`s{N}`, records).
     fn write(b: &mut DiskBuffer, services: &[(u32, u32)]) {
         let (ordinal, _, _, _) = b.write_target();
         let records = services.iter().map(|s| s.1).sum();
-        b.written(ordinal, 400, records, services);
+        let named: Vec<_> = services.iter().map(|&(s, n)| (name(s), n)).collect();
+        b.written(ordinal, 400, records, &named);
+    }
+
+    fn name(service: u32) -> Rc<[u8]> {
+        Rc::from(format!("s{service}").as_bytes())
+    }
+
+    fn counts(services: &[(u32, u64)]) -> Option<ServiceRecords> {
+        Some(services.iter().map(|&(s, n)| (name(s), n)).collect())
     }
 
     // Guards exact drop counts per service for `drop_oldest` without reading the evicted
@@ -447,8 +452,8 @@ mod tests {
             evicted,
             [
                 Tidy::Evict { path: old, services: None },
-                Tidy::Evict { path: second, services: Some(vec![(0, 6), (1, 6), (2, 3)]) },
-                Tidy::Evict { path: third, services: Some(vec![(0, 6), (2, 6), (1, 3)]) },
+                Tidy::Evict { path: second, services: counts(&[(0, 6), (1, 6), (2, 3)]) },
+                Tidy::Evict { path: third, services: counts(&[(0, 6), (2, 6), (1, 3)]) },
             ]
         );
         assert_eq!(b.bytes(), 408);

@@ -451,6 +451,9 @@ pub struct RateLimitSection {
     /// Distinct keys tracked per worker; further keys share the bucket and metrics label
     /// `_other` (their records still go to their own stream). Default: 1024.
     pub services_max: usize,
+    /// Seconds without a record after which a key is forgotten: its bucket, counters and
+    /// series go, making room for new keys (0: never). Default: 300.
+    pub services_idle_s: u64,
     /// Per-key overrides of `rate` and `burst`.
     pub services: BTreeMap<String, RateOverride>,
 }
@@ -463,6 +466,7 @@ impl Default for RateLimitSection {
             burst: None,
             rebalance_interval_ms: 100,
             services_max: 1024,
+            services_idle_s: 300,
             services: BTreeMap::new(),
         }
     }
@@ -767,6 +771,7 @@ impl RateLimitSection {
         p.check(!self.key_field.is_empty(), &at("key_field"), || "must not be empty".into());
         p.range(self.rebalance_interval_ms, 10, 10_000, &at("rebalance_interval_ms"));
         p.range(self.services_max as u64, 1, 1 << 20, &at("services_max"));
+        p.range(self.services_idle_s, 0, 30 * 86_400, &at("services_idle_s"));
         if let Some(b) = self.burst {
             p.check(self.rate == 0 || b >= 1, &at("burst"), || "must be at least 1".into());
         }

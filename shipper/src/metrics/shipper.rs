@@ -24,7 +24,12 @@ pub struct ShipperCounters {
     pub files: Vec<FileCounters>,
     pub sockets: Vec<SocketCounters>,
     pub forwards: Vec<ForwardCounters>,
+    /// The services in the table now, `_other` first.
     pub services: Vec<ServiceCounters>,
+    /// What forgotten services had counted (not a series: it keeps totals whole).
+    pub services_retired: ServiceCounters,
+    /// Services forgotten after `services_idle_s` without a record.
+    pub services_forgotten: u64,
     pub delivery: DeliveryCounters,
     pub frames_acked: u64,
     pub records_acked: u64,
@@ -59,6 +64,8 @@ impl ShipperCounters {
             sockets: Vec::new(),
             forwards: Vec::new(),
             services: Vec::new(),
+            services_retired: Default::default(),
+            services_forgotten: 0,
             delivery: Default::default(),
             frames_acked: 0,
             records_acked: 0,
@@ -80,9 +87,10 @@ impl ShipperCounters {
         }
     }
 
-    /// Lines dropped on this core, all reasons and services.
+    /// Lines dropped on this core, all reasons and services (forgotten ones included).
     pub fn lines_dropped(&self) -> u64 {
-        self.services.iter().flat_map(|s| s.lines_dropped).sum()
+        let live: u64 = self.services.iter().flat_map(|s| s.lines_dropped).sum();
+        live + self.services_retired.lines_dropped.iter().sum::<u64>()
     }
 }
 
@@ -313,6 +321,15 @@ const PER_FORWARD: &[Series<ForwardCounters>] = &[
 ];
 
 const PER_WORKER: &[Series<ShipperCounters>] = &[
+    ("shipper_services", "gauge", "Services in the core's table, _other included.", |c| {
+        c.services.len() as u64
+    }),
+    (
+        "shipper_services_forgotten_total",
+        "counter",
+        "Services forgotten after services_idle_s without a record (their series end).",
+        |c| c.services_forgotten,
+    ),
     ("shipper_frames_sent_total", "counter", "DATA frames written (resends included).", |c| {
         c.delivery.frames_sent
     }),

@@ -93,10 +93,18 @@ impl Chain {
     /// Registers a source decoded by `decode`, whose records without a key go to `service`
     /// (or to `_other`, for a source that gives every record's key).
     pub fn add_source(&mut self, decode: Decode, service: Option<&str>, now_ns: u64) -> SourceId {
-        let service =
-            service.map_or(services::OTHER, |s| self.services.intern(s.as_bytes(), now_ns));
+        let service = service.map_or(services::OTHER, |s| self.services.pin(s.as_bytes(), now_ns));
         self.inputs.push(Input { decode, service });
         SourceId(u32::try_from(self.inputs.len() - 1).expect("sources are few"))
+    }
+
+    /// Forgets the services idle for `idle_ns` that `in_use` does not claim
+    /// ([`Services::forget_idle`]), and what the enrichments cached for them.
+    pub fn forget_idle(&mut self, now_ns: u64, idle_ns: u64, in_use: impl Fn(u32) -> bool) {
+        let freed = self.services.forget_idle(now_ns, idle_ns, in_use);
+        if !freed.is_empty() {
+            self.enrich.forget(&freed);
+        }
     }
 
     /// The per-record path: decode, services, rate limit. Returns what happened, for the

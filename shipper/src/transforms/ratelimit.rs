@@ -47,7 +47,7 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    /// Sets up the bucket of `id` (ids are dense, added in order) with `share` of the key's
+    /// Sets up the bucket of `id` (ids are dense, added in order or reused) with `share` of the key's
     /// `rate` (events/s, 0 = unlimited) and `burst`.
     pub fn add(&mut self, id: u32, rate: u64, burst: u64, share: f64, now_ns: u64) {
         let id = id as usize;
@@ -60,6 +60,8 @@ impl RateLimiter {
             Bucket { rate: rate as f64, burst: burst as f64, share, tokens: 0.0, last_ns: now_ns };
         b.tokens = b.local_burst();
         self.buckets[id] = b;
+        // A reused id (its service forgotten) starts without the old one's demand.
+        self.demand[id] = 0;
     }
 
     /// Takes one token from `id`'s bucket; `false` means the line is over the limit.

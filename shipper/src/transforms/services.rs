@@ -4,10 +4,24 @@
 //! # Design constraints
 //! - At most `services_max` names per worker (config); names beyond that share id
 //!   [`OTHER`] ("_other"), so a hostile writer inventing keys cannot grow memory or metric
-//!   cardinality. The id is a bucket and a label only: a record is routed by its own key. Names are cut to [`KEY_BYTES_MAX`] (255) bytes, the protocol's key limit,
-//!   at a UTF-8 character boundary ([`bound_key`]); the sources count every cut.
+//!   cardinality. The id is a bucket and a label only: a record is routed by its own key.
+//!   Names are cut to [`KEY_BYTES_MAX`] (255) bytes, the protocol's key limit, at a UTF-8
+//!   character boundary ([`bound_key`]); the sources count every cut.
+//! - A name not seen for `services_idle_s` is forgotten ([`Services::forget_idle`]): its id,
+//!   bucket and counters are freed for the next new name, so one burst of invented keys fills
+//!   the table for a while, not for the life of the process. Its counts are added to the
+//!   worker's retired totals first, so totals over all services never go down. A source's
+//!   default service is never forgotten. Frames name their services (a shared name, not an
+//!   id), so a frame still held when its service is forgotten counts its fate under the
+//!   right name.
+//!
+//! # Operation
+//! Every admitted or dropped record stamps its id's last use with the read batch's clock.
+//! Once per rebalance interval the worker asks for idle ids to be forgotten, naming the ids
+//! its open batches still count (those wait for their batch to be sealed).
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use super::ratelimit::RateLimiter;
 use crate::config::shipper::RateLimitSection;
@@ -16,6 +30,12 @@ use crate::protocol::limits::KEY_BYTES_MAX;
 /// Id of the shared bucket for names past the table's capacity.
 pub const OTHER: u32 = 0;
 pub const OTHER_NAME: &str = "_other";
+
+/// A service's name as frames hold it: shared with the table, alive while a frame names it.
+pub type ServiceName = Rc<[u8]>;
+
+/// Last use of an id that is never forgotten (`_other`, a source's default service).
+const PINNED: u64 = u64::MAX;
 
 /// `name` cut to [`KEY_BYTES_MAX`] bytes, never inside a UTF-8 character, and whether it was
 /// cut. Every key that comes from outside (a JSON key field, a cfjs1 `format`, a syslog
@@ -38,8 +58,14 @@ pub fn bound_key(name: &[u8]) -> (&[u8], bool) {
 pub struct Services {
     pub table: ServiceTable,
     pub limiter: RateLimiter,
-    /// Per service id: lines admitted and dropped by reason.
+    /// Per service id: lines admitted and dropped by reason (a free id's are zero).
     pub counters: Vec<ServiceCounters>,
+    /// What the forgotten services had counted, so totals never go down.
+    pub retired: ServiceCounters,
+    /// Services forgotten after `services_idle_s` without a record.
+    pub forgotten: u64,
+    /// Per service id: monotonic ns of its last record ([`PINNED`]: never forgotten).
+    last_ns: Vec<u64>,
     /// `[ratelimit]`: each service's rate and burst.
     config: RateLimitSection,
     /// The rate's share a worker starts with, until the control plane says otherwise.
@@ -52,10 +78,14 @@ impl Services {
             table: ServiceTable::new(config.services_max),
             limiter: RateLimiter::default(),
             counters: Vec::new(),
+            retired: ServiceCounters::default(),
+            forgotten: 0,
+            last_ns: Vec::new(),
             config: config.clone(),
             share: 1.0 / workers as f64,
         };
         s.added(OTHER, 0);
+        s.last_ns[OTHER as usize] = PINNED;
         s
     }
 
@@ -69,9 +99,20 @@ impl Services {
         id
     }
 
+    /// The id of a source's default service `name`, which is never forgotten.
+    pub fn pin(&mut self, name: &[u8], now_ns: u64) -> u32 {
+        let id = self.intern(name, now_ns);
+        self.last_ns[id as usize] = PINNED;
+        id
+    }
+
     /// The rate-limit stage: one token from `id`'s bucket, counted as admitted or dropped.
     #[inline]
     pub fn admit(&mut self, id: u32, now_ns: u64) -> bool {
+        let last = &mut self.last_ns[id as usize];
+        if *last != PINNED {
+            *last = now_ns;
+        }
         let counters = &mut self.counters[id as usize];
         if !self.limiter.admit(id, now_ns) {
             counters.lines_dropped[DropReason::RateLimit as usize] += 1;
@@ -81,9 +122,46 @@ impl Services {
         true
     }
 
-    /// Counts `n` records of service `id` as dropped for `reason`.
-    pub fn dropped(&mut self, id: u32, n: u64, reason: DropReason) {
+    /// Counts `n` records of service `name` (held by a frame) as dropped for `reason`: under
+    /// its id, taken again if it was forgotten meanwhile (or `_other` if the table is full).
+    pub fn dropped(&mut self, name: &[u8], n: u64, reason: DropReason, now_ns: u64) {
+        let id = self.intern(name, now_ns);
         self.counters[id as usize].lines_dropped[reason as usize] += n;
+    }
+
+    /// Forgets every service without a record for `idle_ns` (0: never) that `in_use` does
+    /// not claim; returns the ids freed.
+    pub fn forget_idle(
+        &mut self,
+        now_ns: u64,
+        idle_ns: u64,
+        in_use: impl Fn(u32) -> bool,
+    ) -> Vec<u32> {
+        if idle_ns == 0 {
+            return Vec::new();
+        }
+        let idle = |&(id, &last): &(usize, &u64)| {
+            last != PINNED && now_ns.saturating_sub(last) >= idle_ns && !in_use(id as u32)
+        };
+        let ids: Vec<u32> =
+            self.last_ns.iter().enumerate().filter(idle).map(|(id, _)| id as u32).collect();
+        for &id in &ids {
+            let c = std::mem::take(&mut self.counters[id as usize]);
+            self.retired.lines_admitted += c.lines_admitted;
+            for (r, n) in self.retired.lines_dropped.iter_mut().zip(c.lines_dropped) {
+                *r += n;
+            }
+            self.last_ns[id as usize] = PINNED;
+            self.table.remove(id);
+            self.forgotten += 1;
+        }
+        ids
+    }
+
+    /// The counters of the services in the table now (free ids left out).
+    pub fn live_counters(&self) -> Vec<ServiceCounters> {
+        let live = |id: &usize| self.table.is_live(*id as u32);
+        (0..self.counters.len()).filter(live).map(|id| self.counters[id].clone()).collect()
     }
 
     #[cold]
@@ -91,14 +169,25 @@ impl Services {
         let name = String::from_utf8_lossy(self.table.name(id)).into_owned();
         let (rate, burst) = self.config.limit_for(&name);
         self.limiter.add(id, rate, burst, self.share, now_ns);
-        self.counters.push(ServiceCounters { service: name, ..Default::default() });
-        debug_assert_eq!(self.counters.len(), self.table.len(), "one counter set per id");
+        let counters = ServiceCounters { service: name, ..Default::default() };
+        let i = id as usize;
+        if i == self.counters.len() {
+            self.counters.push(counters);
+            self.last_ns.push(now_ns);
+        } else {
+            self.counters[i] = counters;
+            self.last_ns[i] = now_ns;
+        }
+        debug_assert_eq!(self.counters.len(), self.table.slots(), "one counter set per id");
     }
 }
 
 pub struct ServiceTable {
-    ids: HashMap<Box<[u8]>, u32>,
-    names: Vec<Box<[u8]>>,
+    ids: HashMap<ServiceName, u32>,
+    /// Per id its name; a free id's is `None`.
+    names: Vec<Option<ServiceName>>,
+    /// Ids forgotten, reused before the table grows.
+    free: Vec<u32>,
     max: usize,
 }
 
@@ -106,7 +195,8 @@ impl ServiceTable {
     pub fn new(services_max: usize) -> ServiceTable {
         ServiceTable {
             ids: HashMap::new(),
-            names: vec![OTHER_NAME.as_bytes().into()],
+            names: vec![Some(OTHER_NAME.as_bytes().into())],
+            free: Vec::new(),
             max: services_max,
         }
     }
@@ -121,9 +211,18 @@ impl ServiceTable {
         if self.ids.len() >= self.max {
             return (OTHER, false);
         }
-        let id = u32::try_from(self.names.len()).expect("bounded by services_max");
-        self.names.push(name.into());
-        self.ids.insert(name.into(), id);
+        let shared: ServiceName = name.into();
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.names[id as usize] = Some(shared.clone());
+                id
+            }
+            None => {
+                self.names.push(Some(shared.clone()));
+                u32::try_from(self.names.len() - 1).expect("bounded by services_max")
+            }
+        };
+        self.ids.insert(shared, id);
         (id, true)
     }
 
@@ -132,12 +231,34 @@ impl ServiceTable {
         self.ids.get(name).copied()
     }
 
+    /// The name of id `id` (empty for a free id).
     pub fn name(&self, id: u32) -> &[u8] {
-        &self.names[id as usize]
+        self.names[id as usize].as_deref().unwrap_or_default()
     }
 
-    /// Number of ids in use, [`OTHER`] included.
+    /// The name of `id` as a frame holds it.
+    pub fn shared(&self, id: u32) -> ServiceName {
+        self.names[id as usize].clone().unwrap_or_else(|| Rc::from(&b""[..]))
+    }
+
+    fn remove(&mut self, id: u32) {
+        if let Some(name) = self.names[id as usize].take() {
+            self.ids.remove(&name);
+            self.free.push(id);
+        }
+    }
+
+    fn is_live(&self, id: u32) -> bool {
+        self.names[id as usize].is_some()
+    }
+
+    /// Ids in use, [`OTHER`] included.
     pub fn len(&self) -> usize {
+        self.ids.len() + 1
+    }
+
+    /// Ids ever handed out, free ones included (the length of per-id vectors).
+    pub fn slots(&self) -> usize {
         self.names.len()
     }
 
@@ -204,6 +325,38 @@ mod tests {
         let mut t = ServiceTable::new(4);
         let (id, _) = t.intern(&long);
         assert_eq!(t.name(id).len(), 255);
+    }
+
+    // Guards forgetting: an idle id is freed and reused, its counts kept in the retired
+    // totals; a pinned id, an id a batch still holds and a recent id stay.
+    #[test]
+    fn idle_services_are_forgotten_and_their_ids_reused() {
+        let config = RateLimitSection { services_max: 3, ..Default::default() };
+        let mut s = Services::new(&config, 1);
+        let app = s.pin(b"app", 0);
+        let (a, b) = (s.intern(b"a", 0), s.intern(b"b", 0));
+        assert_eq!(s.intern(b"c", 0), OTHER, "full");
+        for id in [app, a, b, a] {
+            assert!(s.admit(id, 10));
+        }
+        s.dropped(b"a", 5, DropReason::OutboxFull, 10);
+        assert!(s.forget_idle(20, 0, |_| false).is_empty(), "0: never");
+        assert!(s.forget_idle(20, 15, |_| false).is_empty(), "not idle yet");
+        assert_eq!(s.forget_idle(30, 15, |id| id == b), [a]);
+        assert_eq!((s.forgotten, s.table.get(b"a"), s.table.len()), (1, None, 3));
+        assert_eq!(s.retired.lines_admitted, 2);
+        assert_eq!(s.retired.lines_dropped[DropReason::OutboxFull as usize], 5);
+        let live: Vec<String> = s.live_counters().into_iter().map(|c| c.service).collect();
+        assert_eq!(live, ["_other", "app", "b"]);
+        let c = s.intern(b"c", 40);
+        assert_eq!(c, a, "the freed id is reused");
+        assert_eq!((s.counters[c as usize].lines_admitted, s.table.name(c)), (0, &b"c"[..]));
+        // A frame naming the forgotten service counts it under its name again.
+        assert_eq!(s.forget_idle(100, 15, |_| false), [c, b]);
+        s.dropped(b"a", 1, DropReason::Shutdown, 100);
+        let a = s.table.get(b"a").unwrap();
+        assert_eq!(s.counters[a as usize].lines_dropped[DropReason::Shutdown as usize], 1);
+        assert_eq!(s.table.get(b"app"), Some(app), "pinned");
     }
 
     #[test]

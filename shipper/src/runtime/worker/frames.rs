@@ -41,9 +41,8 @@ impl Worker {
         };
         let mut text = format!("receiver: {receiver}\nreason: {reason}\n");
         text.push_str(&format!("seq: {}\nrecords: {}\n", frame.seq, frame.records));
-        for &(s, n) in &frame.services {
-            let name = String::from_utf8_lossy(self.chain.services.table.name(s));
-            text.push_str(&format!("service {name}: {n}\n"));
+        for (s, n) in &frame.services {
+            text.push_str(&format!("service {}: {n}\n", String::from_utf8_lossy(s)));
         }
         let pushed = q.borrow_mut().push(frame.clone(), text);
         match pushed {
@@ -84,10 +83,11 @@ impl Worker {
     }
 
     /// An evicted segment's file at `path` is deleted (or could not be): counts its records
-    /// as dropped, `counts` per service id.
-    fn count_evicted(&mut self, path: &Path, counts: &[(u32, u64)]) {
-        for &(id, n) in counts {
-            self.chain.services.dropped(id, n, DropReason::BufferFull);
+    /// as dropped, `counts` per service.
+    fn count_evicted(&mut self, path: &Path, counts: &[(Rc<[u8]>, u64)]) {
+        let now = self.clock.now_ns();
+        for (name, n) in counts {
+            self.chain.services.dropped(name, *n, DropReason::BufferFull, now);
         }
         if let Some(b) = self.buffer.as_mut() {
             b.counters.segments_dropped += 1;
@@ -178,14 +178,6 @@ impl Spill for Worker {
         self.delivery.wake.clone()
     }
 
-    fn service_name(&self, id: u32) -> &[u8] {
-        self.chain.services.table.name(id)
-    }
-
-    fn intern(&mut self, name: &[u8]) -> u32 {
-        self.chain.services.intern(name, self.clock.now_ns())
-    }
-
     fn dropped(&mut self, frame: &Sealed, reason: DropReason) {
         self.count_dropped(frame, reason);
     }
@@ -201,7 +193,7 @@ impl Spill for Worker {
         }
     }
 
-    fn evicted(&mut self, path: &Path, counts: &[(u32, u64)]) {
+    fn evicted(&mut self, path: &Path, counts: &[(Rc<[u8]>, u64)]) {
         self.count_evicted(path, counts);
     }
 }

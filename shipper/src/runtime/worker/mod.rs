@@ -183,7 +183,8 @@ impl Worker {
         }
         self.counters.batches_sealed[reason as usize] += 1;
         let outbox = &mut self.delivery.outbox;
-        let mut frame = match batch.seal(&mut self.zstd, outbox.next_seq()) {
+        let table = &self.chain.services.table;
+        let mut frame = match batch.seal(&mut self.zstd, outbox.next_seq(), |id| table.shared(id)) {
             Ok(f) => f,
             Err(e) => panic!("zstd failed on an in-memory batch: {e}"),
         };
@@ -216,7 +217,7 @@ impl Worker {
 
     /// Queues `frame` for the disk buffer, applying `when_full` when it does not fit.
     pub fn buffer_push(&mut self, frame: Sealed) {
-        let names = frame.services.iter().map(|&(s, _)| self.chain.services.table.name(s).len());
+        let names = frame.services.iter().map(|(s, _)| s.len());
         let record_bytes = crate::buffer::format::record_bytes(frame.wire.len(), names);
         let b = self.buffer.as_mut().expect("checked by the caller");
         let frame = match b.push(frame, record_bytes) {
@@ -232,8 +233,9 @@ impl Worker {
 
     /// Counts every record of `frame` as dropped for `reason`.
     pub fn count_dropped(&mut self, frame: &Sealed, reason: DropReason) {
-        for &(service, n) in &frame.services {
-            self.chain.services.dropped(service, u64::from(n), reason);
+        let now = self.clock.now_ns();
+        for (service, n) in &frame.services {
+            self.chain.services.dropped(service, u64::from(*n), reason, now);
         }
     }
 
@@ -250,7 +252,9 @@ impl Worker {
         for publish in &self.publishers {
             publish(&mut c);
         }
-        c.services = self.chain.services.counters.clone();
+        c.services = self.chain.services.live_counters();
+        c.services_retired = self.chain.services.retired.clone();
+        c.services_forgotten = self.chain.services.forgotten;
         c.enrich = self.chain.enrich.counters(&self.config.transforms.enrich);
         c.delivery = self.delivery.counters.clone();
         c

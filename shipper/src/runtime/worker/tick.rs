@@ -114,6 +114,9 @@ fn routine(w: &mut Worker, t: &mut Ticker, plane: &Plane, now: u64) {
     if now - t.last_rebalance_ns >= t.rebalance_ns {
         t.last_rebalance_ns = now;
         exchange_demand(w, plane, now);
+        let idle_ns = w.config.ratelimit.services_idle_s.saturating_mul(1_000_000_000);
+        let batches = &w.batches;
+        w.chain.forget_idle(now, idle_ns, |id| batches.iter().any(|b| b.holds(id)));
     }
 }
 

@@ -1,6 +1,7 @@
 //! Accumulates records into a payload and seals it into a compressed DATA frame.
 
 use std::io;
+use std::rc::Rc;
 
 use crate::protocol::frame::{Header, Kind, FLAG_ZSTD};
 use crate::protocol::RecordWriter;
@@ -43,8 +44,9 @@ pub struct Sealed {
     pub first_ns: u64,
     /// The same moment as wall-clock µs since the Unix epoch (kept in the disk buffer).
     pub first_unix_us: u64,
-    /// Records per service id, for counting drops of the whole frame.
-    pub services: Vec<(u32, u32)>,
+    /// Records per service name, for counting drops of the whole frame (a name, not an id:
+    /// the id may be forgotten and reused while the frame waits).
+    pub services: Vec<(Rc<[u8]>, u32)>,
     /// Durable sources in the frame: (source id, the mark of its last record here).
     /// A frame with marks is never dropped: its source pauses instead.
     pub marks: Vec<(usize, String)>,
@@ -120,6 +122,11 @@ impl BatchBuilder {
         self.payload.len() >= self.bytes_max || self.count >= self.events_max
     }
 
+    /// Whether the batch holds records of service id `service`.
+    pub fn holds(&self, service: u32) -> bool {
+        self.services.iter().any(|&(s, _)| s == service)
+    }
+
     /// Records that the batch now holds `source`'s entries up to `cursor`.
     pub fn mark(&mut self, source: usize, cursor: &[u8]) {
         let cursor = String::from_utf8_lossy(cursor);
@@ -132,11 +139,13 @@ impl BatchBuilder {
         }
     }
 
-    /// Compresses the batch into a frame and empties the builder.
+    /// Compresses the batch into a frame and empties the builder; `name` gives each service
+    /// id's name.
     pub fn seal(
         &mut self,
         zstd: &mut zstd::bulk::Compressor<'static>,
         seq: u64,
+        name: impl Fn(u32) -> Rc<[u8]>,
     ) -> io::Result<Sealed> {
         debug_assert!(self.count > 0, "sealing an empty batch");
         let bound = zstd::zstd_safe::compress_bound(self.payload.len());
@@ -154,7 +163,7 @@ impl BatchBuilder {
             raw_bytes: raw_len,
             first_ns: self.first_ns,
             first_unix_us: 0,
-            services: std::mem::take(&mut self.services),
+            services: self.services.drain(..).map(|(id, n)| (name(id), n)).collect(),
             marks: std::mem::take(&mut self.marks),
             seq,
             origin: None,
@@ -177,10 +186,12 @@ mod tests {
         assert!(!b.push(b"b", b"line two", 2, 6));
         assert!(b.push(b"a", b"three", 1, 7));
         let mut z = zstd::bulk::Compressor::new(1).unwrap();
-        let s = b.seal(&mut z, 42).unwrap();
-        assert!(b.is_empty());
+        assert!(b.holds(2) && !b.holds(3));
+        let s = b.seal(&mut z, 42, |id| Rc::from(format!("s{id}").as_bytes())).unwrap();
+        assert!(b.is_empty() && !b.holds(2));
         assert_eq!((s.records, s.first_ns), (3, 5));
-        assert_eq!(s.services, vec![(1, 2), (2, 1)]);
+        let named = |n: &str, k| (Rc::from(n.as_bytes()), k);
+        assert_eq!(s.services, vec![named("s1", 2), named("s2", 1)]);
         let mut dec = FrameDecoder::new(1 << 20);
         dec.push(&s.wire);
         let f = dec.next_frame().unwrap().unwrap();

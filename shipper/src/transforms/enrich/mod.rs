@@ -113,6 +113,17 @@ impl Enrich {
         &self.out
     }
 
+    /// Service ids forgotten: their cached look-ups go (the ids will name other services).
+    pub fn forget(&mut self, services: &[u32]) {
+        for stage in &mut self.stages {
+            for &id in services {
+                if let Some(cached) = stage.by_service.get_mut(id as usize) {
+                    *cached = None;
+                }
+            }
+        }
+    }
+
     /// Each enrichment's figures.
     pub fn counters(&self, configs: &[EnrichSection]) -> Vec<EnrichCounters> {
         use std::sync::atomic::Ordering::Relaxed;
