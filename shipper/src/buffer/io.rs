@@ -104,6 +104,7 @@ fn finish_write<S: Spill>(
     match result {
         Ok(len) => {
             b.written(ordinal, len, frame.records, &frame.services);
+            owner.buffered(frame);
             owner.wake().notify_waiters();
         }
         Err(e) => {
@@ -289,6 +290,7 @@ fn load<S: Spill>(o: &mut S, ordinal: u64, path: &Path, from: u64, data: &[u8]) 
                     first_ns: now_ns.saturating_sub(age_ns),
                     first_unix_us: r.first_unix_us,
                     services,
+                    sources: Vec::new(),
                     marks: Vec::new(),
                     seq: 0,
                     origin: Some(ordinal),

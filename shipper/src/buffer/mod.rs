@@ -76,6 +76,8 @@ pub trait Spill {
     fn wake(&self) -> Rc<Notify>;
     /// Every record of `frame` is lost for `reason`.
     fn dropped(&mut self, frame: &Sealed, reason: DropReason);
+    /// `frame` is written to a segment: the buffer's from now on.
+    fn buffered(&mut self, frame: &Sealed);
     /// Whether to read frames back now: a receiver takes data and the worker is not stopping.
     fn replay_wanted(&self) -> bool;
     /// Moves frames read back into the outbox while it has room ([`io::feed_outbox`]).

@@ -11,6 +11,7 @@
 //! (quantiles 0.5, 0.9, 0.99, 0.999 and 1, plus `_sum` and `_count`).
 
 pub mod http;
+pub mod ledger;
 pub mod receiver;
 pub mod shipper;
 pub mod text;

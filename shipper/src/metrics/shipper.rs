@@ -31,6 +31,8 @@ pub struct ShipperCounters {
     /// Services forgotten after `services_idle_s` without a record.
     pub services_forgotten: u64,
     pub delivery: DeliveryCounters,
+    /// Per source id: where the records it handed over went.
+    pub ledger: Vec<super::ledger::SourceLedger>,
     pub frames_acked: u64,
     pub records_acked: u64,
     pub ack_timeouts: u64,
@@ -67,6 +69,7 @@ impl ShipperCounters {
             services_retired: Default::default(),
             services_forgotten: 0,
             delivery: Default::default(),
+            ledger: Vec::new(),
             frames_acked: 0,
             records_acked: 0,
             ack_timeouts: 0,
@@ -630,6 +633,9 @@ pub fn render(workers: &[ShipperCounters], out: &mut Exposition) {
     );
     render_reasons(workers, out);
     render_services(workers, out);
+    let ledgers: Vec<(String, &[super::ledger::SourceLedger])> =
+        workers.iter().map(|c| (c.worker.to_string(), &c.ledger[..])).collect();
+    super::ledger::render(&ledgers, out);
     render_summaries(workers, out);
     render_enrich(workers, out);
 }

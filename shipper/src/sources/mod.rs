@@ -39,6 +39,29 @@ pub trait Intake {
     fn resumed(&self) -> Rc<Notify>;
 }
 
+/// A source's counters, which carry its name: the `source` label of its metrics and ledger.
+pub trait Named {
+    fn name(&self) -> &str;
+}
+
+macro_rules! named_by_source_field {
+    ($($counters:ty),*) => {
+        $(impl Named for $counters {
+            fn name(&self) -> &str {
+                &self.source
+            }
+        })*
+    };
+}
+
+named_by_source_field!(
+    pipe::SourceCounters,
+    journal::JournalCounters,
+    file::FileCounters,
+    socket::SocketCounters,
+    forward::ForwardCounters
+);
+
 /// A durable source's positions, as the worker settles them: registered with the worker
 /// when the source starts, told which frame holds which mark and which frames are done.
 pub trait Marks {

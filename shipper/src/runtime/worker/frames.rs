@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use super::Worker;
 use crate::buffer::{DiskBuffer, Spill};
 use crate::config::shipper::Tier;
+use crate::metrics::ledger::Fate;
 use crate::sinks::delivery::{Delivery, Link, Sealed};
 use crate::transforms::services::DropReason;
 
@@ -74,6 +75,7 @@ impl Worker {
         };
         let (kept, failed) = q.borrow_mut().take_settled();
         for f in &kept {
+            self.settle(f, Fate::Quarantined);
             self.release(f);
         }
         for f in &failed {
@@ -112,6 +114,7 @@ impl Link for Worker {
             self.counters.records_acked += u64::from(done.frame.records);
             let us = now_ns.saturating_sub(done.frame.first_ns) / 1000;
             self.counters.latency_us.record(us);
+            self.settle(&done.frame, Fate::Delivered);
             self.release(&done.frame);
             self.seal_if_idle();
         }
@@ -180,6 +183,10 @@ impl Spill for Worker {
 
     fn dropped(&mut self, frame: &Sealed, reason: DropReason) {
         self.count_dropped(frame, reason);
+    }
+
+    fn buffered(&mut self, frame: &Sealed) {
+        self.settle(frame, Fate::Buffered);
     }
 
     fn replay_wanted(&self) -> bool {

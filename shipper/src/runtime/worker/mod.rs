@@ -33,10 +33,11 @@ use tokio::sync::Notify;
 use crate::buffer::DiskBuffer;
 use crate::clock::Clock;
 use crate::config::shipper::{ShipperConfig, WhenFull};
+use crate::metrics::ledger::{Fate, SourceLedger};
 use crate::metrics::shipper::ShipperCounters;
 use crate::sinks::delivery::{BatchBuilder, Delivery, SealReason, Sealed};
 use crate::sinks::quarantine::Quarantine;
-use crate::sources::{Intake, Marks, Outcome, Record, SourceId};
+use crate::sources::{Intake, Marks, Named, Outcome, Record, SourceId};
 use crate::transforms::services::DropReason;
 use crate::transforms::{Chain, Decode};
 
@@ -72,6 +73,8 @@ pub struct Worker {
     pub counters: ShipperCounters,
     /// One per source, in the order they were registered.
     publishers: Vec<Publisher>,
+    /// Per source id: where the records it handed over went.
+    pub ledger: Vec<SourceLedger>,
     /// A source said it had nothing more ready ([`Intake::drained`]) and no record came
     /// since.
     drained: bool,
@@ -108,6 +111,7 @@ impl Worker {
             marks: Vec::new(),
             counters: ShipperCounters::new(index),
             publishers: Vec::new(),
+            ledger: Vec::new(),
             drained: false,
             config,
         })
@@ -122,7 +126,7 @@ impl Worker {
     /// `_other`), durable through `marks` if given, counting into `counters`, which `publish`
     /// copies into the worker's counters each time they are published. Returns its id and its
     /// counters, shared with its task.
-    pub fn add_source<C: 'static>(
+    pub fn add_source<C: Named + 'static>(
         &mut self,
         decode: Decode,
         service: Option<&str>,
@@ -133,6 +137,7 @@ impl Worker {
         let id = self.chain.add_source(decode, service, self.clock.now_ns());
         self.marks.push(marks);
         debug_assert_eq!(self.marks.len(), id.0 as usize + 1, "one entry per source");
+        self.ledger.push(SourceLedger::new(counters.name()));
         let counters = Rc::new(RefCell::new(counters));
         let shared = counters.clone();
         self.publishers.push(Box::new(move |out| publish(out, &shared.borrow())));
@@ -237,6 +242,14 @@ impl Worker {
         for (service, n) in &frame.services {
             self.chain.services.dropped(service, u64::from(*n), reason, now);
         }
+        self.settle(frame, Fate::Dropped(reason));
+    }
+
+    /// Settles `frame`'s records of this run's sources as `fate` in their ledgers.
+    pub fn settle(&mut self, frame: &Sealed, fate: Fate) {
+        for &(source, n) in &frame.sources {
+            self.ledger[source as usize].settle(u64::from(n), fate);
+        }
     }
 
     /// Whether a durable source may read: the outbox has room for two more full batches (the
@@ -257,6 +270,7 @@ impl Worker {
         c.services_forgotten = self.chain.services.forgotten;
         c.enrich = self.chain.enrich.counters(&self.config.transforms.enrich);
         c.delivery = self.delivery.counters.clone();
+        c.ledger.clone_from(&self.ledger);
         c
     }
 
@@ -295,10 +309,15 @@ impl Intake for Worker {
         self.drained = false;
         let mark = record.mark;
         let (outcome, admitted) = self.chain.run(source, record, now_ns);
+        let ledger = &mut self.ledger[source.0 as usize];
+        if outcome.dropped {
+            ledger.dropped_at_once(DropReason::RateLimit);
+        }
         if let Some(a) = admitted {
+            ledger.kept();
             let kind = if mark.is_some() { DURABLE } else { VOLATILE };
             let batch = &mut self.batches[kind];
-            let full = batch.push(a.key, a.body, a.service, now_ns);
+            let full = batch.push(a.key, a.body, a.service, source.0, now_ns);
             if let Some(m) = mark {
                 batch.mark(source.0 as usize, m);
             }

@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::Worker;
+use crate::metrics::ledger::Fate;
 use crate::metrics::shipper::ShipperCounters;
 use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
 use crate::runtime::control::{DemandReport, Shares};
@@ -96,12 +97,25 @@ pub async fn run(
     let mut w = worker.borrow_mut();
     for m in w.marks.iter().flatten() {
         if let Err(e) = m.borrow().sync() {
-            tracing::error!("journal checkpoint not synced at shutdown: {e}");
+            tracing::error!("durable source's position not synced at shutdown: {e}");
         }
     }
+    log_ledger(&w);
     registry.publish(w.index, w.snapshot());
     for h in w.delivery.conns.values() {
         h.stream.shutdown();
+    }
+}
+
+/// Says at exit where every record each source handed over went; a record still held
+/// (settled by no path) is an error: it is lost without a counter.
+fn log_ledger(w: &Worker) {
+    for l in &w.ledger {
+        if l.held == 0 {
+            tracing::info!(core = w.index, source = %l.source, "ledger at exit: {}", l.summary());
+        } else {
+            tracing::error!(core = w.index, source = %l.source, "ledger at exit: {}: records held at exit are lost uncounted (a bug)", l.summary());
+        }
     }
 }
 
@@ -214,6 +228,9 @@ fn leave(c: &mut Worker, spill: bool) {
         .into_iter()
         .filter(|f| f.origin.is_none())
         .partition(|f| !f.marks.is_empty());
+    for f in &durable {
+        c.settle(f, Fate::Reread);
+    }
     if !durable.is_empty() {
         tracing::warn!(
             core = c.index,
@@ -239,9 +256,14 @@ fn leave(c: &mut Worker, spill: bool) {
     }
     let pending = c.buffer.as_mut().map(|b| std::mem::take(&mut b.pending)).unwrap_or_default();
     left.extend(pending.into_iter().map(|(f, _)| Rc::new(f)));
-    // Refused frames not written to the quarantine yet (a journal's are read again).
+    // Refused frames not written to the quarantine yet (a durable source's are read again).
     let refused = c.quarantine.as_ref().map(|q| q.borrow_mut().take_queued()).unwrap_or_default();
-    left.extend(refused.into_iter().filter(|f| f.origin.is_none() && f.marks.is_empty()));
+    let (refused, reread): (Vec<_>, Vec<_>) =
+        refused.into_iter().filter(|f| f.origin.is_none()).partition(|f| f.marks.is_empty());
+    for f in &reread {
+        c.settle(f, Fate::Reread);
+    }
+    left.extend(refused);
     if left.is_empty() {
         return;
     }

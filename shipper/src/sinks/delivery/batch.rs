@@ -47,6 +47,9 @@ pub struct Sealed {
     /// Records per service name, for counting drops of the whole frame (a name, not an id:
     /// the id may be forgotten and reused while the frame waits).
     pub services: Vec<(Rc<[u8]>, u32)>,
+    /// Records per source id of this run, for the ledger (empty for a frame read back from
+    /// the disk buffer: its records were accounted for when they were written there).
+    pub sources: Vec<(u32, u32)>,
     /// Durable sources in the frame: (source id, the mark of its last record here).
     /// A frame with marks is never dropped: its source pauses instead.
     pub marks: Vec<(usize, String)>,
@@ -66,6 +69,7 @@ impl Sealed {
             first_ns: 0,
             first_unix_us: 0,
             services: vec![],
+            sources: vec![],
             marks: vec![],
             seq,
             origin: None,
@@ -78,6 +82,7 @@ pub struct BatchBuilder {
     count: u32,
     first_ns: u64,
     services: Vec<(u32, u32)>,
+    sources: Vec<(u32, u32)>,
     marks: Vec<(usize, String)>,
     bytes_max: usize,
     events_max: u32,
@@ -91,6 +96,7 @@ impl BatchBuilder {
             count: 0,
             first_ns: 0,
             services: Vec::new(),
+            sources: Vec::new(),
             marks: Vec::new(),
             bytes_max,
             events_max,
@@ -107,19 +113,30 @@ impl BatchBuilder {
         self.first_ns
     }
 
-    /// Appends a record; returns true when the batch is full and must be sealed.
+    /// Appends a record of `service` from `source`; returns true when the batch is full and
+    /// must be sealed.
     #[inline]
-    pub fn push(&mut self, key: &[u8], body: &[u8], service: u32, now_ns: u64) -> bool {
+    pub fn push(
+        &mut self,
+        key: &[u8],
+        body: &[u8],
+        service: u32,
+        source: u32,
+        now_ns: u64,
+    ) -> bool {
         if self.count == 0 {
             self.first_ns = now_ns;
         }
         RecordWriter::push(&mut self.payload, key, body);
         self.count += 1;
-        match self.services.iter_mut().find(|(s, _)| *s == service) {
-            Some((_, n)) => *n += 1,
-            None => self.services.push((service, 1)),
-        }
+        count(&mut self.services, service);
+        count(&mut self.sources, source);
         self.payload.len() >= self.bytes_max || self.count >= self.events_max
+    }
+
+    /// Records per source id in the open batch.
+    pub fn sources(&self) -> &[(u32, u32)] {
+        &self.sources
     }
 
     /// Whether the batch holds records of service id `service`.
@@ -164,6 +181,7 @@ impl BatchBuilder {
             first_ns: self.first_ns,
             first_unix_us: 0,
             services: self.services.drain(..).map(|(id, n)| (name(id), n)).collect(),
+            sources: std::mem::take(&mut self.sources),
             marks: std::mem::take(&mut self.marks),
             seq,
             origin: None,
@@ -171,6 +189,16 @@ impl BatchBuilder {
         self.payload.clear();
         self.count = 0;
         Ok(sealed)
+    }
+}
+
+/// One more record of `id` in `counts` (a short list: a batch holds few services and
+/// sources).
+#[inline]
+fn count(counts: &mut Vec<(u32, u32)>, id: u32) {
+    match counts.iter_mut().find(|(s, _)| *s == id) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((id, 1)),
     }
 }
 
@@ -182,9 +210,9 @@ mod tests {
     #[test]
     fn seals_a_decodable_frame() {
         let mut b = BatchBuilder::new(1 << 20, 3);
-        assert!(!b.push(b"a", b"{\"x\":1}", 1, 5));
-        assert!(!b.push(b"b", b"line two", 2, 6));
-        assert!(b.push(b"a", b"three", 1, 7));
+        assert!(!b.push(b"a", b"{\"x\":1}", 1, 0, 5));
+        assert!(!b.push(b"b", b"line two", 2, 0, 6));
+        assert!(b.push(b"a", b"three", 1, 4, 7));
         let mut z = zstd::bulk::Compressor::new(1).unwrap();
         assert!(b.holds(2) && !b.holds(3));
         let s = b.seal(&mut z, 42, |id| Rc::from(format!("s{id}").as_bytes())).unwrap();
@@ -192,6 +220,7 @@ mod tests {
         assert_eq!((s.records, s.first_ns), (3, 5));
         let named = |n: &str, k| (Rc::from(n.as_bytes()), k);
         assert_eq!(s.services, vec![named("s1", 2), named("s2", 1)]);
+        assert_eq!(s.sources, vec![(0, 2), (4, 1)]);
         let mut dec = FrameDecoder::new(1 << 20);
         dec.push(&s.wire);
         let f = dec.next_frame().unwrap().unwrap();
