@@ -290,8 +290,8 @@ fn load<S: Spill>(o: &mut S, ordinal: u64, path: &Path, from: u64, data: &[u8]) 
                     first_ns: now_ns.saturating_sub(age_ns),
                     first_unix_us: r.first_unix_us,
                     services,
-                    sources: Vec::new(),
-                    marks: Vec::new(),
+                    sources: Box::default(),
+                    marks: Box::default(),
                     seq: 0,
                     origin: Some(ordinal),
                 });

@@ -46,13 +46,13 @@ pub struct Sealed {
     pub first_unix_us: u64,
     /// Records per service name, for counting drops of the whole frame (a name, not an id:
     /// the id may be forgotten and reused while the frame waits).
-    pub services: Vec<(Rc<[u8]>, u32)>,
+    pub services: Box<[(Rc<[u8]>, u32)]>,
     /// Records per source id of this run, for the ledger (empty for a frame read back from
     /// the disk buffer: its records were accounted for when they were written there).
-    pub sources: Vec<(u32, u32)>,
+    pub sources: Box<[(u32, u32)]>,
     /// Durable sources in the frame: (source id, the mark of its last record here).
     /// A frame with marks is never dropped: its source pauses instead.
-    pub marks: Vec<(usize, String)>,
+    pub marks: Box<[(usize, String)]>,
     pub seq: u64,
     /// The disk buffer segment it was read back from, if any.
     pub origin: Option<u64>,
@@ -68,9 +68,9 @@ impl Sealed {
             raw_bytes: 1,
             first_ns: 0,
             first_unix_us: 0,
-            services: vec![],
-            sources: vec![],
-            marks: vec![],
+            services: Box::default(),
+            sources: Box::default(),
+            marks: Box::default(),
             seq,
             origin: None,
         }
@@ -181,8 +181,8 @@ impl BatchBuilder {
             first_ns: self.first_ns,
             first_unix_us: 0,
             services: self.services.drain(..).map(|(id, n)| (name(id), n)).collect(),
-            sources: std::mem::take(&mut self.sources),
-            marks: std::mem::take(&mut self.marks),
+            sources: self.sources.drain(..).collect(),
+            marks: self.marks.drain(..).collect(),
             seq,
             origin: None,
         };
@@ -219,8 +219,8 @@ mod tests {
         assert!(b.is_empty() && !b.holds(2));
         assert_eq!((s.records, s.first_ns), (3, 5));
         let named = |n: &str, k| (Rc::from(n.as_bytes()), k);
-        assert_eq!(s.services, vec![named("s1", 2), named("s2", 1)]);
-        assert_eq!(s.sources, vec![(0, 2), (4, 1)]);
+        assert_eq!(*s.services, [named("s1", 2), named("s2", 1)]);
+        assert_eq!(*s.sources, [(0, 2), (4, 1)]);
         let mut dec = FrameDecoder::new(1 << 20);
         dec.push(&s.wire);
         let f = dec.next_frame().unwrap().unwrap();

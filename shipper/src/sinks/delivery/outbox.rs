@@ -265,7 +265,7 @@ mod tests {
 
     fn ordered(seq: u64) -> Sealed {
         let mut f = frame(seq, 100);
-        f.marks.push((0, format!("cursor {seq}")));
+        f.marks = Box::new([(0, format!("cursor {seq}"))]);
         f
     }
 
@@ -335,7 +335,7 @@ mod tests {
         assert!(o.push(frame(1, 100)).is_ok());
         // A frame of a durable source is never refused (its source pauses before this).
         let mut durable = frame(2, 100);
-        durable.marks.push((0, "cursor".into()));
+        durable.marks = Box::new([(0, "cursor".into())]);
         assert!(o.push(durable).is_ok());
         assert!(!o.fits(1));
     }
