@@ -1,7 +1,8 @@
 //! The `shipper` command.
 //!
 //! Exit codes: 0 success (and `validate`: the configuration is valid); 1 the configuration is
-//! invalid or the command failed; 2 command-line usage error (from clap); 101 a thread
+//! invalid or the command failed; 2 command-line usage error (from clap); 3 `status` found a
+//! ledger row that does not balance; 101 a thread
 //! panicked (a bug): the process ends at once, whichever thread it was, so that a service
 //! manager restarts it instead of leaving it half alive (a dead worker's sources unread, a
 //! receiver handing connections to a dead worker). Its standard error names the thread.
@@ -39,6 +40,17 @@ enum Command {
         /// Receiver configuration (TOML; see docs/config.md).
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Print a running shipper's ledger (per core and source: records handed over, how each
+    /// was settled, and those held) from its metrics endpoint; exit 0 when every row
+    /// balances, 3 when one does not.
+    Status {
+        /// The shipper's configuration (its `metrics.listen` is asked).
+        #[arg(long, short, required_unless_present = "metrics")]
+        config: Option<PathBuf>,
+        /// The metrics endpoint, `HOST:PORT` (instead of reading `--config`).
+        #[arg(long)]
+        metrics: Option<String>,
     },
     /// Check a configuration file and exit 0 if it is valid, 1 if not.
     Validate {
@@ -152,6 +164,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             shipper::receiver::run(cfg)?;
         }
         Command::Validate { config } => return Ok(validate(&config)),
+        Command::Status { config, metrics } => return status(config.as_deref(), metrics),
         Command::Journal { command: JournalCommand::Cat { since, paths } } => {
             return shipper::sources::journal::cat(&paths, since.as_deref());
         }
@@ -176,6 +189,20 @@ fn load<C: serde::de::DeserializeOwned + config::Validate>(
     checks: &[config::Check<C>],
 ) -> anyhow::Result<C> {
     config::load(path, checks).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))
+}
+
+/// `shipper status`: the ledger table; exit 3 when a row does not balance.
+fn status(config: Option<&std::path::Path>, metrics: Option<String>) -> anyhow::Result<ExitCode> {
+    let addr = match (metrics, config) {
+        (Some(addr), _) => addr,
+        (None, Some(path)) => load::<ShipperConfig>(path, SHIPPER_CHECKS)?.metrics.listen,
+        (None, None) => anyhow::bail!("give --config or --metrics"),
+    };
+    let text = shipper::metrics::status::scrape(&addr)
+        .map_err(|e| anyhow::anyhow!("cannot read the metrics at {addr}: {e}"))?;
+    let rows = shipper::metrics::status::ledger(&text);
+    print!("{}", shipper::metrics::status::table(&rows));
+    Ok(if rows.values().all(|r| r.balances()) { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
 
 /// A file is a receiver configuration if it has a `[receiver]` table, else a shipper one.

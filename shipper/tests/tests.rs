@@ -34,6 +34,9 @@ mod journal_follow;
 /// The Kafka output against a real broker (tansu), read back by kafka-python: a million lines
 /// once each in their streams' topics, a broker killed mid-stream, a topic name refused.
 mod kafka;
+/// The ledger: every record a source handed over settled once (delivered, dropped by reason,
+/// buffered) or held, at rest, at exit and in `shipper status`.
+mod ledger;
 /// The shipped dashboard and alert rules: every panel's expression returns data from a real
 /// Prometheus scraping a real shipper and receiver under load; promtool checks and tests the
 /// rules.

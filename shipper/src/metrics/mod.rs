@@ -14,6 +14,7 @@ pub mod http;
 pub mod ledger;
 pub mod receiver;
 pub mod shipper;
+pub mod status;
 pub mod text;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -116,6 +116,12 @@ const PER_SOURCE: &[Series<SourceCounters>] = &[
         |s| s.keys_truncated,
     ),
     ("shipper_source_lines_empty_total", "counter", "Empty lines skipped.", |s| s.lines_empty),
+    (
+        "shipper_source_lines_partial_total",
+        "counter",
+        "A pipe's partial line (no newline), handed over as it was when the source stopped.",
+        |s| s.lines_partial,
+    ),
     ("shipper_source_read_errors_total", "counter", "Failed reads of a source.", |s| s.read_errors),
 ];
 

@@ -37,6 +37,12 @@ pub trait Intake {
     fn paused(&self) -> bool;
     /// Woken whenever room may have come.
     fn resumed(&self) -> Rc<Notify>;
+    /// The source holds bytes it hands over when it stops (a partial line): at shutdown the
+    /// worker waits for its [`Intake::flushed`] (until the shutdown deadline) before it takes
+    /// its last batch.
+    fn flushes_at_stop(&mut self);
+    /// The source has handed over everything it will.
+    fn flushed(&mut self);
 }
 
 /// A source's counters, which carry its name: the `source` label of its metrics and ledger.

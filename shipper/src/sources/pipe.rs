@@ -112,6 +112,9 @@ pub struct SourceCounters {
     /// Keys (service, cfjs1 `format`) cut to the protocol's 255 bytes.
     pub keys_truncated: u64,
     pub lines_empty: u64,
+    /// A pipe's partial line (no newline yet), handed over as it was when the source stopped
+    /// (a file source counts its own in `FileCounters::lines_partial`).
+    pub lines_partial: u64,
     pub parse_failures: [u64; Failure::ALL.len()],
     pub read_errors: u64,
 }
@@ -125,7 +128,9 @@ pub struct PipeLimits {
     pub line_bytes_max: usize,
 }
 
-/// Reads the FIFO `file` of source `id` until `stop`, handing each line to `intake`.
+/// Reads the FIFO `file` of source `id` until `stop`, handing each line to `intake`; at stop,
+/// a partial line (bytes read without their newline yet) is handed over as a line of its own
+/// and counted in `lines_partial`.
 pub async fn run<I: Intake>(
     intake: Rc<RefCell<I>>,
     id: SourceId,
@@ -135,25 +140,13 @@ pub async fn run<I: Intake>(
     stop: watch::Receiver<bool>,
 ) {
     let file = tokio_uring::fs::File::from_std(file);
-    let mut splitter = LineSplitter::new(limits.line_bytes_max);
+    let splitter = RefCell::new(LineSplitter::new(limits.line_bytes_max));
+    intake.borrow_mut().flushes_at_stop();
     let on_read = |bytes: &[u8]| {
         let mut intake = intake.borrow_mut();
         let mut sc = counters.borrow_mut();
         let now = intake.now_ns();
-        splitter.split(bytes, |line| {
-            sc.lines_read += 1;
-            sc.bytes_read += line.bytes.len() as u64 + 1;
-            sc.lines_truncated += u64::from(line.truncated);
-            if line.bytes.is_empty() {
-                sc.lines_empty += 1;
-                return;
-            }
-            let outcome = intake.record(id, Record::bare(line.bytes), now);
-            sc.keys_truncated += u64::from(outcome.keys_cut);
-            if let Some(f) = outcome.failure {
-                sc.parse_failures[f as usize] += 1;
-            }
-        });
+        splitter.borrow_mut().split(bytes, |line| hand_over(&mut *intake, id, &mut sc, line, now));
         if bytes.len() < limits.read_bytes {
             intake.drained();
         }
@@ -164,4 +157,35 @@ pub async fn run<I: Intake>(
         tracing::error!(path = %sc.source, "pipe read failed: {e}; retrying in 100 ms");
     };
     super::read_until_stopped(file, limits.read_bytes, stop, on_read, on_error).await;
+    let mut intake = intake.borrow_mut();
+    let mut sc = counters.borrow_mut();
+    let now = intake.now_ns();
+    splitter.borrow_mut().flush(|line| {
+        sc.lines_partial += 1;
+        hand_over(&mut *intake, id, &mut sc, line, now);
+        sc.bytes_read -= 1; // counted with a newline it never had
+    });
+    intake.flushed();
+}
+
+/// Counts `line` and hands it to `intake` (an empty line is only counted).
+fn hand_over<I: Intake>(
+    intake: &mut I,
+    id: SourceId,
+    sc: &mut SourceCounters,
+    line: super::lines::Line<'_>,
+    now: u64,
+) {
+    sc.lines_read += 1;
+    sc.bytes_read += line.bytes.len() as u64 + 1;
+    sc.lines_truncated += u64::from(line.truncated);
+    if line.bytes.is_empty() {
+        sc.lines_empty += 1;
+        return;
+    }
+    let outcome = intake.record(id, Record::bare(line.bytes), now);
+    sc.keys_truncated += u64::from(outcome.keys_cut);
+    if let Some(f) = outcome.failure {
+        sc.parse_failures[f as usize] += 1;
+    }
 }

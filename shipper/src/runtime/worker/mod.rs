@@ -78,6 +78,8 @@ pub struct Worker {
     /// A source said it had nothing more ready ([`Intake::drained`]) and no record came
     /// since.
     drained: bool,
+    /// Sources that will hand over what they hold when they stop, and have not yet.
+    flushing: usize,
 }
 
 impl Worker {
@@ -113,6 +115,7 @@ impl Worker {
             publishers: Vec::new(),
             ledger: Vec::new(),
             drained: false,
+            flushing: 0,
             config,
         })
     }
@@ -339,6 +342,14 @@ impl Intake for Worker {
 
     fn resumed(&self) -> Rc<Notify> {
         self.delivery.wake.clone()
+    }
+
+    fn flushes_at_stop(&mut self) {
+        self.flushing += 1;
+    }
+
+    fn flushed(&mut self) {
+        self.flushing -= 1;
     }
 }
 

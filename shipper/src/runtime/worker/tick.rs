@@ -6,7 +6,8 @@
 //! - The ticker runs every `min(flush_interval_ms, 50)` ms.
 //!
 //! # Operation
-//! On stop: sources stop reading, the open batch is sealed, and the worker waits for the
+//! On stop: sources stop reading (one holding a partial line hands it over first, and the
+//! worker waits for that), the open batch is sealed, and the worker waits for the
 //! outbox to drain or `shutdown_timeout_ms` to pass. With a disk buffer, [`SPILL_MS`] before
 //! the deadline the connections close and the frames still unacknowledged in memory are
 //! written to the buffer, for the next run to send. What is still unacknowledged at the
@@ -138,6 +139,11 @@ fn routine(w: &mut Worker, t: &mut Ticker, plane: &Plane, now: u64) {
 /// deadline passed); spills to the disk buffer when the deadline is near.
 fn stopped(w: &mut Worker, t: &mut Ticker, now: u64) -> bool {
     let deadline = t.deadline_ns.expect("called while stopping");
+    // What a source handed over as it stopped (a partial line) goes in the last frames.
+    w.seal_all();
+    if w.flushing > 0 && now < deadline {
+        return false;
+    }
     let unwritten =
         w.buffer.as_ref().is_some_and(|b| !b.pending.is_empty() || b.writing || b.tidy_busy())
             || w.quarantine.as_ref().is_some_and(|q| q.borrow().busy());
