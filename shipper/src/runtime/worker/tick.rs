@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use super::Worker;
 use crate::metrics::shipper::ShipperCounters;
 use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
+use crate::protocol::Origin;
 use crate::runtime::control::{DemandReport, Shares};
 use crate::sinks::delivery::Link;
 use crate::transforms::services::DropReason;
@@ -222,14 +223,19 @@ fn leave(c: &mut Worker, spill: bool) {
         let records: u64 = left.iter().map(|f| u64::from(f.records)).sum();
         let frames = left.len();
         for f in left {
-            c.buffer_push(Rc::try_unwrap(f).unwrap_or_else(|f| (*f).clone()));
+            let mut f = Rc::try_unwrap(f).unwrap_or_else(|f| (*f).clone());
+            // Its sequence number is taken (the frame may be written already): it keeps that
+            // identity, under which the receiver recognises it when the next run sends it.
+            let (run_id, core) = (c.delivery.run_id, c.index as u16);
+            Origin { run_id, core, seq: f.seq }.stamp(&mut f.wire);
+            c.buffer_push(f);
         }
         if frames > 0 {
             tracing::warn!(
                 core = c.index,
                 frames,
                 records,
-                "shutdown deadline near: unacknowledged frames go to the disk buffer for the next run (any already written by a receiver will arrive twice)"
+                "shutdown deadline near: unacknowledged frames go to the disk buffer for the next run (each keeps its identity: one a receiver wrote already is not written again)"
             );
         }
         return;
