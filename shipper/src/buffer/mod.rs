@@ -437,6 +437,19 @@ mod tests {
         b.written(ordinal, 400, records, services);
     }
 
+    // Guards the identity of frames that come here without a sequence number: numbered in
+    // the run's spill stream, a stream no HELLO names, densely so the receiver's window for
+    // it stays contiguous.
+    #[test]
+    fn frames_without_a_number_are_numbered_in_the_spill_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = buffer(dir.path());
+        let run: u64 = 0x0123_4567_89ab_cdef;
+        let firsts = [b.spill_origin(run, 3), b.spill_origin(run, 3)];
+        let spill = 0xfedc_ba98_7654_3210;
+        assert_eq!(firsts, [1, 2].map(|seq| Origin { run_id: spill, core: 3, seq }));
+    }
+
     // Guards exact drop counts per service for `drop_oldest` without reading the evicted
     // segment on the worker's thread: the counts kept as records are written go with it.
     #[test]

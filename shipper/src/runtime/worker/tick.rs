@@ -202,8 +202,9 @@ pub const SPILL_MS: u64 = 1000;
 /// At shutdown, what is still unacknowledged: frames read back from the disk buffer stay
 /// there for the next run, and durable frames (a durable source's records only: the worker
 /// batches them apart) are read again from their marks; the others
-/// go to the disk buffer when `spill` (applying `when_full`), else, with what still waits to
-/// be written to the buffer, are dropped and counted.
+/// go to the disk buffer when `spill` (applying `when_full`), each with its identity as its
+/// origin (a receiver that wrote it recognises it when the next run sends it), else, with
+/// what still waits to be written to the buffer, are dropped and counted.
 fn leave(c: &mut Worker, spill: bool) {
     let (durable, mut left): (Vec<_>, Vec<_>) = c
         .delivery
