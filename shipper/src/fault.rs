@@ -25,6 +25,9 @@ pub enum Fault {
     /// written and never acknowledged, as when acks are lost or the receiver stops after
     /// writing.
     HoldAcks,
+    /// `hold-all-acks`: `shipper receive` writes and commits every DATA frame and
+    /// acknowledges none.
+    HoldAllAcks,
 }
 
 /// How long [`Fault::StallWorker`] blocks the worker's thread.
@@ -36,6 +39,7 @@ impl Fault {
             "panic-worker-task" => Some(Fault::PanicWorkerTask),
             "stall-worker" => Some(Fault::StallWorker),
             "hold-acks" => Some(Fault::HoldAcks),
+            "hold-all-acks" => Some(Fault::HoldAllAcks),
             _ => None,
         }
     }

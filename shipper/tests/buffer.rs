@@ -370,7 +370,7 @@ fn spill_written_frames_then_replay(restart_receiver: bool) {
         .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 60000\ninflight_frames_max = 1024")
         .replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 2000");
     std::fs::write(&cfg, text).unwrap();
-    let mut receiver = start_receiver_holding_acks(&env, port, rm);
+    let mut receiver = start_receiver_holding_acks(&env, port, rm, "hold-acks");
     let start = |log: &str| {
         Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, env.path(log))
     };
@@ -412,14 +412,66 @@ fn spill_written_frames_then_replay(restart_receiver: bool) {
     assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
 }
 
-/// A receiver on `port` with the test fault `hold-acks`.
-fn start_receiver_holding_acks(env: &Env, port: u16, metrics: u16) -> Proc {
+// Guards the identity of frames that went to the buffer without a sequence number (every
+// receiver down): sent from it, written and never acknowledged, they stay in their segment at
+// SIGTERM, and the next run's resend must be recognised (by their spill-stream origin).
+/// The receiver down: frames go to the disk buffer; a receiver that writes and acknowledges
+/// nothing (`hold-all-acks`) takes them all; SIGTERM; a normal receiver in its place and the
+/// next run: each line exactly once, every replayed frame a duplicate.
+#[test]
+fn frames_buffered_while_down_written_but_unacknowledged_are_not_written_again() {
+    const LINES: usize = 3000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = env.path("buffer");
+    let cfg = config(&env, port, sm, &dir, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 60000\ninflight_frames_max = 1024")
+        .replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 2000");
+    std::fs::write(&cfg, text).unwrap();
+    let mut shipper = run(&env, &cfg, sm);
+    let mut w = open_writer(&env.path("app.pipe"));
+    for seq in 0..LINES {
+        writeln!(w, "{}", line(0, seq)).unwrap();
+    }
+    drop(w);
+    shipper.wait_alive("every line on disk", || metric_at(sm, ON_DISK, &[]) == LINES as f64);
+    let mut receiver = start_receiver_holding_acks(&env, port, rm, "hold-all-acks");
+    shipper.wait_alive("every line written by the receiver, none acknowledged", || {
+        metric_at(rm, "shipper_receiver_records_written_total", &[]) == LINES as f64
+    });
+    let frames = metric_at(sm, "shipper_buffer_frames_replayed_total", &[]);
+    assert!(frames > 1.0, "{frames} frames");
+    assert_eq!(metric_at(sm, ACKED, &[]), 0.0);
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+    assert!(!segments(&dir).is_empty(), "unacknowledged, they stay in their segments");
+    receiver.kill();
+    let receiver = start_receiver(&env, port, rm, "");
+    let start = |log: &str| {
+        Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, env.path(log))
+    };
+    let mut shipper = start("second.log");
+    shipper.wait_alive("every replayed line acknowledged", || {
+        metric_at(sm, ACKED, &[]) == LINES as f64
+    });
+    shipper.wait_alive("the replayed segments deleted", || segments(&dir).is_empty());
+    assert_eq!(shipper.metric("shipper_buffer_frames_replayed_total", &[]), frames);
+    let m = |name: &str| receiver.metric(name, &[]);
+    assert_eq!(m("shipper_receiver_frames_origin_total"), frames);
+    assert_eq!(m("shipper_receiver_frames_duplicate_total"), frames);
+    assert_eq!(m("shipper_receiver_records_written_total"), 0.0);
+    assert_eq!(delivered(&env.out(), LINES), LINES, "each line exactly once");
+}
+
+/// A receiver on `port` with the test fault `fault` (`hold-acks`, `hold-all-acks`).
+fn start_receiver_holding_acks(env: &Env, port: u16, metrics: u16, fault: &str) -> Proc {
     let cfg = env.write("receiver-holding.toml", &env.receiver_toml(port, metrics, ""));
     let log = env.path("receiver-holding.log");
     let child = std::process::Command::new(BIN)
         .args(["receive", "--config", cfg.to_str().unwrap()])
         .env("SHIPPER_LOG", "info")
-        .env(shipper::fault::ENV, "hold-acks")
+        .env(shipper::fault::ENV, fault)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())

@@ -41,6 +41,7 @@ use super::dedup::{sender_run, StreamId};
 use super::server::{owner, HandOff};
 use super::writer::{Job, Verdict};
 use crate::config::ReceiverConfig;
+use crate::fault::Fault;
 use crate::metrics::receiver::{ReceiverCounters, Refusal};
 use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
 use crate::protocol::frame::FLAG_ORIGIN;
@@ -92,7 +93,7 @@ impl Shard {
 enum Reply {
     /// What became of DATA frame `seq`.
     Data { seq: u64, verdict: Verdict },
-    /// A DATA frame was written, its ACK held back ([`crate::fault::Fault::HoldAcks`]).
+    /// A DATA frame was written, its ACK held back ([`Fault::HoldAcks`]).
     Held,
     /// Echo of a heartbeat.
     Heartbeat(u64),
@@ -150,7 +151,7 @@ async fn connection(
         id: h.id,
         certificate: h.certificate.clone(),
         origins: RefCell::new(Vec::new()),
-        hold_acks: crate::fault::injected(crate::fault::Fault::HoldAcks),
+        hold_acks: [Fault::HoldAcks, Fault::HoldAllAcks].map(crate::fault::injected),
         sender,
         budget,
         replies,
@@ -174,8 +175,8 @@ struct Reader<'a> {
     /// The origin streams its frames named so far: (run id, core) as sent, and the stream
     /// it is filed under; at most [`CONNECTION_ORIGIN_STREAMS_MAX`].
     origins: RefCell<Vec<((u64, u16), StreamId)>>,
-    /// Test only: acknowledge only frames that carry an origin ([`crate::fault`]).
-    hold_acks: bool,
+    /// Test only ([`crate::fault`]): acknowledge only frames that carry an origin; none.
+    hold_acks: [bool; 2],
     /// The shipper's name, from its HELLO.
     sender: Arc<str>,
     budget: &'a FrameBudget,
@@ -245,7 +246,8 @@ impl Reader<'_> {
                 };
                 slot.forget();
                 let replies = self.replies.clone();
-                let hold = self.hold_acks && h.flags & FLAG_ORIGIN == 0;
+                let [new, all] = self.hold_acks;
+                let hold = all || (new && h.flags & FLAG_ORIGIN == 0);
                 let answer = Box::new(move |verdict| {
                     let reply = match verdict {
                         Verdict::Ack if hold => Reply::Held,
