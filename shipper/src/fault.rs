@@ -20,6 +20,14 @@ pub enum Fault {
     /// `stall-worker`: worker 0 of `shipper run` blocks its thread for [`STALL_MS`], a second
     /// after it started (what a stuck worker looks like to the watchdog).
     StallWorker,
+    /// `hold-acks`: `shipper receive` writes and commits every DATA frame, but acknowledges
+    /// only those that carry an origin (sent again from a shipper's disk buffer): frames
+    /// written and never acknowledged, as when acks are lost or the receiver stops after
+    /// writing.
+    HoldAcks,
+    /// `hold-all-acks`: `shipper receive` writes and commits every DATA frame and
+    /// acknowledges none.
+    HoldAllAcks,
 }
 
 /// How long [`Fault::StallWorker`] blocks the worker's thread.
@@ -30,6 +38,8 @@ impl Fault {
         match value {
             "panic-worker-task" => Some(Fault::PanicWorkerTask),
             "stall-worker" => Some(Fault::StallWorker),
+            "hold-acks" => Some(Fault::HoldAcks),
+            "hold-all-acks" => Some(Fault::HoldAllAcks),
             _ => None,
         }
     }

@@ -271,3 +271,79 @@ fn a_certificate_cannot_mark_another_hosts_frames_as_written() {
     });
     assert_eq!(receiver.metric("shipper_receiver_frames_duplicate_total", &[]), 0.0);
 }
+
+/// A DATA frame `seq` carrying `origin` and one record `line` of stream `s`.
+fn origin_frame(seq: u64, origin: shipper::protocol::Origin, line: &[u8]) -> Vec<u8> {
+    use shipper::protocol::frame::FLAG_ORIGIN;
+    let mut raw = Vec::new();
+    RecordWriter::push(&mut raw, b"s", line);
+    let payload = [&origin.encode()[..], &zstd::bulk::compress(&raw, 1).unwrap()].concat();
+    let (raw_len, len) = (raw.len() as u32, payload.len() as u32);
+    let flags = FLAG_ZSTD | FLAG_ORIGIN;
+    Header { kind: Kind::Data, flags, seq, count: 1, raw_len, len }.wire(&payload)
+}
+
+// Guards the origin a frame carries (sent again from a shipper's disk buffer) as the hostile
+// input it can be: filed under its run mixed with the sender's certificate, it cannot mark
+// another certificate's frames as written; one connection naming more than 64 origin streams
+// has the frames of the others de-duplicated under its own stream, counted; a payload too
+// short for its origin is refused for good.
+#[test]
+fn an_origin_is_tied_to_its_certificate_and_bounded_per_connection() {
+    use shipper::protocol::Origin;
+    let env = Env::new();
+    let (port, rm) = (free_port(), free_port());
+    let receiver = start_receiver(&env, port, rm, "");
+    let p = &env.pki;
+    let good = || shipper::tls::client_config(&p.ca, &p.shipper_cert, &p.shipper_key).unwrap();
+    let other = shipper::tls::client_config(&p.ca, &p.other_shipper_cert, &p.other_shipper_key);
+    let (mut a, mut b) =
+        (RawClient::connect(port, good()), RawClient::connect(port, other.unwrap()));
+    a.hello(50);
+    b.hello(51);
+    let exchange = |c: &mut RawClient, frame: &[u8], seq: u64| {
+        c.send(frame).unwrap();
+        let ack = c.read().unwrap().unwrap();
+        assert_eq!((ack.header.kind, ack.header.seq), (Kind::Ack, seq));
+    };
+    let first = Origin { run_id: 50, core: 0, seq: 1 };
+    exchange(&mut a, &data_frame(1, &[(b"s", b"A1")], 1), 1);
+    // B names A's frame as its origin: filed under B's certificate, so written.
+    exchange(&mut b, &origin_frame(1, first, b"B1"), 1);
+    // A sends its frame again, as the next run would: recognised, not written.
+    exchange(&mut a, &origin_frame(2, first, b"A1"), 2);
+    let mut c = RawClient::connect(port, good());
+    c.hello(52);
+    for i in 0..65u64 {
+        let origin = Origin { run_id: 1000 + i, core: 0, seq: 1 };
+        exchange(&mut c, &origin_frame(i + 1, origin, format!("o{i}").as_bytes()), i + 1);
+    }
+    // The 65th origin stream is past the bound: its frame is filed under the connection's
+    // own number, 65, and a resend under that number is a duplicate.
+    exchange(&mut c, &origin_frame(65, Origin { run_id: 1064, core: 0, seq: 1 }, b"o64"), 65);
+    let short = Header {
+        kind: Kind::Data,
+        flags: FLAG_ZSTD | shipper::protocol::frame::FLAG_ORIGIN,
+        seq: 66,
+        count: 1,
+        raw_len: 10,
+        len: 10,
+    };
+    c.send(&short.wire(&[0; 10])).unwrap();
+    c.expect_reject(66, "shorter than its origin");
+    let mut lines: Vec<Vec<u8>> = output_lines(&env.out()).into_iter().map(|(_, l)| l).collect();
+    lines.sort();
+    let mut expected: Vec<Vec<u8>> = (0..65).map(|i| format!("o{i}").into_bytes()).collect();
+    expected.extend([b"A1".to_vec(), b"B1".to_vec()]);
+    expected.sort();
+    assert_eq!(lines, expected);
+    // Written, duplicates, origins, origins ignored, rejected: the shards publish apart.
+    let m = |name: &str| receiver.metric(&format!("shipper_receiver_{name}_total"), &[]);
+    let figures = || {
+        let names = ["records_written", "frames_duplicate", "frames_origin"];
+        let more = ["frames_origin_ignored", "frames_rejected"];
+        names.iter().chain(&more).map(|n| m(n)).collect::<Vec<_>>()
+    };
+    let expected = [67.0, 2.0, 68.0, 2.0, 1.0];
+    wait_for("every frame counted", Duration::from_secs(5), || figures() == expected);
+}

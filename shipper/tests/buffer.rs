@@ -344,3 +344,143 @@ impl Drop for Tmpfs {
         let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+// Guards against a frame the receiver wrote but had not acknowledged being written a second
+// time when the next run sends it again from the disk buffer (it keeps its first identity).
+/// A receiver that writes every frame and acknowledges none (test fault `hold-acks`; it
+/// acknowledges frames that carry an origin): at SIGTERM the shipper writes them to its disk
+/// buffer; the next run sends them again and the receiver finds every one written: each line
+/// exactly once, every replayed frame a duplicate. With the same receiver process (a shipper
+/// restart), and with a receiver restarted meanwhile (its windows recovered from its commit
+/// log); the receiver has two shards, so a frame's origin may belong to the other one.
+#[test]
+fn frames_written_but_unacknowledged_are_not_written_again_after_a_spill() {
+    spill_written_frames_then_replay(false);
+    spill_written_frames_then_replay(true);
+}
+
+fn spill_written_frames_then_replay(restart_receiver: bool) {
+    const LINES: usize = 3000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = env.path("buffer");
+    let cfg = config(&env, port, sm, &dir, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 60000\ninflight_frames_max = 1024")
+        .replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 2000");
+    std::fs::write(&cfg, text).unwrap();
+    let mut receiver = start_receiver_holding_acks(&env, port, rm, "hold-acks");
+    let start = |log: &str| {
+        Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, env.path(log))
+    };
+    let mut shipper = start("first.log");
+    shipper.wait_alive("the receiver up", || metric_at(sm, "shipper_receiver_healthy", &[]) == 1.0);
+    let mut w = open_writer(&env.path("app.pipe"));
+    for seq in 0..LINES {
+        writeln!(w, "{}", line(0, seq)).unwrap();
+    }
+    drop(w);
+    shipper.wait_alive("every line written by the receiver, none acknowledged", || {
+        metric_at(rm, "shipper_receiver_records_written_total", &[]) == LINES as f64
+            && metric_at(sm, "shipper_outbox_records", &[]) == LINES as f64
+    });
+    let frames = metric_at(sm, "shipper_outbox_frames", &[]);
+    assert!(frames > 1.0, "{frames} frames");
+    assert_eq!(metric_at(rm, "shipper_receiver_frames_acked_total", &[]), 0.0);
+    assert_eq!(delivered(&env.out(), LINES), LINES);
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+    let log = shipper.log_text();
+    assert!(log.contains("go to the disk buffer for the next run"), "{log}");
+    assert!(!segments(&dir).is_empty());
+    if restart_receiver {
+        receiver.kill();
+        receiver = start_receiver(&env, port, rm, "");
+    }
+    let mut shipper = start("second.log");
+    shipper.wait_alive("every replayed line acknowledged", || {
+        metric_at(sm, ACKED, &[]) == LINES as f64
+    });
+    shipper.wait_alive("the replayed segments deleted", || segments(&dir).is_empty());
+    let m = |name: &str| receiver.metric(name, &[]);
+    assert_eq!(m("shipper_receiver_frames_origin_total"), frames);
+    assert_eq!(m("shipper_receiver_frames_duplicate_total"), frames);
+    assert_eq!(m("shipper_receiver_frames_origin_ignored_total"), 0.0);
+    let written = if restart_receiver { 0.0 } else { LINES as f64 };
+    assert_eq!(m("shipper_receiver_records_written_total"), written);
+    assert_eq!(delivered(&env.out(), LINES), LINES, "each line exactly once");
+    assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
+}
+
+// Guards the identity of frames that went to the buffer without a sequence number (every
+// receiver down): sent from it, written and never acknowledged, they stay in their segment at
+// SIGTERM, and the next run's resend must be recognised (by their spill-stream origin).
+/// The receiver down: frames go to the disk buffer; a receiver that writes and acknowledges
+/// nothing (`hold-all-acks`) takes them all; SIGTERM; a normal receiver in its place and the
+/// next run: each line exactly once, every replayed frame a duplicate.
+#[test]
+fn frames_buffered_while_down_written_but_unacknowledged_are_not_written_again() {
+    const LINES: usize = 3000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = env.path("buffer");
+    let cfg = config(&env, port, sm, &dir, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 60000\ninflight_frames_max = 1024")
+        .replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 2000");
+    std::fs::write(&cfg, text).unwrap();
+    let mut shipper = run(&env, &cfg, sm);
+    let mut w = open_writer(&env.path("app.pipe"));
+    for seq in 0..LINES {
+        writeln!(w, "{}", line(0, seq)).unwrap();
+    }
+    drop(w);
+    shipper.wait_alive("every line on disk", || metric_at(sm, ON_DISK, &[]) == LINES as f64);
+    let mut receiver = start_receiver_holding_acks(&env, port, rm, "hold-all-acks");
+    shipper.wait_alive("every line written by the receiver, none acknowledged", || {
+        metric_at(rm, "shipper_receiver_records_written_total", &[]) == LINES as f64
+    });
+    let frames = metric_at(sm, "shipper_buffer_frames_replayed_total", &[]);
+    assert!(frames > 1.0, "{frames} frames");
+    assert_eq!(metric_at(sm, ACKED, &[]), 0.0);
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+    assert!(!segments(&dir).is_empty(), "unacknowledged, they stay in their segments");
+    receiver.kill();
+    let receiver = start_receiver(&env, port, rm, "");
+    let start = |log: &str| {
+        Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, env.path(log))
+    };
+    let mut shipper = start("second.log");
+    shipper.wait_alive("every replayed line acknowledged", || {
+        metric_at(sm, ACKED, &[]) == LINES as f64
+    });
+    shipper.wait_alive("the replayed segments deleted", || segments(&dir).is_empty());
+    assert_eq!(shipper.metric("shipper_buffer_frames_replayed_total", &[]), frames);
+    let m = |name: &str| receiver.metric(name, &[]);
+    assert_eq!(m("shipper_receiver_frames_origin_total"), frames);
+    assert_eq!(m("shipper_receiver_frames_duplicate_total"), frames);
+    assert_eq!(m("shipper_receiver_records_written_total"), 0.0);
+    assert_eq!(delivered(&env.out(), LINES), LINES, "each line exactly once");
+}
+
+/// A receiver on `port` with the test fault `fault` (`hold-acks`, `hold-all-acks`).
+fn start_receiver_holding_acks(env: &Env, port: u16, metrics: u16, fault: &str) -> Proc {
+    let cfg = env.write("receiver-holding.toml", &env.receiver_toml(port, metrics, ""));
+    let log = env.path("receiver-holding.log");
+    let child = std::process::Command::new(BIN)
+        .args(["receive", "--config", cfg.to_str().unwrap()])
+        .env("SHIPPER_LOG", "info")
+        .env(shipper::fault::ENV, fault)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("cannot start the receiver");
+    let mut p = Proc { child, name: "receiver".into(), metrics, log };
+    p.wait_alive("its metrics endpoint", || scrape(metrics).is_some());
+    wait_for("receiver port", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    p
+}

@@ -63,7 +63,8 @@ fuzz_target!(|data: &[u8]| {
         let frame = dec.next_frame().unwrap().unwrap();
         let v = verdicts.clone();
         let answer = Box::new(move |verdict| v.lock().unwrap().push(verdict));
-        jobs.send(Job { id: (7, 0), sender: "fuzz".into(), frame, room: None, answer }).unwrap();
+        let (id, seq, frame) = ((7, 0), frame.header.seq, Some(frame));
+        jobs.send(Job { id, seq, sender: "fuzz".into(), frame, room: None, answer }).unwrap();
     }
     drop(jobs);
     writer.run(queue);

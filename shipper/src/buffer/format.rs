@@ -315,6 +315,28 @@ mod tests {
         assert_eq!(record_bytes(frames[1].len(), [3, 2].into_iter()), one.len() as u64);
     }
 
+    // Guards replay keeping identity: a frame stored with its origin reads back with it, and
+    // keeps it when replay gives it the next sequence number of another run.
+    #[test]
+    fn a_frame_keeps_its_origin_through_a_segment_and_a_restamp() {
+        use crate::protocol::Origin;
+        let origin = Origin { run_id: 0xfeed, core: 2, seq: 17 };
+        let (mut plain, mut kept) = (frame(1, b"a"), frame(1, b"b"));
+        origin.stamp(&mut kept);
+        let data = segment(&[plain.clone(), kept]);
+        let got: Vec<_> = Scan::new(&data).collect();
+        let [Item::Record(a), Item::Record(b)] = &got[..] else { panic!("{got:?}") };
+        assert_eq!((Origin::of(a.frame), Origin::of(b.frame)), (None, Some(origin)));
+        let mut replayed = b.frame.to_vec();
+        let flags = u16::from_le_bytes([replayed[6], replayed[7]]);
+        Header::restamp(&mut replayed, 3, flags);
+        assert_eq!(check_frame(&replayed), Ok(1), "still a whole DATA frame");
+        assert_eq!(Origin::of(&replayed), Some(origin));
+        // A frame of an earlier version's segment (no origin) is sent as it is.
+        Header::restamp(&mut plain, 4, 0);
+        assert_eq!(Origin::of(&plain), None);
+    }
+
     // Guards the skip-and-go-on promise: a flipped byte costs exactly the record it is in.
     #[test]
     fn a_flipped_byte_skips_only_its_record() {

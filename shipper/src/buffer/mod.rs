@@ -7,9 +7,11 @@
 //!   most `outbox_bytes_max` bytes waiting to be written (the disk being slower than the
 //!   input is a kind of full). A segment is closed past `segment_bytes`; replay holds at most
 //!   one segment's unread bytes in memory.
-//! - Frames are stored exactly as they will be sent (compressed, checksummed); only the
-//!   sequence number is rewritten when a frame re-enters the outbox, so the receiver's
-//!   de-duplication stays dense within a run.
+//! - Frames are stored exactly as they will be sent (compressed, checksummed), each with its
+//!   [`Origin`] (the identity it took before it came here, else the next number of the run's
+//!   spill stream, [`DiskBuffer::spill_origin`]); only the sequence number is rewritten when a
+//!   frame re-enters the outbox, so the receiver's de-duplication stays dense within a run,
+//!   and the receiver recognises a frame it wrote before by its origin.
 //! - Only non-durable sources (pipes) use it: a journal source pauses instead, its entries
 //!   wait in the journal.
 //! - Nothing here blocks the worker's thread: the bookkeeping in this file is plain memory
@@ -39,7 +41,7 @@
 //! 3. A segment is deleted when it is closed, read to its end, and every frame read from it is
 //!    acknowledged: forgotten here at once, its file unlinked by the tidy task soon after. A
 //!    crash before that replays it again after restart: frames acknowledged just before a
-//!    crash may be sent twice, never lost.
+//!    crash are sent twice, and recognised by their origin (never lost).
 //! 4. At start, the segments left in the directory (and in those of cores beyond the current
 //!    worker count, shared out by `core % workers`) are replayed first.
 //! 5. Full: `when_full = drop_newest` drops the frame that does not fit; `drop_oldest` deletes
@@ -59,6 +61,7 @@ use std::rc::Rc;
 use tokio::sync::Notify;
 
 use crate::config::shipper::{BufferSection, WhenFull};
+use crate::protocol::Origin;
 use crate::sinks::delivery::Sealed;
 use crate::transforms::services::DropReason;
 
@@ -154,6 +157,8 @@ pub struct DiskBuffer {
     pub when_full: WhenFull,
     next_file: u64,
     next_ordinal: u64,
+    /// The last number given in this run's spill stream ([`DiskBuffer::spill_origin`]).
+    spilled: u64,
     /// The writer has taken a frame and not finished writing it.
     pub writing: bool,
     /// File work for the tidy task, oldest first: at most one entry per segment.
@@ -168,6 +173,16 @@ pub struct DiskBuffer {
 }
 
 impl DiskBuffer {
+    /// The identity a frame that goes to the buffer without having taken a sequence number
+    /// (outbox full, receivers down) keeps from then on: the next number of the run's spill
+    /// stream, `(!run_id, core)` (every bit of the run id flipped: a stream no HELLO names),
+    /// numbered in the order such frames are written. Sent from the buffer under any later
+    /// sequence number, by this run or another, it is recognised by a receiver that wrote it.
+    pub fn spill_origin(&mut self, run_id: u64, core: usize) -> Origin {
+        self.spilled += 1;
+        Origin { run_id: !run_id, core: core as u16, seq: self.spilled }
+    }
+
     /// Opens worker `core`'s buffer under `config.directory`, adopting the directories of
     /// cores beyond `workers` (a restart with fewer workers).
     pub fn open(
@@ -196,6 +211,7 @@ impl DiskBuffer {
             when_full: config.when_full,
             next_file: 1,
             next_ordinal: 1,
+            spilled: 0,
             writing: false,
             tidy: VecDeque::new(),
             tidying: false,
@@ -426,6 +442,19 @@ mod tests {
 
     fn counts(services: &[(u32, u64)]) -> Option<ServiceRecords> {
         Some(services.iter().map(|&(s, n)| (name(s), n)).collect())
+    }
+
+    // Guards the identity of frames that come here without a sequence number: numbered in
+    // the run's spill stream, a stream no HELLO names, densely so the receiver's window for
+    // it stays contiguous.
+    #[test]
+    fn frames_without_a_number_are_numbered_in_the_spill_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = buffer(dir.path());
+        let run: u64 = 0x0123_4567_89ab_cdef;
+        let firsts = [b.spill_origin(run, 3), b.spill_origin(run, 3)];
+        let spill = 0xfedc_ba98_7654_3210;
+        assert_eq!(firsts, [1, 2].map(|seq| Origin { run_id: spill, core: 3, seq }));
     }
 
     // Guards exact drop counts per service for `drop_oldest` without reading the evicted

@@ -79,6 +79,11 @@ pub struct ReceiverCounters {
     /// Frames whose payload had to wait for room in `frames_in_progress_bytes_max` (whether
     /// room came or the connection was refused).
     pub frames_waited: u64,
+    /// DATA frames that carried their origin (sent again from a shipper's disk buffer).
+    pub frames_origin: u64,
+    /// Of those, frames whose origin named a stream past the connection's
+    /// `CONNECTION_ORIGIN_STREAMS_MAX`: de-duplicated under the connection's own stream.
+    pub frames_origin_ignored: u64,
     pub frames_duplicate: u64,
     pub frames_acked: u64,
     pub records_written: u64,
@@ -109,6 +114,8 @@ impl ReceiverCounters {
             connections_open: 0,
             frames_received: 0,
             frames_waited: 0,
+            frames_origin: 0,
+            frames_origin_ignored: 0,
             frames_duplicate: 0,
             frames_acked: 0,
             records_written: 0,
@@ -130,6 +137,8 @@ impl ReceiverCounters {
         self.connections_refused = from.connections_refused;
         self.frames_received = from.frames_received;
         self.frames_waited = from.frames_waited;
+        self.frames_origin = from.frames_origin;
+        self.frames_origin_ignored = from.frames_origin_ignored;
         self.frames_acked = from.frames_acked;
     }
 }
@@ -387,6 +396,24 @@ fn render_frames(shards: &[ReceiverCounters], out: &mut Exposition) {
         "counter",
         "Frames whose payload waited for room in receiver.frames_in_progress_bytes_max.",
         |c| c.frames_waited,
+    );
+    family(
+        out,
+        shards,
+        "shipper_receiver_frames_origin_total",
+        "counter",
+        "DATA frames that carried the identity they were first sent with (replayed from a \
+         shipper's disk buffer), de-duplicated under it.",
+        |c| c.frames_origin,
+    );
+    family(
+        out,
+        shards,
+        "shipper_receiver_frames_origin_ignored_total",
+        "counter",
+        "DATA frames whose origin named more streams than a connection may: de-duplicated \
+         under the connection's own stream instead.",
+        |c| c.frames_origin_ignored,
     );
     family(
         out,

@@ -14,6 +14,12 @@ pub const FLAG_ZSTD: u16 = 1 << 0;
 /// Flag: the frame went to a dead-letter destination because no primary or standby receiver
 /// was healthy; the receiver keeps its records apart so they can be re-mirrored.
 pub const FLAG_DEAD_LETTER: u16 = 1 << 1;
+/// Flag: the payload opens with the frame's [`Origin`] ([`ORIGIN_BYTES`]), then its records
+/// (compressed when [`FLAG_ZSTD`]): the frame was stamped before, by this run of the shipper
+/// or an earlier one, and the receiver de-duplicates it under that identity.
+pub const FLAG_ORIGIN: u16 = 1 << 2;
+/// Bytes of an encoded [`Origin`].
+pub const ORIGIN_BYTES: usize = 18;
 
 /// What a frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +148,69 @@ impl Header {
             return Err(FrameError::TooLarge { len: header.len.into(), max });
         }
         Ok((header, u32_at(28)))
+    }
+}
+
+/// The identity a DATA frame was first stamped with: its sender stream (the HELLO's run id
+/// and core) and its sequence number there. It travels with the frame through the shipper's
+/// disk buffer, so that a frame a receiver wrote but had not acknowledged is recognised when
+/// it is sent again by a later run.
+///
+/// ```text
+/// Origin { run_id: u64, core: u16, seq: u64 }   // little endian, 18 bytes
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub run_id: u64,
+    pub core: u16,
+    pub seq: u64,
+}
+
+impl Origin {
+    pub fn encode(&self) -> [u8; ORIGIN_BYTES] {
+        let mut out = [0; ORIGIN_BYTES];
+        out[..8].copy_from_slice(&self.run_id.to_le_bytes());
+        out[8..10].copy_from_slice(&self.core.to_le_bytes());
+        out[10..].copy_from_slice(&self.seq.to_le_bytes());
+        out
+    }
+
+    /// The origin a DATA frame's payload opens with when its header has [`FLAG_ORIGIN`], and
+    /// the rest of the payload; `None` when the payload is shorter than an origin.
+    pub fn split(payload: &[u8]) -> Option<(Origin, &[u8])> {
+        let (b, rest) = payload.split_first_chunk::<ORIGIN_BYTES>()?;
+        let origin = Origin {
+            run_id: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+            core: u16::from_le_bytes([b[8], b[9]]),
+            seq: u64::from_le_bytes(b[10..].try_into().expect("8 bytes")),
+        };
+        Some((origin, rest))
+    }
+
+    /// The origin carried by the complete DATA frame `wire`, if it has one.
+    pub fn of(wire: &[u8]) -> Option<Origin> {
+        let flags = u16::from_le_bytes([*wire.get(6)?, *wire.get(7)?]);
+        if flags & FLAG_ORIGIN == 0 {
+            return None;
+        }
+        Origin::split(wire.get(HEADER_BYTES..)?).map(|(o, _)| o)
+    }
+
+    /// Gives the complete DATA frame `wire` this origin: [`FLAG_ORIGIN`] set, the origin
+    /// inserted before the payload, `len` and the checksum to match. A frame that has an
+    /// origin already keeps it (its first identity).
+    pub fn stamp(self, wire: &mut Vec<u8>) {
+        assert!(wire.len() >= HEADER_BYTES, "stamping a truncated frame");
+        if Origin::of(wire).is_some() {
+            return;
+        }
+        let flags = u16::from_le_bytes([wire[6], wire[7]]) | FLAG_ORIGIN;
+        let len = u32::from_le_bytes(wire[24..28].try_into().expect("4 bytes"));
+        let len = len + ORIGIN_BYTES as u32;
+        wire[24..28].copy_from_slice(&len.to_le_bytes());
+        wire.splice(HEADER_BYTES..HEADER_BYTES, self.encode());
+        let seq = u64::from_le_bytes(wire[8..16].try_into().expect("8 bytes"));
+        Header::restamp(wire, seq, flags);
     }
 }
 
@@ -301,6 +370,28 @@ mod tests {
         assert_eq!(frames[0].payload, b"hello");
         assert_eq!(frames[1].header.kind, Kind::Ack);
         assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn an_origin_is_stamped_once_and_read_back() {
+        let mut wire = data_frame(7, b"records");
+        assert_eq!(Origin::of(&wire), None);
+        let first = Origin { run_id: 0x0102_0304_0506_0708, core: 3, seq: 7 };
+        first.stamp(&mut wire);
+        // A second stamp (a later spill of the same frame) keeps the first identity.
+        Origin { run_id: 9, core: 0, seq: 1 }.stamp(&mut wire);
+        assert_eq!(Origin::of(&wire), Some(first));
+        let flags = u16::from_le_bytes([wire[6], wire[7]]);
+        Header::restamp(&mut wire, 42, flags);
+        let mut dec = FrameDecoder::new(1024);
+        dec.push(&wire);
+        let f = dec.next_frame().unwrap().unwrap();
+        assert_eq!((f.header.seq, f.header.flags), (42, FLAG_ORIGIN));
+        assert_eq!(f.header.len as usize, ORIGIN_BYTES + 7);
+        assert_eq!(f.header.raw_len, 7, "raw_len is the records' length alone");
+        assert_eq!(Origin::split(&f.payload), Some((first, &b"records"[..])));
+        assert_eq!(Origin::split(&f.payload[..ORIGIN_BYTES - 1]), None);
+        assert_eq!(Origin::of(&wire[..HEADER_BYTES + 3]), None, "too short for an origin");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! Header { magic: b"SHPR", version: u8 = 1, kind: u8, flags: u16,
 //!          seq: u64, count: u32, raw_len: u32, len: u32, crc32c: u32 }   // little endian
 //! Record { len: u32, key_len: u8, key: [u8; key_len], body: [u8; len] }  // DATA, decompressed
+//! Origin { run_id: u64, core: u16, seq: u64 }   // opens a DATA payload with FLAG_ORIGIN
 //! ```
 //!
 //! # Operation
@@ -19,12 +20,14 @@
 //! ERROR. The shipper then streams DATA frames with increasing `seq`; the receiver answers each
 //! with an ACK carrying the same `seq` once the records are written (and fsync'd). HEARTBEATs
 //! flow when there is nothing else to send and are echoed, so silence means a dead peer.
+//! A frame sent again from the shipper's disk buffer carries the identity it was first
+//! stamped with ([`Origin`]), under which the receiver de-duplicates it.
 
 pub mod frame;
 pub mod hello;
 pub mod records;
 
-pub use frame::{Frame, FrameDecoder, FrameError, Header, Kind};
+pub use frame::{Frame, FrameDecoder, FrameError, Header, Kind, Origin};
 pub use hello::Hello;
 pub use records::{RecordError, RecordIter, RecordWriter};
 

@@ -24,7 +24,9 @@
 //! WindowAt(5) { Window's fields, written_unix_s: u64 }
 //! ```
 //! (`run_id`, `core`) is the sender stream ([`StreamId`]: `core` is the sender's worker
-//! index from HELLO). Each (`path`, `end`) is a mark; the files output's paths are relative to
+//! index from HELLO, or from a frame's origin). A shard logs only streams it owns (a frame
+//! with an origin is committed by the writer owning the origin's stream); a `Commit` with no
+//! files books the number a connection gave such a frame. Each (`path`, `end`) is a mark; the files output's paths are relative to
 //! the output directory: `STREAM/gGEN-cSHARD-INDEX.log`.
 //!
 //! # Operation (recovery, before any shard starts)

@@ -4,7 +4,8 @@
 //! committed.
 //!
 //! # Design constraints
-//! - `receiver.workers` shards own the sender streams hashed to them ([`server::owner`]);
+//! - `receiver.workers` shards own the sender streams hashed to them ([`server::owner`]; a
+//!   frame that carries an origin goes to the writer of the shard owning the origin's stream);
 //!   each is two threads: one serving its connections on io_uring ([`shard`]), one writing
 //!   their frames, a group at a time, to the shard's outputs ([`output`]) and commit log
 //!   ([`commit`]) ([`writer`]). The acceptor thread ([`server`]) only handshakes and hands
@@ -75,10 +76,21 @@ pub fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let budget = budget::FrameBudget::new(config.receiver.frames_in_progress_bytes_max);
     serve_metrics(&config, &registry, &budget)?;
     let open = Arc::new(AtomicUsize::new(0));
+    // Every shard may hand a frame to any writer: one that carries an origin goes to the
+    // writer owning the origin's stream.
+    let (writers, mut queues): (Vec<_>, Vec<_>) =
+        (0..shards).map(|_| std::sync::mpsc::channel()).unzip();
     let mut inboxes = Vec::new();
     for (index, windows) in windows.into_iter().enumerate() {
-        let shared = Shared { config: &config, open: &open, budget: &budget, registry: &registry };
-        inboxes.push(start_shard(index, state.gen, windows, shared)?);
+        let shared = Shared {
+            config: &config,
+            open: &open,
+            budget: &budget,
+            registry: &registry,
+            writers: &writers,
+        };
+        let queue = queues.remove(0);
+        inboxes.push(start_shard(index, state.gen, windows, queue, shared)?);
     }
     let addr = listener.local_addr()?;
     let connections_max = config.receiver.connections_max;
@@ -157,6 +169,8 @@ struct Shared<'a> {
     open: &'a Arc<AtomicUsize>,
     budget: &'a Arc<budget::FrameBudget>,
     registry: &'a Arc<Registry<ReceiverCounters>>,
+    /// Each shard's writer's queue, by index.
+    writers: &'a [std::sync::mpsc::Sender<writer::Job>],
 }
 
 /// Opens shard `index`'s outputs and commit log, and starts its thread (pinned to a CPU when
@@ -165,6 +179,7 @@ fn start_shard(
     index: usize,
     gen: u64,
     windows: HashMap<StreamId, Window>,
+    queue: std::sync::mpsc::Receiver<writer::Job>,
     shared: Shared,
 ) -> anyhow::Result<mpsc::UnboundedSender<server::HandOff>> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -177,7 +192,7 @@ fn start_shard(
     let (dir, fsync) = (config.state_directory(), config.state_fsync());
     let commits = commit::CommitLog::create(dir, index, fsync, config.state_modes())?;
     let writer = writer::Writer::new(index, outputs, commits, windows, config.clone());
-    let (jobs, queue) = std::sync::mpsc::channel();
+    let writers = shared.writers.to_vec();
     let written = writer.figures();
     std::thread::Builder::new()
         .name(format!("receiver-{index}-writer"))
@@ -186,7 +201,7 @@ fn start_shard(
         if let Some(cpu) = cpu {
             core_affinity::set_for_current(cpu);
         }
-        let shard = shard::Shard::new(index, config, jobs, written);
+        let shard = shard::Shard::new(index, config, writers, written);
         tokio_uring::start(async move {
             if index == 0 && crate::fault::injected(crate::fault::Fault::PanicWorkerTask) {
                 tokio_uring::spawn(crate::fault::panic_worker_task("receiver worker"));

@@ -50,6 +50,9 @@ pub struct HandOff {
     pub hello: Hello,
     /// The sender stream, tied to the client certificate ([`super::dedup::sender_run`]).
     pub id: StreamId,
+    /// The client certificate (DER): frames that carry an origin are filed under the
+    /// origin's run mixed with it, as the HELLO's run is.
+    pub certificate: Arc<[u8]>,
     /// Plaintext received after HELLO.
     pub pending: Vec<u8>,
     pub peer: std::net::SocketAddr,
@@ -136,7 +139,9 @@ async fn hand_off(tcp: tokio_uring::net::TcpStream, peer: std::net::SocketAddr, 
             match stream.into_parts() {
                 Ok((tcp, tls)) => {
                     a.counters.borrow_mut().connections_accepted += 1;
-                    let _ = a.shards[shard].send(HandOff { tcp, tls, hello, id, pending, peer });
+                    let certificate = Arc::from(certificate);
+                    let h = HandOff { tcp, tls, hello, id, certificate, pending, peer };
+                    let _ = a.shards[shard].send(h);
                 }
                 Err(e) => {
                     a.open.fetch_sub(1, Ordering::Relaxed);

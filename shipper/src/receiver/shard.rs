@@ -37,17 +37,24 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::budget::{FrameBudget, Reservation, FRAME_PAYLOAD_UNRESERVED_BYTES};
-use super::dedup::StreamId;
-use super::server::HandOff;
+use super::dedup::{sender_run, StreamId};
+use super::server::{owner, HandOff};
 use super::writer::{Job, Verdict};
 use crate::config::ReceiverConfig;
+use crate::fault::Fault;
 use crate::metrics::receiver::{ReceiverCounters, Refusal};
 use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
-use crate::protocol::{Frame, FrameDecoder, Kind};
+use crate::protocol::frame::FLAG_ORIGIN;
+use crate::protocol::{Frame, FrameDecoder, Kind, Origin};
 use crate::tls::stream::{TlsStream, READ_BYTES};
 
 /// DATA frames a connection may have queued to the writer and not yet answered.
 pub const CONNECTION_FRAMES_PENDING_MAX: usize = 64;
+/// Origin streams (see [`crate::protocol::Origin`]) one connection's frames may name; the
+/// frames of any further one are de-duplicated under the connection's own stream and counted
+/// (`shipper_receiver_frames_origin_ignored_total`). A shipper names one per earlier run and
+/// worker whose frames it replays, so a peer cannot make a writer open windows without bound.
+pub const CONNECTION_ORIGIN_STREAMS_MAX: usize = 64;
 
 /// A receiver shard's connection side, owned by its thread.
 pub struct Shard {
@@ -56,8 +63,9 @@ pub struct Shard {
     /// Its connections' figures; the writer's are in `written`.
     pub counters: ReceiverCounters,
     pub config: Arc<ReceiverConfig>,
-    /// The shard's writer thread's queue.
-    jobs: std::sync::mpsc::Sender<Job>,
+    /// Every shard's writer thread's queue, by shard index: a frame goes to the writer
+    /// owning the stream it is de-duplicated under ([`Reader::identity`]).
+    writers: Vec<std::sync::mpsc::Sender<Job>>,
     /// The writer's figures ([`super::writer::Writer::figures`]).
     written: Arc<Mutex<ReceiverCounters>>,
 }
@@ -66,11 +74,11 @@ impl Shard {
     pub fn new(
         index: usize,
         config: Arc<ReceiverConfig>,
-        jobs: std::sync::mpsc::Sender<Job>,
+        writers: Vec<std::sync::mpsc::Sender<Job>>,
         written: Arc<Mutex<ReceiverCounters>>,
     ) -> Shard {
         let counters = ReceiverCounters::new(index.to_string());
-        Shard { index, counters, config, jobs, written }
+        Shard { index, counters, config, writers, written }
     }
 
     /// The shard's figures: the writer's, with the connections' own.
@@ -85,6 +93,8 @@ impl Shard {
 enum Reply {
     /// What became of DATA frame `seq`.
     Data { seq: u64, verdict: Verdict },
+    /// A DATA frame was written, its ACK held back ([`Fault::HoldAcks`]).
+    Held,
     /// Echo of a heartbeat.
     Heartbeat(u64),
     /// ERROR with this message, then the connection is shut down.
@@ -135,8 +145,18 @@ async fn connection(
     let pending = Semaphore::new(CONNECTION_FRAMES_PENDING_MAX);
     let peer_closed = Cell::new(false);
     let sender = Arc::from(h.hello.name.as_str());
-    let reader =
-        Reader { shard, stream: &stream, id: h.id, sender, budget, replies, pending: &pending };
+    let reader = Reader {
+        shard,
+        stream: &stream,
+        id: h.id,
+        certificate: h.certificate.clone(),
+        origins: RefCell::new(Vec::new()),
+        hold_acks: [Fault::HoldAcks, Fault::HoldAllAcks].map(crate::fault::injected),
+        sender,
+        budget,
+        replies,
+        pending: &pending,
+    };
     let (read, answered) = tokio::join!(
         reader.run(&h.pending, &peer_closed),
         answer(shard, &stream, answers, &pending, &peer_closed)
@@ -150,6 +170,13 @@ struct Reader<'a> {
     shard: &'a Rc<RefCell<Shard>>,
     stream: &'a TlsStream,
     id: StreamId,
+    /// The client certificate (DER), mixed into the run of an origin as into the HELLO's.
+    certificate: Arc<[u8]>,
+    /// The origin streams its frames named so far: (run id, core) as sent, and the stream
+    /// it is filed under; at most [`CONNECTION_ORIGIN_STREAMS_MAX`].
+    origins: RefCell<Vec<((u64, u16), StreamId)>>,
+    /// Test only ([`crate::fault`]): acknowledge only frames that carry an origin; none.
+    hold_acks: [bool; 2],
     /// The shipper's name, from its HELLO.
     sender: Arc<str>,
     budget: &'a FrameBudget,
@@ -219,18 +246,28 @@ impl Reader<'_> {
                 };
                 slot.forget();
                 let replies = self.replies.clone();
+                let [new, all] = self.hold_acks;
+                let hold = all || (new && h.flags & FLAG_ORIGIN == 0);
                 let answer = Box::new(move |verdict| {
-                    let _ = replies.send(Reply::Data { seq: h.seq, verdict });
+                    let reply = match verdict {
+                        Verdict::Ack if hold => Reply::Held,
+                        verdict => Reply::Data { seq: h.seq, verdict },
+                    };
+                    let _ = replies.send(reply);
                 });
                 let mut shard = self.shard.borrow_mut();
                 shard.counters.frames_received += 1;
+                let (id, seq, writer) = self.identity(&f, &mut shard);
                 let sender = self.sender.clone();
-                let job = Job { id: self.id, sender, frame: f, room, answer };
-                if shard.jobs.send(job).is_err() {
-                    unreachable!(
-                        "a shard's writer thread ends only by a panic, which ends the process"
-                    );
+                if (id, seq) != (self.id, h.seq) {
+                    // The connection's own number for it is booked, so that its stream's
+                    // window stays contiguous (nothing else is ever sent under it).
+                    let (id, seq, sender) = (self.id, h.seq, sender.clone());
+                    let book = Job { id, seq, sender, frame: None, room: None, answer: noop() };
+                    queue(&shard.writers[shard.index], book);
                 }
+                let job = Job { id, seq, sender, frame: Some(f), room, answer };
+                queue(&shard.writers[writer], job);
             }
             Kind::Heartbeat => {
                 let _ = self.replies.send(Reply::Heartbeat(h.seq));
@@ -238,6 +275,40 @@ impl Reader<'_> {
             k => return Err(self.refuse(Refusal::Frame, format!("unexpected {k:?} frame"))),
         }
         Ok(())
+    }
+
+    /// The stream and sequence number DATA frame `f` is de-duplicated under, and the shard
+    /// whose writer owns that stream: the frame's origin when it carries one (its run mixed
+    /// with this connection's certificate, as the HELLO's run is), else the connection's own.
+    /// An origin past [`CONNECTION_ORIGIN_STREAMS_MAX`], or one that names sequence number
+    /// 0 (never given), is ignored and counted.
+    fn identity(&self, f: &Frame, shard: &mut Shard) -> (StreamId, u64, usize) {
+        let own = (self.id, f.header.seq, shard.index);
+        if f.header.flags & FLAG_ORIGIN == 0 {
+            return own;
+        }
+        // A payload too short for its origin is refused by the writer.
+        let Some((origin, _)) = Origin::split(&f.payload) else {
+            return own;
+        };
+        shard.counters.frames_origin += 1;
+        let mut origins = self.origins.borrow_mut();
+        let key = (origin.run_id, origin.core);
+        let known = origins.iter().find(|(k, _)| *k == key).map(|&(_, id)| id);
+        let id = known.or_else(|| {
+            (origins.len() < CONNECTION_ORIGIN_STREAMS_MAX).then(|| {
+                let id = (sender_run(&self.certificate, origin.run_id), origin.core);
+                origins.push((key, id));
+                id
+            })
+        });
+        match id {
+            Some(id) if origin.seq > 0 => (id, origin.seq, owner(id, shard.writers.len())),
+            _ => {
+                shard.counters.frames_origin_ignored += 1;
+                own
+            }
+        }
     }
 
     /// Reserves room for the `len` payload bytes of a frame: at once when there is, else
@@ -273,6 +344,18 @@ impl Reader<'_> {
     }
 }
 
+/// Queues `job` to a shard's writer.
+fn queue(writer: &std::sync::mpsc::Sender<Job>, job: Job) {
+    if writer.send(job).is_err() {
+        unreachable!("a shard's writer thread ends only by a panic, which ends the process");
+    }
+}
+
+/// The answer of a job nobody waits for.
+fn noop() -> Box<dyn FnOnce(Verdict) + Send> {
+    Box::new(|_| {})
+}
+
 /// A connection's answering half: sends what its reader and the writer reply, all that is
 /// ready in one send, until the reader is done and every queued frame is answered, an ERROR
 /// is sent (the socket is then shut down, waking the reader), or a send fails.
@@ -303,6 +386,7 @@ async fn answer(
                         Verdict::Error(e) => end = Some(e),
                     }
                 }
+                Reply::Held => pending.add_permits(1),
                 Reply::Heartbeat(seq) => out.extend(Frame::control(Kind::Heartbeat, seq, &[])),
                 Reply::Refuse(e) => end = Some(e),
             }

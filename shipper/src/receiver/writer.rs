@@ -16,6 +16,11 @@
 //!   frame is a group of one: nothing waits for a group to fill.
 //! - One frame at a time, in order, on one thread: a frame already written (its window holds
 //!   it) or written earlier in the same group is a duplicate, answered with the group.
+//! - A writer sees every frame of the streams its shard owns, from any shard's connections:
+//!   a frame that carries an origin (sent again from a shipper's disk buffer) comes to the
+//!   writer owning the origin's stream and is de-duplicated and committed there, and its
+//!   connection's number comes to the writer owning the connection's stream as a booking (a
+//!   commit record without marks), so each window stays whole in one writer.
 //! - A frame that can never be written (invalid content, a name an output refuses for good)
 //!   is answered REJECT, taken back from the outputs that wrote it, and the group goes on.
 //!   A write that fails for now ends the group's writing there: the frames before it are
@@ -44,8 +49,8 @@ use super::output::{Output, Records, WriteError, Written};
 use super::server::owner;
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::{OutputCounters, ReceiverCounters};
-use crate::protocol::frame::{FLAG_DEAD_LETTER, FLAG_ZSTD};
-use crate::protocol::{Frame, RecordIter};
+use crate::protocol::frame::{FLAG_DEAD_LETTER, FLAG_ORIGIN, FLAG_ZSTD};
+use crate::protocol::{Frame, Origin, RecordIter};
 
 /// Frames in one group commit at most.
 pub const GROUP_FRAMES_MAX: usize = 256;
@@ -55,12 +60,19 @@ pub const GROUP_RAW_BYTES_MAX: u64 = 32 << 20;
 /// Capacity of the decompression buffer kept between frames.
 const SCRATCH_KEEP_BYTES_MAX: usize = 4 << 20;
 
-/// A DATA frame read by a connection, on its way to the writer.
+/// A DATA frame read by a connection, on its way to the writer owning the stream it is
+/// de-duplicated under.
 pub struct Job {
+    /// The stream and sequence number the frame is de-duplicated and committed under: its
+    /// connection's, or its origin's when it carries one (see [`crate::protocol::Origin`]).
     pub id: StreamId,
+    pub seq: u64,
     /// The sending shipper's name, from its HELLO.
     pub sender: Arc<str>,
-    pub frame: Frame,
+    /// `None`: only book `seq` as written in `id`'s window, with a commit record naming no
+    /// marks: the number a connection gave a frame that carries an origin (written under
+    /// that), so the connection stream's window stays contiguous.
+    pub frame: Option<Frame>,
     /// Room the payload holds in the receiver's frame budget, given back once it is answered.
     pub room: Option<Reservation>,
     /// Called once with what became of the frame (on the writer's thread).
@@ -95,6 +107,8 @@ pub enum FrameFault {
 /// What a frame of the group being written came to, before the group is durable.
 enum Step {
     Written,
+    /// A booking job's number, staged.
+    Booked,
     /// Written before: in a window, or earlier in this group (`in_group`).
     Duplicate {
         in_group: bool,
@@ -154,12 +168,13 @@ impl Writer {
     /// Writes the jobs queued in `jobs`, a group at a time, until every sender is gone.
     pub fn run(mut self, jobs: mpsc::Receiver<Job>) {
         let mut group = Vec::new();
+        let raw_len = |job: &Job| job.frame.as_ref().map_or(0, |f| u64::from(f.header.raw_len));
         while let Ok(first) = jobs.recv() {
-            let mut raw = u64::from(first.frame.header.raw_len);
+            let mut raw = raw_len(&first);
             group.push(first);
             while group.len() < GROUP_FRAMES_MAX && raw < GROUP_RAW_BYTES_MAX {
                 let Ok(job) = jobs.try_recv() else { break };
-                raw += u64::from(job.frame.header.raw_len);
+                raw += raw_len(&job);
                 group.push(job);
             }
             self.write_group(&mut group);
@@ -172,10 +187,17 @@ impl Writer {
         let mut steps = Vec::with_capacity(group.len());
         let mut written: HashSet<(StreamId, u64)> = HashSet::new();
         let mut failed: Option<String> = None;
+        let mut booked = false;
         for job in group.iter() {
-            steps.push(self.step(job, &mut written, &mut failed));
+            let step = match &job.frame {
+                Some(frame) => self.step(job, frame, &mut written, &mut failed),
+                None => self.book(job),
+            };
+            booked |= matches!(step, Step::Booked);
+            steps.push(step);
         }
-        let durable = if written.is_empty() { Ok(()) } else { self.make_durable() };
+        let staged = booked || !written.is_empty();
+        let durable = if staged { self.make_durable() } else { Ok(()) };
         match &durable {
             Ok(()) => self.committed(group, &steps),
             Err(e) => {
@@ -192,7 +214,8 @@ impl Writer {
         // Figures first, so that whoever hears an answer finds them counted.
         self.publish();
         for (job, step) in group.drain(..).zip(steps) {
-            let seq = job.frame.header.seq;
+            // What the connection calls it (the origin's number is the writer's business).
+            let seq = job.frame.as_ref().map_or(job.seq, |f| f.header.seq);
             let verdict = match (step, &durable) {
                 (Step::Rejected(e), _) => Verdict::Reject(e),
                 (Step::Failed(e), _) => Verdict::Error(e),
@@ -209,34 +232,45 @@ impl Writer {
         }
     }
 
+    /// Stages the commit record of a booking job (no marks), unless its number is booked
+    /// already.
+    fn book(&mut self, job: &Job) -> Step {
+        if self.windows.get(&job.id).is_some_and(|w| w.contains(job.seq)) {
+            return Step::Duplicate { in_group: false };
+        }
+        self.commits.stage(job.id, job.seq, &[]);
+        Step::Booked
+    }
+
     /// Checks, decodes and writes one frame of a group; stages its commit record.
     fn step(
         &mut self,
         job: &Job,
+        frame: &Frame,
         written: &mut HashSet<(StreamId, u64)>,
         failed: &mut Option<String>,
     ) -> Step {
-        let h = job.frame.header;
+        let h = frame.header;
         if let Some(e) = failed {
             return Step::Failed(format!("cannot write frame {} now: {e}", h.seq));
         }
-        if written.contains(&(job.id, h.seq)) {
+        if written.contains(&(job.id, job.seq)) {
             self.counters.frames_duplicate += 1;
             return Step::Duplicate { in_group: true };
         }
-        if self.windows.get(&job.id).is_some_and(|w| w.contains(h.seq)) {
+        if self.windows.get(&job.id).is_some_and(|w| w.contains(job.seq)) {
             self.counters.frames_duplicate += 1;
             return Step::Duplicate { in_group: false };
         }
         let mut scratch = std::mem::take(&mut self.scratch);
-        let result = self.decode_and_write(job.id, &job.sender, &job.frame, &mut scratch);
+        let result = self.decode_and_write(job, frame, &mut scratch);
         // Kept for the next frame, but not a large frame's worth of it.
         if scratch.capacity() <= SCRATCH_KEEP_BYTES_MAX {
             self.scratch = scratch;
         }
         match result {
             Ok(()) => {
-                written.insert((job.id, h.seq));
+                written.insert((job.id, job.seq));
                 Step::Written
             }
             Err(FrameFault::Refused(e)) => {
@@ -259,8 +293,7 @@ impl Writer {
 
     fn decode_and_write(
         &mut self,
-        id: StreamId,
-        sender: &str,
+        job: &Job,
         f: &Frame,
         scratch: &mut Vec<u8>,
     ) -> Result<(), FrameFault> {
@@ -274,12 +307,19 @@ impl Writer {
             )));
         }
         let dead_letter = h.flags & FLAG_DEAD_LETTER != 0;
-        let payload: &[u8] = match h.flags & !FLAG_DEAD_LETTER {
+        let wire: &[u8] = match h.flags & FLAG_ORIGIN {
+            0 => &f.payload,
+            _ => match Origin::split(&f.payload) {
+                Some((_, records)) => records,
+                None => return Err(invalid("payload shorter than its origin".into())),
+            },
+        };
+        let payload: &[u8] = match h.flags & !(FLAG_DEAD_LETTER | FLAG_ORIGIN) {
             FLAG_ZSTD => {
                 scratch.clear();
                 scratch.reserve(h.raw_len as usize);
                 zstd::bulk::Decompressor::new()
-                    .and_then(|mut d| d.decompress_to_buffer(&f.payload, scratch))
+                    .and_then(|mut d| d.decompress_to_buffer(wire, scratch))
                     .map_err(|e| invalid(format!("zstd: {e}")))?;
                 if scratch.len() != h.raw_len as usize {
                     return Err(invalid(format!(
@@ -290,19 +330,26 @@ impl Writer {
                 }
                 scratch
             }
-            0 => &f.payload,
+            0 => wire,
             other => return Err(invalid(format!("unknown flags {other:#x}"))),
         };
         RecordIter::validate(payload, h.count).map_err(|e| invalid(e.to_string()))?;
-        let records = Records { payload, count: h.count, dead_letter, sender };
-        self.write(id, h.seq, &records)?;
+        let records = Records { payload, count: h.count, dead_letter, sender: &job.sender };
+        self.write(job.id, job.seq, h.seq, &records)?;
         self.counters.frame_records.record(h.count.into());
         Ok(())
     }
 
-    /// Writes a frame's validated records to every output and stages its commit record: it
-    /// is acknowledged once its group is durable.
-    fn write(&mut self, id: StreamId, seq: u64, records: &Records) -> Result<(), FrameFault> {
+    /// Writes a frame's validated records to every output and stages its commit record
+    /// (`seq` in stream `id`; `wire_seq` is the connection's number, for messages): it is
+    /// acknowledged once its group is durable.
+    fn write(
+        &mut self,
+        id: StreamId,
+        seq: u64,
+        wire_seq: u64,
+        records: &Records,
+    ) -> Result<(), FrameFault> {
         let mut taken = Vec::with_capacity(self.outputs.len());
         for i in 0..self.outputs.len() {
             let started = Instant::now();
@@ -320,7 +367,9 @@ impl Writer {
                     c.up = matches!(e, WriteError::Refused(_));
                     let name = self.outputs[i].name();
                     let fault = match e {
-                        WriteError::Refused(_) => FrameFault::Refused(format!("frame {seq}: {e}")),
+                        WriteError::Refused(_) => {
+                            FrameFault::Refused(format!("frame {wire_seq}: {e}"))
+                        }
                         WriteError::Failed(e) => {
                             FrameFault::Write(io::Error::new(e.kind(), format!("{name}: {e}")))
                         }
@@ -380,11 +429,14 @@ impl Writer {
     fn committed(&mut self, group: &[Job], steps: &[Step]) {
         let now = super::commit::unix_s();
         for (job, step) in group.iter().zip(steps) {
-            if let Step::Written = step {
-                let h = job.frame.header;
-                let window = self.windows.entry(job.id).or_default();
-                window.insert(h.seq);
-                window.written_unix_s = now;
+            if !matches!(step, Step::Written | Step::Booked) {
+                continue;
+            }
+            let window = self.windows.entry(job.id).or_default();
+            window.insert(job.seq);
+            window.written_unix_s = now;
+            if let Some(f) = &job.frame {
+                let h = f.header;
                 self.counters.records_written += u64::from(h.count);
                 if h.flags & FLAG_DEAD_LETTER != 0 {
                     self.counters.records_dead_letter += u64::from(h.count);
@@ -541,8 +593,36 @@ mod tests {
             let header = Header { kind: Kind::Data, flags: 0, seq, count: 1, raw_len: len, len };
             let tx = self.answer_tx.clone();
             let answer = Box::new(move |v| tx.send((seq, v)).unwrap());
-            let frame = Frame { header, payload };
-            let job = Job { id: (1, 0), sender: "test".into(), frame, room: None, answer };
+            let frame = Some(Frame { header, payload });
+            let job = Job { id: (1, 0), seq, sender: "test".into(), frame, room: None, answer };
+            self.jobs.send(job).unwrap();
+        }
+
+        /// Queues frame `seq` of stream (2, 0) carrying origin `origin` of stream (1, 0) and
+        /// the line `line:ORIGIN`, as a shard does: the booking of `seq`, then the frame
+        /// filed under its origin.
+        fn send_origin(&self, seq: u64, origin: u64) {
+            let o = Origin { run_id: 1, core: 0, seq: origin };
+            let mut records = Vec::new();
+            RecordWriter::push(&mut records, b"s", format!("line:{origin}").as_bytes());
+            let raw_len = records.len() as u32;
+            let payload = [&o.encode()[..], &records].concat();
+            let (kind, flags, len) = (Kind::Data, FLAG_ORIGIN, payload.len() as u32);
+            let header = Header { kind, flags, seq, count: 1, raw_len, len };
+            let tx = self.answer_tx.clone();
+            let answer = Box::new(move |v| tx.send((seq, v)).unwrap());
+            let (id, sender) = ((2, 0), Arc::<str>::from("test"));
+            let book = Job {
+                id,
+                seq,
+                sender: sender.clone(),
+                frame: None,
+                room: None,
+                answer: Box::new(|_| {}),
+            };
+            self.jobs.send(book).unwrap();
+            let frame = Some(Frame { header, payload });
+            let job = Job { id: (1, 0), seq: origin, sender, frame, room: None, answer };
             self.jobs.send(job).unwrap();
         }
 
@@ -630,5 +710,38 @@ mod tests {
         );
         let f = r.figures.lock().unwrap().clone();
         assert_eq!((f.write_errors, f.records_written, f.outputs[1].errors), (2, 1, 2));
+    }
+
+    // Guards against a frame replayed from a shipper's disk buffer being written a second
+    // time: it is de-duplicated under its origin, not under the number its connection gave.
+    #[test]
+    fn a_frame_with_an_origin_is_written_once_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path());
+        r.send(1);
+        r.release();
+        r.send(2);
+        r.release();
+        assert_eq!(r.answers(2), [(1, Verdict::Ack), (2, Verdict::Ack)]);
+        // The next run sends frame 2 again (written, its ack lost), then frame 3 (never
+        // written), as its own frames 1 and 2, each carrying its origin; then frame 3 again.
+        // A duplicate takes nothing to an output: no sync to release.
+        r.send_origin(1, 2);
+        assert_eq!(r.answers(1), [(1, Verdict::Ack)]);
+        r.send_origin(2, 3);
+        r.release();
+        assert_eq!(r.answers(1), [(2, Verdict::Ack)]);
+        r.send_origin(2, 3);
+        assert_eq!(r.answers(1), [(2, Verdict::Ack)]);
+        assert_eq!(lines(dir.path()), "line:1\nline:2\nline:3\n");
+        let f = r.figures.lock().unwrap().clone();
+        assert_eq!((f.frames_duplicate, f.records_written), (2, 3));
+        drop(r);
+        let modes = crate::os::Modes::DEFAULT;
+        let state = super::super::commit::recover(dir.path(), 3600, modes, |_, _| Ok(())).unwrap();
+        let origin = &state.windows[&(1, 0)];
+        assert_eq!((origin.below, origin.above.len()), (4, 0), "frames 1..=3 of the first run");
+        let booked = &state.windows[&(2, 0)];
+        assert_eq!((booked.below, booked.above.len()), (3, 0), "the second run's 1 and 2");
     }
 }

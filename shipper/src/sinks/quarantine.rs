@@ -15,7 +15,8 @@
 //! # Format
 //! ```text
 //! DIR/wCORE/UNIXUS-SEQ.frame    the frame exactly as sent (docs/protocol.md: 32-byte header,
-//!                               zstd payload of records)
+//!                               the 18-byte origin when flag bit 2 is set, zstd payload of
+//!                               records)
 //! DIR/wCORE/UNIXUS-SEQ.reason   text, one `key: value` per line: receiver, reason, records,
 //!                               and `service NAME: N` per service in the frame
 //! ```

@@ -217,9 +217,10 @@ impl Worker {
             }
             return;
         }
-        if self.buffer.is_none() {
+        let Some(b) = self.buffer.as_mut() else {
             return self.count_dropped(&frame, DropReason::OutboxFull);
-        }
+        };
+        b.spill_origin(self.delivery.run_id, self.index).stamp(&mut frame.wire);
         self.buffer_push(frame);
     }
 

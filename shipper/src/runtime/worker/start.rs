@@ -101,6 +101,8 @@ pub fn run(plan: WorkerPlan) -> anyhow::Result<()> {
 
 async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     let worker = Rc::new(RefCell::new(Worker::new(plan.index, plan.config.clone(), &plan.feeds)?));
+    // Every target carries the same run id: the process's.
+    worker.borrow_mut().delivery.run_id = plan.targets.first().map_or(0, |t| t.run_id);
     for pipe in plan.pipes {
         start_pipe(&worker, pipe, &plan.config, &plan.stop);
     }

@@ -28,6 +28,7 @@ use super::Worker;
 use crate::metrics::ledger::Fate;
 use crate::metrics::shipper::ShipperCounters;
 use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
+use crate::protocol::Origin;
 use crate::runtime::control::{DemandReport, Shares};
 use crate::sinks::delivery::Link;
 use crate::transforms::services::DropReason;
@@ -224,8 +225,9 @@ pub const SPILL_MS: u64 = 1000;
 /// At shutdown, what is still unacknowledged: frames read back from the disk buffer stay
 /// there for the next run, and durable frames (a durable source's records only: the worker
 /// batches them apart) are read again from their marks; the others
-/// go to the disk buffer when `spill` (applying `when_full`), else, with what still waits to
-/// be written to the buffer, are dropped and counted.
+/// go to the disk buffer when `spill` (applying `when_full`), each with its identity as its
+/// origin (a receiver that wrote it recognises it when the next run sends it), else, with
+/// what still waits to be written to the buffer, are dropped and counted.
 fn leave(c: &mut Worker, spill: bool) {
     let (durable, mut left): (Vec<_>, Vec<_>) = c
         .delivery
@@ -248,14 +250,19 @@ fn leave(c: &mut Worker, spill: bool) {
         let records: u64 = left.iter().map(|f| u64::from(f.records)).sum();
         let frames = left.len();
         for f in left {
-            c.buffer_push(Rc::try_unwrap(f).unwrap_or_else(|f| (*f).clone()));
+            let mut f = Rc::try_unwrap(f).unwrap_or_else(|f| (*f).clone());
+            // Its sequence number is taken (the frame may be written already): it keeps that
+            // identity, under which the receiver recognises it when the next run sends it.
+            let (run_id, core) = (c.delivery.run_id, c.index as u16);
+            Origin { run_id, core, seq: f.seq }.stamp(&mut f.wire);
+            c.buffer_push(f);
         }
         if frames > 0 {
             tracing::warn!(
                 core = c.index,
                 frames,
                 records,
-                "shutdown deadline near: unacknowledged frames go to the disk buffer for the next run (any already written by a receiver will arrive twice)"
+                "shutdown deadline near: unacknowledged frames go to the disk buffer for the next run (each keeps its identity: one a receiver wrote already is not written again)"
             );
         }
         return;

@@ -64,6 +64,9 @@ pub struct ConnHandle {
 pub struct Delivery {
     /// The worker's index (HELLO's `core`).
     pub worker: usize,
+    /// This process's run id (HELLO's `run_id`): with `worker` and a frame's `seq`, the
+    /// identity a frame keeps when it goes to the disk buffer ([`crate::protocol::Origin`]).
+    pub run_id: u64,
     pub config: Arc<ShipperConfig>,
     pub clock: Clock,
     pub outbox: Outbox,
@@ -91,6 +94,7 @@ impl Delivery {
         };
         Delivery {
             worker,
+            run_id: 0,
             clock,
             outbox: Outbox::new(r.outbox_bytes_max as usize, r.inflight_frames_max),
             dests: Destinations::new(&destinations),
