@@ -166,7 +166,7 @@ impl<'a> Btf<'a> {
         if u32::try_from(bytes.len()).is_err() {
             return Err(format("larger than 4 GiB"));
         }
-        let word = |at: usize| u32_at(&bytes, at).map(|v| v as usize);
+        let word = |at: usize| u32_at(bytes, at).map(|v| v as usize);
         let hdr_len = word(4).ok_or_else(|| format("header"))?;
         let section = |off: usize, len: usize| -> Result<std::ops::Range<usize>, BtfError> {
             let start = hdr_len + word(off).ok_or_else(|| format("header"))?;
@@ -266,7 +266,7 @@ impl<'a> Btf<'a> {
         }
         for i in 0..t.vlen as usize {
             let at = t.data + 12 * i;
-            let word = |k: usize| u32_at(&self.bytes, at + 4 * k).unwrap_or_default();
+            let word = |k: usize| u32_at(self.bytes, at + 4 * k).unwrap_or_default();
             let (name_off, type_id, raw) = (word(0), word(1), word(2));
             let (bitfield_bits, bits) =
                 if t.kind_flag { (raw >> 24, raw & 0xff_ffff) } else { (0, raw) };
@@ -316,8 +316,8 @@ impl<'a> Btf<'a> {
             KIND_PTR => Ok(std::mem::size_of::<usize>() as u32),
             KIND_ARRAY => {
                 let (elem, count) = (
-                    u32_at(&self.bytes, t.data).unwrap_or_default(),
-                    u32_at(&self.bytes, t.data + 8).unwrap_or_default(),
+                    u32_at(self.bytes, t.data).unwrap_or_default(),
+                    u32_at(self.bytes, t.data + 8).unwrap_or_default(),
                 );
                 Ok(self.size(elem)?.saturating_mul(count))
             }
