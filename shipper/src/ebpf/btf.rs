@@ -5,8 +5,11 @@
 //! not expose members, hence this small reader.
 //!
 //! # Design constraints
-//! - Runs once at start; reads the whole file (a few MiB) and keeps an index of type
-//!   positions (4 bytes per type, about 150,000 types) until the offsets are found.
+//! - Runs once at start. The file (5 MiB on 6.18) is mapped, not read ([`Blob`]): the kernel
+//!   (6.16+) maps its own read-only pages of `/sys/kernel/btf/vmlinux`, which add nothing to
+//!   the process's RSS; older kernels refuse, and the file is read into memory instead.
+//!   [`Btf`] borrows the bytes and keeps an index of type positions (4 bytes per type, about
+//!   130,000 types) until the offsets are found.
 //! - Refuses what it cannot read exactly: a member that is a bitfield or not byte-aligned,
 //!   an unknown type kind (whose size it cannot skip), a truncated section.
 //!
@@ -90,33 +93,80 @@ struct Type {
     data: usize,
 }
 
-/// The type and string sections of one BTF blob, with every type's position indexed.
-pub struct Btf {
-    bytes: Vec<u8>,
-    types: std::ops::Range<usize>,
-    strings: std::ops::Range<usize>,
-    /// Position of type id `i + 1` in `bytes`.
-    index: Vec<usize>,
+/// The running kernel's BTF.
+pub const SYS_FS: &str = "/sys/kernel/btf/vmlinux";
+
+/// The bytes of a BTF file: mapped read-only and private where the kernel allows it, read
+/// into memory otherwise. Either way they do not change while the `Blob` lives.
+pub enum Blob {
+    Mapped { at: std::ptr::NonNull<u8>, len: usize },
+    Read(Vec<u8>),
 }
 
-impl Btf {
-    /// Reads the running kernel's BTF.
-    pub fn from_sys_fs() -> Result<Btf, BtfError> {
-        Btf::from_file(Path::new("/sys/kernel/btf/vmlinux"))
+impl Blob {
+    pub fn open(path: &Path) -> Result<Blob, BtfError> {
+        let error = |error| BtfError::Read { path: path.display().to_string(), error };
+        let file = std::fs::File::open(path).map_err(error)?;
+        let len = file.metadata().map_err(error)?.len() as usize;
+        if len > 0 {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a new private read-only mapping of an open file; nothing else refers
+            // to it, and it is unmapped once, in `drop`.
+            let at = unsafe {
+                let flags = libc::MAP_PRIVATE;
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, flags, file.as_raw_fd(), 0)
+            };
+            if at != libc::MAP_FAILED {
+                if let Some(at) = std::ptr::NonNull::new(at.cast::<u8>()) {
+                    return Ok(Blob::Mapped { at, len });
+                }
+            }
+        }
+        // Kernels before 6.16 cannot map it (EACCES, ENODEV): read it, a few MiB for a moment.
+        std::fs::read(path).map(Blob::Read).map_err(error)
     }
+}
 
-    pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
-        let bytes = std::fs::read(path)
-            .map_err(|error| BtfError::Read { path: path.display().to_string(), error })?;
-        Btf::parse(bytes)
+impl std::ops::Deref for Blob {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            // SAFETY: `len` bytes mapped readable at `at` until `drop`, never written.
+            Blob::Mapped { at, len } => unsafe { std::slice::from_raw_parts(at.as_ptr(), *len) },
+            Blob::Read(bytes) => bytes,
+        }
     }
+}
 
-    pub fn parse(bytes: Vec<u8>) -> Result<Btf, BtfError> {
+impl Drop for Blob {
+    fn drop(&mut self) {
+        if let Blob::Mapped { at, len } = self {
+            // SAFETY: the mapping made in `open`, unmapped only here; no slice of it outlives
+            // `self` (`deref` borrows it).
+            unsafe { libc::munmap(at.as_ptr().cast(), *len) };
+        }
+    }
+}
+
+/// The type and string sections of one BTF blob, with every type's position indexed.
+pub struct Btf<'a> {
+    bytes: &'a [u8],
+    types: std::ops::Range<usize>,
+    strings: std::ops::Range<usize>,
+    /// Position of type id `i + 1` in `bytes` (the blob is checked to be under 4 GiB).
+    index: Vec<u32>,
+}
+
+impl<'a> Btf<'a> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Btf<'a>, BtfError> {
         let format = |what: &str| BtfError::Format(what.to_string());
         if bytes.len() < HEADER_BYTES || u16::from_ne_bytes([bytes[0], bytes[1]]) != MAGIC {
             return Err(format("no BTF header (magic 0xeb9f, native byte order)"));
         }
-        let word = |at: usize| u32_at(&bytes, at).map(|v| v as usize);
+        if u32::try_from(bytes.len()).is_err() {
+            return Err(format("larger than 4 GiB"));
+        }
+        let word = |at: usize| u32_at(bytes, at).map(|v| v as usize);
         let hdr_len = word(4).ok_or_else(|| format("header"))?;
         let section = |off: usize, len: usize| -> Result<std::ops::Range<usize>, BtfError> {
             let start = hdr_len + word(off).ok_or_else(|| format("header"))?;
@@ -133,11 +183,11 @@ impl Btf {
     }
 
     /// The position of every type, in id order.
-    fn index_types(&self) -> Result<Vec<usize>, BtfError> {
+    fn index_types(&self) -> Result<Vec<u32>, BtfError> {
         let mut index = Vec::new();
         let mut at = self.types.start;
         while at < self.types.end {
-            index.push(at);
+            index.push(at as u32);
             let t = self.type_at(at)?;
             at = t.data + data_bytes(&t)?;
         }
@@ -168,7 +218,7 @@ impl Btf {
             .checked_sub(1)
             .and_then(|i| self.index.get(i))
             .ok_or_else(|| BtfError::Format(format!("type id {id} out of range")))?;
-        self.type_at(*at)
+        self.type_at(*at as usize)
     }
 
     fn name(&self, name_off: u32) -> &[u8] {
@@ -200,7 +250,7 @@ impl Btf {
     /// The id of the first struct named `name` (vmlinux BTF is deduplicated: one per name).
     fn struct_id(&self, name: &str) -> Result<u32, BtfError> {
         for (i, &at) in self.index.iter().enumerate() {
-            let t = self.type_at(at)?;
+            let t = self.type_at(at as usize)?;
             if t.kind == KIND_STRUCT && self.name(t.name_off) == name.as_bytes() {
                 return Ok(i as u32 + 1);
             }
@@ -216,7 +266,7 @@ impl Btf {
         }
         for i in 0..t.vlen as usize {
             let at = t.data + 12 * i;
-            let word = |k: usize| u32_at(&self.bytes, at + 4 * k).unwrap_or_default();
+            let word = |k: usize| u32_at(self.bytes, at + 4 * k).unwrap_or_default();
             let (name_off, type_id, raw) = (word(0), word(1), word(2));
             let (bitfield_bits, bits) =
                 if t.kind_flag { (raw >> 24, raw & 0xff_ffff) } else { (0, raw) };
@@ -266,8 +316,8 @@ impl Btf {
             KIND_PTR => Ok(std::mem::size_of::<usize>() as u32),
             KIND_ARRAY => {
                 let (elem, count) = (
-                    u32_at(&self.bytes, t.data).unwrap_or_default(),
-                    u32_at(&self.bytes, t.data + 8).unwrap_or_default(),
+                    u32_at(self.bytes, t.data).unwrap_or_default(),
+                    u32_at(self.bytes, t.data + 8).unwrap_or_default(),
                 );
                 Ok(self.size(elem)?.saturating_mul(count))
             }
@@ -355,7 +405,8 @@ mod tests {
 
     #[test]
     fn finds_members_inside_anonymous_unions_and_structs() {
-        let btf = Btf::parse(blob()).unwrap();
+        let blob = blob();
+        let btf = Btf::parse(&blob).unwrap();
         let m = |path: &[&str]| btf.member("outer", path).unwrap();
         assert_eq!(m(&["a"]), Member { offset_bytes: 0, size_bytes: 4 });
         assert_eq!(m(&["b"]), Member { offset_bytes: 8 + 6, size_bytes: 2 });
@@ -364,18 +415,30 @@ mod tests {
         assert_eq!(m(&["p"]), Member { offset_bytes: 16, size_bytes: 8 });
         assert!(matches!(btf.member("outer", &["d"]), Err(BtfError::Member(..))));
         assert!(matches!(btf.member("t", &["a"]), Err(BtfError::NoStruct(_))));
-        let mut truncated = blob();
-        truncated.truncate(HEADER_BYTES + 30);
-        assert!(matches!(Btf::parse(truncated), Err(BtfError::Format(_))));
+        assert!(matches!(Btf::parse(&blob[..HEADER_BYTES + 30]), Err(BtfError::Format(_))));
+    }
+
+    /// The mapped file reads as the same bytes as the file read whole (on kernels that
+    /// refuse the mapping, both are reads).
+    #[test]
+    fn a_mapped_blob_holds_the_files_bytes() {
+        let Ok(blob) = Blob::open(Path::new(SYS_FS)) else {
+            eprintln!("SKIPPED: no readable {SYS_FS}");
+            return;
+        };
+        let mapped = matches!(blob, Blob::Mapped { .. });
+        assert!(&blob[..] == std::fs::read(SYS_FS).unwrap().as_slice(), "mapped: {mapped}");
+        eprintln!("{SYS_FS}: {} bytes, mapped: {mapped}", blob.len());
     }
 
     /// The running kernel's BTF, where there is one: the members the programs read exist.
     #[test]
     fn reads_the_running_kernels_socket_members() {
-        let Ok(btf) = Btf::from_sys_fs() else {
-            eprintln!("SKIPPED: no readable /sys/kernel/btf/vmlinux");
+        let Ok(blob) = Blob::open(Path::new(SYS_FS)) else {
+            eprintln!("SKIPPED: no readable {SYS_FS}");
             return;
         };
+        let btf = Btf::parse(&blob).unwrap();
         let family = btf.member("sock", &["__sk_common", "skc_family"]).unwrap();
         let cookie = btf.member("sock", &["__sk_common", "skc_cookie"]).unwrap();
         let peer = btf.member("unix_sock", &["peer"]).unwrap();

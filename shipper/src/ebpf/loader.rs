@@ -1,17 +1,18 @@
 //! Loading the embedded object with aya, and the maps' userspace side.
 
+use std::path::Path;
 use std::sync::Mutex;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::BtfTracePoint;
-use aya::{Btf, Ebpf, EbpfLoader};
+use aya::{Btf, Ebpf, EbpfLoader, Endianness};
 use shipper_ebpf::{
     ConnectionKey, Count, SockOffsets, SocketDropKey, GLOBAL_SOCK_OFFSETS, MAP_CONNECTION_EVENTS,
     MAP_SOCKET_DROPS, MAP_UNCOUNTED, MAP_WATCHED_CONNECTIONS, MAP_WATCHED_SOCKETS, PROGRAMS,
     PROGRAM_UNIX_REFUSALS,
 };
 
-use super::btf::BtfError;
+use super::btf::{Blob, BtfError, SYS_FS};
 use super::{KernelCounters, Sample, Slots, State, Table, WatchError};
 
 /// The object built by build.rs from `shipper-ebpf` (eBPF bytecode, BTF, maps).
@@ -44,17 +45,24 @@ type Failure = (State, String);
 impl Kernel {
     pub fn load() -> Result<Kernel, Failure> {
         check_capabilities()?;
-        if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
-            return Err((State::NoBtf, "the kernel has no /sys/kernel/btf/vmlinux".into()));
+        if !Path::new(SYS_FS).exists() {
+            return Err((State::NoBtf, format!("the kernel has no {SYS_FS}")));
         }
         raise_memlock();
-        let btf = Btf::from_sys_fs().map_err(|e| (State::NoBtf, format!("kernel BTF: {e}")))?;
+        // One copy of the kernel's BTF at a time (peak RSS, docs/perf.md): the offsets come
+        // from the mapped file; aya's loader parses its own copy (aya 0.14 has no way around
+        // it) and drops it with the loader; the copy for attaching is parsed from the mapped
+        // file afterwards.
         let offsets = sock_offsets();
         let mut loader = EbpfLoader::new();
         if let Ok(offsets) = &offsets {
             loader.override_global(GLOBAL_SOCK_OFFSETS, offsets, true);
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| failure("loading the object", &e))?;
+        drop(loader);
+        let no_btf = |e: &dyn std::fmt::Display| (State::NoBtf, format!("kernel BTF: {e}"));
+        let blob = Blob::open(Path::new(SYS_FS)).map_err(|e| no_btf(&e))?;
+        let btf = Btf::parse(&blob, Endianness::default()).map_err(|e| no_btf(&e))?;
         let mut programs = Vec::new();
         for (name, tracepoint) in PROGRAMS {
             attach(&mut ebpf, &btf, name, tracepoint)?;
@@ -164,7 +172,8 @@ fn attach(ebpf: &mut Ebpf, btf: &Btf, name: &str, tracepoint: &str) -> Result<()
 /// Where `sock_send_length` finds its fields in the running kernel, from its BTF; each
 /// field's size is checked too, since the program reads it as a fixed-size value.
 fn sock_offsets() -> Result<SockOffsets, BtfError> {
-    let btf = super::btf::Btf::from_sys_fs()?;
+    let blob = Blob::open(Path::new(SYS_FS))?;
+    let btf = super::btf::Btf::parse(&blob)?;
     let member = |outer: &str, path: &[&str], size_bytes: u32| {
         let m = btf.member(outer, path)?;
         if m.size_bytes != size_bytes {

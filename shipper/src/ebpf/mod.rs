@@ -32,10 +32,11 @@
 //! 1. [`start`] (main thread, before the workers): unless disabled, check capabilities and
 //!    `/sys/kernel/btf/vmlinux`, raise RLIMIT_MEMLOCK (a failure is only a warning: BPF
 //!    memory is cgroup-accounted on 6.x), find the socket field offsets in the kernel's BTF
-//!    (`btf`), load the embedded object with them, attach its five `tp_btf` programs (four
-//!    if the offsets were not found, with a warning), read drop-reason names from tracefs
-//!    (mounting it if absent), and log the outcome. Any other failure leaves the shipper
-//!    running without eBPF, with the reason.
+//!    (`btf`, on the mapped file), load the embedded object with them, attach its five
+//!    `tp_btf` programs (four if the offsets were not found, with a warning), read
+//!    drop-reason names from tracefs (mounting it if absent), and log the outcome. Any other
+//!    failure leaves the shipper running without eBPF, with the reason. Only one parsed copy
+//!    of the kernel's BTF exists at a time (about 10 MiB; peak RSS in docs/perf.md).
 //! 2. Sources and connections call `watch_*` with their socket; the returned [`Watch`]
 //!    unregisters it when dropped. They are no-ops when nothing is attached.
 //! 3. [`snapshot`] reads every counter of every CPU, labelled for the metrics.
@@ -201,7 +202,7 @@ pub fn start(enabled: bool) -> State {
         State::Disabled
     } else {
         let state = attach();
-        // Loading parsed the kernel's BTF (several MiB, twice: aya's and `btf.rs`); give the
+        // Loading parsed the kernel's BTF (about 10 MiB, twice in turn, by aya); give the
         // freed heap back rather than keep it for the life of the process.
         // SAFETY: malloc_trim only returns free memory of glibc's arenas to the system.
         unsafe { libc::malloc_trim(0) };
