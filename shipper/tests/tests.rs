@@ -61,3 +61,6 @@ mod shutdown;
 /// Syslog and JSON over UDP, TCP (both framings) and a unix socket arrive once, exactly parsed;
 /// bad input is counted and never stops a source.
 mod socket;
+/// `shipper run --takeover`: five takeovers under steady pipe and UDP writers lose and
+/// duplicate nothing and never fail a write; hostile control-socket peers change nothing.
+mod takeover;

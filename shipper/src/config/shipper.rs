@@ -68,6 +68,11 @@ pub struct ShipperSection {
     pub file_mode: String,
     /// Mode of the directories it creates, octal, masked by the umask. Default: "0750".
     pub dir_mode: String,
+    /// Path of the unix control socket (mode 0600, this user only) through which a
+    /// `shipper run --takeover` takes over the pipes and sockets of the running shipper
+    /// (docs/architecture.md, "Takeover"). Default: none (no control socket, no takeover);
+    /// the packaged configuration sets "/run/shipper/control.sock".
+    pub control_socket: Option<std::path::PathBuf>,
 }
 
 impl ShipperSection {
@@ -87,6 +92,7 @@ impl Default for ShipperSection {
             shutdown_timeout_ms: 10_000,
             file_mode: "0640".into(),
             dir_mode: "0750".into(),
+            control_socket: None,
         }
     }
 }

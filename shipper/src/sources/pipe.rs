@@ -12,8 +12,11 @@
 //! planted at the path, or swapped in after the check, is refused and never followed (the
 //! shipper often runs as root). It is opened `O_RDWR`: the shipper itself counts as a writer,
 //! so the reader never sees EOF when the last application closes it, and as a reader, so
-//! writers' opens succeed at once. Reads go through io_uring (an owned buffer handed to the kernel and back); a read on
-//! an empty pipe parks in the ring until data arrives, costing no thread.
+//! writers' opens succeed at once. The worker waits for the FIFO to be readable on its reactor
+//! (epoll, beside its io_uring) and reads with a non-blocking `read(2)`: nothing is in flight
+//! when the source stops, so a takeover can hand the FIFO and the partial line held
+//! ([`Leftover`]) to the next process, which goes on from them (`super::read_until_stopped`
+//! says why an io_uring read cannot stop that way).
 
 use std::cell::RefCell;
 use std::io;
@@ -25,6 +28,7 @@ use std::rc::Rc;
 use thiserror::Error;
 use tokio::sync::watch;
 
+pub use super::lines::Leftover;
 use super::lines::LineSplitter;
 use super::{Intake, Record, SourceId};
 use crate::transforms::parse::Failure;
@@ -93,13 +97,29 @@ pub fn open(path: &Path, mode: u32, pipe_bytes: usize) -> Result<OpenPipe, PipeE
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|source| PipeError::Create { path: err_path(), source })?;
     }
+    Ok(raise(file, pipe_bytes))
+}
+
+/// Takes a FIFO `file` another process opened for `path` (a takeover): checks that it is a
+/// FIFO and raises its buffer towards `pipe_bytes` as [`open`] does.
+pub fn adopt(path: &Path, file: std::fs::File, pipe_bytes: usize) -> Result<OpenPipe, PipeError> {
+    let err_path = || path.to_path_buf();
+    let meta = file.metadata().map_err(|source| PipeError::Open { path: err_path(), source })?;
+    if !meta.file_type().is_fifo() {
+        return Err(PipeError::NotFifo { path: err_path() });
+    }
+    Ok(raise(file, pipe_bytes))
+}
+
+/// Raises the FIFO's buffer towards `pipe_bytes`; what the kernel granted is returned.
+fn raise(file: std::fs::File, pipe_bytes: usize) -> OpenPipe {
     let fd = file.as_raw_fd();
     let want = libc::c_int::try_from(pipe_bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: fcntl on a descriptor we own; failure (EPERM above pipe-max-size) leaves the
     // buffer as it was, which F_GETPIPE_SZ then reports.
     unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, want) };
     let granted = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
-    Ok(OpenPipe { file, pipe_bytes: usize::try_from(granted).unwrap_or(0) })
+    OpenPipe { file, pipe_bytes: usize::try_from(granted).unwrap_or(0) }
 }
 
 /// Counters of one pipe source.
@@ -125,7 +145,9 @@ pub struct PipeLimits {
     pub line_bytes_max: usize,
 }
 
-/// Reads the FIFO `file` of source `id` until `stop`, handing each line to `intake`.
+/// Reads the FIFO `file` of source `id` until `stop`, handing each line to `intake`, starting
+/// with the partial line `left` (from the process this one took over); returns the partial
+/// line held at the stop, for the next one.
 pub async fn run<I: Intake>(
     intake: Rc<RefCell<I>>,
     id: SourceId,
@@ -133,9 +155,9 @@ pub async fn run<I: Intake>(
     limits: PipeLimits,
     counters: Rc<RefCell<SourceCounters>>,
     stop: watch::Receiver<bool>,
-) {
-    let file = tokio_uring::fs::File::from_std(file);
-    let mut splitter = LineSplitter::new(limits.line_bytes_max);
+    left: Leftover,
+) -> Leftover {
+    let mut splitter = LineSplitter::resume(limits.line_bytes_max, left);
     let on_read = |bytes: &[u8]| {
         let mut intake = intake.borrow_mut();
         let mut sc = counters.borrow_mut();
@@ -164,4 +186,5 @@ pub async fn run<I: Intake>(
         tracing::error!(path = %sc.source, "pipe read failed: {e}; retrying in 100 ms");
     };
     super::read_until_stopped(file, limits.read_bytes, stop, on_read, on_error).await;
+    splitter.leftover()
 }

@@ -63,7 +63,7 @@ pub async fn read_datagrams<I: Intake>(
     message_bytes_max: usize,
     stop: watch::Receiver<bool>,
 ) {
-    let file = tokio_uring::fs::File::from_std(std::fs::File::from(fd));
+    let file = std::fs::File::from(fd);
     let on_read = |datagram: &[u8]| {
         let mut intake = socket.intake.borrow_mut();
         let now = intake.now_ns();
