@@ -516,7 +516,10 @@ fn adopt(
     };
     let mut out = Vec::new();
     for (fd, local) in h.take_sockets(kind, key, count) {
-        out.push(crate::sources::socket::adopt(fd, local).with_context(|| format!("{key}"))?);
+        out.push(
+            crate::sources::socket::adopt(fd, local)
+                .with_context(|| format!("takeover: the socket handed for {key}"))?,
+        );
         tracing::info!(source = key, "takeover: socket taken over");
     }
     Ok(out)
