@@ -70,8 +70,8 @@ pub struct ShipperSection {
     pub dir_mode: String,
     /// Path of the unix control socket (mode 0600, this user only) through which a
     /// `shipper run --takeover` takes over the pipes and sockets of the running shipper
-    /// (docs/architecture.md, "Takeover"). Default: none (no control socket, no takeover);
-    /// the packaged configuration sets "/run/shipper/control.sock".
+    /// (docs/architecture.md, "Takeover"), at most 107 bytes. Default: none (no control
+    /// socket, no takeover); under the packaged unit, "/run/shipper/control.sock".
     pub control_socket: Option<std::path::PathBuf>,
 }
 
@@ -700,6 +700,13 @@ impl Validate for ShipperConfig {
         for (key, mode) in [("file_mode", &s.file_mode), ("dir_mode", &s.dir_mode)] {
             p.check(parse_mode(mode).is_some(), &[K("shipper"), K(key)], || {
                 format!("{mode:?} is not an octal file mode like \"0640\"")
+            });
+        }
+        if let Some(c) = &s.control_socket {
+            // sun_path holds 108 bytes with its NUL.
+            let len = c.as_os_str().len();
+            p.check((1..=107).contains(&len), &[K("shipper"), K("control_socket")], || {
+                format!("a unix socket path is 1 to 107 bytes, this one is {len}")
             });
         }
         self.metrics.check(&[K("metrics"), K("listen")], p);

@@ -61,12 +61,7 @@ pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
     let targets = targets(&config, tls, run_id)?;
     // Before any source opens a socket: `ebpf::watch_socket` is a no-op until this ran.
     let kernel = kernel_counters(config.ebpf.enabled)?;
-    let control_path = config.shipper.control_socket.as_deref();
-    let (mut handed, control) = match (take_over, control_path) {
-        (true, path) => (Some(ask_takeover(&config, path)?), None),
-        (false, Some(path)) => (None, Some(takeover::listen(path, false)?)),
-        (false, None) => (None, None),
-    };
+    let (mut handed, control) = takeover_or_control(&config, take_over)?;
     let mut kept = Kept::default();
     let pipes = open_pipes(&config, &mut handed, &mut kept)?;
     let journals = open_journals(&config)?;
@@ -82,12 +77,9 @@ pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
     let registry = Registry::<ShipperCounters>::new(workers);
     let watched = registry.clone();
     serve_metrics(&config, registry.clone(), kernel, &mut handed, &mut kept)?;
-    let control = match (handed, control_path) {
-        (Some(h), Some(path)) => {
-            h.close_rest();
-            Some(takeover::listen(path, true)?)
-        }
-        _ => control,
+    let control = match handed {
+        Some(h) => after_takeover(&config, h)?,
+        None => control,
     };
     let (report_tx, report_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -111,22 +103,7 @@ pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
         interval: std::time::Duration::from_millis(config.ratelimit.rebalance_interval_ms),
     };
     std::thread::Builder::new().name("control".into()).spawn(move || control::run(plane))?;
-    if let Some(listener) = control {
-        let control_tx = exit_tx.clone();
-        std::thread::Builder::new().name("takeover".into()).spawn(move || {
-            if let Some(stream) = takeover::serve(&listener) {
-                let _ = control_tx.send(Event::Takeover(stream));
-            }
-        })?;
-    }
-    let signal_tx = exit_tx.clone();
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        while let Ok(sig) = signals::wait_termination() {
-            if signal_tx.send(Event::Signal(sig)).is_err() {
-                return;
-            }
-        }
-    })?;
+    spawn_listeners(control, &exit_tx)?;
     tracing::info!(
         workers,
         run_id = format!("{run_id:016x}"),
@@ -150,6 +127,55 @@ pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
         kept.hand_over(stream, left).context("takeover: stopped, but nobody took over")?;
     }
     Ok(())
+}
+
+/// Starts the threads that turn signals and a takeover request into [`Event`]s.
+fn spawn_listeners(
+    control: Option<std::os::unix::net::UnixListener>,
+    exit_tx: &mpsc::Sender<Event>,
+) -> anyhow::Result<()> {
+    if let Some(listener) = control {
+        let control_tx = exit_tx.clone();
+        std::thread::Builder::new().name("takeover".into()).spawn(move || {
+            if let Some(stream) = takeover::serve(&listener) {
+                let _ = control_tx.send(Event::Takeover(stream));
+            }
+        })?;
+    }
+    let signal_tx = exit_tx.clone();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        while let Ok(sig) = signals::wait_termination() {
+            if signal_tx.send(Event::Signal(sig)).is_err() {
+                return;
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// With `take_over`, what the running shipper handed over; else the control socket, bound
+/// (refused if a shipper answers there), if the configuration has one.
+fn takeover_or_control(
+    config: &ShipperConfig,
+    take_over: bool,
+) -> anyhow::Result<(Option<Handover>, Option<std::os::unix::net::UnixListener>)> {
+    let path = config.shipper.control_socket.as_deref();
+    Ok(match (take_over, path) {
+        (true, path) => (Some(ask_takeover(config, path)?), None),
+        (false, Some(path)) => (None, Some(takeover::listen(path, false)?)),
+        (false, None) => (None, None),
+    })
+}
+
+/// Once every source took what it was handed: closes the rest and replaces the control
+/// socket the old process (now exiting) served.
+fn after_takeover(
+    config: &ShipperConfig,
+    handed: Handover,
+) -> anyhow::Result<Option<std::os::unix::net::UnixListener>> {
+    handed.close_rest();
+    let path = config.shipper.control_socket.as_deref().context("asked through it")?;
+    Ok(Some(takeover::listen(path, true)?))
 }
 
 /// Asks the shipper on the control socket `path` to hand over, allowing it the time a stop
