@@ -159,8 +159,9 @@ fn five_takeovers_under_steady_writers_lose_and_duplicate_nothing() {
     assert_eq!(output_lines(&env.out()).len(), total);
 }
 
-/// Hostile peers on the control socket (garbage, silence, an endless line) are answered and
-/// closed; the shipper keeps reading and delivering, and a real takeover still works after.
+/// Hostile peers on the control socket (garbage, silence, a wrong request) are answered and
+/// closed; the shipper keeps reading and delivering, and a real takeover still works after,
+/// carrying the half line the old process had read to the new one, which completes it once.
 #[test]
 fn garbage_and_silent_control_peers_do_not_hurt_the_shipper() {
     let env = Env::new();
@@ -180,10 +181,19 @@ fn garbage_and_silent_control_peers_do_not_hurt_the_shipper() {
     let mut wrong = UnixStream::connect(&control).unwrap();
     wrong.write_all(b"TAKEOVER 2\n").unwrap();
     let mut w = open_writer(&env.path("a.pipe"));
-    for seq in 0..100 {
+    for seq in 0..98 {
         writeln!(w, "{}", line(0, seq)).unwrap();
     }
-    shipper.wait_alive("100 lines at the receiver", || output_lines(&env.out()).len() == 100);
+    // One write(), read whole by one read: line 98 and the first half of line 99, which the
+    // takeover must carry to the next process.
+    let split = line(0, 99);
+    let (head, tail) = split.split_at(split.len() / 2);
+    w.write_all(format!("{}\n{head}", line(0, 98)).as_bytes()).unwrap();
+    shipper.wait_alive("99 lines at the receiver", || output_lines(&env.out()).len() == 99);
+    // Counted once published: the half line is not a line read yet.
+    shipper.wait_alive("99 lines read", || {
+        metric(&scrape_ok(sm), "shipper_source_lines_read_total", &[]) == 99.0
+    });
     // Every hostile peer was answered with a refusal and closed.
     for mut peer in [silent, garbage, wrong] {
         peer.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -193,6 +203,7 @@ fn garbage_and_silent_control_peers_do_not_hurt_the_shipper() {
     }
     assert!(shipper.log_text().contains("control socket: peer refused"), "{}", shipper.log_text());
     let mut next = take_over(&env, &cfg, &mut shipper, 1);
+    writeln!(w, "{tail}").unwrap();
     for seq in 100..200 {
         writeln!(w, "{}", line(0, seq)).unwrap();
     }
