@@ -62,5 +62,6 @@ mod shutdown;
 /// bad input is counted and never stops a source.
 mod socket;
 /// `shipper run --takeover`: five takeovers under steady pipe and UDP writers lose and
-/// duplicate nothing and never fail a write; hostile control-socket peers change nothing.
+/// duplicate nothing, never fail a write or refuse a connection; a half-read line crosses
+/// over whole; hostile control-socket peers change nothing.
 mod takeover;
