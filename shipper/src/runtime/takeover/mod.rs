@@ -92,7 +92,7 @@ pub enum TakeoverError {
     #[error("handover failed: {0}")]
     Io(std::io::Error),
     /// A shipper already answers on the path a normal start would bind.
-    #[error("{path}: a shipper already runs with this control socket; stop it, or start with --takeover")]
+    #[error("{path}: a shipper runs with this control socket; stop it, or use --takeover")]
     Running { path: PathBuf },
     #[error("{path}: cannot serve the control socket: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
@@ -237,12 +237,19 @@ impl Handover {
     pub fn close_rest(self) {
         for (e, fd) in self.pipes {
             if fd.is_some() {
-                tracing::warn!(path = %e.path.display(), "takeover: a FIFO no pipe source reads any more: closed");
+                let path = e.path.display();
+                tracing::warn!(%path, "takeover: a FIFO no pipe source reads any more: closed");
             }
         }
         for (e, fd) in self.sockets {
             if fd.is_some() {
-                tracing::warn!(kind = ?e.kind, key = %e.key, local = %e.local, "takeover: a socket no source uses any more: closed");
+                let (kind, key, local) = (e.kind, &e.key, &e.local);
+                tracing::warn!(
+                    ?kind,
+                    key,
+                    local,
+                    "takeover: a socket no source uses any more: closed"
+                );
             }
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! # Format
 //! ```text
-//! new -> old:  "TAKEOVER 1\n"                                  (REQUEST, at most REQUEST_BYTES_MAX)
+//! new -> old:  "TAKEOVER 1\n"                        (REQUEST, at most REQUEST_BYTES_MAX)
 //! old -> new:  'E' reason "\n"                                  refused
 //!            | 'D' u32 LE length, JSON Description (<= DESCRIPTION_BYTES_MAX)
 //!              then 'F' + up to FDS_PER_MESSAGE descriptors (SCM_RIGHTS), repeated until

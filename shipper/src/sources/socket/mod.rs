@@ -40,10 +40,11 @@
 //!    chmod `mode`), log the address and the receive buffer the kernel granted.
 //! 2. Worker: a datagram socket is read, once readable, with a non-blocking `read(2)`
 //!    (`sources::read_until_stopped`: nothing in flight at a stop, so a takeover can hand it
-//!    over) into a buffer one message larger than `message_bytes_max`: a datagram filling it was longer and is cut
-//!    and counted. A TCP listener accepts through the ring; each connection is its own task
-//!    reading through the ring and framing with [`framing::Framer`]; a malformed octet count
-//!    closes its connection (logged with the peer, counted). At `connections_max` the
+//!    over) into a buffer one message larger than `message_bytes_max`: a datagram filling it
+//!    was longer and is cut and counted. A TCP listener accepts once readable
+//!    (`connections::Listener`: nothing in flight at a stop either); each connection is its
+//!    own task reading through the ring and framing with [`framing::Framer`]; a malformed
+//!    octet count closes its connection (logged with the peer, counted). At `connections_max` the
 //!    acceptor evicts the connection that has sent nothing for longest: `shutdown(2)` on its
 //!    fd ends the task's pending read, it is counted (`connections_evicted`) and logged at
 //!    most once per 10 s per source and worker. A connection silent for `idle_timeout_ms` is
