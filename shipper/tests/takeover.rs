@@ -191,7 +191,8 @@ fn five_takeovers_under_steady_writers_lose_and_duplicate_nothing() {
 }
 
 /// Hostile peers on the control socket (garbage, silence, a wrong request) are answered and
-/// closed; the shipper keeps reading and delivering, and a real takeover still works after,
+/// closed, a new process that fails before asking leaves it alone; the shipper keeps reading
+/// and delivering, and a real takeover still works after,
 /// carrying the half line the old process had read to the new one, which completes it once.
 #[test]
 fn garbage_and_silent_control_peers_do_not_hurt_the_shipper() {
@@ -234,6 +235,18 @@ fn garbage_and_silent_control_peers_do_not_hurt_the_shipper() {
         assert_eq!(answer.first(), Some(&b'E'), "{}", String::from_utf8_lossy(&answer));
     }
     assert!(shipper.log_text().contains("control socket: peer refused"), "{}", shipper.log_text());
+    // A new process that fails before it asks (its certificate is missing) leaves the
+    // running one alone.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let cert = format!("{:?}", env.pki.shipper_cert);
+    assert!(text.contains(&cert));
+    let broken = env.write("broken.toml", &text.replace(&cert, "\"/nonexistent/shipper.pem\""));
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config", broken.to_str().unwrap(), "--takeover"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(shipper.child.try_wait().unwrap().is_none(), "the running shipper was touched");
     let mut next = take_over(&env, &cfg, &mut shipper, 1);
     writeln!(w, "{tail}").unwrap();
     for seq in 100..200 {
