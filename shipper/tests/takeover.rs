@@ -191,9 +191,9 @@ fn five_takeovers_under_steady_writers_lose_and_duplicate_nothing() {
 }
 
 /// Hostile peers on the control socket (garbage, silence, a wrong request) are answered and
-/// closed, a new process that fails before asking leaves it alone; the shipper keeps reading
-/// and delivering, and a real takeover still works after,
-/// carrying the half line the old process had read to the new one, which completes it once.
+/// closed, and a new process that fails before asking leaves the shipper alone: it keeps
+/// reading and delivering, and a real takeover still works after, carrying the half line the
+/// old process had read to the new one, which completes it once.
 #[test]
 fn garbage_and_silent_control_peers_do_not_hurt_the_shipper() {
     let env = Env::new();
