@@ -87,12 +87,14 @@ pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
     let plans = Plans { pipes, journals, files, sockets, forwards, targets, registry };
     let feeds = start_feeds(&config)?;
     let leftovers = Leftovers::default();
+    let handing_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shared = Shared {
         reports: report_tx.clone(),
         stop: stop_rx,
         exit: exit_tx.clone(),
         feeds,
         leftovers: leftovers.clone(),
+        handing_over: handing_over.clone(),
     };
     let (handles, share_txs) = spawn_workers(&config, plans, &shared)?;
     drop(shared);
@@ -115,7 +117,8 @@ pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
     if let Some(interval) = Notifier::watchdog_interval() {
         notifier.watch(interval, watched.progress(interval));
     }
-    let (failed, handover) = supervise(exit_rx, &stop_tx, workers, &notifier);
+    let stopping = Stopping { stop: &stop_tx, handing_over: &handing_over };
+    let (failed, handover) = supervise(exit_rx, &stopping, workers, &notifier);
     for h in handles {
         let _ = h.join();
     }
@@ -254,6 +257,8 @@ struct Shared {
     feeds: Vec<Arc<crate::transforms::enrich::feed::Feed>>,
     /// Where the pipes leave their partial lines when they stop.
     leftovers: Leftovers,
+    /// Set before the stop when it is a takeover's.
+    handing_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Starts the refresher of every enrichment that fetches a value.
@@ -298,6 +303,7 @@ fn spawn_workers(
             stop: shared.stop.clone(),
             feeds: shared.feeds.clone(),
             leftovers: shared.leftovers.clone(),
+            handing_over: shared.handing_over.clone(),
         };
         let exit = shared.exit.clone();
         handles.push(std::thread::Builder::new().name(format!("worker-{index}")).spawn(
@@ -598,14 +604,21 @@ enum Event {
     Takeover(std::os::unix::net::UnixStream),
 }
 
+/// How the main thread stops the workers: the stop, and whether it is a takeover's.
+struct Stopping<'a> {
+    stop: &'a watch::Sender<bool>,
+    handing_over: &'a std::sync::atomic::AtomicBool,
+}
+
 /// Waits until every worker has exited; returns the first worker error, and the connection
 /// of a takeover that stopped them.
 fn supervise(
     events: mpsc::Receiver<Event>,
-    stop: &watch::Sender<bool>,
+    stopping: &Stopping<'_>,
     workers: usize,
     notifier: &Notifier,
 ) -> (Option<String>, Option<std::os::unix::net::UnixStream>) {
+    let stop = stopping.stop;
     let mut running = workers;
     let mut failed = None;
     let mut handover = None;
@@ -626,6 +639,7 @@ fn supervise(
                 }
                 tracing::info!("takeover asked: stopping the workers to hand over");
                 notifier.send("STOPPING=1");
+                stopping.handing_over.store(true, std::sync::atomic::Ordering::Relaxed);
                 let _ = stop.send(true);
                 handover = Some(stream);
             }

@@ -35,8 +35,9 @@
 //! 2. Old process (control thread): checks the peer, reads the request, passes the connection
 //!    to the main thread, stops accepting. The main thread stops the workers as SIGTERM does
 //!    (sources stop reading, batches sealed, acknowledgements awaited up to
-//!    `shutdown_timeout_ms`, what is left written to the disk buffer, marks synced), collects
-//!    the pipes' partial lines, sends the description and its duplicates of the descriptors.
+//!    `worker::tick::TAKEOVER_STOP_MS`, what is left written to the disk buffer, marks synced),
+//!    collects the pipes' partial lines, sends the description and its duplicates of the
+//!    descriptors.
 //! 3. New process: takes each descriptor whose source its configuration still has (matched
 //!    by path or address), answers ADOPTED, closes (and logs) the others; opens and binds
 //!    what it was not handed as a normal start does, then opens the disk buffer (replaying

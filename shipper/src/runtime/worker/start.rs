@@ -94,6 +94,8 @@ pub struct WorkerPlan {
     pub feeds: Vec<Arc<crate::transforms::enrich::feed::Feed>>,
     /// Where the pipes' partial lines go at the stop.
     pub leftovers: Leftovers,
+    /// Set before the stop when it is a takeover's.
+    pub handing_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Runs the worker on the current thread until it has stopped.
@@ -145,7 +147,11 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     if plan.index == 0 && crate::fault::injected(crate::fault::Fault::StallWorker) {
         tokio_uring::spawn(crate::fault::stall_worker_task());
     }
-    let plane = super::tick::Plane { reports: plan.reports, shares: plan.shares };
+    let plane = super::tick::Plane {
+        reports: plan.reports,
+        shares: plan.shares,
+        handing_over: plan.handing_over,
+    };
     super::tick::run(worker, plan.stop, plane, plan.registry).await;
     // Stopped at the stop, long before: this only makes sure their leftovers are in.
     for p in pipes {
