@@ -272,3 +272,42 @@ fn takeover_with_nobody_to_take_over_from_exits_one() {
     assert!(said.contains("no shipper answers on the control socket"), "{said}");
     assert!(!env.path("a.pipe").exists(), "no FIFO created");
 }
+
+/// With the receiver down, the old process's unacknowledged lines are durable in the disk
+/// buffer when it hands over (within its short stop), and the new process replays them: once
+/// each when the receiver is back.
+#[test]
+fn lines_unacknowledged_at_a_takeover_go_through_the_disk_buffer_once() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let sockets = (free_port(), free_port());
+    let mut receiver = start_receiver(&env, port, rm, "");
+    let cfg = config(&env, port, sm, sockets);
+    let log = env.path("shipper-0.log");
+    let mut shipper =
+        Proc::start("shipper 0", &["run", "--config", cfg.to_str().unwrap()], sm, log);
+    let mut w = open_writer(&env.path("a.pipe"));
+    for seq in 0..100 {
+        writeln!(w, "{}", line(0, seq)).unwrap();
+    }
+    shipper.wait_alive("100 lines at the receiver", || output_lines(&env.out()).len() == 100);
+    let status = receiver.stop(Duration::from_secs(10));
+    assert!(status.success(), "receiver exited {status}");
+    for seq in 100..200 {
+        writeln!(w, "{}", line(0, seq)).unwrap();
+    }
+    shipper.wait_alive("200 lines read", || {
+        metric(&scrape_ok(sm), "shipper_source_lines_read_total", &[]) == 200.0
+    });
+    let mut next = take_over(&env, &cfg, &mut shipper, 1);
+    let said = shipper.log_text();
+    // With no receiver the frames went to the buffer at once; the stop found them there.
+    assert!(said.contains("everything acknowledged or on disk"), "{said}");
+    assert!(!said.contains("dropped"), "{said}");
+    let _receiver = start_receiver(&env, port, rm, "");
+    next.wait_alive("200 lines at the receiver", || output_lines(&env.out()).len() >= 200);
+    let status = next.stop(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}:\n{}", next.log_text());
+    let seen = arrived(&env.out(), [200, 0, 0, 0]);
+    assert!(seen[0].iter().all(|&c| c == 1), "{:?}", seen[0]);
+}
