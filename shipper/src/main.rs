@@ -34,6 +34,10 @@ enum Command {
         /// Do not load the eBPF drop-accounting programs (overrides `ebpf.enabled`).
         #[arg(long)]
         no_ebpf: bool,
+        /// Take over the pipes and sockets of the shipper running on `shipper.control_socket`
+        /// (it stops, hands them over and exits 0); exit 1 if none answers or it refuses.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Accept shippers, write their records to files, and acknowledge them.
     Receive {
@@ -154,10 +158,10 @@ fn install_panic_hook() {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config, no_ebpf } => {
+        Command::Run { config, no_ebpf, takeover } => {
             let mut cfg: ShipperConfig = load(&config, SHIPPER_CHECKS)?;
             cfg.ebpf.enabled &= !no_ebpf;
-            shipper::runtime::run(cfg)?;
+            shipper::runtime::run(cfg, takeover)?;
         }
         Command::Receive { config } => {
             let cfg: ReceiverConfig = load(&config, &[])?;

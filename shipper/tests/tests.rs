@@ -64,3 +64,7 @@ mod shutdown;
 /// Syslog and JSON over UDP, TCP (both framings) and a unix socket arrive once, exactly parsed;
 /// bad input is counted and never stops a source.
 mod socket;
+/// `shipper run --takeover`: five takeovers under steady pipe and UDP writers lose and
+/// duplicate nothing, never fail a write or refuse a connection; a half-read line crosses
+/// over whole; hostile control-socket peers change nothing.
+mod takeover;

@@ -68,6 +68,11 @@ pub struct ShipperSection {
     pub file_mode: String,
     /// Mode of the directories it creates, octal, masked by the umask. Default: "0750".
     pub dir_mode: String,
+    /// Path of the unix control socket (mode 0600, this user only) through which a
+    /// `shipper run --takeover` takes over the pipes and sockets of the running shipper
+    /// (docs/architecture.md, "Takeover"), at most 107 bytes. Default: none (no control
+    /// socket, no takeover); under the packaged unit, "/run/shipper/control.sock".
+    pub control_socket: Option<std::path::PathBuf>,
 }
 
 impl ShipperSection {
@@ -87,6 +92,7 @@ impl Default for ShipperSection {
             shutdown_timeout_ms: 10_000,
             file_mode: "0640".into(),
             dir_mode: "0750".into(),
+            control_socket: None,
         }
     }
 }
@@ -698,6 +704,13 @@ impl Validate for ShipperConfig {
         for (key, mode) in [("file_mode", &s.file_mode), ("dir_mode", &s.dir_mode)] {
             p.check(parse_mode(mode).is_some(), &[K("shipper"), K(key)], || {
                 format!("{mode:?} is not an octal file mode like \"0640\"")
+            });
+        }
+        if let Some(c) = &s.control_socket {
+            // sun_path holds 108 bytes with its NUL.
+            let len = c.as_os_str().len();
+            p.check((1..=107).contains(&len), &[K("shipper"), K("control_socket")], || {
+                format!("a unix socket path is 1 to 107 bytes, this one is {len}")
             });
         }
         self.metrics.check(&[K("metrics"), K("listen")], p);

@@ -91,7 +91,14 @@ pub fn serve<F>(addr: &str, render: F) -> io::Result<SocketAddr>
 where
     F: Fn() -> String + Send + Sync + 'static,
 {
-    let listener = TcpListener::bind(addr)?;
+    serve_listener(TcpListener::bind(addr)?, render)
+}
+
+/// As [`serve`], on a listener already bound (one a takeover handed over).
+pub fn serve_listener<F>(listener: TcpListener, render: F) -> io::Result<SocketAddr>
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
     let local = listener.local_addr()?;
     let render = Arc::new(render);
     let counters = Arc::new(Counters::default());

@@ -12,10 +12,15 @@
 //!    start-up with its name, before any worker runs.
 //! 2. Spawn the control thread, the metrics endpoint (and the thread copying the kernel's
 //!    per-CPU counters for it) and the workers.
-//! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` here) or a
-//!    worker's exit; then tell every worker to stop and join them.
+//! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` here), a
+//!    worker's exit or a takeover request on the control socket; then tell every worker to
+//!    stop and join them; for a takeover, hand the pipes and sockets over ([`takeover`]).
+//!
+//! With `--takeover`, step 1 takes the pipes and sockets of the running shipper instead of
+//! opening and binding them (what it was not handed, it opens as usual).
 
 pub mod control;
+pub mod takeover;
 pub mod worker;
 
 use std::sync::mpsc;
@@ -34,12 +39,18 @@ use crate::metrics::{http, scrape, Registry, PUBLISH_INTERVAL_MS};
 use crate::notify::Notifier;
 use crate::signals;
 use crate::sinks::delivery::connection::Target;
+use crate::sources::pipe::Leftover;
+use crate::sources::socket::BoundSocket;
+use takeover::{Handover, Kept, Kind};
 use worker::start::{
-    FileHandle, ForwardHandle, JournalHandle, PipeHandle, SocketHandle, WorkerPlan,
+    FileHandle, ForwardHandle, JournalHandle, Leftovers, PipeHandle, SocketHandle, WorkerPlan,
 };
 
-/// Runs the shipper until SIGTERM/SIGINT; returns once every worker has flushed or given up.
-pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
+/// Runs the shipper until SIGTERM/SIGINT or a takeover; returns once every worker has flushed
+/// or given up (and, for a takeover, the new process holds the pipes and sockets). With
+/// `take_over`, takes the pipes and sockets of the shipper serving `shipper.control_socket`
+/// instead of opening them ([`takeover`]).
+pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
     signals::block_termination()?;
     crate::os::raise_open_files_limit()?;
     let config = Arc::new(config);
@@ -50,26 +61,41 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     let targets = targets(&config, tls, run_id)?;
     // Before any source opens a socket: `ebpf::watch_socket` is a no-op until this ran.
     let kernel = kernel_counters(config.ebpf.enabled)?;
-    let pipes = open_pipes(&config)?;
+    let (mut handed, control) = takeover_or_control(&config, take_over)?;
+    let mut kept = Kept::default();
+    let pipes = open_pipes(&config, &mut handed, &mut kept)?;
     let journals = open_journals(&config)?;
     let files = open_files(&config)?;
     // Held for the life of the run: the kernel's drops on these sockets are counted.
     let mut watches = Vec::new();
-    let sockets = bind_sockets(&config, &mut watches)?;
-    let forwards = bind_forwards(&config)?;
+    let sockets = bind_sockets(&config, &mut watches, &mut handed, &mut kept)?;
+    let forwards = bind_forwards(&config, &mut handed, &mut kept)?;
     drop_capabilities(&kernel)?;
     if kernel.lock().expect("kernel counters poisoned").state == crate::ebpf::State::Attached {
         copy_kernel_counters(kernel.clone())?;
     }
     let registry = Registry::<ShipperCounters>::new(workers);
     let watched = registry.clone();
-    serve_metrics(&config, registry.clone(), kernel)?;
+    serve_metrics(&config, registry.clone(), kernel, &mut handed, &mut kept)?;
+    let control = match handed {
+        Some(h) => after_takeover(&config, h)?,
+        None => control,
+    };
     let (report_tx, report_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (exit_tx, exit_rx) = mpsc::channel::<Event>();
     let plans = Plans { pipes, journals, files, sockets, forwards, targets, registry };
     let feeds = start_feeds(&config)?;
-    let shared = Shared { reports: report_tx.clone(), stop: stop_rx, exit: exit_tx.clone(), feeds };
+    let leftovers = Leftovers::default();
+    let handing_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shared = Shared {
+        reports: report_tx.clone(),
+        stop: stop_rx,
+        exit: exit_tx.clone(),
+        feeds,
+        leftovers: leftovers.clone(),
+        handing_over: handing_over.clone(),
+    };
     let (handles, share_txs) = spawn_workers(&config, plans, &shared)?;
     drop(shared);
     drop(report_tx);
@@ -79,14 +105,7 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
         interval: std::time::Duration::from_millis(config.ratelimit.rebalance_interval_ms),
     };
     std::thread::Builder::new().name("control".into()).spawn(move || control::run(plane))?;
-    let signal_tx = exit_tx.clone();
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        while let Ok(sig) = signals::wait_termination() {
-            if signal_tx.send(Event::Signal(sig)).is_err() {
-                return;
-            }
-        }
-    })?;
+    spawn_listeners(control, &exit_tx)?;
     tracing::info!(
         workers,
         run_id = format!("{run_id:016x}"),
@@ -98,14 +117,80 @@ pub fn run(config: ShipperConfig) -> anyhow::Result<()> {
     if let Some(interval) = Notifier::watchdog_interval() {
         notifier.watch(interval, watched.progress(interval));
     }
-    let failed = supervise(exit_rx, &stop_tx, workers, &notifier);
+    let stopping = Stopping { stop: &stop_tx, handing_over: &handing_over };
+    let (failed, handover) = supervise(exit_rx, &stopping, workers, &notifier);
     for h in handles {
         let _ = h.join();
     }
-    match failed {
-        Some(e) => Err(anyhow::anyhow!("worker failed: {e}")),
-        None => Ok(()),
+    if let Some(e) = failed {
+        return Err(anyhow::anyhow!("worker failed: {e}"));
     }
+    if let Some(stream) = handover {
+        let left = std::mem::take(&mut *leftovers.lock().expect("leftovers poisoned"));
+        kept.hand_over(stream, left).context("takeover: stopped, but nobody took over")?;
+    }
+    Ok(())
+}
+
+/// Starts the threads that turn signals and a takeover request into [`Event`]s.
+fn spawn_listeners(
+    control: Option<std::os::unix::net::UnixListener>,
+    exit_tx: &mpsc::Sender<Event>,
+) -> anyhow::Result<()> {
+    if let Some(listener) = control {
+        let control_tx = exit_tx.clone();
+        std::thread::Builder::new().name("takeover".into()).spawn(move || {
+            if let Some(stream) = takeover::serve(&listener) {
+                let _ = control_tx.send(Event::Takeover(stream));
+            }
+        })?;
+    }
+    let signal_tx = exit_tx.clone();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        while let Ok(sig) = signals::wait_termination() {
+            if signal_tx.send(Event::Signal(sig)).is_err() {
+                return;
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// With `take_over`, what the running shipper handed over; else the control socket, bound
+/// (refused if a shipper answers there), if the configuration has one.
+fn takeover_or_control(
+    config: &ShipperConfig,
+    take_over: bool,
+) -> anyhow::Result<(Option<Handover>, Option<std::os::unix::net::UnixListener>)> {
+    let path = config.shipper.control_socket.as_deref();
+    Ok(match (take_over, path) {
+        (true, path) => (Some(ask_takeover(config, path)?), None),
+        (false, Some(path)) => (None, Some(takeover::listen(path, false)?)),
+        (false, None) => (None, None),
+    })
+}
+
+/// Once every source took what it was handed: closes the rest and replaces the control
+/// socket the old process (now exiting) served.
+fn after_takeover(
+    config: &ShipperConfig,
+    handed: Handover,
+) -> anyhow::Result<Option<std::os::unix::net::UnixListener>> {
+    handed.close_rest();
+    let path = config.shipper.control_socket.as_deref().context("asked through it")?;
+    Ok(Some(takeover::listen(path, true)?))
+}
+
+/// Asks the shipper on the control socket `path` to hand over, allowing it the time a stop
+/// takes (`shutdown_timeout_ms`, then [`takeover::STOP_MARGIN_MS`]).
+fn ask_takeover(
+    config: &ShipperConfig,
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<Handover> {
+    let limit_ms = config.shipper.shutdown_timeout_ms + takeover::STOP_MARGIN_MS;
+    let limit = std::time::Duration::from_millis(limit_ms);
+    tracing::info!("takeover: asking the running shipper for its pipes and sockets");
+    Ok(takeover::request(path, limit)?)
 }
 
 /// Serves `/metrics` (the workers' counters and the kernel's) on its own threads, if
@@ -114,6 +199,8 @@ fn serve_metrics(
     config: &ShipperConfig,
     registry: Arc<Registry<ShipperCounters>>,
     kernel: Arc<Mutex<KernelCounters>>,
+    handed: &mut Option<Handover>,
+    kept: &mut Kept,
 ) -> anyhow::Result<()> {
     if config.metrics.listen.is_empty() {
         return Ok(());
@@ -136,8 +223,16 @@ fn serve_metrics(
         text.push_str(&out.finish());
         text
     };
-    let addr = http::serve(&config.metrics.listen, render_all)
-        .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
+    let listen = &config.metrics.listen;
+    let inherited = handed.as_mut().and_then(|h| h.take_sockets(Kind::Metrics, listen, 1).pop());
+    let listener = match inherited {
+        Some((fd, _)) => std::net::TcpListener::from(fd),
+        None => std::net::TcpListener::bind(listen)
+            .with_context(|| format!("metrics.listen {listen}"))?,
+    };
+    kept.socket(Kind::Metrics, listen, "", &listener)?;
+    let addr = http::serve_listener(listener, render_all)
+        .with_context(|| format!("metrics.listen {listen}"))?;
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
     Ok(())
 }
@@ -160,6 +255,10 @@ struct Shared {
     exit: mpsc::Sender<Event>,
     /// The values the enrichments fetch, one per `[[transforms.enrich]]` that fetches.
     feeds: Vec<Arc<crate::transforms::enrich::feed::Feed>>,
+    /// Where the pipes leave their partial lines when they stop.
+    leftovers: Leftovers,
+    /// Set before the stop when it is a takeover's.
+    handing_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Starts the refresher of every enrichment that fetches a value.
@@ -203,6 +302,8 @@ fn spawn_workers(
             shares: share_rx,
             stop: shared.stop.clone(),
             feeds: shared.feeds.clone(),
+            leftovers: shared.leftovers.clone(),
+            handing_over: shared.handing_over.clone(),
         };
         let exit = shared.exit.clone();
         handles.push(std::thread::Builder::new().name(format!("worker-{index}")).spawn(
@@ -216,17 +317,29 @@ fn spawn_workers(
     Ok((handles, share_txs))
 }
 
-/// Opens (creates) every pipe on the main thread and deals them to their workers.
-fn open_pipes(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<PipeHandle>>> {
+/// Opens (creates) every pipe on the main thread, or takes the one handed over for its path,
+/// keeps a duplicate to hand over, and deals them to their workers.
+fn open_pipes(
+    config: &ShipperConfig,
+    handed: &mut Option<Handover>,
+    kept: &mut Kept,
+) -> anyhow::Result<Vec<Vec<PipeHandle>>> {
     let workers = config.shipper.workers;
     let mut pipes: Vec<Vec<PipeHandle>> = (0..workers).map(|_| Vec::new()).collect();
     for (i, p) in config.sources.pipe.iter().enumerate() {
-        let open = crate::sources::pipe::open(&p.path, p.mode_bits(), p.pipe_bytes as usize)?;
+        let size = p.pipe_bytes as usize;
+        let (open, left) = match handed.as_mut().and_then(|h| h.take_pipe(&p.path)) {
+            Some((file, left)) => (crate::sources::pipe::adopt(&p.path, file, size)?, left),
+            None => {
+                (crate::sources::pipe::open(&p.path, p.mode_bits(), size)?, Leftover::default())
+            }
+        };
+        kept.pipe(&p.path, i, &open.file)?;
         if open.pipe_bytes < p.pipe_bytes as usize {
             tracing::warn!(path = %p.path.display(), granted = open.pipe_bytes, asked = p.pipe_bytes, "pipe buffer smaller than pipe_bytes (see /proc/sys/fs/pipe-max-size)");
         }
         let w = p.worker.unwrap_or(i % workers);
-        pipes[w].push(PipeHandle { file: open.file, config_index: i });
+        pipes[w].push(PipeHandle { file: open.file, config_index: i, left });
     }
     Ok(pipes)
 }
@@ -274,6 +387,8 @@ fn open_files(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<FileHandle>>> {
 fn bind_sockets(
     config: &ShipperConfig,
     watches: &mut Vec<crate::ebpf::Watch>,
+    handed: &mut Option<Handover>,
+    kept: &mut Kept,
 ) -> anyhow::Result<Vec<Vec<SocketHandle>>> {
     use crate::config::socket::Transport;
     let workers = config.shipper.workers;
@@ -289,8 +404,14 @@ fn bind_sockets(
             }
             (None, _) => (0..workers).collect(),
         };
-        let bound = crate::sources::socket::bind(s, owners.len())?;
+        let bound = bind_or_adopt(s, owners.len(), handed)?;
         for (worker, b) in owners.into_iter().zip(bound) {
+            let kind = match s.transport {
+                Transport::Udp => Kind::Udp,
+                Transport::Tcp => Kind::Tcp,
+                Transport::Unix => Kind::Unix,
+            };
+            keep_bound(kept, kind, &socket_key(s), &b)?;
             // The kernel reports twice what it granted (socket(7)).
             let granted = b.receive_buffer_bytes / 2;
             if (granted as u64) < s.receive_buffer_bytes {
@@ -327,7 +448,11 @@ fn bind_sockets(
 /// Binds every forward source's port on the main thread (a taken port or unreadable
 /// certificate fails start-up with its name), on every worker (SO_REUSEPORT) unless `worker`
 /// is set, and makes each source's chunk table, shared by its workers.
-fn bind_forwards(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<ForwardHandle>>> {
+fn bind_forwards(
+    config: &ShipperConfig,
+    handed: &mut Option<Handover>,
+    kept: &mut Kept,
+) -> anyhow::Result<Vec<Vec<ForwardHandle>>> {
     use crate::config::socket::Transport;
     use crate::sources::socket::{bind_inet, Bound, Inet};
     let workers = config.shipper.workers;
@@ -347,8 +472,13 @@ fn bind_forwards(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<ForwardHandle
         let addr = f.socket_addr().context("validated address")?;
         let inet =
             Inet { name: &f.name, transport: Transport::Tcp, addr, receive_buffer_bytes: 4 << 20 };
-        let bound = bind_inet(&inet, owners.len())?;
+        let mut bound = adopt(handed, Kind::Forward, &f.address, owners.len())?;
+        if bound.len() < owners.len() {
+            let reusing = !bound.is_empty();
+            bound.extend(bind_inet(&inet, owners.len() - bound.len(), reusing)?);
+        }
         for (worker, b) in owners.into_iter().zip(bound) {
+            keep_bound(kept, Kind::Forward, &f.address, &b)?;
             tracing::info!(source = %f.name, local = %b.local, worker, "forward source bound");
             let Bound::Listener(listener) = b.socket else { unreachable!("tcp binds listeners") };
             out[worker].push(ForwardHandle {
@@ -362,6 +492,78 @@ fn bind_forwards(config: &ShipperConfig) -> anyhow::Result<Vec<Vec<ForwardHandle
         }
     }
     Ok(out)
+}
+
+/// What the configuration calls a socket source's socket: its address, or its path.
+fn socket_key(s: &crate::config::socket::SocketSource) -> String {
+    match (&s.address, &s.path) {
+        (Some(a), _) => a.clone(),
+        (None, Some(p)) => p.display().to_string(),
+        (None, None) => String::new(),
+    }
+}
+
+/// Binds `count` sockets for socket source `s`, after taking those handed over for it.
+fn bind_or_adopt(
+    s: &crate::config::socket::SocketSource,
+    count: usize,
+    handed: &mut Option<Handover>,
+) -> anyhow::Result<Vec<BoundSocket>> {
+    use crate::config::socket::Transport;
+    let kind = match s.transport {
+        Transport::Udp => Kind::Udp,
+        Transport::Tcp => Kind::Tcp,
+        Transport::Unix => Kind::Unix,
+    };
+    let mut bound = adopt(handed, kind, &socket_key(s), count)?;
+    if bound.len() < count && s.transport == Transport::Unix {
+        bound.extend(crate::sources::socket::bind(s, 1)?);
+    } else if bound.len() < count {
+        // More workers than before: the others join the same port.
+        let reusing = !bound.is_empty();
+        let addr = match bound.first() {
+            Some(b) => b.local.parse().context("handed socket address")?,
+            None => s.socket_addr().context("validated address")?,
+        };
+        let inet = crate::sources::socket::Inet {
+            name: &s.name,
+            transport: s.transport,
+            addr,
+            receive_buffer_bytes: s.receive_buffer_bytes,
+        };
+        bound.extend(crate::sources::socket::bind_inet(&inet, count - bound.len(), reusing)?);
+    }
+    Ok(bound)
+}
+
+/// The sockets handed over for a `kind` source named `key`, at most `count`.
+fn adopt(
+    handed: &mut Option<Handover>,
+    kind: Kind,
+    key: &str,
+    count: usize,
+) -> anyhow::Result<Vec<BoundSocket>> {
+    let Some(h) = handed.as_mut() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (fd, local) in h.take_sockets(kind, key, count) {
+        out.push(
+            crate::sources::socket::adopt(fd, local)
+                .with_context(|| format!("takeover: the socket handed for {key}"))?,
+        );
+        tracing::info!(source = key, "takeover: socket taken over");
+    }
+    Ok(out)
+}
+
+/// Keeps a duplicate of `b` to hand over.
+fn keep_bound(kept: &mut Kept, kind: Kind, key: &str, b: &BoundSocket) -> std::io::Result<()> {
+    use crate::sources::socket::Bound;
+    match &b.socket {
+        Bound::Datagram(fd) => kept.socket(kind, key, &b.local, fd),
+        Bound::Listener(l) => kept.socket(kind, key, &b.local, l),
+    }
 }
 
 /// Loads the eBPF programs (or not, and why) and, if attached, starts the thread that copies
@@ -398,17 +600,28 @@ fn drop_capabilities(kernel: &Mutex<KernelCounters>) -> anyhow::Result<()> {
 enum Event {
     Signal(i32),
     WorkerExit(usize, Option<String>),
+    /// A new process asks to take over, on this connection.
+    Takeover(std::os::unix::net::UnixStream),
 }
 
-/// Waits until every worker has exited; returns the first worker error.
+/// How the main thread stops the workers: the stop, and whether it is a takeover's.
+struct Stopping<'a> {
+    stop: &'a watch::Sender<bool>,
+    handing_over: &'a std::sync::atomic::AtomicBool,
+}
+
+/// Waits until every worker has exited; returns the first worker error, and the connection
+/// of a takeover that stopped them.
 fn supervise(
     events: mpsc::Receiver<Event>,
-    stop: &watch::Sender<bool>,
+    stopping: &Stopping<'_>,
     workers: usize,
     notifier: &Notifier,
-) -> Option<String> {
+) -> (Option<String>, Option<std::os::unix::net::UnixStream>) {
+    let stop = stopping.stop;
     let mut running = workers;
     let mut failed = None;
+    let mut handover = None;
     while running > 0 {
         match events.recv() {
             Ok(Event::Signal(sig)) => {
@@ -418,6 +631,17 @@ fn supervise(
                 );
                 notifier.send("STOPPING=1");
                 let _ = stop.send(true);
+            }
+            Ok(Event::Takeover(mut stream)) => {
+                if *stop.borrow() {
+                    let _ = takeover::wire::refuse(&mut stream, "stopping already");
+                    continue;
+                }
+                tracing::info!("takeover asked: stopping the workers to hand over");
+                notifier.send("STOPPING=1");
+                stopping.handing_over.store(true, std::sync::atomic::Ordering::Relaxed);
+                let _ = stop.send(true);
+                handover = Some(stream);
             }
             Ok(Event::WorkerExit(index, err)) => {
                 running -= 1;
@@ -430,7 +654,7 @@ fn supervise(
             Err(_) => break,
         }
     }
-    failed
+    (failed, handover)
 }
 
 fn targets(

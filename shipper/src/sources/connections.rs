@@ -6,18 +6,55 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// A TCP source's listening socket on its worker. It accepts once readable (the worker's
+/// reactor, as `sources::read_until_stopped` reads), with a non-blocking `accept4`, instead of
+/// an io_uring accept: tokio-uring does not cancel an operation whose future is dropped, so an
+/// accept in flight when the source stops would still take a connection and close it, while
+/// a takeover has handed the listener (and the connections queued on it) to the next process.
+pub struct Listener(AsyncFd<std::net::TcpListener>);
+
+impl Listener {
+    /// Makes `listener` non-blocking (its open file description: shared with its
+    /// duplicates) and registers it with the worker's reactor.
+    pub fn new(listener: std::net::TcpListener) -> std::io::Result<Listener> {
+        listener.set_nonblocking(true)?;
+        // SAFETY: the `TcpListener` owns its descriptor until the `AsyncFd` holding it drops.
+        let ready = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) };
+        Ok(Listener(ready.map_err(std::io::Error::from)?))
+    }
+}
+
 /// The next connection on `listener`, or `None` once `stop` is set. A failed accept is
 /// handed back for the source to count (and pause after: the error may repeat).
 pub async fn accept(
-    listener: &tokio_uring::net::TcpListener,
+    listener: &Listener,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<std::io::Result<(tokio_uring::net::TcpStream, SocketAddr)>> {
-    if *stop.borrow() {
-        return None;
-    }
-    tokio::select! {
-        r = listener.accept() => Some(r),
-        _ = stop.changed() => None,
+    loop {
+        if *stop.borrow() {
+            return None;
+        }
+        // Biased: once stopped, no connection is taken any more.
+        let mut guard = tokio::select! {
+            biased;
+            _ = stop.changed() => return None,
+            g = listener.0.readable() => match g {
+                Ok(g) => g,
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        // `try_io` forgets the readiness when no connection is queued any more. The stream
+        // accepted is blocking (accept4 without SOCK_NONBLOCK), as io_uring wants it.
+        match guard.try_io(|l| l.get_ref().accept()) {
+            Ok(Ok((stream, peer))) => {
+                return Some(Ok((tokio_uring::net::TcpStream::from_std(stream), peer)));
+            }
+            Ok(Err(e)) => return Some(Err(e)),
+            Err(_would_block) => {}
+        }
     }
 }
 

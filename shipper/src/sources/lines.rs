@@ -23,6 +23,14 @@ pub struct Line<'a> {
     pub end: usize,
 }
 
+/// A splitter's state between reads: the partial line held, and whether it is inside an
+/// over-long line already handed out. A takeover carries it from one process to the next.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Leftover {
+    pub carry: Vec<u8>,
+    pub discarding: bool,
+}
+
 pub struct LineSplitter {
     carry: Vec<u8>,
     max: usize,
@@ -34,6 +42,21 @@ impl LineSplitter {
     pub fn new(line_bytes_max: usize) -> LineSplitter {
         assert!(line_bytes_max > 0, "line_bytes_max must be positive");
         LineSplitter { carry: Vec::new(), max: line_bytes_max, discarding: false }
+    }
+
+    /// A splitter that goes on from `left` (another splitter's [`LineSplitter::leftover`]);
+    /// a carry longer than `line_bytes_max` (a lower limit than its writer's) is cut to it.
+    pub fn resume(line_bytes_max: usize, mut left: Leftover) -> LineSplitter {
+        let mut s = LineSplitter::new(line_bytes_max);
+        left.carry.truncate(line_bytes_max);
+        s.carry = left.carry;
+        s.discarding = left.discarding;
+        s
+    }
+
+    /// The state a successor needs to go on where this splitter stopped.
+    pub fn leftover(self) -> Leftover {
+        Leftover { carry: self.carry, discarding: self.discarding }
     }
 
     /// Bytes of a partial line held since the last read.
@@ -125,6 +148,22 @@ mod tests {
         // Exactly the limit is not truncated.
         let (lines, _) = run(4, &[b"ab", b"cd\n"]);
         assert_eq!(lines, vec![("abcd".into(), false)]);
+    }
+
+    /// A line split across two splitters (a takeover) comes out once, whole, from the second.
+    #[test]
+    fn resumes_from_a_leftover() {
+        let mut a = LineSplitter::new(4);
+        let mut out = Vec::new();
+        a.split(b"ab\ncd", |l| out.push(l.bytes.to_vec()));
+        let mut b = LineSplitter::resume(4, a.leftover());
+        b.split(b"\nxyzzy\nq", |l| out.push(l.bytes.to_vec()));
+        assert_eq!(out, [b"ab".to_vec(), b"cd".to_vec(), b"xyzz".to_vec()]);
+        let left = b.leftover();
+        assert_eq!(left, Leftover { carry: b"q".to_vec(), discarding: false });
+        let mut c = LineSplitter::new(4);
+        c.split(b"abcdef", |_| {});
+        assert!(c.leftover().discarding, "inside a cut line");
     }
 
     /// Where each line ends in its chunk, and a held partial line flushed on its own.

@@ -15,9 +15,12 @@ pub mod pipe;
 pub mod socket;
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::{watch, Notify};
 
 pub use crate::record::{Outcome, Record, SourceId};
@@ -79,34 +82,82 @@ pub trait Marks {
     fn sync(&self) -> io::Result<()>;
 }
 
-/// Reads `file` (a FIFO or a datagram socket: no position, offset 0 is ignored) into a buffer
-/// of `capacity` bytes until `stop`, handing each read's bytes to `on_read`. A failed read
-/// goes to `on_error` and is tried again 100 ms later.
+/// Reads `file` (a FIFO, a datagram socket, an inotify descriptor: a read returns what is
+/// there, never blocks once the descriptor is made non-blocking here) into a buffer of
+/// `capacity` bytes until `stop`, handing each read's bytes to `on_read`. A failed read goes to
+/// `on_error` and is tried again 100 ms later.
+///
+/// It waits for readiness on the worker's reactor (epoll, through tokio's driver, which also
+/// watches the io_uring) and then reads with a non-blocking `read(2)`, instead of parking an
+/// io_uring read: tokio-uring does not cancel a read whose future is dropped, so a read parked
+/// when `stop` comes would still take the next bytes written and nobody would see them. Here
+/// nothing is in flight once this returns, which is what lets a takeover hand the descriptor
+/// to the next process without losing or splitting a line (`runtime::takeover`).
 pub async fn read_until_stopped(
-    file: tokio_uring::fs::File,
+    file: std::fs::File,
     capacity: usize,
     mut stop: watch::Receiver<bool>,
     mut on_read: impl FnMut(&[u8]),
     mut on_error: impl FnMut(&io::Error),
 ) {
-    let mut buf = Vec::with_capacity(capacity);
+    let register = |file| {
+        // SAFETY: a `File` owns its descriptor: it stays open, the same, until the `AsyncFd`
+        // holding the `File` is dropped.
+        unsafe { AsyncFd::register_with_interest(file, Interest::READABLE) }
+            .map_err(io::Error::from)
+    };
+    let ready = match set_nonblocking(&file).and_then(|()| register(file)) {
+        Ok(r) => r,
+        Err(e) => {
+            on_error(&e);
+            return;
+        }
+    };
+    let mut buf = vec![0u8; capacity];
     loop {
         if *stop.borrow() {
             return;
         }
-        buf.clear();
-        let (res, b) = tokio::select! {
-            r = file.read_at(buf, 0) => r,
+        // Biased: once stopped, never one more read (the worker has sealed what was read).
+        let mut guard = tokio::select! {
+            biased;
             _ = stop.changed() => return,
+            g = ready.readable() => match g {
+                Ok(g) => g,
+                Err(e) => {
+                    on_error(&e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
         };
-        buf = b;
-        match res {
-            Ok(n) => on_read(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
+        // `try_io` forgets the readiness when the read would block (all was read).
+        match guard.try_io(|f| read_once(f.get_ref(), &mut buf)) {
+            Ok(Ok(n)) => on_read(&buf[..n]),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => {
                 on_error(&e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            Err(_would_block) => {}
         }
     }
+}
+
+/// One `read(2)` into `buf`.
+fn read_once(file: &std::fs::File, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes; the descriptor is open while `file` is.
+    let n = unsafe { libc::read(file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Sets O_NONBLOCK on `file`'s open file description (shared with its duplicates).
+pub fn set_nonblocking(file: &impl AsRawFd) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor the caller holds open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

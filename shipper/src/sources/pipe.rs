@@ -12,8 +12,11 @@
 //! planted at the path, or swapped in after the check, is refused and never followed (the
 //! shipper often runs as root). It is opened `O_RDWR`: the shipper itself counts as a writer,
 //! so the reader never sees EOF when the last application closes it, and as a reader, so
-//! writers' opens succeed at once. Reads go through io_uring (an owned buffer handed to the kernel and back); a read on
-//! an empty pipe parks in the ring until data arrives, costing no thread.
+//! writers' opens succeed at once. The worker waits for the FIFO to be readable on its reactor
+//! (epoll, beside its io_uring) and reads with a non-blocking `read(2)`: nothing is in flight
+//! when the source stops, so a takeover can hand the FIFO and the partial line held
+//! ([`Leftover`]) to the next process, which goes on from them (`super::read_until_stopped`
+//! says why an io_uring read cannot stop that way).
 
 use std::cell::RefCell;
 use std::io;
@@ -25,6 +28,7 @@ use std::rc::Rc;
 use thiserror::Error;
 use tokio::sync::watch;
 
+pub use super::lines::Leftover;
 use super::lines::LineSplitter;
 use super::{Intake, Record, SourceId};
 use crate::transforms::parse::Failure;
@@ -93,13 +97,29 @@ pub fn open(path: &Path, mode: u32, pipe_bytes: usize) -> Result<OpenPipe, PipeE
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|source| PipeError::Create { path: err_path(), source })?;
     }
+    Ok(raise(file, pipe_bytes))
+}
+
+/// Takes a FIFO `file` another process opened for `path` (a takeover): checks that it is a
+/// FIFO and raises its buffer towards `pipe_bytes` as [`open`] does.
+pub fn adopt(path: &Path, file: std::fs::File, pipe_bytes: usize) -> Result<OpenPipe, PipeError> {
+    let err_path = || path.to_path_buf();
+    let meta = file.metadata().map_err(|source| PipeError::Open { path: err_path(), source })?;
+    if !meta.file_type().is_fifo() {
+        return Err(PipeError::NotFifo { path: err_path() });
+    }
+    Ok(raise(file, pipe_bytes))
+}
+
+/// Raises the FIFO's buffer towards `pipe_bytes`; what the kernel granted is returned.
+fn raise(file: std::fs::File, pipe_bytes: usize) -> OpenPipe {
     let fd = file.as_raw_fd();
     let want = libc::c_int::try_from(pipe_bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: fcntl on a descriptor we own; failure (EPERM above pipe-max-size) leaves the
     // buffer as it was, which F_GETPIPE_SZ then reports.
     unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, want) };
     let granted = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
-    Ok(OpenPipe { file, pipe_bytes: usize::try_from(granted).unwrap_or(0) })
+    OpenPipe { file, pipe_bytes: usize::try_from(granted).unwrap_or(0) }
 }
 
 /// Counters of one pipe source.
@@ -128,9 +148,18 @@ pub struct PipeLimits {
     pub line_bytes_max: usize,
 }
 
-/// Reads the FIFO `file` of source `id` until `stop`, handing each line to `intake`; at stop,
-/// a partial line (bytes read without their newline yet) is handed over as a line of its own
-/// and counted in `lines_partial`.
+/// What a takeover means to a pipe source: the partial line the process this one took over
+/// left, and whether this process's stop is a takeover's.
+pub struct Handover<F: Fn() -> bool> {
+    pub left: Leftover,
+    pub handing_over: F,
+}
+
+/// Reads the FIFO `file` of source `id` until `stop`, handing each line to `intake`, starting
+/// with the partial line `handover.left`. At the stop, the partial line held (bytes read
+/// without their newline yet) is returned for the next process when `handover.handing_over()`
+/// says a takeover stops this one; else it is handed over as a line of its own and counted in
+/// `lines_partial`.
 pub async fn run<I: Intake>(
     intake: Rc<RefCell<I>>,
     id: SourceId,
@@ -138,15 +167,15 @@ pub async fn run<I: Intake>(
     limits: PipeLimits,
     counters: Rc<RefCell<SourceCounters>>,
     stop: watch::Receiver<bool>,
-) {
-    let file = tokio_uring::fs::File::from_std(file);
-    let splitter = RefCell::new(LineSplitter::new(limits.line_bytes_max));
+    handover: Handover<impl Fn() -> bool>,
+) -> Leftover {
+    let mut splitter = LineSplitter::resume(limits.line_bytes_max, handover.left);
     intake.borrow_mut().flushes_at_stop();
     let on_read = |bytes: &[u8]| {
         let mut intake = intake.borrow_mut();
         let mut sc = counters.borrow_mut();
         let now = intake.now_ns();
-        splitter.borrow_mut().split(bytes, |line| hand_over(&mut *intake, id, &mut sc, line, now));
+        splitter.split(bytes, |line| hand_over(&mut *intake, id, &mut sc, line, now));
         if bytes.len() < limits.read_bytes {
             intake.drained();
         }
@@ -158,14 +187,20 @@ pub async fn run<I: Intake>(
     };
     super::read_until_stopped(file, limits.read_bytes, stop, on_read, on_error).await;
     let mut intake = intake.borrow_mut();
-    let mut sc = counters.borrow_mut();
-    let now = intake.now_ns();
-    splitter.borrow_mut().flush(|line| {
-        sc.lines_partial += 1;
-        hand_over(&mut *intake, id, &mut sc, line, now);
-        sc.bytes_read -= 1; // counted with a newline it never had
-    });
+    let left = if (handover.handing_over)() {
+        splitter.leftover()
+    } else {
+        let mut sc = counters.borrow_mut();
+        let now = intake.now_ns();
+        splitter.flush(|line| {
+            sc.lines_partial += 1;
+            hand_over(&mut *intake, id, &mut sc, line, now);
+            sc.bytes_read -= 1; // counted with a newline it never had
+        });
+        Leftover::default()
+    };
     intake.flushed();
+    left
 }
 
 /// Counts `line` and hands it to `intake` (an empty line is only counted).

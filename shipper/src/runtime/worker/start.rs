@@ -7,8 +7,9 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -27,8 +28,8 @@ use crate::sources::forward::ForwardCounters;
 use crate::sources::journal::checkpoint::Checkpoint;
 use crate::sources::journal::source::Journal;
 use crate::sources::journal::JournalCounters;
-use crate::sources::pipe::PipeLimits;
 use crate::sources::pipe::SourceCounters;
+use crate::sources::pipe::{Handover, Leftover, PipeLimits};
 use crate::sources::socket::run::{read_datagrams, serve_tcp, Socket, TcpLimits};
 use crate::sources::socket::{Bound, BoundSocket, SocketCounters};
 use crate::transforms::Decode;
@@ -37,7 +38,13 @@ use crate::transforms::Decode;
 pub struct PipeHandle {
     pub file: std::fs::File,
     pub config_index: usize,
+    /// The partial line the process this one took over held (empty otherwise).
+    pub left: Leftover,
 }
+
+/// Where pipe sources leave the partial line they held when they stopped (by
+/// `sources.pipe` index), for a takeover to carry on; written once per pipe, at the stop.
+pub type Leftovers = Arc<Mutex<Vec<(usize, Leftover)>>>;
 
 /// A journal source and its checkpoint, opened by the main thread, handed to its worker.
 pub struct JournalHandle {
@@ -86,6 +93,10 @@ pub struct WorkerPlan {
     pub stop: watch::Receiver<bool>,
     /// The enrichments' fetched values.
     pub feeds: Vec<Arc<crate::transforms::enrich::feed::Feed>>,
+    /// Where the pipes' partial lines go at the stop.
+    pub leftovers: Leftovers,
+    /// Set before the stop when it is a takeover's.
+    pub handing_over: Arc<AtomicBool>,
 }
 
 /// Runs the worker on the current thread until it has stopped.
@@ -103,9 +114,14 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     let worker = Rc::new(RefCell::new(Worker::new(plan.index, plan.config.clone(), &plan.feeds)?));
     // Every target carries the same run id: the process's.
     worker.borrow_mut().delivery.run_id = plan.targets.first().map_or(0, |t| t.run_id);
-    for pipe in plan.pipes {
-        start_pipe(&worker, pipe, &plan.config, &plan.stop);
-    }
+    let pipes: Vec<_> = plan
+        .pipes
+        .into_iter()
+        .map(|pipe| {
+            let takeover = (&plan.leftovers, &plan.handing_over);
+            start_pipe(&worker, pipe, &plan.config, &plan.stop, takeover)
+        })
+        .collect();
     for handle in plan.journals {
         start_journal(&worker, handle, &plan.config, &plan.stop);
     }
@@ -137,18 +153,29 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     if plan.index == 0 && crate::fault::injected(crate::fault::Fault::StallWorker) {
         tokio_uring::spawn(crate::fault::stall_worker_task());
     }
-    let plane = super::tick::Plane { reports: plan.reports, shares: plan.shares };
+    let plane = super::tick::Plane {
+        reports: plan.reports,
+        shares: plan.shares,
+        handing_over: plan.handing_over,
+    };
     super::tick::run(worker, plan.stop, plane, plan.registry).await;
+    // Stopped at the stop, long before: this only makes sure their leftovers are in.
+    for p in pipes {
+        let _ = p.await;
+    }
     Ok(())
 }
 
-/// Registers a pipe source with the worker and spawns its reading task.
+/// Registers a pipe source with the worker and spawns its reading task, which leaves its
+/// partial line in `leftovers` when it stops.
 fn start_pipe(
     worker: &Rc<RefCell<Worker>>,
     pipe: PipeHandle,
     config: &ShipperConfig,
     stop: &watch::Receiver<bool>,
-) {
+    (leftovers, handing_over): (&Leftovers, &Arc<AtomicBool>),
+) -> tokio::task::JoinHandle<()> {
+    let handing_over = handing_over.clone();
     let cfg = &config.sources.pipe[pipe.config_index];
     let name = cfg.path.display().to_string();
     let counters = SourceCounters { source: name, ..Default::default() };
@@ -170,8 +197,13 @@ fn start_pipe(
         limits,
         r.counters,
         stop.clone(),
+        Handover { left: pipe.left, handing_over: move || handing_over.load(Ordering::Relaxed) },
     );
-    tokio_uring::spawn(task);
+    let (index, leftovers) = (pipe.config_index, leftovers.clone());
+    tokio_uring::spawn(async move {
+        let left = task.await;
+        leftovers.lock().expect("leftovers poisoned").push((index, left));
+    })
 }
 
 /// Registers a journal source with the worker (durable: its checkpoint takes the marks) and

@@ -6,9 +6,10 @@
 //! - The ticker runs every `min(flush_interval_ms, 50)` ms.
 //!
 //! # Operation
-//! On stop: sources stop reading (one holding a partial line hands it over first, and the
-//! worker waits for that), the open batch is sealed, and the worker waits for the
-//! outbox to drain or `shutdown_timeout_ms` to pass. With a disk buffer, [`SPILL_MS`] before
+//! On stop: sources stop reading (one holding a partial line hands it over first, or keeps
+//! it for the next process in a takeover, and the worker waits for that), the open batch is
+//! sealed, and the worker waits for the outbox to drain or `shutdown_timeout_ms` to pass (a
+//! takeover's stop: at most [`TAKEOVER_STOP_MS`]). With a disk buffer, [`SPILL_MS`] before
 //! the deadline the connections close and the frames still unacknowledged in memory are
 //! written to the buffer, for the next run to send. What is still unacknowledged at the
 //! deadline (not on disk, not a durable source's) is counted as dropped (reason `shutdown`)
@@ -18,6 +19,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,11 +35,20 @@ use crate::runtime::control::{DemandReport, Shares};
 use crate::sinks::delivery::Link;
 use crate::transforms::services::DropReason;
 
-/// The worker's side of the control plane: demand out, shares in.
+/// The worker's side of the control plane: demand out, shares in; and whether a stop is a
+/// takeover's.
 pub struct Plane {
     pub reports: Sender<DemandReport>,
     pub shares: Receiver<Shares>,
+    /// Set before the stop when a takeover stops the worker: the wait for acknowledgements is
+    /// then at most [`TAKEOVER_STOP_MS`], since nobody reads the sources meanwhile.
+    pub handing_over: Arc<AtomicBool>,
 }
+
+/// How long a takeover's stop waits for acknowledgements (at most `shutdown_timeout_ms`)
+/// before what is left goes to the disk buffer: the pipes' buffers hold what writers write
+/// meanwhile, so this is short; with a healthy receiver the acknowledgements take a round trip.
+pub const TAKEOVER_STOP_MS: u64 = 2000;
 
 /// The ticker's settings and where it is.
 struct Ticker {
@@ -87,6 +98,9 @@ pub async fn run(
             w.delivery.stopping = true;
             w.seal_all();
             w.delivery.wake.notify_waiters();
+            if plane.handing_over.load(Ordering::Relaxed) {
+                t.shutdown_ns = t.shutdown_ns.min(TAKEOVER_STOP_MS * 1_000_000);
+            }
             t.deadline_ns = Some(now + t.shutdown_ns);
             let frames = w.delivery.outbox.frames();
             tracing::info!(core = w.index, frames, "stopping: flushing");

@@ -63,7 +63,7 @@ impl Watcher {
         let wake = Rc::new(Notify::new());
         let woken = wake.clone();
         tokio_uring::spawn(async move {
-            let file = tokio_uring::fs::File::from_std(std::fs::File::from(owned));
+            let file = std::fs::File::from(owned);
             let on_read = |_: &[u8]| woken.notify_one();
             let on_error = |e: &std::io::Error| tracing::warn!("inotify read failed: {e}");
             crate::sources::read_until_stopped(file, 4096, stop, on_read, on_error).await;

@@ -70,7 +70,14 @@ pub async fn serve<I: Intake + 'static>(
     listener: std::net::TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
-    let listener = tokio_uring::net::TcpListener::from_std(listener);
+    let listener = match crate::sources::connections::Listener::new(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            let name = source.counters.borrow().source.clone();
+            tracing::error!(source = %name, "forward source not accepting: {e}");
+            return;
+        }
+    };
     let conns = Rc::new(RefCell::new(Connections::default()));
     loop {
         let Some(accepted) = crate::sources::connections::accept(&listener, &mut stop).await else {

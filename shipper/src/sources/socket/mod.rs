@@ -38,11 +38,13 @@
 //! # Operation
 //! 1. Main thread: bind (SO_REUSEPORT, SO_RCVBUF; unix: remove a stale socket file, bind,
 //!    chmod `mode`), log the address and the receive buffer the kernel granted.
-//! 2. Worker: a datagram socket is read with `IORING_OP_READ` into an owned buffer one
-//!    message larger than `message_bytes_max`: a datagram filling it was longer and is cut
-//!    and counted. A TCP listener accepts through the ring; each connection is its own task
-//!    reading through the ring and framing with [`framing::Framer`]; a malformed octet count
-//!    closes its connection (logged with the peer, counted). At `connections_max` the
+//! 2. Worker: a datagram socket is read, once readable, with a non-blocking `read(2)`
+//!    (`sources::read_until_stopped`: nothing in flight at a stop, so a takeover can hand it
+//!    over) into a buffer one message larger than `message_bytes_max`: a datagram filling it
+//!    was longer and is cut and counted. A TCP listener accepts once readable
+//!    (`connections::Listener`: nothing in flight at a stop either); each connection is its
+//!    own task reading through the ring and framing with [`framing::Framer`]; a malformed
+//!    octet count closes its connection (logged with the peer, counted). At `connections_max` the
 //!    acceptor evicts the connection that has sent nothing for longest: `shutdown(2)` on its
 //!    fd ends the task's pending read, it is counted (`connections_evicted`) and logged at
 //!    most once per 10 s per source and worker. A connection silent for `idle_timeout_ms` is
@@ -109,7 +111,7 @@ pub fn bind(cfg: &SocketSource, count: usize) -> Result<Vec<BoundSocket>, Socket
             let receive_buffer_bytes = cfg.receive_buffer_bytes;
             let inet =
                 Inet { name: &cfg.name, transport: cfg.transport, addr, receive_buffer_bytes };
-            bind_inet(&inet, count)
+            bind_inet(&inet, count, false)
         }
     }
 }
@@ -125,13 +127,18 @@ pub struct Inet<'a> {
     pub receive_buffer_bytes: u64,
 }
 
-/// Binds `count` sockets on `inet.addr`, with SO_REUSEPORT when more than one; with port 0
-/// the others join the port the kernel chose for the first. A TCP socket listens.
-pub fn bind_inet(inet: &Inet<'_>, count: usize) -> Result<Vec<BoundSocket>, SocketError> {
+/// Binds `count` sockets on `inet.addr`, with SO_REUSEPORT when more than one or `reusing`
+/// (joining sockets bound before, a takeover's); with port 0 the others join the port the
+/// kernel chose for the first. A TCP socket listens.
+pub fn bind_inet(
+    inet: &Inet<'_>,
+    count: usize,
+    reusing: bool,
+) -> Result<Vec<BoundSocket>, SocketError> {
     let mut addr = inet.addr;
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
-        let s = bind_one(inet, addr, count > 1)?;
+        let s = bind_one(inet, addr, count > 1 || reusing)?;
         addr = s.local.parse().expect("a formatted SocketAddr");
         out.push(s);
     }
@@ -163,6 +170,19 @@ fn bind_one(inet: &Inet<'_>, addr: SocketAddr, reuse: bool) -> Result<BoundSocke
     let receive_buffer_bytes = socket.recv_buffer_size().map_err(err)?;
     let socket = if tcp { Bound::Listener(socket.into()) } else { Bound::Datagram(socket.into()) };
     Ok(BoundSocket { socket, local: local.to_string(), receive_buffer_bytes })
+}
+
+/// A socket another process bound at `local` (a takeover): a datagram socket or a listener,
+/// as its type says.
+pub fn adopt(fd: std::os::fd::OwnedFd, local: String) -> io::Result<BoundSocket> {
+    let socket = Socket::from(fd);
+    let receive_buffer_bytes = socket.recv_buffer_size()?;
+    let socket = match socket.r#type()? {
+        Type::STREAM => Bound::Listener(socket.into()),
+        Type::DGRAM => Bound::Datagram(socket.into()),
+        other => return Err(io::Error::other(format!("handed socket of type {other:?}"))),
+    };
+    Ok(BoundSocket { socket, local, receive_buffer_bytes })
 }
 
 /// `chmod` that refuses (EOPNOTSUPP / ELOOP) to act through a symbolic link at `path`.

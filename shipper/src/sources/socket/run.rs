@@ -63,7 +63,7 @@ pub async fn read_datagrams<I: Intake>(
     message_bytes_max: usize,
     stop: watch::Receiver<bool>,
 ) {
-    let file = tokio_uring::fs::File::from_std(std::fs::File::from(fd));
+    let file = std::fs::File::from(fd);
     let on_read = |datagram: &[u8]| {
         let mut intake = socket.intake.borrow_mut();
         let now = intake.now_ns();
@@ -108,7 +108,14 @@ pub async fn serve_tcp<I: Intake + 'static>(
     limits: TcpLimits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let listener = tokio_uring::net::TcpListener::from_std(listener);
+    let listener = match crate::sources::connections::Listener::new(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            let sc = socket.counters.borrow();
+            tracing::error!(source = %sc.source, "tcp source not accepting: {e}");
+            return;
+        }
+    };
     let conns = Rc::new(RefCell::new(Connections::default()));
     loop {
         let Some(accepted) = crate::sources::connections::accept(&listener, &mut stop).await else {
