@@ -359,17 +359,24 @@ fn frames_written_but_unacknowledged_are_not_written_again_after_a_spill() {
     spill_written_frames_then_replay(true);
 }
 
-fn spill_written_frames_then_replay(restart_receiver: bool) {
-    const LINES: usize = 3000;
-    let env = Env::new();
-    let (port, rm, sm) = (free_port(), free_port(), free_port());
-    let dir = env.path("buffer");
-    let cfg = config(&env, port, sm, &dir, "");
+/// [`config`] for a receiver that holds its acks: the shipper waits for them (a minute),
+/// keeps every frame in flight, and spills at a stop after 2 s.
+fn config_holding(env: &Env, port: u16, sm: u16, dir: &Path) -> PathBuf {
+    let cfg = config(env, port, sm, dir, "");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 60000\ninflight_frames_max = 1024")
         .replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 2000");
     std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+fn spill_written_frames_then_replay(restart_receiver: bool) {
+    const LINES: usize = 3000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let dir = env.path("buffer");
+    let cfg = config_holding(&env, port, sm, &dir);
     let mut receiver = start_receiver_holding_acks(&env, port, rm, "hold-acks");
     let start = |log: &str| {
         Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, env.path(log))
@@ -424,12 +431,7 @@ fn frames_buffered_while_down_written_but_unacknowledged_are_not_written_again()
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let dir = env.path("buffer");
-    let cfg = config(&env, port, sm, &dir, "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 60000\ninflight_frames_max = 1024")
-        .replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 2000");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = config_holding(&env, port, sm, &dir);
     let mut shipper = run(&env, &cfg, sm);
     let mut w = open_writer(&env.path("app.pipe"));
     for seq in 0..LINES {
