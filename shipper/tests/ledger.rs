@@ -58,6 +58,25 @@ fn lines(w: &mut impl Write, service: &str, n: usize, fill: usize) {
     }
 }
 
+/// A shipper reading `pipe` (lines cut at 1 KiB; service `limited` at 1 line/s, burst 5)
+/// with a 64 KiB outbox, a 256 KiB disk buffer and a 3 s shutdown deadline.
+fn start_with_small_buffer(env: &Env, port: u16, sm: u16, pipe: &Path) -> Proc {
+    let buffer = env.path("buffer");
+    let body = format!(
+        "[[sources.pipe]]\npath = {pipe:?}\nworker = 0\nline_bytes_max = 1024\n\
+         [ratelimit.services.limited]\nrate = 1\nburst = 5\n\
+         [batch]\nflush_interval_ms = 20\nbatch_bytes_max = 16384\n\
+         [buffer]\ndirectory = {buffer:?}\nsegment_bytes = 65536\nbytes_max = 262144\n"
+    );
+    let cfg = env
+        .shipper_toml(port, sm, &body)
+        .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 3000\noutbox_bytes_max = 65536")
+        .replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 3000");
+    let cfg = env.write("edge.toml", &cfg);
+    let log = env.path("shipper.log");
+    Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, log)
+}
+
 /// Every record a pipe hands over is settled exactly once: delivered (truncated and
 /// unparsed lines included), dropped by the rate limit or a full buffer, buffered, or held;
 /// the sum holds at rest and at exit, and a partial line at stop is handed over, not lost.
@@ -69,20 +88,7 @@ fn every_record_of_a_pipe_is_accounted_for_at_rest_and_at_exit() {
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let mut receiver = start_receiver(&env, port, rm, "");
     let pipe = env.path("app.pipe");
-    let buffer = env.path("buffer");
-    let body = format!(
-        "[[sources.pipe]]\npath = {pipe:?}\nworker = 0\nline_bytes_max = 1024\n\
-         [ratelimit.services.limited]\nrate = 1\nburst = 5\n\
-         [batch]\nflush_interval_ms = 20\nbatch_bytes_max = 16384\n\
-         [buffer]\ndirectory = {buffer:?}\nsegment_bytes = 65536\nbytes_max = 262144\n"
-    );
-    let cfg = env
-        .shipper_toml(port, sm, &body)
-        .replace("ack_timeout_ms = 3000", "ack_timeout_ms = 3000\noutbox_bytes_max = 65536");
-    let cfg = cfg.replace("shutdown_timeout_ms = 20000", "shutdown_timeout_ms = 3000");
-    let cfg = env.write("edge.toml", &cfg);
-    let log = env.path("shipper.log");
-    let mut shipper = Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, log);
+    let mut shipper = start_with_small_buffer(&env, port, sm, &pipe);
     let mut w = open_writer(&pipe);
     // Phase 1, receiver up: plain, over-long, unparsable, empty and rate-limited lines.
     lines(&mut w, "app", 100, 10);

@@ -380,92 +380,67 @@ fn render_connections(shards: &[ReceiverCounters], out: &mut Exposition) {
 }
 
 /// DATA frames and their records: received, waited, duplicate, acknowledged, written, refused.
-fn render_frames(shards: &[ReceiverCounters], out: &mut Exposition) {
-    family(
-        out,
-        shards,
+/// A counter family of every shard: (name, help, the shard's value).
+type Family = (&'static str, &'static str, fn(&ReceiverCounters) -> u64);
+
+const FRAMES: &[Family] = &[
+    (
         "shipper_receiver_frames_received_total",
-        "counter",
         "DATA frames received (duplicates included).",
         |c| c.frames_received,
-    );
-    family(
-        out,
-        shards,
+    ),
+    (
         "shipper_receiver_frames_waited_total",
-        "counter",
         "Frames whose payload waited for room in receiver.frames_in_progress_bytes_max.",
         |c| c.frames_waited,
-    );
-    family(
-        out,
-        shards,
+    ),
+    (
         "shipper_receiver_frames_origin_total",
-        "counter",
         "DATA frames that carried the identity they were first sent with (replayed from a \
          shipper's disk buffer), de-duplicated under it.",
         |c| c.frames_origin,
-    );
-    family(
-        out,
-        shards,
+    ),
+    (
         "shipper_receiver_frames_origin_ignored_total",
-        "counter",
         "DATA frames whose origin named more streams than a connection may: de-duplicated \
          under the connection's own stream instead.",
         |c| c.frames_origin_ignored,
-    );
-    family(
-        out,
-        shards,
+    ),
+    (
         "shipper_receiver_frames_duplicate_total",
-        "counter",
         "DATA frames already written, acknowledged again and not written.",
         |c| c.frames_duplicate,
-    );
-    family(out, shards, "shipper_receiver_frames_acked_total", "counter", "ACKs sent.", |c| {
-        c.frames_acked
-    });
-    family(
-        out,
-        shards,
-        "shipper_receiver_records_written_total",
-        "counter",
-        "Records written to output streams.",
-        |c| c.records_written,
-    );
-    family(
-        out,
-        shards,
+    ),
+    ("shipper_receiver_frames_acked_total", "ACKs sent.", |c| c.frames_acked),
+    ("shipper_receiver_records_written_total", "Records written to output streams.", |c| {
+        c.records_written
+    }),
+    (
         "shipper_receiver_bytes_written_total",
-        "counter",
         "Bytes written to the outputs, added over every output.",
         |c| c.bytes_written,
-    );
-    family(
-        out,
-        shards,
+    ),
+    (
         "shipper_receiver_write_errors_total",
-        "counter",
         "Frames that could not be written now (not acknowledged; the shipper resends).",
         |c| c.write_errors,
-    );
-    family(
-        out,
-        shards,
+    ),
+    (
         "shipper_receiver_frames_rejected_total",
-        "counter",
-        "DATA frames answered with REJECT: never writable here, given another fate by the shipper.",
+        "DATA frames answered with REJECT: never writable here, given another fate by the \
+         shipper.",
         |c| c.frames_rejected,
-    );
-    family(
-        out,
-        shards,
-        "shipper_receiver_records_rejected_total",
-        "counter",
-        "Records in frames answered with REJECT.",
-        |c| c.records_rejected,
-    );
+    ),
+    ("shipper_receiver_records_rejected_total", "Records in frames answered with REJECT.", |c| {
+        c.records_rejected
+    }),
+];
+
+/// The [`FRAMES`] families.
+fn render_frames(shards: &[ReceiverCounters], out: &mut Exposition) {
+    for &(name, help, get) in FRAMES {
+        family(out, shards, name, "counter", help, get);
+    }
 }
 
 /// The files output: its streams and files.

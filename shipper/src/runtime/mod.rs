@@ -112,15 +112,22 @@ pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
         pipes = config.sources.pipe.len(),
         "shipper running"
     );
-    let notifier = Notifier::from_env();
-    notifier.send("READY=1");
-    if let Some(interval) = Notifier::watchdog_interval() {
-        notifier.watch(interval, watched.progress(interval));
-    }
+    let notifier = announce_ready(&watched);
     let stopping = Stopping { stop: &stop_tx, handing_over: &handing_over };
-    let (failed, handover) = supervise(exit_rx, &stopping, workers, &notifier);
-    for h in handles {
-        let _ = h.join();
+    let ended = supervise(exit_rx, &stopping, workers, &notifier);
+    end(handles, ended, &leftovers, kept)
+}
+
+/// Waits for the workers, then says why the run ended; after a takeover's stop, hands the
+/// pipes and sockets (with the pipes' partial lines) to the new process.
+fn end(
+    workers: Vec<std::thread::JoinHandle<()>>,
+    (failed, handover): (Option<String>, Option<std::os::unix::net::UnixStream>),
+    leftovers: &Leftovers,
+    kept: Kept,
+) -> anyhow::Result<()> {
+    for w in workers {
+        let _ = w.join();
     }
     if let Some(e) = failed {
         return Err(anyhow::anyhow!("worker failed: {e}"));
@@ -130,6 +137,17 @@ pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
         kept.hand_over(stream, left).context("takeover: stopped, but nobody took over")?;
     }
     Ok(())
+}
+
+/// Tells systemd the shipper is ready, and feeds its watchdog from the workers' progress
+/// (published counters) when the unit has one.
+fn announce_ready(registry: &Arc<Registry<ShipperCounters>>) -> Notifier {
+    let notifier = Notifier::from_env();
+    notifier.send("READY=1");
+    if let Some(interval) = Notifier::watchdog_interval() {
+        notifier.watch(interval, registry.progress(interval));
+    }
+    notifier
 }
 
 /// Starts the threads that turn signals and a takeover request into [`Event`]s.
