@@ -202,7 +202,7 @@ fn status(config: Option<&std::path::Path>, metrics: Option<String>) -> anyhow::
         (None, Some(path)) => load::<ShipperConfig>(path, SHIPPER_CHECKS)?.metrics.listen,
         (None, None) => anyhow::bail!("give --config or --metrics"),
     };
-    let text = shipper::metrics::status::scrape(&addr)
+    let text = shipper::metrics::http::fetch(&addr)
         .map_err(|e| anyhow::anyhow!("cannot read the metrics at {addr}: {e}"))?;
     let rows = shipper::metrics::status::ledger(&text);
     print!("{}", shipper::metrics::status::table(&rows));

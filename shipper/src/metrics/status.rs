@@ -2,18 +2,14 @@
 //! per core and source, with the check `handed = Σ settled + held`.
 //!
 //! # Operation
-//! One `GET /metrics` (blocking, 5 s deadline, at most [`ANSWER_BYTES_MAX`]), then the three
+//! One `GET /metrics` ([`super::http::fetch`]), then the three
 //! ledger families ([`super::ledger`]) are read out of the text: a sample whose name or labels
 //! do not parse is skipped. The table goes to standard output; a row that does not balance is
 //! marked `MISMATCH` (it would mean a bug: a record settled twice, or by no path).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use super::ledger::Fate;
-
-/// The longest metrics answer read (a shipper with many services and sources stays far under).
-const ANSWER_BYTES_MAX: usize = 64 << 20;
 
 /// One core's ledger of one source, as scraped.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -28,17 +24,6 @@ impl Row {
     pub fn balances(&self) -> bool {
         self.handed == self.settled.values().sum::<f64>() + self.held
     }
-}
-
-/// Fetches `/metrics` from `addr` (`HOST:PORT`).
-pub fn scrape(addr: &str) -> std::io::Result<String> {
-    let head = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let answer = crate::http::request(addr, &head, &[], Duration::from_secs(5), ANSWER_BYTES_MAX)?;
-    if answer.status != 200 {
-        let e = format!("{addr}: GET /metrics answered {}", answer.status_line);
-        return Err(std::io::Error::other(e));
-    }
-    Ok(String::from_utf8_lossy(&answer.body).into_owned())
 }
 
 /// The ledger rows in an exposition, by (core, source).
