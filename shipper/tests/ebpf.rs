@@ -484,7 +484,11 @@ fn resets_from_a_receiver_count_once_each() {
 fn thread_capabilities(pid: u32) -> Vec<(String, u64, u64)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        // A thread that ended between the listing and this read has no capabilities left.
+        let status = match std::fs::read_to_string(task.path().join("status")) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            read => read.unwrap(),
+        };
         let field = |name: &str| {
             let line = status.lines().find_map(|l| l.strip_prefix(name)).unwrap();
             u64::from_str_radix(line.trim(), 16).unwrap()
