@@ -387,6 +387,8 @@ impl ReceiverConfig {
             check_name(&k.name, &mut names, &at("name"), p);
             check_globs(&k.streams, &k.exclude_streams, &at, p);
             super::kafka::validate(k, &at, p);
+            #[cfg(not(feature = "kafka"))]
+            p.add(&[K("outputs"), K("kafka"), Seg::Index(i)], "this build has no Kafka output");
         }
     }
 }

@@ -291,7 +291,11 @@ pub fn fit_connections(
     let workers = config.receiver.workers;
     let per_output = |o: &OutputSection| files_open_per_shard(o.streams_max, o.files_open_max);
     // A ClickHouse output holds one connection per shard while it inserts.
+    #[cfg(feature = "kafka")]
     let kafka = |k: &KafkaSection| output::kafka::descriptors(k.brokers.len());
+    // A build without the Kafka output refuses a config that names one.
+    #[cfg(not(feature = "kafka"))]
+    let kafka = |_: &KafkaSection| 0;
     let files_open = config.file_outputs().map(per_output).sum::<usize>()
         + config.outputs.clickhouse.len()
         + config.outputs.kafka.iter().map(kafka).sum::<usize>();

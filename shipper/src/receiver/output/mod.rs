@@ -56,6 +56,7 @@
 
 pub mod clickhouse;
 pub mod files;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 
 use std::collections::HashMap;
@@ -200,7 +201,11 @@ pub struct Kind {
 }
 
 /// Every kind of output. Adding one: its file under `output/` and one line here.
+#[cfg(feature = "kafka")]
 const KINDS: &[Kind] = &[files::KIND, clickhouse::KIND, kafka::KIND];
+/// Without the `kafka` feature, a config naming a Kafka output is refused when it is loaded.
+#[cfg(not(feature = "kafka"))]
+const KINDS: &[Kind] = &[files::KIND, clickhouse::KIND];
 
 /// Recovers every kind of output (Operation, step 1).
 pub fn recover(config: &ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()> {
