@@ -316,6 +316,9 @@ fn journal_entries_unacknowledged_at_shutdown_are_read_again() {
     assert!(log.contains("reads them again from the checkpoint"), "{log}");
     assert!(!log.contains("dropped"), "journal entries counted as dropped:\n{log}");
     assert!(!checkpoint.exists(), "nothing was acknowledged, so no checkpoint");
+    let ledger = exit_ledger(&log, &jdir);
+    assert!(ledger["handed"] > 0, "{ledger:?}");
+    assert_eq!((ledger["reread"], ledger["held"]), (ledger["handed"], 0), "{ledger:?}");
     let _receiver = start_receiver(&env, port, rm, "");
     let mut shipper = start();
     shipper.wait_alive_for(
@@ -371,6 +374,9 @@ fn pipe_lines_beside_a_journal_are_counted_when_shutdown_gives_them_up() {
         .find(|l| l.contains("shutdown deadline passed with unacknowledged frames: dropped"))
         .unwrap_or_else(|| panic!("no drop at the deadline:\n{log}"));
     assert!(dropped.contains(&format!("records={P}")), "{dropped}");
+    let (lines, entries) = (exit_ledger(&log, &pipe), exit_ledger(&log, &jdir));
+    assert_eq!((lines["handed"], lines["shutdown"], lines["held"]), (P as u64, P as u64, 0));
+    assert_eq!((entries["handed"], entries["reread"]), (N as u64, N as u64), "{entries:?}");
 }
 
 /// `text` without its ANSI colour sequences.

@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -98,8 +99,20 @@ fn a_refused_frame_goes_to_the_quarantine_and_the_frames_behind_it_flow() {
     let reason = std::fs::read_to_string(&files[1]).unwrap();
     assert!(reason.contains("frame_raw_bytes_max 16384"), "{reason}");
     assert!(reason.contains("records: 1\n") && reason.contains("service big: 1\n"), "{reason}");
+    let ledger = settled_ledger(&mut shipper, sm, &env.path("app.pipe"));
+    assert_eq!(ledger["handed"], 51, "{ledger:?}");
+    assert_eq!((ledger["delivered"], ledger["quarantined"]), (50, 1), "{ledger:?}");
     let stopped = shipper.stop(std::time::Duration::from_secs(20));
     assert!(stopped.success(), "{}", shipper.log_text());
+}
+
+/// The pipe's ledger once nothing is held any more (acknowledgements and the quarantine's
+/// writes settle after the counts the tests wait for).
+fn settled_ledger(shipper: &mut Proc, sm: u16, pipe: &Path) -> BTreeMap<String, u64> {
+    shipper.wait_alive("every record of the pipe settled", || {
+        scraped_ledger(sm, pipe).get("held") == Some(&0)
+    });
+    scraped_ledger(sm, pipe)
 }
 
 /// With a dead-letter receiver configured, a frame the primary refuses goes there (flagged
@@ -129,6 +142,8 @@ fn a_refused_frame_goes_to_the_dead_letter_tier_while_the_primary_takes_the_rest
     assert_eq!(shipper.metric("shipper_frames_rejected_total", &[]), 1.0);
     assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 0.0);
     assert_eq!(shipper.metric("shipper_failovers_total", &[]), 0.0, "the primary stayed up");
+    let ledger = settled_ledger(&mut shipper, sm, &env.path("app.pipe"));
+    assert_eq!((ledger["handed"], ledger["delivered"]), (51, 51), "{ledger:?}");
 }
 
 /// Without a dead-letter receiver or a quarantine, a refused frame is dropped, counted per
@@ -151,6 +166,9 @@ fn a_refused_frame_with_nowhere_to_go_is_dropped_and_counted() {
     assert_eq!(shipper.metric("shipper_lines_dropped_total", &dropped), 1.0);
     assert_eq!(shipper.metric("shipper_lines_dropped_total", &[]), 1.0);
     assert!(shipper.log_text().contains("dropped (no quarantine.directory)"));
+    let ledger = settled_ledger(&mut shipper, sm, &env.path("app.pipe"));
+    assert_eq!(ledger["handed"], 51, "{ledger:?}");
+    assert_eq!((ledger["delivered"], ledger["rejected"]), (50, 1), "{ledger:?}");
 }
 
 // Regression: a cfjs1 `format` of 300 bytes was written with its length in one byte, a corrupt

@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+mod ledger;
 mod raw;
+pub use ledger::{exit_ledger, scraped_ledger};
 pub use raw::RawClient;
 
 use std::net::TcpStream;
