@@ -148,3 +148,93 @@ fn without_a_buffer_every_record_is_dropped_for_its_own_reason_and_counted() {
     assert_eq!(at_exit["outbox_full"], at_rest["outbox_full"]);
     assert_eq!(at_exit["shutdown"], at_rest["held"], "{at_exit:?}");
 }
+
+/// The text of `[name]` in examples/edge.toml, from its header to the next one.
+fn example_section(name: &str) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/edge.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let header = format!("[{name}]\n");
+    let start = text.find(&header).unwrap_or_else(|| panic!("no [{name}] in {path}"));
+    let rest = &text[start + header.len()..];
+    let end = rest.find("\n[").map_or(rest.len(), |i| i + 1);
+    format!("{header}{}", &rest[..end])
+}
+
+/// Stops and continues `pid` until dropped: it runs `on` of every `on + off`, as a receiver
+/// that cannot keep up does.
+struct Throttle(std::sync::Arc<std::sync::atomic::AtomicBool>, Option<std::thread::JoinHandle<()>>);
+
+impl Throttle {
+    fn start(pid: u32, on: Duration, off: Duration) -> Throttle {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        // SAFETY: kill(2) has no memory preconditions.
+        let signal = move |sig| unsafe { libc::kill(pid as i32, sig) };
+        let handle = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                signal(libc::SIGSTOP);
+                std::thread::sleep(off); // the duty cycle itself, not a wait for a condition
+                signal(libc::SIGCONT);
+                std::thread::sleep(on);
+            }
+        });
+        Throttle(stop, Some(handle))
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.1.take() {
+            h.join().unwrap();
+        }
+    }
+}
+
+/// Issue 15: a shipper that outruns its receiver, with the example configuration's batch,
+/// receivers and buffer settings, drops nothing while its disk buffer has room: what does not
+/// fit the outbox goes to disk and follows, and every line arrives once.
+#[test]
+fn outrunning_the_receiver_with_the_example_settings_drops_nothing() {
+    const LINES: usize = 200_000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let receiver = start_receiver(&env, port, rm, "");
+    let pipe = env.path("app.pipe");
+    let buffer = example_section("buffer")
+        .replace("\"/var/lib/shipper/buffer\"", &format!("{:?}", env.path("buffer")));
+    assert!(buffer.contains("shipper-test-"), "the example's buffer directory moved: {buffer}");
+    let body = format!("[[sources.pipe]]\npath = {pipe:?}\n{}{buffer}", example_section("batch"));
+    let receivers = "connections = 2\nack_timeout_ms = 5000";
+    let example = example_section("receivers");
+    assert!(example.contains(receivers), "the example's [receivers] changed: {example}");
+    let cfg = env
+        .shipper_toml(port, sm, &body)
+        .replace("workers = 2", "workers = 1")
+        .replace("ack_timeout_ms = 3000", receivers);
+    let cfg = env.write("edge.toml", &cfg);
+    let log = env.path("shipper.log");
+    let mut shipper = Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, log);
+    let throttle = Throttle::start(receiver.child.id(), ms(50), ms(400));
+    lines(&mut open_writer(&pipe), "app", LINES, 300);
+    let acked = || metric_at(sm, "shipper_records_acked_total", &[]) as usize;
+    shipper.wait_alive_for("every line acknowledged", Duration::from_secs(120), &mut || {
+        acked() == LINES
+    });
+    drop(throttle);
+    let ledger = scraped_ledger(sm, &pipe);
+    assert_eq!(metric_at(sm, "shipper_lines_dropped_total", &[]), 0.0, "{ledger:?}");
+    assert!(ledger["buffered"] > 0, "the receiver was not outrun: {ledger:?}");
+    assert_eq!(ledger["delivered"] + ledger["buffered"], LINES as u64, "{ledger:?}");
+    let mut seen = vec![0u32; LINES];
+    for (_, line) in output_lines(&env.out()) {
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        seen[v["n"].as_u64().unwrap() as usize] += 1;
+    }
+    assert!(seen.iter().all(|&n| n == 1), "every line exactly once");
+    assert!(shipper.stop(Duration::from_secs(20)).success());
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
