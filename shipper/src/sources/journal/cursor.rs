@@ -5,13 +5,14 @@ use super::reader::Entry;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Appends `entry`'s cursor to `out`.
-pub fn format(seqnum_id: &[u8; 16], entry: &Entry, out: &mut Vec<u8>) {
+/// Appends `entry`'s cursor to `out`; returns where in `out` its boot id's hex digits are.
+pub fn format(seqnum_id: &[u8; 16], entry: &Entry, out: &mut Vec<u8>) -> std::ops::Range<usize> {
     out.extend_from_slice(b"s=");
     hex(seqnum_id, out);
     out.extend_from_slice(b";i=");
     number(entry.seqnum, out);
     out.extend_from_slice(b";b=");
+    let boot = out.len()..out.len() + 32;
     hex(&entry.boot_id, out);
     out.extend_from_slice(b";m=");
     number(entry.monotonic, out);
@@ -19,22 +20,27 @@ pub fn format(seqnum_id: &[u8; 16], entry: &Entry, out: &mut Vec<u8>) {
     number(entry.realtime, out);
     out.extend_from_slice(b";x=");
     number(entry.xor_hash, out);
+    boot
 }
 
 /// Appends a 128-bit id as 32 lowercase hex digits.
-pub fn hex(id: &[u8; 16], out: &mut Vec<u8>) {
-    for b in id {
-        out.push(HEX[usize::from(b >> 4)]);
-        out.push(HEX[usize::from(b & 15)]);
+fn hex(id: &[u8; 16], out: &mut Vec<u8>) {
+    let mut digits = [0u8; 32];
+    for (pair, b) in digits.chunks_exact_mut(2).zip(id) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 15)];
     }
+    out.extend_from_slice(&digits);
 }
 
 /// Appends `n` in lowercase hex without leading zeros.
 fn number(n: u64, out: &mut Vec<u8>) {
-    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
-    for i in (0..digits).rev() {
-        out.push(HEX[((n >> (4 * i)) & 15) as usize]);
+    let len = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    let mut digits = [0u8; 16];
+    for (i, d) in digits[..len].iter_mut().rev().enumerate() {
+        *d = HEX[((n >> (4 * i)) & 15) as usize];
     }
+    out.extend_from_slice(&digits[..len]);
 }
 
 /// A parsed cursor: what is needed to find the position again.

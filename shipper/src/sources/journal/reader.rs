@@ -324,16 +324,10 @@ impl JournalReader {
         if (start + payload.len()) as u64 > ENTRY_BYTES_MAX {
             return Err(file.error(offset, format!("entry over {ENTRY_BYTES_MAX} bytes")));
         }
-        entry.data.extend_from_slice(payload);
-        let eq = entry.data[start..].iter().position(|&b| b == b'=');
-        let Some(eq) = eq else {
-            entry.data.truncate(start);
-            return Err(self.file.error(offset, "DATA payload has no '='"));
+        let Some(eq) = name_end(payload) else {
+            return Err(file.error(offset, "DATA payload has no valid field name and '='"));
         };
-        if !field_name_valid(&entry.data[start..start + eq]) {
-            entry.data.truncate(start);
-            return Err(self.file.error(offset, "DATA payload has no valid field name"));
-        }
+        entry.data.extend_from_slice(payload);
         let end = entry.data.len();
         entry.fields.push((start as u32, (start + eq) as u32, end as u32));
         Ok(())
@@ -347,6 +341,34 @@ pub fn field_name_valid(name: &[u8]) -> bool {
         && name.len() <= 64
         && !name[0].is_ascii_digit()
         && name.iter().all(|&b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// The bytes [`field_name_valid`] allows in a name.
+const NAME_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = (b as u8).is_ascii_uppercase() || (b as u8).is_ascii_digit() || b == b'_' as usize;
+        b += 1;
+    }
+    t
+};
+
+/// Where the `=` after a valid field name ([`field_name_valid`]) is in a DATA payload
+/// (`NAME=value`), in one pass over the name.
+fn name_end(payload: &[u8]) -> Option<usize> {
+    if payload.first()?.is_ascii_digit() {
+        return None;
+    }
+    for (i, &b) in payload.iter().enumerate().take(65) {
+        if b == b'=' {
+            return (i > 0).then_some(i);
+        }
+        if !NAME_BYTE[usize::from(b)] {
+            return None;
+        }
+    }
+    None
 }
 
 thread_local! {
@@ -430,5 +452,37 @@ impl Write for Bounded<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_end_finds_the_equals_sign_after_exactly_the_names_field_name_valid_allows() {
+        let long = format!("{}=v", "A".repeat(64));
+        let too_long = format!("{}=v", "A".repeat(65));
+        let cases: [&[u8]; 12] = [
+            b"MESSAGE=hi",
+            b"_PID=1",
+            b"A=",
+            b"A1_=x=y",
+            b"=x",
+            b"1A=x",
+            b"a=x",
+            b"MESSAGE",
+            b"MES SAGE=x",
+            b"",
+            long.as_bytes(),
+            too_long.as_bytes(),
+        ];
+        for p in cases {
+            let reference =
+                p.iter().position(|&b| b == b'=').filter(|&i| field_name_valid(&p[..i]));
+            assert_eq!(name_end(p), reference, "{:?}", String::from_utf8_lossy(p));
+        }
+        assert_eq!(name_end(long.as_bytes()), Some(64));
+        assert_eq!(name_end(b"A1_=x=y"), Some(3));
     }
 }
