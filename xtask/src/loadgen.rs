@@ -251,14 +251,20 @@ fn next_write(data: &[u8], at: usize, pace: Pace, due: u64) -> (usize, u64) {
 }
 
 /// Appends entries `first..first + n` in systemd's journal export format, like a busy edge server's journal:
-/// identifier, unit, priority, pid, host, transport and a message, on one boot.
-pub fn journal_export(seed: u64, first: usize, n: usize, out: &mut Vec<u8>) {
+/// identifier, unit, priority, pid, host, transport and a message, on one boot. Of every
+/// 1,000 entries, `large_per_mille` carry instead a [`large_message`] (a stack trace with
+/// binary bytes, as a crashing service logs).
+pub fn journal_export(seed: u64, first: usize, n: usize, large_per_mille: u64, out: &mut Vec<u8>) {
     use std::io::Write;
     const IDENTS: [&str; 6] = ["nginx", "sshd", "cron", "kernel", "haproxy", "systemd"];
     let mut rng = Rng::new(seed ^ first as u64);
     for i in first..first + n {
         let r = rng.next();
         let ident = IDENTS[(r % IDENTS.len() as u64) as usize];
+        if (r >> 40) % 1000 < large_per_mille {
+            large_entry(i, ident, r, out);
+            continue;
+        }
         let _ = write!(
             out,
             "__REALTIME_TIMESTAMP={}\n__MONOTONIC_TIMESTAMP={}\n_BOOT_ID=0123456789abcdef0123456789abcdef\n\
@@ -275,6 +281,44 @@ pub fn journal_export(seed: u64, first: usize, n: usize, out: &mut Vec<u8>) {
             (r >> 32) % 900,
         );
     }
+}
+
+/// Appends entry `i` of [`journal_export`] with a [`large_message`], in the export format's
+/// binary field form (name, newline, little-endian 64-bit length, bytes, newline).
+fn large_entry(i: usize, ident: &str, r: u64, out: &mut Vec<u8>) {
+    use std::io::Write;
+    let _ = write!(
+        out,
+        "__REALTIME_TIMESTAMP={}\n__MONOTONIC_TIMESTAMP={}\n_BOOT_ID=0123456789abcdef0123456789abcdef\n\
+         SYSLOG_IDENTIFIER={ident}\n_SYSTEMD_UNIT={ident}.service\nPRIORITY=3\n_PID={}\n\
+         _HOSTNAME=edge-12.ams\n_TRANSPORT=journal\nMESSAGE\n",
+        1_700_000_000_000_000u64 + i as u64 * 10,
+        1_000_000 + i as u64 * 10,
+        1000 + (r >> 8) % 300,
+    );
+    let message = large_message(i, r);
+    out.extend_from_slice(&(message.len() as u64).to_le_bytes());
+    out.extend_from_slice(&message);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// About 2 KiB over 24 lines: a panic and its backtrace, frame addresses differing per entry,
+/// one line with bytes that are not UTF-8 and control characters (a dumped buffer).
+pub fn large_message(i: usize, r: u64) -> Vec<u8> {
+    use std::io::Write;
+    let mut m = Vec::with_capacity(2200);
+    let _ =
+        write!(m, "thread 'worker-{}' panicked at src/handler.rs:{}:9: entry {i}", r % 8, r % 700);
+    for frame in 0..22u64 {
+        let addr = 0x5555_0000_0000u64 + (r.rotate_left(frame as u32) & 0xff_ffff);
+        let _ = write!(
+            m,
+            "\n  {frame:>2}: 0x{addr:012x} - edge::handler::Service::dispatch_request_{frame}\n             at src/handler.rs:{}",
+            (r >> frame) % 900
+        );
+    }
+    m.extend_from_slice(b"\n  buffer: \x00\x01\x1b[31m\xff\xfe\xc3\x28 \t end");
+    m
 }
 
 /// Syntax of [`syslog_datagrams`].

@@ -19,6 +19,10 @@ pub struct JournalCase {
     optimises: String,
     entries: usize,
     quick_entries: usize,
+    /// Entries of every 1,000 with a ~2 KiB multi-line message holding bytes that are not
+    /// UTF-8 (`loadgen::large_message`); 0 by default.
+    #[serde(default)]
+    large_per_mille: u64,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -34,7 +38,7 @@ pub fn run_case(name: &str, case: &JournalCase, quick: bool, command: &str) -> a
     let entries = if quick { case.quick_entries } else { case.entries };
     println!("\n== {name}: {} ({entries} entries)", case.description);
     let dir = super::tempdir()?;
-    write_journal(&dir.join("j"), entries)?;
+    write_journal(&dir.join("j"), entries, case.large_per_mille)?;
     let files = format!("{}/*.journal", dir.join("j").display());
     let bin = crate::root().join("target/release/shipper");
     let runs: [(&str, Vec<String>); 3] = [
@@ -111,8 +115,13 @@ pub fn run_case(name: &str, case: &JournalCase, quick: bool, command: &str) -> a
     super::save(&run, fields, None)
 }
 
-/// Writes `entries` entries with systemd-journal-remote into `dir` (it rotates by itself).
-pub(super) fn write_journal(dir: &Path, entries: usize) -> anyhow::Result<()> {
+/// Writes `entries` entries with systemd-journal-remote into `dir` (it rotates by itself),
+/// `large_per_mille` of every 1,000 with a large multi-line message.
+pub(super) fn write_journal(
+    dir: &Path,
+    entries: usize,
+    large_per_mille: u64,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut child = Command::new("/lib/systemd/systemd-journal-remote")
         .arg(format!("--output={}", dir.join("perf.journal").display()))
@@ -128,7 +137,8 @@ pub(super) fn write_journal(dir: &Path, entries: usize) -> anyhow::Result<()> {
     let mut chunk = Vec::new();
     for start in (0..entries).step_by(10_000) {
         chunk.clear();
-        crate::loadgen::journal_export(0x10c, start, (entries - start).min(10_000), &mut chunk);
+        let n = (entries - start).min(10_000);
+        crate::loadgen::journal_export(0x10c, start, n, large_per_mille, &mut chunk);
         stdin.write_all(&chunk)?;
     }
     drop(stdin);

@@ -126,7 +126,7 @@ pub fn run_case(
     let runs = if quick { 1 } else { runs.unwrap_or(case.runs) };
     let dir = super::tempdir()?;
     let journal = dir.join("j");
-    super::journal::write_journal(&journal, entries)?;
+    super::journal::write_journal(&journal, entries, 0)?;
     let cursor = last_cursor(&journal)?;
     let pki =
         shipper::tls::pki::generate(&dir.join("tls"), &["localhost".into(), "127.0.0.1".into()])?;
