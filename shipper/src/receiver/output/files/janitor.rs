@@ -3,11 +3,11 @@
 //!
 //! # Design constraints
 //! - It touches only files that will never be written or cut back again: those its shard
-//!   rotated away from (their stream has a newer file) and those of earlier generations
-//!   (recovery cut them before any shard started). A stream's current file is never touched,
-//!   so recovery, which cuts the newest file of each stream, never meets one compressed or
-//!   removed. The current file of a stream no longer written stays as it is until the next
-//!   start makes it a file of an earlier generation.
+//!   rotated away from (their stream has a newer file), the last files of streams its shard
+//!   forgot (`streams_idle_s`: written again, such a stream starts a new file), and those of
+//!   earlier generations (recovery cut them before any shard started). A live stream's
+//!   current file is never touched, so recovery, which cuts the newest file of each stream,
+//!   never meets one with uncommitted bytes compressed or removed.
 //! - Compression: `NAME.log` is streamed through zstd (level 3) into `NAME.log.zst.tmp`,
 //!   fdatasync'd, renamed to `NAME.log.zst`, the directory fsync'd, and only then `NAME.log`
 //!   removed. A crash leaves `NAME.log` whole; a `.tmp` is removed at the next start, and a
@@ -33,7 +33,7 @@ use super::parse_file_name;
 const PASS_INTERVAL: Duration = Duration::from_secs(1);
 /// zstd level of compressed rotated files.
 const ZSTD_LEVEL: i32 = 3;
-const COMPRESSED_SUFFIX: &str = ".zst";
+pub(super) const COMPRESSED_SUFFIX: &str = ".zst";
 
 /// What the janitor of one shard's files output does, as its config says.
 #[derive(Clone, Debug)]
@@ -98,7 +98,7 @@ impl Janitor {
         Ok(Janitor { rotated, figures })
     }
 
-    /// Hands over a file its shard rotated away from.
+    /// Hands over a file its shard rotated away from, or the last file of a stream it forgot.
     pub fn rotated(&self, path: PathBuf) {
         // The thread ends only with the process (or by a panic, which ends the process).
         let _ = self.rotated.send(path);
