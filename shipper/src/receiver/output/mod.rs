@@ -47,12 +47,12 @@
 //! 2. Per DATA frame of a group, on its shard's writer: [`Output::write`] on every output
 //!    (one that fails has taken its part back; those written before it [undo](Output::undo)
 //!    the frame; a file it will cut back is first announced through [`Intents`], appended to
-//!    the commit log and made durable at once), and the frame's commit record is staged, naming every output's
-//!    [`Output::marks`]. Then, per group: [`Output::sync`] on every output that took records
-//!    (one failure [discards](Output::discard) the group in all of them); then the staged
-//!    commit records are appended (one fdatasync; a failure discards the group too, see
-//!    above); then every output hears the group is [committed](Output::committed), and every
-//!    frame is acknowledged.
+//!    the commit log and made durable at once), and the frame's commit record is staged,
+//!    naming every output's [`Output::marks`]. Then, per group: [`Output::sync`] on every
+//!    output that took records (one failure [discards](Output::discard) the group in all of
+//!    them); then the staged commit records are appended (one fdatasync; a failure discards
+//!    the group too, see above); then every output hears the group is
+//!    [committed](Output::committed), and every frame is acknowledged.
 //! 3. When the commit log is compacted, [`Output::checkpoint`] gives what the snapshot must
 //!    keep for recovery to cut nothing committed (files: every live stream's current file and
 //!    end); the intents are dropped.

@@ -18,7 +18,8 @@
 //!   fdatasync'd intent; bounded, it creates at most `streams_max` per `streams_idle_s`.
 //! - A stream written again after it was forgotten starts a new file, numbered one past the
 //!   highest of its (stream, generation, shard) on disk (`.log` or `.log.zst`): never appends
-//!   to, nor replaces, its last one, which the janitor may be compressing.
+//!   to, nor replaces, its last one, which the janitor may be compressing. Finding it is one
+//!   read of the stream's directory, paid only when a stream that is not live is written.
 //! - At most `files_open_max` stream files open per shard. Writing to a stream whose file is
 //!   closed, with that many open, first closes the least recently written one (fdatasync'd
 //!   first when the frame being written touched it); the closed stream's next write opens its
@@ -433,6 +434,7 @@ impl Output for Files {
         marks.extend(self.streams.values().map(|s| (s.mark.as_str(), s.size)));
     }
 
+    /// Forgets the streams idle for `streams_idle_s` while no frame comes.
     fn tick(&mut self) {
         self.now_s = crate::clock::unix_us() / 1_000_000;
         self.forget_idle();
