@@ -515,3 +515,132 @@ fn check_aged(dir: &Path, lines: usize) {
         }
     }
 }
+
+/// The line of service `s{service}` in round `round`, number `n`, with its newline.
+fn service_line(service: usize, round: usize, n: usize) -> String {
+    format!("{{\"service\":\"s{service}\",\"round\":{round},\"n\":{n}}}\n")
+}
+
+/// `streams_max = 4` and `streams_idle_s = 1`: eleven services written four at a time, each
+/// round once the previous round's streams are forgotten: every line in its own stream's
+/// directory, none in `_other`; a service written again after it was forgotten starts its
+/// next file, its last one whole and compressed. Then the receiver is killed (-9) while four
+/// more services are written, and restarted: every line there exactly once.
+#[test]
+fn idle_streams_are_forgotten_and_new_streams_get_their_own_directory() {
+    // Regression: the receiver never forgot a stream, so past `streams_max` streams per shard
+    // every new stream went to `_other` until it restarted (issue 16).
+    const EACH: usize = 20;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let config = env.receiver_toml(port, rm, "").replace(
+        "fsync = false",
+        "fsync = true\nstreams_max = 4\nstreams_idle_s = 1\ncompress_rotated = true",
+    );
+    let mut receiver = start_receiver_toml(&env, port, rm, &config);
+    let pipe = env.path("app.pipe");
+    let body =
+        format!("[[sources.pipe]]\npath = {pipe:?}\nworker = 0\n[batch]\nflush_interval_ms = 10\n");
+    let mut shipper = start_shipper(&env, port, sm, &body);
+    let mut w = open_writer(&pipe);
+    let rounds: [[usize; 4]; 3] = [[0, 1, 2, 3], [4, 5, 6, 0], [7, 8, 9, 10]];
+    for (r, services) in rounds.iter().enumerate() {
+        let lines: String =
+            (0..EACH).flat_map(|n| services.map(|s| service_line(s, r, n))).collect();
+        w.write_all(lines.as_bytes()).unwrap();
+        let acked = ((r + 1) * 4 * EACH) as f64;
+        shipper.wait_alive("the round acknowledged", || {
+            metric_at(sm, "shipper_records_acked_total", &[]) == acked
+        });
+        let forgotten = ((r + 1) * 4) as f64;
+        receiver.wait_alive("the round's four streams forgotten", || {
+            metric_at(rm, "shipper_receiver_streams_forgotten_total", &[]) == forgotten
+        });
+    }
+    // Each forgotten stream's file was handed to the janitor: 12 files, s0 two of them.
+    receiver.wait_alive("the forgotten streams' files compressed", || {
+        metric_at(rm, "shipper_receiver_files_compressed_total", &[]) == 12.0
+    });
+    assert_eq!(receiver.metric("shipper_receiver_records_folded_total", &[]), 0.0);
+    assert_eq!(receiver.metric("shipper_receiver_streams_open", &[]), 0.0);
+    let files = files_of(&env.out());
+    assert_eq!(each_service_once(&files), 3 * 4 * EACH);
+    let s0: Vec<&(String, String, Vec<String>)> = files.iter().filter(|f| f.0 == "s0").collect();
+    assert_eq!(s0.len(), 2, "{s0:?}");
+    assert_eq!(s0[0].1[..12], s0[1].1[..12], "one generation and shard");
+    let (first, second) = (&s0[0].1[12..], &s0[1].1[12..]);
+    assert_eq!((first, second), ("-000000.log.zst", "-000001.log.zst"));
+    let round = |r| -> Vec<String> {
+        (0..EACH).map(|n| service_line(0, r, n).trim_end().to_string()).collect()
+    };
+    assert_eq!(s0[0].2, round(0), "round 0 whole in file 0");
+    assert_eq!(s0[1].2, round(1), "round 1 in file 1");
+    let late = kill_mid_stream(&env, port, (&mut receiver, &mut shipper), w, &config);
+    // Every stream is forgotten in the end, and every file of the killed run compressed by
+    // the restarted one's janitor: read once nothing is left to compress.
+    wait_for("every file compressed", Duration::from_secs(30), || {
+        let streams = std::fs::read_dir(env.out()).unwrap().flatten();
+        let streams = streams.filter(|s| !s.file_name().to_string_lossy().starts_with('.'));
+        let mut files = streams.flat_map(|s| std::fs::read_dir(s.path()).unwrap().flatten());
+        files.all(|f| f.file_name().to_string_lossy().ends_with(".log.zst"))
+    });
+    assert_eq!(each_service_once(&files_of(&env.out())), 3 * 4 * EACH + late);
+    assert!(shipper.stop(Duration::from_secs(30)).success());
+}
+
+/// Writes round 3 (services s11..s14, paced) into `w` and kills the receiver (-9) once a
+/// quarter of it is written, then starts it again (on `port`, from `config`); returns the
+/// lines of the round, once all are acknowledged.
+fn kill_mid_stream(
+    env: &Env,
+    port: u16,
+    (receiver, shipper): (&mut Proc, &mut Proc),
+    mut w: std::fs::File,
+    config: &str,
+) -> usize {
+    const EACH: usize = 2000;
+    let (rm, sm) = (receiver.metrics, shipper.metrics);
+    let before = metric_at(sm, "shipper_records_acked_total", &[]);
+    let writer = std::thread::spawn(move || {
+        for chunk in 0..EACH / 50 {
+            let lines: String = (chunk * 50..(chunk + 1) * 50)
+                .flat_map(|n| (11..15).map(move |s| service_line(s, 3, n)))
+                .collect();
+            w.write_all(lines.as_bytes()).unwrap();
+            // Pacing the writer so that the kill lands mid-stream.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let written = metric_at(rm, "shipper_receiver_records_written_total", &[]);
+    receiver.wait_alive("a quarter of round 3 written", || {
+        metric_at(rm, "shipper_receiver_records_written_total", &[]) >= written + EACH as f64
+    });
+    receiver.signal(libc::SIGKILL);
+    let _ = receiver.child.wait();
+    shipper.wait_alive("the shipper to see the receiver gone", || {
+        metric_at(sm, "shipper_receiver_connections_lost_total", &[]) >= 1.0
+    });
+    *receiver = start_receiver_toml(env, port, rm, config);
+    writer.join().unwrap();
+    let all = before + (4 * EACH) as f64;
+    shipper.wait_alive_for("every line acknowledged", Duration::from_secs(120), &mut || {
+        metric_at(sm, "shipper_records_acked_total", &[]) == all
+    });
+    4 * EACH
+}
+
+/// Checks that every line of `files` is in its service's stream, none in `_other`, and no
+/// (service, round, n) there twice; returns how many lines there are.
+fn each_service_once(files: &[(String, String, Vec<String>)]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    for (stream, f, ls) in files {
+        assert_ne!(stream, "_other", "{f}: a line in _other");
+        for l in ls {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["service"].as_str(), Some(stream.as_str()), "{stream}/{f}: {l}");
+            let key = (stream.clone(), v["round"].as_u64().unwrap(), v["n"].as_u64().unwrap());
+            assert!(seen.insert(key), "{stream}/{f}: {l} twice");
+        }
+    }
+    seen.len()
+}

@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
     let config: shipper::config::ReceiverConfig = toml::from_str(&text).unwrap();
     // As `shipper receive` starts: recovery lays out the state directory and the generation.
     let modes = shipper::os::Modes::DEFAULT;
-    let recover_outputs = |gen, marks: &_| output::recover(&config, gen, marks);
+    let recover_outputs = |log: &commit::LogState| output::recover(&config, log);
     let state = commit::recover(dir.path(), 3600, modes, recover_outputs).unwrap();
     let outputs = output::open(&config, state.gen, 0);
     let commits = commit::CommitLog::create(dir.path(), 0, false, modes).unwrap();

@@ -159,10 +159,16 @@ pub struct OutputSection {
     /// fdatasync output and commit log before acknowledging a frame. Default: true.
     #[serde(default = "default_fsync")]
     pub fsync: bool,
-    /// Distinct streams a shard keeps open; records of further streams go to `_other`.
-    /// Default: 1024.
+    /// Streams a shard keeps live at once (each with a current file, open or closed);
+    /// records of a further stream go to `_other` while this many streams were all written
+    /// within `streams_idle_s`. Default: 1024.
     #[serde(default = "default_streams_max")]
     pub streams_max: usize,
+    /// A stream with no record for this long, in seconds, is forgotten: its file closed and
+    /// handed to the janitor as a rotated one, its place freed for another stream; written
+    /// again, it starts a new file. 0: never forgotten. Default: 300.
+    #[serde(default = "default_streams_idle_s")]
+    pub streams_idle_s: u64,
     /// Mode of the files the receiver creates (stream files, commit logs), octal, masked by
     /// the umask. Default: "0640".
     #[serde(default = "default_file_mode")]
@@ -270,6 +276,9 @@ fn default_fsync() -> bool {
 }
 fn default_streams_max() -> usize {
     1024
+}
+fn default_streams_idle_s() -> u64 {
+    300
 }
 fn default_files_open_max() -> usize {
     256
@@ -398,6 +407,7 @@ fn validate_files(o: &OutputSection, at: &dyn Fn(&'static str) -> Vec<Seg>, p: &
     p.check(!o.directory.as_os_str().is_empty(), &at("directory"), || "must not be empty".into());
     p.range(o.file_bytes_max, 4096, 1 << 40, &at("file_bytes_max"));
     p.range(o.streams_max as u64, 1, 1 << 20, &at("streams_max"));
+    p.range(o.streams_idle_s, 0, 366 * 86_400, &at("streams_idle_s"));
     for (key, mode) in [("file_mode", &o.file_mode), ("dir_mode", &o.dir_mode)] {
         p.check(super::parse_mode(mode).is_some(), &at(key), || {
             format!("{mode:?} is not an octal file mode like \"0640\"")

@@ -182,8 +182,11 @@ impl OutputCounters {
 /// A files output's figures (zero for other kinds).
 #[derive(Clone, Debug, Default)]
 pub struct FileFigures {
-    /// Streams written, each with a current file (open or closed).
+    /// Live streams (written within `streams_idle_s`), each with a current file (open or
+    /// closed).
     pub streams_open: u64,
+    /// Streams forgotten after `streams_idle_s` without a record.
+    pub streams_forgotten: u64,
     /// Stream files open now, at most `files_open_max`.
     pub files_open: u64,
     /// The most stream files open at once since start.
@@ -450,8 +453,18 @@ fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
         shards,
         "shipper_receiver_streams_open",
         "gauge",
-        "Output streams written, each with a current file, open or closed.",
+        "Live output streams (written within output.streams_idle_s), each with a current \
+         file, open or closed (at most output.streams_max + 2 per worker).",
         |c| files_sum(c, |f| f.streams_open),
+    );
+    family(
+        out,
+        shards,
+        "shipper_receiver_streams_forgotten_total",
+        "counter",
+        "Output streams forgotten after output.streams_idle_s without a record: their files \
+         closed and handed over as rotated, their places freed.",
+        |c| files_sum(c, |f| f.streams_forgotten),
     );
     family(
         out,
@@ -482,7 +495,8 @@ fn render_streams(shards: &[ReceiverCounters], out: &mut Exposition) {
         shards,
         "shipper_receiver_records_folded_total",
         "counter",
-        "Records written to the _other stream because streams_max streams were open.",
+        "Records written to the _other stream because output.streams_max streams were live \
+         (each written within output.streams_idle_s).",
         |c| files_sum(c, |f| f.records_folded),
     );
     family(

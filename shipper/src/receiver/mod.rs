@@ -117,7 +117,7 @@ fn recover(config: &ReceiverConfig) -> anyhow::Result<commit::LogState> {
     let modes = config.state_modes();
     modes.create_dir_all(out).with_context(|| format!("state directory {}", out.display()))?;
     let ttl_s = config.receiver.dedup_window_ttl_s;
-    let outputs = |gen, marks: &HashMap<String, u64>| output::recover(config, gen, marks);
+    let outputs = |log: &commit::LogState| output::recover(config, log);
     commit::recover(out, ttl_s, modes, outputs)
         .with_context(|| format!("recovering {}", out.display()))
 }

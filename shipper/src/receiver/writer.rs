@@ -33,9 +33,9 @@
 //!   a time (one buffer, at most 4 MiB kept between frames, [`SCRATCH_KEEP_BYTES_MAX`]); an
 //!   output may hold what it builds from a whole group (a ClickHouse insert: about the
 //!   group's decompressed bytes plus 30 per record, up to 6 times that for control bytes).
-//! - Figures: the thread keeps its own counters and copies them, once per group, where the
-//!   shard's publisher reads them ([`Writer::figures`]): a lock held for a copy, never across
-//!   a write.
+//! - Figures: the thread keeps its own counters and copies them, once per group (and once a
+//!   second while no frame comes, after its outputs' [tick](Output::tick)), where the shard's
+//!   publisher reads them ([`Writer::figures`]): a lock held for a copy, never across a write.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -57,6 +57,8 @@ pub const GROUP_FRAMES_MAX: usize = 256;
 /// Decompressed bytes (as the frames' headers declare) in one group at most, unless its
 /// first frame alone is larger.
 pub const GROUP_RAW_BYTES_MAX: u64 = 32 << 20;
+/// How long the writer waits for a frame before it lets its outputs [tick](Output::tick).
+const TICK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Capacity of the decompression buffer kept between frames.
 const SCRATCH_KEEP_BYTES_MAX: usize = 4 << 20;
 
@@ -169,7 +171,15 @@ impl Writer {
     pub fn run(mut self, jobs: mpsc::Receiver<Job>) {
         let mut group = Vec::new();
         let raw_len = |job: &Job| job.frame.as_ref().map_or(0, |f| u64::from(f.header.raw_len));
-        while let Ok(first) = jobs.recv() {
+        loop {
+            let first = match jobs.recv_timeout(TICK_INTERVAL) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.tick();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
             let mut raw = raw_len(&first);
             group.push(first);
             while group.len() < GROUP_FRAMES_MAX && raw < GROUP_RAW_BYTES_MAX {
@@ -179,6 +189,16 @@ impl Writer {
             }
             self.write_group(&mut group);
         }
+    }
+
+    /// Lets every output do what waits on the clock alone ([`Output::tick`]), then publishes
+    /// what they report.
+    fn tick(&mut self) {
+        for (output, c) in self.outputs.iter_mut().zip(&mut self.counters.outputs) {
+            output.tick();
+            output.report(c);
+        }
+        self.publish();
     }
 
     /// Writes, syncs and commits one group, then answers each of its frames.
@@ -353,7 +373,7 @@ impl Writer {
         let mut taken = Vec::with_capacity(self.outputs.len());
         for i in 0..self.outputs.len() {
             let started = Instant::now();
-            let result = self.outputs[i].write(records);
+            let result = self.outputs[i].write(records, &mut self.commits);
             let c = &mut self.counters.outputs[i];
             match result {
                 Ok(w) => {
@@ -516,7 +536,7 @@ mod tests {
         fn name(&self) -> &str {
             "probe"
         }
-        fn write(&mut self, records: &Records) -> Result<Written, WriteError> {
+        fn write(&mut self, records: &Records, _: &mut dyn Intents) -> Result<Written, WriteError> {
             self.calls.lock().unwrap().push(format!("write:{}", records.count));
             Ok(Written { records: records.count.into(), bytes: records.payload.len() as u64 })
         }
@@ -543,7 +563,7 @@ mod tests {
         fn report(&self, _: &mut OutputCounters) {}
     }
 
-    use super::super::output::Mark;
+    use super::super::output::{Intents, Mark};
 
     struct Rig {
         jobs: Sender<Job>,
@@ -676,10 +696,8 @@ mod tests {
         // Every frame committed, one record each: a restart finds them all written.
         drop(r);
         let state =
-            super::super::commit::recover(dir.path(), 3600, crate::os::Modes::DEFAULT, |_, _| {
-                Ok(())
-            })
-            .unwrap();
+            super::super::commit::recover(dir.path(), 3600, crate::os::Modes::DEFAULT, |_| Ok(()))
+                .unwrap();
         assert!((1..=5).all(|seq| state.windows[&(1, 0)].contains(seq)));
         assert!(!state.windows[&(1, 0)].contains(6));
     }
@@ -738,7 +756,7 @@ mod tests {
         assert_eq!((f.frames_duplicate, f.records_written), (2, 3));
         drop(r);
         let modes = crate::os::Modes::DEFAULT;
-        let state = super::super::commit::recover(dir.path(), 3600, modes, |_, _| Ok(())).unwrap();
+        let state = super::super::commit::recover(dir.path(), 3600, modes, |_| Ok(())).unwrap();
         let origin = &state.windows[&(1, 0)];
         assert_eq!((origin.below, origin.above.len()), (4, 0), "frames 1..=3 of the first run");
         let booked = &state.windows[&(2, 0)];

@@ -43,14 +43,14 @@
 //! refused connection or a timeout is an error: the frame is not acknowledged, the shipper
 //! backs off and resends); [`Output::undo`] forgets a body not sent (one sent stays).
 
-use std::collections::HashMap;
 use std::io;
 use std::time::Duration;
 
-use super::{Kind, Mark, Output, Records, Select, WriteError, Written};
+use super::{Intents, Kind, Mark, Output, Records, Select, WriteError, Written};
 use crate::config::receiver::ClickhouseSection;
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::OutputCounters;
+use crate::receiver::commit::LogState;
 
 /// The ClickHouse output as [`super::KINDS`] lists it.
 pub const KIND: Kind = Kind { recover, open };
@@ -62,7 +62,7 @@ const BODY_KEEP_BYTES_MAX: usize = 4 << 20;
 const DEAD_LETTER_SUFFIX: &[u8] = b"@dead_letter";
 
 /// Nothing to cut back: inserted rows stay ([`Kind::recover`]).
-fn recover(_: &ReceiverConfig, _: u64, _: &HashMap<String, u64>) -> io::Result<()> {
+fn recover(_: &ReceiverConfig, _: &LogState) -> io::Result<()> {
     Ok(())
 }
 
@@ -170,7 +170,7 @@ impl Output for ClickHouse {
     }
 
     /// Adds the records it selects to the group's insert; never fails.
-    fn write(&mut self, records: &Records) -> Result<Written, WriteError> {
+    fn write(&mut self, records: &Records, _: &mut dyn Intents) -> Result<Written, WriteError> {
         self.frame_start = self.body.len();
         let mut taken = 0;
         for rec in records.iter() {

@@ -78,10 +78,13 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
-use super::{Kind, Mark, Output, Records, Select, WriteError, Written, SELECT_CACHED_KEYS_MAX};
+use super::{
+    Intents, Kind, Mark, Output, Records, Select, WriteError, Written, SELECT_CACHED_KEYS_MAX,
+};
 use crate::config::kafka::{topic_valid, KafkaKey, KafkaSection, STREAM_PLACEHOLDER};
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::{KafkaFigures, OutputCounters};
+use crate::receiver::commit::LogState;
 
 /// The Kafka output as [`super::KINDS`] lists it.
 pub const KIND: Kind = Kind { recover, open };
@@ -109,7 +112,7 @@ pub fn descriptors(brokers: usize) -> usize {
 }
 
 /// Nothing to cut back: produced records stay ([`Kind::recover`]).
-fn recover(_: &ReceiverConfig, _: u64, _: &HashMap<String, u64>) -> io::Result<()> {
+fn recover(_: &ReceiverConfig, _: &LogState) -> io::Result<()> {
     Ok(())
 }
 
@@ -402,7 +405,7 @@ impl Output for Kafka {
     }
 
     /// Checks, then queues the records it selects; all refused if one cannot be produced.
-    fn write(&mut self, records: &Records) -> Result<Written, WriteError> {
+    fn write(&mut self, records: &Records, _: &mut dyn Intents) -> Result<Written, WriteError> {
         let taken = self.check(records)?;
         if taken == 0 {
             return Ok(Written::default());

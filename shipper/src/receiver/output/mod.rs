@@ -40,19 +40,24 @@
 //! ```
 //!
 //! # Operation
-//! 1. At start, before any shard runs, [`recover`] hands every kind of output the marks of the
-//!    generation that was running, read from the commit logs: each cuts what it wrote past
-//!    them, if it can (files: the newest file of each stream back to its committed end).
+//! 1. At start, before any shard runs, [`recover`] hands every kind of output the marks and
+//!    intents of the generation that was running, read from the commit logs: each cuts what
+//!    it wrote past them, if it can (files: the newest file of each stream back to its
+//!    committed end; one announced and never committed removed).
 //! 2. Per DATA frame of a group, on its shard's writer: [`Output::write`] on every output
 //!    (one that fails has taken its part back; those written before it [undo](Output::undo)
-//!    the frame), and the frame's commit record is staged, naming every output's
-//!    [`Output::marks`]. Then, per group: [`Output::sync`] on every output that took records
-//!    (one failure [discards](Output::discard) the group in all of them); then the staged
-//!    commit records are appended (one fdatasync; a failure discards the group too, see
-//!    above); then every output hears the group is [committed](Output::committed), and every
-//!    frame is acknowledged.
+//!    the frame; a file it will cut back is first announced through [`Intents`], appended to
+//!    the commit log and made durable at once), and the frame's commit record is staged,
+//!    naming every output's [`Output::marks`]. Then, per group: [`Output::sync`] on every
+//!    output that took records (one failure [discards](Output::discard) the group in all of
+//!    them); then the staged commit records are appended (one fdatasync; a failure discards
+//!    the group too, see above); then every output hears the group is
+//!    [committed](Output::committed), and every frame is acknowledged.
 //! 3. When the commit log is compacted, [`Output::checkpoint`] gives what the snapshot must
-//!    keep for recovery to cut nothing committed (files: every stream's current file and end).
+//!    keep for recovery to cut nothing committed (files: every live stream's current file and
+//!    end); the intents are dropped.
+//! 4. While a shard has no frame, about once a second, [`Output::tick`] (files: forget the
+//!    streams idle for `streams_idle_s`).
 
 pub mod clickhouse;
 pub mod files;
@@ -62,6 +67,7 @@ pub mod kafka;
 use std::collections::HashMap;
 use std::io;
 
+use super::commit::LogState;
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::OutputCounters;
 use crate::protocol::RecordIter;
@@ -111,8 +117,13 @@ pub trait Output: Send {
     /// Writes every record of `records` that it [selects](Select) (grouped by stream, as the
     /// output names them); returns the records and bytes taken (none: nothing to sync). All
     /// or nothing: on error, what it wrote of the frame is taken back, as far as the output
-    /// can ([`Output::undo`]).
-    fn write(&mut self, records: &Records) -> Result<Written, WriteError>;
+    /// can ([`Output::undo`]). A file it will cut back to its marks is announced to `intents`
+    /// before it is created.
+    fn write(
+        &mut self,
+        records: &Records,
+        intents: &mut dyn Intents,
+    ) -> Result<Written, WriteError>;
 
     /// Returns once everything [`Output::write`] wrote since the last sync (a group of
     /// frames) is durable, as the output's config says (files: fdatasync of the files the
@@ -146,6 +157,28 @@ pub trait Output: Send {
     /// Copies the output's own figures into its own counters (one set per output and shard,
     /// so that outputs never overwrite each other's gauges).
     fn report(&self, counters: &mut OutputCounters);
+
+    /// Called between groups, about once a second while the shard has no frame to write:
+    /// work that waits on the clock alone (files: forget the streams idle for
+    /// `streams_idle_s`). Nothing by default.
+    fn tick(&mut self) {}
+}
+
+/// Where an output announces the files it is about to create, before it creates them: the
+/// shard's commit log ([`super::commit::CommitLog`]), which makes the names durable first.
+/// Recovery cuts back (or removes) a file the log does not name only when it was announced.
+pub trait Intents {
+    /// Makes `names` (as the output's marks name them) durable as files about to be created.
+    fn intend(&mut self, names: &[&str]) -> io::Result<()>;
+}
+
+/// Intents kept in memory, for tests that write without a commit log.
+#[cfg(test)]
+impl Intents for Vec<String> {
+    fn intend(&mut self, names: &[&str]) -> io::Result<()> {
+        self.extend(names.iter().map(|n| n.to_string()));
+        Ok(())
+    }
 }
 
 /// What [`Output::write`] took of a frame.
@@ -193,9 +226,10 @@ impl Select {
 
 /// One kind of output: how it recovers after any stop, and how a shard opens it.
 pub struct Kind {
-    /// Cuts what the generation `gen` wrote past its marks (the largest of each name in the
-    /// commit logs), if the output can; removes what holds nothing committed.
-    pub recover: fn(&ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()>,
+    /// Cuts what the generation the logs name (`log.gen`) wrote past its marks (the largest of
+    /// each name in the commit logs), if the output can; removes what holds nothing committed
+    /// (a file announced, [`LogState::intents`], and never committed).
+    pub recover: fn(&ReceiverConfig, log: &LogState) -> io::Result<()>,
     /// The outputs of this kind the config names, opened for shard `shard` of generation `gen`.
     pub open: fn(&ReceiverConfig, gen: u64, shard: usize) -> Vec<Box<dyn Output>>,
 }
@@ -208,8 +242,8 @@ const KINDS: &[Kind] = &[files::KIND, clickhouse::KIND, kafka::KIND];
 const KINDS: &[Kind] = &[files::KIND, clickhouse::KIND];
 
 /// Recovers every kind of output (Operation, step 1).
-pub fn recover(config: &ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()> {
-    KINDS.iter().try_for_each(|kind| (kind.recover)(config, gen, marks))
+pub fn recover(config: &ReceiverConfig, log: &LogState) -> io::Result<()> {
+    KINDS.iter().try_for_each(|kind| (kind.recover)(config, log))
 }
 
 /// Every output of shard `shard` in generation `gen`, as the config names them.

@@ -3,15 +3,16 @@
 //!
 //! # Design constraints
 //! - It touches only files that will never be written or cut back again: those its shard
-//!   rotated away from (their stream has a newer file) and those of earlier generations
-//!   (recovery cut them before any shard started). A stream's current file is never touched,
-//!   so recovery, which cuts the newest file of each stream, never meets one compressed or
-//!   removed. The current file of a stream no longer written stays as it is until the next
-//!   start makes it a file of an earlier generation.
+//!   rotated away from (their stream has a newer file), the last files of streams its shard
+//!   forgot (`streams_idle_s`: written again, such a stream starts a new file), and those of
+//!   earlier generations (recovery cut them before any shard started). A live stream's
+//!   current file is never touched, so recovery, which cuts the newest file of each stream,
+//!   never meets one with uncommitted bytes compressed or removed.
 //! - Compression: `NAME.log` is streamed through zstd (level 3) into `NAME.log.zst.tmp`,
 //!   fdatasync'd, renamed to `NAME.log.zst`, the directory fsync'd, and only then `NAME.log`
-//!   removed. A crash leaves `NAME.log` whole; a `.tmp` is removed at the next start, and a
-//!   `NAME.log` beside a `NAME.log.zst` too (the rename made the compressed copy complete).
+//!   removed. A crash leaves `NAME.log` whole; a `.tmp` is removed at the next start (by its
+//!   own shard's janitor only: another's may be compressing already), and a `NAME.log` beside
+//!   a `NAME.log.zst` too (the rename made the compressed copy complete).
 //! - Retention: the rotated files it knows of its shard, compressed or not, oldest first
 //!   (earlier generations, then in the order they were rotated), are removed while they hold
 //!   more than `retention_bytes_max / receiver.workers` bytes, or were last written longer
@@ -33,7 +34,9 @@ use super::parse_file_name;
 const PASS_INTERVAL: Duration = Duration::from_secs(1);
 /// zstd level of compressed rotated files.
 const ZSTD_LEVEL: i32 = 3;
-const COMPRESSED_SUFFIX: &str = ".zst";
+pub(super) const COMPRESSED_SUFFIX: &str = ".zst";
+/// What a compression of `NAME.log` writes to before it is complete: `NAME.log.zst.tmp`.
+const TMP_SUFFIX: &str = ".zst.tmp";
 
 /// What the janitor of one shard's files output does, as its config says.
 #[derive(Clone, Debug)]
@@ -98,7 +101,7 @@ impl Janitor {
         Ok(Janitor { rotated, figures })
     }
 
-    /// Hands over a file its shard rotated away from.
+    /// Hands over a file its shard rotated away from, or the last file of a stream it forgot.
     pub fn rotated(&self, path: PathBuf) {
         // The thread ends only with the process (or by a panic, which ends the process).
         let _ = self.rotated.send(path);
@@ -136,13 +139,19 @@ impl Work {
             for f in files.flatten() {
                 let path = f.path();
                 let file = f.file_name().to_string_lossy().into_owned();
-                if file.ends_with(".zst.tmp") {
+                let tmp = file.strip_suffix(TMP_SUFFIX);
+                let base = tmp.or(file.strip_suffix(COMPRESSED_SUFFIX)).unwrap_or(&file);
+                let Some((gen, shard, index)) = parse_file_name(base) else { continue };
+                if shard % self.policy.workers != self.policy.shard {
+                    // Another shard's, even a temporary file: its janitor may be writing it.
+                    continue;
+                }
+                if tmp.is_some() {
+                    // Left by a crash: this janitor has not compressed anything yet.
                     let _ = fs::remove_file(&path);
                     continue;
                 }
-                let base = file.strip_suffix(COMPRESSED_SUFFIX).unwrap_or(&file);
-                let Some((gen, shard, index)) = parse_file_name(base) else { continue };
-                if gen >= self.policy.gen || shard % self.policy.workers != self.policy.shard {
+                if gen >= self.policy.gen {
                     continue;
                 }
                 if !file.ends_with(COMPRESSED_SUFFIX) && compressed(&path).exists() {
@@ -270,6 +279,27 @@ fn compress(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scan_leaves_another_shards_files_alone_even_temporary_ones() {
+        // Regression: every janitor's start-up scan removed every `.zst.tmp`, also the one
+        // another shard's janitor was compressing into, whose rename then failed as "not
+        // found" and left its file uncompressed until the next start.
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path().join("s");
+        fs::create_dir_all(&s).unwrap();
+        for name in ["g000004-c000-000000.log.zst.tmp", "g000004-c001-000000.log.zst.tmp"] {
+            fs::write(s.join(name), b"torn").unwrap();
+        }
+        fs::write(s.join("g000004-c001-000000.log"), b"x\n").unwrap();
+        let policy = Policy { workers: 2, ..policy(dir.path(), true, 0) };
+        let mut w = Work { policy, figures: Arc::default(), kept: Vec::new(), todo: Vec::new() };
+        w.scan();
+        assert!(!s.join("g000004-c000-000000.log.zst.tmp").exists(), "its own, left by a crash");
+        assert!(s.join("g000004-c001-000000.log.zst.tmp").exists());
+        assert!(s.join("g000004-c001-000000.log").exists());
+        assert_eq!(w.figures.compressed.load(Ordering::Relaxed), 0);
+    }
 
     fn policy(dir: &Path, compress: bool, bytes_max: u64) -> Policy {
         Policy { dir: dir.into(), shard: 0, workers: 1, gen: 5, compress, bytes_max, age_max_s: 0 }

@@ -5,17 +5,35 @@
 //!
 //! # Design constraints
 //! - A shard owns its files (`STREAM/gGEN-cSHARD-INDEX.log`), so no two threads append to
-//!   one file. At most `streams_max` streams per shard; records of further streams go to
-//!   `_other`. Records of frames flagged dead-letter go to `STREAM@dead_letter`.
+//!   one file. Records of frames flagged dead-letter go to `STREAM@dead_letter`.
+//! - At most `streams_max` live streams per shard: a stream is live from its first record
+//!   until `streams_idle_s` pass without one; then it is forgotten (its file closed and handed
+//!   to the janitor as a rotated one, its place freed), looked for once a second at most, on
+//!   a frame or on the writer's idle tick. Records of a stream that is not live go to
+//!   `_other` (counted, `records_folded`) only while `streams_max` streams are all live: a
+//!   burst of more than `streams_max` streams written within `streams_idle_s` of each other.
+//!   `_other` stays for that burst rather than forgetting busy streams to make room: each
+//!   stream costs a directory and a file, and a sender inventing keys (request ids as
+//!   `service`) would otherwise create them as fast as it sends, each new file with an
+//!   fdatasync'd intent; bounded, it creates at most `streams_max` per `streams_idle_s`.
+//! - A stream written again after it was forgotten starts a new file, numbered one past the
+//!   highest of its (stream, generation, shard) on disk (`.log` or `.log.zst`): never appends
+//!   to, nor replaces, its last one, which the janitor may be compressing. Finding it is one
+//!   read of the stream's directory, paid only when a stream that is not live is written.
 //! - At most `files_open_max` stream files open per shard. Writing to a stream whose file is
 //!   closed, with that many open, first closes the least recently written one (fdatasync'd
 //!   first when the frame being written touched it); the closed stream's next write opens its
 //!   current file again and appends to it: no new file, no new name. Finding the least recent
 //!   is a scan over the shard's streams (at most `streams_max` + 2), paid only when a file is
-//!   opened, next to the cost of the open(2) itself. Every stream keeps its current file's
-//!   name and end while closed: [`Output::checkpoint`] gives them all to commit-log
-//!   compaction, since recovery cuts a stream's newest file back to the end the log names and
-//!   removes it when the log names none.
+//!   opened, next to the cost of the open(2) itself.
+//! - Recovery cuts a stream's newest file back to the end the commit log names, and removes
+//!   or cuts one the log does not name only when an intent announced it. So: every file is
+//!   announced ([`Intents`], an fdatasync'd record of the commit log) before it is created:
+//!   a stream's first, its next at rotation, its first after it was forgotten (one record for
+//!   every file a frame creates; rare next to frames). [`Output::checkpoint`] gives commit-log
+//!   compaction every live stream's current file and end, open or closed (at most
+//!   `streams_max` + 2), and the intents are dropped: a forgotten stream's last file, never
+//!   written again and all of it committed, is then named by nothing and left whole.
 //! - A stream name is at most [`STREAM_NAME_BYTES_MAX`] (200) bytes, so that with the longest
 //!   suffix appended (`@dead_letter`, 12 bytes) it stays under the 255 bytes a file name may
 //!   have, with room to spare. It is the key with every byte outside `[A-Za-z0-9._-]` replaced
@@ -26,7 +44,8 @@
 //!   shortened name is counted (`names_shortened`).
 //! - Only the newest file of a (stream, shard) can hold uncommitted bytes: files rotate
 //!   between groups of frames (a file may pass `file_bytes_max` by what one group wrote to
-//!   it), and a failed write is cut back before the shard goes on.
+//!   it), a stream is forgotten only between groups, and a failed write is cut back before the
+//!   shard goes on.
 //!
 //! # Format
 //! ```text
@@ -34,22 +53,29 @@
 //! DIRECTORY/STREAM@dead_letter/gGEN-cSHARD-INDEX.log records of dead-lettered frames
 //! STREAM = sanitised key                            when it has at most 200 bytes
 //!        | sanitised key[..183] '~' hex16(fnv1a64(key))   otherwise (200 bytes)
+//! INDEX  = 0 | previous INDEX + 1 (rotation) | highest on disk + 1 (written again)
 //! Mark   = (STREAM/gGEN-cSHARD-INDEX.log, end in bytes)   per file a frame touched
+//! Intent = STREAM/gGEN-cSHARD-INDEX.log                   per file a frame creates
 //! ```
 //!
 //! # Operation
-//! [`Output::write`] groups a frame's records by stream, appends each group with one write
-//! (opening the stream's file first if it was closed, closing the least recently written one
-//! if `files_open_max` are open), and on any failure cuts every touched file back to where it
-//! was (a file closed meanwhile is opened for the cut alone), so a frame is in the output
+//! [`Output::write`] first forgets the idle streams (once a second at most), then groups a
+//! frame's records by stream, announces the files the groups will create (one intent record
+//! for all of them, before any is created), and appends each group with one write (opening
+//! the stream's file first if it was closed, closing the least recently written one if
+//! `files_open_max` are open); on any failure it cuts every touched file back to where it was
+//! (a file closed meanwhile is opened for the cut alone), so a frame is in the output
 //! entirely or not at all. [`Output::marks`] names each touched file and its new end for the
 //! frame's commit record; [`Output::undo`] cuts them back to before the frame. Per group,
 //! [`Output::sync`] fdatasyncs every file the group touched (with `fsync` on), and
-//! [`Output::discard`] cuts each back to its size before the group. At start, [`recover`] cuts the newest file of each (stream, shard) of the
-//! generation that was running back to its committed end, removing it when nothing in it was
-//! committed.
+//! [`Output::discard`] cuts each back to its size before the group. [`Output::tick`] forgets
+//! idle streams while no frame comes. At start, [`recover`] cuts the newest file of each
+//! (stream, shard) of the generation that was running back to its committed end, removing it
+//! when nothing in it was committed; one the log neither names nor announced is a forgotten
+//! stream's finished file and stays whole (logs without intents, of an older version, name
+//! every current file: there a file not named is removed, as it always was).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -57,10 +83,11 @@ use std::path::{Path, PathBuf};
 pub mod format;
 pub mod janitor;
 
-use super::{Kind, Mark, Output, Records, Select, WriteError, Written};
+use super::{Intents, Kind, Mark, Output, Records, Select, WriteError, Written};
 use crate::config::receiver::OutputSection;
 use crate::config::ReceiverConfig;
 use crate::metrics::receiver::OutputCounters;
+use crate::receiver::commit::LogState;
 
 /// The files output as [`super::KINDS`] lists it.
 pub const KIND: Kind = Kind { recover, open };
@@ -87,6 +114,9 @@ struct StreamFile {
     used: u64,
     /// When it was created, in seconds since the Unix epoch (for `file_age_max_s`).
     created_s: u64,
+    /// When the stream was last written, in seconds since the Unix epoch (for
+    /// `streams_idle_s`).
+    written_s: u64,
     /// Its size before the group of frames being written first touched it, until the group
     /// is committed: such a file is not rotated (it would hold uncommitted bytes).
     group_before: Option<u64>,
@@ -116,10 +146,15 @@ pub struct Files {
     file_bytes_max: u64,
     fsync: bool,
     streams_max: usize,
+    /// A stream not written for this long is forgotten (`streams_idle_s`; 0: never).
+    streams_idle_s: u64,
+    /// [`Files::now_s`] when the streams were last looked at for idle ones.
+    swept_s: u64,
     files_open_max: usize,
     /// Modes of the stream files and directories created (`output.file_mode`, `dir_mode`).
     modes: crate::os::Modes,
-    /// Every stream written by this shard and its current file, open or closed.
+    /// Every live stream of this shard (written within `streams_idle_s`) and its current
+    /// file, open or closed.
     streams: HashMap<String, StreamFile>,
     names: HashMap<Vec<u8>, String>,
     names_dead_letter: HashMap<Vec<u8>, String>,
@@ -127,7 +162,7 @@ pub struct Files {
     files_open: usize,
     /// Counts appends; orders the streams by their last write.
     clock: u64,
-    /// Records written to `_other` because `streams_max` streams were open.
+    /// Records written to `_other` because `streams_max` streams were live.
     pub records_folded: u64,
     /// Streams created under a shortened name (a key too long for a file name).
     pub names_shortened: u64,
@@ -137,7 +172,11 @@ pub struct Files {
     pub files_open_peak: usize,
     /// Files rotated (by size or age).
     pub rotations: u64,
+    /// Streams forgotten after `streams_idle_s` without a record.
+    pub streams_forgotten: u64,
     groups: Vec<(String, Vec<u8>)>,
+    /// The files the frame being written creates, announced: (stream, index).
+    created: Vec<(String, u64)>,
     /// The files the frame written last touched, until the next frame.
     touched: Vec<Touched>,
     /// The streams the group being written touched (each with its `group_before`).
@@ -215,18 +254,20 @@ pub fn mark_prefix(name: &str) -> String {
     }
 }
 
-/// Cuts the files of generation `gen` of every files output back to their committed ends
-/// ([`Kind::recover`]), each output reading the marks with its prefix.
-fn recover(config: &ReceiverConfig, gen: u64, marks: &HashMap<String, u64>) -> io::Result<()> {
+/// Cuts the files of the generation the logs name of every files output back to their
+/// committed ends ([`Kind::recover`]), each output reading the marks and intents with its
+/// prefix.
+fn recover(config: &ReceiverConfig, log: &LogState) -> io::Result<()> {
     for o in config.file_outputs() {
         let modes = o.modes();
         modes.create_dir_all(&o.directory)?;
         let prefix = mark_prefix(&o.name);
-        let ends: HashMap<String, u64> = marks
-            .iter()
-            .filter_map(|(m, &end)| Some((m.strip_prefix(prefix.as_str())?.to_string(), end)))
-            .collect();
-        cut_uncommitted(&o.directory, gen, &ends)?;
+        let strip = |m: &String| Some(m.strip_prefix(prefix.as_str())?.to_string());
+        let ends: HashMap<String, u64> =
+            log.marks.iter().filter_map(|(m, &end)| Some((strip(m)?, end))).collect();
+        let announced: Option<HashSet<String>> =
+            log.intents().map(|i| i.iter().filter_map(strip).collect());
+        cut_uncommitted(&o.directory, log.gen, &ends, announced.as_ref())?;
     }
     Ok(())
 }
@@ -247,12 +288,24 @@ fn parse_file_name(name: &str) -> Option<(u64, usize, u64)> {
 }
 
 /// Cuts the newest file of each (stream, shard) of generation `gen` in `out` back to its
-/// committed end in `ends`, removing it when it has none.
-pub fn cut_uncommitted(out: &Path, gen: u64, ends: &HashMap<String, u64>) -> io::Result<()> {
+/// committed end in `ends`, removing it when that is 0. One that `ends` does not name is
+/// removed when `announced` names it (created, never committed) or is `None` (logs of format
+/// 1, which name every stream's current file); else it is the last file of a stream forgotten
+/// before the log was compacted, finished and all of it committed, and stays whole.
+pub fn cut_uncommitted(
+    out: &Path,
+    gen: u64,
+    ends: &HashMap<String, u64>,
+    announced: Option<&HashSet<String>>,
+) -> io::Result<()> {
     for ((stream, _), (_, name)) in newest_files(out, gen)? {
         let rel = format!("{stream}/{name}");
         let path = out.join(&rel);
-        let end = ends.get(&rel).copied().unwrap_or(0);
+        let end = match ends.get(&rel) {
+            Some(&end) => end,
+            None if announced.is_some_and(|a| !a.contains(&rel)) => continue,
+            None => 0,
+        };
         let len = fs::metadata(&path)?.len();
         if end == 0 {
             tracing::info!(file = %rel, bytes = len, "removing output file with no committed frame");
@@ -306,8 +359,12 @@ impl Output for Files {
         &self.name
     }
 
-    fn write(&mut self, records: &Records) -> Result<Written, WriteError> {
-        self.append_frame(records).map_err(|e| {
+    fn write(
+        &mut self,
+        records: &Records,
+        intents: &mut dyn Intents,
+    ) -> Result<Written, WriteError> {
+        self.append_frame(records, intents).map_err(|e| {
             if never_writable(&e) {
                 WriteError::Refused(e)
             } else {
@@ -368,11 +425,19 @@ impl Output for Files {
         marks.extend(self.touched.iter().map(|t| (t.mark.as_str(), t.after)));
     }
 
-    /// The current file of every stream, open or closed, and its end: recovery cuts each
-    /// stream's newest file back to the end the log names (and removes it when the log names
-    /// none).
+    /// The current file of every live stream, open or closed, and its end (at most
+    /// `streams_max` + 2): recovery cuts each stream's newest file back to the end the log
+    /// names (and removes it when that is 0). A forgotten stream's last file is not named: it
+    /// is never written again, and recovery leaves whole a file the log neither names nor
+    /// announced.
     fn checkpoint<'a>(&'a self, marks: &mut Vec<Mark<'a>>) {
         marks.extend(self.streams.values().map(|s| (s.mark.as_str(), s.size)));
+    }
+
+    /// Forgets the streams idle for `streams_idle_s` while no frame comes.
+    fn tick(&mut self) {
+        self.now_s = crate::clock::unix_us() / 1_000_000;
+        self.forget_idle();
     }
 
     fn report(&self, counters: &mut OutputCounters) {
@@ -384,6 +449,7 @@ impl Output for Files {
         f.records_folded = self.records_folded;
         f.stream_names_shortened = self.names_shortened;
         f.rotations = self.rotations;
+        f.streams_forgotten = self.streams_forgotten;
         if let Some(j) = &self.janitor {
             use std::sync::atomic::Ordering::Relaxed;
             f.files_compressed = j.figures.compressed.load(Relaxed);
@@ -408,6 +474,8 @@ impl Files {
             file_bytes_max: config.file_bytes_max,
             fsync: config.fsync,
             streams_max: config.streams_max,
+            streams_idle_s: config.streams_idle_s,
+            swept_s: 0,
             files_open_max: config.files_open_max,
             modes: config.modes(),
             streams: HashMap::new(),
@@ -420,7 +488,9 @@ impl Files {
             files_closed: 0,
             files_open_peak: 0,
             rotations: 0,
+            streams_forgotten: 0,
             groups: Vec::new(),
+            created: Vec::new(),
             touched: Vec::new(),
             group: Vec::new(),
             format: format::LineFormat::new(config.format),
@@ -448,7 +518,7 @@ impl Files {
         Ok(self)
     }
 
-    /// Streams written by this shard, each with a current file (open or closed).
+    /// Live streams of this shard, each with a current file (open or closed).
     pub fn streams_open(&self) -> usize {
         self.streams.len()
     }
@@ -458,7 +528,8 @@ impl Files {
         self.files_open
     }
 
-    /// The stream of records with `key`; past `streams_max` streams, `_other` (counted).
+    /// The stream of records with `key`; with `streams_max` streams live (none idle for
+    /// `streams_idle_s`, see [`Files::forget_idle`]), `_other` (counted).
     /// Dead-lettered records go to `STREAM@dead_letter` (`@` never occurs in a stream name).
     fn stream_for(&mut self, key: &[u8], dead_letter: bool) -> &str {
         let names = if dead_letter { &mut self.names_dead_letter } else { &mut self.names };
@@ -481,15 +552,46 @@ impl Files {
 
     /// Writes every record of a validated frame that the output selects, grouped by stream;
     /// returns the records and bytes. On failure, every file it touched is cut back.
-    fn append_frame(&mut self, records: &Records) -> io::Result<Written> {
+    fn append_frame(
+        &mut self,
+        records: &Records,
+        intents: &mut dyn Intents,
+    ) -> io::Result<Written> {
         self.touched.clear();
+        let now_us = crate::clock::unix_us();
+        self.now_s = now_us / 1_000_000;
+        // Before routing: a stream forgotten makes room for one of this frame.
+        self.forget_idle();
         let mut groups = std::mem::take(&mut self.groups);
+        let result = self.group_frame(records, now_us, &mut groups).and_then(|taken| {
+            self.announce(&groups, intents)?;
+            Ok(Written { records: taken, bytes: self.append_groups(&groups)? })
+        });
+        // Keep the buffers for the next frame, but not a large frame's worth of them: at most
+        // GROUP_KEEP_BYTES_MAX over all the streams, however many there are.
+        let mut kept = 0;
         for g in &mut groups {
+            if kept + g.1.capacity() > GROUP_KEEP_BYTES_MAX {
+                g.1 = Vec::new();
+            }
+            kept += g.1.capacity();
+        }
+        self.groups = groups;
+        result
+    }
+
+    /// Formats the records of a frame that the output selects into `groups`, one per stream;
+    /// returns how many it took.
+    fn group_frame(
+        &mut self,
+        records: &Records,
+        now_us: u64,
+        groups: &mut Vec<(String, Vec<u8>)>,
+    ) -> io::Result<u64> {
+        for g in groups.iter_mut() {
             g.1.clear();
         }
         let mut taken = 0;
-        let now_us = crate::clock::unix_us();
-        self.now_s = now_us / 1_000_000;
         self.format.frame(records.sender, now_us);
         for rec in records.iter() {
             let (key, body) = rec.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -507,18 +609,93 @@ impl Files {
             };
             self.format.line(key, body, &mut groups[slot].1);
         }
-        let result = self.append_groups(&groups);
-        // Keep the buffers for the next frame, but not a large frame's worth of them: at most
-        // GROUP_KEEP_BYTES_MAX over all the streams, however many there are.
-        let mut kept = 0;
-        for g in &mut groups {
-            if kept + g.1.capacity() > GROUP_KEEP_BYTES_MAX {
-                g.1 = Vec::new();
-            }
-            kept += g.1.capacity();
+        Ok(taken)
+    }
+
+    /// Announces to `intents` the files this frame's groups will create (a new stream's
+    /// first, a full or old file's next, a forgotten stream's first since), before any is
+    /// created; keeps their indexes in `created` for [`Files::append`].
+    fn announce(
+        &mut self,
+        groups: &[(String, Vec<u8>)],
+        intents: &mut dyn Intents,
+    ) -> io::Result<()> {
+        self.created.clear();
+        for (name, _) in groups.iter().filter(|g| !g.1.is_empty()) {
+            let index = match self.streams.get(name) {
+                Some(s) if !self.needs_file(s) => continue,
+                Some(s) => s.index + 1,
+                None => self.next_index(name)?,
+            };
+            self.created.push((name.clone(), index));
         }
-        self.groups = groups;
-        result.map(|bytes| Written { records: taken, bytes })
+        if self.created.is_empty() {
+            return Ok(());
+        }
+        let (prefix, gen, shard) = (&self.prefix, self.gen, self.shard);
+        let marks: Vec<String> = (self.created.iter())
+            .map(|(name, index)| format!("{prefix}{}", file_name(name, gen, shard, *index)))
+            .collect();
+        intents.intend(&marks.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// The index of a new first file of stream `name`: one past the highest of this
+    /// generation and shard on disk (`.log` or `.log.zst`), so that a stream written again
+    /// after it was forgotten never appends to, nor replaces, a file of before; else 0.
+    fn next_index(&self, name: &str) -> io::Result<u64> {
+        let entries = match fs::read_dir(self.dir.join(name)) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut next = 0;
+        for entry in entries {
+            let file = entry?.file_name();
+            let file = file.to_string_lossy();
+            let base = file.strip_suffix(janitor::COMPRESSED_SUFFIX).unwrap_or(&file);
+            match parse_file_name(base) {
+                Some((g, shard, index)) if (g, shard) == (self.gen, self.shard) => {
+                    next = next.max(index + 1);
+                }
+                _ => {}
+            }
+        }
+        Ok(next)
+    }
+
+    /// Forgets the streams not written for `streams_idle_s` (looked for once a second at
+    /// most, and only between groups: nothing written is uncommitted): each file is closed
+    /// and handed to the janitor as a rotated one, and the stream's place is free for
+    /// another. Written again, a stream starts a new file ([`Files::next_index`]): its last
+    /// one is never written again, so recovery leaves it whole once no log names it.
+    fn forget_idle(&mut self) {
+        if self.streams_idle_s == 0 || self.now_s == self.swept_s || !self.group.is_empty() {
+            return;
+        }
+        self.swept_s = self.now_s;
+        let (now_s, idle_s) = (self.now_s, self.streams_idle_s);
+        let before = self.streams.len();
+        let (dir, janitor, files_open) = (&self.dir, &self.janitor, &mut self.files_open);
+        self.streams.retain(|_, s| {
+            if s.group_before.is_some() || now_s.saturating_sub(s.written_s) < idle_s {
+                return true;
+            }
+            if s.file.take().is_some() {
+                *files_open -= 1;
+            }
+            if let Some(j) = janitor {
+                j.rotated(dir.join(&s.rel));
+            }
+            false
+        });
+        let forgotten = before - self.streams.len();
+        if forgotten > 0 {
+            self.streams_forgotten += forgotten as u64;
+            // Keys of the streams forgotten (and of any whose first write failed).
+            let streams = &self.streams;
+            self.names.retain(|_, name| streams.contains_key(name));
+            self.names_dead_letter.retain(|_, name| streams.contains_key(name));
+        }
     }
 
     fn append_groups(&mut self, groups: &[(String, Vec<u8>)]) -> io::Result<u64> {
@@ -543,15 +720,19 @@ impl Files {
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<Touched> {
         self.clock += 1;
         match self.streams.get(name) {
-            Some(s) if !self.due(s) || s.group_before.is_some() => {
+            Some(s) if !self.needs_file(s) => {
                 if s.file.is_none() {
                     self.reopen(name)?;
                 }
             }
-            _ => self.rotate(name)?,
+            _ => {
+                let created = self.created.iter().find(|c| c.0 == name);
+                self.rotate(name, created.expect("announced before the append").1)?;
+            }
         }
         let s = self.streams.get_mut(name).expect("opened above");
         s.used = self.clock;
+        s.written_s = self.now_s;
         let before = s.size;
         let file = s.file.as_mut().expect("opened above");
         if let Err(e) = file.write_all(data) {
@@ -566,29 +747,31 @@ impl Files {
         s.unsynced = self.fsync;
         Ok(Touched { mark: s.mark.clone(), before, after: s.size })
     }
+    /// Whether stream `s` starts a new file before its next write: its file is due and holds
+    /// nothing of the group being written (or it would hold uncommitted bytes when rotated).
+    fn needs_file(&self, s: &StreamFile) -> bool {
+        s.group_before.is_none() && self.due(s)
+    }
+
     /// Whether stream file `s` is to be rotated before its next write: full, or old.
     fn due(&self, s: &StreamFile) -> bool {
         let age_s = self.now_s.saturating_sub(s.created_s);
         s.size >= self.file_bytes_max || (self.file_age_max_s > 0 && age_s >= self.file_age_max_s)
     }
 
-    /// Starts stream `name`'s next file (its first, for a new stream). The full file is
-    /// closed first: it holds nothing of the group being written (see `group_before`), and
-    /// anything before is synced.
-    fn rotate(&mut self, name: &str) -> io::Result<()> {
-        let index = match self.streams.get_mut(name) {
-            Some(s) => {
-                if s.file.take().is_some() {
-                    self.files_open -= 1;
-                }
-                if let Some(j) = &self.janitor {
-                    j.rotated(self.dir.join(&s.rel));
-                }
-                self.rotations += 1;
-                s.index + 1
+    /// Starts stream `name`'s file number `index` (announced): its next, or its first for a
+    /// stream not live. The full file is closed first: it holds nothing of the group being
+    /// written (see `group_before`), and anything before is synced.
+    fn rotate(&mut self, name: &str, index: u64) -> io::Result<()> {
+        if let Some(s) = self.streams.get_mut(name) {
+            if s.file.take().is_some() {
+                self.files_open -= 1;
             }
-            None => 0,
-        };
+            if let Some(j) = &self.janitor {
+                j.rotated(self.dir.join(&s.rel));
+            }
+            self.rotations += 1;
+        }
         let rel = file_name(name, self.gen, self.shard, index);
         let path = self.dir.join(&rel);
         self.modes.create_dir_all(path.parent().expect("stream dir"))?;
@@ -605,6 +788,7 @@ impl Files {
             unsynced: false,
             group_before: None,
             created_s: self.now_s,
+            written_s: self.now_s,
         };
         self.streams.insert(name.to_string(), s);
         Ok(())
@@ -688,7 +872,8 @@ impl Files {
         count: u32,
         dead_letter: bool,
     ) -> Result<(Vec<(String, u64)>, u64), WriteError> {
-        let bytes = self.write(&Records { payload, count, dead_letter, sender: "test" })?.bytes;
+        let records = Records { payload, count, dead_letter, sender: "test" };
+        let bytes = self.write(&records, &mut Vec::new())?.bytes;
         if let Err(e) = self.sync() {
             self.discard();
             return Err(WriteError::Failed(e));
@@ -723,6 +908,7 @@ pub fn test_config(dir: &Path, file_bytes_max: u64, streams_max: usize) -> Outpu
         dir_mode: "0750".into(),
         format: Default::default(),
         file_age_max_s: 0,
+        streams_idle_s: 0,
         compress_rotated: false,
         retention_bytes_max: 0,
         retention_age_s: 0,
@@ -905,7 +1091,7 @@ mod files_open_tests {
 
     /// Recovers `dir` as `shipper receive` does at start.
     fn recover(dir: &Path) -> commit::LogState {
-        let cut = |gen, marks: &HashMap<String, u64>| cut_uncommitted(dir, gen, marks);
+        let cut = |log: &commit::LogState| cut_uncommitted(dir, log.gen, &log.marks, log.intents());
         commit::recover(dir, 3600, crate::os::Modes::DEFAULT, cut).unwrap()
     }
 
@@ -1038,21 +1224,210 @@ mod several_outputs_tests {
         let records = Records { payload: &payload, count: 1, dead_letter: false, sender: "t" };
         let mut marks = HashMap::new();
         for out in &mut outs {
-            assert_eq!(out.write(&records).unwrap(), Written { records: 1, bytes: 4 });
+            let written = out.write(&records, &mut Vec::new()).unwrap();
+            assert_eq!(written, Written { records: 1, bytes: 4 });
             out.sync().unwrap();
             commit(out.as_ref(), &mut marks);
         }
         // A frame to `files` alone, never committed; one to `b` alone, committed.
-        outs[0].write(&records).unwrap();
-        outs[1].write(&records).unwrap();
+        outs[0].write(&records, &mut Vec::new()).unwrap();
+        outs[1].write(&records, &mut Vec::new()).unwrap();
         commit(outs[1].as_ref(), &mut marks);
         let mut names: Vec<(&str, u64)> = marks.iter().map(|(n, e)| (n.as_str(), *e)).collect();
         names.sort();
         let rel = "x/g000001-c000-000000.log";
         assert_eq!(names, [("file:b:x/g000001-c000-000000.log", 8), (rel, 4)]);
         drop(outs);
-        recover(&config, 1, &marks).unwrap();
+        let log = LogState { gen: 1, marks, ..Default::default() };
+        recover(&config, &log).unwrap();
         let read = |o: &str| fs::read_to_string(dir.path().join(o).join(rel)).unwrap();
         assert_eq!((read("a"), read("b")), ("x:1\n".to_string(), "x:1\nx:1\n".to_string()));
+    }
+}
+
+#[cfg(test)]
+mod forget_tests {
+    use std::fs;
+
+    use super::*;
+    use crate::protocol::RecordWriter;
+    use crate::receiver::commit::{self, CommitLog};
+
+    /// One frame of one record per key, each body `key:n`.
+    fn frame(keys: &[&str], n: u64) -> (Vec<u8>, u32) {
+        let mut payload = Vec::new();
+        for k in keys {
+            RecordWriter::push(&mut payload, k.as_bytes(), format!("{k}:{n}").as_bytes());
+        }
+        (payload, keys.len() as u32)
+    }
+
+    /// The files output of generation `gen`, shard 0, forgetting streams idle for a minute.
+    fn output(dir: &Path, gen: u64, streams_max: usize, file_bytes_max: u64) -> Files {
+        let config =
+            OutputSection { streams_idle_s: 60, ..test_config(dir, file_bytes_max, streams_max) };
+        Files::new(&config, gen, 0)
+    }
+
+    /// Writes frame `seq` as a writer does: its new files announced to `log`, the frame
+    /// synced, then committed (unless `commit` is false: the crash comes first).
+    fn write(out: &mut Files, log: &mut CommitLog, seq: u64, keys: &[&str], commit: bool) {
+        let (payload, count) = frame(keys, seq);
+        let records = Records { payload: &payload, count, dead_letter: false, sender: "t" };
+        out.write(&records, log).unwrap();
+        out.sync().unwrap();
+        if commit {
+            let mut marks = Vec::new();
+            out.marks(&mut marks);
+            log.commit((7, 0), seq, &marks).unwrap();
+            out.committed();
+        }
+    }
+
+    /// Makes `streams` idle past `streams_idle_s` (last written in 1970) and lets the output
+    /// forget them.
+    fn forget(out: &mut Files, streams: &[&str]) {
+        for s in streams {
+            out.streams.get_mut(*s).unwrap().written_s = 0;
+        }
+        out.swept_s = 0;
+        out.tick();
+    }
+
+    /// Recovers `dir` as `shipper receive` does at start; returns the new generation.
+    fn recover(dir: &Path) -> u64 {
+        let cut = |log: &commit::LogState| cut_uncommitted(dir, log.gen, &log.marks, log.intents());
+        commit::recover(dir, 3600, crate::os::Modes::DEFAULT, cut).unwrap().gen
+    }
+
+    fn read(dir: &Path, rel: &str) -> String {
+        fs::read_to_string(dir.join(rel)).unwrap_or_else(|e| format!("{rel}: {e}"))
+    }
+
+    fn names(dir: &Path, stream: &str) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join(stream))
+            .unwrap()
+            .map(|f| f.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_forgotten_streams_place_goes_to_a_new_stream() {
+        // Regression: the stream map never forgot a stream, so past `streams_max` every new
+        // stream was written to `_other` until the receiver restarted.
+        let dir = tempfile::tempdir().unwrap();
+        let gen = recover(dir.path());
+        let mut out = output(dir.path(), gen, 2, 1 << 20);
+        let mut log = CommitLog::create(dir.path(), 0, false, crate::os::Modes::DEFAULT).unwrap();
+        write(&mut out, &mut log, 1, &["a", "b", "c"], true);
+        assert_eq!((out.records_folded, out.streams_open()), (1, 3), "a, b and _other");
+        forget(&mut out, &["a", "b", OTHER_STREAM]);
+        assert_eq!((out.streams_forgotten, out.streams_open(), out.files_open()), (3, 0, 0));
+        write(&mut out, &mut log, 2, &["c", "d"], true);
+        assert_eq!((out.records_folded, out.streams_open()), (1, 2));
+        assert_eq!(read(dir.path(), "c/g000001-c000-000000.log"), "c:2\n");
+        assert_eq!(read(dir.path(), "_other/g000001-c000-000000.log"), "c:1\n");
+        // A stream written within `streams_idle_s` is not forgotten: `c` and `d` were just now.
+        out.swept_s = 0;
+        out.tick();
+        assert_eq!(out.streams_forgotten, 3);
+    }
+
+    #[test]
+    fn a_stream_written_again_starts_the_file_after_its_last_compressed_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let gen = recover(dir.path());
+        let mut out = output(dir.path(), gen, 4, 1 << 20);
+        let mut log = CommitLog::create(dir.path(), 0, false, crate::os::Modes::DEFAULT).unwrap();
+        write(&mut out, &mut log, 1, &["a"], true);
+        forget(&mut out, &["a"]);
+        write(&mut out, &mut log, 2, &["a"], true);
+        assert_eq!(names(dir.path(), "a"), ["g000001-c000-000000.log", "g000001-c000-000001.log"]);
+        assert_eq!(read(dir.path(), "a/g000001-c000-000000.log"), "a:1\n", "never appended to");
+        // The janitor compressed file 1 meanwhile (a file of another shard does not count).
+        forget(&mut out, &["a"]);
+        let a = dir.path().join("a");
+        fs::rename(a.join("g000001-c000-000001.log"), a.join("g000001-c000-000001.log.zst"))
+            .unwrap();
+        fs::write(a.join("g000001-c001-000007.log"), "").unwrap();
+        write(&mut out, &mut log, 3, &["a"], true);
+        assert_eq!(read(dir.path(), "a/g000001-c000-000002.log"), "a:3\n");
+        assert_eq!(out.streams_forgotten, 2);
+    }
+
+    #[test]
+    fn a_forgotten_streams_committed_file_stays_whole_across_compaction_and_a_crash() {
+        // Regression guard: a checkpoint of live streams alone left a forgotten stream's last
+        // file unnamed, and recovery removed what the log did not name: acknowledged lines.
+        let dir = tempfile::tempdir().unwrap();
+        let gen = recover(dir.path());
+        let mut out = output(dir.path(), gen, 4, 1 << 20);
+        let mut log = CommitLog::create(dir.path(), 0, true, crate::os::Modes::DEFAULT).unwrap();
+        write(&mut out, &mut log, 1, &["a", "b"], true);
+        write(&mut out, &mut log, 2, &["a"], true);
+        forget(&mut out, &["a"]);
+        log.compact(std::iter::empty(), &out.current_files()).unwrap();
+        assert_eq!(out.current_files(), [("b/g000001-c000-000000.log".to_string(), 4)]);
+        // Then `b` takes a frame that is written but never committed: the crash.
+        write(&mut out, &mut log, 3, &["b"], false);
+        drop((out, log));
+        recover(dir.path());
+        assert_eq!(read(dir.path(), "a/g000001-c000-000000.log"), "a:1\na:2\n", "kept whole");
+        assert_eq!(read(dir.path(), "b/g000001-c000-000000.log"), "b:1\n", "cut back");
+    }
+
+    #[test]
+    fn a_file_announced_and_never_committed_is_removed_and_one_committed_is_cut_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let gen = recover(dir.path());
+        // 4096 bytes a file: one frame of 1024 records of `a` fills one.
+        let mut out = output(dir.path(), gen, 4, 4096);
+        let mut log = CommitLog::create(dir.path(), 0, true, crate::os::Modes::DEFAULT).unwrap();
+        let many = vec!["a"; 1024];
+        write(&mut out, &mut log, 1, &many, true);
+        write(&mut out, &mut log, 2, &["b"], true);
+        log.compact(std::iter::empty(), &out.current_files()).unwrap();
+        forget(&mut out, &["b"]);
+        // Uncommitted: `a` rotates to file 1, `b` returns to file 1, `c` is new; `d` is
+        // committed once, then has a frame more.
+        write(&mut out, &mut log, 3, &["d"], true);
+        write(&mut out, &mut log, 4, &["a", "b", "c", "d"], false);
+        assert_eq!(names(dir.path(), "a"), ["g000001-c000-000000.log", "g000001-c000-000001.log"]);
+        drop((out, log));
+        recover(dir.path());
+        assert_eq!(names(dir.path(), "a"), ["g000001-c000-000000.log"]);
+        assert_eq!(read(dir.path(), "a/g000001-c000-000000.log"), "a:1\n".repeat(1024));
+        assert_eq!(names(dir.path(), "b"), ["g000001-c000-000000.log"]);
+        assert_eq!(read(dir.path(), "b/g000001-c000-000000.log"), "b:2\n");
+        assert_eq!(names(dir.path(), "c"), Vec::<String>::new());
+        assert_eq!(read(dir.path(), "d/g000001-c000-000000.log"), "d:3\n");
+    }
+
+    #[test]
+    fn a_log_without_intents_is_recovered_as_before() {
+        // A receiver upgraded over the logs of a version before intents: such a log names
+        // every stream's current file, so a newest file it does not name was never committed.
+        let dir = tempfile::tempdir().unwrap();
+        let gen = recover(dir.path());
+        let mut out = output(dir.path(), gen, 4, 1 << 20);
+        let mut log = CommitLog::create_format_1(dir.path(), 0).unwrap();
+        let mut none = Vec::new();
+        for (seq, keys, commit) in [(1, &["a", "b"][..], true), (2, &["a", "c"], false)] {
+            let (payload, count) = frame(keys, seq);
+            let records = Records { payload: &payload, count, dead_letter: false, sender: "t" };
+            out.write(&records, &mut none).unwrap();
+            let mut marks = Vec::new();
+            out.marks(&mut marks);
+            if commit {
+                log.commit((7, 0), seq, &marks).unwrap();
+            }
+        }
+        drop((out, log));
+        recover(dir.path());
+        assert_eq!(read(dir.path(), "a/g000001-c000-000000.log"), "a:1\n", "cut back");
+        assert_eq!(read(dir.path(), "b/g000001-c000-000000.log"), "b:1\n");
+        assert_eq!(names(dir.path(), "c"), Vec::<String>::new(), "not named: removed");
     }
 }
