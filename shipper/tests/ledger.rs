@@ -96,7 +96,8 @@ fn every_record_of_a_pipe_is_accounted_for_at_rest_and_at_exit() {
         read("shipper_source_lines_read_total") == 4156
             && scraped_ledger(sm, &pipe)["buffer_full"] > 0
     });
-    // Phase 3: a partial line, then stop with the receiver still down.
+    // Phase 3: a partial line, then stop with the receiver still down (read before or at the
+    // stop, when the FIFO is drained).
     write!(w, "{{\"service\":\"app\",\"tail\":true}}").unwrap();
     w.flush().unwrap();
     let before_stop = scraped_ledger(sm, &pipe);
@@ -215,7 +216,9 @@ fn outrunning_the_receiver_with_the_example_settings_drops_nothing() {
     let cfg = env.write("edge.toml", &cfg);
     let log = env.path("shipper.log");
     let mut shipper = Proc::start("shipper", &["run", "--config", cfg.to_str().unwrap()], sm, log);
-    let throttle = Throttle::start(receiver.child.id(), ms(50), ms(400));
+    // Stopped 1.2 s at a time (under `write_timeout_ms` 2 s and `ack_timeout_ms` 5 s: never
+    // declared down), the receiver takes less than the writer writes: the outbox (8 MiB) fills.
+    let throttle = Throttle::start(receiver.child.id(), ms(150), ms(1200));
     lines(&mut open_writer(&pipe), "app", LINES, 300);
     let acked = || metric_at(sm, "shipper_records_acked_total", &[]) as usize;
     shipper.wait_alive_for("every line acknowledged", Duration::from_secs(120), &mut || {
@@ -225,6 +228,8 @@ fn outrunning_the_receiver_with_the_example_settings_drops_nothing() {
     let ledger = scraped_ledger(sm, &pipe);
     assert_eq!(metric_at(sm, "shipper_lines_dropped_total", &[]), 0.0, "{ledger:?}");
     assert!(ledger["buffered"] > 0, "the receiver was not outrun: {ledger:?}");
+    let failures = metric_at(sm, "shipper_receiver_failures_total", &[]);
+    assert_eq!(failures, 0.0, "slow, never down: no failover, no outage");
     assert_eq!(ledger["delivered"] + ledger["buffered"], LINES as u64, "{ledger:?}");
     let mut seen = vec![0u32; LINES];
     for (_, line) in output_lines(&env.out()) {

@@ -170,6 +170,24 @@ pub async fn read_until_stopped(
     let _ = file.close().await;
 }
 
+/// Reads, with non-blocking `read(2)`s into a buffer of `capacity` bytes, what `file` (a FIFO)
+/// holds at the call, handing it to `on_read`: at a stop, what writers wrote before it
+/// (at most the pipe's size), instead of leaving it in the kernel for a next reader that may
+/// never come. Errors end it quietly: this is a last look, not a read loop.
+pub fn drain(file: &std::fs::File, capacity: usize, mut on_read: impl FnMut(&[u8])) {
+    let mut left = bytes_ready(file).unwrap_or(0);
+    let mut buf = vec![0u8; capacity.min(left)];
+    while left > 0 {
+        match read_once(file.as_raw_fd(), &mut buf) {
+            Ok(n) if n > 0 => {
+                on_read(&buf[..n]);
+                left = left.saturating_sub(n);
+            }
+            _ => break,
+        }
+    }
+}
+
 /// Bytes ready to read on `file` (FIONREAD: a pipe's content, a datagram socket's next
 /// datagram, an inotify descriptor's events).
 fn bytes_ready(file: &impl AsRawFd) -> io::Result<usize> {

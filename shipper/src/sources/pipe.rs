@@ -158,8 +158,9 @@ pub struct Handover<F: Fn() -> bool> {
 /// Reads the FIFO `file` of source `id` until `stop`, handing each line to `intake`, starting
 /// with the partial line `handover.left`. At the stop, the partial line held (bytes read
 /// without their newline yet) is returned for the next process when `handover.handing_over()`
-/// says a takeover stops this one; else it is handed over as a line of its own and counted in
-/// `lines_partial`.
+/// says a takeover stops this one (what the FIFO still holds is the next process's too); else
+/// what the FIFO holds is read ([`super::drain`]) and the partial line then held is handed over
+/// as a line of its own and counted in `lines_partial`.
 pub async fn run<I: Intake>(
     intake: Rc<RefCell<I>>,
     id: SourceId,
@@ -185,9 +186,22 @@ pub async fn run<I: Intake>(
         sc.read_errors += 1;
         tracing::error!(path = %sc.source, "pipe read failed: {e}; retrying in 100 ms");
     };
+    // Kept to drain the FIFO at a stop that is not a takeover's (`read_until_stopped` closes
+    // its own descriptor).
+    let last_look = file.try_clone();
     super::read_until_stopped(file, limits.read_bytes, stop, on_read, on_error).await;
+    let handing_over = (handover.handing_over)();
+    if let (false, Ok(f)) = (handing_over, &last_look) {
+        super::drain(f, limits.read_bytes, |bytes| {
+            let mut intake = intake.borrow_mut();
+            let mut sc = counters.borrow_mut();
+            let now = intake.now_ns();
+            splitter.split(bytes, |line| hand_over(&mut *intake, id, &mut sc, line, now));
+        });
+    }
+    drop(last_look);
     let mut intake = intake.borrow_mut();
-    let left = if (handover.handing_over)() {
+    let left = if handing_over {
         splitter.leftover()
     } else {
         let mut sc = counters.borrow_mut();
