@@ -196,16 +196,17 @@ mod tests {
         assert_eq!((0..1000).filter(|_| l.admit(0, 0)).count(), 100);
     }
 
-    /// A reload's new limit: the rate changes from then on, tokens are never created above
-    /// the new burst, and an unlimited bucket that becomes limited starts with its burst.
+    /// A reload's new limit: the time before it is credited under the old limit, the new rate
+    /// applies from then on, and an unlimited bucket that becomes limited starts with its
+    /// burst.
     #[test]
     fn a_new_limit_applies_from_its_time() {
         let mut l = RateLimiter::default();
         l.add(0, 100, 10, 1.0, 0);
         assert_eq!((0..50).filter(|_| l.admit(0, 0)).count(), 10);
-        // Half a second at 100/s earns 50 tokens, capped at the new burst of 20.
+        // Half a second at 100/s earns 50 tokens, capped at the burst then in force (10).
         l.set_limit(0, 1000, 20, SEC / 2);
-        assert_eq!((0..50).filter(|_| l.admit(0, SEC / 2)).count(), 20);
+        assert_eq!((0..50).filter(|_| l.admit(0, SEC / 2)).count(), 10);
         // 10 ms at the new rate: 10 tokens.
         assert_eq!((0..50).filter(|_| l.admit(0, SEC / 2 + SEC / 100)).count(), 10);
         l.set_limit(0, 0, 0, SEC);
