@@ -144,6 +144,7 @@ fn a_rate_limit_changed_under_load_takes_effect_within_one_rebalance_interval() 
     let check = |rate: f64, phase: &str| {
         let measured = admitted_rate(sm, window);
         let tolerance = (rate * 0.3 + BURST as f64) / window.as_secs_f64();
+        eprintln!("{phase}: admitted {measured:.0}/s, limit {rate}/s ± {tolerance:.0}");
         assert!(
             (measured - rate).abs() <= tolerance,
             "{phase}: admitted {measured:.0}/s, limit {rate}/s ± {tolerance:.0}"
@@ -445,4 +446,101 @@ fn a_reload_tells_systemd_reloading_then_the_new_main_pid_and_ready() {
     assert!(env.path("b.pipe").exists(), "the new process made the new FIFO");
     next.stop();
     manager.until(next.0, "STOPPING=1", Duration::from_secs(10));
+}
+
+/// Guards issue 14's removed source: what the shipper read of a FIFO the new file drops is
+/// not lost at the reload's takeover: its 100 lines and the half line it had read (shipped as
+/// a line of its own at the old process's stop, instead of being handed to a process that
+/// closes the FIFO) arrive once each. Its writer then gets EPIPE: the FIFO has no reader
+/// (docs/operations.md says so).
+#[test]
+fn a_source_removed_ships_what_was_read_of_it() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let cfg = env.write("edge.toml", &config_text(&env, port, sm, &["a.pipe", "b.pipe"], ""));
+    let log = env.path("shipper.log");
+    let args = ["run", "--config", cfg.to_str().unwrap()];
+    let mut shipper = Proc::start("shipper", &args, sm, log);
+    let mut b = open_writer(&env.path("b.pipe"));
+    for seq in 0..99 {
+        writeln!(b, "{}", line(1, seq)).unwrap();
+    }
+    // One write(), read whole by one read: line 99 and the first half of line 100.
+    let split = line(1, 100);
+    let head = &split[..split.len() / 2];
+    b.write_all(format!("{}\n{head}", line(1, 99)).as_bytes()).unwrap();
+    let b_path = env.path("b.pipe").display().to_string();
+    shipper.wait_alive("100 lines of b read", || {
+        let text = scrape_ok(sm);
+        metric(&text, "shipper_source_lines_read_total", &[("source", &b_path)]) == 100.0
+    });
+    env.write("edge.toml", &config_text(&env, port, sm, &["a.pipe"], ""));
+    shipper.signal(libc::SIGHUP);
+    let next = taken_over(&mut shipper);
+    let mut a = open_writer(&env.path("a.pipe"));
+    writeln!(a, "{}", line(0, 0)).unwrap();
+    wait_for("102 lines at the receiver", Duration::from_secs(20), || {
+        output_lines(&env.out()).len() >= 102
+    });
+    let lines = output_lines(&env.out());
+    let half = lines.iter().filter(|(_, l)| l == head.as_bytes()).count();
+    assert_eq!(half, 1, "the half line read of the removed FIFO, once: {lines:?}");
+    let whole: Vec<_> = lines.iter().filter(|(_, l)| l != head.as_bytes()).collect();
+    assert_eq!(whole.len(), 101);
+    let seen = arrived_except(&whole, [1, 100]);
+    assert!(seen.iter().flatten().all(|&c| c == 1), "{seen:?}");
+    let err = writeln!(b, "{}", line(1, 101)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
+    next.stop();
+}
+
+/// [`arrived`] over lines already read.
+fn arrived_except(lines: &[&(String, Vec<u8>)], written: [usize; 2]) -> [Vec<u32>; 2] {
+    let mut seen = written.map(|n| vec![0u32; n]);
+    for (_, l) in lines {
+        let (w, seq) = ids(l);
+        assert_eq!(l, line(w, seq).as_bytes(), "a line arrived changed");
+        seen[w][seq] += 1;
+    }
+    seen
+}
+
+/// Guards the upgrade path (issue 14): a shipper started from a binary that a package upgrade
+/// then replaces (a new file renamed over the path, as dpkg does) takes itself over on SIGHUP
+/// with an unchanged file, and the new process runs the new file at that path, not the image
+/// of the old one (whose /proc/PID/exe now ends in " (deleted)").
+#[test]
+fn a_reload_after_the_binary_was_replaced_runs_the_new_binary() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let cfg = env.write("edge.toml", &config_text(&env, port, sm, &["a.pipe"], ""));
+    std::fs::create_dir(env.path("bin")).unwrap();
+    let installed = env.path("bin/shipper");
+    std::fs::copy(BIN, &installed).unwrap();
+    let log = env.path("shipper.log");
+    let args = ["run", "--config", cfg.to_str().unwrap()];
+    let mut shipper = Proc::start_any("shipper", installed.to_str().unwrap(), &args, log);
+    shipper.metrics = sm;
+    shipper.wait_alive("its metrics endpoint", || scrape(sm).is_some());
+    let old_exe = std::fs::read_link(format!("/proc/{}/exe", shipper.child.id())).unwrap();
+    assert_eq!(old_exe, installed);
+    std::fs::copy(BIN, env.path("bin/shipper.new")).unwrap();
+    std::fs::rename(env.path("bin/shipper.new"), &installed).unwrap();
+    let replaced = std::fs::read_link(format!("/proc/{}/exe", shipper.child.id())).unwrap();
+    assert!(replaced.to_string_lossy().ends_with(" (deleted)"), "{replaced:?}");
+    shipper.signal(libc::SIGHUP);
+    let next = taken_over(&mut shipper);
+    let said = shipper.log_text();
+    assert!(said.contains(&format!("{} replaced changed", installed.display())), "{said}");
+    let exe = std::fs::metadata(format!("/proc/{}/exe", next.0)).unwrap();
+    assert_eq!(exe.ino(), std::fs::metadata(&installed).unwrap().ino(), "the new file runs");
+    let mut a = open_writer(&env.path("a.pipe"));
+    writeln!(a, "{}", line(0, 0)).unwrap();
+    wait_for("the line at the receiver", Duration::from_secs(20), || {
+        output_lines(&env.out()).len() == 1
+    });
+    next.stop();
 }
