@@ -1,6 +1,7 @@
 //! The worker's ticker: it seals overdue batches, closes connections whose acks or heartbeats
-//! are overdue, settles the quarantine's writes and, at the control-plane pace, trades demand
-//! for shares with the control thread and publishes counters; and it runs the shutdown.
+//! are overdue, settles the quarantine's writes, takes what the control thread sent (shares, a
+//! reload's rate limits) and, at the control-plane pace, reports its demand and publishes
+//! counters; and it runs the shutdown.
 //!
 //! # Design constraints
 //! - The ticker runs every `min(flush_interval_ms, 50)` ms.
