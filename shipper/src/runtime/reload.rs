@@ -342,3 +342,63 @@ fn monotonic_us() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration with the TLS files in `dir` and `extra` appended.
+    fn config(dir: &Path, extra: &str) -> ShipperConfig {
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        let text = format!(
+            "[receivers]\nprimary = [\"127.0.0.1:1\"]\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{extra}",
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem")
+        );
+        crate::config::parse(&text, Path::new("edge.toml")).unwrap()
+    }
+
+    /// Rate limits alone differ: no section differs beyond them, and the limits do; any other
+    /// key (here the rate limit's key field, and a source) names its section.
+    #[test]
+    fn only_the_rate_limits_apply_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = config(dir.path(), "[ratelimit]\nrate = 10\n");
+        let limits =
+            config(dir.path(), "[ratelimit]\nrate = 20\n[ratelimit.services.a]\nrate = 1\n");
+        assert!(old.differing_sections(&limits).is_empty());
+        assert!(old.ratelimit.limits_differ(&limits.ratelimit));
+        let same = config(dir.path(), "[ratelimit]\nrate = 10\n");
+        assert!(old.differing_sections(&same).is_empty());
+        assert!(!old.ratelimit.limits_differ(&same.ratelimit));
+        let key = config(dir.path(), "[ratelimit]\nrate = 10\nkey_field = \"app\"\n");
+        assert_eq!(old.differing_sections(&key), ["ratelimit"]);
+        let pipe = config(dir.path(), "[ratelimit]\nrate = 10\n[[sources.pipe]]\npath = \"/p\"\n");
+        assert_eq!(old.differing_sections(&pipe), ["sources"]);
+    }
+
+    /// A takeover request is the reload's only from the pid it spawned, and only while it
+    /// waits for it.
+    #[test]
+    fn only_the_spawned_pid_is_claimed() {
+        let pending = PendingTakeover::default();
+        assert!(!claim(&pending, Some(7)));
+        pending.lock().unwrap().child = Some((7, false));
+        assert!(!claim(&pending, Some(8)));
+        assert!(!claim(&pending, None));
+        assert!(claim(&pending, Some(7)));
+        assert_eq!(pending.lock().unwrap().child, Some((7, true)));
+    }
+
+    /// The running test binary is the file at the path it was started from.
+    #[test]
+    fn the_running_binary_is_not_replaced() {
+        let exe = Exe::resolve().unwrap();
+        assert!(exe.path.is_absolute());
+        assert!(!exe.replaced());
+    }
+}
