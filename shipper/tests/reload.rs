@@ -544,3 +544,42 @@ fn a_reload_after_the_binary_was_replaced_runs_the_new_binary() {
     });
     next.stop();
 }
+
+/// A reload adding a TCP source on a port something else holds is refused before any new
+/// process starts (it would fail only after it took over, when this one has stopped): the
+/// same process ships on, the reload is counted `failed` and the port named. Once the port is
+/// free, the same file is taken over and the source listens.
+#[test]
+fn a_reload_whose_new_port_is_taken_fails_before_stopping_anything() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let cfg = env.write("edge.toml", &config_text(&env, port, sm, &["a.pipe"], ""));
+    let log = env.path("shipper.log");
+    let args = ["run", "--config", cfg.to_str().unwrap()];
+    let mut shipper = Proc::start("shipper", &args, sm, log);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = taken.local_addr().unwrap();
+    let source =
+        format!("[[sources.socket]]\nname = \"t\"\ntransport = \"tcp\"\naddress = \"{tcp}\"\n");
+    env.write("edge.toml", &config_text(&env, port, sm, &["a.pipe"], &source));
+    shipper.signal(libc::SIGHUP);
+    shipper.wait_alive("the reload failed", || reloads(sm, "failed") == 1.0);
+    let said = shipper.log_text();
+    assert!(said.contains(&format!("sources.socket \"t\": {tcp}:")), "{said}");
+    assert!(!said.contains("starting a new process"), "{said}");
+    let mut w = open_writer(&env.path("a.pipe"));
+    writeln!(w, "{}", line(0, 0)).unwrap();
+    shipper.wait_alive("the line at the receiver", || output_lines(&env.out()).len() == 1);
+    drop(taken);
+    shipper.signal(libc::SIGHUP);
+    let next = taken_over(&mut shipper);
+    wait_for("the new source listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(tcp).is_ok()
+    });
+    writeln!(w, "{}", line(0, 1)).unwrap();
+    wait_for("both lines at the receiver", Duration::from_secs(20), || {
+        output_lines(&env.out()).len() == 2
+    });
+    next.stop();
+}

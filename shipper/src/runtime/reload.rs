@@ -33,7 +33,9 @@
 //!    Only `[ratelimit]`'s `rate`, `burst` or `services` differ: they go to the control
 //!    thread, which hands them to every worker ([`super::control`]). Nothing differs:
 //!    nothing is done. Then READY=1.
-//! 3. Anything else: with `shipper.control_socket` set, the pipes the new file drops are
+//! 3. Anything else: with `shipper.control_socket` set, and what the new process could only
+//!    fail on after it took over checked first (new ports free, new FIFOs' directories
+//!    there: else the reload fails, nothing stopped), the pipes the new file drops are
 //!    marked (their partial line is shipped at the stop, not handed over), and `EXE run
 //!    --config F --takeover` is spawned. Once it asks on the control socket (matched by its
 //!    pid), the main thread stops the workers and hands over as for any takeover; the new
@@ -247,6 +249,13 @@ impl Reloader {
             );
             return Outcome::Failed;
         }
+        if let Err(e) = preflight(&self.running, new) {
+            tracing::error!(
+                "reload: {why} changed, but the new process would fail after it \
+                took over: {e}; the running configuration stays"
+            );
+            return Outcome::Failed;
+        }
         let removed: Vec<usize> = (self.running.sources.pipe.iter().enumerate())
             .filter(|(_, p)| !new.sources.pipe.iter().any(|n| n.path == p.path))
             .map(|(i, _)| i)
@@ -320,6 +329,58 @@ impl Reloader {
              the new process did not take over: {why} (its log is above)"
         );
         Outcome::Failed
+    }
+}
+
+/// What the new process of a takeover would fail on only after it took the descriptors over
+/// (when the old process has stopped: a failed takeover), checked before it is started: each
+/// address a new socket or forward source binds, and a new `metrics.listen`, is free (bound
+/// and closed again here), and each new FIFO's or unix socket's directory exists.
+fn preflight(running: &ShipperConfig, new: &ShipperConfig) -> Result<(), String> {
+    use crate::config::socket::Transport;
+    let old = &running.sources;
+    for s in new.sources.socket.iter().filter(|s| !old.socket.contains(s)) {
+        let held =
+            old.socket.iter().any(|o| (o.transport, &o.address) == (s.transport, &s.address));
+        match (s.transport, s.socket_addr(), &s.path) {
+            (Transport::Unix, _, Some(path)) => directory_exists(path),
+            (_, Some(addr), _) if !held => free(addr, s.transport == Transport::Udp),
+            _ => Ok(()),
+        }
+        .map_err(|e| format!("sources.socket {:?}: {e}", s.name))?;
+    }
+    let forwards = new.sources.forward.iter();
+    for f in forwards.filter(|f| !old.forward.iter().any(|o| o.address == f.address)) {
+        let addr = f.socket_addr().ok_or("validated address")?;
+        free(addr, false).map_err(|e| format!("sources.forward {:?}: {e}", f.name))?;
+    }
+    let listen = &new.metrics.listen;
+    if !listen.is_empty() && *listen != running.metrics.listen {
+        let addr = listen.parse().map_err(|e| format!("metrics.listen {listen}: {e}"))?;
+        free(addr, false).map_err(|e| format!("metrics.listen: {e}"))?;
+    }
+    for p in new.sources.pipe.iter().filter(|p| !old.pipe.iter().any(|o| o.path == p.path)) {
+        directory_exists(&p.path).map_err(|e| format!("sources.pipe {}: {e}", p.path.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether `addr` can be bound now (UDP or TCP).
+fn free(addr: std::net::SocketAddr, udp: bool) -> Result<(), String> {
+    let bound = if udp {
+        std::net::UdpSocket::bind(addr).map(drop)
+    } else {
+        std::net::TcpListener::bind(addr).map(drop)
+    };
+    bound.map_err(|e| format!("{addr}: {e}"))
+}
+
+/// Whether the directory `path` would be made in exists.
+fn directory_exists(path: &Path) -> Result<(), String> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match dir.is_dir() {
+        true => Ok(()),
+        false => Err(format!("{}: no such directory", dir.display())),
     }
 }
 
