@@ -12,9 +12,11 @@
 //!    start-up with its name, before any worker runs.
 //! 2. Spawn the control thread, the metrics endpoint (and the thread copying the kernel's
 //!    per-CPU counters for it) and the workers.
-//! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` here), a
-//!    worker's exit or a takeover request on the control socket; then tell every worker to
-//!    stop and join them; for a takeover, hand the pipes and sockets over ([`takeover`]).
+//! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` by the signals
+//!    thread), a worker's exit or a takeover request on the control socket; then tell every
+//!    worker to stop and join them; for a takeover, hand the pipes and sockets over
+//!    ([`takeover`]). SIGHUP goes to the reload thread ([`reload`]): new rate limits through
+//!    the control plane, anything else by a takeover from a new process it starts.
 //!
 //! With `--takeover`, step 1 takes the pipes and sockets of the running shipper instead of
 //! opening and binding them (what it was not handed, it opens as usual).
