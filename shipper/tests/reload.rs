@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 use crate::pipe::{ids, line};
 
-/// `[ratelimit] rebalance_interval_ms` of these tests: long enough that "within one interval"
-/// is measurable against the metrics' publish interval (250 ms).
-const INTERVAL_MS: u64 = 500;
+/// `[ratelimit] rebalance_interval_ms` of the rate-limit test: long enough that "within one
+/// interval" is measurable against the metrics' publish interval (250 ms).
+const INTERVAL_MS: u64 = 1000;
 
 /// A shipper configuration with a control socket, a disk buffer, the pipes `pipes` (names in
 /// the test's directory) and `extra` appended.
@@ -114,12 +114,13 @@ fn reload_rate(shipper: &mut Proc, write: &dyn Fn(u64) -> PathBuf, rate: u64, ap
 }
 
 /// Guards issue 14's reload of rate limits: a service limited to 100 lines/s, written at
-/// 3000/s, then reloaded to 1000/s and back to 100/s. The admitted rate over a window that
-/// starts one rebalance interval after each SIGHUP is the new limit within a tolerance of
-/// rate × (publish interval 250 ms + 50 ms of scraping) + burst: each end of the window reads
-/// counters up to one publish old, so the window may be off by that much; a limit applied an
-/// interval late would miss by 450 lines of 2000. Nothing admitted is lost: the receiver has
-/// exactly the admitted lines, once each, and read = admitted + dropped by the rate limit.
+/// 3000/s, then reloaded to 1000/s and back to 100/s. The admitted rate over a 3 s window that
+/// starts one rebalance interval (1 s) after each SIGHUP is the new limit within
+/// rate × 0.5 s + burst over the window: each end of the window reads counters published up
+/// to one publish interval (250 ms) old, and twice that is allowed for a loaded machine. A
+/// limit applied one interval late would miss by 900 lines of 3000 at 1000/s, beyond the 520
+/// allowed. Nothing admitted is lost: the receiver has exactly the admitted lines, once each,
+/// and every line written was admitted or dropped by the rate limit.
 #[test]
 fn a_rate_limit_changed_under_load_takes_effect_within_one_rebalance_interval() {
     const BURST: u64 = 20;
@@ -140,16 +141,19 @@ fn a_rate_limit_changed_under_load_takes_effect_within_one_rebalance_interval() 
     shipper.wait_alive("lines admitted", || {
         metric(&scrape_ok(sm), "shipper_lines_admitted_total", &[("service", "w0")]) >= 50.0
     });
-    let window = Duration::from_secs(2);
+    let window = Duration::from_secs(3);
     let check = |rate: f64, phase: &str| {
         let measured = admitted_rate(sm, window);
-        let tolerance = (rate * 0.3 + BURST as f64) / window.as_secs_f64();
+        let tolerance = (rate * 0.5 + BURST as f64) / window.as_secs_f64();
         eprintln!("{phase}: admitted {measured:.0}/s, limit {rate}/s ± {tolerance:.0}");
         assert!(
             (measured - rate).abs() <= tolerance,
             "{phase}: admitted {measured:.0}/s, limit {rate}/s ± {tolerance:.0}"
         );
     };
+    // A worker starts with 1/workers of a service's rate; the control plane gives it its
+    // share one rebalance after it reports the service: the window starts after two.
+    std::thread::sleep(Duration::from_millis(2 * INTERVAL_MS));
     check(100.0, "before the reload");
     for (n, rate) in [(1.0, 1000), (2.0, 100)] {
         let hup = Instant::now();
