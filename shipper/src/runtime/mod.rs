@@ -237,11 +237,10 @@ fn spawn_listeners(
     let signal_tx = exit_tx.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         while let Ok(sig) = signals::wait_run_signal() {
-            let sent = match sig {
-                libc::SIGHUP => hup_tx.send(()).is_ok(),
-                _ => signal_tx.send(Event::Signal(sig)).is_ok(),
-            };
-            if !sent {
+            if sig == libc::SIGHUP {
+                // Gone once a reload's new process took over: this process is ending.
+                let _ = hup_tx.send(());
+            } else if signal_tx.send(Event::Signal(sig)).is_err() {
                 return;
             }
         }
