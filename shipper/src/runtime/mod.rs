@@ -75,6 +75,8 @@ pub fn run(config: ShipperConfig, options: RunOptions) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let t = &config.tls;
     let tls = Arc::new(crate::tls::client_config(&t.ca, &t.cert, &t.key)?);
+    // What the process loaded, for a reload to compare: read with it, not later.
+    let tls_files = reload::tls_files(&config);
     let run_id = signals::random_u64();
     let targets = targets(&config, tls, run_id)?;
     // Before any source opens a socket: `ebpf::watch_socket` is a no-op until this ran.
@@ -113,6 +115,7 @@ pub fn run(config: ShipperConfig, options: RunOptions) -> anyhow::Result<()> {
         pending: pending.clone(),
         counters: reloads,
         notifier: notifier.clone(),
+        tls_files,
     };
     spawn_listeners(control, &started.exit, reloader)?;
     announce_ready(&notifier, &started.registry, &config, run_id);

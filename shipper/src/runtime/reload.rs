@@ -154,7 +154,12 @@ pub struct Reloader {
     pub pending: PendingTakeover,
     pub counters: Arc<ReloadCounters>,
     pub notifier: Notifier,
+    /// The TLS files' contents when this process loaded them ([`tls_files`]).
+    pub tls_files: TlsFiles,
 }
+
+/// The TLS files a configuration names, each with its contents (`None`: unreadable).
+pub type TlsFiles = Vec<(PathBuf, Option<Vec<u8>>)>;
 
 /// The result of one reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,7 +180,7 @@ pub fn load(path: &Path, no_ebpf: bool) -> Result<ShipperConfig, ConfigErrors> {
 
 /// Starts the reload thread; each message on `hups` is a SIGHUP.
 pub fn spawn(mut r: Reloader, hups: Receiver<()>) -> std::io::Result<()> {
-    let tls = tls_files(&r.running);
+    let tls = std::mem::take(&mut r.tls_files);
     std::thread::Builder::new().name("reload".into()).spawn(move || {
         while hups.recv().is_ok() {
             // SIGHUPs that came meanwhile are answered by this reload.
@@ -201,7 +206,7 @@ pub fn spawn(mut r: Reloader, hups: Receiver<()>) -> std::io::Result<()> {
 
 impl Reloader {
     /// One reload (module docs, Operation).
-    fn reload(&mut self, tls: &[(PathBuf, Option<Vec<u8>>)]) -> Outcome {
+    fn reload(&mut self, tls: &TlsFiles) -> Outcome {
         self.notifier.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_us()));
         let file = self.path.display();
         tracing::info!(%file, "reload: reading the configuration again (SIGHUP)");
@@ -216,7 +221,7 @@ impl Reloader {
         };
         let mut why: Vec<String> =
             self.running.differing_sections(&new).iter().map(|s| format!("[{s}]")).collect();
-        if tls_files(&new) != tls {
+        if tls_files(&new) != *tls {
             why.push("TLS files".into());
         }
         if self.exe.replaced() {
@@ -385,8 +390,8 @@ fn directory_exists(path: &Path) -> Result<(), String> {
 }
 
 /// The contents of the TLS files `config` names (`None`: unreadable), so that a reload
-/// notices renewed certificates behind unchanged paths.
-fn tls_files(config: &ShipperConfig) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+/// notices renewed certificates behind unchanged paths. Read when the process loads them.
+pub fn tls_files(config: &ShipperConfig) -> TlsFiles {
     let t = &config.tls;
     let mut paths = vec![t.ca.clone(), t.cert.clone(), t.key.clone()];
     for f in config.sources.forward.iter().filter_map(|f| f.tls.as_ref()) {
