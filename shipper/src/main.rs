@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use shipper::config::{self, ReceiverConfig, ShipperConfig};
+use shipper::runtime::RunOptions;
 
 #[derive(Parser)]
 #[command(
@@ -27,8 +28,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Read the configured pipes and ship their lines to the receivers.
+    /// SIGHUP reloads the configuration file (docs/operations.md, "Reload").
     Run {
-        /// Shipper configuration (TOML; see docs/config.md).
+        /// Shipper configuration (TOML; see docs/config.md); read again on SIGHUP.
         #[arg(long, short)]
         config: PathBuf,
         /// Do not load the eBPF drop-accounting programs (overrides `ebpf.enabled`).
@@ -159,9 +161,10 @@ fn install_panic_hook() {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config, no_ebpf, takeover } => {
-            let mut cfg: ShipperConfig = load(&config, SHIPPER_CHECKS)?;
-            cfg.ebpf.enabled &= !no_ebpf;
-            shipper::runtime::run(cfg, takeover)?;
+            let cfg = shipper::runtime::reload::load(&config, no_ebpf)
+                .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+            let options = RunOptions { take_over: takeover, config_path: config, no_ebpf };
+            shipper::runtime::run(cfg, options)?;
         }
         Command::Receive { config } => {
             let cfg: ReceiverConfig = load(&config, &[])?;
@@ -185,8 +188,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The checks stages add to the shipper's configuration, one line per stage that has any.
-const SHIPPER_CHECKS: &[config::Check<ShipperConfig>] = &[shipper::sources::journal::check_config];
+/// The checks stages add to the shipper's configuration (the same a reload runs).
+const SHIPPER_CHECKS: &[config::Check<ShipperConfig>] = shipper::runtime::CHECKS;
 
 fn load<C: serde::de::DeserializeOwned + config::Validate>(
     path: &std::path::Path,

@@ -55,6 +55,10 @@ mod ratelimit;
 /// Frames a receiver refuses for good: dead letter, quarantine or a counted drop, never a
 /// resend loop; over-long keys cut at the source.
 mod rejected;
+/// Reload on SIGHUP: rate limits in place within a rebalance interval, a source added by a
+/// self-takeover (exactly once, systemd told RELOADING, MAINPID and READY), bad files and a
+/// failing new process leaving the running configuration alone.
+mod reload;
 /// The receiver killed mid-stream and restarted: nothing lost, nothing duplicated.
 mod restart;
 /// Under systemd: READY, STOPPING, and a watchdog fed by the workers' progress.

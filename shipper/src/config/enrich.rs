@@ -11,7 +11,7 @@ pub const FIELD_BYTES_MAX: usize = 255;
 /// Largest `bytes_max`.
 pub const FETCH_BYTES_LIMIT: u64 = 64 << 20;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TransformsSection {
     #[serde(default)]
@@ -19,7 +19,7 @@ pub struct TransformsSection {
 }
 
 /// One enrichment: static fields, and a JSON value fetched on an interval.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EnrichSection {
     /// Its name: the label `transform` of its metrics. At most 64 bytes of `[A-Za-z0-9_-]`,

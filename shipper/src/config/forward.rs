@@ -17,7 +17,7 @@ pub const DECOMPRESSED_BYTES_LIMIT: u64 = 256 << 20;
 /// Upper bound of `record_bytes_max`, in bytes: a record is one record of a frame.
 pub const RECORD_BYTES_LIMIT: u64 = 16 << 20;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardSource {
     /// Name of the source in metrics (`source` label) and logs; unique among forward sources.
@@ -80,7 +80,7 @@ pub struct ForwardSource {
 }
 
 /// The TLS of a forward source's port (Fluentd's `<transport tls>`): TLS 1.2 or 1.3.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardTls {
     /// PEM file of the certificate (chain) the source presents. Required.

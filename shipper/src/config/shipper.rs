@@ -12,7 +12,7 @@ use crate::protocol::limits::INFLIGHT_FRAMES_LIMIT;
 /// Largest line a pipe source accepts before truncating (`line_bytes_max` upper bound).
 pub const LINE_BYTES_LIMIT: u64 = 16 << 20;
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ShipperConfig {
     #[serde(default)]
@@ -38,7 +38,7 @@ pub struct ShipperConfig {
 }
 
 /// Kernel drop accounting (docs/ebpf.md).
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EbpfSection {
     /// Load the eBPF programs at start (when built with them and privileged enough).
@@ -52,7 +52,7 @@ impl Default for EbpfSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShipperSection {
     /// Name sent to receivers in HELLO and shown in their logs. Default: the host name.
@@ -105,7 +105,7 @@ fn hostname() -> String {
         .unwrap_or_else(|| "shipper".to_string())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSection {
     /// Address of the Prometheus `/metrics` endpoint; empty disables it.
@@ -127,7 +127,7 @@ impl MetricsSection {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Sources {
     #[serde(default)]
@@ -165,7 +165,7 @@ impl<'de> Deserialize<'de> for Since {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JournalSource {
     /// Directory of journal files (searched two levels deep). Default: /var/log/journal if it
@@ -263,7 +263,7 @@ pub enum FileSince {
 }
 
 /// A file source (`sources/file/`): log files followed by path or glob, with positions.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FileSource {
     /// Absolute paths of the files to follow; `*` and `?` match within one path component
@@ -389,7 +389,7 @@ pub enum Format {
     Text,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PipeSource {
     /// Path of the FIFO; created if missing.
@@ -443,7 +443,7 @@ impl PipeSource {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitSection {
     /// Top-level JSON field whose value is the rate-limit key. Default: "service".
@@ -478,7 +478,7 @@ impl Default for RateLimitSection {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RateOverride {
     /// Events per second for this key; 0 means unlimited.
@@ -487,7 +487,7 @@ pub struct RateOverride {
     pub burst: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchSection {
     /// A batch is sealed when its records reach this many bytes (uncompressed). Default: 1048576.
@@ -519,7 +519,7 @@ impl Default for BatchSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiversSection {
     /// Receiver addresses (`host:port`); frames are spread across the healthy ones.
@@ -603,7 +603,7 @@ pub enum WhenFull {
     DropOldest,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BufferSection {
     /// Directory of the disk buffer (one sub-directory per worker); none disables it, and
@@ -650,7 +650,7 @@ impl BufferSection {
 
 /// Where frames go that a receiver refused for good (REJECT) and no dead-letter receiver took
 /// (docs/protocol.md, `sinks/quarantine.rs`).
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuarantineSection {
     /// Directory of refused frames (one sub-directory per worker); none: a refused frame is
@@ -677,7 +677,7 @@ impl QuarantineSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ClientTlsSection {
     /// PEM file of the CA that signed the receivers' certificates.
@@ -802,6 +802,67 @@ impl RateLimitSection {
             Some(o) => (o.rate, o.burst.unwrap_or(o.rate)),
             None => (self.rate, self.burst.unwrap_or(self.rate)),
         }
+    }
+
+    /// Whether the limits a running shipper applies live (`rate`, `burst`, `services`)
+    /// differ between this section and `new`.
+    pub fn limits_differ(&self, new: &RateLimitSection) -> bool {
+        (self.rate, self.burst, &self.services) != (new.rate, new.burst, &new.services)
+    }
+
+    /// Whether the rest of the section (what a running shipper cannot change: the key field,
+    /// the rebalance pace, the table's size and idle time) is the same in `new`.
+    fn same_beyond_limits(&self, new: &RateLimitSection) -> bool {
+        let RateLimitSection {
+            key_field,
+            rate: _,
+            burst: _,
+            rebalance_interval_ms,
+            services_max,
+            services_idle_s,
+            services: _,
+        } = self;
+        (key_field, rebalance_interval_ms, services_max, services_idle_s)
+            == (&new.key_field, &new.rebalance_interval_ms, &new.services_max, &new.services_idle_s)
+    }
+}
+
+impl ShipperConfig {
+    /// The sections of `new` that differ from this configuration in what a running shipper
+    /// cannot apply live (all but `[ratelimit]`'s limits): empty when a reload to `new` needs
+    /// no restart. Every field is named, so that a new section cannot be forgotten here.
+    pub fn differing_sections(&self, new: &ShipperConfig) -> Vec<&'static str> {
+        let ShipperConfig {
+            shipper,
+            metrics,
+            sources,
+            ratelimit,
+            transforms,
+            batch,
+            receivers,
+            buffer,
+            quarantine,
+            tls,
+            ebpf,
+        } = self;
+        let mut out = Vec::new();
+        let mut note = |same: bool, name| {
+            if !same {
+                out.push(name);
+            }
+        };
+        note(*shipper == new.shipper, "shipper");
+        note(*metrics == new.metrics, "metrics");
+        note(*sources == new.sources, "sources");
+        note(ratelimit.same_beyond_limits(&new.ratelimit), "ratelimit");
+        note(*transforms == new.transforms, "transforms");
+        note(*batch == new.batch, "batch");
+        note(*receivers == new.receivers, "receivers");
+        note(*buffer == new.buffer, "buffer");
+        note(*quarantine == new.quarantine, "quarantine");
+        note(*tls == new.tls, "tls");
+        note(*ebpf == new.ebpf, "ebpf");
+        out
     }
 }
 

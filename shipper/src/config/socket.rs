@@ -80,7 +80,7 @@ pub enum Framing {
     Auto,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SocketSource {
     /// Name of the source in metrics (`source` label) and logs; unique among socket sources.

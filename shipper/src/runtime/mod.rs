@@ -12,14 +12,17 @@
 //!    start-up with its name, before any worker runs.
 //! 2. Spawn the control thread, the metrics endpoint (and the thread copying the kernel's
 //!    per-CPU counters for it) and the workers.
-//! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` here), a
-//!    worker's exit or a takeover request on the control socket; then tell every worker to
-//!    stop and join them; for a takeover, hand the pipes and sockets over ([`takeover`]).
+//! 3. Wait for SIGTERM/SIGINT (blocked in every thread, taken with `sigwait` by the signals
+//!    thread), a worker's exit or a takeover request on the control socket; then tell every
+//!    worker to stop and join them; for a takeover, hand the pipes and sockets over
+//!    ([`takeover`]). SIGHUP goes to the reload thread ([`reload`]): new rate limits through
+//!    the control plane, anything else by a takeover from a new process it starts.
 //!
 //! With `--takeover`, step 1 takes the pipes and sockets of the running shipper instead of
 //! opening and binding them (what it was not handed, it opens as usual).
 
 pub mod control;
+pub mod reload;
 pub mod takeover;
 pub mod worker;
 
@@ -41,27 +44,44 @@ use crate::signals;
 use crate::sinks::delivery::connection::Target;
 use crate::sources::pipe::Leftover;
 use crate::sources::socket::BoundSocket;
-use takeover::{Handover, Kept, Kind};
+use takeover::{HandingOver, Handover, Kept, Kind};
 use worker::start::{
     FileHandle, ForwardHandle, JournalHandle, Leftovers, PipeHandle, SocketHandle, WorkerPlan,
 };
 
+/// How `shipper run` was started, beyond its configuration.
+pub struct RunOptions {
+    /// `--takeover`: take the pipes and sockets of the shipper serving
+    /// `shipper.control_socket` instead of opening them ([`takeover`]).
+    pub take_over: bool,
+    /// `--config`: the file a reload reads again ([`reload`]).
+    pub config_path: std::path::PathBuf,
+    /// `--no-ebpf`, kept by a reload and passed to the process a reload starts.
+    pub no_ebpf: bool,
+}
+
+/// The checks stages add to the shipper's configuration, one line per stage that has any.
+pub const CHECKS: &[crate::config::Check<ShipperConfig>] = &[crate::sources::journal::check_config];
+
 /// Runs the shipper until SIGTERM/SIGINT or a takeover; returns once every worker has flushed
-/// or given up (and, for a takeover, the new process holds the pipes and sockets). With
-/// `take_over`, takes the pipes and sockets of the shipper serving `shipper.control_socket`
-/// instead of opening them ([`takeover`]).
-pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
-    signals::block_termination()?;
+/// or given up (and, for a takeover, the new process holds the pipes and sockets). SIGHUP
+/// reloads the configuration ([`reload`]).
+pub fn run(config: ShipperConfig, options: RunOptions) -> anyhow::Result<()> {
+    signals::block_run_signals()?;
     crate::os::raise_open_files_limit()?;
+    // Before anything can replace the binary: a reload starts the one at this path.
+    let exe = reload::Exe::resolve().context("resolving /proc/self/exe")?;
+    let notifier = Notifier::from_env();
     let config = Arc::new(config);
-    let workers = config.shipper.workers;
     let t = &config.tls;
     let tls = Arc::new(crate::tls::client_config(&t.ca, &t.cert, &t.key)?);
+    // What the process loaded, for a reload to compare: read with it, not later.
+    let tls_files = reload::tls_files(&config);
     let run_id = signals::random_u64();
     let targets = targets(&config, tls, run_id)?;
     // Before any source opens a socket: `ebpf::watch_socket` is a no-op until this ran.
     let kernel = kernel_counters(config.ebpf.enabled)?;
-    let (mut handed, control) = takeover_or_control(&config, take_over)?;
+    let (mut handed, control) = takeover_or_control(&config, options.take_over, &notifier)?;
     let mut kept = Kept::default();
     let pipes = open_pipes(&config, &mut handed, &mut kept)?;
     let journals = open_journals(&config)?;
@@ -74,20 +94,57 @@ pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
     if kernel.lock().expect("kernel counters poisoned").state == crate::ebpf::State::Attached {
         copy_kernel_counters(kernel.clone())?;
     }
-    let registry = Registry::<ShipperCounters>::new(workers);
-    let watched = registry.clone();
-    serve_metrics(&config, registry.clone(), kernel, &mut handed, &mut kept)?;
+    let registry = Registry::<ShipperCounters>::new(config.shipper.workers);
+    let reloads = Arc::new(reload::ReloadCounters::default());
+    let endpoint = Endpoint { registry: registry.clone(), kernel, reloads: reloads.clone() };
+    serve_metrics(&config, endpoint, &mut handed, &mut kept)?;
     let control = match handed {
         Some(h) => after_takeover(&config, h)?,
         None => control,
     };
+    let plans = Plans { pipes, journals, files, sockets, forwards, targets, registry };
+    let started = start(&config, plans)?;
+    let pending = reload::PendingTakeover::default();
+    let reloader = reload::Reloader {
+        path: options.config_path,
+        no_ebpf: options.no_ebpf,
+        exe,
+        running: (*config).clone(),
+        control: started.control.clone(),
+        handing_over: started.handing_over.clone(),
+        pending: pending.clone(),
+        counters: reloads,
+        notifier: notifier.clone(),
+        tls_files,
+    };
+    spawn_listeners(control, &started.exit, reloader)?;
+    announce_ready(&notifier, &started.registry, &config, run_id);
+    let stopping = Stopping { stop: &started.stop, handing_over: &started.handing_over, pending };
+    let ended = supervise(started.events, &stopping, config.shipper.workers, &notifier);
+    end(started.handles, ended, &started.leftovers, kept)
+}
+
+/// What [`start`] started, for the rest of [`run`].
+struct Started {
+    handles: Vec<std::thread::JoinHandle<()>>,
+    events: mpsc::Receiver<Event>,
+    exit: mpsc::Sender<Event>,
+    stop: watch::Sender<bool>,
+    control: mpsc::Sender<control::ToControl>,
+    handing_over: Arc<HandingOver>,
+    leftovers: Leftovers,
+    registry: Arc<Registry<ShipperCounters>>,
+}
+
+/// Starts the enrichments' feeds, the workers and the control thread.
+fn start(config: &Arc<ShipperConfig>, plans: Plans) -> anyhow::Result<Started> {
     let (report_tx, report_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (exit_tx, exit_rx) = mpsc::channel::<Event>();
-    let plans = Plans { pipes, journals, files, sockets, forwards, targets, registry };
-    let feeds = start_feeds(&config)?;
+    let registry = plans.registry.clone();
+    let feeds = start_feeds(config)?;
     let leftovers = Leftovers::default();
-    let handing_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handing_over = Arc::new(HandingOver::default());
     let shared = Shared {
         reports: report_tx.clone(),
         stop: stop_rx,
@@ -96,26 +153,24 @@ pub fn run(config: ShipperConfig, take_over: bool) -> anyhow::Result<()> {
         leftovers: leftovers.clone(),
         handing_over: handing_over.clone(),
     };
-    let (handles, share_txs) = spawn_workers(&config, plans, &shared)?;
+    let (handles, share_txs) = spawn_workers(config, plans, &shared)?;
     drop(shared);
-    drop(report_tx);
     let plane = control::ControlPlane {
         reports: report_rx,
         shares: share_txs,
         interval: std::time::Duration::from_millis(config.ratelimit.rebalance_interval_ms),
     };
     std::thread::Builder::new().name("control".into()).spawn(move || control::run(plane))?;
-    spawn_listeners(control, &exit_tx)?;
-    tracing::info!(
-        workers,
-        run_id = format!("{run_id:016x}"),
-        pipes = config.sources.pipe.len(),
-        "shipper running"
-    );
-    let notifier = announce_ready(&watched);
-    let stopping = Stopping { stop: &stop_tx, handing_over: &handing_over };
-    let ended = supervise(exit_rx, &stopping, workers, &notifier);
-    end(handles, ended, &leftovers, kept)
+    Ok(Started {
+        handles,
+        events: exit_rx,
+        exit: exit_tx,
+        stop: stop_tx,
+        control: report_tx,
+        handing_over,
+        leftovers,
+        registry,
+    })
 }
 
 /// Waits for the workers, then says why the run ended; after a takeover's stop, hands the
@@ -139,34 +194,56 @@ fn end(
     Ok(())
 }
 
-/// Tells systemd the shipper is ready, and feeds its watchdog from the workers' progress
-/// (published counters) when the unit has one.
-fn announce_ready(registry: &Arc<Registry<ShipperCounters>>) -> Notifier {
-    let notifier = Notifier::from_env();
+/// Says the shipper runs (logged with its pid, which a reload's new process has anew) and
+/// tells systemd it is ready; feeds its watchdog from the workers' progress (published
+/// counters) when the unit has one.
+fn announce_ready(
+    notifier: &Notifier,
+    registry: &Arc<Registry<ShipperCounters>>,
+    config: &ShipperConfig,
+    run_id: u64,
+) {
+    tracing::info!(
+        workers = config.shipper.workers,
+        run_id = format!("{run_id:016x}"),
+        pid = std::process::id(),
+        pipes = config.sources.pipe.len(),
+        "shipper running"
+    );
     notifier.send("READY=1");
     if let Some(interval) = Notifier::watchdog_interval() {
         notifier.watch(interval, registry.progress(interval));
     }
-    notifier
 }
 
-/// Starts the threads that turn signals and a takeover request into [`Event`]s.
+/// Starts the threads that turn signals and takeover requests into [`Event`]s, and the
+/// reload thread SIGHUP wakes.
 fn spawn_listeners(
     control: Option<std::os::unix::net::UnixListener>,
     exit_tx: &mpsc::Sender<Event>,
+    reloader: reload::Reloader,
 ) -> anyhow::Result<()> {
     if let Some(listener) = control {
         let control_tx = exit_tx.clone();
         std::thread::Builder::new().name("takeover".into()).spawn(move || {
-            if let Some(stream) = takeover::serve(&listener) {
-                let _ = control_tx.send(Event::Takeover(stream));
+            // After a request the main thread answers, the next peer is served (refused
+            // while stopping).
+            while let Some(stream) = takeover::serve(&listener) {
+                if control_tx.send(Event::Takeover(stream)).is_err() {
+                    return;
+                }
             }
         })?;
     }
+    let (hup_tx, hup_rx) = mpsc::channel();
+    reload::spawn(reloader, hup_rx)?;
     let signal_tx = exit_tx.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
-        while let Ok(sig) = signals::wait_termination() {
-            if signal_tx.send(Event::Signal(sig)).is_err() {
+        while let Ok(sig) = signals::wait_run_signal() {
+            if sig == libc::SIGHUP {
+                // Gone once a reload's new process took over: this process is ending.
+                let _ = hup_tx.send(());
+            } else if signal_tx.send(Event::Signal(sig)).is_err() {
                 return;
             }
         }
@@ -179,10 +256,11 @@ fn spawn_listeners(
 fn takeover_or_control(
     config: &ShipperConfig,
     take_over: bool,
+    notifier: &Notifier,
 ) -> anyhow::Result<(Option<Handover>, Option<std::os::unix::net::UnixListener>)> {
     let path = config.shipper.control_socket.as_deref();
     Ok(match (take_over, path) {
-        (true, path) => (Some(ask_takeover(config, path)?), None),
+        (true, path) => (Some(ask_takeover(config, path, notifier)?), None),
         (false, Some(path)) => (None, Some(takeover::listen(path, false)?)),
         (false, None) => (None, None),
     })
@@ -200,23 +278,32 @@ fn after_takeover(
 }
 
 /// Asks the shipper on the control socket `path` to hand over, allowing it the time a stop
-/// takes (`shutdown_timeout_ms`, then [`takeover::STOP_MARGIN_MS`]).
+/// takes (`shutdown_timeout_ms`, then [`takeover::STOP_MARGIN_MS`]). Before it answers
+/// ADOPTED, it tells systemd that this process is the service's main process now.
 fn ask_takeover(
     config: &ShipperConfig,
     path: Option<&std::path::Path>,
+    notifier: &Notifier,
 ) -> anyhow::Result<Handover> {
     let limit_ms = config.shipper.shutdown_timeout_ms + takeover::STOP_MARGIN_MS;
     let limit = std::time::Duration::from_millis(limit_ms);
     tracing::info!("takeover: asking the running shipper for its pipes and sockets");
-    Ok(takeover::request(path, limit)?)
+    let main_pid = || notifier.send(&format!("MAINPID={}", std::process::id()));
+    Ok(takeover::request(path, limit, main_pid)?)
 }
 
-/// Serves `/metrics` (the workers' counters and the kernel's) on its own threads, if
-/// `metrics.listen` is set.
-fn serve_metrics(
-    config: &ShipperConfig,
+/// What the metrics endpoint shows: the workers' counters, the kernel's, the reloads'.
+struct Endpoint {
     registry: Arc<Registry<ShipperCounters>>,
     kernel: Arc<Mutex<KernelCounters>>,
+    reloads: Arc<reload::ReloadCounters>,
+}
+
+/// Serves `/metrics` (the workers' counters, the kernel's and the reloads') on its own
+/// threads, if `metrics.listen` is set.
+fn serve_metrics(
+    config: &ShipperConfig,
+    endpoint: Endpoint,
     handed: &mut Option<Handover>,
     kept: &mut Kept,
 ) -> anyhow::Result<()> {
@@ -232,12 +319,14 @@ fn serve_metrics(
             .as_ref()
             .map(|_| config.buffer.bytes_max / config.shipper.workers as u64),
     };
+    let Endpoint { registry, kernel, reloads } = endpoint;
     let render_all = move || {
         let mut text = scrape(&registry, render);
         let k = kernel.lock().expect("kernel counters poisoned").clone();
         let mut out = crate::metrics::Exposition::default();
         render_kernel(&k, &mut out);
         render_limits(&limits, &mut out);
+        reloads.render(&mut out);
         text.push_str(&out.finish());
         text
     };
@@ -268,7 +357,7 @@ struct Plans {
 
 /// The channels every worker gets a copy of.
 struct Shared {
-    reports: mpsc::Sender<control::DemandReport>,
+    reports: mpsc::Sender<control::ToControl>,
     stop: watch::Receiver<bool>,
     exit: mpsc::Sender<Event>,
     /// The values the enrichments fetch, one per `[[transforms.enrich]]` that fetches.
@@ -276,7 +365,7 @@ struct Shared {
     /// Where the pipes leave their partial lines when they stop.
     leftovers: Leftovers,
     /// Set before the stop when it is a takeover's.
-    handing_over: Arc<std::sync::atomic::AtomicBool>,
+    handing_over: Arc<HandingOver>,
 }
 
 /// Starts the refresher of every enrichment that fetches a value.
@@ -288,7 +377,7 @@ fn start_feeds(
 }
 
 /// Where the control thread sends a worker its shares.
-type ShareSender = mpsc::Sender<control::Shares>;
+type ShareSender = mpsc::Sender<control::Update>;
 
 /// Starts one thread per worker; returns their handles and the senders of their shares.
 fn spawn_workers(
@@ -622,10 +711,12 @@ enum Event {
     Takeover(std::os::unix::net::UnixStream),
 }
 
-/// How the main thread stops the workers: the stop, and whether it is a takeover's.
+/// How the main thread stops the workers: the stop, whether it is a takeover's, and the
+/// takeover a reload started, if any.
 struct Stopping<'a> {
     stop: &'a watch::Sender<bool>,
-    handing_over: &'a std::sync::atomic::AtomicBool,
+    handing_over: &'a HandingOver,
+    pending: reload::PendingTakeover,
 }
 
 /// Waits until every worker has exited; returns the first worker error, and the connection
@@ -655,9 +746,14 @@ fn supervise(
                     let _ = takeover::wire::refuse(&mut stream, "stopping already");
                     continue;
                 }
-                tracing::info!("takeover asked: stopping the workers to hand over");
-                notifier.send("STOPPING=1");
-                stopping.handing_over.store(true, std::sync::atomic::Ordering::Relaxed);
+                let pid = takeover::peer_pid(&stream);
+                let by = if reload::claim(&stopping.pending, pid) { "a reload's" } else { "a" };
+                tracing::info!(
+                    ?pid,
+                    "takeover asked by {by} new process: stopping the workers to hand over"
+                );
+                // No STOPPING=1: the service goes on, in the new process (its MAINPID=).
+                stopping.handing_over.start();
                 let _ = stop.send(true);
                 handover = Some(stream);
             }

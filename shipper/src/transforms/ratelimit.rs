@@ -114,6 +114,24 @@ impl RateLimiter {
         b.tokens = b.tokens.min(b.local_burst());
     }
 
+    /// Applies a new `rate` (events/s, 0 = unlimited) and `burst` to `id`'s bucket, from a
+    /// reload: the time so far is credited at the old rate, tokens above the new burst are
+    /// cut, and a bucket that was unlimited starts full. The share stays.
+    #[cold]
+    pub fn set_limit(&mut self, id: u32, rate: u64, burst: u64, now_ns: u64) {
+        let Some(b) = self.buckets.get_mut(id as usize) else {
+            return;
+        };
+        let was_unlimited = b.rate == 0.0;
+        if !was_unlimited {
+            let elapsed = now_ns.saturating_sub(b.last_ns) as f64;
+            b.tokens = (b.tokens + elapsed * b.local_rate_per_ns()).min(b.local_burst());
+        }
+        b.last_ns = b.last_ns.max(now_ns);
+        (b.rate, b.burst) = (rate as f64, burst as f64);
+        b.tokens = if was_unlimited { b.local_burst() } else { b.tokens.min(b.local_burst()) };
+    }
+
     pub fn share(&self, id: u32) -> f64 {
         self.buckets[id as usize].share
     }
@@ -176,6 +194,25 @@ mod tests {
         l.set_share(0, 0.1, 0);
         // Burst share is now 100: no more than that at once.
         assert_eq!((0..1000).filter(|_| l.admit(0, 0)).count(), 100);
+    }
+
+    /// A reload's new limit: the time before it is credited under the old limit, the new rate
+    /// applies from then on, and an unlimited bucket that becomes limited starts with its
+    /// burst.
+    #[test]
+    fn a_new_limit_applies_from_its_time() {
+        let mut l = RateLimiter::default();
+        l.add(0, 100, 10, 1.0, 0);
+        assert_eq!((0..50).filter(|_| l.admit(0, 0)).count(), 10);
+        // Half a second at 100/s earns 50 tokens, capped at the burst then in force (10).
+        l.set_limit(0, 1000, 20, SEC / 2);
+        assert_eq!((0..50).filter(|_| l.admit(0, SEC / 2)).count(), 10);
+        // 10 ms at the new rate: 10 tokens.
+        assert_eq!((0..50).filter(|_| l.admit(0, SEC / 2 + SEC / 100)).count(), 10);
+        l.set_limit(0, 0, 0, SEC);
+        assert!((0..1000).all(|_| l.admit(0, SEC)));
+        l.set_limit(0, 5, 5, SEC);
+        assert_eq!((0..50).filter(|_| l.admit(0, SEC)).count(), 5);
     }
 
     /// Two simulated workers with skewed arrivals, rebalanced every 100 ms, admit

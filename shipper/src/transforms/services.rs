@@ -158,6 +158,20 @@ impl Services {
         ids
     }
 
+    /// Applies a reload's `[ratelimit]`: every service in the table takes its new rate and
+    /// burst (its share stays), and services met later take theirs from `config`.
+    #[cold]
+    pub fn set_limits(&mut self, config: &RateLimitSection, now_ns: u64) {
+        self.config = config.clone();
+        for id in 0..self.counters.len() as u32 {
+            if self.table.is_live(id) {
+                let name = String::from_utf8_lossy(self.table.name(id)).into_owned();
+                let (rate, burst) = self.config.limit_for(&name);
+                self.limiter.set_limit(id, rate, burst, now_ns);
+            }
+        }
+    }
+
     /// The counters of the services in the table now (free ids left out).
     pub fn live_counters(&self) -> Vec<ServiceCounters> {
         let live = |id: &usize| self.table.is_live(*id as u32);

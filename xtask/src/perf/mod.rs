@@ -5,8 +5,10 @@
 //! journal on the same worker checkpoints at full speed), `buffer` ([`buffer`]), `failover`
 //! ([`failover`]), `udp` ([`udp`]: the UDP syslog source with and without the eBPF programs),
 //! `file-tail` ([`file_tail`]: files followed while written and rotated, beside syslog-ng's and
-//! rsyslog's file inputs) or `receiver-outputs` ([`receiver_outputs`]: records per receiver
-//! CPU-second into each kind of output).
+//! rsyslog's file inputs), `receiver-outputs` ([`receiver_outputs`]: records per receiver
+//! CPU-second into each kind of output) or `takeover` ([`takeover`]: blocking pipe writers'
+//! longest `write()` while `shipper run --takeover` replaces the shipper, every line checked
+//! exactly once).
 //!
 //! A pipe case declares its workload (lines, size distribution, services and their skew, pipes,
 //! writers, rate), the shipper's settings, the CPU allotment (`taskset` lists for the shipper or
@@ -45,6 +47,7 @@ mod pipe;
 mod receiver_outputs;
 mod report;
 mod sink;
+mod takeover;
 mod udp;
 
 /// One run of one system.
@@ -202,9 +205,13 @@ fn run_case(dir: &Path, name: &str, o: &Options, against: Option<&Rev>) -> anyho
             let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
             receiver_outputs::run_case(name, &case, quick, runs, &command)
         }
+        "takeover" => {
+            let case = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            takeover::run_case(name, &case, quick, runs, &command)
+        }
         other => bail!(
             "{}: unknown kind {other:?} (pipe, journal, journal-checkpoint, buffer, failover, \
-             udp, file-tail, receiver-outputs)",
+             udp, file-tail, receiver-outputs, takeover)",
             path.display()
         ),
     }

@@ -38,9 +38,10 @@
 //!    `worker::tick::TAKEOVER_STOP_MS`, what is left written to the disk buffer, marks synced),
 //!    collects the pipes' partial lines, sends the description and its duplicates of the
 //!    descriptors.
-//! 3. New process: takes each descriptor whose source its configuration still has (matched
-//!    by path or address), answers ADOPTED, closes (and logs) the others; opens and binds
-//!    what it was not handed as a normal start does, then opens the disk buffer (replaying
+//! 3. New process: tells systemd (if `NOTIFY_SOCKET` is set) that it is the service's main
+//!    process now (`MAINPID=`), answers ADOPTED, takes each descriptor whose source its
+//!    configuration still has (matched by path or address), closes (and logs) the others;
+//!    opens and binds what it was not handed as a normal start does, then opens the disk buffer (replaying
 //!    what the old one left) and starts its workers. The old process exits 0 on ADOPTED.
 //! 4. Failure: no shipper on the socket, a refusal, a broken or late answer: the new process
 //!    says why and exits 1; it never starts without the handover (the paths and ports are
@@ -56,6 +57,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -129,6 +132,39 @@ struct SocketEntry {
     kind: Kind,
     key: String,
     local: String,
+}
+
+/// Whether the stop under way is a takeover's, and which pipes (by `sources.pipe` index) the
+/// next process no longer reads (a reload's self-takeover knows; an operator's takeover does
+/// not): those finish their partial line as a normal stop does, so what this process read
+/// of a removed FIFO is shipped, not handed to a process that closes it.
+#[derive(Default)]
+pub struct HandingOver {
+    takeover: AtomicBool,
+    removed_pipes: Mutex<Vec<usize>>,
+}
+
+impl HandingOver {
+    /// Says that the coming stop is a takeover's.
+    pub fn start(&self) {
+        self.takeover.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the stop is a takeover's.
+    pub fn is_takeover(&self) -> bool {
+        self.takeover.load(Ordering::Relaxed)
+    }
+
+    /// Sets the pipes the next process's configuration no longer has.
+    pub fn set_removed_pipes(&self, pipes: Vec<usize>) {
+        *self.removed_pipes.lock().expect("removed pipes poisoned") = pipes;
+    }
+
+    /// Whether pipe `index` keeps its partial line for the next process at the stop.
+    pub fn keeps_leftover(&self, index: usize) -> bool {
+        self.is_takeover()
+            && !self.removed_pipes.lock().expect("removed pipes poisoned").contains(&index)
+    }
 }
 
 /// The old process's duplicates of what it opened, kept to hand over.
@@ -257,8 +293,12 @@ impl Handover {
 }
 
 /// Asks the shipper serving `path` for its pipes and sockets, waiting up to `limit` for it
-/// to stop and send them; answers ADOPTED once they are here.
-pub fn request(path: Option<&Path>, limit: Duration) -> Result<Handover, TakeoverError> {
+/// to stop and send them; calls `adopting` once they are here, then answers ADOPTED.
+pub fn request(
+    path: Option<&Path>,
+    limit: Duration,
+    adopting: impl FnOnce(),
+) -> Result<Handover, TakeoverError> {
     let path = path.ok_or(TakeoverError::NoSocket)?;
     let mut stream = UnixStream::connect(path)
         .map_err(|source| TakeoverError::NotRunning { path: path.to_path_buf(), source })?;
@@ -275,6 +315,7 @@ pub fn request(path: Option<&Path>, limit: Duration) -> Result<Handover, Takeove
     };
     let (text, fds) = wire::receive(&mut stream, count)?;
     let d: Description = serde_json::from_slice(&text).expect("parsed by `count`");
+    adopting();
     stream.write_all(wire::ADOPTED).map_err(TakeoverError::Io)?;
     let mut fds = fds.into_iter().map(Some);
     let mut h = Handover::default();
@@ -356,6 +397,16 @@ fn check(stream: &mut UnixStream) -> Result<(), &'static str> {
 
 /// The uid of the peer of `stream` (SO_PEERCRED).
 fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    peer(stream).map(|c| c.uid)
+}
+
+/// The process id of the peer of `stream` (SO_PEERCRED), as it was when it connected.
+pub fn peer_pid(stream: &UnixStream) -> Option<u32> {
+    peer(stream).and_then(|c| u32::try_from(c.pid).ok())
+}
+
+/// The credentials of the peer of `stream` (SO_PEERCRED).
+fn peer(stream: &UnixStream) -> Option<libc::ucred> {
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: `cred` is a ucred and `len` its size, as SO_PEERCRED wants.
@@ -368,7 +419,7 @@ fn peer_uid(stream: &UnixStream) -> Option<u32> {
             &mut len,
         )
     };
-    (rc == 0).then_some(cred.uid)
+    (rc == 0).then_some(cred)
 }
 
 /// Peers refused, logged at most once a second with the running count.

@@ -7,7 +7,6 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +16,8 @@ use super::Worker;
 use crate::config::ShipperConfig;
 use crate::metrics::shipper::ShipperCounters;
 use crate::metrics::Registry;
-use crate::runtime::control::{DemandReport, Shares};
+use crate::runtime::control::{ToControl, Update};
+use crate::runtime::takeover::HandingOver;
 use crate::sinks::delivery::connection::{run_slot, Target};
 use crate::sources::file::positions::Positions;
 use crate::sources::file::source::Files;
@@ -88,15 +88,15 @@ pub struct WorkerPlan {
     pub config: Arc<ShipperConfig>,
     pub targets: Vec<Arc<Target>>,
     pub registry: Arc<Registry<ShipperCounters>>,
-    pub reports: Sender<DemandReport>,
-    pub shares: Receiver<Shares>,
+    pub reports: Sender<ToControl>,
+    pub shares: Receiver<Update>,
     pub stop: watch::Receiver<bool>,
     /// The enrichments' fetched values.
     pub feeds: Vec<Arc<crate::transforms::enrich::feed::Feed>>,
     /// Where the pipes' partial lines go at the stop.
     pub leftovers: Leftovers,
     /// Set before the stop when it is a takeover's.
-    pub handing_over: Arc<AtomicBool>,
+    pub handing_over: Arc<HandingOver>,
 }
 
 /// Runs the worker on the current thread until it has stopped.
@@ -173,10 +173,10 @@ fn start_pipe(
     pipe: PipeHandle,
     config: &ShipperConfig,
     stop: &watch::Receiver<bool>,
-    (leftovers, handing_over): (&Leftovers, &Arc<AtomicBool>),
+    (leftovers, handing_over): (&Leftovers, &Arc<HandingOver>),
 ) -> tokio::task::JoinHandle<()> {
-    let handing_over = handing_over.clone();
-    let cfg = &config.sources.pipe[pipe.config_index];
+    let (handing_over, index) = (handing_over.clone(), pipe.config_index);
+    let cfg = &config.sources.pipe[index];
     let name = cfg.path.display().to_string();
     let counters = SourceCounters { source: name, ..Default::default() };
     let r = worker.borrow_mut().add_source(
@@ -197,9 +197,9 @@ fn start_pipe(
         limits,
         r.counters,
         stop.clone(),
-        Handover { left: pipe.left, handing_over: move || handing_over.load(Ordering::Relaxed) },
+        Handover { left: pipe.left, handing_over: move || handing_over.keeps_leftover(index) },
     );
-    let (index, leftovers) = (pipe.config_index, leftovers.clone());
+    let leftovers = leftovers.clone();
     tokio_uring::spawn(async move {
         let left = task.await;
         leftovers.lock().expect("leftovers poisoned").push((index, left));

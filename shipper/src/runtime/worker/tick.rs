@@ -1,6 +1,7 @@
 //! The worker's ticker: it seals overdue batches, closes connections whose acks or heartbeats
-//! are overdue, settles the quarantine's writes and, at the control-plane pace, trades demand
-//! for shares with the control thread and publishes counters; and it runs the shutdown.
+//! are overdue, settles the quarantine's writes, takes what the control thread sent (shares, a
+//! reload's rate limits) and, at the control-plane pace, reports its demand and publishes
+//! counters; and it runs the shutdown.
 //!
 //! # Design constraints
 //! - The ticker runs every `min(flush_interval_ms, 50)` ms.
@@ -19,7 +20,6 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,18 +31,20 @@ use crate::metrics::ledger::Fate;
 use crate::metrics::shipper::ShipperCounters;
 use crate::metrics::{Registry, PUBLISH_INTERVAL_MS};
 use crate::protocol::Origin;
-use crate::runtime::control::{DemandReport, Shares};
+use crate::runtime::control::{DemandReport, ToControl, Update};
+use crate::runtime::takeover::HandingOver;
 use crate::sinks::delivery::Link;
 use crate::transforms::services::DropReason;
 
 /// The worker's side of the control plane: demand out, shares in; and whether a stop is a
 /// takeover's.
 pub struct Plane {
-    pub reports: Sender<DemandReport>,
-    pub shares: Receiver<Shares>,
+    pub reports: Sender<ToControl>,
+    /// Shares, and a reload's new limits, taken every tick.
+    pub shares: Receiver<Update>,
     /// Set before the stop when a takeover stops the worker: the wait for acknowledgements is
     /// then at most [`TAKEOVER_STOP_MS`], since nobody reads the sources meanwhile.
-    pub handing_over: Arc<AtomicBool>,
+    pub handing_over: Arc<HandingOver>,
 }
 
 /// How long a takeover's stop waits for acknowledgements (at most `shutdown_timeout_ms`)
@@ -98,7 +100,7 @@ pub async fn run(
             w.delivery.stopping = true;
             w.seal_all();
             w.delivery.wake.notify_waiters();
-            if plane.handing_over.load(Ordering::Relaxed) {
+            if plane.handing_over.is_takeover() {
                 t.shutdown_ns = t.shutdown_ns.min(TAKEOVER_STOP_MS * 1_000_000);
             }
             t.deadline_ns = Some(now + t.shutdown_ns);
@@ -141,9 +143,10 @@ fn routine(w: &mut Worker, t: &mut Ticker, plane: &Plane, now: u64) {
     w.seal_due(now);
     w.settle_quarantined();
     close_overdue(w, now, t.ack_timeout_ns);
+    take_updates(w, plane, now);
     if now - t.last_rebalance_ns >= t.rebalance_ns {
         t.last_rebalance_ns = now;
-        exchange_demand(w, plane, now);
+        exchange_demand(w, plane);
         let idle_ns = w.config.ratelimit.services_idle_s.saturating_mul(1_000_000_000);
         let batches = &w.batches;
         w.chain.forget_idle(now, idle_ns, |id| batches.iter().any(|b| b.holds(id)));
@@ -325,9 +328,8 @@ fn close_overdue(c: &mut Worker, now: u64, ack_timeout_ns: u64) {
     }
 }
 
-/// Sends the control thread what each service asked of this worker since the last time, and
-/// takes the shares it answered.
-fn exchange_demand(w: &mut Worker, plane: &Plane, now: u64) {
+/// Sends the control thread what each service asked of this worker since the last time.
+fn exchange_demand(w: &mut Worker, plane: &Plane) {
     let services = &mut w.chain.services;
     let demand = services
         .limiter
@@ -335,11 +337,25 @@ fn exchange_demand(w: &mut Worker, plane: &Plane, now: u64) {
         .into_iter()
         .map(|(id, n)| (services.table.name(id).into(), n))
         .collect();
-    let _ = plane.reports.send(DemandReport { worker: w.index, demand });
+    let _ = plane.reports.send(ToControl::Demand(DemandReport { worker: w.index, demand }));
+}
+
+/// Takes what the control thread sent: shares, and a reload's new limits (applied at once,
+/// so a new limit takes effect within a tick of the reload).
+fn take_updates(w: &mut Worker, plane: &Plane, now: u64) {
+    let services = &mut w.chain.services;
     while let Ok(update) = plane.shares.try_recv() {
-        for (name, share) in update {
-            if let Some(id) = services.table.get(&name) {
-                services.limiter.set_share(id, share, now);
+        match update {
+            Update::Shares(shares) => {
+                for (name, share) in shares {
+                    if let Some(id) = services.table.get(&name) {
+                        services.limiter.set_share(id, share, now);
+                    }
+                }
+            }
+            Update::Limits(limits) => {
+                services.set_limits(&limits, now);
+                tracing::info!(core = w.index, "rate limits reloaded");
             }
         }
     }
