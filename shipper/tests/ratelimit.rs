@@ -141,11 +141,16 @@ fn a_burst_of_services_is_forgotten_once_idle_and_new_services_get_their_own_lab
         metric_at(sm, "shipper_records_acked_total", &[]) == SERVICES as f64
     });
     let admitted = |service| metric_at(sm, "shipper_lines_admitted_total", &[("service", service)]);
-    // The pipe's own service ("app") holds one place: s0..s1022 take the rest.
-    assert_eq!(admitted("s1022"), 1.0);
+    // The pipe's own service ("app") holds one place: s0..s1022 take the rest, the others
+    // share `_other` (whose label is never forgotten). Those 1,023 may be forgotten already
+    // (`services_idle_s` is 1 s and acknowledgements can take longer on a loaded machine):
+    // each place is counted once, live or forgotten, in one scrape.
     assert_eq!(admitted("_other"), (SERVICES - (ROOM - 1)) as f64);
     let core0 = [("core", "0")];
-    assert_eq!(metric_at(sm, "shipper_services", &core0), (ROOM + 1) as f64);
+    let text = scrape_ok(sm);
+    let live = metric(&text, "shipper_services", &core0);
+    let forgotten = metric(&text, "shipper_services_forgotten_total", &core0);
+    assert_eq!(live + forgotten, (ROOM + 1) as f64, "{live} live, {forgotten} forgotten");
     shipper.wait_alive("the burst's services forgotten", || {
         metric_at(sm, "shipper_services_forgotten_total", &core0) == (ROOM - 1) as f64
     });
