@@ -3,8 +3,9 @@
 //!
 //! # Design constraints
 //! - One pass over the line, building nothing: the scanner (`scan.rs`) checks the grammar of
-//!   the whole line (RFC 8259) and notes where the top-level key field and cfjs1's `format`
-//!   are; only those two values are copied out (unescaped). No copy of the line, no tape.
+//!   the whole line (RFC 8259) and the UTF-8 of its non-ASCII bytes, and notes where the
+//!   top-level key field and cfjs1's `format` are; only those two values are copied out
+//!   (unescaped). No copy of the line, no tape.
 //! - Bounded by the line: the only state is a stack of the open containers (one byte each),
 //!   so nesting depth is bounded by `line_bytes_max` and never by the call stack. Buffers are
 //!   reused, so the steady state allocates nothing.
@@ -83,12 +84,14 @@ impl Parser {
         if format == Format::Text {
             return Ok(Fields { key: None, format: None });
         }
-        if std::str::from_utf8(line).is_err() {
-            return Err(Failure::Utf8);
-        }
         let cfjs1 = format == Format::Cfjs1;
         let wanted = scan::Wanted { key: key_field.as_bytes(), format: cfjs1.then_some(b"format") };
-        let found = scan::Scan::new(line, &mut self.stack).object(&wanted, &mut self.name)?;
+        let found = match scan::Scan::new(line, &mut self.stack).object(&wanted, &mut self.name) {
+            Ok(found) => found,
+            // Invalid UTF-8 wins over invalid JSON, wherever each is in the line.
+            Err(Failure::Json) if std::str::from_utf8(line).is_err() => return Err(Failure::Utf8),
+            Err(e) => return Err(e),
+        };
         self.key.clear();
         self.format.clear();
         if let Some(v) = found.key {

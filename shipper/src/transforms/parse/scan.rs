@@ -1,6 +1,7 @@
 //! One pass over a line checking the JSON grammar (RFC 8259), noting where two top-level
-//! string members are. The caller has checked that the line is UTF-8, so a string's bytes
-//! need no other check than the grammar's (no control character, valid escapes).
+//! string members are. Non-ASCII bytes may only be in strings, where each run of them is
+//! checked as UTF-8 ([`Failure::Utf8`]); one anywhere else is a grammar error, which the caller
+//! reports as invalid UTF-8 instead when the line is not UTF-8.
 //!
 //! Containers are tracked iteratively on a byte stack (`{` or `[` per open container), so a
 //! deeply nested line costs one byte of stack per level and never recursion.
@@ -208,6 +209,7 @@ fn string(line: &[u8], at: usize) -> Result<(Span, usize), Failure> {
                 escaped = true;
                 at += escape_len(&line[at..]).ok_or(Failure::Json)?;
             }
+            Some(&c) if c >= 0x80 => at = utf8_end(line, at)?,
             // A control character, or the end of the line.
             _ => return Err(Failure::Json),
         }
@@ -270,9 +272,9 @@ fn space(line: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// The index of the first `"`, `\` or control character (below 0x20) at or after `at`, or
-/// the line's length: eight bytes per step (the lowest flagged byte of a word is exact, since
-/// a borrow only runs upwards), then byte by byte.
+/// The index of the first `"`, `\`, control character (below 0x20) or non-ASCII byte at or
+/// after `at`, or the line's length: eight bytes per step (the lowest flagged byte of a word is
+/// exact, since a borrow only runs upwards), then byte by byte.
 #[inline]
 fn plain_end(line: &[u8], mut at: usize) -> usize {
     let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
@@ -280,19 +282,31 @@ fn plain_end(line: &[u8], mut at: usize) -> usize {
         let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
         let hits = zero(x ^ (ONES * u64::from(b'"')))
             | zero(x ^ (ONES * u64::from(b'\\')))
-            | (x.wrapping_sub(ONES * 0x20) & !x & HIGHS);
+            | (x.wrapping_sub(ONES * 0x20) & !x & HIGHS)
+            | (x & HIGHS);
         if hits != 0 {
             return at + (hits.trailing_zeros() / 8) as usize;
         }
         at += 8;
     }
     while let Some(&c) = line.get(at) {
-        if c == b'"' || c == b'\\' || c < 0x20 {
+        if c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c) {
             break;
         }
         at += 1;
     }
     at
+}
+
+/// The end of the run of non-ASCII bytes at `at` if it is valid UTF-8. Checking each such run
+/// of a string checks the whole string, since an ASCII byte is never part of a longer
+/// character.
+fn utf8_end(line: &[u8], at: usize) -> Result<usize, Failure> {
+    let end = line[at..].iter().position(|&c| c < 0x80).map_or(line.len(), |n| at + n);
+    match std::str::from_utf8(&line[at..end]) {
+        Ok(_) => Ok(end),
+        Err(_) => Err(Failure::Utf8),
+    }
 }
 
 /// The length of the escape at the start of `s` (a backslash), if it is a valid one.

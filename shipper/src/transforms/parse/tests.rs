@@ -34,8 +34,25 @@ fn classifies_failures() {
         p.extract(b"\xff anything", Format::Text, "service"),
         Ok(Fields { key: None, format: None })
     );
-    // Invalid UTF-8 is reported as such even where the JSON is broken too.
-    assert_eq!(p.extract(b"{\"a\":\xc3", Format::Json, "service"), Err(Failure::Utf8));
+    // Invalid UTF-8 is reported as such even where the JSON is broken too, before or after
+    // it, and wherever it is: a nested string, a member name, outside any string.
+    let utf8: &[&[u8]] = &[
+        b"{\"a\":\xc3",
+        b"{\"a\" 1, \"b\":\"\xff\"}",
+        b"{\"a\":{\"b\":[\"ok\xc3\xa9\", \"\xc3\"]}}",
+        b"{\"\xc0\xaf\":1}",
+        b"{\"a\":\"\xed\xa0\x80\"}",
+        b"{\"a\":\"\xf0\x9f\x98\"}",
+        b"{\"a\":1\xff}",
+        b"\xef\xbb\xbf{\xff}",
+    ];
+    for line in utf8 {
+        let got = p.extract(line, Format::Json, "service");
+        assert_eq!(got, Err(Failure::Utf8), "{}", String::from_utf8_lossy(line));
+    }
+    // Valid UTF-8 outside a string is invalid JSON (a byte order mark, a bare word).
+    assert_eq!(p.extract("\u{feff}{}".as_bytes(), Format::Json, "service"), Err(Failure::Json));
+    assert_eq!(p.extract("{\"a\":é}".as_bytes(), Format::Json, "service"), Err(Failure::Json));
 }
 
 #[test]
