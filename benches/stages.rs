@@ -1,6 +1,7 @@
 //! One group per stage of the data path, each with its baseline beside it:
 //! - split: `LineSplitter` vs `slice::split` on `\n`
-//! - extract: `Parser::extract` (simd-json) vs `serde_json::Value` then `get`
+//! - extract: `Parser::extract` (one-pass scanner) vs the simd-json tape it replaced
+//!   (`TapeParser`) vs `serde_json::Value` then `get`
 //! - ratelimit: per-core `RateLimiter::admit` vs one bucket behind a `Mutex` (the global lock
 //!   a shared-state limiter takes per record)
 //! - zstd: levels 1 and 3 vs a plain copy of the batch
@@ -16,6 +17,7 @@ use shipper::config::shipper::Format;
 use shipper::protocol::frame::{Header, Kind, HEADER_BYTES};
 use shipper::protocol::FrameDecoder;
 use shipper::sources::lines::LineSplitter;
+use shipper::transforms::parse::tape::TapeParser;
 use shipper::transforms::parse::Parser;
 use shipper::transforms::ratelimit::RateLimiter;
 use shipper_benches::json_lines;
@@ -47,8 +49,18 @@ fn extract(c: &mut Criterion) {
     let lines: Vec<&[u8]> = data.split(|&c| c == b'\n').filter(|l| !l.is_empty()).collect();
     let mut g = c.benchmark_group("extract");
     g.throughput(Throughput::Elements(lines.len() as u64));
-    g.bench_function("simd_json_parser", |b| {
+    g.bench_function("scanner", |b| {
         let mut p = Parser::default();
+        b.iter(|| {
+            for l in &lines {
+                black_box(
+                    p.extract(l, Format::Json, "service").map(|f| f.key.map(<[u8]>::len)).ok(),
+                );
+            }
+        })
+    });
+    g.bench_function("baseline_simd_json_tape", |b| {
+        let mut p = TapeParser::default();
         b.iter(|| {
             for l in &lines {
                 black_box(

@@ -28,6 +28,8 @@ const JSON_SEEDS: &[&str] = &[
     r#"{"service":"caf\u00e9","x":[1,2,{"service":"inner"}]}"#,
     r#"["service","not an object"]"#,
     r#"{"service":"\ud83d\ude00","m":"\ud800"}"#,
+    r#"{"serv\u0069ce":"a\/b","n":[-0.5e+3,18446744073709551616,true,null],"o":{}}"#,
+    "{\"format\":\"http\",\"http\":{\"bytes\":1\u{0}23}}",
 ];
 
 /// Seeds of the `syslog` target.

@@ -197,7 +197,9 @@ impl Services {
 }
 
 pub struct ServiceTable {
-    ids: HashMap<ServiceName, u32>,
+    /// Keys come from outside: the hasher is seeded at random per process, so collisions
+    /// cannot be planned (and the table is bounded by `services_max`).
+    ids: HashMap<ServiceName, u32, foldhash::quality::RandomState>,
     /// Per id its name; a free id's is `None`.
     names: Vec<Option<ServiceName>>,
     /// Ids forgotten, reused before the table grows.
@@ -208,7 +210,7 @@ pub struct ServiceTable {
 impl ServiceTable {
     pub fn new(services_max: usize) -> ServiceTable {
         ServiceTable {
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             names: vec![Some(OTHER_NAME.as_bytes().into())],
             free: Vec::new(),
             max: services_max,

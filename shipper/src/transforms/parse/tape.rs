@@ -1,56 +1,15 @@
-//! Finds the few fields the pipeline needs in a JSON line, keeping the original bytes.
-//!
-//! # Design constraints
-//! - No document is built and nothing is re-serialised: simd-json builds its tape over a
-//!   scratch copy of the line (it unescapes in place), and only the key field and cfjs1's
-//!   `format` are copied out. Scratch buffers are reused, so the steady state allocates nothing.
-//!
-//! # Operation
-//! A line that is not valid UTF-8, not valid JSON, or not a JSON object is passed on as text
-//! under the source's service and reported as [`Failure`], which the caller counts.
+//! The extraction the shipper did before [`super::Parser`]: simd-json builds a tape of the
+//! whole line over a scratch copy (it unescapes in place), and the key field and cfjs1's
+//! `format` are looked up among the top-level pairs. Kept as the reference the `json_key`
+//! fuzz target compares the scanner with, and as the baseline of the `extract` benchmark.
 
 use simd_json::prelude::*;
 
+use super::{Failure, Fields};
 use crate::config::shipper::Format;
 
-/// Why a line could not be parsed as the source's format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Failure {
-    /// Not valid UTF-8.
-    Utf8,
-    /// Not valid JSON.
-    Json,
-    /// Valid JSON but not an object.
-    NotObject,
-    /// A cfjs1 line without a string `format` field.
-    NoFormat,
-}
-
-impl Failure {
-    pub const ALL: [Failure; 4] =
-        [Failure::Utf8, Failure::Json, Failure::NotObject, Failure::NoFormat];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Failure::Utf8 => "invalid_utf8",
-            Failure::Json => "invalid_json",
-            Failure::NotObject => "not_object",
-            Failure::NoFormat => "no_format",
-        }
-    }
-}
-
-/// What was found in a line.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Fields<'p> {
-    /// Value of the rate-limit key field, when present and a string.
-    pub key: Option<&'p [u8]>,
-    /// cfjs1's `format` value.
-    pub format: Option<&'p [u8]>,
-}
-
-/// Reusable parser state, one per core.
-pub struct Parser {
+/// simd-json's state, reused between lines.
+pub struct TapeParser {
     scratch: Vec<u8>,
     buffers: simd_json::Buffers,
     tape: Option<simd_json::Tape<'static>>,
@@ -58,9 +17,9 @@ pub struct Parser {
     format: Vec<u8>,
 }
 
-impl Default for Parser {
+impl Default for TapeParser {
     fn default() -> Self {
-        Parser {
+        TapeParser {
             scratch: Vec::new(),
             buffers: simd_json::Buffers::new(4096),
             tape: Some(simd_json::Tape::null().reset()),
@@ -70,7 +29,7 @@ impl Default for Parser {
     }
 }
 
-impl Parser {
+impl TapeParser {
     /// Extracts `key_field` (and `format` for cfjs1) from `line`.
     pub fn extract(
         &mut self,
@@ -142,7 +101,7 @@ mod tests {
 
     #[test]
     fn extracts_key_and_format() {
-        let mut p = Parser::default();
+        let mut p = TapeParser::default();
         let f = p.extract(br#"{"service":"nginx","msg":"a\"b"}"#, Format::Json, "service");
         assert_eq!(f, Ok(Fields { key: Some(b"nginx"), format: None }));
         let f = p.extract(br#"{"msg":"x"}"#, Format::Json, "service");
@@ -159,7 +118,7 @@ mod tests {
 
     #[test]
     fn classifies_failures() {
-        let mut p = Parser::default();
+        let mut p = TapeParser::default();
         assert_eq!(p.extract(b"{\"a\":", Format::Json, "service"), Err(Failure::Json));
         assert_eq!(p.extract(b"{\"a\":\"\xff\"}", Format::Json, "service"), Err(Failure::Utf8));
         assert_eq!(p.extract(b"[1,2]", Format::Json, "service"), Err(Failure::NotObject));
