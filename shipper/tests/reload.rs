@@ -188,9 +188,17 @@ fn a_rate_limit_changed_under_load_takes_effect_within_one_rebalance_interval() 
 
 /// How many times each line of writers 0 and 1 arrived; every line must be one written.
 fn arrived(out: &Path, written: [usize; 2]) -> [Vec<u32>; 2] {
+    arrived_among(output_lines(out).iter(), written)
+}
+
+/// [`arrived`] over `lines`, output lines as [`output_lines`] gives them.
+fn arrived_among<'a>(
+    lines: impl Iterator<Item = &'a (String, Vec<u8>)>,
+    written: [usize; 2],
+) -> [Vec<u32>; 2] {
     let mut seen = written.map(|n| vec![0u32; n]);
-    for (_, l) in output_lines(out) {
-        let (w, seq) = ids(&l);
+    for (_, l) in lines {
+        let (w, seq) = ids(l);
         assert_eq!(l, line(w, seq).as_bytes(), "a line arrived changed");
         assert!(w < 2 && seq < seen[w].len(), "writer {w} line {seq} was never written");
         seen[w][seq] += 1;
@@ -492,22 +500,11 @@ fn a_source_removed_ships_what_was_read_of_it() {
     assert_eq!(half, 1, "the half line read of the removed FIFO, once: {lines:?}");
     let whole: Vec<_> = lines.iter().filter(|(_, l)| l != head.as_bytes()).collect();
     assert_eq!(whole.len(), 101);
-    let seen = arrived_except(&whole, [1, 100]);
+    let seen = arrived_among(whole.into_iter(), [1, 100]);
     assert!(seen.iter().flatten().all(|&c| c == 1), "{seen:?}");
     let err = writeln!(b, "{}", line(1, 101)).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
     next.stop();
-}
-
-/// [`arrived`] over lines already read.
-fn arrived_except(lines: &[&(String, Vec<u8>)], written: [usize; 2]) -> [Vec<u32>; 2] {
-    let mut seen = written.map(|n| vec![0u32; n]);
-    for (_, l) in lines {
-        let (w, seq) = ids(l);
-        assert_eq!(l, line(w, seq).as_bytes(), "a line arrived changed");
-        seen[w][seq] += 1;
-    }
-    seen
 }
 
 /// Guards the upgrade path (issue 14): a shipper started from a binary that a package upgrade

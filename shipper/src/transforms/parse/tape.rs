@@ -94,39 +94,3 @@ fn copy_str(v: simd_json::tape::Value<'_, '_>, out: &mut Vec<u8>) -> bool {
         None => false,
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn extracts_key_and_format() {
-        let mut p = TapeParser::default();
-        let f = p.extract(br#"{"service":"nginx","msg":"a\"b"}"#, Format::Json, "service");
-        assert_eq!(f, Ok(Fields { key: Some(b"nginx"), format: None }));
-        let f = p.extract(br#"{"msg":"x"}"#, Format::Json, "service");
-        assert_eq!(f, Ok(Fields { key: None, format: None }));
-        let f = p.extract(
-            br#"{"format":"dns","dns":{"q":"a"},"service":"s\u00e9"}"#,
-            Format::Cfjs1,
-            "service",
-        );
-        assert_eq!(f, Ok(Fields { key: Some("sé".as_bytes()), format: Some(b"dns") }));
-        let f = p.extract(br#"{"service":7}"#, Format::Json, "service");
-        assert_eq!(f, Ok(Fields { key: None, format: None }));
-    }
-
-    #[test]
-    fn classifies_failures() {
-        let mut p = TapeParser::default();
-        assert_eq!(p.extract(b"{\"a\":", Format::Json, "service"), Err(Failure::Json));
-        assert_eq!(p.extract(b"{\"a\":\"\xff\"}", Format::Json, "service"), Err(Failure::Utf8));
-        assert_eq!(p.extract(b"[1,2]", Format::Json, "service"), Err(Failure::NotObject));
-        assert_eq!(p.extract(b"plain text", Format::Json, "service"), Err(Failure::Json));
-        assert_eq!(p.extract(br#"{"a":1}"#, Format::Cfjs1, "service"), Err(Failure::NoFormat));
-        assert_eq!(
-            p.extract(b"\xff anything", Format::Text, "service"),
-            Ok(Fields { key: None, format: None })
-        );
-    }
-}

@@ -152,6 +152,17 @@ fn agrees_with_the_tape_parser_on_lines_as_applications_write_them() {
         b"{\"service\":\"a\xc3\xa9\"}",
         b"{\"service\":\"a\xc3\"}",
         br#"{"msg":"x","service":"web"} trailing"#,
+        // The cases of the first two tests, which the tape parser once had as its own.
+        br#"{"service":"nginx","msg":"a\"b"}"#,
+        br#"{"msg":"x"}"#,
+        br#"{"format":"dns","dns":{"q":"a"},"service":"s\u00e9"}"#,
+        br#"{"service":7}"#,
+        b"{\"a\":",
+        b"{\"a\":\"\xff\"}",
+        b"[1,2]",
+        b"plain text",
+        br#"{"a":1}"#,
+        b"\xff anything",
     ];
     let (mut new, mut old) = (Parser::default(), TapeParser::default());
     for line in lines {
