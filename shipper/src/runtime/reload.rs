@@ -158,8 +158,9 @@ pub struct Reloader {
     pub tls_files: TlsFiles,
 }
 
-/// The TLS files a configuration names, each with its contents (`None`: unreadable).
-pub type TlsFiles = Vec<(PathBuf, Option<Vec<u8>>)>;
+/// The TLS files a configuration names, each with a digest of its contents (`None`:
+/// unreadable): enough to notice a renewed file without keeping a private key's bytes.
+pub type TlsFiles = Vec<(PathBuf, Option<u64>)>;
 
 /// The result of one reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -389,7 +390,7 @@ fn directory_exists(path: &Path) -> Result<(), String> {
     }
 }
 
-/// The contents of the TLS files `config` names (`None`: unreadable), so that a reload
+/// A digest of each TLS file `config` names (`None`: unreadable), so that a reload
 /// notices renewed certificates behind unchanged paths. Read when the process loads them.
 pub fn tls_files(config: &ShipperConfig) -> TlsFiles {
     let t = &config.tls;
@@ -398,7 +399,13 @@ pub fn tls_files(config: &ShipperConfig) -> TlsFiles {
         paths.extend([f.cert.clone(), f.key.clone()]);
         paths.extend(f.ca.clone());
     }
-    paths.into_iter().map(|p| (p.clone(), std::fs::read(&p).ok())).collect()
+    let digest = |bytes: Vec<u8>| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut h);
+        h.finish()
+    };
+    paths.into_iter().map(|p| (p.clone(), std::fs::read(&p).ok().map(digest))).collect()
 }
 
 /// CLOCK_MONOTONIC in microseconds, as `MONOTONIC_USEC=` wants it.

@@ -172,7 +172,7 @@ pub async fn run<I: Intake>(
 ) -> Leftover {
     let mut splitter = LineSplitter::resume(limits.line_bytes_max, handover.left);
     intake.borrow_mut().flushes_at_stop();
-    let on_read = |bytes: &[u8]| {
+    let mut on_read = |bytes: &[u8]| {
         let mut intake = intake.borrow_mut();
         let mut sc = counters.borrow_mut();
         let now = intake.now_ns();
@@ -189,17 +189,12 @@ pub async fn run<I: Intake>(
     // Kept to drain the FIFO at a stop that is not a takeover's (`read_until_stopped` closes
     // its own descriptor).
     let last_look = file.try_clone();
-    super::read_until_stopped(file, limits.read_bytes, stop, on_read, on_error).await;
+    super::read_until_stopped(file, limits.read_bytes, stop, &mut on_read, on_error).await;
     let handing_over = (handover.handing_over)();
     if let (false, Ok(f)) = (handing_over, &last_look) {
-        super::drain(f, limits.read_bytes, |bytes| {
-            let mut intake = intake.borrow_mut();
-            let mut sc = counters.borrow_mut();
-            let now = intake.now_ns();
-            splitter.split(bytes, |line| hand_over(&mut *intake, id, &mut sc, line, now));
-        });
+        super::drain(f, limits.read_bytes, &mut on_read);
     }
-    drop(last_look);
+    drop((on_read, last_look));
     let mut intake = intake.borrow_mut();
     let left = if handing_over {
         splitter.leftover()
