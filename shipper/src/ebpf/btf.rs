@@ -1,6 +1,7 @@
 //! Where a field sits in a kernel struct, read from the running kernel's BTF
 //! (`/sys/kernel/btf/vmlinux`), for the programs that follow kernel pointers themselves
-//! (`sock_send_length`: `unix_sk(sk)->peer`, then the peer's cookie). Struct layouts change
+//! (`sock_send_length`: `unix_sk(sk)->peer`, then the peer's cookie); and the names of an
+//! enum's values (the kernel's drop reasons, `reasons`). Struct layouts change
 //! with the kernel version and its config, so no offset is compiled in. aya's own `Btf` does
 //! not expose members, hence this small reader.
 //!
@@ -29,7 +30,8 @@
 //! # Operation
 //! [`Btf::member`] finds a struct by name, then each name of the path in turn, descending
 //! into anonymous struct and union members as C does, and through typedefs and qualifiers
-//! from one step to the next; the byte offsets add up.
+//! from one step to the next; the byte offsets add up. [`Btf::enumerators`] lists a 32-bit
+//! enum's values with their names.
 
 use std::path::Path;
 
@@ -249,13 +251,28 @@ impl<'a> Btf<'a> {
 
     /// The id of the first struct named `name` (vmlinux BTF is deduplicated: one per name).
     fn struct_id(&self, name: &str) -> Result<u32, BtfError> {
-        for (i, &at) in self.index.iter().enumerate() {
-            let t = self.type_at(at as usize)?;
-            if t.kind == KIND_STRUCT && self.name(t.name_off) == name.as_bytes() {
-                return Ok(i as u32 + 1);
-            }
+        self.id_of(KIND_STRUCT, name).ok_or_else(|| BtfError::NoStruct(name.to_string()))
+    }
+
+    /// The id of the first type of `kind` named `name`.
+    fn id_of(&self, kind: u32, name: &str) -> Option<u32> {
+        self.index.iter().enumerate().find_map(|(i, &at)| {
+            let t = self.type_at(at as usize).ok()?;
+            (t.kind == kind && self.name(t.name_off) == name.as_bytes()).then_some(i as u32 + 1)
+        })
+    }
+
+    /// Every `(value, name)` of the 32-bit enum `name`, in declaration order; `None` when
+    /// there is no such enum.
+    pub fn enumerators(&self, name: &str) -> Option<Vec<(u32, String)>> {
+        let t = self.type_by_id(self.id_of(KIND_ENUM, name)?).ok()?;
+        let mut out = Vec::with_capacity(t.vlen as usize);
+        for i in 0..t.vlen as usize {
+            let at = t.data + 8 * i;
+            let (name_off, value) = (u32_at(self.bytes, at)?, u32_at(self.bytes, at + 4)?);
+            out.push((value, String::from_utf8_lossy(self.name(name_off)).into_owned()));
         }
-        Err(BtfError::NoStruct(name.to_string()))
+        Some(out)
     }
 
     /// `(bit offset, type id)` of member `name` of struct or union `t`, looking inside its
@@ -368,7 +385,7 @@ mod tests {
     /// `struct outer { int a; union { struct { char pad[6]; short b; }; long c; }; int *p; }`,
     /// with `pad` and `b` in a struct whose kind_flag is set, and `typedef struct outer t;`.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0outer\0a\0b\0c\0p\0pad\0short\0char\0long\0t\0";
+        let strings = b"\0int\0outer\0a\0b\0c\0p\0pad\0short\0char\0long\0t\0colour\0RED\0BLUE\0";
         let at = |s: &str| {
             let s = format!("\0{s}\0");
             strings.windows(s.len()).position(|w| w == s.as_bytes()).unwrap() as u32 + 1
@@ -393,6 +410,8 @@ mod tests {
         let outer = push_type(&mut t, &mut n, at("outer"), kind(KIND_STRUCT, 3, 0), 24);
         words(&mut t, &[at("a"), int, 0, 0, union, 64, at("p"), ptr, 128]);
         push_type(&mut t, &mut n, at("t"), kind(KIND_TYPEDEF, 0, 0), outer);
+        push_type(&mut t, &mut n, at("colour"), kind(KIND_ENUM, 2, 0), 4);
+        words(&mut t, &[at("RED"), 0, at("BLUE"), 7]);
         let mut blob = Vec::new();
         blob.extend(MAGIC.to_ne_bytes());
         blob.extend([1, 0]);
@@ -416,6 +435,16 @@ mod tests {
         assert!(matches!(btf.member("outer", &["d"]), Err(BtfError::Member(..))));
         assert!(matches!(btf.member("t", &["a"]), Err(BtfError::NoStruct(_))));
         assert!(matches!(Btf::parse(&blob[..HEADER_BYTES + 30]), Err(BtfError::Format(_))));
+    }
+
+    #[test]
+    fn reads_an_enums_values_and_names() {
+        let blob = blob();
+        let btf = Btf::parse(&blob).unwrap();
+        let colours = btf.enumerators("colour").unwrap();
+        assert_eq!(colours, [(0, "RED".to_string()), (7, "BLUE".to_string())]);
+        assert_eq!(btf.enumerators("outer"), None, "a struct is not an enum");
+        assert_eq!(btf.enumerators("shade"), None);
     }
 
     /// The mapped file reads as the same bytes as the file read whole (on kernels that

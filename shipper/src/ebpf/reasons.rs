@@ -1,38 +1,60 @@
 //! Names of the kernel's `enum skb_drop_reason` values, which change between kernel versions:
-//! read from the `skb:kfree_skb` tracepoint's format in tracefs (mounted if absent). Without
-//! tracefs, reasons are labelled with their number. One reason is the shipper's own,
-//! outside the kernel's range: [`UNIX_QUEUE_FULL`].
+//! read from the kernel's BTF (`/sys/kernel/btf/vmlinux`, readable by every user, where the
+//! programs' own types come from too). tracefs, which names them as well, is out of reach of
+//! the unit's unprivileged user. Without the enum, reasons are labelled with their number.
+//! One reason is the shipper's own, outside the kernel's range: [`UNIX_QUEUE_FULL`].
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use shipper_ebpf::REASON_UNIX_QUEUE_FULL;
+
+use super::btf::{Blob, Btf, SYS_FS};
 
 /// Label of `REASON_UNIX_QUEUE_FULL`: a connected unix datagram sender was refused with
 /// `EAGAIN` because the watched socket's receive queue was full (`net.unix.max_dgram_qlen`).
 pub const UNIX_QUEUE_FULL: &str = "unix_queue_full";
 
-const TRACEFS: &str = "/sys/kernel/tracing";
-const FORMAT: &str = "/sys/kernel/tracing/events/skb/kfree_skb/format";
+/// The enum, and the prefix of its values' names.
+const ENUM: &str = "skb_drop_reason";
+const PREFIX: &str = "SKB_DROP_REASON_";
 
 pub struct Reasons {
     names: BTreeMap<u32, String>,
 }
 
+impl From<BTreeMap<u32, String>> for Reasons {
+    /// Names read by another process (a takeover's previous one), ours added.
+    fn from(mut names: BTreeMap<u32, String>) -> Reasons {
+        names.insert(REASON_UNIX_QUEUE_FULL, UNIX_QUEUE_FULL.to_string());
+        Reasons { names }
+    }
+}
+
 impl Reasons {
     /// Reads this kernel's names; on failure, logs once and keeps numbers.
     pub fn load() -> Reasons {
-        if !std::path::Path::new(FORMAT).exists() {
-            mount_tracefs();
-        }
-        let mut names = match std::fs::read_to_string(FORMAT) {
-            Ok(text) => parse(&text),
-            Err(e) => {
-                tracing::warn!("{FORMAT}: {e}; drop reasons are labelled with their number");
-                BTreeMap::new()
+        let names = Blob::open(Path::new(SYS_FS))
+            .map_err(|e| e.to_string())
+            .and_then(|blob| Ok(from_btf(&Btf::parse(&blob).map_err(|e| e.to_string())?)));
+        match names {
+            Ok(names) if !names.is_empty() => Reasons::from(names),
+            Ok(_) => {
+                tracing::warn!(
+                    "no enum {ENUM} in {SYS_FS}; drop reasons are labelled with their number"
+                );
+                Reasons::from(BTreeMap::new())
             }
-        };
-        names.insert(REASON_UNIX_QUEUE_FULL, UNIX_QUEUE_FULL.to_string());
-        Reasons { names }
+            Err(e) => {
+                tracing::warn!("{e}; drop reasons are labelled with their number");
+                Reasons::from(BTreeMap::new())
+            }
+        }
+    }
+
+    /// Every name, by number (for the next process of a takeover).
+    pub fn names(&self) -> BTreeMap<u32, String> {
+        self.names.clone()
     }
 
     /// The lower-case name of `reason` (`socket_rcvbuff`), or its number.
@@ -41,44 +63,55 @@ impl Reasons {
     }
 }
 
-fn mount_tracefs() {
-    let cstr = |s: &str| std::ffi::CString::new(s).expect("no NUL");
-    let (src, dir, kind) = (cstr("nodev"), cstr(TRACEFS), cstr("tracefs"));
-    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), dir.as_ptr(), kind.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        tracing::warn!("tracefs absent and not mountable at {TRACEFS}: {}", {
-            std::io::Error::last_os_error()
-        });
-    }
-}
-
-/// The `{ 6, "SOCKET_RCVBUFF" }` pairs of the format's `__print_symbolic(REC->reason, ...)`.
-fn parse(format: &str) -> BTreeMap<u32, String> {
+/// `SKB_DROP_REASON_SOCKET_RCVBUFF = 6` as `6 -> "socket_rcvbuff"`; the enum's bookkeeping
+/// values (`SKB_DROP_REASON_MAX`, the subsystem mask and shift) are not reasons.
+fn from_btf(btf: &Btf<'_>) -> BTreeMap<u32, String> {
     let mut names = BTreeMap::new();
-    let Some(start) = format.find("__print_symbolic(REC->reason") else {
-        return names;
-    };
-    for pair in format[start..].split('{').skip(1) {
-        let Some((number, rest)) = pair.split_once(',') else { continue };
-        let Some(name) = rest.split('"').nth(1) else { continue };
-        if let Ok(n) = number.trim().parse::<u32>() {
-            names.insert(n, name.to_ascii_lowercase());
+    for (value, name) in btf.enumerators(ENUM).unwrap_or_default() {
+        let Some(short) = name.strip_prefix(PREFIX) else { continue };
+        if short == "MAX" || short.starts_with("SUBSYS_") {
+            continue;
         }
+        names.entry(value).or_insert_with(|| short.to_ascii_lowercase());
     }
     names
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The `{ 6, "SOCKET_RCVBUFF" }` pairs of tracefs's `kfree_skb` format (the other place
+    /// that names them), lower-cased.
+    fn tracefs_names(format: &str) -> BTreeMap<u32, String> {
+        let start = format.find("__print_symbolic(REC->reason").expect("the reason's table");
+        let mut names = BTreeMap::new();
+        for pair in format[start..].split('{').skip(1) {
+            let Some((number, rest)) = pair.split_once(',') else { continue };
+            let Some(name) = rest.split('"').nth(1) else { continue };
+            names.insert(number.trim().parse().unwrap(), name.to_ascii_lowercase());
+        }
+        names
+    }
+
+    /// The running kernel's names from BTF are tracefs's, number for number (tracefs needs
+    /// root; without it, or without BTF, the test says it was skipped).
     #[test]
-    fn parses_the_symbolic_table() {
-        let fmt = concat!(
-            r#"print fmt: "reason: %s", __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, "#,
-            r#"{ 6, "SOCKET_RCVBUFF" }, { 128, "MAX" })"#
-        );
-        let names = super::parse(fmt);
-        assert_eq!(names.get(&6).map(String::as_str), Some("socket_rcvbuff"));
-        assert_eq!(names.len(), 3);
+    fn btf_names_every_reason_as_tracefs_does() {
+        const FORMAT: &str = "/sys/kernel/tracing/events/skb/kfree_skb/format";
+        let (Ok(blob), Ok(format)) =
+            (Blob::open(Path::new(SYS_FS)), std::fs::read_to_string(FORMAT))
+        else {
+            eprintln!("SKIPPED: {SYS_FS} or {FORMAT} not readable (needs root)");
+            return;
+        };
+        let btf = from_btf(&Btf::parse(&blob).unwrap());
+        let tracefs = tracefs_names(&format);
+        assert!(tracefs.len() > 10, "{tracefs:?}");
+        for (number, name) in tracefs.iter().filter(|(_, n)| *n != "max") {
+            assert_eq!(btf.get(number), Some(name), "reason {number}");
+        }
+        assert_eq!(btf.get(&6).map(String::as_str), Some("socket_rcvbuff"));
+        assert!(!btf.values().any(|n| n == "max"));
     }
 }
