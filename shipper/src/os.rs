@@ -127,6 +127,32 @@ pub fn keep_only_capabilities(keep: CapabilityMask) -> io::Result<CapabilityMask
     Ok(kept)
 }
 
+/// Makes capability `cap` ambient in the calling thread, so that a program it executes (not
+/// set-uid, without file capabilities) starts with it: `cap` goes into the inheritable set,
+/// then into the ambient one. It grants nothing the thread does not hold: without `cap` in
+/// its permitted set the kernel refuses, and that error is returned. Only raw syscalls and
+/// no allocation: callable between `fork` and `exec` (`Command::pre_exec`).
+pub fn make_ambient(cap: u32) -> io::Result<()> {
+    let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let zero = || CapData { effective: 0, permitted: 0, inheritable: 0 };
+    let mut data = [zero(), zero()];
+    // SAFETY: capget with a version 3 header and room for the two data words it writes.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    data[(cap / 32) as usize].inheritable |= 1 << (cap % 32);
+    // SAFETY: capset with a version 3 header and the two data words it reads.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raise = libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong;
+    // SAFETY: plain prctl without pointers.
+    if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, raise, libc::c_ulong::from(cap), 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 #[repr(C)]

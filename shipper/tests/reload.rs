@@ -31,7 +31,7 @@ fn reloads(sm: u16, result: &str) -> f64 {
 
 /// The pid in the last "shipper running" line of `log` (a reload's new process writes its
 /// log where the old one did).
-fn running_pid(log: &Path) -> Option<u32> {
+pub(crate) fn running_pid(log: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(log).ok()?;
     let last = text.lines().rfind(|l| l.contains("shipper running"))?;
     let pid = last.split("pid=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?;
@@ -40,24 +40,24 @@ fn running_pid(log: &Path) -> Option<u32> {
 
 /// A process this test did not spawn (a reload's new process, whose parent exited): stopped
 /// with SIGTERM by [`Adopted::stop`], killed when dropped.
-struct Adopted(u32);
+pub(crate) struct Adopted(pub(crate) u32);
 
 impl Adopted {
     /// Whether it has exited (gone, or a zombie nobody reaped yet).
-    fn gone(&self) -> bool {
+    pub(crate) fn gone(&self) -> bool {
         match std::fs::read_to_string(format!("/proc/{}/stat", self.0)) {
             Err(_) => true,
             Ok(stat) => stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')),
         }
     }
 
-    fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on a pid this test watches.
         unsafe { libc::kill(self.0 as i32, sig) };
     }
 
     /// SIGTERM, and waits up to 30 s for it to exit.
-    fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.signal(libc::SIGTERM);
         wait_for("the new shipper to exit", Duration::from_secs(30), || self.gone());
     }

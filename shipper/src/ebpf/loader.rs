@@ -1,9 +1,16 @@
-//! Loading the embedded object with aya, and the maps' userspace side.
+//! Loading the embedded object with aya, or adopting what a previous process attached, and
+//! the maps' userspace side.
+//!
+//! The programs are attached through links this module owns (`BPF_RAW_TRACEPOINT_OPEN`, the
+//! call aya makes too), so that a takeover can hand the links and the maps to the next
+//! process: a program stays attached while any process holds its link.
 
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::BtfTracePoint;
 use aya::{Btf, Ebpf, EbpfLoader, Endianness};
 use shipper_ebpf::{
@@ -13,20 +20,38 @@ use shipper_ebpf::{
 };
 
 use super::btf::{Blob, BtfError, SYS_FS};
-use super::{KernelCounters, Sample, Slots, State, Table, WatchError};
+use super::{Handing, KernelCounters, Sample, Slots, State, Table, WatchError};
 
 /// The object built by build.rs from `shipper-ebpf` (eBPF bytecode, BTF, maps).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shipper-probes"));
+
+/// The maps, in the order their descriptors are handed over.
+const MAPS: [&str; super::MAPS_HANDED] = [
+    MAP_WATCHED_SOCKETS,
+    MAP_WATCHED_CONNECTIONS,
+    MAP_SOCKET_DROPS,
+    MAP_CONNECTION_EVENTS,
+    MAP_UNCOUNTED,
+];
+
+/// Most programs a handover may name.
+pub const PROGRAMS_MAX: usize = 16;
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// The loaded programs (kept attached for the life of the process) and their maps.
+/// The attached programs (kept attached for the life of the process, or until a takeover's
+/// next process holds them) and their maps.
 pub struct Kernel {
     /// Names of the programs attached, in attach order.
-    pub programs: Vec<&'static str>,
-    _ebpf: Mutex<Ebpf>,
+    pub programs: Vec<String>,
+    /// One link per program: closing the last descriptor of a link detaches its program.
+    links: Vec<OwnedFd>,
+    /// The maps' descriptors, in [`MAPS`] order, for a handover.
+    maps: Vec<OwnedFd>,
+    /// Set once handed over: the maps are the next process's, this one no longer unwatches.
+    handed: AtomicBool,
     watched: Mutex<Watched>,
     socket_drops: Mutex<PerCpuHashMap<MapData, SocketDropKey, Count>>,
     connection_events: Mutex<PerCpuHashMap<MapData, ConnectionKey, Count>>,
@@ -41,6 +66,12 @@ struct Watched {
 }
 
 type Failure = (State, String);
+
+/// The embedded object's identity: a process adopts only programs built from the same bytes.
+pub fn object_digest() -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, OBJECT);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 impl Kernel {
     pub fn load() -> Result<Kernel, Failure> {
@@ -63,49 +94,114 @@ impl Kernel {
         let no_btf = |e: &dyn std::fmt::Display| (State::NoBtf, format!("kernel BTF: {e}"));
         let blob = Blob::open(Path::new(SYS_FS)).map_err(|e| no_btf(&e))?;
         let btf = Btf::parse(&blob, Endianness::default()).map_err(|e| no_btf(&e))?;
-        let mut programs = Vec::new();
+        let (mut programs, mut links) = (Vec::new(), Vec::new());
         for (name, tracepoint) in PROGRAMS {
-            attach(&mut ebpf, &btf, name, tracepoint)?;
-            programs.push(name);
+            links.push(attach(&mut ebpf, &btf, name, tracepoint)?);
+            programs.push(name.to_string());
         }
         // Without the offsets, everything but the unix refusals is still counted.
         match offsets {
             Ok(_) => {
                 let (name, tracepoint) = PROGRAM_UNIX_REFUSALS;
-                attach(&mut ebpf, &btf, name, tracepoint)?;
-                programs.push(name);
+                links.push(attach(&mut ebpf, &btf, name, tracepoint)?);
+                programs.push(name.to_string());
             }
             Err(e) => tracing::warn!(
                 "unix datagram refusals not counted (program {} not attached): {e}",
                 PROGRAM_UNIX_REFUSALS.0
             ),
         }
-        let mut take = |name: &str| {
-            ebpf.take_map(name).ok_or_else(|| (State::LoadFailed, format!("map {name} missing")))
-        };
-        let (sockets, connections) = (take(MAP_WATCHED_SOCKETS)?, take(MAP_WATCHED_CONNECTIONS)?);
-        let (drops, events) = (take(MAP_SOCKET_DROPS)?, take(MAP_CONNECTION_EVENTS)?);
-        let uncounted = take(MAP_UNCOUNTED)?;
+        let mut maps = Vec::new();
+        for name in MAPS {
+            let map = ebpf
+                .take_map(name)
+                .ok_or_else(|| (State::LoadFailed, format!("map {name} missing")))?;
+            maps.push(map_data(map).map_err(|why| (State::LoadFailed, format!("{name}: {why}")))?);
+        }
+        // The links hold the programs, and the maps are out: the rest of the object goes.
+        drop(ebpf);
+        Kernel::with(programs, links, maps, Slots::default(), Slots::default())
+    }
+
+    /// Takes over the programs a previous process attached, described by `handing`, with the
+    /// descriptors it sent ([`MAPS`], then one link per program). Needs no capability (on
+    /// kernels before 6.5 with unprivileged BPF disabled, map access needs CAP_BPF).
+    pub fn adopt(handing: &Handing, fds: Vec<OwnedFd>) -> Result<Kernel, Failure> {
+        let fail = |why: String| (State::LoadFailed, format!("adopting: {why}"));
+        if handing.object != object_digest() {
+            return Err(fail("the previous process runs other programs (another build)".into()));
+        }
+        if handing.programs.len() > PROGRAMS_MAX || fds.len() != handing.descriptors() {
+            let why = format!("{} descriptors for {:?}", fds.len(), handing.programs);
+            return Err(fail(why));
+        }
+        let mut fds = fds.into_iter();
+        let mut maps = Vec::new();
+        for (name, fd) in MAPS.iter().zip(fds.by_ref()) {
+            maps.push(MapData::from_fd(fd).map_err(|e| fail(format!("map {name}: {e}")))?);
+        }
+        let links = fds.collect();
+        let sources = Slots::from_names(handing.sources.clone());
+        let receivers = Slots::from_names(handing.receivers.clone());
+        Kernel::with(handing.programs.clone(), links, maps, sources, receivers)
+    }
+
+    /// The kernel with `links` attached, its `maps` (in [`MAPS`] order) and slots.
+    fn with(
+        programs: Vec<String>,
+        links: Vec<OwnedFd>,
+        maps: Vec<MapData>,
+        sources: Slots,
+        receivers: Slots,
+    ) -> Result<Kernel, Failure> {
+        let fail = |e: &dyn std::fmt::Display| (State::LoadFailed, format!("map: {e}"));
+        let mut fds = Vec::new();
+        for m in &maps {
+            fds.push(m.fd().as_fd().try_clone_to_owned().map_err(|e| fail(&e))?);
+        }
+        let mut maps = maps.into_iter().map(|m| Map::from_map_data(m).map_err(|e| fail(&e)));
+        let mut next = || maps.next().expect("one per name in MAPS");
         let watched = Watched {
-            sockets: HashMap::try_from(sockets).map_err(|e| failure("map", &e))?,
-            connections: HashMap::try_from(connections).map_err(|e| failure("map", &e))?,
-            sources: Slots::default(),
-            receivers: Slots::default(),
+            sockets: HashMap::try_from(next()?).map_err(|e| fail(&e))?,
+            connections: HashMap::try_from(next()?).map_err(|e| fail(&e))?,
+            sources,
+            receivers,
         };
+        let drops = PerCpuHashMap::try_from(next()?).map_err(|e| fail(&e))?;
+        let events = PerCpuHashMap::try_from(next()?).map_err(|e| fail(&e))?;
+        let uncounted = PerCpuArray::try_from(next()?).map_err(|e| fail(&e))?;
         Ok(Kernel {
             programs,
+            links,
+            maps: fds,
+            handed: AtomicBool::new(false),
             watched: Mutex::new(watched),
-            socket_drops: Mutex::new(
-                PerCpuHashMap::try_from(drops).map_err(|e| failure("map", &e))?,
-            ),
-            connection_events: Mutex::new(
-                PerCpuHashMap::try_from(events).map_err(|e| failure("map", &e))?,
-            ),
-            uncounted: Mutex::new(
-                PerCpuArray::try_from(uncounted).map_err(|e| failure("map", &e))?,
-            ),
-            _ebpf: Mutex::new(ebpf),
+            socket_drops: Mutex::new(drops),
+            connection_events: Mutex::new(events),
+            uncounted: Mutex::new(uncounted),
         })
+    }
+
+    /// What a takeover hands the next process (with `reasons`), and duplicates of the maps'
+    /// and links' descriptors. From here on, this process leaves the watch tables alone.
+    pub fn hand_over(
+        &self,
+        reasons: std::collections::BTreeMap<u32, String>,
+    ) -> std::io::Result<(Handing, Vec<OwnedFd>)> {
+        let w = self.watched.lock().expect("eBPF watch table poisoned");
+        let mut fds = Vec::new();
+        for fd in self.maps.iter().chain(&self.links) {
+            fds.push(fd.try_clone()?);
+        }
+        self.handed.store(true, Ordering::Relaxed);
+        let handing = Handing {
+            object: object_digest(),
+            programs: self.programs.clone(),
+            sources: w.sources.names().to_vec(),
+            receivers: w.receivers.names().to_vec(),
+            reasons,
+        };
+        Ok((handing, fds))
     }
 
     pub fn watch(&self, table: Table, cookie: u64, label: &str) -> Result<(), WatchError> {
@@ -120,6 +216,10 @@ impl Kernel {
     }
 
     pub fn unwatch(&self, table: Table, cookie: u64) {
+        // Handed over: the next process may watch the same socket (handed too) now.
+        if self.handed.load(Ordering::Relaxed) {
+            return;
+        }
         let mut w = self.watched.lock().expect("eBPF watch table poisoned");
         let map = match table {
             Table::Sockets => &mut w.sockets,
@@ -157,16 +257,52 @@ impl Kernel {
     }
 }
 
-/// Loads program `name` of `ebpf` and attaches it to BTF tracepoint `tracepoint`.
-fn attach(ebpf: &mut Ebpf, btf: &Btf, name: &str, tracepoint: &str) -> Result<(), Failure> {
+/// Loads program `name` of `ebpf` and attaches it to BTF tracepoint `tracepoint`; returns
+/// the link, which keeps it attached while open.
+fn attach(ebpf: &mut Ebpf, btf: &Btf, name: &str, tracepoint: &str) -> Result<OwnedFd, Failure> {
     let program: &mut BtfTracePoint = ebpf
         .program_mut(name)
         .ok_or_else(|| (State::LoadFailed, format!("program {name} missing")))?
         .try_into()
         .map_err(|e| failure(name, &e))?;
     program.load(tracepoint, btf).map_err(|e| failure(name, &e))?;
-    program.attach().map_err(|e| failure(name, &e))?;
-    Ok(())
+    let prog = program.fd().map_err(|e| failure(name, &e))?;
+    raw_tracepoint_open(prog.as_fd().as_raw_fd()).map_err(|e| failure(name, &e))
+}
+
+/// `bpf(BPF_RAW_TRACEPOINT_OPEN)` for a `tp_btf` program (its tracepoint is in the program,
+/// so no name): the link's descriptor.
+fn raw_tracepoint_open(prog_fd: i32) -> std::io::Result<OwnedFd> {
+    /// `union bpf_attr`'s `raw_tracepoint` member as every kernel since 4.17 reads it.
+    #[repr(C)]
+    struct RawTracepoint {
+        name: u64,
+        prog_fd: u32,
+        pad: u32,
+    }
+    const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+    let attr = RawTracepoint { name: 0, prog_fd: prog_fd as u32, pad: 0 };
+    let size = std::mem::size_of::<RawTracepoint>() as libc::c_long;
+    // SAFETY: bpf(2) reads `size` bytes of `attr`, which lives across the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_RAW_TRACEPOINT_OPEN, &attr, size) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor, owned from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The data of one of the object's maps (each of a kind the object uses).
+fn map_data(map: Map) -> Result<MapData, String> {
+    match map {
+        Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuHashMap(d)
+        | Map::PerCpuLruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::Array(d) => Ok(d),
+        other => Err(format!("unexpected kind of map {other:?}")),
+    }
 }
 
 /// Where `sock_send_length` finds its fields in the running kernel, from its BTF; each
@@ -200,11 +336,11 @@ fn push(out: &mut Vec<Sample>, counts: &[Count], item: &str, kind: &str) {
     }
 }
 
-/// `(state, message)` for an aya error: `NoPermission` if EPERM/EACCES is in its chain.
+/// `(state, message)` for an error: `NoPermission` if EPERM/EACCES is in its chain.
 fn failure(what: &str, e: &(dyn std::error::Error + 'static)) -> Failure {
-    let mut chain = format!("{what}: {e}");
+    let mut chain = what.to_string();
     let mut denied = false;
-    let mut source = e.source();
+    let mut source = Some(e);
     while let Some(s) = source {
         chain.push_str(&format!(": {s}"));
         if let Some(io) = s.downcast_ref::<std::io::Error>() {

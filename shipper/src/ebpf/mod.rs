@@ -34,9 +34,11 @@
 //!    memory is cgroup-accounted on 6.x), find the socket field offsets in the kernel's BTF
 //!    (`btf`, on the mapped file), load the embedded object with them, attach its five
 //!    `tp_btf` programs (four if the offsets were not found, with a warning), read
-//!    drop-reason names from tracefs (mounting it if absent), and log the outcome. Any other
-//!    failure leaves the shipper running without eBPF, with the reason. Only one parsed copy
-//!    of the kernel's BTF exists at a time (about 10 MiB; peak RSS in docs/perf.md).
+//!    drop-reason names from the same BTF, and log the outcome. Any other failure leaves the
+//!    shipper running without eBPF, with the reason. Only one parsed copy of the kernel's BTF
+//!    exists at a time (about 10 MiB; peak RSS in docs/perf.md). A takeover's new process
+//!    adopts the programs the old one [`hand_over`]s instead (same object digest): their
+//!    links keep them attached, their maps keep counting, it needs no capability to load.
 //! 2. Sources and connections call `watch_*` with their socket; the returned [`Watch`]
 //!    unregisters it when dropped. They are no-ops when nothing is attached.
 //! 3. [`snapshot`] reads every counter of every CPU, labelled for the metrics.
@@ -48,7 +50,7 @@ mod loader;
 #[cfg(feature = "ebpf")]
 mod reasons;
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 #[cfg(feature = "ebpf")]
 use std::sync::Mutex;
 use std::sync::OnceLock;
@@ -114,7 +116,44 @@ impl Slots {
     pub fn name(&self, slot: u32) -> &str {
         self.names.get(slot as usize).map_or("_unknown", String::as_str)
     }
+
+    /// Slots with `names`, in order (a previous process's, handed over): at most
+    /// [`SLOTS_MAX`] are kept.
+    pub fn from_names(mut names: Vec<String>) -> Slots {
+        names.truncate(SLOTS_MAX);
+        Slots { names }
+    }
+
+    /// The labels, in slot order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
 }
+
+/// The attached programs as a takeover hands them to the next process; the descriptors go
+/// beside it: the maps, then one link per program (`descriptors` in all).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Handing {
+    /// SHA-256 of the embedded object, hex: only the same programs are adopted.
+    pub object: String,
+    /// The programs attached, in attach order.
+    pub programs: Vec<String>,
+    /// The source labels by slot, and the receiver labels by slot: the counters' keys.
+    pub sources: Vec<String>,
+    pub receivers: Vec<String>,
+    /// The kernel's drop-reason names, as the old process read them.
+    pub reasons: std::collections::BTreeMap<u32, String>,
+}
+
+impl Handing {
+    /// How many descriptors travel with it.
+    pub fn descriptors(&self) -> usize {
+        MAPS_HANDED + self.programs.len()
+    }
+}
+
+/// The maps a handover carries.
+const MAPS_HANDED: usize = 5;
 
 /// One counter of one CPU, labelled.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,12 +233,15 @@ static STATE: OnceLock<State> = OnceLock::new();
 #[cfg(feature = "ebpf")]
 static REASONS: Mutex<Option<reasons::Reasons>> = Mutex::new(None);
 
-/// Loads and attaches the programs unless `enabled` is false; returns the state, also kept
-/// for [`state`]. Call once, before any `watch_*`.
-pub fn start(enabled: bool) -> State {
+/// Loads and attaches the programs unless `enabled` is false, or adopts those a takeover
+/// `handed` over when they are the same programs; returns the state, also kept for
+/// [`state`]. Call once, before any `watch_*`.
+pub fn start(enabled: bool, handed: Option<(Handing, Vec<OwnedFd>)>) -> State {
     let state = if !enabled {
         tracing::info!("eBPF drop accounting off (--no-ebpf or ebpf.enabled = false)");
         State::Disabled
+    } else if let Some(state) = handed.and_then(adopt) {
+        state
     } else {
         let state = attach();
         // Loading parsed the kernel's BTF (about 10 MiB, twice in turn, by aya); give the
@@ -230,6 +272,56 @@ fn attach() -> State {
             state
         }
     }
+}
+
+/// Takes over a previous process's programs; `None` (said why) when they cannot be adopted.
+#[cfg(feature = "ebpf")]
+fn adopt((handing, fds): (Handing, Vec<OwnedFd>)) -> Option<State> {
+    match loader::Kernel::adopt(&handing, fds) {
+        Ok(kernel) => {
+            let names = handing.reasons;
+            let reasons = if names.is_empty() {
+                reasons::Reasons::load()
+            } else {
+                reasons::Reasons::from(names)
+            };
+            *REASONS.lock().expect("reasons poisoned") = Some(reasons);
+            let programs = format!("tp_btf: {}", kernel.programs.join(", "));
+            let _ = KERNEL.set(kernel);
+            tracing::info!(programs, "eBPF drop accounting adopted from the previous process");
+            Some(State::Attached)
+        }
+        Err((_, why)) => {
+            tracing::warn!("eBPF programs handed over but not adopted, loading anew: {why}");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "ebpf"))]
+fn adopt(_: (Handing, Vec<OwnedFd>)) -> Option<State> {
+    None
+}
+
+/// What a takeover hands the next process of the attached programs, with duplicates of their
+/// descriptors; `None` when nothing is attached. From here on this process leaves the
+/// programs' watch tables to the next one.
+#[cfg(feature = "ebpf")]
+pub fn hand_over() -> Option<(Handing, Vec<OwnedFd>)> {
+    let kernel = KERNEL.get()?;
+    let reasons = REASONS.lock().expect("reasons poisoned").as_ref().map(reasons::Reasons::names);
+    match kernel.hand_over(reasons.unwrap_or_default()) {
+        Ok(handing) => Some(handing),
+        Err(e) => {
+            tracing::warn!("takeover: the eBPF programs cannot be handed over: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "ebpf"))]
+pub fn hand_over() -> Option<(Handing, Vec<OwnedFd>)> {
+    None
 }
 
 #[cfg(not(feature = "ebpf"))]

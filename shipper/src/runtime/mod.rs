@@ -79,9 +79,10 @@ pub fn run(config: ShipperConfig, options: RunOptions) -> anyhow::Result<()> {
     let tls_files = reload::tls_files(&config);
     let run_id = signals::random_u64();
     let targets = targets(&config, tls, run_id)?;
-    // Before any source opens a socket: `ebpf::watch_socket` is a no-op until this ran.
-    let kernel = kernel_counters(config.ebpf.enabled)?;
     let (mut handed, control) = takeover_or_control(&config, options.take_over, &notifier)?;
+    // Before any source opens a socket: `ebpf::watch_socket` is a no-op until this ran.
+    let ebpf = handed.as_mut().and_then(Handover::take_ebpf);
+    let kernel = kernel_counters(config.ebpf.enabled, ebpf)?;
     let mut kept = Kept::default();
     let pipes = open_pipes(&config, &mut handed, &mut kept)?;
     let journals = open_journals(&config)?;
@@ -673,10 +674,12 @@ fn keep_bound(kept: &mut Kept, kind: Kind, key: &str, b: &BoundSocket) -> std::i
     }
 }
 
-/// Loads the eBPF programs (or not, and why) and, if attached, starts the thread that copies
-/// their per-CPU counters every `PUBLISH_INTERVAL_MS` for the metrics endpoint.
-fn kernel_counters(enabled: bool) -> anyhow::Result<Arc<Mutex<KernelCounters>>> {
-    let state = crate::ebpf::start(enabled);
+/// Loads the eBPF programs, or adopts those a takeover `handed` over (or not, and why).
+fn kernel_counters(
+    enabled: bool,
+    handed: Option<(crate::ebpf::Handing, Vec<std::os::fd::OwnedFd>)>,
+) -> anyhow::Result<Arc<Mutex<KernelCounters>>> {
+    let state = crate::ebpf::start(enabled, handed);
     Ok(Arc::new(Mutex::new(KernelCounters::new(state))))
 }
 

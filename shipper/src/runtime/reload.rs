@@ -284,12 +284,24 @@ impl Reloader {
 
     /// `EXE run --config F --takeover [--no-ebpf]`, its standard error this one's. The
     /// watchdog's pid is not passed on: the new process pings for itself once it is the
-    /// main process.
+    /// main process. With the eBPF programs attached, `CAP_BPF` (all this process kept) is
+    /// passed on as an ambient capability: the new process adopts the programs, and kernels
+    /// before 6.5 with unprivileged BPF disabled want it for every map access.
     fn spawn_child(&self) -> std::io::Result<Child> {
         let mut cmd = Command::new(&self.exe.path);
         cmd.arg("run").arg("--config").arg(&self.path).arg("--takeover");
         if self.no_ebpf {
             cmd.arg("--no-ebpf");
+        }
+        if crate::ebpf::state() == crate::ebpf::State::Attached {
+            // SAFETY: between fork and exec the closure makes only raw syscalls, and
+            // allocates nothing. A refusal (CAP_BPF not held) leaves the capability out.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    let _ = crate::os::make_ambient(crate::os::CAP_BPF);
+                    Ok(())
+                });
+            }
         }
         cmd.env_remove("WATCHDOG_PID").stdin(Stdio::null());
         let child = cmd.spawn()?;

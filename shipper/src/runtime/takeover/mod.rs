@@ -24,23 +24,30 @@
 //!   pipes:   [{ path, carry: [u8], discarding }]   descriptor i is pipes[i]
 //!   sockets: [{ kind: udp|tcp|unix|forward|metrics, key, local }]
 //!                                                  descriptor pipes.len() + j is sockets[j]
+//!   ebpf:    { object, programs, sources, receivers, reasons } or absent
+//!                                                  then 5 maps and one link per program
 //! }
 //! ```
 //! `key` is what the configuration names (a socket source's `address` or `path`, a forward
 //! source's `address`, `metrics.listen`); a udp or tcp source has one socket per worker.
+//! `ebpf` is `crate::ebpf::Handing` (the attached programs, adopted by the new process when
+//! they are the same; absent from a process without them, or one older than the field).
 //!
 //! # Operation
-//! 1. New process: configuration, TLS material and eBPF programs loaded; it connects to
+//! 1. New process: configuration and TLS material loaded; it connects to
 //!    `shipper.control_socket` and sends the request.
 //! 2. Old process (control thread): checks the peer, reads the request, passes the connection
 //!    to the main thread, stops accepting. The main thread stops the workers as SIGTERM does
 //!    (sources stop reading, batches sealed, acknowledgements awaited up to
 //!    `worker::tick::TAKEOVER_STOP_MS`, what is left written to the disk buffer, marks synced),
 //!    collects the pipes' partial lines, sends the description and its duplicates of the
-//!    descriptors.
+//!    descriptors (the attached eBPF programs' last: from then on the old process leaves
+//!    their maps alone).
 //! 3. New process: tells systemd (if `NOTIFY_SOCKET` is set) that it is the service's main
 //!    process now (`MAINPID=`), answers ADOPTED, takes each descriptor whose source its
 //!    configuration still has (matched by path or address), closes (and logs) the others;
+//!    adopts the eBPF programs (or, when none came or they differ, loads its own: only then
+//!    does the load fall in the gap);
 //!    opens and binds what it was not handed as a normal start does, then opens the disk buffer (replaying
 //!    what the old one left) and starts its workers. The old process exits 0 on ADOPTED.
 //! 4. Failure: no shipper on the socket, a refusal, a broken or late answer: the new process
@@ -118,7 +125,25 @@ struct Description {
     version: u32,
     pipes: Vec<PipeEntry>,
     sockets: Vec<SocketEntry>,
+    /// The attached eBPF programs (absent from a process that had none, or an older one).
+    #[serde(default)]
+    ebpf: Option<crate::ebpf::Handing>,
 }
+
+impl Description {
+    /// How many descriptors follow it; a count past the limits is refused.
+    fn descriptors(&self) -> Result<usize, TakeoverError> {
+        let programs = self.ebpf.as_ref().map_or(0, |e| e.programs.len());
+        if programs > EBPF_PROGRAMS_MAX {
+            return Err(TakeoverError::Protocol(format!("{programs} eBPF programs")));
+        }
+        let ebpf = self.ebpf.as_ref().map_or(0, crate::ebpf::Handing::descriptors);
+        Ok(self.pipes.len() + self.sockets.len() + ebpf)
+    }
+}
+
+/// Most eBPF programs a description may name.
+const EBPF_PROGRAMS_MAX: usize = 16;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct PipeEntry {
@@ -221,6 +246,12 @@ impl Kept {
             });
             fds.push(fd.as_raw_fd());
         }
+        // Held until sent: the programs stay attached through the handover.
+        let ebpf = crate::ebpf::hand_over();
+        if let Some((handing, ebpf_fds)) = &ebpf {
+            d.ebpf = Some(handing.clone());
+            fds.extend(ebpf_fds.iter().map(AsRawFd::as_raw_fd));
+        }
         let text = serde_json::to_vec(&d).map_err(|e| TakeoverError::Protocol(e.to_string()))?;
         let timeout = Some(Duration::from_millis(ADOPT_TIMEOUT_MS));
         stream.set_write_timeout(timeout).map_err(TakeoverError::Io)?;
@@ -234,6 +265,7 @@ impl Kept {
         tracing::info!(
             pipes = d.pipes.len(),
             sockets = d.sockets.len(),
+            ebpf = d.ebpf.is_some(),
             "takeover: the new process holds the pipes and sockets; exiting"
         );
         Ok(())
@@ -245,9 +277,16 @@ impl Kept {
 pub struct Handover {
     pipes: Vec<(PipeEntry, Option<OwnedFd>)>,
     sockets: Vec<(SocketEntry, Option<OwnedFd>)>,
+    ebpf: Option<(crate::ebpf::Handing, Vec<OwnedFd>)>,
 }
 
 impl Handover {
+    /// The eBPF programs the old process had attached, with their maps' and links'
+    /// descriptors (`crate::ebpf::start` adopts them).
+    pub fn take_ebpf(&mut self) -> Option<(crate::ebpf::Handing, Vec<OwnedFd>)> {
+        self.ebpf.take()
+    }
+
     /// The FIFO handed for `path`, and the partial line that goes first.
     pub fn take_pipe(&mut self, path: &Path) -> Option<(std::fs::File, Leftover)> {
         let (entry, fd) = self.pipes.iter_mut().find(|(e, fd)| e.path == path && fd.is_some())?;
@@ -311,7 +350,7 @@ pub fn request(
         if d.version != 1 {
             return Err(TakeoverError::Protocol(format!("description version {}", d.version)));
         }
-        Ok(d.pipes.len() + d.sockets.len())
+        d.descriptors()
     };
     let (text, fds) = wire::receive(&mut stream, count)?;
     let d: Description = serde_json::from_slice(&text).expect("parsed by `count`");
@@ -325,7 +364,9 @@ pub fn request(
     for e in d.sockets {
         h.sockets.push((e, fds.next().flatten()));
     }
-    tracing::info!(pipes = h.pipes.len(), sockets = h.sockets.len(), "takeover: handed over");
+    h.ebpf = d.ebpf.map(|e| (e, fds.flatten().collect()));
+    let ebpf = h.ebpf.is_some();
+    tracing::info!(pipes = h.pipes.len(), sockets = h.sockets.len(), ebpf, "takeover: handed over");
     Ok(h)
 }
 
