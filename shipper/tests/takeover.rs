@@ -311,3 +311,64 @@ fn lines_unacknowledged_at_a_takeover_go_through_the_disk_buffer_once() {
     let seen = arrived(&env.out(), [200, 0, 0, 0]);
     assert!(seen[0].iter().all(|&c| c == 1), "{:?}", seen[0]);
 }
+
+/// Regression: a takeover onto a configuration with more workers failed. A socket the old
+/// process bound alone has no SO_REUSEPORT, so the new process's extra workers could not bind
+/// the same port, and the new process exited after the old one had stopped. Now the extra
+/// workers share the handed sockets. From 1 worker to 2 and back to 1, with a UDP sender and
+/// TCP connections going on: every datagram arrives once, no connection is refused, and the
+/// forward source's port still listens at the end.
+#[test]
+fn takeovers_onto_more_and_fewer_workers_keep_every_socket() {
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let (udp, tcp, forward) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let control = env.path("control.sock");
+    let config = |workers: usize| {
+        let body = format!(
+            "[[sources.socket]]\nname = \"u\"\ntransport = \"udp\"\naddress = \"127.0.0.1:{udp}\"\n\
+             format = \"json\"\n\
+             [[sources.socket]]\nname = \"t\"\ntransport = \"tcp\"\naddress = \"127.0.0.1:{tcp}\"\n\
+             [[sources.forward]]\nname = \"f\"\naddress = \"127.0.0.1:{forward}\"\n"
+        );
+        let text = env.shipper_toml(port, sm, &body).replace(
+            "workers = 2\nshutdown_timeout_ms = 20000\n",
+            &format!(
+                "workers = {workers}\nshutdown_timeout_ms = 20000\ncontrol_socket = {control:?}\n"
+            ),
+        );
+        env.write(&format!("edge-{workers}.toml"), &text)
+    };
+    let (one, two) = (config(1), config(2));
+    let log = env.path("shipper-0.log");
+    let mut shipper =
+        Proc::start("shipper 0", &["run", "--config", one.to_str().unwrap()], sm, log);
+    let sender = UdpSender::start(udp, 2, UDP_RATE);
+    let connecting = Arc::new(AtomicBool::new(false));
+    let connections = connector(tcp, connecting.clone());
+    for (n, cfg) in [(1, &two), (2, &one)] {
+        shipper.wait_alive("datagrams read", || {
+            metric(&scrape_ok(sm), "shipper_socket_messages_received_total", &[]) >= 50.0
+        });
+        shipper = take_over(&env, cfg, &mut shipper, n);
+        let workers = if n == 1 { "workers=2" } else { "workers=1" };
+        assert!(shipper.log_text().contains(workers), "{}", shipper.log_text());
+    }
+    let sent = sender.finish();
+    connecting.store(true, Relaxed);
+    let made = connections.join().expect("no connection to the tcp source refused");
+    assert!(made > 0);
+    std::net::TcpStream::connect(("127.0.0.1", forward)).expect("the forward port listens");
+    shipper.wait_alive("every datagram at the receiver", || output_lines(&env.out()).len() >= sent);
+    let status = shipper.stop(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}:\n{}", shipper.log_text());
+    let mut seen = vec![0u32; sent];
+    for (_, l) in output_lines(&env.out()) {
+        let (w, seq) = ids(&l);
+        assert_eq!((w, l.as_slice()), (2, line(2, seq).as_bytes()), "a line arrived changed");
+        seen[seq] += 1;
+    }
+    let wrong: Vec<_> = seen.iter().enumerate().filter(|(_, &c)| c != 1).take(10).collect();
+    assert!(wrong.is_empty(), "(datagram, copies) not once: {wrong:?}");
+}

@@ -581,9 +581,8 @@ fn bind_forwards(
         let inet =
             Inet { name: &f.name, transport: Transport::Tcp, addr, receive_buffer_bytes: 4 << 20 };
         let mut bound = adopt(handed, Kind::Forward, &f.address, owners.len())?;
-        if bound.len() < owners.len() {
-            let reusing = !bound.is_empty();
-            bound.extend(bind_inet(&inet, owners.len() - bound.len(), reusing)?);
+        if bound.is_empty() {
+            bound = bind_inet(&inet, owners.len())?;
         }
         for (worker, b) in owners.into_iter().zip(bound) {
             keep_bound(kept, Kind::Forward, &f.address, &b)?;
@@ -623,28 +622,16 @@ fn bind_or_adopt(
         Transport::Tcp => Kind::Tcp,
         Transport::Unix => Kind::Unix,
     };
-    let mut bound = adopt(handed, kind, &socket_key(s), count)?;
-    if bound.len() < count && s.transport == Transport::Unix {
-        bound.extend(crate::sources::socket::bind(s, 1)?);
-    } else if bound.len() < count {
-        // More workers than before: the others join the same port.
-        let reusing = !bound.is_empty();
-        let addr = match bound.first() {
-            Some(b) => b.local.parse().context("handed socket address")?,
-            None => s.socket_addr().context("validated address")?,
-        };
-        let inet = crate::sources::socket::Inet {
-            name: &s.name,
-            transport: s.transport,
-            addr,
-            receive_buffer_bytes: s.receive_buffer_bytes,
-        };
-        bound.extend(crate::sources::socket::bind_inet(&inet, count - bound.len(), reusing)?);
+    let bound = adopt(handed, kind, &socket_key(s), count)?;
+    if !bound.is_empty() {
+        return Ok(bound);
     }
-    Ok(bound)
+    Ok(crate::sources::socket::bind(s, count)?)
 }
 
-/// The sockets handed over for a `kind` source named `key`, at most `count`.
+/// The sockets handed over for a `kind` source named `key`, at most `count`; when fewer than
+/// `count` came (the new configuration has more workers), the others share them: a socket
+/// bound alone has no SO_REUSEPORT, so no new one could join its port.
 fn adopt(
     handed: &mut Option<Handover>,
     kind: Kind,
@@ -661,6 +648,10 @@ fn adopt(
                 .with_context(|| format!("takeover: the socket handed for {key}"))?,
         );
         tracing::info!(source = key, "takeover: socket taken over");
+    }
+    let handed = out.len();
+    for i in handed..if handed > 0 { count } else { 0 } {
+        out.push(out[i % handed].try_clone().context("takeover: sharing a handed socket")?);
     }
     Ok(out)
 }

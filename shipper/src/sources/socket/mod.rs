@@ -99,6 +99,18 @@ pub struct BoundSocket {
     pub receive_buffer_bytes: usize,
 }
 
+impl BoundSocket {
+    /// Another descriptor of the same socket (two workers reading one socket).
+    pub fn try_clone(&self) -> io::Result<BoundSocket> {
+        let socket = match &self.socket {
+            Bound::Datagram(fd) => Bound::Datagram(fd.try_clone()?),
+            Bound::Listener(l) => Bound::Listener(l.try_clone()?),
+        };
+        let (local, receive_buffer_bytes) = (self.local.clone(), self.receive_buffer_bytes);
+        Ok(BoundSocket { socket, local, receive_buffer_bytes })
+    }
+}
+
 /// Binds `count` sockets for `cfg` (more than one only for udp and tcp, with SO_REUSEPORT).
 pub fn bind(cfg: &SocketSource, count: usize) -> Result<Vec<BoundSocket>, SocketError> {
     match cfg.transport {
@@ -111,7 +123,7 @@ pub fn bind(cfg: &SocketSource, count: usize) -> Result<Vec<BoundSocket>, Socket
             let receive_buffer_bytes = cfg.receive_buffer_bytes;
             let inet =
                 Inet { name: &cfg.name, transport: cfg.transport, addr, receive_buffer_bytes };
-            bind_inet(&inet, count, false)
+            bind_inet(&inet, count)
         }
     }
 }
@@ -127,18 +139,13 @@ pub struct Inet<'a> {
     pub receive_buffer_bytes: u64,
 }
 
-/// Binds `count` sockets on `inet.addr`, with SO_REUSEPORT when more than one or `reusing`
-/// (joining sockets bound before, a takeover's); with port 0 the others join the port the
-/// kernel chose for the first. A TCP socket listens.
-pub fn bind_inet(
-    inet: &Inet<'_>,
-    count: usize,
-    reusing: bool,
-) -> Result<Vec<BoundSocket>, SocketError> {
+/// Binds `count` sockets on `inet.addr`, with SO_REUSEPORT when more than one; with port 0
+/// the others join the port the kernel chose for the first. A TCP socket listens.
+pub fn bind_inet(inet: &Inet<'_>, count: usize) -> Result<Vec<BoundSocket>, SocketError> {
     let mut addr = inet.addr;
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
-        let s = bind_one(inet, addr, count > 1 || reusing)?;
+        let s = bind_one(inet, addr, count > 1)?;
         addr = s.local.parse().expect("a formatted SocketAddr");
         out.push(s);
     }
