@@ -145,13 +145,25 @@ pub struct Written {
     pub writes: u64,
     /// Seconds from the writer's start to its last write's return.
     pub secs: f64,
+    /// The writing thread's scheduler account at its end: [on a CPU, runnable but waiting
+    /// for one] in seconds (`/proc/thread-self/schedstat`).
+    pub sched_s: [f64; 2],
 }
 
 /// Writes `data` (whole lines) into the FIFO at `path` with blocking writes, paced by `pace`.
 pub fn write_lines(path: &std::path::Path, data: &[u8], pace: Pace) -> std::io::Result<Written> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
-    write_paced(data, pace, || u64::MAX, |bytes, _| f.write_all(bytes))
+    let mut written = write_paced(data, pace, || u64::MAX, |bytes, _| f.write_all(bytes))?;
+    written.sched_s = thread_sched_s("/proc/thread-self/schedstat");
+    Ok(written)
+}
+
+/// [on a CPU, runnable but waiting for one] in seconds, from a `schedstat` file.
+pub fn thread_sched_s(path: &str) -> [f64; 2] {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    let mut f = stat.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0) as f64 / 1e9);
+    [f.next().unwrap_or(0.0), f.next().unwrap_or(0.0)]
 }
 
 /// Appends `data` (whole lines) to the file at `path` (created), paced by `pace`, as an

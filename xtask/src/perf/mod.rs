@@ -77,6 +77,11 @@ pub struct Measure {
     /// Lines delivered per service index (rate-limited cases).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub per_service: Vec<u64>,
+    /// Where the machine's time went during the run, by group of threads ("shipper
+    /// workers", "shipper other", "receiver", "writers"): [on a CPU, runnable but waiting
+    /// for one] in seconds; and "idle": [CPU-seconds no task used, 0].
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub sched_s: BTreeMap<String, [f64; 2]>,
 }
 
 impl Measure {
@@ -560,6 +565,27 @@ pub(crate) fn proc_ctx_switches(pid: u32) -> (u64, u64) {
         total.1 += field("nonvoluntary_ctxt_switches:");
     }
     total
+}
+
+/// [on a CPU, runnable but waiting for one] seconds of each live thread of a process so far,
+/// summed by whether its name (`comm`) starts with `prefix` (`true`) or not.
+pub(crate) fn proc_sched_s(pid: u32, prefix: &str) -> BTreeMap<bool, [f64; 2]> {
+    let mut out = BTreeMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let path = t.path().join("schedstat");
+        let s = crate::loadgen::thread_sched_s(&path.to_string_lossy());
+        let e: &mut [f64; 2] = out.entry(comm.starts_with(prefix)).or_default();
+        (e[0], e[1]) = (e[0] + s[0], e[1] + s[1]);
+    }
+    out
+}
+
+/// CPUs this machine has online (`_SC_NPROCESSORS_ONLN`: every CPU `/proc/stat` counts, not
+/// only those the calling thread may run on).
+pub(crate) fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
 }
 
 /// Busy seconds of `cpus` so far (everything but idle and iowait, from `/proc/stat`), all

@@ -7,6 +7,7 @@
 //! dropped; a peer: arrived at the sink), or when nothing arrived for `stall` after the writers
 //! finished (a peer that dropped lines: it has no counter to ask).
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -259,15 +260,18 @@ pub fn run_once(env: &Env, system: &System, label: &str) -> anyhow::Result<Measu
     };
     let cpu0: Vec<f64> = started.shipping.iter().map(|(_, d)| proc_cpu(d.pid())).collect();
     let rcpu0 = started.receiver.as_ref().map_or(0.0, |r| proc_cpu(r.pid()));
+    let sched0 = Sched::now(&started);
     let start = Instant::now();
     let writers = spawn_writers(env, &started.fifos);
     let (delivered, accounted_at, text) = wait(env, &started, start, label, &writers)?;
     let wall_s = accounted_at.duration_since(start).as_secs_f64();
+    let sched = Sched::now(&started).since(&sched0);
     let mut written = Vec::new();
     for w in writers {
         written.push(w.join().expect("writer thread")?);
     }
     let mut m = Measure { label: label.to_string(), wall_s, ..Measure::default() };
+    m.sched_s = sched.account(&written, wall_s);
     for ((name, d), c0) in started.shipping.iter().zip(&cpu0) {
         let cpu = proc_cpu(d.pid()) - c0;
         m.cpu_s += cpu;
@@ -288,6 +292,59 @@ pub fn run_once(env: &Env, system: &System, label: &str) -> anyhow::Result<Measu
     drop(started);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(m)
+}
+
+/// The scheduler's account of the shipper's and the receiver's threads, and of every CPU.
+#[derive(Default)]
+struct Sched {
+    groups: BTreeMap<String, [f64; 2]>,
+    busy_s: f64,
+}
+
+impl Sched {
+    fn now(s: &Started) -> Sched {
+        let mut groups = BTreeMap::new();
+        let mut add = |name: &str, v: [f64; 2]| {
+            let e: &mut [f64; 2] = groups.entry(name.to_string()).or_default();
+            (e[0], e[1]) = (e[0] + v[0], e[1] + v[1]);
+        };
+        if matches!(s.progress, Progress::Shipper { .. }) {
+            for (_, d) in &s.shipping {
+                for (worker, v) in super::proc_sched_s(d.pid(), "worker-") {
+                    add(if worker { "shipper workers" } else { "shipper other" }, v);
+                }
+            }
+        }
+        if let Some(r) = &s.receiver {
+            for v in super::proc_sched_s(r.pid(), "").into_values() {
+                add("receiver", v);
+            }
+        }
+        let cpus: Vec<usize> = (0..super::online_cpus()).collect();
+        Sched { groups, busy_s: super::cpus_busy_s(&cpus) }
+    }
+
+    fn since(mut self, before: &Sched) -> Sched {
+        for (k, v) in &mut self.groups {
+            let b = before.groups.get(k).copied().unwrap_or_default();
+            (v[0], v[1]) = (v[0] - b[0], v[1] - b[1]);
+        }
+        self.busy_s -= before.busy_s;
+        self
+    }
+
+    /// The groups, the writers (from their own account) and the CPUs' idle time over `wall_s`.
+    fn account(mut self, written: &[loadgen::Written], wall_s: f64) -> BTreeMap<String, [f64; 2]> {
+        if self.groups.is_empty() {
+            return self.groups;
+        }
+        let writers =
+            written.iter().fold([0.0, 0.0], |a, w| [a[0] + w.sched_s[0], a[1] + w.sched_s[1]]);
+        self.groups.insert("writers".into(), writers);
+        let idle = (super::online_cpus() as f64 * wall_s - self.busy_s).max(0.0);
+        self.groups.insert("idle".into(), [idle, 0.0]);
+        self.groups
+    }
 }
 
 /// Latency quantiles and per-service admitted counts from the shipper's last scrape.

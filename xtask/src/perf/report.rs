@@ -119,6 +119,7 @@ pub fn markdown(
             "\n{}: `shipper receive` (decompression, files, acks) used {:.3} CPU-s beside it.",
             r.label, r.median.receiver_cpu_s
         );
+        sched_line(&mut md, &r.median);
     }
     for (peer, why) in skipped {
         let _ = writeln!(md, "\n{peer}: **skipped**: {why}.");
@@ -164,6 +165,27 @@ fn workload(name: &str, case: &PipeCase, load: &Load, runs: usize) -> String {
 
 /// One system's row of the table, its CPU per line against the shipper's (`base`) and its
 /// throughput against `raw`'s.
+/// Where the machine's time went in run `m`: per group of threads, on a CPU and runnable
+/// but waiting for one (a CPU-bound machine shows waiting; a latency-bound one shows idle).
+fn sched_line(md: &mut String, m: &Measure) {
+    if m.sched_s.is_empty() {
+        return;
+    }
+    let cpus = super::online_cpus();
+    let mut parts = Vec::new();
+    for (group, [run, wait]) in m.sched_s.iter().filter(|(g, _)| *g != "idle") {
+        parts.push(format!("{group} {run:.3} on CPU + {wait:.3} waiting for one"));
+    }
+    let idle = m.sched_s.get("idle").map_or(0.0, |v| v[0]);
+    let _ = writeln!(
+        md,
+        "Time over {:.3} s × {cpus} CPUs = {:.3} CPU-s (scheduler, seconds): {}; CPUs idle {idle:.3}.",
+        m.wall_s,
+        m.wall_s * cpus as f64,
+        parts.join("; ")
+    );
+}
+
 fn system_row(r: &SystemResult, base: Option<&Measure>, raw: Option<f64>) -> String {
     let m = &r.median;
     let vs = base.map_or("–".into(), |b| {
