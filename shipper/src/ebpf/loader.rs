@@ -385,3 +385,30 @@ fn raise_memlock() {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handover is adopted only from the same build, with exactly its descriptors: the
+    /// digest is checked before any descriptor is used (these are not even maps).
+    #[test]
+    fn adopting_refuses_other_programs_and_a_wrong_count_of_descriptors() {
+        let files = || (0..6).map(|_| OwnedFd::from(tempfile::tempfile().unwrap())).collect();
+        let mut handing = Handing {
+            object: "0".repeat(64),
+            programs: vec!["kfree_skb".into()],
+            ..Handing::default()
+        };
+        let Err((_, why)) = Kernel::adopt(&handing, files()) else { panic!("adopted") };
+        assert!(why.contains("other programs"), "{why}");
+        handing.object = object_digest();
+        handing.programs.push("tcp_send_reset".into());
+        let Err((_, why)) = Kernel::adopt(&handing, files()) else { panic!("adopted") };
+        assert!(why.contains("6 descriptors"), "{why}");
+        handing.programs.pop();
+        let Err((_, why)) = Kernel::adopt(&handing, files()) else { panic!("adopted") };
+        assert!(why.contains("map WATCHED_SOCKETS"), "not a map: {why}");
+        assert_eq!(object_digest().len(), 64);
+    }
+}
