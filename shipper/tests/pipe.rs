@@ -77,7 +77,7 @@ fn million_lines_from_four_writers_arrive_once_byte_identical() {
 }
 
 /// With nothing in flight, a line is sealed once its pipe has nothing more ready (and the
-/// default `idle_seal_delay_ms`, 5 ms, has passed), not when `flush_interval_ms` (here a
+/// default `idle_seal_delay_ms`, 2 ms, has passed), not when `flush_interval_ms` (here a
 /// minute) runs out; with `seal_when_idle = false` it waits (here until the shipper stops).
 #[test]
 fn a_lone_line_is_sealed_once_its_pipe_is_drained_not_at_the_flush_interval() {
