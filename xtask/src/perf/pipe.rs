@@ -99,7 +99,7 @@ pub struct ShipperSettings {
     /// `batch.flush_interval_ms` (ms; default the shipper's own, 200).
     #[serde(default)]
     pub flush_interval_ms: Option<u64>,
-    /// `batch.idle_seal_delay_ms` (ms; default the shipper's own, 5; not written when not
+    /// `batch.idle_seal_delay_ms` (ms; default the shipper's own, 2; not written when not
     /// set, so that a revision without the key can run the case with `--against`).
     #[serde(default)]
     pub idle_seal_delay_ms: Option<u64>,
