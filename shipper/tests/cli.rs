@@ -49,6 +49,11 @@ const INVALID: &[(&str, &str, &str)] = &[
     ),
     ("[batch]\nzstd_level = 40\n", "batch.zstd_level", "40 is out of range (allowed: 1 to 19)"),
     (
+        "[batch]\nflush_interval_ms = 20\nidle_seal_delay_ms = 50\n",
+        "batch.idle_seal_delay_ms",
+        "50 is above flush_interval_ms (20)",
+    ),
+    (
         "[[sources.socket]]\nname = \"s\"\ntransport = \"sctp\"\n",
         "transport",
         "unknown variant `sctp`, expected one of `udp`, `tcp`, `unix`",

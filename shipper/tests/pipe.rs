@@ -76,9 +76,9 @@ fn million_lines_from_four_writers_arrive_once_byte_identical() {
     assert!(shipper.stop(Duration::from_secs(30)).success(), "{}", shipper.log_text());
 }
 
-/// With nothing in flight, a line is sealed as soon as its pipe has nothing more ready, not
-/// when `flush_interval_ms` (here a minute) runs out; with `seal_when_idle = false` it waits
-/// (here until the shipper stops).
+/// With nothing in flight, a line is sealed once its pipe has nothing more ready (and the
+/// default `idle_seal_delay_ms`, 2 ms, has passed), not when `flush_interval_ms` (here a
+/// minute) runs out; with `seal_when_idle = false` it waits (here until the shipper stops).
 #[test]
 fn a_lone_line_is_sealed_once_its_pipe_is_drained_not_at_the_flush_interval() {
     let env = Env::new();
@@ -126,4 +126,124 @@ fn a_lone_line_is_sealed_once_its_pipe_is_drained_not_at_the_flush_interval() {
 
 fn shipper_records_acked(metrics: u16) -> f64 {
     crate::harness::metric(&scrape_ok(metrics), "shipper_records_acked_total", &[])
+}
+
+/// A pipe `pipe` whose batches only an idle seal seals (`flush_interval_ms` a minute), with
+/// `idle_seal_delay_ms = delay_ms`.
+fn idle_floor_body(env: &Env, pipe: &str, delay_ms: u64) -> String {
+    let p = env.path(pipe);
+    format!(
+        "[[sources.pipe]]\npath = {p:?}\nservice = \"app\"\n\
+         [batch]\nflush_interval_ms = 60000\nidle_seal_delay_ms = {delay_ms}\n"
+    )
+}
+
+/// `shipper_batches_sealed_total` by reason: full, interval, idle, shutdown.
+fn sealed_by_reason(text: &str) -> [f64; 4] {
+    ["full", "interval", "idle", "shutdown"]
+        .map(|r| crate::harness::metric(text, "shipper_batches_sealed_total", &[("reason", r)]))
+}
+
+/// `shipper_read_to_ack_latency_seconds`: (count, exact sum, max), in seconds.
+fn read_to_ack(text: &str) -> (f64, f64, f64) {
+    let name = "shipper_read_to_ack_latency_seconds";
+    let m = |n: &str, l: &[(&str, &str)]| crate::harness::metric(text, n, l);
+    (
+        m(&format!("{name}_count"), &[]),
+        m(&format!("{name}_sum"), &[]),
+        m(name, &[("quantile", "1")]),
+    )
+}
+
+/// Five lines written one at a time, each read (a drained pipe, nothing in flight: an idle
+/// moment) before the next: with `idle_seal_delay_ms = 0` each is a frame of its own; with a
+/// floor of 5 s they wait in one batch until the first is 5 s old, then the idle-seal timer
+/// seals them into one frame, acknowledged no sooner.
+#[test]
+fn an_idle_batch_waits_for_its_floor_and_takes_every_line_read_meanwhile() {
+    const FLOOR_MS: u64 = 5000;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let acked = |n: usize| move || shipper_records_acked(sm) == n as f64;
+    let read = |n: usize| {
+        move || {
+            crate::harness::metric(&scrape_ok(sm), "shipper_source_lines_read_total", &[])
+                == n as f64
+        }
+    };
+    let mut shipper = start_shipper(&env, port, sm, &idle_floor_body(&env, "zero.pipe", 0));
+    let mut w = open_writer(&env.path("zero.pipe"));
+    for i in 0..5 {
+        writeln!(w, "zero {i}").unwrap();
+        shipper.wait_alive("the line acknowledged", acked(i + 1));
+    }
+    let text = scrape_ok(sm);
+    assert_eq!(sealed_by_reason(&text), [0.0, 0.0, 5.0, 0.0]);
+    assert_eq!(crate::harness::metric(&text, "shipper_frames_acked_total", &[]), 5.0);
+    drop(w);
+    assert!(shipper.stop(Duration::from_secs(30)).success(), "{}", shipper.log_text());
+
+    let mut shipper = start_shipper(&env, port, sm, &idle_floor_body(&env, "floor.pipe", FLOOR_MS));
+    let mut w = open_writer(&env.path("floor.pipe"));
+    let first = std::time::Instant::now();
+    for i in 0..5 {
+        writeln!(w, "floor {i}").unwrap();
+        shipper.wait_alive("the line read", read(i + 1));
+    }
+    let text = scrape_ok(sm);
+    let early = first.elapsed();
+    assert!(early < Duration::from_millis(FLOOR_MS), "five lines took {early:?} to be read");
+    assert_eq!(sealed_by_reason(&text), [0.0; 4], "sealed before the floor ({early:?})");
+    shipper.wait_alive("the batch acknowledged", acked(5));
+    let waited = first.elapsed().as_secs_f64();
+    let text = scrape_ok(sm);
+    assert_eq!(sealed_by_reason(&text), [0.0, 0.0, 1.0, 0.0]);
+    assert_eq!(crate::harness::metric(&text, "shipper_frames_acked_total", &[]), 1.0);
+    // Its first line was read after `first` and acknowledged before `waited`.
+    let (count, sum, _) = read_to_ack(&text);
+    assert_eq!(count, 1.0);
+    assert!((FLOOR_MS as f64 / 1000.0..=waited).contains(&sum), "{sum} s, waited {waited} s");
+    drop(w);
+    assert!(shipper.stop(Duration::from_secs(30)).success(), "{}", shipper.log_text());
+    let mut lines: Vec<_> = output_lines(&env.out()).into_iter().map(|(_, l)| l).collect();
+    lines.sort();
+    let want: Vec<String> =
+        ["floor", "zero"].iter().flat_map(|k| (0..5).map(move |i| format!("{k} {i}"))).collect();
+    assert_eq!(lines, want.iter().map(|l| l.as_bytes().to_vec()).collect::<Vec<_>>());
+}
+
+/// At a steady slow rate (200 lines/s: with no floor, nearly every line a frame of its own),
+/// a 100 ms floor: batches do not overlap in time and each spans at least the floor, so there
+/// are at most one per 100 ms of the run; every frame's first line waited at least the floor
+/// and at most the floor and a margin (not `flush_interval_ms`, a minute); every line once.
+#[test]
+fn at_a_steady_slow_rate_the_idle_floor_bounds_frames_and_latency() {
+    const FLOOR_MS: u64 = 100;
+    const MARGIN_MS: u64 = 900;
+    const LINES: usize = 300;
+    let env = Env::new();
+    let (port, rm, sm) = (free_port(), free_port(), free_port());
+    let _receiver = start_receiver(&env, port, rm, "");
+    let mut shipper = start_shipper(&env, port, sm, &idle_floor_body(&env, "app.pipe", FLOOR_MS));
+    let start = std::time::Instant::now();
+    let writer = SteadyWriter::start(&env.path("app.pipe"), 0, 200);
+    shipper.wait_alive("the lines written", || writer.written() >= LINES);
+    let (written, _) = writer.finish();
+    shipper.wait_alive("every line acknowledged", || shipper_records_acked(sm) == written as f64);
+    let span_ms = start.elapsed().as_millis() as u64;
+    let text = scrape_ok(sm);
+    let [full, interval, idle, shutdown] = sealed_by_reason(&text);
+    assert_eq!([full, interval, shutdown], [0.0; 3]);
+    let most = (span_ms / FLOOR_MS) as f64;
+    assert!((1.0..=most).contains(&idle), "{idle} idle seals in {span_ms} ms, {written} lines");
+    assert_eq!(crate::harness::metric(&text, "shipper_frames_acked_total", &[]), idle);
+    let (count, sum, max) = read_to_ack(&text);
+    assert_eq!(count, idle);
+    let floor_s = FLOOR_MS as f64 / 1000.0;
+    assert!(sum >= count * floor_s, "{count} frames, {sum} s in all: one sealed before the floor");
+    let bound = (FLOOR_MS + MARGIN_MS) as f64 / 1000.0;
+    assert!(max <= bound, "read->ack max {max} s above the floor and a margin ({bound} s)");
+    assert!(shipper.stop(Duration::from_secs(30)).success(), "{}", shipper.log_text());
+    assert_eq!(copies(&[&env.out()], 0, written), vec![1; written], "each line once");
 }

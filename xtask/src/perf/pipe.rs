@@ -100,6 +100,10 @@ pub struct ShipperSettings {
     /// `batch.flush_interval_ms` (ms; default the shipper's own, 200).
     #[serde(default)]
     pub flush_interval_ms: Option<u64>,
+    /// `batch.idle_seal_delay_ms` (ms; default the shipper's own, 2; not written when not
+    /// set, so that a revision without the key can run the case with `--against`).
+    #[serde(default)]
+    pub idle_seal_delay_ms: Option<u64>,
 }
 
 impl Workload {
@@ -494,7 +498,11 @@ fn start_shipper(
         .shipper
         .flush_interval_ms
         .map_or(String::new(), |ms| format!("flush_interval_ms = {ms}\n"));
-    let body = format!("{limit}[batch]\nzstd_level = {}\n{flush}", case.shipper.zstd_level);
+    let floor = case
+        .shipper
+        .idle_seal_delay_ms
+        .map_or(String::new(), |ms| format!("idle_seal_delay_ms = {ms}\n"));
+    let body = format!("{limit}[batch]\nzstd_level = {}\n{flush}{floor}", case.shipper.zstd_level);
     let receivers = format!("primary = [\"127.0.0.1:{rx}\"]\n");
     let scfg = dir.join("edge.toml");
     shipper_config(&scfg, pki, workers, sm, &fifos, &body, &receivers)?;

@@ -19,6 +19,13 @@
 //! ([`Worker::seal`]). Acknowledgements, refusals and health changes come back through
 //! `Link` (`frames.rs`); the ticker (`tick.rs`) seals overdue batches, times out
 //! connections, publishes counters and runs the shutdown.
+//!
+//! A batch is also sealed when the worker is idle ([`Worker::seal_if_idle`]: the sources had
+//! nothing more ready, no frame is queued or in flight), once its first record is
+//! `idle_seal_delay_ms` old. One that goes idle younger arms the worker's one idle-seal timer
+//! (`tick.rs`) for the moment it comes of age; then the conditions are checked again, and if
+//! they no longer hold the batch waits for the next trigger (full, interval, the
+//! acknowledgement that empties the outbox, the next drained source).
 
 mod frames;
 pub mod start;
@@ -80,6 +87,12 @@ pub struct Worker {
     drained: bool,
     /// Sources that will hand over what they hold when they stop, and have not yet.
     flushing: usize,
+    /// The floor on an idle seal (`idle_seal_delay_ms`), in ns.
+    idle_seal_delay_ns: u64,
+    /// The moment (worker clock, ns) the idle-seal timer is armed for, if it is.
+    idle_seal_at_ns: Option<u64>,
+    /// Wakes the idle-seal timer when it is armed for a moment earlier than it sleeps to.
+    idle_seal_armed: Rc<Notify>,
 }
 
 impl Worker {
@@ -116,6 +129,9 @@ impl Worker {
             ledger: Vec::new(),
             drained: false,
             flushing: 0,
+            idle_seal_delay_ns: b.idle_seal_delay_ms().saturating_mul(1_000_000),
+            idle_seal_at_ns: None,
+            idle_seal_armed: Rc::new(Notify::new()),
             config,
         })
     }
@@ -168,15 +184,42 @@ impl Worker {
     /// sources had nothing more ready, and no frame is queued or in flight, so a connection
     /// would otherwise sit idle while the records wait for `flush_interval_ms`. While frames
     /// are in flight, records go on filling the batch (as Nagle's algorithm does), and the
-    /// acknowledgement that empties the outbox seals it.
+    /// acknowledgement that empties the outbox seals it. A batch younger than
+    /// `idle_seal_delay_ms` is not sealed: the idle-seal timer is armed for the moment it
+    /// comes of age, when this is called again.
     pub fn seal_if_idle(&mut self) {
-        if self.drained
+        if !(self.drained
             && self.config.batch.seal_when_idle
             && self.delivery.outbox.frames() == 0
-            && !self.delivery.dests.all_down()
+            && !self.delivery.dests.all_down())
         {
-            self.seal(VOLATILE, SealReason::Idle);
-            self.seal(DURABLE, SealReason::Idle);
+            return;
+        }
+        let now = self.clock.now_ns();
+        let mut due: Option<u64> = None;
+        for kind in [VOLATILE, DURABLE] {
+            let b = &self.batches[kind];
+            if b.is_empty() {
+                continue;
+            }
+            let at = b.first_ns().saturating_add(self.idle_seal_delay_ns);
+            if at <= now {
+                self.seal(kind, SealReason::Idle);
+            } else {
+                due = Some(due.map_or(at, |d| d.min(at)));
+            }
+        }
+        if let Some(at) = due {
+            self.arm_idle_seal(at);
+        }
+    }
+
+    /// Arms the idle-seal timer for `at_ns` (worker clock) unless it is armed earlier; one
+    /// armed earlier for a batch sealed since finds nothing to seal, or re-arms.
+    fn arm_idle_seal(&mut self, at_ns: u64) {
+        if self.idle_seal_at_ns.is_none_or(|t| at_ns < t) {
+            self.idle_seal_at_ns = Some(at_ns);
+            self.idle_seal_armed.notify_one();
         }
     }
 

@@ -142,6 +142,10 @@ async fn work(plan: WorkerPlan) -> anyhow::Result<()> {
     for handle in plan.forwards {
         start_forward(&worker, handle, &plan.config, &plan.stop);
     }
+    let b = &plan.config.batch;
+    if b.seal_when_idle && b.idle_seal_delay_ms() > 0 {
+        tokio_uring::spawn(super::tick::idle_seal_timer(worker.clone()));
+    }
     for target in &plan.targets {
         for _ in 0..plan.config.receivers.connections {
             tokio_uring::spawn(run_slot(worker.clone(), target.clone(), plan.stop.clone()));

@@ -1,10 +1,12 @@
 //! The worker's ticker: it seals overdue batches, closes connections whose acks or heartbeats
 //! are overdue, settles the quarantine's writes, takes what the control thread sent (shares, a
 //! reload's rate limits) and, at the control-plane pace, reports its demand and publishes
-//! counters; and it runs the shutdown.
+//! counters; and it runs the shutdown. Beside it, the idle-seal timer ([`idle_seal_timer`]).
 //!
 //! # Design constraints
 //! - The ticker runs every `min(flush_interval_ms, 50)` ms.
+//! - One idle-seal timer per worker, whatever the number of batches: one `Sleep`, reset to
+//!   the moment armed (tokio's timer wheel: it fires up to 1 ms late, never early).
 //!
 //! # Operation
 //! On stop: sources stop reading (one holding a partial line hands it over first, or keeps
@@ -122,6 +124,41 @@ pub async fn run(
     registry.publish(w.index, w.snapshot());
     for h in w.delivery.conns.values() {
         h.stream.shutdown();
+    }
+}
+
+/// Runs the worker's idle-seal timer until the worker stops: sleeps until the moment
+/// [`Worker::arm_idle_seal`] set (woken earlier when armed for an earlier one), disarms, and
+/// lets [`Worker::seal_if_idle`] seal what is now old enough if the worker is still idle. At
+/// the stop, the ticker seals everything itself.
+pub async fn idle_seal_timer(worker: Rc<RefCell<Worker>>) {
+    let armed = worker.borrow().idle_seal_armed.clone();
+    let sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sleep);
+    loop {
+        let (at, now) = {
+            let w = worker.borrow();
+            if w.delivery.stopping {
+                return;
+            }
+            (w.idle_seal_at_ns, w.now_ns())
+        };
+        match at {
+            None => armed.notified().await,
+            Some(at) if at <= now => {
+                let mut w = worker.borrow_mut();
+                w.idle_seal_at_ns = None;
+                w.seal_if_idle();
+            }
+            Some(at) => {
+                let wait = Duration::from_nanos(at - now);
+                sleep.as_mut().reset(tokio::time::Instant::now() + wait);
+                tokio::select! {
+                    () = &mut sleep => {}
+                    () = armed.notified() => {}
+                }
+            }
+        }
     }
 }
 

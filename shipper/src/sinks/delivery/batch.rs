@@ -13,7 +13,8 @@ pub enum SealReason {
     Full,
     /// Its first record waited `flush_interval_ms`.
     Interval,
-    /// Its source had nothing more ready and nothing was in flight (`seal_when_idle`).
+    /// Its source had nothing more ready and nothing was in flight (`seal_when_idle`), and
+    /// its first record was `idle_seal_delay_ms` old.
     Idle,
     /// The worker was stopping.
     Shutdown,
