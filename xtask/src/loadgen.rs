@@ -145,9 +145,9 @@ pub struct Written {
     pub writes: u64,
     /// Seconds from the writer's start to its last write's return.
     pub secs: f64,
-    /// The writing thread's scheduler account at its end: [on a CPU, runnable but waiting
-    /// for one] in seconds (`/proc/thread-self/schedstat`).
-    pub sched_s: [f64; 2],
+    /// The writing thread's scheduler account at its end (`/proc/thread-self/schedstat`):
+    /// seconds on a CPU, seconds runnable but waiting for one, times it was run.
+    pub sched_s: [f64; 3],
 }
 
 /// Writes `data` (whole lines) into the FIFO at `path` with blocking writes, paced by `pace`.
@@ -159,11 +159,12 @@ pub fn write_lines(path: &std::path::Path, data: &[u8], pace: Pace) -> std::io::
     Ok(written)
 }
 
-/// [on a CPU, runnable but waiting for one] in seconds, from a `schedstat` file.
-pub fn thread_sched_s(path: &str) -> [f64; 2] {
+/// A `schedstat` file: seconds on a CPU, seconds runnable but waiting for one, times run.
+pub fn thread_sched_s(path: &str) -> [f64; 3] {
     let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let mut f = stat.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0) as f64 / 1e9);
-    [f.next().unwrap_or(0.0), f.next().unwrap_or(0.0)]
+    let mut f = stat.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0) as f64);
+    let mut next = || f.next().unwrap_or(0.0);
+    [next() / 1e9, next() / 1e9, next()]
 }
 
 /// Appends `data` (whole lines) to the file at `path` (created), paced by `pace`, as an

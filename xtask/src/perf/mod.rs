@@ -78,10 +78,11 @@ pub struct Measure {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub per_service: Vec<u64>,
     /// Where the machine's time went during the run, by group of threads ("shipper
-    /// workers", "shipper other", "receiver", "writers"): [on a CPU, runnable but waiting
-    /// for one] in seconds; and "idle": [CPU-seconds no task used, 0].
+    /// workers", "shipper other", "receiver", "writers"): [seconds on a CPU, seconds runnable
+    /// but waiting for one, times run]; "idle": [CPU-seconds no task used, 0, 0]; "window":
+    /// [seconds, CPUs, 0].
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub sched_s: BTreeMap<String, [f64; 2]>,
+    pub sched_s: BTreeMap<String, [f64; 3]>,
 }
 
 impl Measure {
@@ -567,16 +568,16 @@ pub(crate) fn proc_ctx_switches(pid: u32) -> (u64, u64) {
     total
 }
 
-/// [on a CPU, runnable but waiting for one] seconds of each live thread of a process so far,
-/// summed by whether its name (`comm`) starts with `prefix` (`true`) or not.
-pub(crate) fn proc_sched_s(pid: u32, prefix: &str) -> BTreeMap<bool, [f64; 2]> {
+/// The scheduler's account ([`crate::loadgen::thread_sched_s`]) of each live thread of a
+/// process so far, summed by whether its name (`comm`) starts with `prefix` (`true`) or not.
+pub(crate) fn proc_sched_s(pid: u32, prefix: &str) -> BTreeMap<bool, [f64; 3]> {
     let mut out = BTreeMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         let path = t.path().join("schedstat");
         let s = crate::loadgen::thread_sched_s(&path.to_string_lossy());
-        let e: &mut [f64; 2] = out.entry(comm.starts_with(prefix)).or_default();
-        (e[0], e[1]) = (e[0] + s[0], e[1] + s[1]);
+        let e: &mut [f64; 3] = out.entry(comm.starts_with(prefix)).or_default();
+        (0..3).for_each(|i| e[i] += s[i]);
     }
     out
 }
@@ -586,6 +587,25 @@ pub(crate) fn proc_sched_s(pid: u32, prefix: &str) -> BTreeMap<bool, [f64; 2]> {
 pub(crate) fn online_cpus() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
+}
+
+/// Idle seconds of `cpus` so far (idle and iowait of `/proc/stat`: measured at each entry to
+/// and exit from idle on a tickless kernel, where busy time is only sampled at the ticks).
+pub(crate) fn cpus_idle_s(cpus: &[usize]) -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut ticks = 0u64;
+    for l in stat.lines() {
+        let mut f = l.split_whitespace();
+        let Some(cpu) = f.next().and_then(|n| n.strip_prefix("cpu")?.parse::<usize>().ok()) else {
+            continue;
+        };
+        if cpus.contains(&cpu) {
+            let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
+            ticks += v.get(3).unwrap_or(&0) + v.get(4).unwrap_or(&0);
+        }
+    }
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// Busy seconds of `cpus` so far (everything but idle and iowait, from `/proc/stat`), all

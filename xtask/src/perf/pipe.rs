@@ -275,7 +275,7 @@ pub fn run_once(env: &Env, system: &System, label: &str) -> anyhow::Result<Measu
         written.push(w.join().expect("writer thread")?);
     }
     let mut m = Measure { label: label.to_string(), wall_s, ..Measure::default() };
-    m.sched_s = sched.account(&written, wall_s);
+    m.sched_s = sched.account(&written);
     for ((name, d), c0) in started.shipping.iter().zip(&cpu0) {
         let cpu = proc_cpu(d.pid()) - c0;
         m.cpu_s += cpu;
@@ -301,16 +301,18 @@ pub fn run_once(env: &Env, system: &System, label: &str) -> anyhow::Result<Measu
 /// The scheduler's account of the shipper's and the receiver's threads, and of every CPU.
 #[derive(Default)]
 struct Sched {
-    groups: BTreeMap<String, [f64; 2]>,
-    busy_s: f64,
+    groups: BTreeMap<String, [f64; 3]>,
+    idle_s: f64,
+    at: Option<Instant>,
+    span_s: f64,
 }
 
 impl Sched {
     fn now(s: &Started) -> Sched {
         let mut groups = BTreeMap::new();
-        let mut add = |name: &str, v: [f64; 2]| {
-            let e: &mut [f64; 2] = groups.entry(name.to_string()).or_default();
-            (e[0], e[1]) = (e[0] + v[0], e[1] + v[1]);
+        let mut add = |name: &str, v: [f64; 3]| {
+            let e: &mut [f64; 3] = groups.entry(name.to_string()).or_default();
+            (0..3).for_each(|i| e[i] += v[i]);
         };
         if matches!(s.progress, Progress::Shipper { .. }) {
             for (_, d) in &s.shipping {
@@ -325,28 +327,35 @@ impl Sched {
             }
         }
         let cpus: Vec<usize> = (0..super::online_cpus()).collect();
-        Sched { groups, busy_s: super::cpus_busy_s(&cpus) }
+        Sched { groups, idle_s: super::cpus_idle_s(&cpus), at: Some(Instant::now()), span_s: 0.0 }
     }
 
     fn since(mut self, before: &Sched) -> Sched {
         for (k, v) in &mut self.groups {
             let b = before.groups.get(k).copied().unwrap_or_default();
-            (v[0], v[1]) = (v[0] - b[0], v[1] - b[1]);
+            (0..3).for_each(|i| v[i] -= b[i]);
         }
-        self.busy_s -= before.busy_s;
+        self.idle_s -= before.idle_s;
+        if let (Some(a), Some(b)) = (self.at, before.at) {
+            self.span_s = a.duration_since(b).as_secs_f64();
+        }
         self
     }
 
-    /// The groups, the writers (from their own account) and the CPUs' idle time over `wall_s`.
-    fn account(mut self, written: &[loadgen::Written], wall_s: f64) -> BTreeMap<String, [f64; 2]> {
+    /// The groups, the writers (from their own account), the CPUs' idle time and the window
+    /// both were taken over (`"window"`: [seconds, CPUs, 0]).
+    fn account(mut self, written: &[loadgen::Written]) -> BTreeMap<String, [f64; 3]> {
         if self.groups.is_empty() {
             return self.groups;
         }
-        let writers =
-            written.iter().fold([0.0, 0.0], |a, w| [a[0] + w.sched_s[0], a[1] + w.sched_s[1]]);
+        let mut writers = [0.0; 3];
+        for w in written {
+            (0..3).for_each(|i| writers[i] += w.sched_s[i]);
+        }
         self.groups.insert("writers".into(), writers);
-        let idle = (super::online_cpus() as f64 * wall_s - self.busy_s).max(0.0);
-        self.groups.insert("idle".into(), [idle, 0.0]);
+        let cpus = super::online_cpus() as f64;
+        self.groups.insert("idle".into(), [self.idle_s, 0.0, 0.0]);
+        self.groups.insert("window".into(), [self.span_s, cpus, 0.0]);
         self.groups
     }
 }

@@ -171,17 +171,20 @@ fn sched_line(md: &mut String, m: &Measure) {
     if m.sched_s.is_empty() {
         return;
     }
-    let cpus = super::online_cpus();
+    let [span, cpus, _] = m.sched_s.get("window").copied().unwrap_or_default();
     let mut parts = Vec::new();
-    for (group, [run, wait]) in m.sched_s.iter().filter(|(g, _)| *g != "idle") {
-        parts.push(format!("{group} {run:.3} on CPU + {wait:.3} waiting for one"));
+    for (group, [run, wait, runs]) in
+        m.sched_s.iter().filter(|(g, _)| !["idle", "window"].contains(&g.as_str()))
+    {
+        parts.push(format!("{group} {run:.3} on CPU + {wait:.3} waiting for one ({runs:.0} runs)"));
     }
     let idle = m.sched_s.get("idle").map_or(0.0, |v| v[0]);
     let _ = writeln!(
         md,
-        "Time over {:.3} s × {cpus} CPUs = {:.3} CPU-s (scheduler, seconds): {}; CPUs idle {idle:.3}.",
-        m.wall_s,
-        m.wall_s * cpus as f64,
+        "Time from the writers' start to the last line's count, {span:.3} s × {cpus} CPUs = \
+         {:.3} CPU-s (seconds; threads from the scheduler, idle from /proc/stat): {}; \
+         CPUs idle {idle:.3}.",
+        span * cpus,
         parts.join("; ")
     );
 }
