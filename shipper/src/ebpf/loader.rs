@@ -34,9 +34,6 @@ const MAPS: [&str; super::MAPS_HANDED] = [
     MAP_UNCOUNTED,
 ];
 
-/// Most programs a handover may name.
-pub const PROGRAMS_MAX: usize = 16;
-
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -131,7 +128,7 @@ impl Kernel {
         if handing.object != object_digest() {
             return Err(fail("the previous process runs other programs (another build)".into()));
         }
-        if handing.programs.len() > PROGRAMS_MAX || fds.len() != handing.descriptors() {
+        if handing.programs.len() > super::PROGRAMS_MAX || fds.len() != handing.descriptors() {
             let why = format!("{} descriptors for {:?}", fds.len(), handing.programs);
             return Err(fail(why));
         }

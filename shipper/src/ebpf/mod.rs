@@ -155,6 +155,9 @@ impl Handing {
 /// The maps a handover carries.
 const MAPS_HANDED: usize = 5;
 
+/// Most programs a handover may name.
+pub const PROGRAMS_MAX: usize = 16;
+
 /// One counter of one CPU, labelled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sample {

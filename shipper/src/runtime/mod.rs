@@ -650,8 +650,10 @@ fn adopt(
         tracing::info!(source = key, "takeover: socket taken over");
     }
     let handed = out.len();
-    for i in handed..if handed > 0 { count } else { 0 } {
-        out.push(out[i % handed].try_clone().context("takeover: sharing a handed socket")?);
+    if handed > 0 {
+        for i in handed..count {
+            out.push(out[i % handed].try_clone().context("takeover: sharing a handed socket")?);
+        }
     }
     Ok(out)
 }

@@ -134,16 +134,13 @@ impl Description {
     /// How many descriptors follow it; a count past the limits is refused.
     fn descriptors(&self) -> Result<usize, TakeoverError> {
         let programs = self.ebpf.as_ref().map_or(0, |e| e.programs.len());
-        if programs > EBPF_PROGRAMS_MAX {
+        if programs > crate::ebpf::PROGRAMS_MAX {
             return Err(TakeoverError::Protocol(format!("{programs} eBPF programs")));
         }
         let ebpf = self.ebpf.as_ref().map_or(0, crate::ebpf::Handing::descriptors);
         Ok(self.pipes.len() + self.sockets.len() + ebpf)
     }
 }
-
-/// Most eBPF programs a description may name.
-const EBPF_PROGRAMS_MAX: usize = 16;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct PipeEntry {
