@@ -592,25 +592,19 @@ pub(crate) fn online_cpus() -> usize {
 /// Idle seconds of `cpus` so far (idle and iowait of `/proc/stat`: measured at each entry to
 /// and exit from idle on a tickless kernel, where busy time is only sampled at the ticks).
 pub(crate) fn cpus_idle_s(cpus: &[usize]) -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let mut ticks = 0u64;
-    for l in stat.lines() {
-        let mut f = l.split_whitespace();
-        let Some(cpu) = f.next().and_then(|n| n.strip_prefix("cpu")?.parse::<usize>().ok()) else {
-            continue;
-        };
-        if cpus.contains(&cpu) {
-            let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
-            ticks += v.get(3).unwrap_or(&0) + v.get(4).unwrap_or(&0);
-        }
-    }
-    // SAFETY: sysconf has no preconditions.
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    cpus_stat_s(cpus, |v| v[3] + v[4])
 }
 
 /// Busy seconds of `cpus` so far (everything but idle and iowait, from `/proc/stat`), all
 /// processes and the kernel together.
 pub(crate) fn cpus_busy_s(cpus: &[usize]) -> f64 {
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    cpus_stat_s(cpus, |v| v.iter().sum::<u64>() - v[3] - v[4])
+}
+
+/// The sum over `cpus` of `pick` applied to each one's first eight `/proc/stat` fields, in
+/// seconds.
+fn cpus_stat_s(cpus: &[usize], pick: impl Fn(&[u64; 8]) -> u64) -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let mut ticks = 0u64;
     for l in stat.lines() {
@@ -619,10 +613,11 @@ pub(crate) fn cpus_busy_s(cpus: &[usize]) -> f64 {
             continue;
         };
         if cpus.contains(&cpu) {
-            let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
-            // user nice system idle iowait irq softirq steal (guest time is inside user).
-            ticks +=
-                v.iter().take(8).sum::<u64>() - v.get(3).unwrap_or(&0) - v.get(4).unwrap_or(&0);
+            let mut v = [0u64; 8];
+            for (slot, x) in v.iter_mut().zip(f) {
+                *slot = x.parse().unwrap_or(0);
+            }
+            ticks += pick(&v);
         }
     }
     // SAFETY: sysconf has no preconditions.
