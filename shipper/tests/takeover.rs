@@ -312,14 +312,17 @@ fn lines_unacknowledged_at_a_takeover_go_through_the_disk_buffer_once() {
     assert!(seen[0].iter().all(|&c| c == 1), "{:?}", seen[0]);
 }
 
-/// Regression: a takeover onto a configuration with more workers failed. A socket the old
+/// Regressions: a takeover onto a configuration with more workers failed (a socket the old
 /// process bound alone has no SO_REUSEPORT, so the new process's extra workers could not bind
-/// the same port, and the new process exited after the old one had stopped. Now the extra
-/// workers share the handed sockets. From 1 worker to 2 and back to 1, with a UDP sender and
-/// TCP connections going on: every datagram arrives once, no connection is refused, and the
-/// forward source's port still listens at the end.
+/// its port, and the new process exited after the old one had stopped); one onto fewer workers
+/// closed the sockets it had no worker for, losing the datagrams queued in them. Now extra
+/// workers share the handed sockets, and fewer workers read them all. From 2 workers to 1, 2
+/// and 1 again, with four UDP senders (spread over the sockets of the port by their addresses)
+/// and TCP connections going on: every datagram arrives once, no connection is refused, and
+/// the forward source's port still listens at the end.
 #[test]
 fn takeovers_onto_more_and_fewer_workers_keep_every_socket() {
+    const SENDERS: usize = 4;
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let (udp, tcp, forward) = (free_port(), free_port(), free_port());
@@ -327,9 +330,10 @@ fn takeovers_onto_more_and_fewer_workers_keep_every_socket() {
     let control = env.path("control.sock");
     let config = |workers: usize| {
         let body = format!(
-            "[[sources.socket]]\nname = \"u\"\ntransport = \"udp\"\naddress = \"127.0.0.1:{udp}\"\n\
-             format = \"json\"\n\
-             [[sources.socket]]\nname = \"t\"\ntransport = \"tcp\"\naddress = \"127.0.0.1:{tcp}\"\n\
+            "[[sources.socket]]\nname = \"u\"\ntransport = \"udp\"\n\
+             address = \"127.0.0.1:{udp}\"\nformat = \"json\"\n\
+             [[sources.socket]]\nname = \"t\"\ntransport = \"tcp\"\n\
+             address = \"127.0.0.1:{tcp}\"\n\
              [[sources.forward]]\nname = \"f\"\naddress = \"127.0.0.1:{forward}\"\n"
         );
         let text = env.shipper_toml(port, sm, &body).replace(
@@ -343,32 +347,38 @@ fn takeovers_onto_more_and_fewer_workers_keep_every_socket() {
     let (one, two) = (config(1), config(2));
     let log = env.path("shipper-0.log");
     let mut shipper =
-        Proc::start("shipper 0", &["run", "--config", one.to_str().unwrap()], sm, log);
-    let sender = UdpSender::start(udp, 2, UDP_RATE);
+        Proc::start("shipper 0", &["run", "--config", two.to_str().unwrap()], sm, log);
+    let senders: Vec<UdpSender> =
+        (0..SENDERS).map(|w| UdpSender::start(udp, w, UDP_RATE)).collect();
     let connecting = Arc::new(AtomicBool::new(false));
     let connections = connector(tcp, connecting.clone());
-    for (n, cfg) in [(1, &two), (2, &one)] {
+    for (n, (cfg, workers)) in [(&one, 1), (&two, 2), (&one, 1)].into_iter().enumerate() {
         shipper.wait_alive("datagrams read", || {
             metric(&scrape_ok(sm), "shipper_socket_messages_received_total", &[]) >= 50.0
         });
-        shipper = take_over(&env, cfg, &mut shipper, n);
-        let workers = if n == 1 { "workers=2" } else { "workers=1" };
-        assert!(shipper.log_text().contains(workers), "{}", shipper.log_text());
+        shipper = take_over(&env, cfg, &mut shipper, n + 1);
+        let said = shipper.log_text();
+        assert!(said.contains(&format!("workers={workers}")), "{said}");
+        assert!(!said.contains("no source uses any more"), "a handed socket closed:\n{said}");
     }
-    let sent = sender.finish();
+    let sent: Vec<usize> = senders.into_iter().map(UdpSender::finish).collect();
     connecting.store(true, Relaxed);
     let made = connections.join().expect("no connection to the tcp source refused");
     assert!(made > 0);
     std::net::TcpStream::connect(("127.0.0.1", forward)).expect("the forward port listens");
-    shipper.wait_alive("every datagram at the receiver", || output_lines(&env.out()).len() >= sent);
+    let total: usize = sent.iter().sum();
+    shipper
+        .wait_alive("every datagram at the receiver", || output_lines(&env.out()).len() >= total);
     let status = shipper.stop(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}:\n{}", shipper.log_text());
-    let mut seen = vec![0u32; sent];
+    let mut seen: Vec<Vec<u32>> = sent.iter().map(|&n| vec![0u32; n]).collect();
     for (_, l) in output_lines(&env.out()) {
         let (w, seq) = ids(&l);
-        assert_eq!((w, l.as_slice()), (2, line(2, seq).as_bytes()), "a line arrived changed");
-        seen[seq] += 1;
+        assert_eq!(l.as_slice(), line(w, seq).as_bytes(), "a line arrived changed");
+        seen[w][seq] += 1;
     }
-    let wrong: Vec<_> = seen.iter().enumerate().filter(|(_, &c)| c != 1).take(10).collect();
-    assert!(wrong.is_empty(), "(datagram, copies) not once: {wrong:?}");
+    for (w, counts) in seen.iter().enumerate() {
+        let wrong: Vec<_> = counts.iter().enumerate().filter(|(_, &c)| c != 1).take(10).collect();
+        assert!(wrong.is_empty(), "sender {w}: (datagram, copies) not once: {wrong:?}");
+    }
 }

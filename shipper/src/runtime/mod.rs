@@ -513,44 +513,65 @@ fn bind_sockets(
             (None, _) => (0..workers).collect(),
         };
         let bound = bind_or_adopt(s, owners.len(), handed)?;
-        for (worker, b) in owners.into_iter().zip(bound) {
-            let kind = match s.transport {
-                Transport::Udp => Kind::Udp,
-                Transport::Tcp => Kind::Tcp,
-                Transport::Unix => Kind::Unix,
-            };
-            keep_bound(kept, kind, &socket_key(s), &b)?;
-            // The kernel reports twice what it granted (socket(7)).
-            let granted = b.receive_buffer_bytes / 2;
-            if (granted as u64) < s.receive_buffer_bytes {
-                tracing::warn!(
-                    source = %s.name,
-                    granted,
-                    asked = s.receive_buffer_bytes,
-                    "socket receive buffer smaller than receive_buffer_bytes \
-                     (see /proc/sys/net/core/rmem_max)"
-                );
+        // More sockets than owners (a takeover onto fewer workers): owners read two or more.
+        let mut per_owner: Vec<Vec<BoundSocket>> = owners.iter().map(|_| Vec::new()).collect();
+        for (n, b) in bound.into_iter().enumerate() {
+            per_owner[n % owners.len()].push(b);
+        }
+        for (worker, group) in owners.into_iter().zip(per_owner) {
+            for b in &group {
+                keep_socket(s, b, worker, kept, watches)?;
             }
-            tracing::info!(
-                source = %s.name,
-                transport = s.transport.label(),
-                local = %b.local,
-                worker,
-                receive_buffer_bytes = granted,
-                "socket source bound"
-            );
-            if let crate::sources::socket::Bound::Datagram(fd) = &b.socket {
-                use std::os::fd::AsFd;
-                // A datagram the kernel drops is lost (a stream's is resent): count them.
-                match crate::ebpf::watch_socket(fd.as_fd(), &s.name) {
-                    Ok(w) => watches.extend(w),
-                    Err(e) => tracing::warn!(source = %s.name, "kernel drops not counted: {e}"),
-                }
-            }
-            out[worker].push(SocketHandle { config_index: i, bound: b });
+            out[worker].push(SocketHandle { config_index: i, bound: group });
         }
     }
     Ok(out)
+}
+
+/// Keeps a duplicate of socket `b` of source `s` to hand over, says it is bound, and has the
+/// kernel's drops on it counted if it is a datagram socket.
+fn keep_socket(
+    s: &crate::config::socket::SocketSource,
+    b: &BoundSocket,
+    worker: usize,
+    kept: &mut Kept,
+    watches: &mut Vec<crate::ebpf::Watch>,
+) -> anyhow::Result<()> {
+    use crate::config::socket::Transport;
+    let kind = match s.transport {
+        Transport::Udp => Kind::Udp,
+        Transport::Tcp => Kind::Tcp,
+        Transport::Unix => Kind::Unix,
+    };
+    keep_bound(kept, kind, &socket_key(s), b)?;
+    // The kernel reports twice what it granted (socket(7)).
+    let granted = b.receive_buffer_bytes / 2;
+    if (granted as u64) < s.receive_buffer_bytes {
+        tracing::warn!(
+            source = %s.name,
+            granted,
+            asked = s.receive_buffer_bytes,
+            "socket receive buffer smaller than receive_buffer_bytes \
+             (see /proc/sys/net/core/rmem_max)"
+        );
+    }
+    tracing::info!(
+        source = %s.name,
+        transport = s.transport.label(),
+        local = %b.local,
+        worker,
+        receive_buffer_bytes = granted,
+        "socket source bound"
+    );
+    if let crate::sources::socket::Bound::Datagram(fd) = &b.socket {
+        use std::os::fd::AsFd;
+        // A datagram the kernel drops is lost (a stream's is resent): count them.
+        match crate::ebpf::watch_socket(fd.as_fd(), &s.name) {
+            Ok(w) => watches.extend(w),
+            Err(e) => tracing::warn!(source = %s.name, "kernel drops not counted: {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// Binds every forward source's port on the main thread (a taken port or unreadable
@@ -584,14 +605,22 @@ fn bind_forwards(
         if bound.is_empty() {
             bound = bind_inet(&inet, owners.len())?;
         }
-        for (worker, b) in owners.into_iter().zip(bound) {
+        // More listeners than owners (a takeover onto fewer workers): owners serve two or more.
+        let mut per_owner: Vec<Vec<std::net::TcpListener>> =
+            owners.iter().map(|_| Vec::new()).collect();
+        let local = bound.first().map(|b| b.local.clone()).unwrap_or_default();
+        for (n, b) in bound.into_iter().enumerate() {
             keep_bound(kept, Kind::Forward, &f.address, &b)?;
+            let worker = owners[n % owners.len()];
             tracing::info!(source = %f.name, local = %b.local, worker, "forward source bound");
             let Bound::Listener(listener) = b.socket else { unreachable!("tcp binds listeners") };
+            per_owner[n % owners.len()].push(listener);
+        }
+        for (worker, listeners) in owners.into_iter().zip(per_owner) {
             out[worker].push(ForwardHandle {
                 config_index: i,
-                listener,
-                local: b.local,
+                listeners,
+                local: local.clone(),
                 tls: tls.clone(),
                 registry: registry.clone(),
                 self_hostname: self_hostname.clone(),
@@ -629,9 +658,10 @@ fn bind_or_adopt(
     Ok(crate::sources::socket::bind(s, count)?)
 }
 
-/// The sockets handed over for a `kind` source named `key`, at most `count`; when fewer than
-/// `count` came (the new configuration has more workers), the others share them: a socket
-/// bound alone has no SO_REUSEPORT, so no new one could join its port.
+/// Every socket handed over for a `kind` source named `key` (more than `count` when the new
+/// configuration has fewer workers: each is read on, so that what its queue holds is not
+/// lost); when fewer than `count` came (more workers), the others share them: a socket bound
+/// alone has no SO_REUSEPORT, so no new one could join its port.
 fn adopt(
     handed: &mut Option<Handover>,
     kind: Kind,
@@ -642,7 +672,7 @@ fn adopt(
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
-    for (fd, local) in h.take_sockets(kind, key, count) {
+    for (fd, local) in h.take_sockets(kind, key, usize::MAX) {
         out.push(
             crate::sources::socket::adopt(fd, local)
                 .with_context(|| format!("takeover: the socket handed for {key}"))?,

@@ -58,16 +58,21 @@ pub struct FileHandle {
     pub positions: Positions,
 }
 
-/// A socket bound by the main thread, handed to its worker.
+/// A socket source's sockets on one worker, bound by the main thread (more than one after a
+/// takeover onto fewer workers: each socket the old process read is read on), handed to its
+/// worker.
 pub struct SocketHandle {
     pub config_index: usize,
-    pub bound: BoundSocket,
+    /// Never empty; all bound to the same address.
+    pub bound: Vec<BoundSocket>,
 }
 
-/// A forward source's listener, bound by the main thread, with what its workers share.
+/// A forward source's listeners on one worker (more than one after a takeover onto fewer
+/// workers), bound by the main thread, with what its workers share.
 pub struct ForwardHandle {
     pub config_index: usize,
-    pub listener: std::net::TcpListener,
+    /// Never empty; all bound to `local`.
+    pub listeners: Vec<std::net::TcpListener>,
     pub local: String,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The source's chunk ids, shared by its workers.
@@ -268,7 +273,7 @@ fn start_socket(
     stop: &watch::Receiver<bool>,
 ) {
     let cfg = &config.sources.socket[handle.config_index];
-    let local = handle.bound.local;
+    let local = handle.bound.first().map(|b| b.local.clone()).unwrap_or_default();
     let transport = cfg.transport.label();
     let r = {
         let mut w = worker.borrow_mut();
@@ -282,18 +287,20 @@ fn start_socket(
     };
     let socket = Socket { intake: worker.clone(), id: r.id, counters: r.counters };
     let max = cfg.message_bytes_max as usize;
-    match handle.bound.socket {
-        Bound::Datagram(fd) => {
-            tokio_uring::spawn(read_datagrams(socket, fd, max, stop.clone()));
-        }
-        Bound::Listener(listener) => {
-            let limits = TcpLimits {
-                framing: cfg.framing_or_default(),
-                message_bytes_max: max,
-                connections_max: cfg.connections_max_or_default(),
-                idle_timeout: cfg.idle_timeout_or_default(),
-            };
-            tokio_uring::spawn(serve_tcp(socket, listener, limits, stop.clone()));
+    for bound in handle.bound {
+        match bound.socket {
+            Bound::Datagram(fd) => {
+                tokio_uring::spawn(read_datagrams(socket.clone(), fd, max, stop.clone()));
+            }
+            Bound::Listener(listener) => {
+                let limits = TcpLimits {
+                    framing: cfg.framing_or_default(),
+                    message_bytes_max: max,
+                    connections_max: cfg.connections_max_or_default(),
+                    idle_timeout: cfg.idle_timeout_or_default(),
+                };
+                tokio_uring::spawn(serve_tcp(socket.clone(), listener, limits, stop.clone()));
+            }
         }
     }
 }
@@ -342,5 +349,8 @@ fn start_forward(
         registry: handle.registry,
         settings: Rc::new(settings),
     };
-    tokio_uring::spawn(crate::sources::forward::run::serve(source, handle.listener, stop.clone()));
+    for listener in handle.listeners {
+        let serve = crate::sources::forward::run::serve(source.clone(), listener, stop.clone());
+        tokio_uring::spawn(serve);
+    }
 }
