@@ -78,6 +78,10 @@ pub struct Workload {
     /// share a pipe).
     #[serde(default)]
     pub write_per_line: bool,
+    /// Bytes of whole lines per `write()` of a pipe's only writer (default 64 KiB; writers
+    /// sharing a pipe write at most 4 KiB, `PIPE_BUF`, so that lines never interleave).
+    #[serde(default)]
+    pub write_bytes: Option<usize>,
     #[serde(default = "super::default_seed")]
     pub seed: u64,
 }
@@ -104,6 +108,9 @@ pub struct ShipperSettings {
     /// set, so that a revision without the key can run the case with `--against`).
     #[serde(default)]
     pub idle_seal_delay_ms: Option<u64>,
+    /// `shipper.pin_workers` (default the shipper's own, true).
+    #[serde(default)]
+    pub pin_workers: Option<bool>,
 }
 
 impl Workload {
@@ -208,7 +215,11 @@ pub fn load(w: &Workload, quick: bool) -> Load {
         pace: Pace {
             rate: w.rate as f64 / n_writers as f64,
             write_per_line: w.write_per_line,
-            chunk_bytes: if w.writers_per_pipe > 1 { 4096 } else { 64 << 10 },
+            chunk_bytes: if w.writers_per_pipe > 1 {
+                4096
+            } else {
+                w.write_bytes.unwrap_or(64 << 10)
+            },
         },
     }
 }
@@ -516,6 +527,9 @@ fn start_shipper(
     let scfg = dir.join("edge.toml");
     shipper_config(&scfg, pki, workers, sm, &fifos, &body, &receivers)?;
     let (rmetrics, smetrics) = (format!("127.0.0.1:{rm}"), format!("127.0.0.1:{sm}"));
+    if let Some(pin) = case.shipper.pin_workers {
+        set_pin_workers(&scfg, pin)?;
+    }
     let rlog = dir.join("receiver.log");
     let receiver = Daemon::start_on(&case.cpus.receiver, &bin, "receive", &rcfg, &rlog, &rmetrics)?;
     let slog = dir.join("shipper.log");
@@ -547,6 +561,16 @@ pub(super) fn receiver_config(
         pki.ca, pki.receiver_cert, pki.receiver_key
     ))?;
     Ok(path)
+}
+
+/// Adds `pin_workers = pin` to the `[shipper]` table of the configuration at `path` (written
+/// first, with its `workers`).
+fn set_pin_workers(path: &Path, pin: bool) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let (head, rest) = text.split_once("\nworkers = ").context("a workers key")?;
+    let (count, rest) = rest.split_once('\n').context("a line")?;
+    std::fs::write(path, format!("{head}\nworkers = {count}\npin_workers = {pin}\n{rest}"))?;
+    Ok(())
 }
 
 /// Writes a `shipper run` config to `path`: `workers` workers, metrics on `metrics`, one pipe
