@@ -5,6 +5,7 @@
 //! call aya makes too), so that a takeover can hand the links and the maps to the next
 //! process: a program stays attached while any process holds its link.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,7 @@ use shipper_ebpf::{
 };
 
 use super::btf::{Blob, BtfError, SYS_FS};
+use super::reasons::Reasons;
 use super::{Handing, KernelCounters, Sample, Slots, State, Table, WatchError};
 
 /// The object built by build.rs from `shipper-ebpf` (eBPF bytecode, BTF, maps).
@@ -49,6 +51,8 @@ pub struct Kernel {
     maps: Vec<OwnedFd>,
     /// Set once handed over: the maps are the next process's, this one no longer unwatches.
     handed: AtomicBool,
+    /// This kernel's drop-reason names.
+    reasons: Reasons,
     watched: Mutex<Watched>,
     socket_drops: Mutex<PerCpuHashMap<MapData, SocketDropKey, Count>>,
     connection_events: Mutex<PerCpuHashMap<MapData, ConnectionKey, Count>>,
@@ -81,7 +85,7 @@ impl Kernel {
         // from the mapped file; aya's loader parses its own copy (aya 0.14 has no way around
         // it) and drops it with the loader; the copy for attaching is parsed from the mapped
         // file afterwards.
-        let offsets = sock_offsets();
+        let (offsets, reasons) = read_kernel_btf();
         let mut loader = EbpfLoader::new();
         if let Ok(offsets) = &offsets {
             loader.override_global(GLOBAL_SOCK_OFFSETS, offsets, true);
@@ -117,7 +121,7 @@ impl Kernel {
         }
         // The links hold the programs, and the maps are out: the rest of the object goes.
         drop(ebpf);
-        Kernel::with(programs, links, maps, Slots::default(), Slots::default())
+        Kernel::with(programs, links, maps, [Slots::default(), Slots::default()], reasons)
     }
 
     /// Takes over the programs a previous process attached, described by `handing`, with the
@@ -138,18 +142,19 @@ impl Kernel {
             maps.push(MapData::from_fd(fd).map_err(|e| fail(format!("map {name}: {e}")))?);
         }
         let links = fds.collect();
-        let sources = Slots::from_names(handing.sources.clone());
-        let receivers = Slots::from_names(handing.receivers.clone());
-        Kernel::with(handing.programs.clone(), links, maps, sources, receivers)
+        let slots = [&handing.sources, &handing.receivers].map(|n| Slots::from_names(n.clone()));
+        let reasons = Reasons::from(handing.reasons.clone());
+        Kernel::with(handing.programs.clone(), links, maps, slots, reasons)
     }
 
-    /// The kernel with `links` attached, its `maps` (in [`MAPS`] order) and slots.
+    /// The kernel with `links` attached, its `maps` (in [`MAPS`] order), its source and
+    /// receiver slots and its drop-reason names.
     fn with(
         programs: Vec<String>,
         links: Vec<OwnedFd>,
         maps: Vec<MapData>,
-        sources: Slots,
-        receivers: Slots,
+        [sources, receivers]: [Slots; 2],
+        reasons: Reasons,
     ) -> Result<Kernel, Failure> {
         let fail = |e: &dyn std::fmt::Display| (State::LoadFailed, format!("map: {e}"));
         let mut fds = Vec::new();
@@ -172,6 +177,7 @@ impl Kernel {
             links,
             maps: fds,
             handed: AtomicBool::new(false),
+            reasons,
             watched: Mutex::new(watched),
             socket_drops: Mutex::new(drops),
             connection_events: Mutex::new(events),
@@ -179,12 +185,9 @@ impl Kernel {
         })
     }
 
-    /// What a takeover hands the next process (with `reasons`), and duplicates of the maps'
-    /// and links' descriptors. From here on, this process leaves the watch tables alone.
-    pub fn hand_over(
-        &self,
-        reasons: std::collections::BTreeMap<u32, String>,
-    ) -> std::io::Result<(Handing, Vec<OwnedFd>)> {
+    /// What a takeover hands the next process, and duplicates of the maps' and links'
+    /// descriptors. From here on, this process leaves the watch tables alone.
+    pub fn hand_over(&self) -> std::io::Result<(Handing, Vec<OwnedFd>)> {
         let w = self.watched.lock().expect("eBPF watch table poisoned");
         let mut fds = Vec::new();
         for fd in self.maps.iter().chain(&self.links) {
@@ -196,7 +199,7 @@ impl Kernel {
             programs: self.programs.clone(),
             sources: w.sources.names().to_vec(),
             receivers: w.receivers.names().to_vec(),
-            reasons,
+            reasons: self.reasons.names(),
         };
         Ok((handing, fds))
     }
@@ -226,17 +229,14 @@ impl Kernel {
         let _ = map.remove(&cookie);
     }
 
-    /// Reads both counting maps into `out`, naming drop reasons with `reason`.
-    pub fn read(
-        &self,
-        out: &mut KernelCounters,
-        reason: impl Fn(u32) -> String,
-    ) -> Result<(), aya::maps::MapError> {
+    /// Reads both counting maps into `out`, drop reasons by name.
+    pub fn read(&self, out: &mut KernelCounters) -> Result<(), aya::maps::MapError> {
         let w = self.watched.lock().expect("eBPF watch table poisoned");
         let drops = self.socket_drops.lock().expect("eBPF map poisoned");
         for entry in drops.iter() {
             let (key, counts) = entry?;
-            let (item, kind) = (w.sources.name(key.slot).to_string(), reason(key.reason));
+            let (item, kind) =
+                (w.sources.name(key.slot).to_string(), self.reasons.name(key.reason));
             push(&mut out.socket_drops, &counts, &item, &kind);
         }
         let events = self.connection_events.lock().expect("eBPF map poisoned");
@@ -302,11 +302,22 @@ fn map_data(map: Map) -> Result<MapData, String> {
     }
 }
 
-/// Where `sock_send_length` finds its fields in the running kernel, from its BTF; each
-/// field's size is checked too, since the program reads it as a fixed-size value.
-fn sock_offsets() -> Result<SockOffsets, BtfError> {
-    let blob = Blob::open(Path::new(SYS_FS))?;
-    let btf = super::btf::Btf::parse(&blob)?;
+/// From one parse of the running kernel's BTF: the offsets `sock_send_length` needs, and the
+/// drop-reason names (empty when the BTF cannot be read; the offsets say why).
+fn read_kernel_btf() -> (Result<SockOffsets, BtfError>, Reasons) {
+    let blob = match Blob::open(Path::new(SYS_FS)) {
+        Ok(blob) => blob,
+        Err(e) => return (Err(e), Reasons::from(BTreeMap::new())),
+    };
+    match super::btf::Btf::parse(&blob) {
+        Ok(btf) => (sock_offsets(&btf), Reasons::from_btf(&btf)),
+        Err(e) => (Err(e), Reasons::from(BTreeMap::new())),
+    }
+}
+
+/// Where `sock_send_length` finds its fields in the running kernel; each field's size is
+/// checked too, since the program reads it as a fixed-size value.
+fn sock_offsets(btf: &super::btf::Btf<'_>) -> Result<SockOffsets, BtfError> {
     let member = |outer: &str, path: &[&str], size_bytes: u32| {
         let m = btf.member(outer, path)?;
         if m.size_bytes != size_bytes {

@@ -51,8 +51,6 @@ mod loader;
 mod reasons;
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-#[cfg(feature = "ebpf")]
-use std::sync::Mutex;
 use std::sync::OnceLock;
 
 pub use shipper_ebpf::{EVENT_RESET_RECEIVED, EVENT_RESET_SENT, EVENT_RETRANSMIT};
@@ -232,9 +230,6 @@ impl Drop for Watch {
 #[cfg(feature = "ebpf")]
 static KERNEL: OnceLock<loader::Kernel> = OnceLock::new();
 static STATE: OnceLock<State> = OnceLock::new();
-/// Drop-reason names of this kernel, read once at start.
-#[cfg(feature = "ebpf")]
-static REASONS: Mutex<Option<reasons::Reasons>> = Mutex::new(None);
 
 /// Loads and attaches the programs unless `enabled` is false, or adopts those a takeover
 /// `handed` over when they are the same programs; returns the state, also kept for
@@ -261,7 +256,6 @@ pub fn start(enabled: bool, handed: Option<(Handing, Vec<OwnedFd>)>) -> State {
 fn attach() -> State {
     match loader::Kernel::load() {
         Ok(kernel) => {
-            *REASONS.lock().expect("reasons poisoned") = Some(reasons::Reasons::load());
             let programs = format!("tp_btf: {}", kernel.programs.join(", "));
             let _ = KERNEL.set(kernel);
             tracing::info!(programs, "eBPF drop accounting attached");
@@ -282,13 +276,6 @@ fn attach() -> State {
 fn adopt((handing, fds): (Handing, Vec<OwnedFd>)) -> Option<State> {
     match loader::Kernel::adopt(&handing, fds) {
         Ok(kernel) => {
-            let names = handing.reasons;
-            let reasons = if names.is_empty() {
-                reasons::Reasons::load()
-            } else {
-                reasons::Reasons::from(names)
-            };
-            *REASONS.lock().expect("reasons poisoned") = Some(reasons);
             let programs = format!("tp_btf: {}", kernel.programs.join(", "));
             let _ = KERNEL.set(kernel);
             tracing::info!(programs, "eBPF drop accounting adopted from the previous process");
@@ -311,9 +298,7 @@ fn adopt(_: (Handing, Vec<OwnedFd>)) -> Option<State> {
 /// programs' watch tables to the next one.
 #[cfg(feature = "ebpf")]
 pub fn hand_over() -> Option<(Handing, Vec<OwnedFd>)> {
-    let kernel = KERNEL.get()?;
-    let reasons = REASONS.lock().expect("reasons poisoned").as_ref().map(reasons::Reasons::names);
-    match kernel.hand_over(reasons.unwrap_or_default()) {
+    match KERNEL.get()?.hand_over() {
         Ok(handing) => Some(handing),
         Err(e) => {
             tracing::warn!("takeover: the eBPF programs cannot be handed over: {e}");
@@ -396,9 +381,7 @@ pub fn snapshot() -> KernelCounters {
     let mut out = KernelCounters::new(state());
     #[cfg(feature = "ebpf")]
     if let Some(k) = KERNEL.get() {
-        let reasons = REASONS.lock().expect("reasons poisoned");
-        let name = |r: u32| reasons.as_ref().map_or_else(|| r.to_string(), |t| t.name(r));
-        if let Err(e) = k.read(&mut out, name) {
+        if let Err(e) = k.read(&mut out) {
             tracing::warn!("reading the eBPF maps failed: {e}");
         }
     }

@@ -5,11 +5,10 @@
 //! One reason is the shipper's own, outside the kernel's range: [`UNIX_QUEUE_FULL`].
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use shipper_ebpf::REASON_UNIX_QUEUE_FULL;
 
-use super::btf::{Blob, Btf, SYS_FS};
+use super::btf::{Btf, SYS_FS};
 
 /// Label of `REASON_UNIX_QUEUE_FULL`: a connected unix datagram sender was refused with
 /// `EAGAIN` because the watched socket's receive queue was full (`net.unix.max_dgram_qlen`).
@@ -24,7 +23,7 @@ pub struct Reasons {
 }
 
 impl From<BTreeMap<u32, String>> for Reasons {
-    /// Names read by another process (a takeover's previous one), ours added.
+    /// Names by number (those a takeover's previous process read, or none), ours added.
     fn from(mut names: BTreeMap<u32, String>) -> Reasons {
         names.insert(REASON_UNIX_QUEUE_FULL, UNIX_QUEUE_FULL.to_string());
         Reasons { names }
@@ -32,24 +31,15 @@ impl From<BTreeMap<u32, String>> for Reasons {
 }
 
 impl Reasons {
-    /// Reads this kernel's names; on failure, logs once and keeps numbers.
-    pub fn load() -> Reasons {
-        let names = Blob::open(Path::new(SYS_FS))
-            .map_err(|e| e.to_string())
-            .and_then(|blob| Ok(from_btf(&Btf::parse(&blob).map_err(|e| e.to_string())?)));
-        match names {
-            Ok(names) if !names.is_empty() => Reasons::from(names),
-            Ok(_) => {
-                tracing::warn!(
-                    "no enum {ENUM} in {SYS_FS}; drop reasons are labelled with their number"
-                );
-                Reasons::from(BTreeMap::new())
-            }
-            Err(e) => {
-                tracing::warn!("{e}; drop reasons are labelled with their number");
-                Reasons::from(BTreeMap::new())
-            }
+    /// This kernel's names, from its BTF; without the enum, says so once and keeps numbers.
+    pub fn from_btf(btf: &Btf<'_>) -> Reasons {
+        let names = names_in(btf);
+        if names.is_empty() {
+            tracing::warn!(
+                "no enum {ENUM} in {SYS_FS}; drop reasons are labelled with their number"
+            );
         }
+        Reasons::from(names)
     }
 
     /// Every name, by number (for the next process of a takeover).
@@ -65,7 +55,7 @@ impl Reasons {
 
 /// `SKB_DROP_REASON_SOCKET_RCVBUFF = 6` as `6 -> "socket_rcvbuff"`; the enum's bookkeeping
 /// values (`SKB_DROP_REASON_MAX`, the subsystem mask and shift) are not reasons.
-fn from_btf(btf: &Btf<'_>) -> BTreeMap<u32, String> {
+fn names_in(btf: &Btf<'_>) -> BTreeMap<u32, String> {
     let mut names = BTreeMap::new();
     for (value, name) in btf.enumerators(ENUM).unwrap_or_default() {
         let Some(short) = name.strip_prefix(PREFIX) else { continue };
@@ -79,6 +69,9 @@ fn from_btf(btf: &Btf<'_>) -> BTreeMap<u32, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use super::super::btf::Blob;
     use super::*;
 
     /// The `{ 6, "SOCKET_RCVBUFF" }` pairs of tracefs's `kfree_skb` format (the other place
@@ -105,7 +98,7 @@ mod tests {
             eprintln!("SKIPPED: {SYS_FS} or {FORMAT} not readable (needs root)");
             return;
         };
-        let btf = from_btf(&Btf::parse(&blob).unwrap());
+        let btf = names_in(&Btf::parse(&blob).unwrap());
         let tracefs = tracefs_names(&format);
         assert!(tracefs.len() > 10, "{tracefs:?}");
         for (number, name) in tracefs.iter().filter(|(_, n)| *n != "max") {
