@@ -48,7 +48,8 @@ pub struct ControlPlane {
     pub interval: Duration,
 }
 
-/// Runs until every sender of its channel (the workers, the reload thread) has hung up.
+/// Runs until every sender of its channel has hung up: the workers, and the reload thread,
+/// which holds one for the life of the process (so in practice it ends with the process).
 pub fn run(plane: ControlPlane) {
     let workers = plane.shares.len();
     let mut latest: Vec<HashMap<Name, u64>> = vec![HashMap::new(); workers];

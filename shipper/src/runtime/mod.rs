@@ -513,12 +513,7 @@ fn bind_sockets(
             (None, _) => (0..workers).collect(),
         };
         let bound = bind_or_adopt(s, owners.len(), handed)?;
-        // More sockets than owners (a takeover onto fewer workers): owners read two or more.
-        let mut per_owner: Vec<Vec<BoundSocket>> = owners.iter().map(|_| Vec::new()).collect();
-        for (n, b) in bound.into_iter().enumerate() {
-            per_owner[n % owners.len()].push(b);
-        }
-        for (worker, group) in owners.into_iter().zip(per_owner) {
+        for (worker, group) in owners.iter().copied().zip(deal(bound, owners.len())) {
             for b in &group {
                 keep_socket(s, b, worker, kept, watches)?;
             }
@@ -563,7 +558,7 @@ fn keep_socket(
         receive_buffer_bytes = granted,
         "socket source bound"
     );
-    if let crate::sources::socket::Bound::Datagram(fd) = &b.socket {
+    if let (crate::sources::socket::Bound::Datagram(fd), false) = (&b.socket, b.shared) {
         use std::os::fd::AsFd;
         // A datagram the kernel drops is lost (a stream's is resent): count them.
         match crate::ebpf::watch_socket(fd.as_fd(), &s.name) {
@@ -605,18 +600,15 @@ fn bind_forwards(
         if bound.is_empty() {
             bound = bind_inet(&inet, owners.len())?;
         }
-        // More listeners than owners (a takeover onto fewer workers): owners serve two or more.
-        let mut per_owner: Vec<Vec<std::net::TcpListener>> =
-            owners.iter().map(|_| Vec::new()).collect();
-        let local = bound.first().map(|b| b.local.clone()).unwrap_or_default();
-        for (n, b) in bound.into_iter().enumerate() {
-            keep_bound(kept, Kind::Forward, &f.address, &b)?;
-            let worker = owners[n % owners.len()];
-            tracing::info!(source = %f.name, local = %b.local, worker, "forward source bound");
-            let Bound::Listener(listener) = b.socket else { unreachable!("tcp binds listeners") };
-            per_owner[n % owners.len()].push(listener);
-        }
-        for (worker, listeners) in owners.into_iter().zip(per_owner) {
+        let local = bound.first().expect("at least one listener per owner").local.clone();
+        for (worker, group) in owners.iter().copied().zip(deal(bound, owners.len())) {
+            let mut listeners = Vec::new();
+            for b in group {
+                keep_bound(kept, Kind::Forward, &f.address, &b)?;
+                tracing::info!(source = %f.name, local = %b.local, worker, "forward source bound");
+                let Bound::Listener(l) = b.socket else { unreachable!("tcp binds listeners") };
+                listeners.push(l);
+            }
             out[worker].push(ForwardHandle {
                 config_index: i,
                 listeners,
@@ -628,6 +620,16 @@ fn bind_forwards(
         }
     }
     Ok(out)
+}
+
+/// `items` dealt in turn to `owners` hands (more items than owners: a takeover onto fewer
+/// workers, whose owners then read two or more).
+fn deal<T>(items: Vec<T>, owners: usize) -> Vec<Vec<T>> {
+    let mut hands: Vec<Vec<T>> = (0..owners).map(|_| Vec::new()).collect();
+    for (n, item) in items.into_iter().enumerate() {
+        hands[n % owners].push(item);
+    }
+    hands
 }
 
 /// What the configuration calls a socket source's socket: its address, or its path.
@@ -688,9 +690,12 @@ fn adopt(
     Ok(out)
 }
 
-/// Keeps a duplicate of `b` to hand over.
+/// Keeps a duplicate of `b` to hand over (once per socket: not for a shared descriptor).
 fn keep_bound(kept: &mut Kept, kind: Kind, key: &str, b: &BoundSocket) -> std::io::Result<()> {
     use crate::sources::socket::Bound;
+    if b.shared {
+        return Ok(());
+    }
     match &b.socket {
         Bound::Datagram(fd) => kept.socket(kind, key, &b.local, fd),
         Bound::Listener(l) => kept.socket(kind, key, &b.local, l),
@@ -773,7 +778,14 @@ fn supervise(
                     continue;
                 }
                 let pid = takeover::peer_pid(&stream);
-                let by = if reload::claim(&stopping.pending, pid) { "a reload's" } else { "a" };
+                let by = if reload::claim(&stopping.pending, pid) {
+                    "a reload's"
+                } else {
+                    // Another process than the reload's: the pipes a pending reload removes
+                    // are not this takeover's business; every partial line is handed over.
+                    stopping.handing_over.set_removed_pipes(Vec::new());
+                    "a"
+                };
                 tracing::info!(
                     ?pid,
                     "takeover asked by {by} new process: stopping the workers to hand over"

@@ -181,12 +181,11 @@ pub fn load(path: &Path, no_ebpf: bool) -> Result<ShipperConfig, ConfigErrors> {
 
 /// Starts the reload thread; each message on `hups` is a SIGHUP.
 pub fn spawn(mut r: Reloader, hups: Receiver<()>) -> std::io::Result<()> {
-    let tls = std::mem::take(&mut r.tls_files);
     std::thread::Builder::new().name("reload".into()).spawn(move || {
         while hups.recv().is_ok() {
             // SIGHUPs that came meanwhile are answered by this reload.
             while hups.try_recv().is_ok() {}
-            let outcome = r.reload(&tls);
+            let outcome = r.reload();
             let counter = match outcome {
                 Outcome::Applied => &r.counters.applied,
                 Outcome::Unchanged => &r.counters.unchanged,
@@ -207,7 +206,7 @@ pub fn spawn(mut r: Reloader, hups: Receiver<()>) -> std::io::Result<()> {
 
 impl Reloader {
     /// One reload (module docs, Operation).
-    fn reload(&mut self, tls: &TlsFiles) -> Outcome {
+    fn reload(&mut self) -> Outcome {
         self.notifier.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_us()));
         let file = self.path.display();
         tracing::info!(%file, "reload: reading the configuration again (SIGHUP)");
@@ -222,7 +221,7 @@ impl Reloader {
         };
         let mut why: Vec<String> =
             self.running.differing_sections(&new).iter().map(|s| format!("[{s}]")).collect();
-        if tls_files(&new) != *tls {
+        if tls_files(&new) != self.tls_files {
             why.push("TLS files".into());
         }
         if self.exe.replaced() {
@@ -369,7 +368,9 @@ fn preflight(running: &ShipperConfig, new: &ShipperConfig) -> Result<(), String>
     }
     let forwards = new.sources.forward.iter();
     for f in forwards.filter(|f| !old.forward.iter().any(|o| o.address == f.address)) {
-        let addr = f.socket_addr().ok_or("validated address")?;
+        let addr = f.socket_addr().ok_or_else(|| {
+            format!("sources.forward {:?}: address {:?} is not ip:port", f.name, f.address)
+        })?;
         free(addr, false).map_err(|e| format!("sources.forward {:?}: {e}", f.name))?;
     }
     let listen = &new.metrics.listen;

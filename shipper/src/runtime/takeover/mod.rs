@@ -135,7 +135,10 @@ impl Description {
     fn descriptors(&self) -> Result<usize, TakeoverError> {
         let programs = self.ebpf.as_ref().map_or(0, |e| e.programs.len());
         if programs > crate::ebpf::PROGRAMS_MAX {
-            return Err(TakeoverError::Protocol(format!("{programs} eBPF programs")));
+            let most = crate::ebpf::PROGRAMS_MAX;
+            return Err(TakeoverError::Protocol(format!(
+                "{programs} eBPF programs (at most {most})"
+            )));
         }
         let ebpf = self.ebpf.as_ref().map_or(0, crate::ebpf::Handing::descriptors);
         Ok(self.pipes.len() + self.sockets.len() + ebpf)

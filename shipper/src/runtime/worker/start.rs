@@ -19,6 +19,7 @@ use crate::metrics::Registry;
 use crate::runtime::control::{ToControl, Update};
 use crate::runtime::takeover::HandingOver;
 use crate::sinks::delivery::connection::{run_slot, Target};
+use crate::sources::connections::Connections;
 use crate::sources::file::positions::Positions;
 use crate::sources::file::source::Files;
 use crate::sources::file::FileCounters;
@@ -273,7 +274,7 @@ fn start_socket(
     stop: &watch::Receiver<bool>,
 ) {
     let cfg = &config.sources.socket[handle.config_index];
-    let local = handle.bound.first().map(|b| b.local.clone()).unwrap_or_default();
+    let local = handle.bound.first().expect("a socket source has a socket").local.clone();
     let transport = cfg.transport.label();
     let r = {
         let mut w = worker.borrow_mut();
@@ -287,21 +288,21 @@ fn start_socket(
     };
     let socket = Socket { intake: worker.clone(), id: r.id, counters: r.counters };
     let max = cfg.message_bytes_max as usize;
+    let limits = TcpLimits {
+        framing: cfg.framing_or_default(),
+        message_bytes_max: max,
+        connections_max: cfg.connections_max_or_default(),
+        idle_timeout: cfg.idle_timeout_or_default(),
+    };
+    let conns = Rc::new(RefCell::new(Connections::default()));
     for bound in handle.bound {
+        let (socket, stop) = (socket.clone(), stop.clone());
         match bound.socket {
-            Bound::Datagram(fd) => {
-                tokio_uring::spawn(read_datagrams(socket.clone(), fd, max, stop.clone()));
+            Bound::Datagram(fd) => tokio_uring::spawn(read_datagrams(socket, fd, max, stop)),
+            Bound::Listener(l) => {
+                tokio_uring::spawn(serve_tcp(socket, l, conns.clone(), limits, stop))
             }
-            Bound::Listener(listener) => {
-                let limits = TcpLimits {
-                    framing: cfg.framing_or_default(),
-                    message_bytes_max: max,
-                    connections_max: cfg.connections_max_or_default(),
-                    idle_timeout: cfg.idle_timeout_or_default(),
-                };
-                tokio_uring::spawn(serve_tcp(socket.clone(), listener, limits, stop.clone()));
-            }
-        }
+        };
     }
 }
 
@@ -349,8 +350,9 @@ fn start_forward(
         registry: handle.registry,
         settings: Rc::new(settings),
     };
+    let conns = Rc::new(RefCell::new(Connections::default()));
     for listener in handle.listeners {
-        let serve = crate::sources::forward::run::serve(source.clone(), listener, stop.clone());
-        tokio_uring::spawn(serve);
+        let serve = crate::sources::forward::run::serve;
+        tokio_uring::spawn(serve(source.clone(), listener, conns.clone(), stop.clone()));
     }
 }

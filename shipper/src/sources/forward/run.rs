@@ -64,10 +64,12 @@ impl<I> Clone for Forward<I> {
 }
 
 /// Accepts connections on `listener` until stopped; each is served by its own tasks. At
-/// `connections_max` the longest-idle connection is closed to make room for the new one.
+/// `connections_max` the longest-idle connection in `conns` (the source's on this worker,
+/// shared by each listener it serves) is closed to make room for the new one.
 pub async fn serve<I: Intake + 'static>(
     source: Forward<I>,
     listener: std::net::TcpListener,
+    conns: Rc<RefCell<Connections>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let listener = match crate::sources::connections::Listener::new(listener) {
@@ -78,7 +80,6 @@ pub async fn serve<I: Intake + 'static>(
             return;
         }
     };
-    let conns = Rc::new(RefCell::new(Connections::default()));
     loop {
         let Some(accepted) = crate::sources::connections::accept(&listener, &mut stop).await else {
             return;

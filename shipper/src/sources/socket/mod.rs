@@ -97,6 +97,9 @@ pub struct BoundSocket {
     pub local: String,
     /// SO_RCVBUF as the kernel reports it (twice what was granted, see socket(7)).
     pub receive_buffer_bytes: usize,
+    /// A second descriptor of a socket another `BoundSocket` holds ([`BoundSocket::try_clone`]):
+    /// not handed over again or watched twice.
+    pub shared: bool,
 }
 
 impl BoundSocket {
@@ -107,7 +110,7 @@ impl BoundSocket {
             Bound::Listener(l) => Bound::Listener(l.try_clone()?),
         };
         let (local, receive_buffer_bytes) = (self.local.clone(), self.receive_buffer_bytes);
-        Ok(BoundSocket { socket, local, receive_buffer_bytes })
+        Ok(BoundSocket { socket, local, receive_buffer_bytes, shared: true })
     }
 }
 
@@ -176,7 +179,7 @@ fn bind_one(inet: &Inet<'_>, addr: SocketAddr, reuse: bool) -> Result<BoundSocke
     let local = socket.local_addr().map_err(err)?.as_socket().map_or(addr, |a| a);
     let receive_buffer_bytes = socket.recv_buffer_size().map_err(err)?;
     let socket = if tcp { Bound::Listener(socket.into()) } else { Bound::Datagram(socket.into()) };
-    Ok(BoundSocket { socket, local: local.to_string(), receive_buffer_bytes })
+    Ok(BoundSocket { socket, local: local.to_string(), receive_buffer_bytes, shared: false })
 }
 
 /// A socket another process bound at `local` (a takeover): a datagram socket or a listener,
@@ -189,7 +192,7 @@ pub fn adopt(fd: std::os::fd::OwnedFd, local: String) -> io::Result<BoundSocket>
         Type::DGRAM => Bound::Datagram(socket.into()),
         other => return Err(io::Error::other(format!("handed socket of type {other:?}"))),
     };
-    Ok(BoundSocket { socket, local, receive_buffer_bytes })
+    Ok(BoundSocket { socket, local, receive_buffer_bytes, shared: false })
 }
 
 /// `chmod` that refuses (EOPNOTSUPP / ELOOP) to act through a symbolic link at `path`.
@@ -229,6 +232,7 @@ fn bind_unix(cfg: &SocketSource, path: &Path) -> Result<BoundSocket, SocketError
         socket: Bound::Datagram(socket.into()),
         local: path.display().to_string(),
         receive_buffer_bytes,
+        shared: false,
     })
 }
 

@@ -101,10 +101,13 @@ pub struct TcpLimits {
 }
 
 /// Accepts connections on `listener` until stopped; each is served by its own task. At
-/// `connections_max` the longest-idle connection is closed to make room for the new one.
+/// `connections_max` the longest-idle connection in `conns` is closed to make room for the new
+/// one: the table is the source's on this worker, shared by each listener it serves (more
+/// than one after a takeover onto fewer workers), so that the limit stays one per worker.
 pub async fn serve_tcp<I: Intake + 'static>(
     socket: Socket<I>,
     listener: std::net::TcpListener,
+    conns: Rc<RefCell<Connections>>,
     limits: TcpLimits,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -116,7 +119,6 @@ pub async fn serve_tcp<I: Intake + 'static>(
             return;
         }
     };
-    let conns = Rc::new(RefCell::new(Connections::default()));
     loop {
         let Some(accepted) = crate::sources::connections::accept(&listener, &mut stop).await else {
             return;
