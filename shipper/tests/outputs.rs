@@ -588,9 +588,9 @@ fn idle_streams_are_forgotten_and_new_streams_get_their_own_directory() {
     assert!(shipper.stop(Duration::from_secs(30)).success());
 }
 
-/// Writes round 3 (services s11..s14, paced) into `w` and kills the receiver (-9) once a
-/// quarter of it is written, then starts it again (on `port`, from `config`); returns the
-/// lines of the round, once all are acknowledged.
+/// Writes round 3 (services s11..s14) into `w` and kills the receiver (-9) once its first
+/// quarter is written, with the rest held back until then, then starts it again (on `port`,
+/// from `config`); returns the lines of the round, once all are acknowledged.
 fn kill_mid_stream(
     env: &Env,
     port: u16,
@@ -601,17 +601,21 @@ fn kill_mid_stream(
     const EACH: usize = 2000;
     let (rm, sm) = (receiver.metrics, shipper.metrics);
     let before = metric_at(sm, "shipper_records_acked_total", &[]);
+    let written = metric_at(rm, "shipper_receiver_records_written_total", &[]);
+    // The first quarter (EACH / 4 per service), then the rest once the receiver is killed:
+    // the kill lands mid-stream whatever the pace.
+    let (go, gate) = std::sync::mpsc::channel::<()>();
     let writer = std::thread::spawn(move || {
         for chunk in 0..EACH / 50 {
+            if chunk == EACH / 200 {
+                gate.recv().unwrap();
+            }
             let lines: String = (chunk * 50..(chunk + 1) * 50)
                 .flat_map(|n| (11..15).map(move |s| service_line(s, 3, n)))
                 .collect();
             w.write_all(lines.as_bytes()).unwrap();
-            // Pacing the writer so that the kill lands mid-stream.
-            std::thread::sleep(Duration::from_millis(10));
         }
     });
-    let written = metric_at(rm, "shipper_receiver_records_written_total", &[]);
     receiver.wait_alive("a quarter of round 3 written", || {
         metric_at(rm, "shipper_receiver_records_written_total", &[]) >= written + EACH as f64
     });
@@ -620,6 +624,7 @@ fn kill_mid_stream(
     shipper.wait_alive("the shipper to see the receiver gone", || {
         metric_at(sm, "shipper_receiver_connections_lost_total", &[]) >= 1.0
     });
+    go.send(()).unwrap();
     *receiver = start_receiver_toml(env, port, rm, config);
     writer.join().unwrap();
     let all = before + (4 * EACH) as f64;

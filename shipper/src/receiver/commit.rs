@@ -381,7 +381,7 @@ impl CommitLog {
         let out = out.to_path_buf();
         let mut log = CommitLog { out, shard, modes, file, bytes, fsync, staged: Vec::new() };
         if bytes == 0 {
-            // Made durable by the first fdatasync of the log, before any commit counts.
+            // Appended (and fdatasync'd with `fsync`) before any commit counts.
             let mut version = Vec::new();
             version_record(&mut version);
             log.append(&version)?;
@@ -509,7 +509,12 @@ impl super::output::Intents for CommitLog {
             }
             record(INTENT, &e.0, &mut bytes);
         }
-        self.append(&bytes)
+        // Named, and without the errno: a failing state directory is a reason to try the
+        // frame again, never to refuse it for good (`files::never_writable` reads errnos).
+        self.append(&bytes).map_err(|e| {
+            let log = log_path(&self.out, self.shard);
+            io::Error::other(format!("commit log {}: announcing {names:?}: {e}", log.display()))
+        })
     }
 }
 

@@ -677,7 +677,8 @@ impl Files {
         let before = self.streams.len();
         let (dir, janitor, files_open) = (&self.dir, &self.janitor, &mut self.files_open);
         self.streams.retain(|_, s| {
-            if s.group_before.is_some() || now_s.saturating_sub(s.written_s) < idle_s {
+            debug_assert!(s.group_before.is_none(), "forgetting in the middle of a group");
+            if now_s.saturating_sub(s.written_s) < idle_s {
                 return true;
             }
             if s.file.take().is_some() {
@@ -692,9 +693,12 @@ impl Files {
         if forgotten > 0 {
             self.streams_forgotten += forgotten as u64;
             // Keys of the streams forgotten (and of any whose first write failed).
+            // And their group buffers: one per stream name ever routed otherwise, without bound
+            // once streams are forgotten, each frame's routing scanning them all.
             let streams = &self.streams;
             self.names.retain(|_, name| streams.contains_key(name));
             self.names_dead_letter.retain(|_, name| streams.contains_key(name));
+            self.groups.retain(|(name, _)| streams.contains_key(name));
         }
     }
 
@@ -719,16 +723,13 @@ impl Files {
     /// file again if it was closed to make room.
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<Touched> {
         self.clock += 1;
-        match self.streams.get(name) {
-            Some(s) if !self.needs_file(s) => {
-                if s.file.is_none() {
-                    self.reopen(name)?;
-                }
+        // `announce` decided which streams start a file; the others go on with theirs.
+        match self.created.iter().find(|c| c.0 == name).map(|c| c.1) {
+            Some(index) => self.rotate(name, index)?,
+            None if self.streams.get(name).is_some_and(|s| s.file.is_none()) => {
+                self.reopen(name)?
             }
-            _ => {
-                let created = self.created.iter().find(|c| c.0 == name);
-                self.rotate(name, created.expect("announced before the append").1)?;
-            }
+            None => {}
         }
         let s = self.streams.get_mut(name).expect("opened above");
         s.used = self.clock;
