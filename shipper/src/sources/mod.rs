@@ -173,19 +173,25 @@ pub async fn read_until_stopped(
 /// Reads, with non-blocking `read(2)`s into a buffer of `capacity` bytes, what `file` (a FIFO)
 /// holds at the call, handing it to `on_read`: at a stop, what writers wrote before it
 /// (at most the pipe's size), instead of leaving it in the kernel for a next reader that may
-/// never come. Errors end it quietly: this is a last look, not a read loop.
-pub fn drain(file: &std::fs::File, capacity: usize, mut on_read: impl FnMut(&[u8])) {
-    let mut left = bytes_ready(file).unwrap_or(0);
+/// never come. An error ends it and is returned (what was left unread is lost with the FIFO):
+/// this is a last look, not a read loop.
+pub fn drain(
+    file: &std::fs::File,
+    capacity: usize,
+    mut on_read: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    let mut left = bytes_ready(file)?;
     let mut buf = vec![0u8; capacity.min(left)];
     while left > 0 {
-        match read_once(file.as_raw_fd(), &mut buf) {
-            Ok(n) if n > 0 => {
+        match read_once(file.as_raw_fd(), &mut buf)? {
+            0 => break,
+            n => {
                 on_read(&buf[..n]);
                 left = left.saturating_sub(n);
             }
-            _ => break,
         }
     }
+    Ok(())
 }
 
 /// Bytes ready to read on `file` (FIONREAD: a pipe's content, a datagram socket's next

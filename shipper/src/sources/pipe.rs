@@ -191,8 +191,13 @@ pub async fn run<I: Intake>(
     let last_look = file.try_clone();
     super::read_until_stopped(file, limits.read_bytes, stop, &mut on_read, on_error).await;
     let handing_over = (handover.handing_over)();
-    if let (false, Ok(f)) = (handing_over, &last_look) {
-        super::drain(f, limits.read_bytes, &mut on_read);
+    if !handing_over {
+        let drained = last_look.as_ref().map_err(|e| std::io::Error::new(e.kind(), e.to_string()));
+        if let Err(e) = drained.and_then(|f| super::drain(f, limits.read_bytes, &mut on_read)) {
+            let mut sc = counters.borrow_mut();
+            sc.read_errors += 1;
+            tracing::error!(path = %sc.source, "pipe: reading what the FIFO held at the stop failed: {e}; those bytes are lost");
+        }
     }
     drop((on_read, last_look));
     let mut intake = intake.borrow_mut();

@@ -30,6 +30,14 @@ struct Bucket {
 }
 
 impl Bucket {
+    /// Credits the time since `last_ns` at the current rate and share, up to the burst.
+    #[inline]
+    fn refill(&mut self, now_ns: u64) {
+        let elapsed = now_ns.saturating_sub(self.last_ns) as f64;
+        self.last_ns = self.last_ns.max(now_ns);
+        self.tokens = (self.tokens + elapsed * self.local_rate_per_ns()).min(self.local_burst());
+    }
+
     fn local_rate_per_ns(&self) -> f64 {
         self.rate * self.share / 1e9
     }
@@ -74,9 +82,7 @@ impl RateLimiter {
         if b.rate == 0.0 {
             return true;
         }
-        let elapsed = now_ns.saturating_sub(b.last_ns) as f64;
-        b.last_ns = b.last_ns.max(now_ns);
-        b.tokens = (b.tokens + elapsed * b.local_rate_per_ns()).min(b.local_burst());
+        b.refill(now_ns);
         // The epsilon absorbs float rounding of many small refills (0.1 + 0.1 + ... < 1.0).
         if b.tokens >= 1.0 - 1e-9 {
             b.tokens -= 1.0;
@@ -107,9 +113,7 @@ impl RateLimiter {
             return;
         }
         // Credit the time so far at the old share, then switch.
-        let elapsed = now_ns.saturating_sub(b.last_ns) as f64;
-        b.tokens = (b.tokens + elapsed * b.local_rate_per_ns()).min(b.local_burst());
-        b.last_ns = b.last_ns.max(now_ns);
+        b.refill(now_ns);
         b.share = share;
         b.tokens = b.tokens.min(b.local_burst());
     }
@@ -123,11 +127,11 @@ impl RateLimiter {
             return;
         };
         let was_unlimited = b.rate == 0.0;
-        if !was_unlimited {
-            let elapsed = now_ns.saturating_sub(b.last_ns) as f64;
-            b.tokens = (b.tokens + elapsed * b.local_rate_per_ns()).min(b.local_burst());
+        if was_unlimited {
+            b.last_ns = b.last_ns.max(now_ns);
+        } else {
+            b.refill(now_ns);
         }
-        b.last_ns = b.last_ns.max(now_ns);
         (b.rate, b.burst) = (rate as f64, burst as f64);
         b.tokens = if was_unlimited { b.local_burst() } else { b.tokens.min(b.local_burst()) };
     }

@@ -165,8 +165,7 @@ impl Services {
         self.config = config.clone();
         for id in 0..self.counters.len() as u32 {
             if self.table.is_live(id) {
-                let name = String::from_utf8_lossy(self.table.name(id)).into_owned();
-                let (rate, burst) = self.config.limit_for(&name);
+                let (rate, burst) = self.config.limit_for(&self.counters[id as usize].service);
                 self.limiter.set_limit(id, rate, burst, now_ns);
             }
         }

@@ -325,7 +325,9 @@ impl JournalReader {
             return Err(file.error(offset, format!("entry over {ENTRY_BYTES_MAX} bytes")));
         }
         let Some(eq) = name_end(payload) else {
-            return Err(file.error(offset, "DATA payload has no valid field name and '='"));
+            let head = payload[..payload.len().min(FIELD_NAME_BYTES_MAX + 1)].escape_ascii();
+            let why = format!("DATA payload has no valid field name and '=': {head}");
+            return Err(file.error(offset, why));
         };
         entry.data.extend_from_slice(payload);
         let end = entry.data.len();
@@ -334,13 +336,16 @@ impl JournalReader {
     }
 }
 
-/// journald's rule for field names: 1 to 64 of `A-Z`, `0-9` and `_`, not starting with a
-/// digit. A name breaking it can only come from corruption.
+/// The longest field name journald writes.
+const FIELD_NAME_BYTES_MAX: usize = 64;
+
+/// journald's rule for field names: 1 to [`FIELD_NAME_BYTES_MAX`] of `A-Z`, `0-9` and `_`,
+/// not starting with a digit. A name breaking it can only come from corruption.
 pub fn field_name_valid(name: &[u8]) -> bool {
     !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= FIELD_NAME_BYTES_MAX
         && !name[0].is_ascii_digit()
-        && name.iter().all(|&b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && name.iter().all(|&b| NAME_BYTE[usize::from(b)])
 }
 
 /// The bytes [`field_name_valid`] allows in a name.
@@ -360,7 +365,7 @@ fn name_end(payload: &[u8]) -> Option<usize> {
     if payload.first()?.is_ascii_digit() {
         return None;
     }
-    for (i, &b) in payload.iter().enumerate().take(65) {
+    for (i, &b) in payload.iter().enumerate().take(FIELD_NAME_BYTES_MAX + 1) {
         if b == b'=' {
             return (i > 0).then_some(i);
         }
