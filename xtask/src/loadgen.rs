@@ -155,12 +155,12 @@ pub fn write_lines(path: &std::path::Path, data: &[u8], pace: Pace) -> std::io::
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
     let mut written = write_paced(data, pace, || u64::MAX, |bytes, _| f.write_all(bytes))?;
-    written.sched_s = thread_sched_s("/proc/thread-self/schedstat");
+    written.sched_s = thread_sched_s(std::path::Path::new("/proc/thread-self/schedstat"));
     Ok(written)
 }
 
 /// A `schedstat` file: seconds on a CPU, seconds runnable but waiting for one, times run.
-pub fn thread_sched_s(path: &str) -> [f64; 3] {
+pub fn thread_sched_s(path: &std::path::Path) -> [f64; 3] {
     let stat = std::fs::read_to_string(path).unwrap_or_default();
     let mut f = stat.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0) as f64);
     let mut next = || f.next().unwrap_or(0.0);
@@ -278,15 +278,10 @@ pub fn journal_export(seed: u64, first: usize, n: usize, large_per_mille: u64, o
             large_entry(i, ident, r, out);
             continue;
         }
+        export_header(i, ident, r % 8, r, out);
         let _ = write!(
             out,
-            "__REALTIME_TIMESTAMP={}\n__MONOTONIC_TIMESTAMP={}\n_BOOT_ID=0123456789abcdef0123456789abcdef\n\
-             SYSLOG_IDENTIFIER={ident}\n_SYSTEMD_UNIT={ident}.service\nPRIORITY={}\n_PID={}\n\
-             _HOSTNAME=edge-12.ams\n_TRANSPORT=journal\nMESSAGE={} {}/{} {} in {} ms\n\n",
-            1_700_000_000_000_000u64 + i as u64 * 10,
-            1_000_000 + i as u64 * 10,
-            r % 8,
-            1000 + (r >> 8) % 300,
+            "MESSAGE={} {}/{} {} in {} ms\n\n",
             if r.is_multiple_of(50) { "error" } else { "served" },
             PATHS[(r >> 16) as usize % PATHS.len()],
             i,
@@ -296,19 +291,25 @@ pub fn journal_export(seed: u64, first: usize, n: usize, large_per_mille: u64, o
     }
 }
 
-/// Appends entry `i` of [`journal_export`] with a [`large_message`], in the export format's
-/// binary field form (name, newline, little-endian 64-bit length, bytes, newline).
-fn large_entry(i: usize, ident: &str, r: u64, out: &mut Vec<u8>) {
+/// The fields before MESSAGE of entry `i` of [`journal_export`], in the export format.
+fn export_header(i: usize, ident: &str, priority: u64, r: u64, out: &mut Vec<u8>) {
     use std::io::Write;
     let _ = write!(
         out,
         "__REALTIME_TIMESTAMP={}\n__MONOTONIC_TIMESTAMP={}\n_BOOT_ID=0123456789abcdef0123456789abcdef\n\
-         SYSLOG_IDENTIFIER={ident}\n_SYSTEMD_UNIT={ident}.service\nPRIORITY=3\n_PID={}\n\
-         _HOSTNAME=edge-12.ams\n_TRANSPORT=journal\nMESSAGE\n",
+         SYSLOG_IDENTIFIER={ident}\n_SYSTEMD_UNIT={ident}.service\nPRIORITY={priority}\n_PID={}\n\
+         _HOSTNAME=edge-12.ams\n_TRANSPORT=journal\n",
         1_700_000_000_000_000u64 + i as u64 * 10,
         1_000_000 + i as u64 * 10,
         1000 + (r >> 8) % 300,
     );
+}
+
+/// Appends entry `i` of [`journal_export`] with a [`large_message`], in the export format's
+/// binary field form (name, newline, little-endian 64-bit length, bytes, newline).
+fn large_entry(i: usize, ident: &str, r: u64, out: &mut Vec<u8>) {
+    export_header(i, ident, 3, r, out);
+    out.extend_from_slice(b"MESSAGE\n");
     let message = large_message(i, r);
     out.extend_from_slice(&(message.len() as u64).to_le_bytes());
     out.extend_from_slice(&message);

@@ -217,10 +217,7 @@ fn save(
 ) -> anyhow::Result<Phase> {
     let (medians, all) = phases;
     // The rotation's median run by longest write(), and the worst.
-    let mut by_block = rotations.to_vec();
-    by_block.sort_by(|a, b| a.write_block_max_ms.total_cmp(&b.write_block_max_ms));
-    let rotation = by_block[by_block.len() / 2].clone();
-    let worst_ms = by_block.last().map_or(0.0, |p| p.write_block_max_ms);
+    let (rotation, worst_ms) = super::median_and_worst(rotations, |p| p.write_block_max_ms)?;
     let mut md = markdown(run.name, case, load, medians, all);
     md += &rotation_markdown(case, &rotation, worst_ms, rotations.len());
     println!("\n{md}");

@@ -138,10 +138,7 @@ pub fn run_case(
         trials.push(t);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let mut by_block = trials.clone();
-    by_block.sort_by(|a, b| a.write_block_max_ms.total_cmp(&b.write_block_max_ms));
-    let median = by_block[by_block.len() / 2].clone();
-    let worst_ms = by_block.last().map_or(0.0, |t| t.write_block_max_ms);
+    let (median, worst_ms) = super::median_and_worst(&trials, |t| t.write_block_max_ms)?;
     let md = markdown(name, case, &median, worst_ms, &trials);
     println!("\n{md}");
     let run = super::Run {

@@ -546,9 +546,8 @@ pub(crate) fn proc_threads_cpu_ns(pid: u32) -> BTreeMap<String, f64> {
     let mut by_name = BTreeMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-        let ns = stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        *by_name.entry(comm.trim().to_string()).or_insert(0.0) += ns as f64 / 1e9;
+        let [on_cpu_s, ..] = crate::loadgen::thread_sched_s(&t.path().join("schedstat"));
+        *by_name.entry(comm.trim().to_string()).or_insert(0.0) += on_cpu_s;
     }
     by_name
 }
@@ -574,12 +573,24 @@ pub(crate) fn proc_sched_s(pid: u32, prefix: &str) -> BTreeMap<bool, [f64; 3]> {
     let mut out = BTreeMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        let path = t.path().join("schedstat");
-        let s = crate::loadgen::thread_sched_s(&path.to_string_lossy());
+        let s = crate::loadgen::thread_sched_s(&t.path().join("schedstat"));
         let e: &mut [f64; 3] = out.entry(comm.starts_with(prefix)).or_default();
         (0..3).for_each(|i| e[i] += s[i]);
     }
     out
+}
+
+/// The median of `runs` by `key` (the upper one of an even count), and the highest `key`;
+/// fails on no runs.
+pub(crate) fn median_and_worst<T: Clone>(
+    runs: &[T],
+    key: impl Fn(&T) -> f64,
+) -> anyhow::Result<(T, f64)> {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let median = sorted.get(sorted.len() / 2).context("no runs")?.clone();
+    let worst = sorted.last().map_or(0.0, &key);
+    Ok((median, worst))
 }
 
 /// CPUs this machine has online (`_SC_NPROCESSORS_ONLN`: every CPU `/proc/stat` counts, not

@@ -528,7 +528,7 @@ fn start_shipper(
     shipper_config(&scfg, pki, workers, sm, &fifos, &body, &receivers)?;
     let (rmetrics, smetrics) = (format!("127.0.0.1:{rm}"), format!("127.0.0.1:{sm}"));
     if let Some(pin) = case.shipper.pin_workers {
-        set_pin_workers(&scfg, pin)?;
+        add_shipper_keys(&scfg, &format!("pin_workers = {pin}\n"))?;
     }
     let rlog = dir.join("receiver.log");
     let receiver = Daemon::start_on(&case.cpus.receiver, &bin, "receive", &rcfg, &rlog, &rmetrics)?;
@@ -563,13 +563,12 @@ pub(super) fn receiver_config(
     Ok(path)
 }
 
-/// Adds `pin_workers = pin` to the `[shipper]` table of the configuration at `path` (written
-/// first, with its `workers`).
-fn set_pin_workers(path: &Path, pin: bool) -> anyhow::Result<()> {
+/// Adds `lines` (whole `key = value` lines) to the `[shipper]` table [`shipper_config`] wrote
+/// at `path` (a TOML table cannot be opened twice); fails if the table is not there.
+pub(super) fn add_shipper_keys(path: &Path, lines: &str) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path)?;
-    let (head, rest) = text.split_once("\nworkers = ").context("a workers key")?;
-    let (count, rest) = rest.split_once('\n').context("a line")?;
-    std::fs::write(path, format!("{head}\nworkers = {count}\npin_workers = {pin}\n{rest}"))?;
+    let rest = text.strip_prefix("[shipper]\n").context("a [shipper] table first")?;
+    std::fs::write(path, format!("[shipper]\n{lines}{rest}"))?;
     Ok(())
 }
 

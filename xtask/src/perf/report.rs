@@ -163,8 +163,6 @@ fn workload(name: &str, case: &PipeCase, load: &Load, runs: usize) -> String {
     )
 }
 
-/// One system's row of the table, its CPU per line against the shipper's (`base`) and its
-/// throughput against `raw`'s.
 /// Where the machine's time went in run `m`: per group of threads, on a CPU and runnable
 /// but waiting for one (a CPU-bound machine shows waiting; a latency-bound one shows idle).
 fn sched_line(md: &mut String, m: &Measure) {
@@ -189,6 +187,8 @@ fn sched_line(md: &mut String, m: &Measure) {
     );
 }
 
+/// One system's row of the table, its CPU per line against the shipper's (`base`) and its
+/// throughput against `raw`'s.
 fn system_row(r: &SystemResult, base: Option<&Measure>, raw: Option<f64>) -> String {
     let m = &r.median;
     let vs = base.map_or("–".into(), |b| {

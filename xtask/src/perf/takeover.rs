@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pipe::{self, Cpus};
 use crate::daemon::{free_port, Daemon};
+use testkit::process::poll_alive;
 
 #[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
@@ -100,10 +101,7 @@ pub fn run_case(
         trials.push(t);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let mut by_block = trials.clone();
-    by_block.sort_by(|a, b| a.write_block_max_ms.total_cmp(&b.write_block_max_ms));
-    let median = by_block[by_block.len() / 2].clone();
-    let worst_ms = by_block.last().map_or(0.0, |t| t.write_block_max_ms);
+    let (median, worst_ms) = super::median_and_worst(&trials, |t| t.write_block_max_ms)?;
     let md = markdown(name, case, &median, worst_ms, &trials);
     println!("\n{md}");
     let run = super::Run {
@@ -203,10 +201,8 @@ fn shipper_config(env: &Env, fifos: &[PathBuf], rx: u16, sm: u16) -> anyhow::Res
     let body = format!("[buffer]\ndirectory = {:?}\n", dir.join("buffer"));
     let receivers = format!("primary = [\"127.0.0.1:{rx}\"]\n");
     pipe::shipper_config(&scfg, env.pki, workers, sm, fifos, &body, &receivers)?;
-    let text = std::fs::read_to_string(&scfg)?;
-    let head = format!("[shipper]\nworkers = {workers}\n");
-    let control = format!("{head}control_socket = {:?}\n", dir.join("control.sock"));
-    std::fs::write(&scfg, text.replacen(&head, &control, 1))?;
+    let control = format!("control_socket = {:?}\n", dir.join("control.sock"));
+    pipe::add_shipper_keys(&scfg, &control)?;
     Ok(scfg)
 }
 
@@ -222,27 +218,23 @@ fn take_over(
     let log = env.dir.join(format!("shipper-{n}.log"));
     let args = ["run", "--config", &cfg.to_string_lossy(), "--takeover"];
     let started = Instant::now();
-    let next = Daemon::spawn(&env.case.cpus.shipper, &bin.to_string_lossy(), &args, &log)?;
-    let deadline = started + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = old.0.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            bail!("takeover {n}: the old shipper did not exit; see {}", env.dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let mut next = Daemon::spawn(&env.case.cpus.shipper, &bin.to_string_lossy(), &args, &log)?;
+    let limit = Duration::from_secs(60);
+    // The new process must live while the old one exits (a new one that died fails at once).
+    let mut status = None;
+    poll_alive(&mut next.0, limit, Duration::from_millis(1), || {
+        status = old.0.try_wait().ok().flatten();
+        status.is_some()
+    })
+    .with_context(|| format!("takeover {n}: the new shipper, until the old one exited"))?;
     let took = started.elapsed();
+    let status = status.expect("polled until it exited");
     if !status.success() {
         bail!("takeover {n}: the old shipper exited {status}; see {}", env.dir.display());
     }
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("shipper running") {
-        if Instant::now() > deadline {
-            bail!("takeover {n}: the new shipper is not running; see {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let running = || std::fs::read_to_string(&log).unwrap_or_default().contains("shipper running");
+    poll_alive(&mut next.0, limit, Duration::from_millis(10), running)
+        .with_context(|| format!("takeover {n}: the new shipper running; see {}", log.display()))?;
     Ok((next, took))
 }
 
@@ -319,9 +311,13 @@ fn count_lines(out: &Path, written: &[u64]) -> anyhow::Result<Vec<Vec<u32>>> {
         if name.starts_with('.') || !stream.path().is_dir() {
             continue;
         }
-        for f in std::fs::read_dir(stream.path())?.flatten() {
+        // Only the receiver's open and rotated `.log` files, and in each only whole lines: it
+        // may be writing the last one as this reads.
+        let logs = std::fs::read_dir(stream.path())?.flatten();
+        for f in logs.filter(|f| f.path().extension().is_some_and(|e| e == "log")) {
             let text = std::fs::read(f.path())?;
-            for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let whole = text.split_inclusive(|&b| b == b'\n').filter(|l| l.ends_with(b"\n"));
+            for line in whole.map(|l| &l[..l.len() - 1]).filter(|l| !l.is_empty()) {
                 let (w, seq) = ids(line).with_context(|| format!("{}", f.path().display()))?;
                 match seen.get_mut(w).and_then(|s| s.get_mut(seq)) {
                     Some(c) => *c += 1,
