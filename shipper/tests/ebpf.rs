@@ -558,7 +558,7 @@ fn start_as_the_unit(env: &Env, config: &Path, sm: u16, log: &Path) -> Proc {
         scrape(sm)
             .is_some_and(|t| metric(&t, "shipper_ebpf_attached", &[("state", "attached")]) == 1.0)
     });
-    shipper.wait_alive("shipper running", || crate::reload::running_pid(log).is_some());
+    shipper.wait_alive("shipper running", || running_pid(log).is_some());
     shipper
 }
 
@@ -581,18 +581,18 @@ fn reload_by_takeover(
     generation: u32,
     pid: u32,
     log: &Path,
-) -> crate::reload::Adopted {
+) -> Adopted {
     config(generation);
-    let old = crate::reload::Adopted(pid);
+    let old = Adopted(pid);
     old.signal(libc::SIGHUP);
     let mut new = None;
     wait_for("the reload's new shipper running", Duration::from_secs(40), || {
-        new = crate::reload::running_pid(log).filter(|&p| p != pid);
+        new = running_pid(log).filter(|&p| p != pid);
         new.is_some() && old.gone()
     });
     // The caller holds `pid` (gone now): this handle must not signal it again.
     std::mem::forget(old);
-    crate::reload::Adopted(new.unwrap())
+    Adopted(new.unwrap())
 }
 
 /// Guards issue 14's reload by takeover under the unit: the new process could not load the

@@ -367,24 +367,10 @@ const PANIC_EXIT_LIMIT: Duration = Duration::from_secs(20);
 /// Returns its exit code and standard error.
 fn panic_run(env: &Env, args: &[&str]) -> (Option<i32>, String) {
     let log = env.path(&format!("panic-{}.log", args[0]));
-    let mut child = std::process::Command::new(BIN)
-        .args(args)
-        .env(shipper::fault::ENV, "panic-worker-task")
-        .env("SHIPPER_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let every = Duration::from_millis(20);
-    let status =
-        testkit::process::exit_within(&mut child, PANIC_EXIT_LIMIT, every).unwrap_or_else(|_| {
-            let _ = child.kill();
-            let _ = child.wait();
-            let said = std::fs::read_to_string(&log).unwrap();
-            panic!("{args:?} still running {PANIC_EXIT_LIMIT:?} after its panic:\n{said}");
-        });
-    (status.code(), std::fs::read_to_string(&log).unwrap())
+    let envs = [(shipper::fault::ENV, std::ffi::OsStr::new("panic-worker-task"))];
+    let mut shipper = Proc::start_any_env("shipper", BIN, args, &envs, log);
+    let status = shipper.wait_exit(PANIC_EXIT_LIMIT);
+    (status.code(), shipper.log_text())
 }
 
 #[test]

@@ -17,6 +17,37 @@ pub fn ids(l: &[u8]) -> (usize, usize) {
     (w.parse().unwrap(), q.parse().unwrap())
 }
 
+/// How many times each line of each writer (`written[w]` lines of writer `w`, made by
+/// [`line`]) is among `lines` (as [`output_lines`] gives them); fails on a line changed or
+/// never written.
+pub fn arrived_among<'a>(
+    lines: impl Iterator<Item = &'a (String, Vec<u8>)>,
+    written: &[usize],
+) -> Vec<Vec<u32>> {
+    let mut seen: Vec<Vec<u32>> = written.iter().map(|&n| vec![0u32; n]).collect();
+    for (_, l) in lines {
+        let (w, seq) = ids(l);
+        assert_eq!(l, line(w, seq).as_bytes(), "a line arrived changed");
+        let count = seen.get_mut(w).and_then(|s| s.get_mut(seq));
+        *count.unwrap_or_else(|| panic!("writer {w} line {seq} was never written")) += 1;
+    }
+    seen
+}
+
+/// [`arrived_among`] the receiver's output under `out`.
+pub fn arrived(out: &std::path::Path, written: &[usize]) -> Vec<Vec<u32>> {
+    arrived_among(output_lines(out).iter(), written)
+}
+
+/// Fails unless every line of every writer arrived exactly once (the first ten that did
+/// not, per writer, with their copies).
+pub fn assert_each_once(seen: &[Vec<u32>]) {
+    for (w, counts) in seen.iter().enumerate() {
+        let wrong: Vec<_> = counts.iter().enumerate().filter(|(_, &c)| c != 1).take(10).collect();
+        assert!(wrong.is_empty(), "writer {w}: (line, copies) not once: {wrong:?}");
+    }
+}
+
 #[test]
 fn million_lines_from_four_writers_arrive_once_byte_identical() {
     const WRITERS: usize = 4;

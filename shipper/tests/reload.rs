@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-use crate::pipe::{ids, line};
+use crate::pipe::{arrived, arrived_among, assert_each_once, ids, line};
 
 /// `[ratelimit] rebalance_interval_ms` of the rate-limit test: long enough that "within one
 /// interval" is measurable against the metrics' publish interval (250 ms).
@@ -29,64 +29,12 @@ fn reloads(sm: u16, result: &str) -> f64 {
     metric(&scrape_ok(sm), "shipper_config_reloads_total", &[("result", result)])
 }
 
-/// The pid in the last "shipper running" line of `log` (a reload's new process writes its
-/// log where the old one did).
-pub(crate) fn running_pid(log: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let last = text.lines().rfind(|l| l.contains("shipper running"))?;
-    let pid = last.split("pid=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?;
-    pid.parse().ok()
-}
-
-/// A process this test did not spawn (a reload's new process, whose parent exited): stopped
-/// with SIGTERM by [`Adopted::stop`], killed when dropped.
-pub(crate) struct Adopted(pub(crate) u32);
-
-impl Adopted {
-    /// Whether it has exited (gone, or a zombie nobody reaped yet).
-    pub(crate) fn gone(&self) -> bool {
-        match std::fs::read_to_string(format!("/proc/{}/stat", self.0)) {
-            Err(_) => true,
-            Ok(stat) => stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')),
-        }
-    }
-
-    pub(crate) fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on a pid this test watches.
-        unsafe { libc::kill(self.0 as i32, sig) };
-    }
-
-    /// SIGTERM, and waits up to 30 s for it to exit.
-    pub(crate) fn stop(&self) {
-        self.signal(libc::SIGTERM);
-        wait_for("the new shipper to exit", Duration::from_secs(30), || self.gone());
-    }
-}
-
-impl Drop for Adopted {
-    fn drop(&mut self) {
-        if !self.gone() {
-            self.signal(libc::SIGKILL);
-        }
-    }
-}
-
-/// Waits up to `limit` for `p` (the test's child) to exit; its status.
-fn exited(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
-    let mut status = None;
-    wait_for(&format!("{} to exit", p.name), limit, || {
-        status = p.child.try_wait().unwrap();
-        status.is_some()
-    });
-    status.unwrap()
-}
-
 /// After a SIGHUP that makes `old` take itself over: `old` exits 0, and the new process (its
 /// pid from the shared log) runs and serves the metrics.
 fn taken_over(old: &mut Proc) -> Adopted {
     let before = running_pid(&old.log);
     assert_eq!(before, Some(old.child.id()), "the old process was the one running");
-    let status = exited(old, Duration::from_secs(40));
+    let status = old.wait_exit(Duration::from_secs(40));
     assert!(status.success(), "the old shipper exited {status}:\n{}", old.log_text());
     let mut pid = None;
     wait_for("the new shipper running", Duration::from_secs(20), || {
@@ -187,26 +135,6 @@ fn a_rate_limit_changed_under_load_takes_effect_within_one_rebalance_interval() 
     assert_eq!(seqs.len(), admitted, "no line arrived twice");
 }
 
-/// How many times each line of writers 0 and 1 arrived; every line must be one written.
-fn arrived(out: &Path, written: [usize; 2]) -> [Vec<u32>; 2] {
-    arrived_among(output_lines(out).iter(), written)
-}
-
-/// [`arrived`] over `lines`, output lines as [`output_lines`] gives them.
-fn arrived_among<'a>(
-    lines: impl Iterator<Item = &'a (String, Vec<u8>)>,
-    written: [usize; 2],
-) -> [Vec<u32>; 2] {
-    let mut seen = written.map(|n| vec![0u32; n]);
-    for (_, l) in lines {
-        let (w, seq) = ids(l);
-        assert_eq!(l, line(w, seq).as_bytes(), "a line arrived changed");
-        assert!(w < 2 && seq < seen[w].len(), "writer {w} line {seq} was never written");
-        seen[w][seq] += 1;
-    }
-    seen
-}
-
 /// Guards issue 14's reload of sources: a FIFO added to the file starts being read after
 /// SIGHUP (the self-takeover: the old process exits 0, a new one with a new pid runs), while a
 /// steady blocking writer goes on into the old FIFO: every line of both arrives exactly once,
@@ -247,11 +175,7 @@ fn a_source_added_starts_reading_while_the_old_one_flows_exactly_once() {
         output_lines(&env.out()).len() >= total
     });
     next.stop();
-    let seen = arrived(&env.out(), [a, 500]);
-    for (w, counts) in seen.iter().enumerate() {
-        let wrong: Vec<_> = counts.iter().enumerate().filter(|(_, &c)| c != 1).take(10).collect();
-        assert!(wrong.is_empty(), "writer {w}: (line, copies) not once: {wrong:?}");
-    }
+    assert_each_once(&arrived(&env.out(), &[a, 500]));
     assert_eq!(output_lines(&env.out()).len(), total);
 }
 
@@ -302,7 +226,7 @@ fn a_bad_file_leaves_the_old_configuration_running() {
     assert_eq!((reloads(sm, "applied"), reloads(sm, "takeover")), (0.0, 0.0));
     assert!(shipper.child.try_wait().unwrap().is_none(), "the same process runs");
     assert!(shipper.stop(Duration::from_secs(30)).success());
-    let seen = arrived(&env.out(), [sent, 0]);
+    let seen = arrived(&env.out(), &[sent, 0]);
     assert!(seen[0].iter().all(|&c| c == 1), "{:?}", seen[0]);
 }
 
@@ -335,7 +259,7 @@ fn a_new_process_that_fails_leaves_the_old_one_running() {
     shipper.signal(libc::SIGHUP);
     shipper.wait_alive("nothing changed", || reloads(sm, "unchanged") == 1.0);
     assert!(shipper.stop(Duration::from_secs(30)).success());
-    let seen = arrived(&env.out(), [100, 0]);
+    let seen = arrived(&env.out(), &[100, 0]);
     assert!(seen[0].iter().all(|&c| c == 1), "{:?}", seen[0]);
 }
 
@@ -429,17 +353,11 @@ fn a_reload_tells_systemd_reloading_then_the_new_main_pid_and_ready() {
     let notify = env.path("notify");
     let mut manager = Manager::bind(&notify);
     let log = env.path("shipper.log");
-    let child = std::process::Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &notify)
-        .env("SHIPPER_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let old = child.id();
-    let mut shipper = Proc { child, name: "shipper".into(), metrics: sm, log };
+    let args = ["run", "--config", cfg.to_str().unwrap()];
+    let envs = [("NOTIFY_SOCKET", notify.as_os_str())];
+    let mut shipper = Proc::start_any_env("shipper", BIN, &args, &envs, log);
+    shipper.metrics = sm;
+    let old = shipper.child.id();
     manager.until(old, "READY=1", Duration::from_secs(20));
     env.write("edge.toml", &config_text(&env, port, sm, &["a.pipe", "b.pipe"], ""));
     shipper.signal(libc::SIGHUP);
@@ -500,7 +418,7 @@ fn a_source_removed_ships_what_was_read_of_it() {
     assert_eq!(half, 1, "the half line read of the removed FIFO, once: {lines:?}");
     let whole: Vec<_> = lines.iter().filter(|(_, l)| l != head.as_bytes()).collect();
     assert_eq!(whole.len(), 101);
-    let seen = arrived_among(whole.into_iter(), [1, 100]);
+    let seen = arrived_among(whole.into_iter(), &[1, 100]);
     assert!(seen.iter().flatten().all(|&c| c == 1), "{seen:?}");
     let err = writeln!(b, "{}", line(1, 101)).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");

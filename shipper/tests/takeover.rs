@@ -1,13 +1,12 @@
 use std::io::Write;
 use std::net::UdpSocket;
 use std::os::unix::net::UnixStream;
-use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-use crate::pipe::{ids, line};
+use crate::pipe::{arrived, assert_each_once, line};
 
 /// Lines per second of each pipe writer and of the UDP sender.
 const PIPE_RATE: u64 = 2000;
@@ -94,16 +93,6 @@ fn connector(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<usize>
     })
 }
 
-/// Waits up to `limit` for `p` to exit; its status.
-fn exited(p: &mut Proc, limit: Duration) -> ExitStatus {
-    let mut status = None;
-    wait_for(&format!("{} to exit", p.name), limit, || {
-        status = p.child.try_wait().unwrap();
-        status.is_some()
-    });
-    status.unwrap()
-}
-
 /// Starts `shipper run --takeover` and waits for the process it replaces to exit 0 and for
 /// itself to be running.
 fn take_over(env: &Env, cfg: &std::path::Path, old: &mut Proc, n: usize) -> Proc {
@@ -111,26 +100,13 @@ fn take_over(env: &Env, cfg: &std::path::Path, old: &mut Proc, n: usize) -> Proc
     let args = ["run", "--config", cfg.to_str().unwrap(), "--takeover"];
     let mut new = Proc::start_any(&format!("shipper {n}"), BIN, &args, log);
     new.metrics = old.metrics;
-    let status = exited(old, Duration::from_secs(30));
+    let status = old.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "replaced shipper exited {status}:\n{}", old.log_text());
     let log = new.log.clone();
     new.wait_alive("the new shipper running", || {
         std::fs::read_to_string(&log).unwrap_or_default().contains("shipper running")
     });
     new
-}
-
-/// How many times each line of writers 0..4 arrived (by writer, by sequence number); every
-/// line must be exactly one a writer wrote.
-fn arrived(out: &std::path::Path, written: [usize; 4]) -> [Vec<u32>; 4] {
-    let mut seen = written.map(|n| vec![0u32; n]);
-    for (_, l) in output_lines(out) {
-        let (w, seq) = ids(&l);
-        assert_eq!(l, line(w, seq).as_bytes(), "a line arrived changed");
-        assert!(seq < seen[w].len(), "writer {w} line {seq} was never written");
-        seen[w][seq] += 1;
-    }
-    seen
 }
 
 /// Guards the takeover's promise (issue 14): two pipes written by blocking writers and a UDP
@@ -182,11 +158,7 @@ fn five_takeovers_under_steady_writers_lose_and_duplicate_nothing() {
     shipper.wait_alive("every line at the receiver", || output_lines(&env.out()).len() >= total);
     let status = shipper.stop(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}:\n{}", shipper.log_text());
-    let seen = arrived(&env.out(), written);
-    for (w, counts) in seen.iter().enumerate() {
-        let wrong: Vec<_> = counts.iter().enumerate().filter(|(_, &c)| c != 1).take(10).collect();
-        assert!(wrong.is_empty(), "writer {w}: (line, copies) not once: {wrong:?}");
-    }
+    assert_each_once(&arrived(&env.out(), &written));
     assert_eq!(output_lines(&env.out()).len(), total);
 }
 
@@ -253,7 +225,7 @@ fn garbage_and_silent_control_peers_do_not_hurt_the_shipper() {
         writeln!(w, "{}", line(0, seq)).unwrap();
     }
     next.wait_alive("200 lines at the receiver", || output_lines(&env.out()).len() == 200);
-    let seen = arrived(&env.out(), [200, 0, 0, 0]);
+    let seen = arrived(&env.out(), &[200, 0, 0, 0]);
     assert!(seen[0].iter().all(|&c| c == 1), "{:?}", seen[0]);
 }
 
@@ -308,7 +280,7 @@ fn lines_unacknowledged_at_a_takeover_go_through_the_disk_buffer_once() {
     next.wait_alive("200 lines at the receiver", || output_lines(&env.out()).len() >= 200);
     let status = next.stop(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}:\n{}", next.log_text());
-    let seen = arrived(&env.out(), [200, 0, 0, 0]);
+    let seen = arrived(&env.out(), &[200, 0, 0, 0]);
     assert!(seen[0].iter().all(|&c| c == 1), "{:?}", seen[0]);
 }
 
@@ -371,14 +343,5 @@ fn takeovers_onto_more_and_fewer_workers_keep_every_socket() {
         .wait_alive("every datagram at the receiver", || output_lines(&env.out()).len() >= total);
     let status = shipper.stop(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}:\n{}", shipper.log_text());
-    let mut seen: Vec<Vec<u32>> = sent.iter().map(|&n| vec![0u32; n]).collect();
-    for (_, l) in output_lines(&env.out()) {
-        let (w, seq) = ids(&l);
-        assert_eq!(l.as_slice(), line(w, seq).as_bytes(), "a line arrived changed");
-        seen[w][seq] += 1;
-    }
-    for (w, counts) in seen.iter().enumerate() {
-        let wrong: Vec<_> = counts.iter().enumerate().filter(|(_, &c)| c != 1).take(10).collect();
-        assert!(wrong.is_empty(), "sender {w}: (datagram, copies) not once: {wrong:?}");
-    }
+    assert_each_once(&arrived(&env.out(), &sent));
 }

@@ -116,10 +116,22 @@ impl Proc {
 
     /// Starts any program, its standard error into `log`.
     pub fn start_any(name: &str, program: &str, args: &[&str], log: PathBuf) -> Proc {
+        Proc::start_any_env(name, program, args, &[], log)
+    }
+
+    /// [`Proc::start_any`] with the environment variables `envs` set too.
+    pub fn start_any_env(
+        name: &str,
+        program: &str,
+        args: &[&str],
+        envs: &[(&str, &std::ffi::OsStr)],
+        log: PathBuf,
+    ) -> Proc {
         let err = std::fs::File::create(&log).unwrap();
         let child = Command::new(program)
             .args(args)
             .env("SHIPPER_LOG", "info")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -170,9 +182,13 @@ impl Proc {
     /// SIGTERM, then the exit status within `limit`.
     pub fn stop(&mut self, limit: Duration) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
-        testkit::process::exit_within(&mut self.child, limit, POLL).unwrap_or_else(|e| {
-            panic!("{} did not exit after SIGTERM ({e}):\n{}", self.name, self.log_text())
-        })
+        self.wait_exit(limit)
+    }
+
+    /// The exit status within `limit` (a takeover's old process exits by itself).
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        testkit::process::exit_within(&mut self.child, limit, POLL)
+            .unwrap_or_else(|e| panic!("{} did not exit ({e}):\n{}", self.name, self.log_text()))
     }
 
     pub fn kill(&mut self) {
@@ -192,6 +208,48 @@ impl Drop for Proc {
         self.kill();
         let mut serving = SERVING.lock().unwrap_or_else(|e| e.into_inner());
         serving.retain(|(port, _, log)| (*port, log) != (self.metrics, &self.log));
+    }
+}
+
+/// The pid in the last "shipper running" line of `log` (a reload's new process writes its
+/// log where the old one did).
+pub fn running_pid(log: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let last = text.lines().rfind(|l| l.contains("shipper running"))?;
+    let pid = last.split("pid=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?;
+    pid.parse().ok()
+}
+
+/// A process this test did not spawn (a reload's new process, whose parent exited): stopped
+/// with SIGTERM by [`Adopted::stop`], killed when dropped.
+pub struct Adopted(pub u32);
+
+impl Adopted {
+    /// Whether it has exited (gone, or a zombie nobody reaped yet).
+    pub fn gone(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.0)) {
+            Err(_) => true,
+            Ok(stat) => stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')),
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a pid this test watches.
+        unsafe { libc::kill(self.0 as i32, sig) };
+    }
+
+    /// SIGTERM, and waits up to 30 s for it to exit.
+    pub fn stop(&self) {
+        self.signal(libc::SIGTERM);
+        wait_for("the new shipper to exit", Duration::from_secs(30), || self.gone());
+    }
+}
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        if !self.gone() {
+            self.signal(libc::SIGKILL);
+        }
     }
 }
 
