@@ -188,9 +188,6 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The checks stages add to the shipper's configuration (the same a reload runs).
-const SHIPPER_CHECKS: &[config::Check<ShipperConfig>] = shipper::runtime::CHECKS;
-
 fn load<C: serde::de::DeserializeOwned + config::Validate>(
     path: &std::path::Path,
     checks: &[config::Check<C>],
@@ -202,7 +199,7 @@ fn load<C: serde::de::DeserializeOwned + config::Validate>(
 fn status(config: Option<&std::path::Path>, metrics: Option<String>) -> anyhow::Result<ExitCode> {
     let addr = match (metrics, config) {
         (Some(addr), _) => addr,
-        (None, Some(path)) => load::<ShipperConfig>(path, SHIPPER_CHECKS)?.metrics.listen,
+        (None, Some(path)) => load::<ShipperConfig>(path, shipper::runtime::CHECKS)?.metrics.listen,
         (None, None) => anyhow::bail!("give --config or --metrics"),
     };
     let text = shipper::metrics::http::fetch(&addr)
@@ -221,7 +218,7 @@ fn validate(path: &std::path::Path) -> ExitCode {
     let result = if is_receiver {
         config::load::<ReceiverConfig>(path, &[]).map(|_| "receiver")
     } else {
-        config::load::<ShipperConfig>(path, SHIPPER_CHECKS).map(|_| "shipper")
+        config::load::<ShipperConfig>(path, shipper::runtime::CHECKS).map(|_| "shipper")
     };
     match result {
         Ok(kind) => {

@@ -14,7 +14,9 @@
 //! # Format
 //! ```text
 //! NOTIFY_SOCKET = /path/of/a/unix/datagram/socket | @abstract-name
-//! datagram      = "READY=1" | "STOPPING=1" | "WATCHDOG=1" | "STATUS=" text   (one per message)
+//! datagram      = "READY=1" | "STOPPING=1" | "WATCHDOG=1" | "STATUS=" text
+//!               | "RELOADING=1\nMONOTONIC_USEC=" µs of CLOCK_MONOTONIC     (a reload begins)
+//!               | "MAINPID=" pid            (a takeover's new process is the main one now)
 //! WATCHDOG_USEC = microseconds; WATCHDOG_PID, when set, must be this process's id
 //! ```
 
@@ -41,6 +43,22 @@ impl Notifier {
                 .ok()
         });
         Notifier { target: target.map(Arc::new), failed: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// Tells the manager a reload begins (`Type=notify-reload`'s message, which plain
+    /// `Type=notify` takes too): it waits for the next READY=1.
+    pub fn reloading(&self) {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let us = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={us}"));
+    }
+
+    /// Tells the manager this process is the service's main one now (a takeover's new
+    /// process, before the old one exits).
+    pub fn main_pid(&self) {
+        self.send(&format!("MAINPID={}", std::process::id()));
     }
 
     /// Sends one notification (`READY=1`, `STOPPING=1`, ...).

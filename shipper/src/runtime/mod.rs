@@ -289,7 +289,7 @@ fn ask_takeover(
     let limit_ms = config.shipper.shutdown_timeout_ms + takeover::STOP_MARGIN_MS;
     let limit = std::time::Duration::from_millis(limit_ms);
     tracing::info!("takeover: asking the running shipper for its pipes and sockets");
-    let main_pid = || notifier.send(&format!("MAINPID={}", std::process::id()));
+    let main_pid = || notifier.main_pid();
     Ok(takeover::request(path, limit, main_pid)?)
 }
 

@@ -207,7 +207,7 @@ pub fn spawn(mut r: Reloader, hups: Receiver<()>) -> std::io::Result<()> {
 impl Reloader {
     /// One reload (module docs, Operation).
     fn reload(&mut self) -> Outcome {
-        self.notifier.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_us()));
+        self.notifier.reloading();
         let file = self.path.display();
         tracing::info!(%file, "reload: reading the configuration again (SIGHUP)");
         let new = match load(&self.path, self.no_ebpf) {
@@ -419,14 +419,6 @@ pub fn tls_files(config: &ShipperConfig) -> TlsFiles {
         h.finish()
     };
     paths.into_iter().map(|p| (p.clone(), std::fs::read(&p).ok().map(digest))).collect()
-}
-
-/// CLOCK_MONOTONIC in microseconds, as `MONOTONIC_USEC=` wants it.
-fn monotonic_us() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
 #[cfg(test)]
