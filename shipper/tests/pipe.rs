@@ -115,16 +115,7 @@ fn a_lone_line_is_sealed_once_its_pipe_is_drained_not_at_the_flush_interval() {
     let env = Env::new();
     let (port, rm, sm) = (free_port(), free_port(), free_port());
     let _receiver = start_receiver(&env, port, rm, "");
-    let body = |pipe: &str, idle: bool| {
-        let p = env.path(pipe);
-        format!(
-            "[[sources.pipe]]\npath = {p:?}\nservice = \"app\"\n\
-             [batch]\nflush_interval_ms = 60000\nseal_when_idle = {idle}\n"
-        )
-    };
-    let sealed = |text: &str, reason| {
-        crate::harness::metric(text, "shipper_batches_sealed_total", &[("reason", reason)])
-    };
+    let body = |pipe: &str, idle: bool| idle_body(&env, pipe, &format!("seal_when_idle = {idle}"));
     let mut shipper = start_shipper(&env, port, sm, &body("idle.pipe", true));
     let mut w = open_writer(&env.path("idle.pipe"));
     for i in 0..3 {
@@ -132,9 +123,7 @@ fn a_lone_line_is_sealed_once_its_pipe_is_drained_not_at_the_flush_interval() {
         shipper
             .wait_alive("the line acknowledged", || shipper_records_acked(sm) == f64::from(i + 1));
     }
-    let text = scrape_ok(sm);
-    let by_reason = ["full", "interval", "idle", "shutdown"].map(|r| sealed(&text, r));
-    assert_eq!(by_reason, [0.0, 0.0, 3.0, 0.0]);
+    assert_eq!(sealed_by_reason(&scrape_ok(sm)), [0.0, 0.0, 3.0, 0.0]);
     drop(w);
     assert!(shipper.stop(Duration::from_secs(30)).success(), "{}", shipper.log_text());
 
@@ -156,17 +145,22 @@ fn a_lone_line_is_sealed_once_its_pipe_is_drained_not_at_the_flush_interval() {
 }
 
 fn shipper_records_acked(metrics: u16) -> f64 {
-    crate::harness::metric(&scrape_ok(metrics), "shipper_records_acked_total", &[])
+    metric_at(metrics, "shipper_records_acked_total", &[])
 }
 
 /// A pipe `pipe` whose batches only an idle seal seals (`flush_interval_ms` a minute), with
-/// `idle_seal_delay_ms = delay_ms`.
-fn idle_floor_body(env: &Env, pipe: &str, delay_ms: u64) -> String {
+/// `batch` (a `[batch]` key) besides.
+fn idle_body(env: &Env, pipe: &str, batch: &str) -> String {
     let p = env.path(pipe);
     format!(
         "[[sources.pipe]]\npath = {p:?}\nservice = \"app\"\n\
-         [batch]\nflush_interval_ms = 60000\nidle_seal_delay_ms = {delay_ms}\n"
+         [batch]\nflush_interval_ms = 60000\n{batch}\n"
     )
+}
+
+/// [`idle_body`] with `idle_seal_delay_ms = delay_ms`.
+fn idle_floor_body(env: &Env, pipe: &str, delay_ms: u64) -> String {
+    idle_body(env, pipe, &format!("idle_seal_delay_ms = {delay_ms}"))
 }
 
 /// `shipper_batches_sealed_total` by reason: full, interval, idle, shutdown.
